@@ -1,0 +1,39 @@
+"""The project's exception family. Every message says what is wrong, where, and how to fix it."""
+
+from __future__ import annotations
+
+
+class PersonaExportError(Exception):
+    """Base class: the CLI prints these without a traceback and exits with `exit_code`."""
+
+    exit_code = 2
+
+
+class RecipeError(PersonaExportError):
+    """A recipe (or a `key.path=value` override) is invalid."""
+
+
+class CalibrationDataError(PersonaExportError):
+    """A data file is missing, empty, malformed or lacks a field."""
+
+
+class ModelSourceError(PersonaExportError):
+    """A model cannot be found or loaded."""
+
+
+class UnsupportedModelError(PersonaExportError):
+    """The model's architecture has no registered adapter."""
+
+
+class MaskError(PersonaExportError):
+    """Masks cannot be computed as asked (e.g. too few units to remove disjointly)."""
+
+
+class OutputError(PersonaExportError):
+    """An output location exists, is not writable, or is not what a command expects."""
+
+
+class ParityError(PersonaExportError):
+    """An export does not compute what the masked model computes. Never downgraded to a warning."""
+
+    exit_code = 3

@@ -1,0 +1,266 @@
+"""The `run` orchestrator: recipe -> load -> calibrate -> score/mask -> prune -> export -> verify.
+
+Each stage lives in its own module; this file only wires them, times them and writes manifests.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exporter import __version__, sources
+from exporter.adapters import Adapter, adapter_for
+from exporter.calibrate import calibrate
+from exporter.data import samples_digest, select_samples, tokenize
+from exporter.export_hf import DTYPES, export_hf
+from exporter.masks import PersonaMask, compute_mask
+from exporter.output import check_target, folder_bytes, staged
+from exporter.prune import count_parameters, prune_model
+from exporter.recipe import PersonaSpec, Recipe
+from exporter.scoring import column_sq_norms
+from exporter.stats import Statistics
+from exporter.verify import build_prompts, reference_copy, verify_export
+
+log = logging.getLogger(__name__)
+STATS_FORMAT = 1  # bump when the statistic's definition changes: saved statistics become stale
+
+
+def versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    return {
+        "persona-export": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+@dataclass
+class Timer:
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, start: float) -> None:
+        self.stages[name] = round(self.stages.get(name, 0.0) + time.perf_counter() - start, 3)
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    adapter: Adapter
+    resolved: sources.ResolvedModel
+    model_sha256: str
+
+
+def load_model(recipe: Recipe) -> Loaded:
+    resolved = sources.resolve(recipe.model)
+    model, tokenizer = sources.load(resolved, recipe.model.trust_remote_code)
+    adapter = adapter_for(model.config)
+    return Loaded(model, tokenizer, adapter, resolved, sources.file_digest(resolved.files))
+
+
+def stats_key(recipe: Recipe, persona: PersonaSpec, model_sha: str, data_sha: str) -> str:
+    cal = persona.calibration
+    fields = {
+        "format": STATS_FORMAT,
+        "model": model_sha,
+        "data": data_sha,
+        "chat_template": cal.chat_template,
+        "system_prompt": cal.system_prompt,
+        "max_tokens": cal.max_tokens,
+        "tokens": recipe.calibration.tokens,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def persona_statistics(
+    recipe: Recipe, name: str, m: Loaded, reuse: Path | None, timer: Timer
+) -> tuple[Statistics, dict[str, Any]]:
+    """Calibrate one persona, or reuse statistics saved by an earlier run when their key still matches."""
+    spec = recipe.personas[name]
+    samples = select_samples(spec.calibration)
+    data_sha = samples_digest(samples)
+    key = stats_key(recipe, spec, m.model_sha256, data_sha)
+    if reuse is not None:
+        saved = reuse / "stats" / f"{name}.safetensors"
+        if saved.is_file():
+            stats, info = Statistics.load(saved)
+            if info.get("key") == key:
+                log.info("%s: reusing statistics from %s", name, saved)
+                return stats, info
+            log.info("%s: saved statistics in %s are stale (model, data or settings changed)", name, saved)
+    t = time.perf_counter()
+    tokenized = [tokenize(m.tokenizer, s, spec.calibration) for s in samples]
+    stats = calibrate(
+        m.model,
+        m.adapter,
+        tokenized,
+        pad_id=m.tokenizer.pad_token_id,
+        batch_size=recipe.calibration.batch_size,
+        response_only=recipe.calibration.tokens == "response",
+        desc=f"calibrate {name}",
+    )
+    timer.add(f"calibrate.{name}", t)
+    info = {
+        "key": key,
+        "persona": name,
+        "data_path": spec.calibration.path,
+        "data_sha256": data_sha,
+        "model_sha256": m.model_sha256,
+        "statistic": "per-sample RMS over counted tokens",
+        "tokens": recipe.calibration.tokens,
+        "versions": versions(),
+    }
+    return stats, info
+
+
+def check_disjoint(a: PersonaMask, b: PersonaMask) -> None:
+    for kind in ("mlp", "head", "group"):
+        for layer, (ra, rb) in enumerate(zip(a.removed(kind), b.removed(kind), strict=True)):
+            common = set(ra) & set(rb)
+            assert not common, f"{kind} units {sorted(common)} of layer {layer} removed from both personas"
+
+
+def run(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | None = None) -> dict[str, Any]:
+    """Run the whole pipeline into `out` (atomically). Returns the run summary (also in run.json)."""
+    check_target(out, overwrite)
+    timer = Timer()
+    t = time.perf_counter()
+    m = load_model(recipe)
+    timer.add("load", t)
+    with staged(out, overwrite) as stage:
+        (stage / "stats").mkdir()
+        all_stats: dict[str, Statistics] = {}
+        infos: dict[str, dict[str, Any]] = {}
+        for name in recipe.personas:
+            stats, info = persona_statistics(recipe, name, m, reuse, timer)
+            stats.save(stage / "stats" / f"{name}.safetensors", info)
+            all_stats[name] = stats
+            infos[name] = {**info, "n_samples": stats.n_samples, "n_tokens": stats.n_tokens}
+
+        t = time.perf_counter()
+        col_sq = column_sq_norms(m.model, m.adapter)
+        masks: dict[str, PersonaMask] = {}
+        for name in recipe.personas:
+            partner = recipe.partner(name)
+            masks[name] = compute_mask(
+                name, recipe.method, recipe.prune, all_stats[name], all_stats[partner] if partner else None, col_sq
+            )
+        if recipe.method.contrastive:
+            for a, b in recipe.pairs:
+                check_disjoint(masks[a], masks[b])
+        timer.add("score", t)
+
+        dtype = DTYPES[recipe.output.dtype]
+        references = {d: reference_copy(m.model, dtype, d) for d in (torch.float64, torch.float32)}
+        prompts = build_prompts(m.tokenizer, recipe.verify.prompts)
+        reports = {}
+        for name in recipe.personas:
+            reports[name] = export_persona(recipe, name, m, masks[name], infos[name], references, prompts, stage, timer)
+        summary = {
+            "recipe": recipe.name,
+            "recipe_sha256": recipe.digest(),
+            "base_model": m.resolved.base_model,
+            "model_sha256": m.model_sha256,
+            "personas": {n: r["status"] for n, r in reports.items()},
+            "timings_s": timer.stages,
+            "versions": versions(),
+        }
+        (stage / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
+        (stage / "run.json").write_text(json.dumps(summary, indent=2))
+    summary["reports"] = reports
+    return summary
+
+
+def export_persona(
+    recipe: Recipe,
+    name: str,
+    m: Loaded,
+    mask: PersonaMask,
+    stats_info: dict[str, Any],
+    references: dict[torch.dtype, Any],
+    prompts: Any,
+    stage: Path,
+    timer: Timer,
+) -> dict[str, Any]:
+    folder = stage / name
+    folder.mkdir()
+    mask_manifest = {"recipe_sha256": recipe.digest(), "model_sha256": m.model_sha256, "stats_key": stats_info["key"]}
+    mask.save(folder / "masks.safetensors", mask_manifest)
+
+    t = time.perf_counter()
+    pruned = prune_model(copy.deepcopy(m.model), m.adapter, mask)
+    timer.add(f"prune.{name}", t)
+    t = time.perf_counter()
+    files = export_hf(pruned, m.tokenizer, folder / "hf", recipe.output.dtype)
+    timer.add(f"export_hf.{name}", t)
+
+    t = time.perf_counter()
+    figures = verify_export(
+        references,
+        m.adapter,
+        mask,
+        folder / "hf",
+        prompts,
+        pad_id=m.tokenizer.pad_token_id,
+        greedy_tokens=recipe.verify.greedy_tokens,
+        fp64_max_abs=recipe.verify.fp64_max_abs,
+    )
+    timer.add(f"verify_hf.{name}", t)
+
+    element = torch.tensor([], dtype=DTYPES[recipe.output.dtype]).element_size()
+    dense_params = count_parameters(m.model)
+    pruned_params = count_parameters(pruned)
+    weights_bytes = sum(size for f, size in files.items() if f.endswith(".safetensors"))
+    report = {
+        "persona": name,
+        "description": recipe.personas[name].description,
+        "partner": recipe.partner(name),
+        "status": "passed" if figures["passed"] else "failed",
+        "base_model": {
+            "name": m.resolved.base_model,
+            "sha256": m.model_sha256,
+            "license": m.resolved.license,
+            "model_type": m.model.config.model_type,
+        },
+        "recipe": {"name": recipe.name, "sha256": recipe.digest()},
+        "method": recipe.method.model_dump(mode="json"),
+        "prune": recipe.prune.model_dump(mode="json"),
+        "calibration": {
+            "path": recipe.personas[name].calibration.path,
+            "samples": stats_info["n_samples"],
+            "tokens_counted": stats_info["n_tokens"],
+            "data_sha256": stats_info["data_sha256"],
+            "statistic": stats_info["statistic"],
+            "tokens": stats_info["tokens"],
+        },
+        "geometry": {"dense": vars(mask.geometry), "pruned": vars(mask.pruned_geometry())},
+        "removed_per_layer": {k: mask.removed(k) for k in ("mlp", "head", "group")},
+        "parameters": {"dense": dense_params, "pruned": pruned_params, "ratio": pruned_params / dense_params},
+        "bytes": {
+            "dense_weights": dense_params * element,
+            "pruned_weights_on_disk": weights_bytes,
+            "hf_folder": folder_bytes(folder / "hf"),
+            "ratio": weights_bytes / (dense_params * element),
+        },
+        "dtype": recipe.output.dtype,
+        "verification": {"hf": figures},
+        "timings_s": {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")},
+        "versions": versions(),
+    }
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    if not figures["passed"]:
+        log.error("%s: the export does not match the masked model: %s", name, figures["fp64"])
+    del pruned
+    return report
+
