@@ -2,11 +2,15 @@
 
 Removal rules (k units per layer, the same k in every layer):
   wanda / sparse         remove the k lowest-importance units of the persona.
-  contrastive-wanda      S+ = I * phi(z), I from both personas' mean activation; p+ removes the k lowest S+
-                         among units with z < 0 (those that belong to p-), ties broken by z, most negative first.
-  contrastive-sparse     d = S~+ - S~- (row-normalised sparse scores); p+ removes the k most negative d.
-For a contrastive pair the removal sets are disjoint by construction: p+ only removes units with z < 0
-(or d < 0), p- only units with z > 0 (or d > 0).
+  contrastive-wanda      c = z - median(z) per layer; S+ = I * phi(c), I from both personas' mean activation;
+                         p+ removes the k lowest S+ among units with c < 0 (those that lean to p-), ties
+                         broken by c, most negative first. With phi = relu this is pure c order.
+  contrastive-sparse     d = S~+ - S~- (row-normalised sparse scores), c = d - median(d); p+ removes the k most
+                         negative c.
+Centring on the layer median (per KV group for query heads) keeps a layer-wide activation offset between the
+two calibration sets from deciding which persona owns a unit, and guarantees floor(n/2) candidates per side
+even when n is tiny (3 KV groups). For a pair the removal sets are disjoint by construction: p+ only removes
+units with c < 0, p- only units with c > 0; swapping the personas negates c and swaps the masks exactly.
 """
 
 from __future__ import annotations
@@ -147,14 +151,15 @@ def _unit_keep(
         return select_keep(scoring.sparse(stats, col_sq, kind, method.damping), k, groups=groups, what=what)
     assert partner is not None, "contrastive methods need a partner (checked by the recipe)"
     if method.score == "contrastive-wanda":
-        z = scoring.zscore(stats, partner, kind, method.eps)
+        c = scoring.centred(scoring.zscore(stats, partner, kind, method.eps), groups)
         pooled = scoring.wanda(stats, col_sq, kind) + scoring.wanda(partner, col_sq, kind)
-        s = pooled * scoring.phi(z, method.phi, method.tau)
-        return select_keep(s, k, allowed=z < 0, tiebreak=z, groups=groups, what=what)
+        s = pooled * scoring.phi(c, method.phi, method.tau)
+        return select_keep(s, k, allowed=c < 0, tiebreak=c, groups=groups, what=what)
     d = scoring.row_normalised(scoring.sparse(stats, col_sq, kind, method.damping)) - scoring.row_normalised(
         scoring.sparse(partner, col_sq, kind, method.damping)
     )
-    return select_keep(d, k, allowed=d < 0, groups=groups, what=what)
+    c = scoring.centred(d, groups)
+    return select_keep(c, k, allowed=c < 0, groups=groups, what=what)
 
 
 def compute_mask(

@@ -63,3 +63,13 @@ def phi(z: torch.Tensor, name: str, tau: float) -> torch.Tensor:
 def row_normalised(scores: torch.Tensor) -> torch.Tensor:
     """Each layer's scores divided by their sum, so two personas' scores compare on one scale."""
     return scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+
+
+def centred(x: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """x minus its median within each layer (each of `groups` equal blocks of a layer). (layers, units)"""
+    blocks = x.view(x.shape[0], groups, -1)
+    ordered = blocks.sort(-1).values
+    n = ordered.shape[-1]
+    # (lower + upper middle) / 2: negating x negates the median exactly, so swapping personas is exact
+    median = (ordered[..., (n - 1) // 2] + ordered[..., n // 2]) / 2
+    return (blocks - median.unsqueeze(-1)).view_as(x)

@@ -1,0 +1,155 @@
+"""The `run` command end to end on a tiny model: outputs, verification, bad input, atomicity, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from exporter import pipeline
+from exporter.cli import main
+from tests.conftest import tiny_tokenizer, write_recipe
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def recipe(tmp_path: Path, tiny_llama_dir: Path) -> Path:
+    return write_recipe(tmp_path, tiny_llama_dir)
+
+
+def test_run_writes_verified_smaller_exports(recipe: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "introvert" in table and "passed" in table
+    run = json.loads((out / "run.json").read_text())
+    assert run["personas"] == {"introvert": "passed", "extravert": "passed"}
+    assert {p.name for p in out.iterdir()} == {"introvert", "extravert", "stats", "run.json", "recipe.json"}
+    for persona in ("introvert", "extravert"):
+        folder = out / persona
+        report = json.loads((folder / "report.json").read_text())
+        hf = report["verification"]["hf"]
+        assert report["status"] == "passed" and hf["passed"]
+        assert hf["fp64"]["max_abs_logit_diff"] <= 1e-6 and hf["fp64"]["greedy_identical"]
+        assert hf["fp32"]["max_abs_logit_diff"] < 1e-3
+        # 25 % of 96 neurons and 1 of 2 KV groups removed in both layers
+        assert [len(r) for r in report["removed_per_layer"]["mlp"]] == [24, 24]
+        assert [len(r) for r in report["removed_per_layer"]["group"]] == [1, 1]
+        config = json.loads((folder / "hf" / "config.json").read_text())
+        assert (config["intermediate_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (72, 3, 1)
+        assert config["head_dim"] == 16
+        for name in ("model.safetensors", "tokenizer.json", "generation_config.json"):
+            assert (folder / "hf" / name).is_file()
+        # the size on disk falls with the parameters: fp32 weights plus a small header
+        weights = (folder / "hf" / "model.safetensors").stat().st_size
+        assert 0 <= weights - 4 * report["parameters"]["pruned"] < 16_000
+        assert report["parameters"]["pruned"] < report["parameters"]["dense"]
+        masks = load_file(str(folder / "masks.safetensors"))
+        assert masks["mlp_keep"].dtype == torch.int64 and masks["mlp_keep"].shape == (2, 72)
+        assert (out / "stats" / f"{persona}.safetensors").is_file()
+    removed_i = json.loads((out / "introvert" / "report.json").read_text())["removed_per_layer"]
+    removed_e = json.loads((out / "extravert" / "report.json").read_text())["removed_per_layer"]
+    for kind in ("mlp", "group"):
+        for a, b in zip(removed_i[kind], removed_e[kind], strict=True):
+            assert not set(a) & set(b)
+    assert not list(tmp_path.glob(".run.partial-*"))
+
+
+def test_same_inputs_give_identical_files(recipe: Path, tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        assert main(["run", str(recipe), "--out", str(tmp_path / name)]) == 0
+    for rel in ("introvert/masks.safetensors", "introvert/hf/model.safetensors", "extravert/hf/model.safetensors"):
+        assert sha(tmp_path / "a" / rel) == sha(tmp_path / "b" / rel), rel
+
+
+def test_existing_output_is_refused_then_overwritten(recipe: Path, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["run", str(recipe), "--out", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert main(["run", str(recipe), "--out", str(out), "--overwrite"]) == 0
+    assert (out / "run.json").is_file() and not (out / "keep.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]
+
+
+def test_reused_statistics_give_the_same_masks(recipe: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    caplog.set_level(logging.INFO)
+    assert main(["run", str(recipe), "--out", str(tmp_path / "a")]) == 0
+    caplog.clear()
+    args = ["run", str(recipe), "--out", str(tmp_path / "b"), "--reuse-stats", str(tmp_path / "a")]
+    assert main(args) == 0
+    assert "reusing statistics" in caplog.text
+    assert sha(tmp_path / "a/introvert/masks.safetensors") == sha(tmp_path / "b/introvert/masks.safetensors")
+    caplog.clear()  # other data: the saved statistics are stale and recomputed
+    args = [*args[:3], str(tmp_path / "c"), *args[4:], "personas.introvert.calibration.seed=5"]
+    assert main(args) == 0
+    assert "are stale" in caplog.text
+
+
+def test_a_parity_failure_is_fatal_and_marked(recipe: Path, tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    real = pipeline.prune_model
+
+    def broken(model, adapter, mask):  # type: ignore[no-untyped-def]
+        pruned = real(model, adapter, mask)
+        with torch.no_grad():
+            adapter.mlp_out(adapter.layers(pruned)[0]).weight[0, 0] += 1e-3
+        return pruned
+
+    monkeypatch.setattr(pipeline, "prune_model", broken)
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 3
+    assert "verification failed" in capsys.readouterr().err
+    report = json.loads((out / "introvert" / "report.json").read_text())
+    assert report["status"] == "failed" and report["verification"]["hf"]["fp64"]["max_abs_logit_diff"] > 1e-6
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.path=/nonexistent/model", "is not a Hugging Face model folder"),
+        ("personas.introvert.calibration.path=/nonexistent.jsonl", "does not exist"),
+        ("personas.introvert.calibration.response_field=missing", "has no text field 'missing'"),
+        ("prune.mlp.sparsity=1.5", "prune.mlp.sparsity"),
+    ],
+)
+def test_bad_input_leaves_no_output(recipe: Path, tmp_path: Path, capsys, override: str, message: str) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), override]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".run.*"))
+
+
+def test_unsupported_architecture_and_pickle_weights(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320)).save_pretrained(gpt2)
+    tiny_tokenizer().save_pretrained(gpt2)
+    recipe = write_recipe(tmp_path, gpt2)
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    assert "'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3" in capsys.readouterr().err
+    for f in gpt2.glob("*.safetensors"):
+        f.rename(f.with_suffix(".bin"))
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2
+    assert "pickle-based weights are not loaded" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_does_not_load_a_model(recipe: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from exporter import sources
+
+    monkeypatch.setattr(sources, "load", lambda *a, **k: pytest.fail("validate loaded a model"))
+    assert main(["validate", str(recipe)]) == 0
+    assert "16 calibration samples" in capsys.readouterr().out
+    assert main(["validate", str(recipe), "pairs=[[extravert, nobody]]"]) == 2
+    assert "unknown persona 'nobody'" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from exporter.errors import RecipeError
+from exporter.recipe import load_recipe
+from tests.conftest import REPO, write_recipe
+
+SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
+
+
+def test_recipes_are_shipped() -> None:
+    assert any(p.name == "smollm2-introvert-extravert.yaml" for p in SHIPPED)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_loads(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert recipe.personas
+    for persona in recipe.personas.values():
+        assert Path(persona.calibration.path).is_file()
+
+
+def _edit(tmp_path: Path, tiny_dir: Path, mutate) -> Path:  # type: ignore[no-untyped-def]
+    path = write_recipe(tmp_path, tiny_dir)
+    data = yaml.safe_load(path.read_text())
+    mutate(data)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_misspelled_key_names_its_path(tmp_path: Path) -> None:
+    path = _edit(tmp_path, tmp_path, lambda d: d["personas"]["introvert"]["calibration"].update(max_sample=3))
+    with pytest.raises(RecipeError, match=r"personas\.introvert\.calibration\.max_sample: unknown key"):
+        load_recipe(path)
+
+
+def test_all_schema_problems_reported_at_once(tmp_path: Path) -> None:
+    def mutate(d: dict) -> None:
+        d["prune"]["mlp"]["sparsity"] = 1.0
+        d["method"]["score"] = "magic"
+        d["outptu"] = {}
+
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_edit(tmp_path, tmp_path, mutate))
+    text = str(err.value)
+    assert "3 problem(s)" in text
+    for key in ("prune.mlp.sparsity", "method.score", "outptu"):
+        assert key in text
+
+
+def test_required_section_has_no_default(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"method: required key is missing"):
+        load_recipe(_edit(tmp_path, tmp_path, lambda d: d.pop("method")))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.update(pairs=[["extravert", "ghost"]]), r"pairs\.0: unknown persona 'ghost'"),
+        (lambda d: d.update(pairs=[]), r"needs every persona in an opposing pair"),
+        (lambda d: d["personas"].update({"../evil": d["personas"]["introvert"]}), r"not a safe folder name"),
+        (lambda d: d.update(prune={}), r"name at least one unit kind"),
+        (lambda d: d["model"].update(embedded="smollm2-135m-instruct"), r"exactly one of"),
+        (
+            lambda d: d.update(model={"hub": {"repo_id": "a/b", "revision": "main"}}),
+            r"not a 40-character commit sha",
+        ),
+        (lambda d: d.update(output={"formats": ["onnx"]}), r"'hf' is required"),
+    ],
+)
+def test_semantic_problems(tmp_path: Path, mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(_edit(tmp_path, tmp_path, mutate))
+
+
+def test_overrides_apply_and_are_validated(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, tmp_path)
+    recipe = load_recipe(path, ["prune.mlp.sparsity=0.5", "method.phi=relu"])
+    assert recipe.prune.mlp is not None and recipe.prune.mlp.sparsity == 0.5
+    assert recipe.method.phi == "relu"
+    with pytest.raises(RecipeError, match=r"prune\.mlp\.sparsty: unknown key"):
+        load_recipe(path, ["prune.mlp.sparsty=0.5"])
+    with pytest.raises(RecipeError, match="expected KEY.PATH=VALUE"):
+        load_recipe(path, ["prune.mlp.sparsity"])
+
+
+def test_relative_data_paths_resolve_against_the_recipe(tmp_path: Path) -> None:
+    path = _edit(tmp_path, tmp_path, lambda d: d["personas"]["introvert"]["calibration"].update(path="pairs.jsonl"))
+    recipe = load_recipe(path)
+    assert recipe.personas["introvert"].calibration.path == str(tmp_path / "pairs.jsonl")
+
+
+def test_digest_is_stable_and_sensitive(tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, tmp_path)
+    assert load_recipe(path).digest() == load_recipe(path).digest()
+    assert load_recipe(path).digest() != load_recipe(path, ["prune.mlp.sparsity=0.3"]).digest()
+
+
+def test_not_yaml_or_missing(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="YAML mapping"):
+        load_recipe(listy)
