@@ -127,9 +127,7 @@ def tokenize(tokenizer: Any, sample: Sample, spec: DataSpec) -> TokenizedSample:
             messages.append({"role": "user", "content": sample.prompt})
         prefix = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
         full = list(
-            tokenizer.apply_chat_template(
-                [*messages, {"role": "assistant", "content": sample.response}], tokenize=True
-            )
+            tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": sample.response}], tokenize=True)
         )
         if full[: len(prefix)] != prefix:
             raise CalibrationDataError(

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def export_hf(model: nn.Module, tokenizer: Any, out_dir: Path, dtype: str) -> dict[str, int]:
+def export_hf(model: Any, tokenizer: Any, out_dir: Path, dtype: str) -> dict[str, int]:
     """Save `model` (converted to `dtype`) and its tokenizer into `out_dir`; returns {file name: bytes}."""
     model = model.to(DTYPES[dtype])
     model.config.torch_dtype = DTYPES[dtype]

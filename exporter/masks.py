@@ -71,7 +71,11 @@ class PersonaMask:
     def save(self, path: Path, manifest: dict[str, Any]) -> None:
         tensors = {
             k: v.contiguous()
-            for k, v in (("mlp_keep", self.mlp_keep), ("head_keep", self.head_keep), ("group_keep", self.group_keep))
+            for k, v in (
+                ("mlp_keep", self.mlp_keep),
+                ("head_keep", self.head_keep),
+                ("group_keep", self.group_keep),
+            )
             if v is not None
         }
         save_file(tensors, str(path), metadata={"persona": self.persona})
@@ -83,7 +87,13 @@ class PersonaMask:
     def load(cls, path: Path) -> PersonaMask:
         info = json.loads(path.with_suffix(".json").read_text())
         t = load_file(str(path))
-        return cls(info["persona"], Geometry(**info["geometry"]), t.get("mlp_keep"), t.get("head_keep"), t.get("group_keep"))
+        return cls(
+            info["persona"],
+            Geometry(**info["geometry"]),
+            t.get("mlp_keep"),
+            t.get("head_keep"),
+            t.get("group_keep"),
+        )
 
 
 def removal_count(n: int, sparsity: float, round_to: int = 1, what: str = "units") -> int:

@@ -106,7 +106,9 @@ def file_digest(paths: tuple[Path, ...]) -> str:
     return h.hexdigest()
 
 
-def load(resolved: ResolvedModel, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+def load(
+    resolved: ResolvedModel, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer). Weights only through safetensors or GGUF."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -82,7 +82,12 @@ class Statistics:
         tensors |= {f"chan_sq.{k}": v for k, v in self.chan_sq.items()}
         meta = {"n_samples": str(self.n_samples), "n_tokens": str(self.n_tokens)}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
-        info = {**manifest, "n_samples": self.n_samples, "n_tokens": self.n_tokens, "geometry": vars(self.geometry)}
+        info = {
+            **manifest,
+            "n_samples": self.n_samples,
+            "n_tokens": self.n_tokens,
+            "geometry": vars(self.geometry),
+        }
         path.with_suffix(".json").write_text(json.dumps(info, indent=2, sort_keys=True))
 
     @classmethod

@@ -93,7 +93,7 @@ def logit_difference(
 
 
 @torch.inference_mode()
-def greedy(model: nn.Module, ids: torch.Tensor, attn: torch.Tensor, n: int, pad_id: int) -> torch.Tensor:
+def greedy(model: Any, ids: torch.Tensor, attn: torch.Tensor, n: int, pad_id: int) -> torch.Tensor:
     """Exactly n greedy tokens per row (EOS does not stop it), (batch, n)."""
     out = model.generate(
         input_ids=ids,

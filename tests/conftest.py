@@ -20,10 +20,39 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-WORDS = (
-    "quiet loud party book friend alone crowd talk walk music dance read think plan trip home city "
-    "weekend morning evening coffee dinner game team idea small big people energy calm fun"
-).split()
+WORDS = [
+    "quiet",
+    "loud",
+    "party",
+    "book",
+    "friend",
+    "alone",
+    "crowd",
+    "talk",
+    "walk",
+    "music",
+    "dance",
+    "read",
+    "think",
+    "plan",
+    "trip",
+    "home",
+    "city",
+    "weekend",
+    "morning",
+    "evening",
+    "coffee",
+    "dinner",
+    "game",
+    "team",
+    "idea",
+    "small",
+    "big",
+    "people",
+    "energy",
+    "calm",
+    "fun",
+]
 
 
 def _tiny_kwargs() -> dict[str, Any]:
@@ -64,7 +93,12 @@ def _qwen3() -> Any:
     return Qwen3ForCausalLM(Qwen3Config(**_tiny_kwargs(), attention_bias=True))  # q/k norms
 
 
-TINY_MODELS: dict[str, Callable[[], Any]] = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3}
+TINY_MODELS: dict[str, Callable[[], Any]] = {
+    "llama": _llama,
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+}
 
 
 def tiny_model(model_type: str, seed: int = 0) -> Any:

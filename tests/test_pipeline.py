@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -44,7 +44,11 @@ def test_run_writes_verified_smaller_exports(recipe: Path, tmp_path: Path, capsy
         assert [len(r) for r in report["removed_per_layer"]["mlp"]] == [24, 24]
         assert [len(r) for r in report["removed_per_layer"]["group"]] == [1, 1]
         config = json.loads((folder / "hf" / "config.json").read_text())
-        assert (config["intermediate_size"], config["num_attention_heads"], config["num_key_value_heads"]) == (72, 3, 1)
+        assert (
+            config["intermediate_size"],
+            config["num_attention_heads"],
+            config["num_key_value_heads"],
+        ) == (72, 3, 1)
         assert config["head_dim"] == 16
         for name in ("model.safetensors", "tokenizer.json", "generation_config.json"):
             assert (folder / "hf" / name).is_file()
@@ -66,7 +70,11 @@ def test_run_writes_verified_smaller_exports(recipe: Path, tmp_path: Path, capsy
 def test_same_inputs_give_identical_files(recipe: Path, tmp_path: Path) -> None:
     for name in ("a", "b"):
         assert main(["run", str(recipe), "--out", str(tmp_path / name)]) == 0
-    for rel in ("introvert/masks.safetensors", "introvert/hf/model.safetensors", "extravert/hf/model.safetensors"):
+    for rel in (
+        "introvert/masks.safetensors",
+        "introvert/hf/model.safetensors",
+        "extravert/hf/model.safetensors",
+    ):
         assert sha(tmp_path / "a" / rel) == sha(tmp_path / "b" / rel), rel
 
 

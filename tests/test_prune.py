@@ -42,7 +42,9 @@ def _mask(model, unit: str):  # type: ignore[no-untyped-def]
         mlp=MlpPrune(sparsity=0.25),
         attention=AttentionPrune(unit=unit, sparsity=0.5 if unit == "kv-group" else 0.34),
     )
-    return adapter, compute_mask("p", MethodSpec(score="contrastive-wanda"), prune, pos, neg, column_sq_norms(model, adapter))
+    return adapter, compute_mask(
+        "p", MethodSpec(score="contrastive-wanda"), prune, pos, neg, column_sq_norms(model, adapter)
+    )
 
 
 def _inputs() -> dict[str, torch.Tensor]:

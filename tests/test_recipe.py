@@ -84,7 +84,7 @@ def test_overrides_apply_and_are_validated(tmp_path: Path) -> None:
     assert recipe.method.phi == "relu"
     with pytest.raises(RecipeError, match=r"prune\.mlp\.sparsty: unknown key"):
         load_recipe(path, ["prune.mlp.sparsty=0.5"])
-    with pytest.raises(RecipeError, match="expected KEY.PATH=VALUE"):
+    with pytest.raises(RecipeError, match=r"expected KEY\.PATH=VALUE"):
         load_recipe(path, ["prune.mlp.sparsity"])
 
 

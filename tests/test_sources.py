@@ -40,10 +40,10 @@ def test_hub_source_without_network_is_a_clear_error(monkeypatch) -> None:  # ty
 
 
 def test_local_folder_errors(tmp_path: Path) -> None:
-    with pytest.raises(ModelSourceError, match="no config.json"):
+    with pytest.raises(ModelSourceError, match=r"no config\.json"):
         sources.resolve(ModelSpec(path=str(tmp_path)))
     (tmp_path / "config.json").write_text("{}")
-    with pytest.raises(ModelSourceError, match="holds no \\*.safetensors"):
+    with pytest.raises(ModelSourceError, match=r"holds no \*\.safetensors"):
         sources.resolve(ModelSpec(path=str(tmp_path)))
 
 

