@@ -3,6 +3,8 @@
 One registered adapter per `model_type`. MLP neuron k = row k of the input projections (gate, up) and
 column k of the output projection (down). Attention: query head h = rows h*D:(h+1)*D of q_proj and the same
 columns of o_proj; KV head g = those rows of k_proj and v_proj, serving query heads g*R:(g+1)*R (R = group size).
+Each adapter owns how those rows and columns map to its weights (`slice_plan`), so fused projections (phi3's
+`gate_up_proj`, `qkv_proj`) are sliced by the same code that slices separate ones, in memory or shard by shard.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from exporter.errors import UnsupportedModelError
@@ -32,10 +35,14 @@ class Geometry:
         return {"mlp": self.intermediate, "head": self.heads, "group": self.kv_heads}[kind]
 
 
+SlicePlan = dict[str, tuple[int, torch.Tensor]]  # Linear name inside a layer -> (dim, kept indices)
+
+
 class Adapter:
     """Llama-style decoder: `model.model.layers[i].{mlp.{gate,up,down}_proj, self_attn.{q,k,v,o}_proj}`."""
 
     model_types: ClassVar[tuple[str, ...]] = ()
+    layers_prefix: ClassVar[str] = "model.layers"  # state-dict prefix of decoder layer i: f"{prefix}.{i}."
     mlp_in_names: ClassVar[tuple[str, ...]] = ("gate_proj", "up_proj")
     mlp_out_name: ClassVar[str] = "down_proj"
 
@@ -65,6 +72,21 @@ class Adapter:
 
     def attn_out(self, layer: Any) -> nn.Linear:
         return layer.self_attn.o_proj
+
+    def slice_plan(
+        self, g: Geometry, mlp: torch.Tensor | None, q: torch.Tensor | None, kv: torch.Tensor | None
+    ) -> SlicePlan:
+        """What to keep of each Linear of one layer: dim 0 = output rows (with the bias), dim 1 = input columns.
+
+        g: dense geometry; mlp: kept neurons; q, kv: kept query / KV channels (head * head_dim + j); None = all.
+        """
+        plan: SlicePlan = {}
+        if mlp is not None:
+            plan |= {f"mlp.{n}": (0, mlp) for n in self.mlp_in_names} | {f"mlp.{self.mlp_out_name}": (1, mlp)}
+        if q is not None and kv is not None:
+            plan |= {"self_attn.q_proj": (0, q), "self_attn.o_proj": (1, q)}
+            plan |= {"self_attn.k_proj": (0, kv), "self_attn.v_proj": (0, kv)}
+        return plan
 
     def update_config(self, config: Any, geometry: Geometry) -> None:
         """Write the pruned sizes; `head_dim` is written explicitly since hidden/heads no longer gives it."""
@@ -118,6 +140,40 @@ class Qwen3Adapter(Adapter):
     """q_norm/k_norm act per head over head_dim and are shared by all heads: untouched by head removal."""
 
     model_types = ("qwen3",)
+
+
+@register
+class Phi3Adapter(Adapter):
+    """Fused projections: `mlp.gate_up_proj` = [gate; up] rows, `self_attn.qkv_proj` = [q; k; v] rows."""
+
+    model_types = ("phi3",)
+
+    def slice_plan(
+        self, g: Geometry, mlp: torch.Tensor | None, q: torch.Tensor | None, kv: torch.Tensor | None
+    ) -> SlicePlan:
+        plan: SlicePlan = {}
+        if mlp is not None:
+            plan["mlp.gate_up_proj"] = (0, torch.cat([mlp, mlp + g.intermediate]))
+            plan["mlp.down_proj"] = (1, mlp)
+        if q is not None and kv is not None:
+            q_rows, kv_rows = g.heads * g.head_dim, g.kv_heads * g.head_dim
+            plan["self_attn.qkv_proj"] = (0, torch.cat([q, kv + q_rows, kv + q_rows + kv_rows]))
+            plan["self_attn.o_proj"] = (1, q)
+        return plan
+
+    def _fused(self, what: str) -> UnsupportedModelError:
+        return UnsupportedModelError(
+            f"phi3 has no separate {what} projections (they are fused); use Adapter.slice_plan for its rows"
+        )
+
+    def mlp_in(self, layer: Any) -> list[nn.Linear]:
+        raise self._fused("gate/up")
+
+    def attn_q(self, layer: Any) -> nn.Linear:
+        raise self._fused("q")
+
+    def attn_kv(self, layer: Any) -> list[nn.Linear]:
+        raise self._fused("k/v")
 
 
 def adapter_for(config: Any) -> Adapter:

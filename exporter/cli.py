@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,9 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def summary_table(reports: dict[str, dict[str, Any]]) -> str:
-    rows = [["persona", "status", "params dense -> pruned", "weights MB", "fp64 max|dlogit|", "fp32 max|dlogit|", "greedy"]]
+    rows = [
+        ["persona", "status", "params dense -> pruned", "weights MB", "fp64 max|dlogit|", "fp32 max|dlogit|", "greedy"]
+    ]
     for name, r in reports.items():
         hf = r["verification"]["hf"]
         p, b = r["parameters"], r["bytes"]
@@ -57,13 +60,53 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
     for persona in recipe.personas.values():  # data problems surface before the model loads
         select_samples(persona.calibration)
-    summary = run(recipe, Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats)
+    summary = run(recipe, Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats, use_cache=not args.no_cache)
     print(summary_table(summary["reports"]))
     print(f"\nwritten: {args.out}  (per persona: hf/, masks.safetensors, report.json)")
     failed = [n for n, s in summary["personas"].items() if s != "passed"]
     if failed:
         print(f"error: verification failed for {', '.join(failed)}; see report.json", file=sys.stderr)
         return 3
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from exporter.hub import PushOptions, describe, push_persona
+
+    options = PushOptions(
+        repo_id=args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        create_pr=args.create_pr,
+        commit_message=args.commit_message,
+        onnx=args.onnx,
+        onnx_repo_id=args.onnx_repo_id,
+    )
+    results = push_persona(Path(args.persona_dir), options, dry_run=args.dry_run)
+    print(describe(results, dry_run=args.dry_run))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from exporter.sweep import evaluate_run_dir
+
+    evaluate_run_dir(Path(args.run_dir), args.recipe)
+    print(f"written: {Path(args.run_dir) / 'report.md'} (and each persona's report.json, report.md)")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from exporter.recipe import load_recipe
+    from exporter.sweep import sweep
+
+    try:
+        values = [float(v) for v in args.sparsity.split(",") if v.strip()]
+    except ValueError:
+        print(f"error: --sparsity {args.sparsity!r}: expected numbers separated by commas", file=sys.stderr)
+        return 2
+    recipe = load_recipe(args.recipe, args.set)
+    sweep(recipe, values, Path(args.out), unit=args.unit, overwrite=args.overwrite, reuse=args.reuse_stats)
+    print(f"written: {Path(args.out) / 'report.md'}, report.json, sweep.png")
     return 0
 
 
@@ -85,18 +128,72 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder to create (refused if it exists)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--reuse-stats", type=Path, metavar="RUN_DIR", help="reuse still-valid statistics of an earlier run")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
     overrides(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("push", help="publish a verified persona export to the Hugging Face Hub")
+    p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA", help="a persona folder of a run")
+    p.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="model repo (created when missing)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", metavar="BRANCH", help="branch, created when missing; default main")
+    p.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    p.add_argument("--commit-message", metavar="TEXT", help="default: persona, base model, version")
+    p.add_argument(
+        "--onnx",
+        choices=["same-repo", "separate-repo", "none"],
+        default="same-repo",
+        help="where an ONNX export goes: an onnx/ subfolder (default), a repo of its own, or nowhere",
+    )
+    p.add_argument("--onnx-repo-id", metavar="OWNER/NAME", help="default: REPO_ID-onnx")
+    p.add_argument("--dry-run", action="store_true", help="list the files and sizes to upload; send nothing")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("eval", help="evaluate a run's persona masks against baselines (report.md/json)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--recipe", help="take the eval section from this recipe instead of the run's own")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sweep", help="evaluate a recipe's masks at several sparsities (table and plot)")
+    p.add_argument("recipe")
+    p.add_argument("--sparsity", required=True, help="comma-separated values, e.g. 0.01,0.02,0.05,0.1")
+    p.add_argument("--unit", choices=["mlp", "attention"], default="mlp", help="which sparsity to vary")
+    p.add_argument("--out", required=True, help="folder to create for report.md, report.json, sweep.png")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument("--reuse-stats", type=Path, metavar="RUN_DIR", help="reuse valid statistics of a run")
+    overrides(p)
+    p.set_defaults(func=cmd_sweep)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also follow options (`run R --out D a.b=1`): argparse leaves those in `extra`
+    if extra and (not hasattr(args, "set") or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.set = [*args.set, *extra]
+    return args
+
+
+def dispatch(argv: list[str] | None = None) -> int:
+    """Run a command; the project's errors propagate (main() turns them into messages and exit codes)."""
+    args = parse(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     for noisy in ("transformers", "optimum", "huggingface_hub", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    return int(args.func(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: staging folders are removed
     try:
-        return int(args.func(args))
+        return dispatch(argv)
     except PersonaExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

