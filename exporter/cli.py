@@ -20,9 +20,8 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def summary_table(reports: dict[str, dict[str, Any]]) -> str:
-    rows = [
-        ["persona", "status", "params dense -> pruned", "weights MB", "fp64 max|dlogit|", "fp32 max|dlogit|", "greedy"]
-    ]
+    head = ["persona", "status", "params dense -> pruned", "weights MB", "fp64 max|dlogit|", "fp32 max|dlogit|"]
+    rows = [[*head, "greedy", "onnx max|dlogit|"]]
     for name, r in reports.items():
         hf = r["verification"]["hf"]
         p, b = r["parameters"], r["bytes"]
@@ -35,6 +34,7 @@ def summary_table(reports: dict[str, dict[str, Any]]) -> str:
                 f"{hf['fp64']['max_abs_logit_diff']:.1e}",
                 f"{hf['fp32']['max_abs_logit_diff']:.1e}",
                 "identical" if hf["fp64"]["greedy_identical"] else "DIFFERENT",
+                f"{r['verification']['onnx']['max_abs_logit_diff']:.1e}" if "onnx" in r["verification"] else "-",
             ]
         )
     return _table(rows)
@@ -67,6 +67,54 @@ def cmd_run(args: argparse.Namespace) -> int:
     if failed:
         print(f"error: verification failed for {', '.join(failed)}; see report.json", file=sys.stderr)
         return 3
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from exporter.persona_dir import add_formats
+
+    formats = ["onnx", "onnx-int8"] if args.format == "onnx-int8" else ["onnx"]
+    report = add_formats(Path(args.persona_dir), formats, overwrite=args.overwrite)
+    print(summary_table({report["persona"]: report}))
+    if report["status"] != "passed":
+        print("error: ONNX verification failed; see report.json", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from exporter.runner import Runner
+
+    runner = Runner(Path(args.persona_dir), args.backend)
+    for piece in runner.stream([{"role": "user", "content": args.prompt}], args.max_new_tokens):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from exporter.runner import Runner
+
+    runner = Runner(Path(args.persona_dir), args.backend)
+    messages: list[dict[str, str]] = []
+    print(
+        f"chatting with {Path(args.persona_dir).name} ({args.backend}); an empty line or Ctrl-D ends", file=sys.stderr
+    )
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line:
+            break
+        messages.append({"role": "user", "content": line})
+        reply = []
+        print("bot> ", end="", flush=True)
+        for piece in runner.stream(messages, args.max_new_tokens):
+            print(piece, end="", flush=True)
+            reply.append(piece)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
     return 0
 
 
@@ -131,6 +179,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
     overrides(p)
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("export", help="add an ONNX export (verified) to an existing persona of a run")
+    p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA")
+    p.add_argument("--format", choices=["onnx", "onnx-int8"], required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing onnx/ folder")
+    p.set_defaults(func=cmd_export)
+
+    for name, func, text in (
+        ("generate", cmd_generate, "generate a reply to one prompt (greedy, streamed)"),
+        ("chat", cmd_chat, "chat with a persona export in the terminal"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA")
+        if name == "generate":
+            p.add_argument("--prompt", required=True)
+        p.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
+        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.set_defaults(func=func)
 
     p = sub.add_parser("push", help="publish a verified persona export to the Hugging Face Hub")
     p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA", help="a persona folder of a run")

@@ -41,3 +41,15 @@ class ParityError(PersonaExportError):
 
 class HubError(PersonaExportError):
     """A push to the Hugging Face Hub was refused before sending, or the Hub (or the network) failed."""
+
+
+class OnnxModelError(PersonaExportError):
+    """An ONNX folder is missing, corrupt, or not a `text-generation-with-past` export."""
+
+
+class OnnxExportError(PersonaExportError):
+    """An ONNX export or quantization could not be produced."""
+
+
+class ExportFolderError(PersonaExportError):
+    """A folder given as a persona export is not one (no report.json, hf/ or a mismatched tokenizer)."""

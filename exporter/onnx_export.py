@@ -10,7 +10,8 @@ from pathlib import Path
 
 import onnx
 
-from exporter.onnx_runtime import ONNX_FILE, OnnxExportError, OnnxModelError, read_export
+from exporter.errors import OnnxExportError, OnnxModelError
+from exporter.onnx_runtime import ONNX_FILE, read_export
 from exporter.output import staged
 
 log = logging.getLogger(__name__)

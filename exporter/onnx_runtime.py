@@ -37,16 +37,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnxruntime as ort
 
+from exporter.errors import OnnxModelError
+
 if TYPE_CHECKING:
     from optimum.onnxruntime import ORTModelForCausalLM
-
-
-class OnnxModelError(Exception):
-    """An ONNX folder is missing, corrupt, or not a `text-generation-with-past` export."""
-
-
-class OnnxExportError(Exception):
-    """An ONNX export or quantization could not be produced."""
 
 
 ONNX_FILE = "model.onnx"

@@ -24,6 +24,7 @@ from exporter.data import samples_digest, select_samples, tokenize
 from exporter.export_hf import DTYPES, export_hf
 from exporter.layerwise import calibrate_layerwise
 from exporter.masks import PersonaMask, compute_mask
+from exporter.onnx_stage import onnx_stage
 from exporter.output import check_target, folder_bytes, staged
 from exporter.prune import count_parameters, prune_model
 from exporter.recipe import PersonaSpec, Recipe
@@ -250,6 +251,21 @@ def export_persona(
         fp64_max_abs=recipe.verify.fp64_max_abs,
     )
     timer.add(f"verify_hf.{name}", t)
+    onnx_timings: dict[str, float] = {}
+    if figures["passed"]:  # ONNX is made from the proven checkpoint only
+        onnx = onnx_stage(
+            folder,
+            list(recipe.output.formats),
+            references[torch.float32],
+            m.adapter,
+            mask,
+            prompts,
+            recipe.verify,
+            onnx_timings,
+        )
+    else:
+        onnx = {}
+    passed = figures["passed"] and all(r["passed"] for r in onnx.values())
 
     element = torch.tensor([], dtype=DTYPES[recipe.output.dtype]).element_size()
     dense_params = count_parameters(m.model)
@@ -259,7 +275,7 @@ def export_persona(
         "persona": name,
         "description": recipe.personas[name].description,
         "partner": recipe.partner(name),
-        "status": "passed" if figures["passed"] else "failed",
+        "status": "passed" if passed else "failed",
         "base_model": {
             "name": m.resolved.base_model,
             "sha256": m.model_sha256,
@@ -287,12 +303,14 @@ def export_persona(
             "ratio": weights_bytes / (dense_params * element),
         },
         "dtype": recipe.output.dtype,
-        "verification": {"hf": figures},
-        "timings_s": {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")},
+        "verification": {"hf": figures, **onnx},
+        "timings_s": {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")} | onnx_timings,
         "versions": versions(),
     }
     (folder / "report.json").write_text(json.dumps(report, indent=2))
     if not figures["passed"]:
         log.error("%s: the export does not match the masked model: %s", name, figures["fp64"])
+    elif not passed:
+        log.error("%s: the ONNX export does not match the masked model: %s", name, onnx["onnx"])
     del pruned
     return report

@@ -1,4 +1,4 @@
-"""Readable reports: report.md per persona, per run and per sweep, with PNG plots (matplotlib, Agg backend).
+"""Readable reports: report.md per persona and per run, with PNG plots (matplotlib, Agg backend).
 
 Only figures present in the evaluation records are printed; nothing here computes a metric.
 """
@@ -38,13 +38,13 @@ def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2))
 
 
-def _ci(x: dict[str, Any] | None, fmt: str = "+.3f") -> str:
+def fmt_ci(x: dict[str, Any] | None, fmt: str = "+.3f") -> str:
     if not x:
         return "–"
     return f"{x['mean']:{fmt}} [{x['ci95'][0]:{fmt}}, {x['ci95'][1]:{fmt}}]"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
 
@@ -55,11 +55,11 @@ def condition_row(r: dict[str, Any]) -> list[str]:
     return [
         r["condition"],
         f"{r['parameters_removed'] / 1e6:.2f}M ({100 * r['fraction_removed']:.1f}%)",
-        _ci(paired.get("margin")),
-        _ci(paired.get("shift")),
+        fmt_ci(paired.get("margin")),
+        fmt_ci(paired.get("shift")),
         f"{acc['mean']:.2f} [{acc['ci95'][0]:.2f}, {acc['ci95'][1]:.2f}]" if acc else "–",
-        _ci(st.get("margin")),
-        _ci(st.get("shift")),
+        fmt_ci(st.get("margin")),
+        fmt_ci(st.get("shift")),
         f"{neu['perplexity']:.2f} ({neu['perplexity_ratio']:.2f}x)" if neu else "–",
         f"{neu['kl']:.4f}" if neu else "–",
     ]
@@ -106,7 +106,7 @@ def evaluation_markdown(persona: str, ev: dict[str, Any], plot: str | None = Non
         ]
     else:
         lines.append("- Leak check: no evaluation item occurs in the calibration data.")
-    lines += ["", _table(COLUMNS, [condition_row(r) for r in ev["rows"]]), ""]
+    lines += ["", md_table(COLUMNS, [condition_row(r) for r in ev["rows"]]), ""]
     acc = ev.get("acceptance")
     if acc:
         checks = "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in acc["checks"].items())
@@ -121,7 +121,7 @@ def evaluation_markdown(persona: str, ev: dict[str, Any], plot: str | None = Non
     mvp = ev.get("mask_vs_prompt")
     if mvp:
         lines.append(
-            f"\nMask-only minus prompt-only margin: {_ci(mvp['mask_minus_prompt'])} nats/token "
+            f"\nMask-only minus prompt-only margin: {fmt_ci(mvp['mask_minus_prompt'])} nats/token "
             "(positive: the mask moves the model further toward the persona than the system prompt does)."
         )
     if plot:
@@ -158,8 +158,8 @@ def run_markdown(name: str, evaluations: dict[str, dict[str, Any]], plot: str | 
         rows.append(
             [
                 persona,
-                *(_ci(by.get(c)) for c in conds),
-                _ci(mvp),
+                *(fmt_ci(by.get(c)) for c in conds),
+                fmt_ci(mvp),
                 f"{acc['perplexity_ratio']:.2f}x" if acc.get("perplexity_ratio") else "–",
                 ("PASSED" if acc["passed"] else "FAILED") if acc else "–",
             ]
@@ -178,7 +178,7 @@ def run_markdown(name: str, evaluations: dict[str, dict[str, Any]], plot: str | 
     lines += [
         "Paired-margin shift toward each persona relative to the dense model (nats/token, 95% CI).",
         "",
-        _table(header, rows),
+        md_table(header, rows),
         "",
     ]
     if plot:
@@ -228,116 +228,3 @@ def write_run_reports(
     plot_run(evaluations, folder / "eval.png")
     write_json(folder / "report.json", {"recipe": name, "evaluation": evaluations})
     write_atomic(folder / "report.md", run_markdown(name, evaluations, "eval.png"))
-
-
-def _row(ev: dict[str, Any], prefix: str) -> dict[str, Any]:
-    return next((r for r in ev["rows"] if r["condition"].startswith(prefix)), {})
-
-
-def sweep_markdown(name: str, points: list[dict[str, Any]], plot: str | None) -> str:
-    lines = [
-        f"# {name}: sparsity sweep",
-        "",
-        "Paired-margin shift toward the persona relative to the dense model (nats/token, 95% CI) and "
-        "neutral-corpus perplexity relative to the dense model. Masks applied in memory (equal to the "
-        "exported models by construction; the `run` command proves it per export).",
-        "",
-    ]
-    header = [
-        "sparsity",
-        "persona",
-        "params removed",
-        "mask shift",
-        "ppl (mask)",
-        "random shift",
-        "ppl (random)",
-        "wanda shift",
-        "ppl (wanda)",
-        "mask+prompt shift",
-        "acceptance",
-    ]
-    rows = []
-    for pt in points:
-        if "error" in pt:
-            rows.append([f"{pt['sparsity']:g}", "–", "–", pt["error"], *["–"] * 7])
-            continue
-        for persona, ev in pt["personas"].items():
-            m, r, w, mp = (_row(ev, c) for c in ("mask-only", "random mask", "wanda", "mask+prompt"))
-            ppl = lambda x: f"{x['neutral']['perplexity_ratio']:.2f}x" if "neutral" in x else "–"  # noqa: E731
-            acc = ev.get("acceptance")
-            rows.append(
-                [
-                    f"{pt['sparsity']:g}",
-                    persona,
-                    f"{100 * m.get('fraction_removed', 0):.2f}%",
-                    _ci(m.get("paired", {}).get("shift")),
-                    ppl(m),
-                    _ci(r.get("paired", {}).get("shift")),
-                    ppl(r),
-                    _ci(w.get("paired", {}).get("shift")),
-                    ppl(w),
-                    _ci(mp.get("paired", {}).get("shift")),
-                    ("passed" if acc["passed"] else "failed") if acc else "–",
-                ]
-            )
-    lines += [_table(header, rows), ""]
-    first = next((pt for pt in points if "personas" in pt), None)
-    if first:
-        lines.append(
-            "Prompt-only shift (no parameters removed): "
-            + ", ".join(
-                f"{p} {_ci(_row(ev, 'prompt-only').get('paired', {}).get('shift'))}"
-                for p, ev in first["personas"].items()
-            )
-            + "."
-        )
-        lines += ["", *splits_text(next(iter(first["personas"].values())))]
-    if plot:
-        lines += ["", f"![sweep]({plot})"]
-    return "\n".join(lines) + "\n"
-
-
-def plot_sweep(points: list[dict[str, Any]], path: Path) -> None:
-    """Paired shift and perplexity against the share of parameters removed: a colour per persona, a line
-    style per condition (mask solid, random dashed, Wanda dotted); every line starts at the dense model."""
-    styles = {"mask-only": "-o", "random mask": "--s", "wanda": ":^"}
-    series: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
-    prompt: dict[str, float] = {}
-    for pt in points:
-        for persona, ev in pt.get("personas", {}).items():
-            dense = _row(ev, "dense")
-            for cond in styles:
-                r = _row(ev, cond)
-                if "paired" in r and "neutral" in r:
-                    line = series.setdefault((persona, cond), [(0.0, 0.0, dense["neutral"]["perplexity"])])
-                    shift, ppl = r["paired"]["shift"]["mean"], r["neutral"]["perplexity"]
-                    line.append((100 * r["fraction_removed"], shift, ppl))
-            if "paired" in _row(ev, "prompt-only"):
-                prompt[persona] = _row(ev, "prompt-only")["paired"]["shift"]["mean"]
-    personas = sorted({p for p, _ in series} | set(prompt))
-    colour = {p: f"C{k}" for k, p in enumerate(personas)}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for (persona, cond), pts in series.items():
-        pts.sort()
-        kw = {"color": colour[persona], "label": f"{persona}: {cond.replace('-only', '')}"}
-        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], styles[cond], **kw)
-        axes[1].plot([p[0] for p in pts], [p[2] for p in pts], styles[cond], **kw)
-    for persona, value in prompt.items():
-        axes[0].axhline(value, linestyle="-.", linewidth=1, color=colour[persona], alpha=0.6)
-        axes[0].annotate(
-            f"{persona}: prompt-only",
-            (0.01, value),
-            xycoords=("axes fraction", "data"),
-            fontsize=8,
-            color=colour[persona],
-            va="bottom",
-        )
-    axes[0].axhline(0, color="black", linewidth=0.8)
-    axes[0].set_title("paired margin shift toward persona (nats/token)")
-    axes[1].set_title("neutral perplexity")
-    for ax in axes:
-        ax.set_xlabel("parameters removed (% of the dense model)")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -25,7 +25,8 @@ from exporter.masks import PersonaMask, compute_mask
 from exporter.output import check_target, staged
 from exporter.pipeline import Timer, load_model, persona_statistics
 from exporter.recipe import AttentionPrune, MlpPrune, PruneSpec, Recipe, load_recipe, parse_recipe
-from exporter.report_md import plot_sweep, sweep_markdown, write_json, write_run_reports
+from exporter.report_md import write_json, write_run_reports
+from exporter.report_sweep import plot_sweep, sweep_markdown
 from exporter.scoring import column_sq_norms
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,9 @@ def sweep(
     stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.personas}
     col_sq = column_sq_norms(m.model, m.adapter)
     ev = Evaluator(m.model, m.tokenizer, m.adapter, spec, items)
-    norms = {p: wanda_norms(recipe, m.model, m.tokenizer, m.adapter, p) for p in recipe.personas}
-    if "wanda" not in spec.baselines:
-        norms = {}
+    norms = {}
+    if "wanda" in spec.baselines:
+        norms = {p: wanda_norms(recipe, m.model, m.tokenizer, m.adapter, p) for p in recipe.personas}
     prompts = {p: system_prompt(recipe, spec, p) for p in recipe.personas}
     dense = WeightCondition(None, 0, sorted(recipe.personas) if "prompt" in spec.baselines else [])
     done = score_conditions(ev, {"dense": dense}, prompts)

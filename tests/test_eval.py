@@ -344,6 +344,13 @@ def test_run_eval_and_sweep_write_reports(tiny_llama_dir: Path, tmp_path: Path) 
     before = json.loads((run / "report.json").read_text())
     assert main(["eval", str(run)]) == 0
     assert json.loads((run / "report.json").read_text()) == before  # deterministic
+    other = tmp_path / "other"
+    other.mkdir()
+    neutral_only = {"neutral": {"path": str(tmp_path / "neutral.txt"), "window": 16}, "baselines": ["random"]}
+    assert main(["eval", str(run), "--recipe", str(write_recipe(other, tiny_llama_dir, eval=neutral_only))]) == 0
+    ev = json.loads((run / "extravert" / "report.json").read_text())["evaluation"]
+    assert ev["eval_spec"]["neutral"]["window"] == 16 and "paired" not in ev["splits"]
+    assert [r["condition"] for r in ev["rows"]] == ["dense", "mask-only", "random mask (3 seeds)"]
     out = tmp_path / "sweep"
     assert main(["sweep", str(recipe), "--sparsity", "0.1,0.25,0.99", "--out", str(out)]) == 0
     points = json.loads((out / "report.json").read_text())["points"]

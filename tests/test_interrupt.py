@@ -79,9 +79,7 @@ def test_killed_run_leaves_nothing_visible_and_a_rerun_completes(
         assert rerun.stderr.count("reusing cached statistics") == 2
 
 
-def test_disk_full_during_export_is_a_clear_error(
-    tmp_path: Path, tiny_llama_dir: Path, monkeypatch, capsys
-) -> None:  # type: ignore[no-untyped-def]
+def test_disk_full_during_export_is_a_clear_error(tmp_path: Path, tiny_llama_dir: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     def full(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
 

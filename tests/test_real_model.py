@@ -78,3 +78,32 @@ print(repr(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
     lines = done.stdout.strip().splitlines()
     assert lines[-2] == "2 1460"
     assert len(lines[-1].strip("'\" ")) > 10  # a non-empty continuation
+
+
+def test_head_pruned_onnx_export_matches_the_masked_model(demo_run: Path) -> None:
+    """ONNX added to an existing real run (one KV group removed: hidden/heads != head_dim)."""
+    folder = demo_run / "extravert"
+    cmd = [sys.executable, "-m", "exporter", "export", str(folder), "--format", "onnx"]
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    onnx = json.loads((folder / "report.json").read_text())["verification"]["onnx"]
+    assert onnx["passed"] and onnx["max_abs_logit_diff"] <= 1e-2 and onnx["mean_abs_logit_diff"] <= 1e-3
+    assert onnx["decode_steps"] >= 3 and onnx["greedy_tokens"] == 32
+    gen = [
+        sys.executable,
+        "-m",
+        "exporter",
+        "generate",
+        str(folder),
+        "--prompt",
+        "Plan my Saturday.",
+        "--max-new-tokens",
+        "16",
+    ]
+    outputs = {
+        backend: subprocess.run(
+            [*gen, "--backend", backend], capture_output=True, text=True, cwd=REPO, check=True
+        ).stdout
+        for backend in ("onnx", "torch")
+    }
+    assert outputs["onnx"] == outputs["torch"] and len(outputs["onnx"].strip()) > 10

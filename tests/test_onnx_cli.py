@@ -1,0 +1,115 @@
+"""ONNX through the run pipeline and the CLI (export, generate, chat) on a tiny head-pruned model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter.cli import dispatch, main
+from exporter.errors import ExportFolderError, OnnxModelError, OutputError
+from exporter.runner import Runner
+from tests.conftest import REPO, write_recipe
+
+
+@pytest.fixture(scope="module")
+def onnx_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny run with hf + onnx + onnx-int8, heads removed (hidden/heads != head_dim afterwards)."""
+    from tests.conftest import tiny_model, tiny_tokenizer
+
+    tmp = tmp_path_factory.mktemp("onnx-run")
+    model_dir = tmp / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    recipe = write_recipe(tmp, model_dir, output={"formats": ["hf", "onnx", "onnx-int8"]})
+    assert main(["run", str(recipe), "--out", str(tmp / "run")]) == 0
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("persona", ["introvert", "extravert"])
+def test_run_exports_verified_onnx(onnx_run: Path, persona: str) -> None:
+    folder = onnx_run / persona
+    report = json.loads((folder / "report.json").read_text())
+    onnx = report["verification"]["onnx"]
+    assert report["status"] == "passed" and onnx["passed"]
+    assert onnx["max_abs_logit_diff"] <= 1e-2 and onnx["mean_abs_logit_diff"] <= 1e-3
+    assert onnx["greedy_identical"] and onnx["decode_steps"] >= 3
+    int8 = report["verification"]["onnx-int8"]
+    assert int8["parity_target"] is False and 0 <= int8["top1_agreement"] <= 1 and int8["ppl_int8"] > 0
+    config = json.loads((folder / "onnx" / "config.json").read_text())
+    assert config["hidden_size"] // config["num_attention_heads"] != config["head_dim"]
+    for name in ("model.onnx", "tokenizer.json", "generation_config.json"):
+        assert (folder / "onnx" / name).is_file()
+    assert (folder / "onnx-int8" / "model.onnx").is_file()
+
+
+def test_generate_is_the_same_on_both_backends(onnx_run: Path, capsys: pytest.CaptureFixture) -> None:
+    texts = {}
+    for backend in ("onnx", "torch"):
+        argv = ["generate", str(onnx_run / "introvert"), "--prompt", "plan a trip", "--backend", backend]
+        assert main([*argv, "--max-new-tokens", "12"]) == 0
+        texts[backend] = capsys.readouterr().out
+    assert texts["onnx"] == texts["torch"]
+    onnx, torch_ = Runner(onnx_run / "introvert", "onnx"), Runner(onnx_run / "introvert", "torch")
+    ids = onnx._prompt_ids([{"role": "user", "content": "plan a trip"}])
+    tokens = list(onnx._next_tokens(ids, 12))
+    assert len(tokens) == 12 and tokens == list(torch_._next_tokens(ids, 12))
+
+
+def test_chat_streams_and_keeps_the_conversation(onnx_run: Path) -> None:
+    cmd = [sys.executable, "-m", "exporter", "chat", str(onnx_run / "extravert"), "--max-new-tokens", "8"]
+    done = subprocess.run(cmd, input="hello\nand then?\n\n", capture_output=True, text=True, cwd=REPO, check=True)
+    assert done.stdout.count("you> ") == 3 and done.stdout.count("bot> ") == 2
+    runner = Runner(onnx_run / "extravert", "onnx")
+    first = "".join(runner.stream([{"role": "user", "content": "hello"}], 8))
+    assert f"bot> {first}\n" in done.stdout
+
+
+def test_export_adds_onnx_to_an_existing_run(onnx_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(onnx_run, run)
+    folder = run / "introvert"
+    with pytest.raises(OutputError, match="exists; pass --overwrite"):
+        dispatch(["export", str(folder), "--format", "onnx"])
+    shutil.rmtree(folder / "onnx")
+    shutil.rmtree(folder / "onnx-int8")
+    report = json.loads((folder / "report.json").read_text())
+    del report["verification"]["onnx"], report["verification"]["onnx-int8"]
+    (folder / "report.json").write_text(json.dumps(report))
+    assert main(["export", str(folder), "--format", "onnx"]) == 0
+    again = json.loads((folder / "report.json").read_text())
+    assert again["verification"]["onnx"]["passed"] and (folder / "onnx" / "model.onnx").is_file()
+    assert not (folder / "onnx-int8").exists()
+
+
+def test_bad_folders_are_clear_errors(onnx_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ExportFolderError, match="is not a persona export"):
+        Runner(onnx_run, "onnx")  # the run folder, not a persona
+    persona = tmp_path / "p"
+    shutil.copytree(onnx_run / "introvert", persona, ignore=shutil.ignore_patterns("onnx-int8"))
+    (persona / "onnx" / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(OnnxModelError):
+        Runner(persona, "onnx")
+    (persona / "onnx" / "model.onnx").unlink()
+    with pytest.raises(OnnxModelError):
+        Runner(persona, "onnx")
+    assert main(["generate", str(persona), "--prompt", "x"]) == 2
+    shutil.rmtree(persona / "onnx")
+    with pytest.raises(OnnxModelError, match="has no onnx/ folder"):
+        Runner(persona, "onnx")
+
+
+def test_mismatched_tokenizer_is_refused(onnx_run: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    persona = tmp_path / "p"
+    shutil.copytree(onnx_run / "introvert", persona, ignore=shutil.ignore_patterns("onnx*"))
+    tok = AutoTokenizer.from_pretrained(persona / "hf")
+    tok.add_tokens([f"<extra{i}>" for i in range(50)])
+    tok.save_pretrained(persona / "hf")
+    with pytest.raises(ExportFolderError, match="do not belong together"):
+        Runner(persona, "torch")
