@@ -85,8 +85,7 @@ def verify_onnx(
             divergences.append({"batch": index, "row": row, "step": step, "reference_margin": margin})
     mean = total / max(count, 1)
     ties = [
-        d["reference_margin"] is not None and d["reference_margin"] <= limits["max_abs_logit_diff"]
-        for d in divergences
+        d["reference_margin"] is not None and d["reference_margin"] <= limits["max_abs_logit_diff"] for d in divergences
     ]
     logits_ok = worst <= limits["max_abs_logit_diff"] and mean <= limits["mean_abs_logit_diff"]
     return {
