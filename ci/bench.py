@@ -23,8 +23,8 @@ REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
 
 
-def calibration_overhead(recipe_path: Path, repeats: int = 3) -> None:
-    recipe = load_recipe(recipe_path)
+def calibration_overhead(recipe_path: Path, repeats: int = 3, overrides: list[str] | None = None) -> None:
+    recipe = load_recipe(recipe_path, overrides)
     m = pipeline.load_model(recipe)
     name, persona = next(iter(recipe.personas.items()))
     samples = [tokenize(m.tokenizer, s, persona.calibration) for s in select_samples(persona.calibration)]
