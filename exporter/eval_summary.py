@@ -84,7 +84,8 @@ class PersonaView:
         return self.row(label, self.raw[key]["answers"], w.get("neutral"), w["removed"])
 
     def random_row(self, keys: list[str]) -> Row | None:
-        entries = [self.raw[k] for k in keys if k in self.raw]
+        keys = [k for k in keys if k in self.raw]
+        entries = [self.raw[k] for k in keys]
         if not entries:
             return None
         row = self.row(
@@ -94,7 +95,9 @@ class PersonaView:
             entries[0]["removed"],
         )
         row["seeds"] = [
-            self.row(f"random seed {k.rsplit(':', 1)[1]}", e["answers"], e.get("neutral"), e["removed"])
+            self.row(
+                f"random seed {self.spec.seed + int(k.rsplit(':', 1)[1])}", e["answers"], e.get("neutral"), e["removed"]
+            )
             for k, e in zip(keys, entries, strict=True)
         ]
         for seed_row in row["seeds"]:
