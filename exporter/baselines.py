@@ -21,6 +21,7 @@ from exporter.adapters import Adapter
 from exporter.calibrate import batches
 from exporter.data import TokenizedSample
 from exporter.masks import PersonaMask
+from exporter.prune import layer_plan
 
 
 def _random_keep(keep: torch.Tensor, n: int, groups: int, gen: torch.Generator) -> torch.Tensor:
@@ -52,28 +53,20 @@ def random_mask(mask: PersonaMask, seed: int) -> PersonaMask:
     return PersonaMask(f"random-{seed}", g, mlp, head, group)
 
 
-def _numel(linear: nn.Linear, rows: int | None = None, cols: int | None = None) -> int:
-    """Parameters in `rows` output rows (with their biases) or `cols` input columns of a Linear."""
-    if rows is not None:
-        return rows * (linear.in_features + (1 if linear.bias is not None else 0))
-    assert cols is not None
-    return cols * linear.out_features
-
-
 def removed_parameters(model: nn.Module, adapter: Adapter, mask: PersonaMask) -> list[int]:
-    """Parameters that physically removing `mask` takes out of each layer (weights and biases)."""
-    g = mask.geometry
+    """Parameters that physically removing `mask` takes out of each layer (weights and biases), from the same
+    slice plan that `prune_model` applies, so fused projections (phi3) are counted like separate ones."""
     out = []
-    for layer in adapter.layers(model):
+    for i, layer in enumerate(adapter.layers(model)):
         n = 0
-        if mask.mlp_keep is not None:
-            k = g.intermediate - mask.mlp_keep.shape[1]
-            n += sum(_numel(lin, rows=k) for lin in adapter.mlp_in(layer)) + _numel(adapter.mlp_out(layer), cols=k)
-        if mask.head_keep is not None and mask.group_keep is not None:
-            q = (g.heads - mask.head_keep.shape[1]) * g.head_dim
-            kv = (g.kv_heads - mask.group_keep.shape[1]) * g.head_dim
-            n += _numel(adapter.attn_q(layer), rows=q) + _numel(adapter.attn_out(layer), cols=q)
-            n += sum(_numel(lin, rows=kv) for lin in adapter.attn_kv(layer))
+        for name, (dim, keep) in layer_plan(adapter, mask, i).items():
+            linear = layer.get_submodule(name)
+            assert isinstance(linear, nn.Linear), f"{name} of layer {i} is not a Linear"
+            gone = linear.weight.shape[dim] - len(keep)
+            if dim == 0:
+                n += gone * (linear.in_features + (1 if linear.bias is not None else 0))
+            else:
+                n += gone * linear.out_features
         out.append(n)
     return out
 

@@ -33,7 +33,16 @@ from exporter.recipe import AttentionPrune, MethodSpec, MlpPrune, PruneSpec, loa
 from exporter.recipe_eval import EvalSpec
 from exporter.scoring import column_sq_norms
 from exporter.verify import masked
-from tests.conftest import REPO, SHARED_DATA, WORDS, smollm2_available, tiny_model, tiny_tokenizer, write_recipe
+from tests.conftest import (
+    REPO,
+    SHARED_DATA,
+    WORDS,
+    TINY_MODELS,
+    smollm2_available,
+    tiny_model,
+    tiny_tokenizer,
+    write_recipe,
+)
 
 DEMO = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
 SHARED = REPO / "recipes" / "smollm2-introvert-extravert-shared-eval.yaml"
@@ -299,6 +308,20 @@ def test_random_masks_match_the_size(masked_model: tuple, unit: str) -> None:
     pruned = prune_model(copy.deepcopy(model), adapter, mask)
     assert sum(removed) == count_parameters(model) - count_parameters(pruned)
     assert baselines.removed_parameters(model, adapter, a) == removed
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_MODELS))
+def test_removed_parameters_match_physical_removal_in_every_family(model_type: str) -> None:
+    """Counted from the adapter's slice plan: fused projections (phi3) count like separate ones."""
+    model = tiny_model(model_type)
+    adapter = adapter_for(model.config)
+    stats = calibrate(model, adapter, samples(1, (10, 160)), pad_id=0, batch_size=4, response_only=True)
+    prune = PruneSpec(mlp=MlpPrune(sparsity=0.25), attention=AttentionPrune(unit="kv-group", sparsity=0.5))
+    mask = compute_mask("p", MethodSpec(score="wanda"), prune, stats, None, column_sq_norms(model, adapter))
+    removed = baselines.removed_parameters(model, adapter, mask)
+    pruned = prune_model(copy.deepcopy(model), adapter, mask)
+    assert all(n > 0 for n in removed)
+    assert sum(removed) == count_parameters(model) - count_parameters(pruned)
 
 
 def test_wanda_mask_removes_as_many_weights_row_wise(masked_model: tuple) -> None:
