@@ -18,6 +18,7 @@ from onnx import TensorProto, helper
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from exporter.adapters import REGISTRY
 from exporter.errors import OnnxExportError, OnnxModelError, OutputError
 from exporter.onnx_export import export_onnx, quantize_int8
 from exporter.onnx_runtime import OnnxCausalLM, load_ort_model
@@ -43,6 +44,7 @@ ARCHS = {
     "qwen2": dict(tie_word_embeddings=False),  # q/k/v biases, randomized below
     "mistral": dict(tie_word_embeddings=False),
     "qwen3": dict(tie_word_embeddings=False),  # q/k norms
+    "phi3": dict(tie_word_embeddings=False),  # fused qkv_proj and gate_up_proj
 }
 Export = tuple[Path, Path, torch.nn.Module]  # hf_dir, onnx_dir, reference
 
@@ -120,6 +122,10 @@ def test_export_refuses_an_existing_folder(export: Callable[[str], Export], tmp_
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
     with pytest.raises(OnnxExportError, match=r"no config\.json"):
         export_onnx(tmp_path / "out", tmp_path / "elsewhere")
+
+
+def test_every_adapter_has_onnx_parity_coverage() -> None:
+    assert set(ARCHS) == set(REGISTRY), "add every registered model_type to ARCHS (ONNX parity)"
 
 
 @pytest.mark.parametrize("kind", sorted(ARCHS))
