@@ -10,6 +10,7 @@ batches with the same unit hooks as `exporter.calibrate`, and released. Peak mem
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,37 @@ def _release(module: nn.Module) -> None:
     module.to_empty(device="meta")
 
 
+def record_layer_calls(
+    model: nn.Module, adapter: Adapter, source: SourceCheckpoint, inputs: list[dict[str, torch.Tensor]]
+) -> list[list[Call]]:
+    """For each batch of `inputs` (keyword arguments of the model body), the call of every decoder layer.
+
+    Only the embedding is loaded (and released after); the layers' hidden-state inputs other than layer 0's
+    are placeholders (the recorders pass hidden states on unchanged), their other arguments are exact.
+    """
+    body = adapter.base(model)
+    layers = adapter.layers(model)
+    embed = body.get_input_embeddings()
+    embed_name = next(n for n, m in model.named_modules() if m is embed)
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    _load(embed, source.with_prefix(f"{embed_name}."), dtype, embed_name)
+    calls: list[list[Call]] = []  # per batch, per layer
+    original = body.layers
+    try:
+        for kwargs in inputs:
+            record: list[Call] = []
+            body.layers = nn.ModuleList(
+                _Recorder(layer, record, i == len(layers) - 1) for i, layer in enumerate(layers)
+            )
+            with contextlib.suppress(_Stop):
+                body(**kwargs, use_cache=False)
+            calls.append(record)
+    finally:
+        body.layers = original
+        _release(embed)
+    return calls
+
+
 @torch.inference_mode()
 def calibrate_layerwise(
     folder: Path,
@@ -89,28 +121,11 @@ def calibrate_layerwise(
     source = SourceCheckpoint(folder)
     config = config if config is not None else AutoConfig.from_pretrained(folder)
     model = empty_model(config, dtype)
-    body = adapter.base(model)
     layers = adapter.layers(model)
     prefix = adapter.layers_prefix
 
-    embed = body.get_input_embeddings()
-    embed_name = next(n for n, m in model.named_modules() if m is embed)
-    _load(embed, source.with_prefix(f"{embed_name}."), dtype, embed_name)
-
     work = list(batches(samples, batch_size, pad_id, response_only))
-    calls: list[list[Call]] = []  # per batch, per layer
-    original = body.layers
-    for ids, attn, _ in work:
-        record: list[Call] = []
-        body.layers = nn.ModuleList(_Recorder(layer, record, i == len(layers) - 1) for i, layer in enumerate(layers))
-        try:
-            body(input_ids=ids, attention_mask=attn, use_cache=False)
-        except _Stop:
-            pass
-        finally:
-            body.layers = original
-        calls.append(record)
-    _release(embed)
+    calls = record_layer_calls(model, adapter, source, [{"input_ids": ids, "attention_mask": a} for ids, a, _ in work])
     hidden = [record[0][0] for record in calls]  # (batch, seq, hidden): the embedded inputs of layer 0
 
     geometry = adapter.geometry(config)

@@ -132,6 +132,17 @@ def _parity(report: dict[str, Any]) -> str:
     for dtype in ("fp64", "fp32"):
         if dtype in hf:
             rows.append([f"transformers, {dtype}", *_figures(hf[dtype]), "yes" if hf["passed"] else "no"])
+    if "fp64_layers" in hf:
+        layers = hf["fp64_layers"]
+        rows.append(
+            [
+                "transformers, fp64, layer by layer",
+                f"{layers['max_abs_layer_output_diff']:.1e} (layer outputs)",
+                "-",
+                "-",
+                "yes" if layers["passed"] else "no",
+            ]
+        )
     for name, figures in ver.items():
         if name != "hf" and isinstance(figures, dict) and "max_abs_logit_diff" in figures:
             rows.append([name, *_figures(figures), "yes" if figures.get("passed") else "no"])

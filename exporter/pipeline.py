@@ -32,6 +32,7 @@ from exporter.scoring import column_sq_norms
 from exporter.shards import checkpoint_dtype
 from exporter.stats import Statistics
 from exporter.verify import build_prompts, reference_copy, verify_export
+from exporter.verify_layers import verify_layers
 
 log = logging.getLogger(__name__)
 STATS_FORMAT = 1  # bump when the statistic's definition changes: saved statistics become stale
@@ -178,7 +179,8 @@ def run(
         timer.add("score", t)
 
         dtype = DTYPES[recipe.output.dtype]
-        references = {d: reference_copy(m.model, dtype, d) for d in (torch.float64, torch.float32)}
+        exact = () if recipe.verify.layerwise else (torch.float64,)  # else proven layer by layer, from disk
+        references = {d: reference_copy(m.model, dtype, d) for d in (*exact, torch.float32)}
         prompts = build_prompts(m.tokenizer, recipe.verify.prompts)
         reports = {}
         for name in recipe.personas:
@@ -250,6 +252,17 @@ def export_persona(
         greedy_tokens=recipe.verify.greedy_tokens,
         fp64_max_abs=recipe.verify.fp64_max_abs,
     )
+    if recipe.verify.layerwise:
+        figures["fp64_layers"] = verify_layers(
+            m.resolved.folder,
+            folder / "hf",
+            m.adapter,
+            mask,
+            prompts,
+            storage=DTYPES[recipe.output.dtype],
+            max_abs=recipe.verify.fp64_max_abs,
+        )
+        figures["passed"] = figures["fp64_layers"]["passed"]
     timer.add(f"verify_hf.{name}", t)
     onnx_timings: dict[str, float] = {}
     if figures["passed"]:  # ONNX is made from the proven checkpoint only
@@ -309,7 +322,9 @@ def export_persona(
     }
     (folder / "report.json").write_text(json.dumps(report, indent=2))
     if not figures["passed"]:
-        log.error("%s: the export does not match the masked model: %s", name, figures["fp64"])
+        log.error(
+            "%s: the export does not match the masked model: %s", name, figures.get("fp64_layers", figures.get("fp64"))
+        )
     elif not passed:
         log.error("%s: the ONNX export does not match the masked model: %s", name, onnx["onnx"])
     del pruned

@@ -36,8 +36,8 @@ from exporter.verify import masked
 from tests.conftest import (
     REPO,
     SHARED_DATA,
-    WORDS,
     TINY_MODELS,
+    WORDS,
     smollm2_available,
     tiny_model,
     tiny_tokenizer,

@@ -14,7 +14,7 @@ from exporter.calibrate import calibrate
 from exporter.layerwise import calibrate_layerwise, column_sq_norms_from_checkpoint
 from exporter.scoring import column_sq_norms
 from exporter.stats import KINDS, Statistics
-from exporter.verify import reference_copy
+from exporter.verify import PromptSet, reference_copy
 from tests.conftest import TINY_MODELS, tiny_model
 from tests.test_masks import samples
 
@@ -149,3 +149,97 @@ def test_run_layerwise_with_auto_dtype_on_a_bf16_source(tmp_path: Path) -> None:
         hf = tmp_path / "run" / persona / "hf"
         assert json.loads((hf / "config.json").read_text())["dtype"] == "bfloat16"
         assert {t.dtype for t in load_file(str(hf / "model.safetensors")).values()} == {torch.bfloat16}
+
+
+def test_run_with_layer_by_layer_verification(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """verify.layerwise: no float64 whole-model copy; the verdict is the per-layer proof, fp32 end to end kept."""
+    import json
+
+    from exporter.cli import main
+    from exporter.modelcard import _parity
+    from tests.conftest import tiny_tokenizer, write_recipe
+
+    src = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(src, max_shard_size="100KB")
+    tiny_tokenizer().save_pretrained(src)
+    recipe = write_recipe(
+        tmp_path, src, calibration={"batch_size": 4, "layerwise": True}, verify={"layerwise": True, "greedy_tokens": 4}
+    )
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    table = capsys.readouterr().out
+    for persona in ("introvert", "extravert"):
+        report = json.loads((tmp_path / "run" / persona / "report.json").read_text())
+        hf = report["verification"]["hf"]
+        assert report["status"] == "passed" and "fp64" not in hf and hf["fp32"]["max_abs_logit_diff"] < 1e-4
+        layers = hf["fp64_layers"]
+        assert layers["passed"] and len(layers["per_layer_max_abs"]) == report["geometry"]["dense"]["layers"]
+        assert layers["max_abs_layer_output_diff"] <= 1e-6 and layers["outside_layers_differ"] == []
+        assert "fp64, layer by layer" in _parity(report)  # the model card's parity table
+    assert table.count("passed") >= 2
+
+
+def _prompt_set() -> PromptSet:
+    gen = torch.Generator().manual_seed(3)
+    rows = [torch.randint(3, 250, (n,), generator=gen) for n in (5, 9, 12)]
+    singles = [(r[None], torch.ones(1, len(r), dtype=torch.long)) for r in rows]
+    ids = torch.zeros(len(rows), 12, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, 12 - len(r) :], attn[i, 12 - len(r) :] = r, 1
+    return PromptSet(singles, (ids, attn))
+
+
+def _rewrite(folder: Path, name: str, change) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import save_file
+
+    from exporter.shards import SourceCheckpoint
+
+    shard = folder / SourceCheckpoint(folder).weight_map[name]
+    tensors = load_file(str(shard))
+    tensors[name] = change(tensors[name])
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_MODELS))
+def test_layer_by_layer_verification_proves_parity_and_finds_the_broken_layer(model_type: str, tmp_path: Path) -> None:
+    from exporter.shards import prune_checkpoint
+    from exporter.verify_layers import verify_layers
+
+    dense = tiny_model(model_type)
+    dense.save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    adapter, mask = _mask(dense, "query-head" if model_type == "phi3" else "kv-group")
+    out = tmp_path / "out"
+    prune_checkpoint(tmp_path / "src", adapter, mask, out, dtype=torch.float32, max_shard_bytes=60_000)
+    check = dict(storage=torch.float32, max_abs=1e-9)
+    good = verify_layers(tmp_path / "src", out, adapter, mask, _prompt_set(), **check)
+    assert good["passed"], good
+    assert len(good["per_layer_max_abs"]) == mask.geometry.layers and good["outside_layers_differ"] == []
+    assert good["max_abs_layer_output_diff"] < 1e-12
+
+    # the same verification against the unmasked model fails: the mask is what the export computes
+    unmasked = type(mask)(mask.persona, mask.geometry, None, None, None)
+    assert not verify_layers(tmp_path / "src", out, adapter, unmasked, _prompt_set(), **check)["passed"]
+
+    down = f"{adapter.layers_prefix}.1.mlp.down_proj.weight"
+    _rewrite(out, down, lambda t: t * 1.001)
+    bad = verify_layers(tmp_path / "src", out, adapter, mask, _prompt_set(), **check)
+    assert not bad["passed"] and bad["worst_layer"] == 1 and bad["per_layer_max_abs"][0] < 1e-12
+    _rewrite(out, down, lambda t: t / 1.001)
+    _rewrite(out, "model.norm.weight", lambda t: t + 1e-3)
+    bad = verify_layers(tmp_path / "src", out, adapter, mask, _prompt_set(), **check)
+    assert not bad["passed"] and bad["outside_layers_differ"] == ["model.norm.weight"]
+
+
+def test_layer_by_layer_verification_of_a_bf16_export(tmp_path: Path) -> None:
+    """Storage rounding is part of the reference, as in the whole-model check."""
+    from exporter.shards import prune_checkpoint
+    from exporter.verify_layers import verify_layers
+
+    dense = tiny_model("llama")
+    dense.save_pretrained(tmp_path / "src")
+    adapter, mask = _mask(dense, "kv-group")
+    prune_checkpoint(tmp_path / "src", adapter, mask, tmp_path / "out", dtype=torch.bfloat16)
+    args = (tmp_path / "src", tmp_path / "out", adapter, mask, _prompt_set())
+    assert verify_layers(*args, storage=torch.bfloat16, max_abs=1e-9)["passed"]
+    fp32 = verify_layers(*args, storage=torch.float32, max_abs=1e-9)  # the unrounded reference differs
+    assert not fp32["passed"] and fp32["outside_layers_differ"]
