@@ -9,7 +9,9 @@ import copy
 import hashlib
 import json
 import logging
+import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -22,14 +24,14 @@ from exporter.adapters import Adapter, adapter_for
 from exporter.calibrate import calibrate
 from exporter.data import samples_digest, select_samples, tokenize
 from exporter.export_hf import DTYPES, export_hf
-from exporter.layerwise import calibrate_layerwise
+from exporter.layerwise import calibrate_layerwise, column_sq_norms_from_checkpoint
 from exporter.masks import PersonaMask, compute_mask
 from exporter.onnx_stage import onnx_stage
 from exporter.output import check_target, folder_bytes, staged
 from exporter.prune import count_parameters, prune_model
 from exporter.recipe import PersonaSpec, Recipe
 from exporter.scoring import column_sq_norms
-from exporter.shards import checkpoint_dtype
+from exporter.shards import checkpoint_dtype, checkpoint_parameters, prune_checkpoint
 from exporter.stats import Statistics
 from exporter.verify import build_prompts, reference_copy, verify_export
 from exporter.verify_layers import verify_layers
@@ -65,13 +67,40 @@ class Loaded:
     adapter: Adapter
     resolved: sources.ResolvedModel
     model_sha256: str
+    max_memory: str | int | None = None  # accelerate placed the model within this CPU budget ...
+    offload_dir: Path | None = None  # ... and offloaded the rest here
+
+    @property
+    def bounded(self) -> bool:
+        """The model is not whole in memory: read the checkpoint layer by layer and shard by shard."""
+        return self.max_memory is not None
+
+    def placement(self, name: str) -> dict[str, Any]:
+        """from_pretrained arguments that load another model (an export) within the same budget."""
+        if self.offload_dir is None:
+            return {}
+        return {
+            "device_map": "auto",
+            "max_memory": {"cpu": self.max_memory},
+            "offload_folder": str(self.offload_dir / name),
+        }
+
+    def device_map(self) -> dict[str, int]:
+        """How many top-level blocks accelerate put on each device ("cpu", "disk"); empty when loaded whole."""
+        return dict(Counter(getattr(self.model, "hf_device_map", {}).values())) if self.bounded else {}
 
 
-def load_model(recipe: Recipe) -> Loaded:
+def load_model(recipe: Recipe, offload_dir: Path | None = None) -> Loaded:
+    """The model, whole in memory; or, given `offload_dir` and a recipe with model.max_memory, placed by
+    accelerate within that budget with the rest offloaded to `offload_dir`."""
     resolved = sources.resolve(recipe.model)
-    model, tokenizer = sources.load(resolved, recipe.model.trust_remote_code)
+    budget = recipe.model.max_memory if offload_dir is not None else None
+    model, tokenizer = sources.load(
+        resolved, recipe.model.trust_remote_code, max_memory=budget, offload_dir=offload_dir
+    )
     adapter = adapter_for(model.config)
-    return Loaded(model, tokenizer, adapter, resolved, sources.file_digest(resolved.files))
+    digest = sources.file_digest(resolved.files)
+    return Loaded(model, tokenizer, adapter, resolved, digest, budget, offload_dir if budget else None)
 
 
 def stats_key(recipe: Recipe, persona: PersonaSpec, model_sha: str, data_sha: str) -> str:
@@ -109,7 +138,7 @@ def persona_statistics(
         return cached
     t = time.perf_counter()
     tokenized = [tokenize(m.tokenizer, s, spec.calibration) for s in samples]
-    layerwise = recipe.calibration.layerwise  # one decoder layer at a time, read from the shards
+    layerwise = recipe.calibration.layerwise or m.bounded  # one decoder layer at a time, read from the shards
     run_calibration = partial(calibrate_layerwise, m.resolved.folder) if layerwise else partial(calibrate, m.model)
     stats = run_calibration(
         m.adapter,
@@ -147,11 +176,27 @@ def run(
 ) -> dict[str, Any]:
     """Run the whole pipeline into `out` (atomically). Returns the run summary (also in run.json)."""
     check_target(out, overwrite)
+    if recipe.model.max_memory is None:
+        return _run(recipe, out, overwrite, reuse, use_cache, None)
+    # bounded memory: the float64 proof is layer by layer, calibration reads one layer at a time
+    recipe = recipe.model_copy(
+        update={
+            "calibration": recipe.calibration.model_copy(update={"layerwise": True}),
+            "verify": recipe.verify.model_copy(update={"layerwise": True}),
+        }
+    )
+    with tempfile.TemporaryDirectory(prefix="persona-export-offload-") as tmp:
+        return _run(recipe, out, overwrite, reuse, use_cache, Path(tmp))
+
+
+def _run(
+    recipe: Recipe, out: Path, overwrite: bool, reuse: Path | None, use_cache: bool, offload_dir: Path | None
+) -> dict[str, Any]:
     eval_items = eval_run.prepare(recipe) if recipe.eval else None  # data problems surface before loading
     timer = Timer()
     t = time.perf_counter()
     log.info("loading the model (%s)", recipe.model.embedded or recipe.model.path or recipe.model.hub)
-    m = load_model(recipe)
+    m = load_model(recipe, offload_dir)
     if recipe.output.dtype == "auto":  # the source checkpoint's dtype
         recipe = recipe.model_copy(update={"output": recipe.output.resolved(checkpoint_dtype(m.resolved.folder))})
     timer.add("load", t)
@@ -166,7 +211,10 @@ def run(
             infos[name] = {**info, "n_samples": stats.n_samples, "n_tokens": stats.n_tokens}
 
         t = time.perf_counter()
-        col_sq = column_sq_norms(m.model, m.adapter)
+        if m.bounded:
+            col_sq = column_sq_norms_from_checkpoint(m.resolved.folder, m.adapter, m.model.config)
+        else:
+            col_sq = column_sq_norms(m.model, m.adapter)
         masks: dict[str, PersonaMask] = {}
         for name in recipe.personas:
             partner = recipe.partner(name)
@@ -179,8 +227,11 @@ def run(
         timer.add("score", t)
 
         dtype = DTYPES[recipe.output.dtype]
-        exact = () if recipe.verify.layerwise else (torch.float64,)  # else proven layer by layer, from disk
-        references = {d: reference_copy(m.model, dtype, d) for d in (*exact, torch.float32)}
+        if m.bounded:  # the placed model itself; its weights are as stored, in fp32
+            references: dict[torch.dtype, Any] = {torch.float32: m.model}
+        else:
+            exact = () if recipe.verify.layerwise else (torch.float64,)  # else proven layer by layer, from disk
+            references = {d: reference_copy(m.model, dtype, d) for d in (*exact, torch.float32)}
         prompts = build_prompts(m.tokenizer, recipe.verify.prompts)
         reports = {}
         for name in recipe.personas:
@@ -234,11 +285,22 @@ def export_persona(
 
     t = time.perf_counter()
     log.info("%s: removing %s and exporting", name, _describe(mask))
-    pruned = prune_model(copy.deepcopy(m.model), m.adapter, mask)
-    timer.add(f"prune.{name}", t)
-    t = time.perf_counter()
-    files = export_hf(pruned, m.tokenizer, folder / "hf", recipe.output.dtype)
-    timer.add(f"export_hf.{name}", t)
+    if m.bounded:  # shard by shard from the source checkpoint, never the whole model
+        files = prune_checkpoint(
+            m.resolved.folder, m.adapter, mask, folder / "hf", dtype=DTYPES[recipe.output.dtype], tokenizer=m.tokenizer
+        )
+        dense_params = checkpoint_parameters(m.resolved.folder)
+        pruned_params = checkpoint_parameters(folder / "hf")
+        timer.add(f"export_hf.{name}", t)
+    else:
+        pruned = prune_model(copy.deepcopy(m.model), m.adapter, mask)
+        timer.add(f"prune.{name}", t)
+        t = time.perf_counter()
+        files = export_hf(pruned, m.tokenizer, folder / "hf", recipe.output.dtype)
+        timer.add(f"export_hf.{name}", t)
+        dense_params = count_parameters(m.model)
+        pruned_params = count_parameters(pruned)
+        del pruned
 
     t = time.perf_counter()
     log.info("%s: verifying the export against the masked model (float64 and fp32)", name)
@@ -251,6 +313,7 @@ def export_persona(
         pad_id=m.tokenizer.pad_token_id,
         greedy_tokens=recipe.verify.greedy_tokens,
         fp64_max_abs=recipe.verify.fp64_max_abs,
+        load_kwargs=m.placement(name),
     )
     if recipe.verify.layerwise:
         figures["fp64_layers"] = verify_layers(
@@ -281,8 +344,6 @@ def export_persona(
     passed = figures["passed"] and all(r["passed"] for r in onnx.values())
 
     element = torch.tensor([], dtype=DTYPES[recipe.output.dtype]).element_size()
-    dense_params = count_parameters(m.model)
-    pruned_params = count_parameters(pruned)
     weights_bytes = sum(size for f, size in files.items() if f.endswith(".safetensors"))
     report = {
         "persona": name,
@@ -316,6 +377,7 @@ def export_persona(
             "ratio": weights_bytes / (dense_params * element),
         },
         "dtype": recipe.output.dtype,
+        "loading": {"max_memory": m.max_memory, "device_map": m.device_map()} if m.bounded else {"whole": True},
         "verification": {"hf": figures, **onnx},
         "timings_s": {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")} | onnx_timings,
         "versions": versions(),
@@ -327,5 +389,4 @@ def export_persona(
         )
     elif not passed:
         log.error("%s: the ONNX export does not match the masked model: %s", name, onnx["onnx"])
-    del pruned
     return report

@@ -42,6 +42,10 @@ class ModelSpec(Strict):
     path: str | None = None
     hub: HubSource | None = None
     trust_remote_code: bool = False
+    # a CPU memory budget ("8GiB", "500MB" or bytes): the model is loaded with accelerate's device_map="auto"
+    # within it, the rest offloaded to disk; calibration, scoring, pruning and the float64 proof then read the
+    # checkpoint layer by layer and shard by shard (bounded-memory run; needs a safetensors source)
+    max_memory: str | int | None = None
 
 
 class DataSpec(Strict):
@@ -161,6 +165,21 @@ def _semantic_problems(r: Recipe) -> list[str]:
             f"model.hub.revision: {r.model.hub.revision!r} is not a 40-character commit sha; pin the exact "
             "commit so that runs are reproducible"
         )
+    if r.model.max_memory is not None:
+        if memory_bytes(r.model.max_memory) is None:
+            problems.append(
+                f"model.max_memory: {r.model.max_memory!r} is not a size; write e.g. '8GiB', '500MB' or a byte count"
+            )
+        if r.model.embedded is not None:
+            problems.append(
+                "model.max_memory: the embedded model is a GGUF file and is loaded whole; a bounded-memory run "
+                "needs a safetensors checkpoint (model.path or model.hub), or remove max_memory"
+            )
+        if r.eval is not None:
+            problems.append(
+                "model.max_memory: evaluation needs the whole model in memory; remove the eval section and run "
+                "`persona-export eval RUN_DIR --recipe ...` where the model fits, or remove max_memory"
+            )
     if not r.personas:
         problems.append("personas: at least one persona is required")
     for name, p in r.personas.items():
@@ -207,6 +226,17 @@ def _semantic_problems(r: Recipe) -> list[str]:
     if "hf" not in r.output.formats:
         problems.append("output.formats: 'hf' is required (every other format is made from it)")
     return problems
+
+
+def memory_bytes(size: str | int) -> int | None:
+    """A size as accelerate reads it ("8GiB", "500MB", bytes), or None if it is not one."""
+    from accelerate.utils import convert_file_size_to_int
+
+    try:
+        n = convert_file_size_to_int(size)
+    except (ValueError, TypeError):
+        return None
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def infer_format(path: str) -> str | None:

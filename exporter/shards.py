@@ -69,6 +69,17 @@ class SourceCheckpoint:
         return {n[len(prefix) :]: t for n, t in self.load(names).items()}
 
 
+def checkpoint_parameters(folder: Path) -> int:
+    """Parameters stored in a checkpoint, from the shapes in its headers (a tied LM head is stored once)."""
+    source = SourceCheckpoint(folder)
+    total = 0
+    for shard in source.shards():
+        with safe_open(str(source.folder / shard), framework="pt") as f:
+            names = [n for n in sorted(f.keys()) if source.weight_map.get(n) == shard]
+            total += sum(math.prod(f.get_slice(n).get_shape()) for n in names)
+    return total
+
+
 def checkpoint_dtype(folder: Path) -> str | None:
     """The storage dtype a checkpoint's config.json names (`dtype`, or the older `torch_dtype`)."""
     config = Path(folder) / "config.json"

@@ -108,9 +108,17 @@ def file_digest(paths: tuple[Path, ...]) -> str:
 
 
 def load(
-    resolved: ResolvedModel, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32
+    resolved: ResolvedModel,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+    max_memory: str | int | None = None,
+    offload_dir: Path | None = None,
 ) -> tuple[Any, Any]:
-    """(model in eval mode, tokenizer). Weights only through safetensors or GGUF."""
+    """(model in eval mode, tokenizer). Weights only through safetensors or GGUF.
+
+    With `max_memory`, accelerate places the model (`device_map="auto"`) within that CPU budget and offloads
+    the rest to `offload_dir`; offloaded parameters stay on the meta device and are read at each forward.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if trust_remote_code:
@@ -118,10 +126,17 @@ def load(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file
+    placement: dict[str, Any] = {}
+    if max_memory is not None:
+        placement = {"device_map": "auto", "max_memory": {"cpu": max_memory}, "offload_folder": str(offload_dir)}
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
-            resolved.folder, torch_dtype=dtype, use_safetensors=None if resolved.gguf_file else True, **kwargs
+            resolved.folder,
+            torch_dtype=dtype,
+            use_safetensors=None if resolved.gguf_file else True,
+            **placement,
+            **kwargs,
         )
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ModelSourceError(

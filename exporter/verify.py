@@ -140,6 +140,7 @@ def verify_export(
     pad_id: int,
     greedy_tokens: int,
     fp64_max_abs: float,
+    load_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Figures for report.json. `references` maps float64 and/or float32 to the dense model in that dtype.
 
@@ -152,7 +153,7 @@ def verify_export(
     for dtype, name in ((torch.float64, "fp64"), (torch.float32, "fp32")):
         if dtype not in references:
             continue
-        export = AutoModelForCausalLM.from_pretrained(export_dir, torch_dtype=dtype).eval()
+        export = AutoModelForCausalLM.from_pretrained(export_dir, torch_dtype=dtype, **(load_kwargs or {})).eval()
         ref = references[dtype]
         with masked(ref, adapter, mask):
             worst, mean = logit_difference(ref, export, prompts.all())

@@ -243,3 +243,55 @@ def test_layer_by_layer_verification_of_a_bf16_export(tmp_path: Path) -> None:
     assert verify_layers(*args, storage=torch.bfloat16, max_abs=1e-9)["passed"]
     fp32 = verify_layers(*args, storage=torch.float32, max_abs=1e-9)  # the unrounded reference differs
     assert not fp32["passed"] and fp32["outside_layers_differ"]
+
+
+def test_bounded_memory_run_equals_the_whole_model_run(tmp_path: Path) -> None:
+    """model.max_memory: accelerate keeps the decoder layers on disk; calibration, scoring, pruning and the
+    float64 proof read the checkpoint; the exports are bit-identical to those of a run with the model whole."""
+    import json
+
+    from safetensors import safe_open
+
+    from exporter.cli import main
+    from tests.conftest import tiny_tokenizer, write_recipe
+
+    src = tmp_path / "llama"
+    tiny_model("llama").save_pretrained(src, max_shard_size="100KB")
+    tiny_tokenizer().save_pretrained(src)
+    runs = {}
+    for kind, model in (("whole", {"path": str(src)}), ("bounded", {"path": str(src), "max_memory": 300_000})):
+        (tmp_path / kind).mkdir()
+        recipe = write_recipe(tmp_path / kind, src, model=model, verify={"greedy_tokens": 4})
+        assert main(["run", str(recipe), "--out", str(tmp_path / kind / "run"), "--no-cache"]) == 0
+        runs[kind] = tmp_path / kind / "run"
+    for persona in ("introvert", "extravert"):
+        whole, bounded = (json.loads((runs[k] / persona / "report.json").read_text()) for k in ("whole", "bounded"))
+        assert bounded["status"] == "passed" and bounded["loading"]["device_map"].get("disk", 0) >= 1
+        assert bounded["verification"]["hf"]["fp64_layers"]["passed"] and "fp64" not in bounded["verification"]["hf"]
+        assert bounded["verification"]["hf"]["fp32"]["greedy_identical"]
+        assert bounded["removed_per_layer"] == whole["removed_per_layer"]
+        assert bounded["parameters"] == whole["parameters"]
+        a = load_file(str(runs["whole"] / persona / "hf" / "model.safetensors"))
+        with safe_open(str(runs["bounded"] / persona / "hf" / "model.safetensors"), framework="pt") as f:
+            assert sorted(f.keys()) == sorted(a)
+            for name in a:
+                assert torch.equal(f.get_tensor(name), a[name]), name
+    recipe_json = json.loads((runs["bounded"] / "recipe.json").read_text())
+    assert recipe_json["calibration"]["layerwise"] and recipe_json["verify"]["layerwise"]
+
+
+@pytest.mark.parametrize(
+    ("model", "extra", "message"),
+    [
+        ({"embedded": "smollm2-135m-instruct", "max_memory": "1GiB"}, {}, "embedded model is a GGUF"),
+        ({"path": "x", "max_memory": "lots"}, {}, "is not a size"),
+        ({"path": "x", "max_memory": "1GiB"}, {"eval": {"neutral": {"path": "n.txt"}}}, "evaluation needs the whole"),
+    ],
+)
+def test_bounded_memory_recipe_errors(tmp_path: Path, model: dict, extra: dict, message: str) -> None:
+    from exporter.errors import RecipeError
+    from exporter.recipe import load_recipe
+    from tests.conftest import write_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(str(write_recipe(tmp_path, tmp_path, model=model, **extra)))
