@@ -256,6 +256,8 @@ def _provenance(report: dict[str, Any]) -> str:
     lines = ["## Provenance", "", f"- base model: `{hub_id(base['name']) or _local_name(base)}`"]
     if base.get("sha256"):
         lines.append(f"- sha256 of the base weight files used: `{base['sha256']}`")
+    if base.get("weights"):
+        lines.append(f"- base weights read from: {base['weights']}")
     if recipe:
         lines.append(f"- recipe: `{recipe.get('name')}` (sha256 `{recipe.get('sha256', '')[:16]}`)")
     versions = report.get("versions") or {}

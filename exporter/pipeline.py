@@ -355,6 +355,11 @@ def export_persona(
             "sha256": m.model_sha256,
             "license": m.resolved.license,
             "model_type": m.model.config.model_type,
+            "weights": (
+                f"GGUF file {m.resolved.gguf_file}, de-quantized to float32 by transformers"
+                if m.resolved.gguf_file
+                else "safetensors"
+            ),
         },
         "recipe": {"name": recipe.name, "sha256": recipe.digest()},
         "method": recipe.method.model_dump(mode="json"),

@@ -51,6 +51,7 @@ def test_demo_exports_are_exact_and_smaller(demo_run: Path, persona: str) -> Non
     ratio = report["parameters"]["pruned"] / report["parameters"]["dense"]
     assert abs(report["bytes"]["ratio"] - ratio) < 1e-3  # bytes fall in proportion to parameters
     assert report["calibration"]["samples"] == 24
+    assert report["base_model"]["weights"].startswith("GGUF file SmolLM2-135M-Instruct.Q4_1.gguf, de-quantized")
 
 
 def test_pair_removal_sets_are_disjoint(demo_run: Path) -> None:

@@ -271,6 +271,7 @@ def test_bounded_memory_run_equals_the_whole_model_run(tmp_path: Path) -> None:
         assert bounded["verification"]["hf"]["fp32"]["greedy_identical"]
         assert bounded["removed_per_layer"] == whole["removed_per_layer"]
         assert bounded["parameters"] == whole["parameters"]
+        assert whole["base_model"]["weights"] == "safetensors" and whole["loading"] == {"whole": True}
         a = load_file(str(runs["whole"] / persona / "hf" / "model.safetensors"))
         with safe_open(str(runs["bounded"] / persona / "hf" / "model.safetensors"), framework="pt") as f:
             assert sorted(f.keys()) == sorted(a)
