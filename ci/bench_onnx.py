@@ -29,7 +29,7 @@ RECIPE = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
 PROMPT = "Describe your ideal weekend, and say what makes it restful or exciting for you, in a few sentences."
 NEW_TOKENS = 64
 VARIANTS = {  # name -> overrides of the demo recipe
-    "demo (5% MLP)": [],
+    "5% MLP": ["prune.mlp.sparsity=0.05"],
     "25% MLP + 1 of 3 KV groups": ["prune.mlp.sparsity=0.25", "prune.attention={unit: kv-group, sparsity: 0.34}"],
 }
 # VmHWM, not ru_maxrss: ru_maxrss survives exec, so a child would report the (large) parent's peak

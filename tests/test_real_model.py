@@ -46,8 +46,8 @@ def test_demo_exports_are_exact_and_smaller(demo_run: Path, persona: str) -> Non
     assert hf["fp32"]["greedy_identical"]
     pruned = report["geometry"]["pruned"]
     assert (pruned["heads"], pruned["kv_heads"], pruned["head_dim"]) == (6, 2, 64)
-    assert pruned["intermediate"] == 1536 - 76  # floor(0.05 * 1536) neurons in every layer
-    assert all(len(r) == 76 for r in report["removed_per_layer"]["mlp"])
+    assert pruned["intermediate"] == 1536 - 30  # floor(0.02 * 1536) neurons in every layer
+    assert all(len(r) == 30 for r in report["removed_per_layer"]["mlp"])
     ratio = report["parameters"]["pruned"] / report["parameters"]["dense"]
     assert abs(report["bytes"]["ratio"] - ratio) < 1e-3  # bytes fall in proportion to parameters
     assert report["calibration"]["samples"] == 24
