@@ -77,7 +77,7 @@ print(repr(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     lines = done.stdout.strip().splitlines()
-    assert lines[-2] == "2 1460"
+    assert lines[-2] == "2 1506"
     assert len(lines[-1].strip("'\" ")) > 10  # a non-empty continuation
 
 
