@@ -23,7 +23,17 @@ def visible(folder: Path) -> list[str]:
 
 def start(recipe: Path, out: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "exporter", "run", str(recipe), "--out", str(out), "calibration.batch_size=1"]
-    return subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, bufsize=1)
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        bufsize=1,
+        # a shell's background jobs (CI) inherit SIGINT ignored, and Python then keeps ignoring it: restore the
+        # default so that the child behaves as under a terminal's Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def kill_at(proc: subprocess.Popen, marker: str, sig: int) -> str:
