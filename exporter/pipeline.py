@@ -77,13 +77,9 @@ class Loaded:
 
     def placement(self, name: str) -> dict[str, Any]:
         """from_pretrained arguments that load another model (an export) within the same budget."""
-        if self.offload_dir is None:
+        if self.max_memory is None or self.offload_dir is None:
             return {}
-        return {
-            "device_map": "auto",
-            "max_memory": {"cpu": self.max_memory},
-            "offload_folder": str(self.offload_dir / name),
-        }
+        return sources.placement(self.max_memory, self.offload_dir / name)
 
     def device_map(self) -> dict[str, int]:
         """How many top-level blocks accelerate put on each device ("cpu", "disk"); empty when loaded whole."""

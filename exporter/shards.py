@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,14 @@ class SourceCheckpoint:
                     out[key] = f.get_tensor(key)
         return out
 
+    def shapes(self) -> Iterator[tuple[str, str, list[int]]]:
+        """(name, shard, shape) of every tensor, in shard then name order, from the headers alone."""
+        for shard in self.shards():
+            with safe_open(str(self.folder / shard), framework="pt") as f:
+                for name in sorted(f.keys()):
+                    if self.weight_map.get(name) == shard:
+                        yield name, shard, list(f.get_slice(name).get_shape())
+
     def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
         """Every tensor whose name starts with `prefix`, keyed by the rest of its name."""
         names = [n for n in self.weight_map if n.startswith(prefix)]
@@ -71,13 +80,7 @@ class SourceCheckpoint:
 
 def checkpoint_parameters(folder: Path) -> int:
     """Parameters stored in a checkpoint, from the shapes in its headers (a tied LM head is stored once)."""
-    source = SourceCheckpoint(folder)
-    total = 0
-    for shard in source.shards():
-        with safe_open(str(source.folder / shard), framework="pt") as f:
-            names = [n for n in sorted(f.keys()) if source.weight_map.get(n) == shard]
-            total += sum(math.prod(f.get_slice(n).get_shape()) for n in names)
-    return total
+    return sum(math.prod(shape) for _, _, shape in SourceCheckpoint(folder).shapes())
 
 
 def checkpoint_dtype(folder: Path) -> str | None:
@@ -129,20 +132,15 @@ def _plan_outputs(
     element = torch.tensor([], dtype=dtype).element_size()
     shards: list[list[_Planned]] = [[]]
     size = 0
-    for shard in source.shards():
-        with safe_open(str(source.folder / shard), framework="pt") as f:
-            for name in sorted(f.keys()):
-                if source.weight_map.get(name) != shard:
-                    continue
-                shape = list(f.get_slice(name).get_shape())
-                if (rule := _rule(name, plans, prefix)) is not None:
-                    shape[rule[0]] = len(rule[1])
-                nbytes = math.prod(shape) * element
-                if shards[-1] and size + nbytes > max_shard_bytes:
-                    shards.append([])
-                    size = 0
-                shards[-1].append(_Planned(name, shard, tuple(shape), nbytes))
-                size += nbytes
+    for name, shard, shape in source.shapes():
+        if (rule := _rule(name, plans, prefix)) is not None:
+            shape[rule[0]] = len(rule[1])
+        nbytes = math.prod(shape) * element
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(_Planned(name, shard, tuple(shape), nbytes))
+        size += nbytes
     return shards
 
 

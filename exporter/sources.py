@@ -107,6 +107,11 @@ def file_digest(paths: tuple[Path, ...]) -> str:
     return h.hexdigest()
 
 
+def placement(max_memory: str | int, offload_dir: Path) -> dict[str, Any]:
+    """from_pretrained arguments: accelerate places the model within a CPU budget, the rest on disk."""
+    return {"device_map": "auto", "max_memory": {"cpu": max_memory}, "offload_folder": str(offload_dir)}
+
+
 def load(
     resolved: ResolvedModel,
     trust_remote_code: bool = False,
@@ -126,16 +131,14 @@ def load(
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if resolved.gguf_file:
         kwargs["gguf_file"] = resolved.gguf_file
-    placement: dict[str, Any] = {}
-    if max_memory is not None:
-        placement = {"device_map": "auto", "max_memory": {"cpu": max_memory}, "offload_folder": str(offload_dir)}
+    placed = placement(max_memory, offload_dir) if max_memory is not None and offload_dir is not None else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.folder, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             resolved.folder,
             torch_dtype=dtype,
             use_safetensors=None if resolved.gguf_file else True,
-            **placement,
+            **placed,
             **kwargs,
         )
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
