@@ -66,7 +66,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         select_samples(persona.calibration)
     summary = run(recipe, Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats, use_cache=not args.no_cache)
     print(summary_table(summary["reports"]))
-    print(f"\nwritten: {args.out}  (per persona: hf/, masks.safetensors, report.json)")
+    first = Path(args.out) / next(iter(summary["reports"]))
+    files = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in first.iterdir()))
+    print(f"\nwritten: {args.out}  (per persona: {files})")
     failed = [n for n, s in summary["personas"].items() if s != "passed"]
     if failed:
         print(f"error: verification failed for {', '.join(failed)}; see report.json", file=sys.stderr)
