@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from exporter import pipeline
-from exporter.calibrate import batches, calibrate
-from exporter.data import select_samples, tokenize
-from exporter.recipe import load_recipe
+from exporter.masking.calibrate import batches, calibrate
+from exporter.masking.data import select_samples, tokenize
+from exporter.recipe.schema import load_recipe
+from exporter.workflows import run as pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "smollm2-introvert-extravert.yaml"

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from exporter import pipeline
-from exporter.onnx_export import export_onnx
-from exporter.onnx_runtime import OnnxCausalLM, load_ort_model
-from exporter.recipe import load_recipe
+from exporter.export.onnx import export_onnx
+from exporter.recipe.schema import load_recipe
+from exporter.runtime.onnx import OnnxCausalLM, load_ort_model
+from exporter.workflows import run as pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
@@ -36,7 +36,7 @@ VARIANTS = {  # name -> overrides of the demo recipe
 MEMORY_CHILD = """
 import sys, numpy as np
 from pathlib import Path
-from exporter.onnx_runtime import OnnxCausalLM
+from exporter.runtime.onnx import OnnxCausalLM
 m = OnnxCausalLM.from_dir(sys.argv[1])
 ids = np.array([[int(t) for t in sys.argv[2].split(',')]], dtype=np.int64)
 m.greedy(ids, np.ones_like(ids), 64)

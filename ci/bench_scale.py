@@ -51,7 +51,7 @@ def write_random_model(folder: Path, size: str) -> int:
     """A random bf16 Llama in sharded safetensors; returns its weight bytes."""
     from transformers import LlamaConfig
 
-    from exporter.layerwise import empty_model
+    from exporter.masking.layerwise import empty_model
 
     config = LlamaConfig(
         **SIZES[size],
@@ -105,12 +105,12 @@ def child(folder: Path, out: Path) -> None:
     """calibrate (layer by layer) + score + prune/export (shard by shard); prints one JSON line."""
     from transformers import AutoConfig
 
-    from exporter.adapters import adapter_for
-    from exporter.data import TokenizedSample
-    from exporter.layerwise import calibrate_layerwise, column_sq_norms_from_checkpoint
-    from exporter.masks import compute_mask
-    from exporter.recipe import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
-    from exporter.shards import prune_checkpoint
+    from exporter.export.shards import prune_checkpoint
+    from exporter.masking.data import TokenizedSample
+    from exporter.masking.layerwise import calibrate_layerwise, column_sq_norms_from_checkpoint
+    from exporter.masking.masks import compute_mask
+    from exporter.model.adapters import adapter_for
+    from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
 
     base = peak_rss_bytes()
     config = AutoConfig.from_pretrained(folder)

@@ -45,8 +45,8 @@ def summary_table(reports: dict[str, dict[str, Any]]) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from exporter.data import select_samples
-    from exporter.recipe import load_recipe
+    from exporter.masking.data import select_samples
+    from exporter.recipe.schema import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
     for name, persona in recipe.personas.items():
@@ -57,9 +57,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from exporter.data import select_samples
-    from exporter.pipeline import run
-    from exporter.recipe import load_recipe
+    from exporter.masking.data import select_samples
+    from exporter.recipe.schema import load_recipe
+    from exporter.workflows.run import run
 
     recipe = load_recipe(args.recipe, args.set)
     for persona in recipe.personas.values():  # data problems surface before the model loads
@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from exporter.persona_dir import add_formats
+    from exporter.workflows.add_formats import add_formats
 
     formats = ["onnx", "onnx-int8"] if args.format == "onnx-int8" else ["onnx"]
     report = add_formats(Path(args.persona_dir), formats, overwrite=args.overwrite)
@@ -89,7 +89,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from exporter.runner import Runner
+    from exporter.runtime.runner import Runner
 
     runner = Runner(Path(args.persona_dir), args.backend)
     for piece in runner.stream([{"role": "user", "content": args.prompt}], args.max_new_tokens):
@@ -99,7 +99,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from exporter.runner import Runner
+    from exporter.runtime.runner import Runner
 
     runner = Runner(Path(args.persona_dir), args.backend)
     messages: list[dict[str, str]] = []
@@ -125,7 +125,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from exporter.hub import PushOptions, describe, push_persona
+    from exporter.publish.hub import PushOptions, describe, push_persona
 
     options = PushOptions(
         repo_id=args.repo_id,
@@ -142,7 +142,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from exporter.sweep import evaluate_run_dir
+    from exporter.workflows.sweep import evaluate_run_dir
 
     evaluate_run_dir(Path(args.run_dir), args.recipe)
     print(f"written: {Path(args.run_dir) / 'report.md'} (and each persona's report.json, report.md)")
@@ -150,8 +150,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from exporter.recipe import load_recipe
-    from exporter.sweep import sweep
+    from exporter.recipe.schema import load_recipe
+    from exporter.workflows.sweep import sweep
 
     try:
         values = [float(v) for v in args.sparsity.split(",") if v.strip()]

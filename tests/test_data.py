@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from exporter.data import collate, read_samples, select_samples, tokenize
 from exporter.errors import CalibrationDataError
-from exporter.recipe import DataSpec
+from exporter.masking.data import collate, read_samples, select_samples, tokenize
+from exporter.recipe.schema import DataSpec
 from tests.conftest import tiny_tokenizer
 
 
@@ -70,7 +70,7 @@ def test_selection_is_seeded(tmp_path: Path) -> None:
 
 def test_tokenize_marks_the_response(tmp_path: Path) -> None:
     tok = tiny_tokenizer()
-    from exporter.data import Sample
+    from exporter.masking.data import Sample
 
     s = Sample("plan a trip", "read a book alone")
     t = tokenize(tok, s, spec(tmp_path / "x.jsonl", max_tokens=64))
@@ -83,7 +83,7 @@ def test_tokenize_marks_the_response(tmp_path: Path) -> None:
 
 
 def test_collate_excludes_padding_and_prompt(tmp_path: Path) -> None:
-    from exporter.data import TokenizedSample
+    from exporter.masking.data import TokenizedSample
 
     ids, attn, weight = collate([TokenizedSample([5, 6, 7, 8], 2), TokenizedSample([5, 9], 1)], 0, True)
     assert ids.tolist() == [[5, 6, 7, 8], [5, 9, 0, 0]]

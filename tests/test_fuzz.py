@@ -11,9 +11,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.data import read_samples
 from exporter.errors import CalibrationDataError, RecipeError
-from exporter.recipe import DataSpec, load_recipe
+from exporter.masking.data import read_samples
+from exporter.recipe.schema import DataSpec, load_recipe
 from tests.conftest import REPO
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

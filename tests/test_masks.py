@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exporter.adapters import adapter_for
-from exporter.calibrate import calibrate
-from exporter.data import TokenizedSample
 from exporter.errors import MaskError
-from exporter.masks import PersonaMask, compute_mask, removal_count, select_keep
-from exporter.recipe import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
-from exporter.scoring import centred, column_sq_norms, zscore
-from exporter.stats import Statistics
+from exporter.masking.calibrate import calibrate
+from exporter.masking.data import TokenizedSample
+from exporter.masking.masks import PersonaMask, compute_mask, removal_count, select_keep
+from exporter.masking.scoring import centred, column_sq_norms, zscore
+from exporter.masking.stats import Statistics
+from exporter.model.adapters import adapter_for
+from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
 from tests.conftest import tiny_model
 
 METHODS = ["wanda", "sparse", "contrastive-wanda", "contrastive-sparse"]

@@ -18,11 +18,11 @@ from onnx import TensorProto, helper
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from exporter.adapters import REGISTRY
 from exporter.errors import OnnxExportError, OnnxModelError, OutputError
-from exporter.onnx_export import export_onnx, quantize_int8
-from exporter.onnx_runtime import OnnxCausalLM, load_ort_model
-from exporter.onnx_verify import compare_int8, verify_onnx
+from exporter.export.onnx import export_onnx, quantize_int8
+from exporter.model.adapters import REGISTRY
+from exporter.runtime.onnx import OnnxCausalLM, load_ort_model
+from exporter.verify.onnx import compare_int8, verify_onnx
 
 # 6 query heads / 2 KV heads of 16 on hidden 64: optimum's hidden // heads would be 10.
 TINY = dict(

@@ -12,7 +12,7 @@ import pytest
 
 from exporter.cli import dispatch, main
 from exporter.errors import ExportFolderError, OnnxModelError, OutputError
-from exporter.runner import Runner
+from exporter.runtime.runner import Runner
 from tests.conftest import REPO, write_recipe
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exporter import pipeline
 from exporter.cli import main
+from exporter.workflows import run as pipeline
 from tests.conftest import tiny_tokenizer, write_recipe
 
 
@@ -154,7 +154,7 @@ def test_unsupported_architecture_and_pickle_weights(tmp_path: Path, capsys) -> 
 
 
 def test_validate_does_not_load_a_model(recipe: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from exporter import sources
+    from exporter.model import sources
 
     monkeypatch.setattr(sources, "load", lambda *a, **k: pytest.fail("validate loaded a model"))
     assert main(["validate", str(recipe)]) == 0

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.adapters import REGISTRY, adapter_for
-from exporter.calibrate import calibrate
 from exporter.errors import UnsupportedModelError
-from exporter.masks import compute_mask
-from exporter.prune import count_parameters, prune_model
-from exporter.recipe import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
-from exporter.scoring import column_sq_norms
-from exporter.verify import masked, position_ids
+from exporter.export.prune import count_parameters, prune_model
+from exporter.masking.calibrate import calibrate
+from exporter.masking.masks import compute_mask
+from exporter.masking.scoring import column_sq_norms
+from exporter.model.adapters import REGISTRY, adapter_for
+from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
+from exporter.verify.hf import masked, position_ids
 from tests.conftest import TINY_MODELS, assert_close, tiny_model
 from tests.test_masks import samples
 

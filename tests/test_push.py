@@ -23,10 +23,10 @@ from huggingface_hub import ModelCard
 
 from exporter.cli import main
 from exporter.errors import HubError, RecipeError
-from exporter.hub import PushOptions, push_persona, push_run
-from exporter.modelcard import CardContext, render_card
-from exporter.recipe import parse_recipe
-from exporter.recipe_push import PushSpec
+from exporter.publish.hub import PushOptions, push_persona, push_run
+from exporter.publish.modelcard import CardContext, render_card
+from exporter.recipe.push import PushSpec
+from exporter.recipe.schema import parse_recipe
 from tests.conftest import tiny_model, tiny_tokenizer, write_recipe
 from tests.hubserver import FakeHub
 
@@ -499,7 +499,7 @@ def test_run_with_a_push_section_pushes_after_the_run(
 def test_onnxruntime_snippet_runs_as_written_on_the_pushed_repo(
     hub: FakeHub, persona: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from exporter.onnx_export import export_onnx
+    from exporter.export.onnx import export_onnx
 
     export_onnx(persona / "hf", persona / "onnx")
     report = json.loads((persona / "report.json").read_text())

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from exporter.adapters import adapter_for
-from exporter.calibrate import calibrate
-from exporter.layerwise import calibrate_layerwise, column_sq_norms_from_checkpoint
-from exporter.scoring import column_sq_norms
-from exporter.stats import KINDS, Statistics
-from exporter.verify import PromptSet, reference_copy
+from exporter.masking.calibrate import calibrate
+from exporter.masking.layerwise import calibrate_layerwise, column_sq_norms_from_checkpoint
+from exporter.masking.scoring import column_sq_norms
+from exporter.masking.stats import KINDS, Statistics
+from exporter.model.adapters import adapter_for
+from exporter.verify.hf import PromptSet, reference_copy
 from tests.conftest import TINY_MODELS, tiny_model
 from tests.test_masks import samples
 
@@ -54,8 +54,8 @@ def _mask(model, unit: str):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "qwen2"])
 def test_shard_by_shard_export_equals_in_memory_prune(model_type: str, tmp_path: Path) -> None:
-    from exporter.prune import prune_model
-    from exporter.shards import SourceCheckpoint, prune_checkpoint
+    from exporter.export.prune import prune_model
+    from exporter.export.shards import SourceCheckpoint, prune_checkpoint
 
     dense = tiny_model(model_type)
     dense.save_pretrained(tmp_path / "src", max_shard_size="100KB")
@@ -95,9 +95,9 @@ def test_reference_copy_rounds_parameters_not_buffers() -> None:
 def test_bf16_source_keeps_its_dtype_and_matches_the_rounded_reference(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from exporter.export_hf import export_hf
-    from exporter.prune import prune_model
-    from exporter.verify import build_prompts, verify_export
+    from exporter.export.hf import export_hf
+    from exporter.export.prune import prune_model
+    from exporter.verify.hf import build_prompts, verify_export
     from tests.conftest import tiny_tokenizer
 
     tiny_model("qwen2").to(torch.bfloat16).save_pretrained(tmp_path / "src")
@@ -156,7 +156,7 @@ def test_run_with_layer_by_layer_verification(tmp_path: Path, capsys: pytest.Cap
     import json
 
     from exporter.cli import main
-    from exporter.modelcard import _parity
+    from exporter.publish.modelcard import _parity
     from tests.conftest import tiny_tokenizer, write_recipe
 
     src = tmp_path / "llama"
@@ -192,7 +192,7 @@ def _prompt_set() -> PromptSet:
 def _rewrite(folder: Path, name: str, change) -> None:  # type: ignore[no-untyped-def]
     from safetensors.torch import save_file
 
-    from exporter.shards import SourceCheckpoint
+    from exporter.export.shards import SourceCheckpoint
 
     shard = folder / SourceCheckpoint(folder).weight_map[name]
     tensors = load_file(str(shard))
@@ -202,8 +202,8 @@ def _rewrite(folder: Path, name: str, change) -> None:  # type: ignore[no-untype
 
 @pytest.mark.parametrize("model_type", sorted(TINY_MODELS))
 def test_layer_by_layer_verification_proves_parity_and_finds_the_broken_layer(model_type: str, tmp_path: Path) -> None:
-    from exporter.shards import prune_checkpoint
-    from exporter.verify_layers import verify_layers
+    from exporter.export.shards import prune_checkpoint
+    from exporter.verify.layers import verify_layers
 
     dense = tiny_model(model_type)
     dense.save_pretrained(tmp_path / "src", max_shard_size="100KB")
@@ -232,8 +232,8 @@ def test_layer_by_layer_verification_proves_parity_and_finds_the_broken_layer(mo
 
 def test_layer_by_layer_verification_of_a_bf16_export(tmp_path: Path) -> None:
     """Storage rounding is part of the reference, as in the whole-model check."""
-    from exporter.shards import prune_checkpoint
-    from exporter.verify_layers import verify_layers
+    from exporter.export.shards import prune_checkpoint
+    from exporter.verify.layers import verify_layers
 
     dense = tiny_model("llama")
     dense.save_pretrained(tmp_path / "src")
@@ -291,7 +291,7 @@ def test_bounded_memory_run_equals_the_whole_model_run(tmp_path: Path) -> None:
 )
 def test_bounded_memory_recipe_errors(tmp_path: Path, model: dict, extra: dict, message: str) -> None:
     from exporter.errors import RecipeError
-    from exporter.recipe import load_recipe
+    from exporter.recipe.schema import load_recipe
     from tests.conftest import write_recipe
 
     with pytest.raises(RecipeError, match=message):

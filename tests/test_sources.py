@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from exporter import sources
 from exporter.errors import ModelSourceError
-from exporter.recipe import HubSource, ModelSpec
+from exporter.model import sources
+from exporter.recipe.schema import HubSource, ModelSpec
 from tests.conftest import smollm2_available
 
 SHA = "0123456789abcdef0123456789abcdef01234567"

@@ -1,0 +1,1 @@
+"""Persona evaluation: items, metrics, baselines, the conditions scored and their summary."""

@@ -1,0 +1,272 @@
+"""Evaluation of persona masks against baselines on the same items: the conditions, their raw scores.
+
+Weight conditions (one neutral-corpus pass each): dense, each persona's mask, random masks of the same size
+(`random_seeds` seeds), each persona's unstructured Wanda mask. Answer conditions add an optional persona
+system prompt: prompt-only = dense + prompt, mask+prompt = mask + prompt. A persona mask is applied to unit
+activations, which the verification stage proves equal to the exported model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from torch import nn
+
+from exporter.errors import RecipeError
+from exporter.evaluation import baselines
+from exporter.evaluation.items import EvalItems, load_items
+from exporter.evaluation.metrics import (
+    Intervention,
+    Scored,
+    encode_answer,
+    neutral_scores,
+    neutral_windows,
+    sequence_logliks,
+)
+from exporter.evaluation.summary import summarise
+from exporter.export.prune import count_parameters
+from exporter.masking.data import select_samples, tokenize
+from exporter.masking.masks import PersonaMask
+from exporter.model.adapters import Adapter
+from exporter.recipe.eval import EvalSpec, eval_problems
+from exporter.recipe.schema import Recipe
+from exporter.reports.markdown import write_run_reports
+from exporter.verify.hf import masked
+
+log = logging.getLogger(__name__)
+
+
+def check_spec(recipe: Recipe, spec: EvalSpec) -> None:
+    problems = eval_problems(spec, list(recipe.personas))
+    if problems:
+        raise RecipeError(f"{len(problems)} problem(s) in the eval section:\n" + "\n".join(f"  {p}" for p in problems))
+
+
+def prepare(recipe: Recipe, spec: EvalSpec | None = None) -> EvalItems:
+    """Validate the eval section and read its items (before any model is loaded: problems surface early)."""
+    spec = spec or recipe.eval
+    assert spec is not None, "prepare() needs an eval section"
+    check_spec(recipe, spec)
+    return load_items(recipe, spec)
+
+
+def system_prompt(recipe: Recipe, spec: EvalSpec, persona: str) -> str:
+    desc = recipe.personas[persona].description
+    return spec.system_prompts.get(persona) or f"Answer as a person with this personality: {desc}"
+
+
+@dataclass
+class Evaluator:
+    """Items encoded for one model and tokenizer; scores them under interventions and system prompts."""
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: Adapter
+    spec: EvalSpec
+    items: EvalItems
+    _encoded: dict[str | None, dict[str, list[Scored]]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = self.spec.neutral
+        self.windows = neutral_windows(self.tokenizer, self.items.neutral, n.window, n.max_tokens) if n else []
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+
+    def _sequences(self, system: str | None) -> dict[str, list[Scored]]:
+        if system not in self._encoded:
+            enc = partial(encode_answer, self.tokenizer, system=system, max_tokens=self.spec.max_tokens)
+            seqs: dict[str, list[Scored]] = {}
+            if self.spec.paired is not None:
+                for persona in self.spec.paired.responses:
+                    seqs[f"paired:{persona}"] = [enc(it.prompt, it.responses[persona]) for it in self.items.paired]
+            if self.spec.statements is not None:
+                seqs["statements"] = [enc(self.spec.statements.prompt, s.text) for s in self.items.statements]
+            self._encoded[system] = seqs
+        return self._encoded[system]
+
+    def answers(self, intervention: Intervention | None, system: str | None) -> dict[str, np.ndarray]:
+        """Mean per-token log-likelihood of every answer: {"paired:<persona>": (N,), "statements": (M,)}."""
+        return {
+            key: sequence_logliks(
+                self.model,
+                seqs,
+                pad_id=self.pad_id,
+                batch_size=self.spec.batch_size,
+                intervention=intervention,
+            )
+            for key, seqs in self._sequences(system).items()
+        }
+
+    def neutral(self, interventions: dict[str, Intervention | None]) -> dict[str, dict[str, float]]:
+        return neutral_scores(self.model, self.windows, interventions) if self.windows else {}
+
+
+def mask_intervention(model: nn.Module, adapter: Adapter, mask: PersonaMask) -> Intervention:
+    return partial(masked, model, adapter, mask)
+
+
+def size_key(mask: PersonaMask) -> str:
+    """Identifies the per-layer removal counts: random masks of equal counts and seed are identical."""
+    counts = [[len(r) for r in mask.removed(k)] for k in ("mlp", "head", "group")]
+    return hashlib.sha256(repr(counts).encode()).hexdigest()[:8]
+
+
+@dataclass
+class WeightCondition:
+    intervention: Intervention | None
+    removed: int  # parameters removed (or zeroed)
+    prompts: list[str] = field(default_factory=list)  # personas whose system prompt is also evaluated
+
+
+def wanda_norms(
+    recipe: Recipe, model: nn.Module, tokenizer: Any, adapter: Adapter, persona: str
+) -> list[dict[str, Any]]:
+    """Wanda's activation norms from a calibration pass over the persona's calibration samples."""
+    cal = recipe.personas[persona].calibration
+    samples = [tokenize(tokenizer, s, cal) for s in select_samples(cal)]
+    return baselines.input_norms(
+        model,
+        adapter,
+        samples,
+        pad_id=tokenizer.pad_token_id,
+        batch_size=recipe.calibration.batch_size,
+        response_only=recipe.calibration.tokens == "response",
+    )
+
+
+def conditions(
+    ev: Evaluator,
+    masks: dict[str, PersonaMask],
+    norms: dict[str, list[dict[str, Any]]],
+) -> dict[str, WeightCondition]:
+    """Every weight condition for these masks; `norms` holds Wanda activation norms per persona."""
+    model, adapter, spec = ev.model, ev.adapter, ev.spec
+    use = set(spec.baselines)
+    out = {"dense": WeightCondition(None, 0, sorted(masks) if "prompt" in use else [])}
+    for name, mask in masks.items():
+        per_layer = baselines.removed_parameters(model, adapter, mask)
+        prompts = [name] if "mask-prompt" in use else []
+        out[f"mask:{name}"] = WeightCondition(mask_intervention(model, adapter, mask), sum(per_layer), prompts)
+        if "random" in use:
+            for s in range(spec.random_seeds):
+                rnd = baselines.random_mask(mask, spec.seed + s)
+                key = f"random:{size_key(mask)}:{s}"
+                out.setdefault(key, WeightCondition(mask_intervention(model, adapter, rnd), sum(per_layer)))
+        if "wanda" in use and name in norms:
+            removal = baselines.wanda_mask(model, adapter, norms[name], per_layer)
+            out[f"wanda:{name}"] = WeightCondition(partial(baselines.zeroed, model, adapter, removal), sum(per_layer))
+    return out
+
+
+def score_conditions(
+    ev: Evaluator,
+    conds: dict[str, WeightCondition],
+    system_prompts: dict[str, str],
+    done: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Raw scores per condition key ("mask:introvert", "mask:introvert+prompt:introvert", ...).
+
+    `done` holds raw scores from an earlier call (e.g. the dense model in a sweep); those are not recomputed.
+    """
+    raw: dict[str, Any] = dict(done or {})
+    todo = {k: c.intervention for k, c in conds.items() if "neutral" not in raw.get(k, {})}
+    if todo:
+        for key, figures in ev.neutral(todo).items():
+            raw.setdefault(key, {})["neutral"] = figures
+    for key, cond in conds.items():
+        for persona in [None, *cond.prompts]:
+            name = key if persona is None else f"{key}+prompt:{persona}"
+            if "answers" in raw.get(name, {}):
+                continue
+            log.info("eval: scoring %s", name)
+            system = None if persona is None else system_prompts[persona]
+            entry = raw.setdefault(name, {})
+            entry["answers"] = ev.answers(cond.intervention, system)
+            entry["removed"] = cond.removed
+    for key, cond in conds.items():
+        raw[key]["removed"] = cond.removed
+    return raw
+
+
+def dense_parameters(model: nn.Module) -> int:
+    return count_parameters(model)
+
+
+DEFINITIONS = {
+    "answer_loglik": "mean per-token log-likelihood (nats) of the answer's content tokens, chat template "
+    "applied, the answer as the assistant turn; end-of-turn tokens and padding not counted",
+    "paired_margin": "answer_loglik(persona's answer) - answer_loglik(opposite persona's answer), same instruction",
+    "accuracy": "fraction of pairs with a positive margin",
+    "shift": "margin under the condition minus the dense model's margin, per item, then averaged",
+    "statements_margin": "mean answer_loglik of statements matching the persona minus that of the others, "
+    "each statement the assistant's reply to the statements prompt",
+    "perplexity": "exp(mean NLL) over every token of the neutral corpus windows after the first; no system prompt",
+    "kl": "mean KL(P_dense || Q_condition) of next-token distributions at the same positions",
+    "ci95": "seeded percentile bootstrap over items (statements: each group resampled separately)",
+    "mask": "persona mask applied to unit activations, equal to the exported model (see verification)",
+}
+
+
+def evaluate_masks(
+    recipe: Recipe,
+    spec: EvalSpec,
+    items: EvalItems,
+    model: nn.Module,
+    tokenizer: Any,
+    adapter: Adapter,
+    masks: dict[str, PersonaMask],
+) -> dict[str, dict[str, Any]]:
+    """Every persona's evaluation (its report.json `evaluation`), baselines on the same items."""
+    ev = Evaluator(model, tokenizer, adapter, spec, items)
+    norms = {}
+    if "wanda" in spec.baselines:
+        norms = {p: wanda_norms(recipe, model, tokenizer, adapter, p) for p in masks}
+    conds = conditions(ev, masks, norms)
+    prompts = {p: system_prompt(recipe, spec, p) for p in recipe.personas}
+    raw = score_conditions(ev, conds, prompts)
+    return {p: persona_evaluation(recipe, spec, items, raw, p, masks[p], dense_parameters(model)) for p in masks}
+
+
+def persona_evaluation(
+    recipe: Recipe,
+    spec: EvalSpec,
+    items: EvalItems,
+    raw: dict[str, Any],
+    persona: str,
+    mask: PersonaMask,
+    dense_params: int,
+) -> dict[str, Any]:
+    labels = [s.label for s in items.statements]
+    random_keys = (
+        [f"random:{size_key(mask)}:{s}" for s in range(spec.random_seeds)] if "random" in spec.baselines else []
+    )
+    return {
+        "splits": items.splits,
+        "leaks": items.leaks,
+        "system_prompt": system_prompt(recipe, spec, persona),
+        "statements_prompt": spec.statements.prompt if spec.statements else None,
+        "random_seeds": [spec.seed + s for s in range(spec.random_seeds)],
+        "dense_parameters": dense_params,
+        "definitions": DEFINITIONS,
+        "eval_spec": spec.model_dump(mode="json"),
+        **summarise(raw, persona, spec, labels, random_keys, dense_params),
+    }
+
+
+def evaluate_into(
+    folder: Path,
+    recipe: Recipe,
+    items: EvalItems,
+    m: Any,
+    masks: dict[str, PersonaMask],
+    reports: dict[str, dict[str, Any]],
+) -> None:
+    """The run's eval stage: evaluate every persona of the loaded model `m`, write reports into `folder`."""
+    assert recipe.eval is not None
+    evaluations = evaluate_masks(recipe, recipe.eval, items, m.model, m.tokenizer, m.adapter, masks)
+    write_run_reports(folder, recipe.name, evaluations, reports)

@@ -1,0 +1,253 @@
+"""Evaluation items: paired responses, persona statements and neutral text read from local files, plus
+the leak check against every persona's calibration samples.
+
+A text leaks when, after lower-casing and collapsing whitespace, it equals a calibration prompt or response,
+or (for texts of at least MIN_CONTAINED characters) one contains the other. `exclude_calibration` drops
+leaking items before the seeded selection (a held-out split); whatever is selected is checked again, and
+a leak then either stops the run (`on_leak: error`) or is recorded in the report (`on_leak: flag`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from exporter.errors import CalibrationDataError
+from exporter.masking.data import _records, read_samples, select_samples
+from exporter.recipe.eval import EvalSpec, PairedSpec, StatementsSpec
+from exporter.recipe.schema import DataSpec, Recipe, infer_format
+
+log = logging.getLogger(__name__)
+MIN_CONTAINED = 40
+
+
+class EvalDataError(CalibrationDataError):
+    """An evaluation file is missing or malformed, holds too few items, or leaks calibration items."""
+
+
+@dataclass(frozen=True)
+class PairedItem:
+    index: int  # record index in the file(s)
+    prompt: str
+    responses: dict[str, str]  # persona -> answer
+
+
+@dataclass(frozen=True)
+class Statement:
+    index: int
+    text: str
+    label: str
+
+
+@dataclass
+class EvalItems:
+    paired: list[PairedItem] = field(default_factory=list)
+    statements: list[Statement] = field(default_factory=list)
+    neutral: list[str] = field(default_factory=list)  # paragraphs
+    splits: dict[str, Any] = field(default_factory=dict)  # per source: file, counts, selection
+    leaks: list[dict[str, Any]] = field(default_factory=list)  # flagged (on_leak: flag) leaks
+
+
+def norm(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+class CalibrationIndex:
+    """Normalised calibration prompts and responses of every persona, for the leak check."""
+
+    def __init__(self, specs: dict[str, DataSpec]) -> None:
+        self.texts: dict[str, str] = {}  # normalised text -> where it came from
+        for name, spec in specs.items():
+            for s in select_samples(spec):
+                for kind, text in (("prompt", s.prompt), ("response", s.response)):
+                    if text:
+                        self.texts.setdefault(norm(text), f"personas.{name}.calibration {kind}")
+
+    def find(self, text: str) -> str | None:
+        """Where `text` occurs in the calibration set, or None."""
+        t = norm(text)
+        if t in self.texts:
+            return self.texts[t]
+        for c, where in self.texts.items():
+            short, long = (t, c) if len(t) <= len(c) else (c, t)
+            if len(short) >= MIN_CONTAINED and short in long:
+                return where
+        return None
+
+
+def file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _read(path: str, fmt: str | None, where: str) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        raise EvalDataError(f"{where}: data file {path!r} does not exist; check the path in the recipe")
+    kind = fmt or infer_format(path)
+    if kind not in ("json", "jsonl", "csv"):
+        raise EvalDataError(f"{where}: cannot read {path!r} as records; set format to json, jsonl or csv")
+    records = _records(p, kind)
+    if not all(isinstance(r, dict) for r in records):
+        raise EvalDataError(f"{where}: {path!r} must hold one object per record")
+    return records
+
+
+def _text(rec: dict[str, Any], key: str, i: int, path: str) -> str:
+    value = rec.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise EvalDataError(f"{path}: record {i} has no text field {key!r} (fields: {sorted(rec)})")
+    return value.strip()
+
+
+def _choose(candidates: list[int], n: int, seed: int, where: str, total: int, excluded: int) -> list[int]:
+    if n > len(candidates):
+        raise EvalDataError(
+            f"{where}: {n} items asked but only {len(candidates)} of {total} are available "
+            f"({excluded} excluded as calibration items); lower the count or add data"
+        )
+    order = list(candidates)
+    random.Random(seed).shuffle(order)
+    return sorted(order[:n])
+
+
+def read_paired(spec: PairedSpec, calib: CalibrationIndex) -> tuple[list[PairedItem], dict[str, Any]]:
+    per_persona: dict[str, list[dict[str, Any]]] = {}
+    paths: dict[str, str] = {}
+    for name, src in spec.responses.items():
+        paths[name] = src.path or spec.path or ""
+        per_persona[name] = _read(paths[name], spec.format, f"eval.paired.responses.{name}")
+    sizes = {len(r) for r in per_persona.values()}
+    if len(sizes) != 1:
+        raise EvalDataError(f"eval.paired: the response files hold different numbers of records ({sizes})")
+    first = next(iter(per_persona))
+    items: list[PairedItem] = []
+    seen: set[str] = set()
+    for i in range(sizes.pop()):
+        prompts = set()
+        for name, recs in per_persona.items():
+            prompt = _text(recs[i], spec.prompt_field, i, paths[name])
+            extra = recs[i].get(spec.input_field, "") if spec.input_field else ""
+            prompts.add(prompt + ("\n\n" + extra.strip() if isinstance(extra, str) and extra.strip() else ""))
+        if len(prompts) != 1:
+            raise EvalDataError(f"eval.paired: record {i} has a different prompt in each persona's file")
+        prompt = prompts.pop()
+        if norm(prompt) in seen:  # repeated prompts would count one item twice in the intervals
+            continue
+        seen.add(norm(prompt))
+        answers = {n: _text(recs[i], spec.responses[n].field, i, paths[n]) for n, recs in per_persona.items()}
+        items.append(PairedItem(i, prompt, answers))
+    leaking = {it.index for it in items if _item_leak(it, calib)}
+    candidates = [k for k, it in enumerate(items) if not (spec.exclude_calibration and it.index in leaking)]
+    excluded = len(items) - len(candidates)
+    chosen = [
+        items[k] for k in _choose(candidates, spec.max_items, spec.seed, "eval.paired.max_items", len(items), excluded)
+    ]
+    split = {
+        "files": {n: {"path": p, "sha256": file_sha256(p)} for n, p in paths.items()},
+        "records": len(per_persona[first]),
+        "unique_prompts": len(items),
+        "excluded_as_calibration": excluded,
+        "held_out": spec.exclude_calibration,
+        "selected": len(chosen),
+        "seed": spec.seed,
+        "record_indices": [it.index for it in chosen],
+    }
+    return chosen, split
+
+
+def _item_leak(item: PairedItem, calib: CalibrationIndex) -> str | None:
+    for text in (item.prompt, *item.responses.values()):
+        where = calib.find(text)
+        if where:
+            return where
+    return None
+
+
+def read_statements(spec: StatementsSpec, calib: CalibrationIndex) -> tuple[list[Statement], dict[str, Any]]:
+    records = _read(spec.path, spec.format, "eval.statements")
+    wanted = set(spec.labels.values())
+    by_label: dict[str, list[Statement]] = {label: [] for label in wanted}
+    excluded = 0
+    for i, rec in enumerate(records):
+        label = _text(rec, spec.label_field, i, spec.path)
+        if label not in wanted:
+            continue
+        st = Statement(i, _text(rec, spec.statement_field, i, spec.path), label)
+        if spec.exclude_calibration and calib.find(st.text):
+            excluded += 1
+            continue
+        by_label[label].append(st)
+    chosen: list[Statement] = []
+    for label, pool in sorted(by_label.items()):
+        picks = _choose(
+            list(range(len(pool))),
+            spec.max_per_label,
+            spec.seed,
+            f"eval.statements.max_per_label (label {label!r})",
+            len(pool),
+            excluded,
+        )
+        chosen += [pool[k] for k in picks]
+    split = {
+        "file": {"path": spec.path, "sha256": file_sha256(spec.path)},
+        "records": len(records),
+        "excluded_as_calibration": excluded,
+        "held_out": spec.exclude_calibration,
+        "selected_per_label": {label: spec.max_per_label for label in sorted(wanted)},
+        "seed": spec.seed,
+        "record_indices": sorted(s.index for s in chosen),
+    }
+    return chosen, split
+
+
+def read_neutral(path: str) -> list[str]:
+    spec = DataSpec(path=path, format="text", max_samples=1)
+    return [s.response for s in read_samples(spec)]
+
+
+def load_items(recipe: Recipe, spec: EvalSpec) -> EvalItems:
+    """Read and select every evaluation item, then check them against the calibration samples."""
+    calib = CalibrationIndex({n: p.calibration for n, p in recipe.personas.items()})
+    items = EvalItems()
+    if spec.paired is not None:
+        items.paired, items.splits["paired"] = read_paired(spec.paired, calib)
+    if spec.statements is not None:
+        items.statements, items.splits["statements"] = read_statements(spec.statements, calib)
+    if spec.neutral is not None:
+        items.neutral = read_neutral(spec.neutral.path)
+        items.splits["neutral"] = {
+            "file": {"path": spec.neutral.path, "sha256": file_sha256(spec.neutral.path)},
+            "paragraphs": len(items.neutral),
+        }
+    items.leaks = find_leaks(items, calib)
+    if items.leaks:
+        shown = "; ".join(f"{x['source']} #{x['index']} = {x['calibration']}" for x in items.leaks[:5])
+        msg = f"{len(items.leaks)} evaluation item(s) also occur in the calibration data: {shown}"
+        if spec.on_leak == "error":
+            raise EvalDataError(
+                f"{msg}. Use a held-out split (exclude_calibration: true), other data, or on_leak: flag"
+            )
+        log.error("LEAK: %s (on_leak: flag; the report marks these numbers)", msg)
+    return items
+
+
+def find_leaks(items: EvalItems, calib: CalibrationIndex) -> list[dict[str, Any]]:
+    leaks = []
+    for it in items.paired:
+        where = _item_leak(it, calib)
+        if where:
+            leaks.append({"source": "paired", "index": it.index, "calibration": where})
+    for st in items.statements:
+        where = calib.find(st.text)
+        if where:
+            leaks.append({"source": "statements", "index": st.index, "calibration": where})
+    for k, para in enumerate(items.neutral):
+        where = calib.find(para)
+        if where:
+            leaks.append({"source": "neutral", "index": k, "calibration": where})
+    return leaks

@@ -1,0 +1,1 @@
+"""Physical pruning and the export formats: Hugging Face safetensors (also shard by shard) and ONNX."""

@@ -1,0 +1,53 @@
+"""Physical removal: slice each layer's weights to the kept units and write the new sizes into the config."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from exporter.masking.masks import PersonaMask
+from exporter.model.adapters import Adapter, SlicePlan
+
+
+def _slice(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
+    """Keep `index` along dim 0 (output rows, with the bias) or dim 1 (input columns) of a Linear, in place."""
+    with torch.no_grad():
+        linear.weight = nn.Parameter(linear.weight.index_select(dim, index).contiguous())
+        if dim == 0:
+            if linear.bias is not None:
+                linear.bias = nn.Parameter(linear.bias.index_select(0, index).contiguous())
+            linear.out_features = len(index)
+        else:
+            linear.in_features = len(index)
+
+
+def channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Channel indices (head * head_dim + j) of the given heads, in order."""
+    return (heads.unsqueeze(-1) * head_dim + torch.arange(head_dim)).flatten()
+
+
+def layer_plan(adapter: Adapter, mask: PersonaMask, i: int) -> SlicePlan:
+    """The adapter's slicing of layer i for this mask."""
+    g = mask.geometry
+    mlp = mask.mlp_keep[i] if mask.mlp_keep is not None else None
+    q = kv = None
+    if mask.head_keep is not None and mask.group_keep is not None:
+        q, kv = channels(mask.head_keep[i], g.head_dim), channels(mask.group_keep[i], g.head_dim)
+    return adapter.slice_plan(g, mlp, q, kv)
+
+
+def prune_model(model: nn.Module, adapter: Adapter, mask: PersonaMask) -> nn.Module:
+    """Remove the masked units from `model` in place and return it. Equal to the masked model, exactly."""
+    for i, layer in enumerate(adapter.layers(model)):
+        for name, (dim, index) in layer_plan(adapter, mask, i).items():
+            linear = layer.get_submodule(name)
+            assert isinstance(linear, nn.Linear), f"{name} of layer {i} is not a Linear"
+            _slice(linear, index, dim)
+        adapter.update_modules(layer, mask.pruned_geometry())
+    adapter.update_config(model.config, mask.pruned_geometry())
+    return model
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,1 @@
+"""Calibration data and statistics, unit scores and persona masks."""

@@ -1,0 +1,56 @@
+"""Calibration: run a persona's samples through the model and accumulate unit statistics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from exporter.masking.data import TokenizedSample, collate
+from exporter.masking.stats import Statistics
+from exporter.model.adapters import Adapter
+from exporter.model.hooks import capture_unit_inputs
+
+
+def batches(
+    samples: list[TokenizedSample], batch_size: int, pad_id: int, response_only: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Length-sorted batches (less padding); the order is deterministic."""
+    order = sorted(range(len(samples)), key=lambda i: (len(samples[i].input_ids), i))
+    for start in range(0, len(order), batch_size):
+        yield collate([samples[i] for i in order[start : start + batch_size]], pad_id, response_only)
+
+
+@torch.inference_mode()
+def calibrate(
+    model: nn.Module,
+    adapter: Adapter,
+    samples: list[TokenizedSample],
+    *,
+    pad_id: int,
+    batch_size: int,
+    response_only: bool,
+    desc: str = "calibrate",
+) -> Statistics:
+    """Statistics over `samples`. Runs the decoder body only: the LM head's logits are not needed."""
+    geometry = adapter.geometry(model.config)
+    stats = Statistics.empty(geometry)
+    current: dict[str, Any] = {}
+
+    def on_input(layer: int, part: str, x: torch.Tensor) -> None:
+        stats.add(layer, part, x, current["weight"])
+
+    body = adapter.base(model)
+    n_batches = -(-len(samples) // batch_size)
+    with capture_unit_inputs(model, adapter, on_input, {"mlp", "attn"}):
+        for ids, attn, weight in tqdm(
+            batches(samples, batch_size, pad_id, response_only), total=n_batches, desc=desc, leave=False
+        ):
+            current["weight"] = weight
+            body(input_ids=ids, attention_mask=attn, use_cache=False)
+            stats.n_samples += ids.shape[0]
+            stats.n_tokens += int(weight.sum())
+    return stats

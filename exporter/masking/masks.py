@@ -1,0 +1,198 @@
+"""Persona masks: which units each persona keeps, as sorted keep-indices per layer.
+
+Removal rules (k units per layer, the same k in every layer):
+  wanda / sparse         remove the k lowest-importance units of the persona.
+  contrastive-wanda      c = z - median(z) per layer; S+ = I * phi(c), I from both personas' mean activation;
+                         p+ removes the k lowest S+ among units with c < 0 (those that lean to p-), ties
+                         broken by c, most negative first. With phi = relu this is pure c order.
+  contrastive-sparse     d = S~+ - S~- (row-normalised sparse scores), c = d - median(d); p+ removes the k most
+                         negative c.
+Centring on the layer median (per KV group for query heads) keeps a layer-wide activation offset between the
+two calibration sets from deciding which persona owns a unit, and guarantees floor(n/2) candidates per side
+even when n is tiny (3 KV groups). For a pair the removal sets are disjoint by construction: p+ only removes
+units with c < 0, p- only units with c > 0; swapping the personas negates c and swaps the masks exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from exporter.errors import MaskError
+from exporter.masking import scoring
+from exporter.masking.stats import Statistics
+from exporter.model.adapters import Geometry
+from exporter.recipe.schema import MethodSpec, PruneSpec
+
+
+@dataclass(frozen=True)
+class PersonaMask:
+    persona: str
+    geometry: Geometry  # of the dense model
+    mlp_keep: torch.Tensor | None  # (layers, kept neurons), sorted
+    head_keep: torch.Tensor | None  # (layers, kept query heads), sorted
+    group_keep: torch.Tensor | None  # (layers, kept KV heads), sorted
+
+    def pruned_geometry(self) -> Geometry:
+        g = self.geometry
+        return Geometry(
+            g.layers,
+            g.hidden,
+            g.intermediate if self.mlp_keep is None else self.mlp_keep.shape[1],
+            g.heads if self.head_keep is None else self.head_keep.shape[1],
+            g.kv_heads if self.group_keep is None else self.group_keep.shape[1],
+            g.head_dim,
+        )
+
+    def channel_masks(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """0/1 vectors over unit channels: mlp (layers, intermediate), attn (layers, heads*head_dim)."""
+        g = self.geometry
+        mlp = attn = None
+        if self.mlp_keep is not None:
+            mlp = torch.zeros(g.layers, g.intermediate).scatter_(1, self.mlp_keep, 1.0)
+        if self.head_keep is not None:
+            heads = torch.zeros(g.layers, g.heads).scatter_(1, self.head_keep, 1.0)
+            attn = heads.repeat_interleave(g.head_dim, dim=1)
+        return mlp, attn
+
+    def removed(self, kind: str) -> list[list[int]]:
+        keep = {"mlp": self.mlp_keep, "head": self.head_keep, "group": self.group_keep}[kind]
+        if keep is None:
+            return [[] for _ in range(self.geometry.layers)]
+        n = self.geometry.units(kind)
+        return [sorted(set(range(n)) - set(row.tolist())) for row in keep]
+
+    def save(self, path: Path, manifest: dict[str, Any]) -> None:
+        tensors = {
+            k: v.contiguous()
+            for k, v in (
+                ("mlp_keep", self.mlp_keep),
+                ("head_keep", self.head_keep),
+                ("group_keep", self.group_keep),
+            )
+            if v is not None
+        }
+        save_file(tensors, str(path), metadata={"persona": self.persona})
+        info = {**manifest, "persona": self.persona, "geometry": vars(self.geometry)}
+        info["pruned_geometry"] = vars(self.pruned_geometry())
+        path.with_suffix(".json").write_text(json.dumps(info, indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: Path) -> PersonaMask:
+        info = json.loads(path.with_suffix(".json").read_text())
+        t = load_file(str(path))
+        return cls(
+            info["persona"],
+            Geometry(**info["geometry"]),
+            t.get("mlp_keep"),
+            t.get("head_keep"),
+            t.get("group_keep"),
+        )
+
+
+def removal_count(n: int, sparsity: float, round_to: int = 1, what: str = "units") -> int:
+    """Units to remove of n: floor(sparsity * n), with the kept count rounded up to a multiple of round_to."""
+    kept = n - math.floor(sparsity * n + 1e-9)
+    if round_to > 1:
+        kept = min(n, -(-kept // round_to) * round_to)
+    if kept < 1:
+        raise MaskError(f"sparsity {sparsity} leaves no {what} in a layer (of {n}); lower the sparsity")
+    return n - kept
+
+
+def select_keep(
+    scores: torch.Tensor,
+    k: int,
+    *,
+    allowed: torch.Tensor | None = None,
+    tiebreak: torch.Tensor | None = None,
+    groups: int = 1,
+    what: str = "units",
+) -> torch.Tensor:
+    """Remove the k lowest-scored allowed units in each layer (each of `groups` equal blocks when > 1).
+
+    scores, allowed, tiebreak: (layers, units). Returns sorted keep-indices (layers, units - k*groups).
+    """
+    layers, n = scores.shape
+    size = n // groups
+    tb = tiebreak if tiebreak is not None else torch.zeros_like(scores)
+    ok = allowed if allowed is not None else torch.ones_like(scores, dtype=torch.bool)
+    keep_rows = []
+    for layer in range(layers):
+        removed: list[int] = []
+        for b in range(groups):
+            lo = b * size
+            s, t, a = scores[layer, lo : lo + size], tb[layer, lo : lo + size], ok[layer, lo : lo + size]
+            cand = torch.nonzero(a).flatten()
+            if len(cand) < k:
+                raise MaskError(
+                    f"layer {layer}: only {len(cand)} {what} can be removed disjointly"
+                    f"{f' in group {b}' if groups > 1 else ''}, {k} asked; lower the sparsity"
+                    " (or use kv-group units for attention)"
+                )
+            # lexicographic (score, tiebreak, index): stable sorts from the last key to the first
+            order = cand[torch.sort(t[cand], stable=True).indices]
+            order = order[torch.sort(s[order], stable=True).indices]
+            removed.extend((lo + order[:k]).tolist())
+        keep = sorted(set(range(n)) - set(removed))
+        keep_rows.append(torch.tensor(keep, dtype=torch.long))
+    return torch.stack(keep_rows)
+
+
+def _unit_keep(
+    kind: str,
+    k: int,
+    method: MethodSpec,
+    stats: Statistics,
+    partner: Statistics | None,
+    col_sq: dict[str, torch.Tensor],
+    groups: int,
+) -> torch.Tensor:
+    what = {"mlp": "MLP neurons", "head": "query heads", "group": "KV groups"}[kind]
+    if method.score == "wanda":
+        return select_keep(scoring.wanda(stats, col_sq, kind), k, groups=groups, what=what)
+    if method.score == "sparse":
+        return select_keep(scoring.sparse(stats, col_sq, kind, method.damping), k, groups=groups, what=what)
+    assert partner is not None, "contrastive methods need a partner (checked by the recipe)"
+    if method.score == "contrastive-wanda":
+        c = scoring.centred(scoring.zscore(stats, partner, kind, method.eps), groups)
+        pooled = scoring.wanda(stats, col_sq, kind) + scoring.wanda(partner, col_sq, kind)
+        s = pooled * scoring.phi(c, method.phi, method.tau)
+        return select_keep(s, k, allowed=c < 0, tiebreak=c, groups=groups, what=what)
+    d = scoring.row_normalised(scoring.sparse(stats, col_sq, kind, method.damping)) - scoring.row_normalised(
+        scoring.sparse(partner, col_sq, kind, method.damping)
+    )
+    c = scoring.centred(d, groups)
+    return select_keep(c, k, allowed=c < 0, groups=groups, what=what)
+
+
+def compute_mask(
+    persona: str,
+    method: MethodSpec,
+    prune: PruneSpec,
+    stats: Statistics,
+    partner: Statistics | None,
+    col_sq: dict[str, torch.Tensor],
+) -> PersonaMask:
+    g = stats.geometry
+    mlp_keep = head_keep = group_keep = None
+    if prune.mlp is not None and prune.mlp.sparsity > 0:
+        k = removal_count(g.intermediate, prune.mlp.sparsity, prune.mlp.round_to, "MLP neurons")
+        mlp_keep = _unit_keep("mlp", k, method, stats, partner, col_sq, 1)
+    if prune.attention is not None and prune.attention.sparsity > 0:
+        if prune.attention.unit == "kv-group":
+            k = removal_count(g.kv_heads, prune.attention.sparsity, 1, "KV groups")
+            group_keep = _unit_keep("group", k, method, stats, partner, col_sq, 1)
+            per_group = torch.arange(g.group_size)
+            head_keep = (group_keep.unsqueeze(-1) * g.group_size + per_group).flatten(1)
+        else:
+            k = removal_count(g.group_size, prune.attention.sparsity, 1, "query heads per KV group")
+            head_keep = _unit_keep("head", k, method, stats, partner, col_sq, g.kv_heads)
+            group_keep = torch.arange(g.kv_heads).expand(g.layers, -1).clone()
+    return PersonaMask(persona, g, mlp_keep, head_keep, group_keep)

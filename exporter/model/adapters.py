@@ -1,0 +1,186 @@
+"""Architecture knowledge, in one place: which modules form a prunable unit, and which config fields change.
+
+One registered adapter per `model_type`. MLP neuron k = row k of the input projections (gate, up) and
+column k of the output projection (down). Attention: query head h = rows h*D:(h+1)*D of q_proj and the same
+columns of o_proj; KV head g = those rows of k_proj and v_proj, serving query heads g*R:(g+1)*R (R = group size).
+Each adapter owns how those rows and columns map to its weights (`slice_plan`), so fused projections (phi3's
+`gate_up_proj`, `qkv_proj`) are sliced by the same code that slices separate ones, in memory or shard by shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from exporter.errors import UnsupportedModelError
+
+
+@dataclass(frozen=True)
+class Geometry:
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        return self.heads // self.kv_heads
+
+    def units(self, kind: str) -> int:
+        return {"mlp": self.intermediate, "head": self.heads, "group": self.kv_heads}[kind]
+
+
+SlicePlan = dict[str, tuple[int, torch.Tensor]]  # Linear name inside a layer -> (dim, kept indices)
+
+
+class Adapter:
+    """Llama-style decoder: `model.model.layers[i].{mlp.{gate,up,down}_proj, self_attn.{q,k,v,o}_proj}`."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    layers_prefix: ClassVar[str] = "model.layers"  # state-dict prefix of decoder layer i: f"{prefix}.{i}."
+    mlp_in_names: ClassVar[tuple[str, ...]] = ("gate_proj", "up_proj")
+    mlp_out_name: ClassVar[str] = "down_proj"
+
+    def geometry(self, config: Any) -> Geometry:
+        heads = config.num_attention_heads
+        kv = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        return Geometry(config.num_hidden_layers, config.hidden_size, config.intermediate_size, heads, kv, head_dim)
+
+    def base(self, model: Any) -> Any:
+        return model.model
+
+    def layers(self, model: nn.Module) -> list[nn.Module]:
+        return list(self.base(model).layers)
+
+    def mlp_in(self, layer: Any) -> list[nn.Linear]:
+        return [getattr(layer.mlp, n) for n in self.mlp_in_names]
+
+    def mlp_out(self, layer: Any) -> nn.Linear:
+        return getattr(layer.mlp, self.mlp_out_name)
+
+    def attn_q(self, layer: Any) -> nn.Linear:
+        return layer.self_attn.q_proj
+
+    def attn_kv(self, layer: Any) -> list[nn.Linear]:
+        return [layer.self_attn.k_proj, layer.self_attn.v_proj]
+
+    def attn_out(self, layer: Any) -> nn.Linear:
+        return layer.self_attn.o_proj
+
+    def slice_plan(
+        self, g: Geometry, mlp: torch.Tensor | None, q: torch.Tensor | None, kv: torch.Tensor | None
+    ) -> SlicePlan:
+        """What to keep of each Linear of one layer: dim 0 = output rows (with the bias), dim 1 = input columns.
+
+        g: dense geometry; mlp: kept neurons; q, kv: kept query / KV channels (head * head_dim + j); None = all.
+        """
+        plan: SlicePlan = {}
+        if mlp is not None:
+            plan |= {f"mlp.{n}": (0, mlp) for n in self.mlp_in_names} | {f"mlp.{self.mlp_out_name}": (1, mlp)}
+        if q is not None and kv is not None:
+            plan |= {"self_attn.q_proj": (0, q), "self_attn.o_proj": (1, q)}
+            plan |= {"self_attn.k_proj": (0, kv), "self_attn.v_proj": (0, kv)}
+        return plan
+
+    def update_config(self, config: Any, geometry: Geometry) -> None:
+        """Write the pruned sizes; `head_dim` is written explicitly since hidden/heads no longer gives it."""
+        config.intermediate_size = geometry.intermediate
+        config.num_attention_heads = geometry.heads
+        config.num_key_value_heads = geometry.kv_heads
+        config.head_dim = geometry.head_dim
+
+    def update_modules(self, layer: Any, geometry: Geometry) -> None:
+        """Attributes some attention implementations cache from the config at construction."""
+        attn = layer.self_attn
+        for name, value in (
+            ("num_heads", geometry.heads),
+            ("num_key_value_heads", geometry.kv_heads),
+            ("num_key_value_groups", geometry.group_size),
+        ):
+            if hasattr(attn, name):
+                setattr(attn, name, value)
+        if hasattr(layer.mlp, "intermediate_size"):
+            layer.mlp.intermediate_size = geometry.intermediate
+
+
+REGISTRY: dict[str, Adapter] = {}
+
+
+def register(cls: type[Adapter]) -> type[Adapter]:
+    for model_type in cls.model_types:
+        REGISTRY[model_type] = cls()
+    return cls
+
+
+@register
+class LlamaAdapter(Adapter):
+    model_types = ("llama",)
+
+
+@register
+class MistralAdapter(Adapter):
+    model_types = ("mistral",)
+
+
+@register
+class Qwen2Adapter(Adapter):
+    """q/k/v carry biases; they are sliced with their rows."""
+
+    model_types = ("qwen2",)
+
+
+@register
+class Qwen3Adapter(Adapter):
+    """q_norm/k_norm act per head over head_dim and are shared by all heads: untouched by head removal."""
+
+    model_types = ("qwen3",)
+
+
+@register
+class Phi3Adapter(Adapter):
+    """Fused projections: `mlp.gate_up_proj` = [gate; up] rows, `self_attn.qkv_proj` = [q; k; v] rows."""
+
+    model_types = ("phi3",)
+
+    def slice_plan(
+        self, g: Geometry, mlp: torch.Tensor | None, q: torch.Tensor | None, kv: torch.Tensor | None
+    ) -> SlicePlan:
+        plan: SlicePlan = {}
+        if mlp is not None:
+            plan["mlp.gate_up_proj"] = (0, torch.cat([mlp, mlp + g.intermediate]))
+            plan["mlp.down_proj"] = (1, mlp)
+        if q is not None and kv is not None:
+            q_rows, kv_rows = g.heads * g.head_dim, g.kv_heads * g.head_dim
+            plan["self_attn.qkv_proj"] = (0, torch.cat([q, kv + q_rows, kv + q_rows + kv_rows]))
+            plan["self_attn.o_proj"] = (1, q)
+        return plan
+
+    def _fused(self, what: str) -> UnsupportedModelError:
+        return UnsupportedModelError(
+            f"phi3 has no separate {what} projections (they are fused); use Adapter.slice_plan for its rows"
+        )
+
+    def mlp_in(self, layer: Any) -> list[nn.Linear]:
+        raise self._fused("gate/up")
+
+    def attn_q(self, layer: Any) -> nn.Linear:
+        raise self._fused("q")
+
+    def attn_kv(self, layer: Any) -> list[nn.Linear]:
+        raise self._fused("k/v")
+
+
+def adapter_for(config: Any) -> Adapter:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in REGISTRY:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(REGISTRY))}. "
+            "Adding one means registering an Adapter in exporter/model/adapters.py"
+        )
+    return REGISTRY[model_type]

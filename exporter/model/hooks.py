@@ -1,0 +1,70 @@
+"""Hook plumbing: capture the inputs of each layer's unit-output projections, or mask them.
+
+The unit activation is the input of `down_proj` (MLP neuron k = channel k) and of `o_proj` (head h =
+channels h*D:(h+1)*D). Multiplying these inputs by a 0/1 mask is exactly what removing the units computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from exporter.model.adapters import Adapter
+
+Capture = Callable[[int, str, torch.Tensor], None]
+
+
+@contextmanager
+def _pre_hooks(pairs: list[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    handles = [module.register_forward_pre_hook(fn) for module, fn in pairs]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def capture_unit_inputs(model: nn.Module, adapter: Adapter, callback: Capture, kinds: set[str]) -> Iterator[None]:
+    """Call `callback(layer_index, kind, x)` with x = (batch, seq, channels) for kind in {"mlp", "attn"}."""
+
+    def make(i: int, kind: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            callback(i, kind, args[0])
+
+        return hook
+
+    pairs: list[tuple[nn.Module, Callable[..., Any]]] = []
+    for i, layer in enumerate(adapter.layers(model)):
+        if "mlp" in kinds:
+            pairs.append((adapter.mlp_out(layer), make(i, "mlp")))
+        if "attn" in kinds:
+            pairs.append((adapter.attn_out(layer), make(i, "attn")))
+    with _pre_hooks(pairs):
+        yield
+
+
+@contextmanager
+def apply_channel_masks(
+    model: nn.Module, adapter: Adapter, mlp: torch.Tensor | None, attn: torch.Tensor | None
+) -> Iterator[None]:
+    """Zero unit activations: `mlp` (layers, intermediate) and `attn` (layers, heads*head_dim) of 0/1."""
+
+    def make(vec: torch.Tensor) -> Callable[..., tuple[torch.Tensor]]:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+            return (args[0] * vec.to(args[0].dtype),)
+
+        return hook
+
+    pairs: list[tuple[nn.Module, Callable[..., Any]]] = []
+    for i, layer in enumerate(adapter.layers(model)):
+        if mlp is not None:
+            pairs.append((adapter.mlp_out(layer), make(mlp[i])))
+        if attn is not None:
+            pairs.append((adapter.attn_out(layer), make(attn[i])))
+    with _pre_hooks(pairs):
+        yield

@@ -1,0 +1,360 @@
+"""Publishing persona exports to the Hugging Face Hub (`persona-export push`, and a recipe's `push:`).
+
+Only proven exports leave the machine: a persona is pushed only when its report.json says verification
+passed, for the checkpoint and for every ONNX folder that goes along. The run folder is never modified:
+each repo's upload folder is staged in a temporary directory (hard links or copies of hf/ and the ONNX
+folders, plus a generated README.md). The token comes from HF_TOKEN or the saved login; it is never
+printed, logged or written, and error text is redacted anyway because a server may echo what it got.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import shutil
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from exporter import __version__
+from exporter.errors import HubError
+from exporter.publish.modelcard import CardContext, render_card
+from exporter.recipe.push import BRANCH, OnnxMode, PushSpec, fill, repo_id_problem
+
+log = logging.getLogger(__name__)
+ONNX_FOLDERS = ("onnx", "onnx-int8")
+NOT_SENT = "nothing was sent"
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    repo_id: str
+    private: bool = False
+    revision: str | None = None  # a branch, created when missing; None is main
+    create_pr: bool = False
+    commit_message: str | None = None
+    onnx: OnnxMode = "same-repo"
+    onnx_repo_id: str | None = None  # separate-repo only; default "<repo_id>-onnx"
+
+    @classmethod
+    def from_spec(cls, spec: PushSpec, persona: str) -> PushOptions:
+        return cls(
+            repo_id=fill(spec.repo_id, persona),
+            private=spec.private,
+            revision=spec.revision,
+            create_pr=spec.create_pr,
+            commit_message=fill(spec.commit_message, persona) if spec.commit_message else None,
+            onnx=spec.onnx,
+            onnx_repo_id=fill(spec.onnx_repo_id, persona) if spec.onnx_repo_id else None,
+        )
+
+    @property
+    def separate_onnx_repo(self) -> str:
+        return self.onnx_repo_id or f"{self.repo_id}-onnx"
+
+
+@dataclass(frozen=True)
+class PersonaExport:
+    """A persona folder that passed every check: its report, hf/config.json and the ONNX folders to push."""
+
+    folder: Path
+    report: dict[str, Any]
+    config: dict[str, Any]
+    onnx_folders: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class PushResult:
+    repo_id: str
+    files: dict[str, int]  # path in the repo -> bytes
+    commit_url: str | None  # None for a dry run
+    pr_url: str | None = None
+
+
+def check_options(options: PushOptions) -> None:
+    """Repo ids and branch, before anything is read or sent."""
+    problems = [f"--repo-id: {p}" for p in [repo_id_problem(options.repo_id)] if p]
+    if options.onnx == "separate-repo":
+        other = options.separate_onnx_repo
+        problems += [f"ONNX repo id: {p}" for p in [repo_id_problem(other)] if p]
+        if other == options.repo_id:
+            problems.append(f"the ONNX repo {other!r} is the checkpoint's repo; use onnx: same-repo")
+    elif options.onnx_repo_id:
+        problems.append("an ONNX repo id is used only with --onnx separate-repo")
+    if options.revision is not None and not BRANCH.match(options.revision):
+        problems.append(f"--revision: {options.revision!r} is not a branch name (e.g. 'main' or 'v1')")
+    if problems:
+        raise HubError("; ".join(problems) + f"; {NOT_SENT}")
+
+
+def load_export(folder: Path, onnx: OnnxMode = "same-repo") -> PersonaExport:
+    """Refuse anything that is not a complete persona export whose verification passed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HubError(f"{str(folder)!r} is not a folder; pass a persona folder RUN_DIR/<persona>")
+    if (folder / "run.json").is_file():
+        personas = sorted(p.parent.name for p in folder.glob("*/report.json"))
+        raise HubError(
+            f"{str(folder)!r} is a run folder; pass one persona folder: " + ", ".join(str(folder / p) for p in personas)
+        )
+    report_path = folder / "report.json"
+    if not report_path.is_file():
+        raise HubError(f"{str(folder)!r} is not a persona export (no report.json); pass RUN_DIR/<persona>")
+    try:
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+        config = json.loads((folder / "hf" / "config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise HubError(f"{str(folder)!r} has no hf/config.json: not a complete persona export") from None
+    except (OSError, ValueError) as e:
+        raise HubError(f"cannot read the export in {str(folder)!r}: {e}; re-run the export") from None
+    if not any((folder / "hf").glob("*.safetensors")):
+        raise HubError(f"{str(folder / 'hf')!r} holds no *.safetensors weights: not a complete export")
+    needed = ("persona", "status", "base_model", "parameters", "bytes", "geometry", "method")
+    missing = [k for k in needed if k not in report] if isinstance(report, dict) else list(needed)
+    if missing:
+        raise HubError(f"{report_path} lacks {missing}: not written by persona-export run; re-run the export")
+    hf = (report.get("verification") or {}).get("hf")
+    if not isinstance(hf, dict) or "passed" not in hf:
+        raise HubError(f"{report_path} has no verification result; only verified exports are pushed")
+    if report["status"] != "passed" or hf["passed"] is not True:
+        raise HubError(
+            f"verification of {report['persona']!r} failed (status {report['status']!r}); only proven "
+            f"exports are pushed: see verification in {report_path}, fix the cause and re-run"
+        )
+    present = tuple(f for f in ONNX_FOLDERS if (folder / f).is_dir()) if onnx != "none" else ()
+    for name in present:
+        result = report["verification"].get(name) or report["verification"].get(name.replace("-", "_"))
+        if not isinstance(result, dict) or result.get("passed") is not True:
+            state = "is missing" if not isinstance(result, dict) else "failed"
+            state = "has no passed flag" if isinstance(result, dict) and "passed" not in result else state
+            raise HubError(
+                f"{name}/ is present in {str(folder)!r} but its verification {state}; only proven exports "
+                "are pushed: re-run the export, or pass --onnx none to push only the checkpoint"
+            )
+    return PersonaExport(folder, report, config, present)
+
+
+def require_token() -> str:
+    """The user's token (HF_TOKEN or saved login); checked together with offline mode and the endpoint."""
+    from huggingface_hub import constants, get_token
+
+    if constants.HF_HUB_OFFLINE:
+        raise HubError(
+            "HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) is set: huggingface_hub then sends no request, "
+            f"not even to a local HF_ENDPOINT; unset it to push ({NOT_SENT})"
+        )
+    env = os.environ.get("HF_ENDPOINT", "").rstrip("/")
+    if env and env != constants.ENDPOINT:
+        raise HubError(
+            f"HF_ENDPOINT is {env!r} but huggingface_hub was imported with {constants.ENDPOINT!r}; set "
+            f"HF_ENDPOINT before Python starts ({NOT_SENT})"
+        )
+    token = get_token()
+    if not token:
+        raise HubError(f"no Hugging Face token: set HF_TOKEN or run `huggingface-cli login` ({NOT_SENT})")
+    return token
+
+
+def token_source() -> str:
+    """Where the token would come from, without showing it."""
+    from huggingface_hub import get_token
+
+    if os.environ.get("HF_TOKEN"):
+        return "HF_TOKEN"
+    return "the saved login" if get_token() else "none found: set HF_TOKEN or run `huggingface-cli login`"
+
+
+def stage(export: PersonaExport, options: PushOptions, dest: Path) -> list[tuple[str, Path]]:
+    """Build each repo's upload folder under `dest`; (repo id, folder) in push order."""
+    main = dest / "checkpoint"
+    _link_tree(export.folder / "hf", main)
+    same = options.onnx == "same-repo"
+    onnx_repo = options.separate_onnx_repo if export.onnx_folders and not same else None
+    ctx = CardContext(
+        repo_id=options.repo_id,
+        hf_repo_id=options.repo_id,
+        onnx_folders=export.onnx_folders if same else (),
+        onnx_repo_id=onnx_repo,
+        revision=None if options.revision in (None, "main") else options.revision,
+        chat_template=(main / "chat_template.jinja").is_file() or _has_chat_template(main),
+        head_dim_fix=_head_dim_differs(export.config),
+    )
+    uploads = [(options.repo_id, main)]
+    if onnx_repo:
+        uploads.append((onnx_repo, dest / "onnx-repo"))
+    for repo_id, folder in uploads:
+        if repo_id == onnx_repo or same:
+            for name in export.onnx_folders:
+                _link_tree(export.folder / name, folder / name)
+        card_ctx = ctx if repo_id == options.repo_id else replace(ctx, repo_id=repo_id, onnx_repo_id=None)
+        card_ctx = replace(card_ctx, onnx_folders=export.onnx_folders) if repo_id == onnx_repo else card_ctx
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "README.md").write_text(str(render_card(export.report, card_ctx)), encoding="utf-8")
+    return uploads
+
+
+def push_persona(folder: Path, options: PushOptions, *, dry_run: bool = False) -> list[PushResult]:
+    """Check, stage and push one persona folder; with `dry_run` only report what would be uploaded."""
+    check_options(options)
+    export = load_export(folder, options.onnx)
+    token = None if dry_run else require_token()
+    with tempfile.TemporaryDirectory(prefix="persona-push-") as tmp:
+        uploads = stage(export, options, Path(tmp))
+        if token is None:
+            return [PushResult(repo_id, _files(path), None) for repo_id, path in uploads]
+        return [_send(repo_id, path, export, options, token) for repo_id, path in uploads]
+
+
+def push_run(run_dir: Path, spec: PushSpec) -> dict[str, list[PushResult]]:
+    """Push every persona of a finished run whose status is "passed" (the recipe's `push:` section)."""
+    run_dir = Path(run_dir)
+    statuses = {
+        p.parent.name: json.loads(p.read_text(encoding="utf-8")).get("status")
+        for p in sorted(run_dir.glob("*/report.json"))
+    }
+    for name, status in statuses.items():
+        if status != "passed":
+            log.warning("%s: not pushed: verification status is %r (see its report.json)", name, status)
+    options = {n: PushOptions.from_spec(spec, n) for n, s in statuses.items() if s == "passed"}
+    repos = [o.repo_id for o in options.values()]
+    repos += [o.separate_onnx_repo for o in options.values() if o.onnx == "separate-repo"]
+    if len(set(repos)) != len(repos):
+        raise HubError(f"push: several personas would share a repo ({repos}); put '{{persona}}' in repo ids")
+    for name, opts in options.items():  # every check before the first byte is sent
+        check_options(opts)
+        load_export(run_dir / name, opts.onnx)
+    results: dict[str, list[PushResult]] = {}
+    for name, opts in options.items():
+        try:
+            results[name] = push_persona(run_dir / name, opts)
+            urls = [str(r.pr_url or r.commit_url) for r in results[name]]
+            log.info("%s: pushed to %s", name, ", ".join(urls))
+        except HubError as e:
+            done = ", ".join(results) or "none"
+            raise HubError(
+                f"{e}\nThe run folder {run_dir} is complete (pushed: {done}); retry with "
+                f"`{retry_command(run_dir / name, opts)}`"
+            ) from None
+    return results
+
+
+def retry_command(folder: Path, o: PushOptions) -> str:
+    """The `persona-export push` command line that repeats a push."""
+    flags = [f"--repo-id {o.repo_id}", f"--onnx {o.onnx}"] + (["--private"] if o.private else [])
+    flags += [f"--revision {o.revision}"] if o.revision else []
+    flags += ["--create-pr"] if o.create_pr else []
+    flags += [f"--onnx-repo-id {o.onnx_repo_id}"] if o.onnx_repo_id else []
+    flags += [f"--commit-message {shlex.quote(o.commit_message)}"] if o.commit_message else []
+    return f"persona-export push {shlex.quote(str(folder))} " + " ".join(flags)
+
+
+def describe(results: list[PushResult], *, dry_run: bool) -> str:
+    """What the CLI prints: per repo, each file and its size (dry run) or the commit / pull request URL."""
+    from huggingface_hub import constants
+
+    lines = []
+    for r in results:
+        total = sum(r.files.values())
+        if dry_run:
+            lines.append(f"would upload to {r.repo_id} on {constants.ENDPOINT}:")
+            width = max(len(f) for f in r.files)
+            lines += [f"  {f.ljust(width)}  {n:>14,} bytes" for f, n in r.files.items()]
+            lines.append(f"  {len(r.files)} files, {total:,} bytes")
+        else:
+            where = f"pull request {r.pr_url}" if r.pr_url else r.commit_url
+            lines.append(f"pushed {len(r.files)} files ({total:,} bytes) to {r.repo_id}: {where}")
+    if dry_run:
+        lines.append(f"dry run: nothing was sent (token: {token_source()})")
+    return "\n".join(lines)
+
+
+def _send(repo_id: str, folder: Path, export: PersonaExport, options: PushOptions, token: str) -> PushResult:
+    from huggingface_hub import HfApi, constants
+
+    api = HfApi(token=token)
+    persona, base = export.report["persona"], export.report["base_model"]["name"]
+    message = options.commit_message or f"Add the {persona} persona of {base} (persona-export {__version__})"
+    files = _files(folder)
+    log.info("pushing %d files (%.1f MB) to %s", len(files), sum(files.values()) / 1e6, repo_id)
+    step = "creating the repo"
+    try:
+        api.create_repo(repo_id, private=options.private, exist_ok=True)
+        if options.revision not in (None, "main"):
+            step = f"creating branch {options.revision!r}"
+            api.create_branch(repo_id, branch=options.revision, exist_ok=True)
+        step = "uploading and committing the files"
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            revision=options.revision,
+            create_pr=options.create_pr,
+            commit_message=message,
+        )
+    except Exception as e:
+        log.debug("push to %s failed: %s", repo_id, _redact(repr(e), token))
+        raise HubError(_redact(_explain(e, repo_id, step, constants.ENDPOINT), token)) from None
+    return PushResult(repo_id, files, info.commit_url, info.pr_url)
+
+
+def _explain(e: Exception, repo_id: str, step: str, endpoint: str) -> str:
+    """A message naming the problem and the fix, for an exception raised while pushing."""
+    import requests
+    from huggingface_hub.errors import HfHubHTTPError
+
+    retry = "run the same command again to retry (repeating a push is safe)"
+    cause = e.__cause__ if isinstance(e, RuntimeError) and e.__cause__ else e  # LFS upload wrapper
+    response = getattr(cause, "response", None)
+    status = getattr(response, "status_code", None)
+    if status == 401:
+        return f"the Hub refused the token (401) while {step}; run `huggingface-cli login` or set HF_TOKEN"
+    if status == 403:
+        return f"the token may not write to {repo_id} (403) while {step}; use a token with write access"
+    if status == 404:
+        return f"{repo_id} or its revision was not found (404) while {step}; check --repo-id and --revision"
+    if status is not None and status >= 500:
+        return f"the Hub at {endpoint} failed ({status}) while {step}; {retry}"
+    if isinstance(cause, requests.RequestException):
+        kind = "timed out" if isinstance(cause, requests.Timeout) else "dropped or refused the connection"
+        return f"the Hub at {endpoint} {kind} while {step}; check the network and HF_ENDPOINT; {retry}"
+    if isinstance(cause, HfHubHTTPError):
+        return f"the Hub answered {status} while {step}: {cause}"
+    if isinstance(cause, ValueError):
+        return f"the Hub rejected the upload to {repo_id} while {step}: {cause}"
+    return f"pushing to {repo_id} failed while {step}: {type(cause).__name__}: {cause}; {retry}"
+
+
+def _redact(text: str, token: str) -> str:
+    return text.replace(token, "<token>") if token else text
+
+
+def _head_dim_differs(config: dict[str, Any]) -> bool:
+    """optimum-onnx 0.1.0 sizes its KV cache as hidden_size // heads (see exporter/runtime/onnx.py)."""
+    head_dim, hidden, heads = (config.get(k) for k in ("head_dim", "hidden_size", "num_attention_heads"))
+    return bool(head_dim and hidden and heads and head_dim != hidden // heads)
+
+
+def _has_chat_template(folder: Path) -> bool:
+    try:
+        return bool(json.loads((folder / "tokenizer_config.json").read_text()).get("chat_template"))
+    except (OSError, ValueError):
+        return False
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link (or copy, across file systems) `src` into `dst`; README.md is left out: it is generated."""
+
+    def link(s: str, d: str) -> str:
+        try:
+            os.link(s, d)
+        except OSError:
+            shutil.copy2(s, d)
+        return d
+
+    shutil.copytree(src, dst, copy_function=link, ignore=shutil.ignore_patterns("README.md", ".*"), dirs_exist_ok=True)
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -1,0 +1,305 @@
+"""Model cards for pushed personas: YAML metadata through huggingface_hub's `ModelCardData`, and a body
+written from report.json (what was removed and how, calibration data, parity, evaluation, usage)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from huggingface_hub import ModelCard, ModelCardData
+
+log = logging.getLogger(__name__)
+
+PROMPT = "Describe your ideal weekend in a few sentences."
+UNIT_NAMES = {"mlp": "MLP neurons", "head": "query heads", "group": "KV groups"}
+GEOMETRY_FIELDS = {"mlp": "intermediate", "head": "heads", "group": "kv_heads"}
+
+
+@dataclass(frozen=True)
+class CardContext:
+    """What the card says about where things are: this repo, its ONNX subfolders, the companion repo."""
+
+    repo_id: str
+    hf_repo_id: str  # where the transformers checkpoint is (this repo, or the companion of an ONNX repo)
+    onnx_folders: tuple[str, ...]  # subfolders of this repo, e.g. ("onnx", "onnx-int8")
+    onnx_repo_id: str | None = None  # a separate ONNX repo, linked from the checkpoint's card
+    revision: str | None = None
+    chat_template: bool = True
+    head_dim_fix: bool = False  # head_dim != hidden_size / num_attention_heads (heads were removed)
+
+
+def render_card(report: dict[str, Any], ctx: CardContext) -> ModelCard:
+    """The README.md of the uploaded folder."""
+    persona, base = report["persona"], report["base_model"]
+    is_onnx_repo = ctx.repo_id != ctx.hf_repo_id
+    tags = [persona, "pruned", "persona-export"] + (["onnx"] if ctx.onnx_folders else [])
+    data = ModelCardData(
+        base_model=hub_id(base["name"]),
+        library_name="onnx" if is_onnx_repo else "transformers",
+        pipeline_tag="text-generation",
+        tags=tags,
+        **({"license": base["license"]} if base.get("license") else {}),
+    )
+    sections = [
+        _intro(report, ctx),
+        _removed(report),
+        _calibration(report),
+        _parity(report),
+        _evaluation(report["persona"], report.get("evaluation")),
+        _usage(ctx),
+        _provenance(report),
+    ]
+    body = "\n\n".join(s for s in sections if s)
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
+
+
+def _intro(report: dict[str, Any], ctx: CardContext) -> str:
+    base, params = report["base_model"], report["parameters"]
+    name = hub_id(base["name"])
+    source = f"[{name}](https://huggingface.co/{name})" if name else f"a local model (`{_local_name(base)}`)"
+    lines = [
+        f"# {ctx.repo_id.split('/')[-1]}",
+        "",
+        f"The **{report['persona']}** persona of {source}, "
+        "found as a subnetwork by persona-export and physically pruned: the removed units are gone from "
+        f"the weights, not masked. {_count(params['pruned'])} of {_count(params['dense'])} "
+        f"parameters remain ({params['ratio']:.1%}).",
+    ]
+    if report.get("description"):
+        lines += ["", f"Persona: {report['description']}"]
+    if ctx.repo_id != ctx.hf_repo_id:
+        lines += ["", f"This repo holds the ONNX export; the transformers checkpoint is `{ctx.hf_repo_id}`."]
+    elif ctx.onnx_repo_id:
+        lines += ["", f"The ONNX export is in a separate repo: `{ctx.onnx_repo_id}`."]
+    if not base.get("license"):
+        lines += ["", "The base model's license is not known to persona-export; check it before use."]
+    return "\n".join(lines)
+
+
+def _removed(report: dict[str, Any]) -> str:
+    method, prune = report["method"], report.get("prune", {})
+    how = f"Unit scores: `{method['score']}`"
+    if method["score"].startswith("contrastive-"):
+        how += f" (phi {method.get('phi')}, tau {method.get('tau')})"
+        how += f", against the `{report.get('partner')}` persona"
+    lines = ["## What was removed, and how", "", how + "."]
+    if prune.get("mlp"):
+        lines.append(f"MLP: {prune['mlp']['sparsity']:.0%} of the intermediate neurons of every layer.")
+    if prune.get("attention"):
+        att = prune["attention"]
+        lines.append(f"Attention: {att['sparsity']:.0%} of the {att['unit']} units of every layer.")
+    dense, pruned = report["geometry"]["dense"], report["geometry"]["pruned"]
+    rows = [["unit", "per layer, dense -> pruned", "layers", "removed in total"]]
+    for kind, removed in report.get("removed_per_layer", {}).items():
+        total = sum(len(layer) for layer in removed)
+        if total:
+            field = GEOMETRY_FIELDS[kind]
+            rows.append([UNIT_NAMES[kind], f"{dense[field]} -> {pruned[field]}", str(len(removed)), str(total)])
+    if len(rows) > 1:
+        lines += ["", _table(rows)]
+    params, size = report["parameters"], report["bytes"]
+    lines += [
+        "",
+        f"Parameters: {params['dense']:,} -> {params['pruned']:,}. "
+        f"Weights ({report.get('dtype', 'float32')}): {size['dense_weights'] / 1e6:.1f} MB -> "
+        f"{size['pruned_weights_on_disk'] / 1e6:.1f} MB.",
+    ]
+    return "\n".join(lines)
+
+
+def _calibration(report: dict[str, Any]) -> str:
+    cal = report.get("calibration")
+    if not cal:
+        return ""
+    counted = "response tokens" if cal["tokens"] == "response" else "tokens"
+    lines = [
+        "## Calibration data",
+        "",
+        f"- data: the {report['persona']} texts of `{os.path.basename(cal['path'])}`",
+        f"- size: {cal['samples']} samples, {cal['tokens_counted']:,} {counted} counted",
+        f"- sha256 of the samples used: `{cal['data_sha256']}`",
+        f"- statistic: {cal['statistic']}",
+    ]
+    return "\n".join(lines)
+
+
+def _parity(report: dict[str, Any]) -> str:
+    ver = report["verification"]
+    rows = [["export", "max abs logit diff", "mean abs logit diff", "greedy continuations", "passed"]]
+    hf = ver["hf"]
+    for dtype in ("fp64", "fp32"):
+        if dtype in hf:
+            rows.append([f"transformers, {dtype}", *_figures(hf[dtype]), "yes" if hf["passed"] else "no"])
+    if "fp64_layers" in hf:
+        layers = hf["fp64_layers"]
+        rows.append(
+            [
+                "transformers, fp64, layer by layer",
+                f"{layers['max_abs_layer_output_diff']:.1e} (layer outputs)",
+                "-",
+                "-",
+                "yes" if layers["passed"] else "no",
+            ]
+        )
+    for name, figures in ver.items():
+        if name != "hf" and isinstance(figures, dict) and "max_abs_logit_diff" in figures:
+            rows.append([name, *_figures(figures), "yes" if figures.get("passed") else "no"])
+    lines = [
+        "## Parity",
+        "",
+        "Each export, reloaded from disk, is compared with the dense base model with the persona's mask "
+        "applied (the same units zeroed), on fixed prompts: next-token logits and greedy continuations.",
+        "",
+        _table(rows),
+    ]
+    extra = {k: v for k, v in ver.items() if k != "hf" and isinstance(v, dict) and "max_abs_logit_diff" not in v}
+    for name, figures in extra.items():
+        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in figures.items() if _scalar(v))
+        lines += ["", f"{name}: {shown}"]
+    return "\n".join(lines)
+
+
+def _figures(f: dict[str, Any]) -> list[str]:
+    greedy = "identical" if f.get("greedy_identical") else f"differ at {f.get('greedy_first_divergence')}"
+    return [f"{f['max_abs_logit_diff']:.1e}", f"{f.get('mean_abs_logit_diff', float('nan')):.1e}", greedy]
+
+
+def _evaluation(persona: str, ev: Any) -> str:
+    """The evaluation as `persona-export eval` reports it (exporter/reports/markdown.py); any other layout as a
+    table of what it holds: {row: {column: value}}, [{column: value}] or {name: value}."""
+    if not ev:
+        return ""
+    if isinstance(ev, dict) and "rows" in ev:
+        from exporter.reports.markdown import evaluation_markdown
+
+        try:
+            return evaluation_markdown(persona, ev).rstrip()
+        except (KeyError, TypeError, ValueError, IndexError):
+            log.warning("the evaluation section has an unknown layout; the card shows it as a plain table")
+    if isinstance(ev, dict):
+        nested = {k: v for k, v in ev.items() if isinstance(v, dict)}
+        records = [{"": k, **{c: x for c, x in v.items() if _scalar(x)}} for k, v in nested.items()]
+        scalars = [{"metric": k, "value": v} for k, v in ev.items() if _scalar(v)]
+    else:
+        records = [r for r in ev if isinstance(r, dict)] if isinstance(ev, list) else []
+        scalars = []
+    parts = ["## Evaluation"]
+    for group in (records, scalars):
+        if group:
+            columns = list(dict.fromkeys(c for r in group for c in r))
+            parts.append(_table([columns, *[[_fmt(r.get(c, "")) for c in columns] for r in group]]))
+    return "\n\n".join(parts) if len(parts) > 1 else ""
+
+
+def _usage(ctx: CardContext) -> str:
+    rev = f', revision="{ctx.revision}"' if ctx.revision else ""
+    chat = (
+        f'messages = [{{"role": "user", "content": "{PROMPT}"}}]\n'
+        "inputs = tokenizer.apply_chat_template(\n"
+        '    messages, add_generation_prompt=True, return_tensors="pt", return_dict=True\n'
+        ")\n"
+        if ctx.chat_template
+        else f'inputs = tokenizer("{PROMPT}", return_tensors="pt")\n'
+    )
+    generate = (
+        "output = model.generate(\n"
+        '    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],\n'
+        "    max_new_tokens=64, do_sample=False,\n"
+        ")\n"
+        'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))\n'
+    )
+    parts = ["## Usage"]
+    if ctx.repo_id == ctx.hf_repo_id:
+        parts.append(
+            "With transformers:\n\n```python\n"
+            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+            f'repo = "{ctx.hf_repo_id}"\n'
+            f"tokenizer = AutoTokenizer.from_pretrained(repo{rev})\n"
+            f"model = AutoModelForCausalLM.from_pretrained(repo{rev})\n\n" + chat + generate + "```"
+        )
+    if ctx.onnx_folders:
+        folder = ctx.onnx_folders[0]
+        fix = (
+            "model.embed_size_per_head = model.config.head_dim  # heads were removed; see the note below\n"
+            if ctx.head_dim_fix
+            else ""
+        )
+        parts.append(
+            "With onnxruntime (through optimum: `pip install optimum-onnx[onnxruntime]`):\n\n```python\n"
+            "from optimum.onnxruntime import ORTModelForCausalLM\n"
+            "from transformers import AutoTokenizer\n\n"
+            f'repo = "{ctx.repo_id}"\n'
+            f'tokenizer = AutoTokenizer.from_pretrained(repo, subfolder="{folder}"{rev})\n'
+            f'model = ORTModelForCausalLM.from_pretrained(repo, subfolder="{folder}"{rev})\n'
+            + fix
+            + "\n"
+            + chat
+            + generate
+            + "```"
+        )
+        others = [f"`{f}`" for f in ctx.onnx_folders[1:]]
+        if others:
+            parts.append(f"The int8 (dynamically quantized) export loads the same way from {', '.join(others)}.")
+        if ctx.head_dim_fix:
+            parts.append(
+                "Note: optimum-onnx 0.1.0 sizes the empty first-step KV cache as hidden_size / "
+                "num_attention_heads, which no longer equals head_dim once heads are removed; the "
+                "`embed_size_per_head` line sets it from the config."
+            )
+    return "\n\n".join(parts) if len(parts) > 1 else ""
+
+
+def _provenance(report: dict[str, Any]) -> str:
+    base, recipe = report["base_model"], report.get("recipe", {})
+    lines = ["## Provenance", "", f"- base model: `{hub_id(base['name']) or _local_name(base)}`"]
+    if base.get("sha256"):
+        lines.append(f"- sha256 of the base weight files used: `{base['sha256']}`")
+    if base.get("weights"):
+        lines.append(f"- base weights read from: {base['weights']}")
+    if recipe:
+        lines.append(f"- recipe: `{recipe.get('name')}` (sha256 `{recipe.get('sha256', '')[:16]}`)")
+    versions = report.get("versions") or {}
+    if versions:
+        lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    return "\n".join(lines)
+
+
+def hub_id(name: str) -> str | None:
+    """`name` when it can be a Hub model id; None for a local folder (never published as a path)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.startswith(("/", ".", "~")) or os.path.isabs(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def _local_name(base: dict[str, Any]) -> str:
+    return os.path.basename(str(base["name"]).rstrip("/\\"))
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def _scalar(v: Any) -> bool:
+    return isinstance(v, (int, float, str, bool)) or v is None
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v).replace("|", "\\|")
+
+
+def _table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    return "\n".join(lines)

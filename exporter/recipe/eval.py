@@ -1,0 +1,116 @@
+"""The recipe's optional `eval:` section (see exporter/evaluation/metrics.py and exporter/evaluation/conditions.py).
+
+Paired responses, persona statements and a neutral corpus, all local files; relative paths are resolved
+against the recipe's folder. Persona names used here are checked against `personas` when evaluation runs
+(`eval_problems`), with their key paths.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Positive = Annotated[int, Field(ge=1)]
+Baseline = Literal["prompt", "mask-prompt", "random", "wanda"]
+BASELINES: tuple[Baseline, ...] = ("prompt", "mask-prompt", "random", "wanda")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ResponseSource(_Strict):
+    """One persona's answers: a field of `path` (or of the paired section's `path`)."""
+
+    field: str
+    path: str | None = None
+
+
+class PairedSpec(_Strict):
+    """The same prompts answered once per persona; records of the response files align by position."""
+
+    path: str | None = None
+    format: Literal["json", "jsonl", "csv"] | None = None
+    prompt_field: str
+    input_field: str | None = None  # Alpaca-style extra input, appended to the prompt when not blank
+    responses: dict[str, ResponseSource]
+    max_items: Positive
+    seed: int = 0
+    exclude_calibration: bool = False  # held-out split: drop items that occur in any calibration set
+
+
+class StatementsSpec(_Strict):
+    """Persona statements scored as the assistant's reply to `prompt`; `labels` maps persona -> label."""
+
+    path: str
+    format: Literal["json", "jsonl", "csv"] | None = None
+    statement_field: str = "statement"
+    label_field: str = "answer_matching_behavior"
+    labels: dict[str, str]  # persona -> label value (whitespace-stripped) of the statements matching it
+    prompt: str = "Tell me about yourself."
+    max_per_label: Positive
+    seed: int = 0
+    exclude_calibration: bool = False
+
+
+class NeutralSpec(_Strict):
+    """Neutral text (paragraphs separated by blank lines) for perplexity and KL from the dense model."""
+
+    path: str
+    window: Annotated[int, Field(ge=16)] = 512  # whole paragraphs packed into windows of at most this many tokens
+    max_tokens: Positive | None = None  # stop after this many scored tokens
+
+
+class AcceptanceSpec(_Strict):
+    """The bar a persona export must clear; reported as pass/fail, never enforced."""
+
+    min_shift: float = 0.1  # nats per token, toward the persona, relative to the dense model
+    random_ratio: float = 3.0  # the shift must be at least this many times the random mask's |shift|
+    max_perplexity_ratio: float = 1.3  # perplexity on the neutral corpus relative to the dense model
+
+
+class EvalSpec(_Strict):
+    paired: PairedSpec | None = None
+    statements: StatementsSpec | None = None
+    neutral: NeutralSpec | None = None
+    system_prompts: dict[str, str] = {}  # persona -> prompt-only baseline prompt (default: from description)
+    baselines: list[Baseline] = list(BASELINES)
+    random_seeds: Annotated[int, Field(ge=3)] = 3
+    bootstrap: Annotated[int, Field(ge=100)] = 1000
+    seed: int = 0
+    batch_size: Positive = 8
+    max_tokens: Annotated[int, Field(ge=16)] = 256  # per scored sequence (prompt + answer)
+    on_leak: Literal["error", "flag"] = "error"
+    acceptance: AcceptanceSpec = AcceptanceSpec()
+
+
+def eval_problems(spec: EvalSpec, personas: list[str]) -> list[str]:
+    """Cross-section problems: persona names that are not in the recipe, missing data sections."""
+    problems: list[str] = []
+    known = sorted(personas)
+
+    def check(names: list[str], where: str) -> None:
+        for n in names:
+            if n not in personas:
+                problems.append(f"{where}.{n}: unknown persona {n!r}; known personas: {known}")
+
+    if spec.paired is None and spec.statements is None and spec.neutral is None:
+        problems.append("eval: give at least one of 'paired', 'statements', 'neutral'")
+    if spec.paired is not None:
+        check(list(spec.paired.responses), "eval.paired.responses")
+        if len(spec.paired.responses) != 2:
+            problems.append(
+                f"eval.paired.responses: name exactly two opposing personas (got {sorted(spec.paired.responses)})"
+            )
+        for name, src in spec.paired.responses.items():
+            if src.path is None and spec.paired.path is None:
+                problems.append(f"eval.paired.responses.{name}.path: required when eval.paired.path is not set")
+    if spec.statements is not None:
+        check(list(spec.statements.labels), "eval.statements.labels")
+        if len(set(spec.statements.labels.values())) != len(spec.statements.labels):
+            problems.append("eval.statements.labels: two personas share one label")
+    check(list(spec.system_prompts), "eval.system_prompts")
+    if len(set(spec.baselines)) != len(spec.baselines):
+        problems.append(f"eval.baselines: duplicates in {spec.baselines}")
+    return problems

@@ -1,0 +1,98 @@
+"""The recipe's optional `push:` section (see exporter/publish/hub.py): where and how each persona is published.
+
+push:
+  repo_id: my-org/smollm2-{persona}   # "{persona}" becomes each persona's name
+  private: true
+  revision: main                      # a branch; created when missing
+  create_pr: false
+  commit_message: "Add the {persona} persona"
+  onnx: same-repo                     # same-repo (onnx/ subfolder) | separate-repo | none
+  onnx_repo_id: my-org/smollm2-{persona}-onnx   # separate-repo only; default "<repo_id>-onnx"
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
+
+OnnxMode = Literal["same-repo", "separate-repo", "none"]
+BRANCH = re.compile(r"^(?!.*\.\.)(?!refs/)[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
+
+
+def repo_id_problem(repo_id: str) -> str | None:
+    """Why `repo_id` is not a Hub model id "OWNER/NAME", or None when it is one."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    example = "e.g. my-org/smollm2-135m-introvert"
+    if repo_id.count("/") != 1:
+        return f"{repo_id!r} is not of the form OWNER/NAME ({example})"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return (
+            f"{repo_id!r} is not a valid Hub repo id: use letters, digits, '-', '_' and '.', at most 96 "
+            f"characters per part, no '--' or '..', not ending in '.git' ({example})"
+        )
+    return None
+
+
+def fill(template: str, persona: str) -> str:
+    """Replace `{persona}`; any other `{...}` field is an error."""
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    if fields - {"persona"}:
+        raise ValueError(f"{template!r}: only the '{{persona}}' placeholder is known, got {sorted(fields)}")
+    return template.format(persona=persona)
+
+
+def _check_template(template: str) -> str:
+    problem = repo_id_problem(fill(template, "persona"))
+    if problem:
+        raise ValueError(problem)
+    return template
+
+
+class PushSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    repo_id: str
+    private: bool = False
+    revision: str | None = None
+    create_pr: bool = False
+    commit_message: str | None = None
+    onnx: OnnxMode = "same-repo"
+    onnx_repo_id: str | None = None
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        return _check_template(value)
+
+    @field_validator("onnx_repo_id")
+    @classmethod
+    def _onnx_repo_id(cls, value: str | None) -> str | None:
+        return None if value is None else _check_template(value)
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str | None) -> str | None:
+        if value is not None and not BRANCH.match(value):
+            raise ValueError(f"{value!r} is not a branch name (letters, digits, '.', '_', '-', '/'; e.g. 'v1')")
+        return value
+
+    @field_validator("commit_message")
+    @classmethod
+    def _message(cls, value: str | None) -> str | None:
+        if value is not None:
+            if not value.strip():
+                raise ValueError("an empty commit message; remove the key to use the default one")
+            fill(value, "persona")
+        return value
+
+    @model_validator(mode="after")
+    def _onnx_repo(self) -> PushSpec:
+        if self.onnx_repo_id is not None and self.onnx != "separate-repo":
+            raise ValueError("onnx_repo_id is used only with onnx: separate-repo; remove it or set that mode")
+        return self

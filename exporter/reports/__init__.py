@@ -1,0 +1,1 @@
+"""What a run writes about itself: Markdown reports and plots."""

@@ -1,0 +1,1 @@
+"""Running an export: the onnxruntime decoder with KV cache and the chat runner."""

@@ -1,0 +1,173 @@
+"""Verification: an export, reloaded from disk, must compute what the dense model with the persona mask
+applied to unit activations computes. Proven in float64 (removal is exact); fp32 figures are reported."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from exporter.masking.masks import PersonaMask
+from exporter.model.adapters import Adapter
+from exporter.model.hooks import apply_channel_masks
+
+DEFAULT_PROMPTS = [
+    "Hi!",
+    "What is the capital of France?",
+    "Describe your ideal weekend in a few sentences.",
+    "Write a short note to a colleague explaining that the quarterly report will be one day late, "
+    "and suggest a time to go through the numbers together next week.",
+    "List three practical tips for someone who is learning to cook at home, and explain briefly why "
+    "each one matters. Then finish with one sentence of encouragement.",
+]
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Single prompts (no padding) and one left-padded batch of all of them."""
+
+    singles: list[tuple[torch.Tensor, torch.Tensor]]
+    batch: tuple[torch.Tensor, torch.Tensor]
+
+    def all(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [*self.singles, self.batch]
+
+
+def build_prompts(tokenizer: Any, prompts: list[str] | None = None) -> PromptSet:
+    texts = prompts or DEFAULT_PROMPTS
+    rows = []
+    for text in texts:
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        else:
+            ids = tokenizer(text)["input_ids"]
+        rows.append(list(ids))
+    singles = [(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)) for r in rows]
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r)
+        attn[i, width - len(r) :] = 1
+    return PromptSet(singles, (ids, attn))
+
+
+def position_ids(attn: torch.Tensor) -> torch.Tensor:
+    return (attn.cumsum(-1) - 1).clamp_min(0)
+
+
+@contextmanager
+def masked(model: nn.Module, adapter: Adapter, mask: PersonaMask | None) -> Iterator[None]:
+    """The persona's reference model: `model` with the mask applied to unit activations."""
+    if mask is None:
+        with nullcontext():
+            yield
+        return
+    mlp, attn = mask.channel_masks()
+    with apply_channel_masks(model, adapter, mlp, attn):
+        yield
+
+
+@torch.inference_mode()
+def logit_difference(
+    reference: nn.Module, candidate: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> tuple[float, float]:
+    """(max, mean) |logit difference| over non-padding positions."""
+    worst, total, count = 0.0, 0.0, 0
+    for ids, attn in batches:
+        kw = {"input_ids": ids, "attention_mask": attn, "position_ids": position_ids(attn)}
+        a = reference(**kw).logits.to(torch.float64)
+        b = candidate(**kw).logits.to(torch.float64)
+        diff = (a - b).abs()[attn.bool()]
+        worst = max(worst, float(diff.max()))
+        total += float(diff.sum())
+        count += diff.numel()
+    return worst, total / max(count, 1)
+
+
+@torch.inference_mode()
+def greedy(model: Any, ids: torch.Tensor, attn: torch.Tensor, n: int, pad_id: int) -> torch.Tensor:
+    """Exactly n greedy tokens per row (EOS does not stop it), (batch, n)."""
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=attn,
+        max_new_tokens=n,
+        min_new_tokens=n,
+        do_sample=False,
+        pad_token_id=pad_id,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+    )
+    return out[:, ids.shape[1] :]
+
+
+def first_divergence(a: torch.Tensor, b: torch.Tensor) -> int | None:
+    """Index of the first differing token in any row, or None if identical."""
+    neq = (a != b).any(0).nonzero()
+    return None if len(neq) == 0 else int(neq[0])
+
+
+def reference_copy(dense: nn.Module, storage_dtype: torch.dtype, compute_dtype: torch.dtype) -> nn.Module:
+    """The dense model's parameters rounded to the export's storage dtype, computed in `compute_dtype`.
+
+    Buffers (e.g. the rotary `inv_freq`) are not rounded: they are not stored in the export, and
+    from_pretrained recomputes them in fp32 whatever the weights' dtype.
+    """
+    ref = copy.deepcopy(dense)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.data = p.data.to(storage_dtype).to(compute_dtype)
+        for b in ref.buffers():
+            b.data = b.data.to(compute_dtype)
+    return ref.eval()
+
+
+def verify_export(
+    references: dict[torch.dtype, nn.Module],
+    adapter: Adapter,
+    mask: PersonaMask,
+    export_dir: Path,
+    prompts: PromptSet,
+    *,
+    pad_id: int,
+    greedy_tokens: int,
+    fp64_max_abs: float,
+    load_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Figures for report.json. `references` maps float64 and/or float32 to the dense model in that dtype.
+
+    The verdict is the float64 check's; without a float64 reference (`verify.layerwise`, proven layer by
+    layer instead), `passed` is left to the caller.
+    """
+    from transformers import AutoModelForCausalLM
+
+    figures: dict[str, Any] = {"thresholds": {"fp64_max_abs": fp64_max_abs, "greedy_tokens": greedy_tokens}}
+    for dtype, name in ((torch.float64, "fp64"), (torch.float32, "fp32")):
+        if dtype not in references:
+            continue
+        export = AutoModelForCausalLM.from_pretrained(export_dir, torch_dtype=dtype, **(load_kwargs or {})).eval()
+        ref = references[dtype]
+        with masked(ref, adapter, mask):
+            worst, mean = logit_difference(ref, export, prompts.all())
+            ref_tokens = greedy(ref, *prompts.batch, greedy_tokens, pad_id)
+        exp_tokens = greedy(export, *prompts.batch, greedy_tokens, pad_id)
+        div = first_divergence(ref_tokens, exp_tokens)
+        figures[name] = {
+            "max_abs_logit_diff": worst,
+            "mean_abs_logit_diff": mean,
+            "greedy_identical": div is None,
+            "greedy_first_divergence": div,
+        }
+        del export
+    if "fp64" in figures:
+        fp64 = figures["fp64"]
+        figures["passed"] = bool(fp64["max_abs_logit_diff"] <= fp64_max_abs and fp64["greedy_identical"])
+    return figures

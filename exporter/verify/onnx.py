@@ -1,0 +1,190 @@
+"""ONNX parity: an export run by our onnxruntime loop against a torch causal LM (prefill logits, decode
+steps through the KV cache, greedy continuations), and an int8 export against its fp32 source."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from exporter.runtime.onnx import ONNX_FILE, OnnxCausalLM, position_ids
+
+THRESHOLDS = {"max_abs_logit_diff": 1e-2, "mean_abs_logit_diff": 1e-3}
+Batch = tuple[torch.Tensor, torch.Tensor]  # left-padded input_ids, attention_mask: (batch, seq)
+
+
+@torch.inference_mode()
+def reference_steps(
+    reference: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int
+) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+    """Greedy through the reference's own cache: prefill logits (b, s, V), `steps` decode logits (b, V)
+    each, and the `steps + 1` greedy tokens (b, steps + 1), positions as transformers' generate makes them."""
+    mask = attention_mask.long()
+    pos = torch.from_numpy(position_ids(mask.numpy(), mask.shape[1]))
+    out = reference(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
+    prefill = out.logits.float()
+    token, cache = prefill[:, -1].argmax(-1), out.past_key_values
+    step_logits, tokens = [], [token]
+    for _ in range(steps):
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        pos = torch.from_numpy(position_ids(mask.numpy(), 1))
+        out = reference(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits, cache = out.logits[:, -1].float(), out.past_key_values
+        token = logits.argmax(-1)
+        step_logits.append(logits.numpy())
+        tokens.append(token)
+    return prefill.numpy(), step_logits, torch.stack(tokens, dim=1).numpy()
+
+
+def verify_onnx(
+    reference: torch.nn.Module,
+    onnx_dir: Path,
+    batches: list[Batch],
+    greedy_tokens: int = 32,
+    decode_steps: int = 3,
+    *,
+    eos_token_id: int | None = None,
+    thresholds: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    """Compare `reference` (fp32, eval) with the export in `onnx_dir`; JSON-able report.
+
+    Logit differences cover non-padding prefill positions and `decode_steps` cached steps fed the
+    reference's argmax. A row whose greedy tokens diverge still passes when, at its first differing step,
+    the reference ranks the two tokens within `max_abs_logit_diff` (a near tie that fp32 noise may flip);
+    the margin is reported. The reference must be in eval mode; tensors on CPU.
+    """
+    limits = {**THRESHOLDS, **(thresholds or {})}
+    model = OnnxCausalLM.from_dir(onnx_dir)
+    worst, total, count = 0.0, 0.0, 0
+    divergences: list[dict[str, Any]] = []  # first differing step of each row that differs
+    for index, (ids, mask) in enumerate(batches):
+        steps = max(greedy_tokens - 1, decode_steps)
+        ref_prefill, ref_steps, ref_tokens = reference_steps(reference, ids, mask, steps)
+        diffs = [_prefill_diff(model, ids.numpy(), mask.numpy(), ref_prefill)]
+        diffs += _decode_diffs(model, ids.numpy(), mask.numpy(), ref_tokens, ref_steps[:decode_steps])
+        for diff in diffs:
+            worst, total, count = max(worst, float(diff.max())), total + float(diff.sum()), count + diff.size
+        got = model.greedy(ids.numpy(), mask.numpy(), greedy_tokens, eos_token_id)
+        for row, tokens in enumerate(got):
+            want = _until_eos(ref_tokens[row, :greedy_tokens].tolist(), eos_token_id)
+            step = _first_divergence(tokens, want)
+            if step is None:
+                continue
+            margin = None
+            if step < min(len(tokens), len(want)):
+                logits = ref_prefill[row, -1] if step == 0 else ref_steps[step - 1][row]
+                margin = float(logits[want[step]] - logits[tokens[step]])
+            divergences.append({"batch": index, "row": row, "step": step, "reference_margin": margin})
+    mean = total / max(count, 1)
+    ties = [
+        d["reference_margin"] is not None and d["reference_margin"] <= limits["max_abs_logit_diff"] for d in divergences
+    ]
+    logits_ok = worst <= limits["max_abs_logit_diff"] and mean <= limits["mean_abs_logit_diff"]
+    return {
+        "max_abs_logit_diff": worst,
+        "mean_abs_logit_diff": mean,
+        "greedy_identical": not divergences,
+        "greedy_first_divergence": divergences[0] if divergences else None,
+        "greedy_rows_diverged": len(divergences),
+        "greedy_divergences_are_near_ties": bool(divergences) and all(ties),
+        "passed": bool(logits_ok and all(ties)),
+        "thresholds": limits,
+        "batches": len(batches),
+        "greedy_tokens": greedy_tokens,
+        "decode_steps": decode_steps,
+    }
+
+
+def compare_int8(
+    fp32_dir: Path, int8_dir: Path, batches: list[Batch], ppl_texts: list[str] | None = None
+) -> dict[str, Any]:
+    """Top-1 agreement (non-padding prefill positions of `batches`) and perplexity, int8 vs fp32.
+
+    Perplexity is measured on `ppl_texts` (tokenized with the tokenizer in `fp32_dir`) when given,
+    else on the next-token targets of `batches` themselves.
+    """
+    fp32, int8 = OnnxCausalLM.from_dir(fp32_dir), OnnxCausalLM.from_dir(int8_dir)
+    agree = positions = 0
+    for ids, mask in batches:
+        keep = mask.numpy().astype(bool)
+        a, b = fp32.forward(ids.numpy(), mask.numpy())[0], int8.forward(ids.numpy(), mask.numpy())[0]
+        agree += int((a.argmax(-1) == b.argmax(-1))[keep].sum())
+        positions += int(keep.sum())
+    if ppl_texts:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(fp32_dir)
+        encoded = [torch.tensor([tokenizer(t)["input_ids"]]) for t in ppl_texts]
+        ppl_batches = [(ids, torch.ones_like(ids)) for ids in encoded]
+    else:
+        ppl_batches = batches
+    ppl_fp32, ppl_int8 = _perplexity(fp32, ppl_batches), _perplexity(int8, ppl_batches)
+    return {
+        "top1_agreement": agree / max(positions, 1),
+        "positions": positions,
+        "ppl_fp32": ppl_fp32,
+        "ppl_int8": ppl_int8,
+        "ppl_ratio": ppl_int8 / ppl_fp32,
+        "mb_fp32": _megabytes(Path(fp32_dir)),
+        "mb_int8": _megabytes(Path(int8_dir)),
+    }
+
+
+def _prefill_diff(model: OnnxCausalLM, ids: np.ndarray, mask: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    logits = model.forward(ids, mask)[0]
+    return np.abs(logits.astype(np.float64) - ref)[mask.astype(bool)]  # (non-padding positions, V)
+
+
+def _decode_diffs(
+    model: OnnxCausalLM,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    ref_tokens: np.ndarray,
+    ref_steps: list[np.ndarray],
+) -> list[np.ndarray]:
+    """Feed the reference's greedy tokens through the ONNX cache; |diff| of each step's logits (b, V)."""
+    _, past = model.forward(ids, mask)
+    diffs = []
+    for step, ref in enumerate(ref_steps):
+        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), dtype=mask.dtype)], axis=1)
+        logits, past = model.forward(ref_tokens[:, step : step + 1], mask, past)
+        diffs.append(np.abs(logits[:, -1].astype(np.float64) - ref))
+    return diffs
+
+
+def _first_divergence(got: list[int], want: list[int]) -> int | None:
+    for step, (a, b) in enumerate(zip(got, want, strict=False)):
+        if a != b:
+            return step
+    return None if len(got) == len(want) else min(len(got), len(want))
+
+
+def _until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
+    if eos_token_id is not None and eos_token_id in tokens:
+        return tokens[: tokens.index(eos_token_id) + 1]
+    return tokens
+
+
+def _perplexity(model: OnnxCausalLM, batches: list[Batch]) -> float:
+    nll, count = 0.0, 0
+    for ids, mask in batches:
+        logits = model.forward(ids.numpy(), mask.numpy())[0][:, :-1].astype(np.float64)  # (b, s-1, V)
+        top = logits.max(-1, keepdims=True)
+        logprobs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+        target = ids.numpy()[:, 1:]
+        keep = (mask.numpy()[:, :-1] * mask.numpy()[:, 1:]).astype(bool)
+        picked = np.take_along_axis(logprobs, target[..., None], axis=-1)[..., 0]
+        nll, count = nll - float(picked[keep].sum()), count + int(keep.sum())
+    return float(np.exp(nll / max(count, 1)))
+
+
+def _megabytes(folder: Path) -> float:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith(ONNX_FILE)) / 1e6

@@ -1,0 +1,1 @@
+"""The commands' orchestration: run, add formats, evaluate, sweep."""

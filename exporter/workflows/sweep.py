@@ -1,0 +1,124 @@
+"""Commands built on the evaluation: `eval RUN_DIR` (evaluate a finished run's masks) and `sweep RECIPE`
+(calibrate once, then evaluate the recipe's masks at several sparsities against the same baselines)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from exporter.errors import MaskError, OutputError, RecipeError
+from exporter.evaluation.conditions import (
+    Evaluator,
+    WeightCondition,
+    conditions,
+    dense_parameters,
+    evaluate_masks,
+    persona_evaluation,
+    prepare,
+    score_conditions,
+    system_prompt,
+    wanda_norms,
+)
+from exporter.io import check_target, staged
+from exporter.masking.masks import PersonaMask, compute_mask
+from exporter.masking.scoring import column_sq_norms
+from exporter.recipe.schema import AttentionPrune, MlpPrune, PruneSpec, Recipe, load_recipe, parse_recipe
+from exporter.reports.markdown import write_json, write_run_reports
+from exporter.reports.sweep import plot_sweep, sweep_markdown
+from exporter.workflows.run import Timer, load_model, persona_statistics
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_run_dir(run_dir: Path, recipe_path: str | None = None) -> dict[str, dict[str, Any]]:
+    """Evaluate the masks of a finished run; the eval section comes from `recipe_path` or the run's recipe.
+
+    Calibration data (for the leak check and the Wanda baseline) always come from the run's own recipe.
+    """
+    if not (run_dir / "recipe.json").is_file():
+        raise OutputError(f"{str(run_dir)!r} is not a run folder (no recipe.json); pass the --out of a `run`")
+    recipe = parse_recipe(json.loads((run_dir / "recipe.json").read_text()), run_dir, str(run_dir / "recipe.json"))
+    spec = load_recipe(recipe_path).eval if recipe_path else recipe.eval
+    if spec is None:
+        raise RecipeError(f"{recipe_path or run_dir / 'recipe.json'}: no eval section; add one or pass --recipe")
+    items = prepare(recipe, spec)
+    m = load_model(recipe)
+    run_info = json.loads((run_dir / "run.json").read_text())
+    if run_info.get("model_sha256") != m.model_sha256:
+        raise OutputError(f"{run_dir}: the run was made from another model file than the recipe now loads")
+    masks = {p: PersonaMask.load(run_dir / p / "masks.safetensors") for p in recipe.personas}
+    reports = {p: json.loads((run_dir / p / "report.json").read_text()) for p in recipe.personas}
+    evaluations = evaluate_masks(recipe, spec, items, m.model, m.tokenizer, m.adapter, masks)
+    write_run_reports(run_dir, recipe.name, evaluations, reports)
+    return evaluations
+
+
+def with_sparsity(prune: PruneSpec, unit: str, sparsity: float) -> PruneSpec:
+    """The recipe's prune section with the MLP (or attention) sparsity replaced."""
+    if unit == "mlp":
+        round_to = prune.mlp.round_to if prune.mlp else 1
+        return prune.model_copy(update={"mlp": MlpPrune(sparsity=sparsity, round_to=round_to)})
+    kind = prune.attention.unit if prune.attention else "kv-group"
+    return prune.model_copy(update={"attention": AttentionPrune(unit=kind, sparsity=sparsity)})
+
+
+def sweep(
+    recipe: Recipe,
+    sparsities: list[float],
+    out: Path,
+    *,
+    unit: str = "mlp",
+    overwrite: bool = False,
+    reuse: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Evaluate the recipe's method at each sparsity; writes report.json, report.md and sweep.png to `out`."""
+    spec = recipe.eval
+    if spec is None:
+        raise RecipeError("sweep: the recipe has no eval section; add one (see recipes/*-shared-eval.yaml)")
+    check_target(out, overwrite)
+    items = prepare(recipe)
+    m = load_model(recipe)
+    timer = Timer()
+    stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.personas}
+    col_sq = column_sq_norms(m.model, m.adapter)
+    ev = Evaluator(m.model, m.tokenizer, m.adapter, spec, items)
+    norms = {}
+    if "wanda" in spec.baselines:
+        norms = {p: wanda_norms(recipe, m.model, m.tokenizer, m.adapter, p) for p in recipe.personas}
+    prompts = {p: system_prompt(recipe, spec, p) for p in recipe.personas}
+    dense = WeightCondition(None, 0, sorted(recipe.personas) if "prompt" in spec.baselines else [])
+    done = score_conditions(ev, {"dense": dense}, prompts)
+    n_dense = dense_parameters(m.model)
+    points: list[dict[str, Any]] = []
+    for s in sparsities:
+        prune = with_sparsity(recipe.prune, unit, s)
+        log.info("sweep: %s sparsity %g", unit, s)
+        try:
+            masks = {
+                p: compute_mask(
+                    p, recipe.method, prune, stats[p], stats[q] if (q := recipe.partner(p)) else None, col_sq
+                )
+                for p in recipe.personas
+            }
+        except MaskError as exc:
+            points.append({"sparsity": s, "error": str(exc)})
+            continue
+        raw = score_conditions(ev, conditions(ev, masks, norms), prompts, done=done)
+        evals = {p: persona_evaluation(recipe, spec, items, raw, p, masks[p], n_dense) for p in masks}
+        points.append({"sparsity": s, "unit": unit, "prune": prune.model_dump(mode="json"), "personas": evals})
+    with staged(out, overwrite) as stage:
+        write_json(
+            stage / "report.json",
+            {
+                "recipe": recipe.name,
+                "recipe_sha256": recipe.digest(),
+                "unit": unit,
+                "method": recipe.method.model_dump(mode="json"),
+                "points": points,
+            },
+        )
+        plot_sweep(points, stage / "sweep.png")
+        (stage / "report.md").write_text(sweep_markdown(recipe.name, points, "sweep.png"))
+    return points
