@@ -55,7 +55,8 @@ def _mask(model, unit: str):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "qwen2"])
 def test_shard_by_shard_export_equals_in_memory_prune(model_type: str, tmp_path: Path) -> None:
     from exporter.export.prune import prune_model
-    from exporter.export.shards import SourceCheckpoint, prune_checkpoint
+    from exporter.export.shards import prune_checkpoint
+    from exporter.model.checkpoint import SourceCheckpoint
 
     dense = tiny_model(model_type)
     dense.save_pretrained(tmp_path / "src", max_shard_size="100KB")
@@ -192,7 +193,7 @@ def _prompt_set() -> PromptSet:
 def _rewrite(folder: Path, name: str, change) -> None:  # type: ignore[no-untyped-def]
     from safetensors.torch import save_file
 
-    from exporter.export.shards import SourceCheckpoint
+    from exporter.model.checkpoint import SourceCheckpoint
 
     shard = folder / SourceCheckpoint(folder).weight_map[name]
     tensors = load_file(str(shard))

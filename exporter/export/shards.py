@@ -1,8 +1,8 @@
-"""Checkpoints on disk, shard by shard: read a source's safetensors lazily, write a pruned sharded export.
+"""A pruned export written shard by shard (`prune_checkpoint`), never holding the whole model.
 
-Nothing here holds the whole model: tensors are read one at a time with `safe_open`, and each pruned shard is
-written tensor by tensor in the safetensors layout (8-byte header length, JSON header, data), its header
-computed from shapes first, so peak memory is about one tensor, whatever the shard size.
+Each pruned shard is written tensor by tensor in the safetensors layout (8-byte header length, JSON header,
+data), its header computed from shapes first, so peak memory is about one tensor, whatever the shard size.
+Tensors are read from the source with `exporter.model.checkpoint.SourceCheckpoint`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,76 +20,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from exporter.errors import ModelSourceError
 from exporter.export.prune import layer_plan
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter, SlicePlan
-
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
-
-class SourceCheckpoint:
-    """The tensors of a Hugging Face safetensors checkpoint folder (single file or sharded with an index)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = Path(folder)
-        index = self.folder / INDEX
-        if index.is_file():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        elif (self.folder / SINGLE).is_file():
-            with safe_open(str(self.folder / SINGLE), framework="pt") as f:
-                weight_map = dict.fromkeys(f.keys(), SINGLE)
-        else:
-            raise ModelSourceError(
-                f"{str(self.folder)!r} has neither {SINGLE} nor {INDEX}; layer-by-layer calibration and "
-                "shard-by-shard export need a safetensors checkpoint (convert it with save_pretrained)"
-            )
-        self.weight_map = weight_map
-
-    def shards(self) -> list[str]:
-        return sorted(set(self.weight_map.values()))
-
-    def load(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Read `names` (grouped by shard), nothing else."""
-        out: dict[str, torch.Tensor] = {}
-        by_shard: dict[str, list[str]] = {}
-        for name in names:
-            by_shard.setdefault(self.weight_map[name], []).append(name)
-        for shard, keys in by_shard.items():
-            with safe_open(str(self.folder / shard), framework="pt") as f:
-                for key in keys:
-                    out[key] = f.get_tensor(key)
-        return out
-
-    def shapes(self) -> Iterator[tuple[str, str, list[int]]]:
-        """(name, shard, shape) of every tensor, in shard then name order, from the headers alone."""
-        for shard in self.shards():
-            with safe_open(str(self.folder / shard), framework="pt") as f:
-                for name in sorted(f.keys()):
-                    if self.weight_map.get(name) == shard:
-                        yield name, shard, list(f.get_slice(name).get_shape())
-
-    def with_prefix(self, prefix: str) -> dict[str, torch.Tensor]:
-        """Every tensor whose name starts with `prefix`, keyed by the rest of its name."""
-        names = [n for n in self.weight_map if n.startswith(prefix)]
-        return {n[len(prefix) :]: t for n, t in self.load(names).items()}
-
-
-def checkpoint_parameters(folder: Path) -> int:
-    """Parameters stored in a checkpoint, from the shapes in its headers (a tied LM head is stored once)."""
-    return sum(math.prod(shape) for _, _, shape in SourceCheckpoint(folder).shapes())
-
-
-def checkpoint_dtype(folder: Path) -> str | None:
-    """The storage dtype a checkpoint's config.json names (`dtype`, or the older `torch_dtype`)."""
-    config = Path(folder) / "config.json"
-    if not config.is_file():
-        return None
-    data = json.loads(config.read_text())
-    name = data.get("dtype") or data.get("torch_dtype")
-    return name if isinstance(name, str) else None
+from exporter.model.checkpoint import INDEX, SINGLE, SourceCheckpoint
 
 
 def _rule(name: str, plans: list[SlicePlan], prefix: str) -> tuple[int, torch.Tensor] | None:

@@ -18,11 +18,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from exporter.export.shards import SourceCheckpoint
 from exporter.masking.calibrate import batches
 from exporter.masking.data import TokenizedSample
 from exporter.masking.stats import Statistics
 from exporter.model.adapters import Adapter
+from exporter.model.checkpoint import SourceCheckpoint
 from exporter.model.hooks import capture_unit_inputs
 
 Call = tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]  # (hidden states in, args, kwargs) of a layer

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from exporter.export.shards import SourceCheckpoint
 from exporter.masking.layerwise import _load, _release, empty_model, record_layer_calls
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
+from exporter.model.checkpoint import SourceCheckpoint
 from exporter.verify.hf import PromptSet, masked, position_ids
 
 

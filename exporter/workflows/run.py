@@ -23,7 +23,7 @@ from exporter import __version__
 from exporter.evaluation import conditions as eval_run
 from exporter.export.hf import DTYPES, export_hf
 from exporter.export.prune import count_parameters, prune_model
-from exporter.export.shards import checkpoint_dtype, checkpoint_parameters, prune_checkpoint
+from exporter.export.shards import prune_checkpoint
 from exporter.io import check_target, folder_bytes, staged
 from exporter.masking import cache
 from exporter.masking.calibrate import calibrate
@@ -34,6 +34,7 @@ from exporter.masking.scoring import column_sq_norms
 from exporter.masking.stats import Statistics
 from exporter.model import sources
 from exporter.model.adapters import Adapter, adapter_for
+from exporter.model.checkpoint import checkpoint_dtype, checkpoint_parameters
 from exporter.recipe.schema import PersonaSpec, Recipe
 from exporter.verify.hf import build_prompts, reference_copy, verify_export
 from exporter.verify.layers import verify_layers
