@@ -51,7 +51,7 @@ def write_random_model(folder: Path, size: str) -> int:
     """A random bf16 Llama in sharded safetensors; returns its weight bytes."""
     from transformers import LlamaConfig
 
-    from exporter.masking.layerwise import empty_model
+    from exporter.model.layer_by_layer import empty_model
 
     config = LlamaConfig(
         **SIZES[size],

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from exporter.masking.layerwise import _load, _release, empty_model, record_layer_calls
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.model.checkpoint import SourceCheckpoint
+from exporter.model.layer_by_layer import empty_model, load_weights, record_layer_calls, release
 from exporter.verify.hf import PromptSet, masked, position_ids
 
 
@@ -71,8 +71,8 @@ def verify_layers(
         pairs = zip(adapter.layers(dense), adapter.layers(pruned), strict=True)
         for i, (ref, cand) in enumerate(tqdm(pairs, total=mask.geometry.layers, desc="verify layers", leave=False)):
             where = f"{prefix}.{i}"
-            _load(ref, _rounded(source.with_prefix(f"{where}."), storage), torch.float64, f"source {where}")
-            _load(cand, export.with_prefix(f"{where}."), torch.float64, f"export {where}")
+            load_weights(ref, _rounded(source.with_prefix(f"{where}."), storage), torch.float64, f"source {where}")
+            load_weights(cand, export.with_prefix(f"{where}."), torch.float64, f"export {where}")
             worst = 0.0
             for b, (_, attn) in enumerate(batches):
                 _, args, kwargs = calls[b][i]
@@ -81,8 +81,8 @@ def verify_layers(
                 worst = max(worst, float((want - got).abs()[attn.bool()].max()))
                 hidden[b] = want
             per_layer.append(worst)
-            _release(ref)
-            _release(cand)
+            release(ref)
+            release(cand)
     outside = outside_layers_identical(source, export, prefix, storage)
     worst_layer = max(range(len(per_layer)), key=per_layer.__getitem__)
     return {
