@@ -16,8 +16,9 @@ import torch
 
 from exporter.masking.calibrate import batches, calibrate
 from exporter.masking.data import select_samples, tokenize
+from exporter.model.sources import load_model
 from exporter.recipe.schema import load_recipe
-from exporter.workflows import run as pipeline
+from exporter.workflows.run import run
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
@@ -25,7 +26,7 @@ RECIPE = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
 
 def calibration_overhead(recipe_path: Path, repeats: int = 3, overrides: list[str] | None = None) -> None:
     recipe = load_recipe(recipe_path, overrides)
-    m = pipeline.load_model(recipe)
+    m = load_model(recipe)
     name, persona = next(iter(recipe.personas.items()))
     samples = [tokenize(m.tokenizer, s, persona.calibration) for s in select_samples(persona.calibration)]
     pad, bs = m.tokenizer.pad_token_id, recipe.calibration.batch_size
@@ -58,7 +59,7 @@ def calibration_overhead(recipe_path: Path, repeats: int = 3, overrides: list[st
 
 def demo_run(out: Path) -> None:
     t = time.perf_counter()
-    summary = pipeline.run(load_recipe(RECIPE), out)
+    summary = run(load_recipe(RECIPE), out)
     wall = time.perf_counter() - t
     print(f"\n## persona-export run {RECIPE.name}: {wall:.1f} s wall")
     print(f"{'stage':32s} seconds")

@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from exporter.export.onnx import export_onnx
+from exporter.model.sources import load_model
 from exporter.recipe.schema import load_recipe
 from exporter.runtime.onnx import OnnxCausalLM, load_ort_model
-from exporter.workflows import run as pipeline
+from exporter.workflows.run import run
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
@@ -80,13 +81,13 @@ def build(tmp: Path) -> dict[str, Path]:
     """Dense ONNX plus each variant's persona ONNX exports, all made here."""
     dirs: dict[str, Path] = {}
     recipe = load_recipe(RECIPE, ["eval=null"])
-    m = pipeline.load_model(recipe)
+    m = load_model(recipe)
     m.model.save_pretrained(tmp / "dense-hf")
     m.tokenizer.save_pretrained(tmp / "dense-hf")
     dirs["dense"] = export_onnx(tmp / "dense-hf", tmp / "dense-onnx")
     for i, (name, overrides) in enumerate(VARIANTS.items()):
         out = tmp / f"run{i}"
-        pipeline.run(load_recipe(RECIPE, ["eval=null", "output.formats=[hf, onnx]", *overrides]), out)
+        run(load_recipe(RECIPE, ["eval=null", "output.formats=[hf, onnx]", *overrides]), out)
         for persona in ("introvert", "extravert"):
             dirs[f"{persona} | {name}"] = out / persona / "onnx"
     return dirs

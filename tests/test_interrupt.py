@@ -94,7 +94,7 @@ def test_disk_full_during_export_is_a_clear_error(tmp_path: Path, tiny_llama_dir
         raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
 
     monkeypatch.setattr(export_hf, "export_hf", full)
-    monkeypatch.setattr("exporter.workflows.run.export_hf", full)
+    monkeypatch.setattr("exporter.workflows.persona.export_hf", full)
     recipe = write_recipe(tmp_path, tiny_llama_dir)
     out = tmp_path / "runs" / "demo"
     assert main(["run", str(recipe), "--out", str(out)]) == 2

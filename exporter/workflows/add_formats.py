@@ -40,13 +40,16 @@ def write_report(folder: Path, report: dict[str, Any]) -> None:
 
 
 def add_formats(folder: Path, formats: list[str], overwrite: bool = False) -> dict[str, Any]:
-    """Add ONNX (and int8) exports to an existing persona, verified against its masked reference."""
+    """Add ONNX (and int8) exports to an existing persona, verified against its masked reference.
+
+    The model loads as the run that made the persona loaded it (within model.max_memory, offload included).
+    """
     from exporter.export.hf import DTYPES
     from exporter.masking.masks import PersonaMask
+    from exporter.model.sources import open_model
     from exporter.recipe.schema import Recipe
-    from exporter.verify.hf import build_prompts, reference_copy
+    from exporter.verify.hf import build_prompts, references
     from exporter.workflows.onnx_stage import onnx_stage
-    from exporter.workflows.run import load_model
 
     report = read_report(folder)
     if report.get("verification", {}).get("hf", {}).get("passed") is not True:
@@ -61,25 +64,17 @@ def add_formats(folder: Path, formats: list[str], overwrite: bool = False) -> di
     if not recipe_file.is_file():
         raise ExportFolderError(f"{recipe_file} is missing: the persona must sit in the run folder that made it")
     recipe = Recipe.model_validate(json.loads(recipe_file.read_text()))
-    m = load_model(recipe)
-    if m.model_sha256 != report["base_model"]["sha256"]:
-        raise ExportFolderError(
-            f"the base model's files changed since this run (sha256 {m.model_sha256[:12]} now, "
-            f"{report['base_model']['sha256'][:12]} then); re-run `persona-export run`"
-        )
-    mask = PersonaMask.load(folder / "masks.safetensors")
-    reference = reference_copy(m.model, DTYPES[report["dtype"]], torch.float32)
-    timings: dict[str, float] = {}
-    results = onnx_stage(
-        folder,
-        names,
-        reference,
-        m.adapter,
-        mask,
-        build_prompts(m.tokenizer, recipe.verify.prompts),
-        recipe.verify,
-        timings,
-    )
+    with open_model(recipe) as m:
+        if m.model_sha256 != report["base_model"]["sha256"]:
+            raise ExportFolderError(
+                f"the base model's files changed since this run (sha256 {m.model_sha256[:12]} now, "
+                f"{report['base_model']['sha256'][:12]} then); re-run `persona-export run`"
+            )
+        mask = PersonaMask.load(folder / "masks.safetensors")
+        reference = references(m, DTYPES[report["dtype"]], exact=False)[torch.float32]
+        timings: dict[str, float] = {}
+        prompts = build_prompts(m.tokenizer, recipe.verify.prompts)
+        results = onnx_stage(folder, names, reference, m.adapter, mask, prompts, recipe.verify, timings)
     report["verification"].update(results)
     report["timings_s"].update(timings)
     report["status"] = "passed" if all(r["passed"] for r in report["verification"].values()) else "failed"

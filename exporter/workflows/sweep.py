@@ -22,12 +22,13 @@ from exporter.evaluation.conditions import (
     wanda_norms,
 )
 from exporter.io import check_target, staged
-from exporter.masking.masks import PersonaMask, compute_mask
-from exporter.masking.scoring import column_sq_norms
+from exporter.masking.masks import PersonaMask, compute_masks
+from exporter.masking.statistics import column_norms, persona_statistics
+from exporter.model.sources import load_model
 from exporter.recipe.schema import AttentionPrune, MlpPrune, PruneSpec, Recipe, load_recipe, parse_recipe
 from exporter.reports.markdown import write_json, write_run_reports
+from exporter.reports.provenance import Timer
 from exporter.reports.sweep import plot_sweep, sweep_markdown
-from exporter.workflows.run import Timer, load_model, persona_statistics
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def sweep(
     m = load_model(recipe)
     timer = Timer()
     stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.personas}
-    col_sq = column_sq_norms(m.model, m.adapter)
+    col_sq = column_norms(m)
     ev = Evaluator(m.model, m.tokenizer, m.adapter, spec, items)
     norms = {}
     if "wanda" in spec.baselines:
@@ -96,12 +97,7 @@ def sweep(
         prune = with_sparsity(recipe.prune, unit, s)
         log.info("sweep: %s sparsity %g", unit, s)
         try:
-            masks = {
-                p: compute_mask(
-                    p, recipe.method, prune, stats[p], stats[q] if (q := recipe.partner(p)) else None, col_sq
-                )
-                for p in recipe.personas
-            }
+            masks = compute_masks(recipe, stats, col_sq, prune)
         except MaskError as exc:
             points.append({"sparsity": s, "error": str(exc)})
             continue

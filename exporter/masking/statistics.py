@@ -1,0 +1,95 @@
+"""One persona's activation statistics, reused from an earlier run or the cache when their key still matches,
+else calibrated; and the output projections' column norms that every score multiplies them with."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exporter.masking import cache
+from exporter.masking.calibrate import calibrate
+from exporter.masking.data import samples_digest, select_samples, tokenize
+from exporter.masking.layerwise import calibrate_layerwise, column_sq_norms_from_checkpoint
+from exporter.masking.scoring import column_sq_norms
+from exporter.masking.stats import Statistics
+from exporter.model.sources import Loaded
+from exporter.recipe.schema import PersonaSpec, Recipe
+from exporter.reports.provenance import Timer, versions
+
+log = logging.getLogger(__name__)
+STATS_FORMAT = 1  # bump when the statistic's definition changes: saved statistics become stale
+
+
+def stats_key(recipe: Recipe, persona: PersonaSpec, model_sha: str, data_sha: str) -> str:
+    cal = persona.calibration
+    fields = {
+        "format": STATS_FORMAT,
+        "model": model_sha,
+        "data": data_sha,
+        "chat_template": cal.chat_template,
+        "system_prompt": cal.system_prompt,
+        "max_tokens": cal.max_tokens,
+        "tokens": recipe.calibration.tokens,
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def persona_statistics(
+    recipe: Recipe, name: str, m: Loaded, reuse: Path | None, timer: Timer, use_cache: bool = True
+) -> tuple[Statistics, dict[str, Any]]:
+    """Calibrate one persona, or reuse statistics saved by an earlier run when their key still matches."""
+    spec = recipe.personas[name]
+    samples = select_samples(spec.calibration)
+    data_sha = samples_digest(samples)
+    key = stats_key(recipe, spec, m.model_sha256, data_sha)
+    if reuse is not None:
+        saved = reuse / "stats" / f"{name}.safetensors"
+        if saved.is_file():
+            stats, info = Statistics.load(saved)
+            if info.get("key") == key:
+                log.info("%s: reusing statistics from %s", name, saved)
+                return stats, info
+            log.info("%s: saved statistics in %s are stale (model, data or settings changed)", name, saved)
+    if use_cache and (cached := cache.load_cached(key)) is not None:
+        log.info("%s: reusing cached statistics %s", name, key[:12])
+        return cached
+    t = time.perf_counter()
+    tokenized = [tokenize(m.tokenizer, s, spec.calibration) for s in samples]
+    layerwise = recipe.calibration.layerwise or m.bounded  # one decoder layer at a time, read from the shards
+    run_calibration = partial(calibrate_layerwise, m.resolved.folder) if layerwise else partial(calibrate, m.model)
+    stats = run_calibration(
+        m.adapter,
+        tokenized,
+        pad_id=m.tokenizer.pad_token_id,
+        batch_size=recipe.calibration.batch_size,
+        response_only=recipe.calibration.tokens == "response",
+        desc=f"calibrate {name}",
+    )
+    timer.add(f"calibrate.{name}", t)
+    info = {
+        "key": key,
+        "persona": name,
+        "data_path": spec.calibration.path,
+        "data_sha256": data_sha,
+        "model_sha256": m.model_sha256,
+        "statistic": "per-sample RMS over counted tokens",
+        "tokens": recipe.calibration.tokens,
+        "versions": versions(),
+    }
+    if use_cache:
+        cache.store(key, stats, info)
+    return stats, info
+
+
+def column_norms(m: Loaded) -> dict[str, torch.Tensor]:
+    """Squared column norms of every layer's output projections; read from the shards when not whole in memory."""
+    if m.bounded:
+        return column_sq_norms_from_checkpoint(m.resolved.folder, m.adapter, m.model.config)
+    return column_sq_norms(m.model, m.adapter)

@@ -1,0 +1,195 @@
+"""One persona of a run: its mask saved, the pruned checkpoint written and proven, ONNX added, report.json."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exporter.export.hf import DTYPES, export_hf
+from exporter.export.prune import count_parameters, prune_model
+from exporter.export.shards import prune_checkpoint
+from exporter.io import folder_bytes
+from exporter.masking.masks import PersonaMask
+from exporter.model.checkpoint import checkpoint_parameters
+from exporter.model.sources import Loaded
+from exporter.recipe.schema import Recipe
+from exporter.reports.provenance import Timer, versions
+from exporter.verify.hf import PromptSet, verify_export
+from exporter.verify.layers import verify_layers
+from exporter.workflows.onnx_stage import onnx_stage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Written:
+    """A pruned checkpoint on disk: its files' sizes and the parameter counts before and after."""
+
+    folder: Path
+    files: dict[str, int]  # file name -> bytes
+    dense_params: int
+    pruned_params: int
+
+
+def describe(mask: PersonaMask) -> str:
+    d, p = mask.geometry, mask.pruned_geometry()
+    parts = [f"{d.intermediate - p.intermediate} of {d.intermediate} MLP neurons"]
+    if p.heads != d.heads:
+        parts.append(f"{d.heads - p.heads} of {d.heads} query heads ({d.kv_heads - p.kv_heads} KV heads)")
+    return " and ".join(parts) + " per layer"
+
+
+def write_checkpoint(m: Loaded, mask: PersonaMask, out: Path, dtype: str, timer: Timer, name: str) -> Written:
+    """Prune and save: shard by shard from the source checkpoint when the model is not whole in memory."""
+    t = time.perf_counter()
+    if m.bounded:
+        files = prune_checkpoint(m.resolved.folder, m.adapter, mask, out, dtype=DTYPES[dtype], tokenizer=m.tokenizer)
+        timer.add(f"export_hf.{name}", t)
+        return Written(out, files, checkpoint_parameters(m.resolved.folder), checkpoint_parameters(out))
+    pruned = prune_model(copy.deepcopy(m.model), m.adapter, mask)
+    timer.add(f"prune.{name}", t)
+    t = time.perf_counter()
+    files = export_hf(pruned, m.tokenizer, out, dtype)
+    timer.add(f"export_hf.{name}", t)
+    return Written(out, files, count_parameters(m.model), count_parameters(pruned))
+
+
+def verify_checkpoint(
+    recipe: Recipe,
+    m: Loaded,
+    mask: PersonaMask,
+    hf_dir: Path,
+    references: dict[torch.dtype, Any],
+    prompts: PromptSet,
+    name: str,
+) -> dict[str, Any]:
+    """The export against the masked model: end to end (float64 and/or fp32), and layer by layer if asked."""
+    figures = verify_export(
+        references,
+        m.adapter,
+        mask,
+        hf_dir,
+        prompts,
+        pad_id=m.tokenizer.pad_token_id,
+        greedy_tokens=recipe.verify.greedy_tokens,
+        fp64_max_abs=recipe.verify.fp64_max_abs,
+        load_kwargs=m.placement(name),
+    )
+    if recipe.verify.layerwise:
+        figures["fp64_layers"] = verify_layers(
+            m.resolved.folder,
+            hf_dir,
+            m.adapter,
+            mask,
+            prompts,
+            storage=DTYPES[recipe.output.dtype],
+            max_abs=recipe.verify.fp64_max_abs,
+        )
+        figures["passed"] = figures["fp64_layers"]["passed"]
+    return figures
+
+
+def export_persona(
+    recipe: Recipe,
+    name: str,
+    m: Loaded,
+    mask: PersonaMask,
+    stats_info: dict[str, Any],
+    references: dict[torch.dtype, Any],
+    prompts: PromptSet,
+    stage: Path,
+    timer: Timer,
+) -> dict[str, Any]:
+    """Write `stage/<name>` (masks, hf/, onnx/ when asked, report.json); returns the report."""
+    folder = stage / name
+    folder.mkdir()
+    mask_manifest = {"recipe_sha256": recipe.digest(), "model_sha256": m.model_sha256, "stats_key": stats_info["key"]}
+    mask.save(folder / "masks.safetensors", mask_manifest)
+
+    log.info("%s: removing %s and exporting", name, describe(mask))
+    written = write_checkpoint(m, mask, folder / "hf", recipe.output.dtype, timer, name)
+    t = time.perf_counter()
+    log.info("%s: verifying the export against the masked model (float64 and fp32)", name)
+    figures = verify_checkpoint(recipe, m, mask, folder / "hf", references, prompts, name)
+    timer.add(f"verify_hf.{name}", t)
+    onnx_timings: dict[str, float] = {}
+    onnx: dict[str, Any] = {}
+    if figures["passed"]:  # ONNX is made from the proven checkpoint only
+        formats: list[str] = list(recipe.output.formats)
+        reference = references[torch.float32]
+        onnx = onnx_stage(folder, formats, reference, m.adapter, mask, prompts, recipe.verify, onnx_timings)
+    timings = {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")} | onnx_timings
+    report = persona_report(recipe, name, m, mask, stats_info, written, {"hf": figures, **onnx}, timings)
+    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    if not figures["passed"]:
+        log.error(
+            "%s: the export does not match the masked model: %s", name, figures.get("fp64_layers", figures.get("fp64"))
+        )
+    elif report["status"] != "passed":
+        log.error("%s: the ONNX export does not match the masked model: %s", name, onnx["onnx"])
+    return report
+
+
+def persona_report(
+    recipe: Recipe,
+    name: str,
+    m: Loaded,
+    mask: PersonaMask,
+    stats_info: dict[str, Any],
+    written: Written,
+    verification: dict[str, Any],
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    passed = all(r["passed"] for r in verification.values())
+    element = torch.tensor([], dtype=DTYPES[recipe.output.dtype]).element_size()
+    weights_bytes = sum(size for f, size in written.files.items() if f.endswith(".safetensors"))
+    dense_params, pruned_params = written.dense_params, written.pruned_params
+    return {
+        "persona": name,
+        "description": recipe.personas[name].description,
+        "partner": recipe.partner(name),
+        "status": "passed" if passed else "failed",
+        "base_model": {
+            "name": m.resolved.base_model,
+            "sha256": m.model_sha256,
+            "license": m.resolved.license,
+            "model_type": m.model.config.model_type,
+            "weights": (
+                f"GGUF file {m.resolved.gguf_file}, de-quantized to float32 by transformers"
+                if m.resolved.gguf_file
+                else "safetensors"
+            ),
+        },
+        "recipe": {"name": recipe.name, "sha256": recipe.digest()},
+        "method": recipe.method.model_dump(mode="json"),
+        "prune": recipe.prune.model_dump(mode="json"),
+        "calibration": {
+            "path": recipe.personas[name].calibration.path,
+            "samples": stats_info["n_samples"],
+            "tokens_counted": stats_info["n_tokens"],
+            "data_sha256": stats_info["data_sha256"],
+            "statistic": stats_info["statistic"],
+            "tokens": stats_info["tokens"],
+        },
+        "geometry": {"dense": vars(mask.geometry), "pruned": vars(mask.pruned_geometry())},
+        "removed_per_layer": {k: mask.removed(k) for k in ("mlp", "head", "group")},
+        "parameters": {"dense": dense_params, "pruned": pruned_params, "ratio": pruned_params / dense_params},
+        "bytes": {
+            "dense_weights": dense_params * element,
+            "pruned_weights_on_disk": weights_bytes,
+            "hf_folder": folder_bytes(written.folder),
+            "ratio": weights_bytes / (dense_params * element),
+        },
+        "dtype": recipe.output.dtype,
+        "loading": {"max_memory": m.max_memory, "device_map": m.device_map()} if m.bounded else {"whole": True},
+        "verification": verification,
+        "timings_s": timings,
+        "versions": versions(),
+    }
