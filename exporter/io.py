@@ -1,14 +1,17 @@
-"""Atomic outputs: everything is written into a hidden staging folder next to the target, then renamed."""
+"""Atomic outputs: a run is written into a hidden staging folder next to the target, then renamed; single
+files are written next to their target, then renamed (`write_atomic`, `write_json`)."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from exporter.errors import OutputError
 
@@ -112,6 +115,17 @@ def staged(out: Path, overwrite: bool = False) -> Iterator[Path]:
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.replace(stage, out)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` in one rename (a reader never sees half a file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, data: Any) -> None:
+    write_atomic(path, json.dumps(data, indent=2))
 
 
 def folder_bytes(path: Path) -> int:

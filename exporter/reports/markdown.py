@@ -6,11 +6,12 @@ Only figures present in the evaluation records are printed; nothing here compute
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+from exporter.io import write_atomic, write_json
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -26,16 +27,6 @@ COLUMNS = [
     "perplexity (x dense)",
     "KL",
 ]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, data: Any) -> None:
-    write_atomic(path, json.dumps(data, indent=2))
 
 
 def fmt_ci(x: dict[str, Any] | None, fmt: str = "+.3f") -> str:

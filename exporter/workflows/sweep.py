@@ -21,12 +21,12 @@ from exporter.evaluation.conditions import (
     system_prompt,
     wanda_norms,
 )
-from exporter.io import check_target, staged
+from exporter.io import check_target, staged, write_json
 from exporter.masking.masks import PersonaMask, compute_masks
 from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.model.sources import load_model
 from exporter.recipe.schema import AttentionPrune, MlpPrune, PruneSpec, Recipe, load_recipe, parse_recipe
-from exporter.reports.markdown import write_json, write_run_reports
+from exporter.reports.markdown import write_run_reports
 from exporter.reports.provenance import Timer
 from exporter.reports.sweep import plot_sweep, sweep_markdown
 
