@@ -69,10 +69,10 @@ def demo_run(out: Path) -> None:
         f"\n{'persona':12s} {'params dense':>14s} {'params pruned':>14s} {'ratio':>7s} {'MB dense':>9s} {'MB pruned':>10s}"
     )
     for name, r in summary["reports"].items():
-        p, b = r["parameters"], r["bytes"]
+        p, b = r.parameters, r.bytes
         print(
-            f"{name:12s} {p['dense']:14,d} {p['pruned']:14,d} {p['ratio']:7.4f} "
-            f"{b['dense_weights'] / 1e6:9.1f} {b['pruned_weights_on_disk'] / 1e6:10.1f}"
+            f"{name:12s} {p.dense:14,d} {p.pruned:14,d} {p.ratio:7.4f} "
+            f"{b.dense_weights / 1e6:9.1f} {b.pruned_weights_on_disk / 1e6:10.1f}"
         )
 
 

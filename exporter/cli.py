@@ -7,9 +7,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporter.errors import PersonaExportError
+
+if TYPE_CHECKING:
+    from exporter.reports.persona import PersonaReport
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -19,12 +22,12 @@ def _table(rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def summary_table(reports: dict[str, dict[str, Any]]) -> str:
+def summary_table(reports: dict[str, PersonaReport]) -> str:
     head = ["persona", "status", "params dense -> pruned", "weights MB", "fp64 max|dlogit|", "fp32 max|dlogit|"]
     rows = [[*head, "greedy", "onnx max|dlogit|"]]
     for name, r in reports.items():
-        hf = r["verification"]["hf"]
-        p, b = r["parameters"], r["bytes"]
+        hf = r.verification["hf"].figures
+        p, b = r.parameters, r.bytes
         exact = hf.get("fp64") or {  # proven layer by layer: the worst layer output, no fp64 greedy run
             "max_abs_logit_diff": hf["fp64_layers"]["max_abs_layer_output_diff"],
             "greedy_identical": hf["fp32"]["greedy_identical"],
@@ -32,13 +35,13 @@ def summary_table(reports: dict[str, dict[str, Any]]) -> str:
         rows.append(
             [
                 name,
-                r["status"],
-                f"{p['dense'] / 1e6:.1f}M -> {p['pruned'] / 1e6:.1f}M ({p['ratio']:.3f})",
-                f"{b['dense_weights'] / 1e6:.0f} -> {b['pruned_weights_on_disk'] / 1e6:.0f}",
+                r.status,
+                f"{p.dense / 1e6:.1f}M -> {p.pruned / 1e6:.1f}M ({p.ratio:.3f})",
+                f"{b.dense_weights / 1e6:.0f} -> {b.pruned_weights_on_disk / 1e6:.0f}",
                 f"{exact['max_abs_logit_diff']:.1e}",
                 f"{hf['fp32']['max_abs_logit_diff']:.1e}",
                 "identical" if exact["greedy_identical"] else "DIFFERENT",
-                f"{r['verification']['onnx']['max_abs_logit_diff']:.1e}" if "onnx" in r["verification"] else "-",
+                f"{r.verification['onnx'].figures['max_abs_logit_diff']:.1e}" if "onnx" in r.verification else "-",
             ]
         )
     return _table(rows)
@@ -81,8 +84,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     formats = ["onnx", "onnx-int8"] if args.format == "onnx-int8" else ["onnx"]
     report = add_formats(Path(args.persona_dir), formats, overwrite=args.overwrite)
-    print(summary_table({report["persona"]: report}))
-    if report["status"] != "passed":
+    print(summary_table({report.persona: report}))
+    if not report.passed:
         print("error: ONNX verification failed; see report.json", file=sys.stderr)
         return 3
     return 0

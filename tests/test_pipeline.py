@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from exporter.cli import main
+from exporter.reports.persona import SCHEMA_VERSION, read_report
 from exporter.workflows import persona as persona_workflow
 from tests.conftest import tiny_tokenizer, write_recipe
 
@@ -36,6 +37,7 @@ def test_run_writes_verified_smaller_exports(recipe: Path, tmp_path: Path, capsy
     for persona in ("introvert", "extravert"):
         folder = out / persona
         report = json.loads((folder / "report.json").read_text())
+        assert read_report(folder).dump() == report and report["schema_version"] == SCHEMA_VERSION  # one layout
         hf = report["verification"]["hf"]
         assert report["status"] == "passed" and hf["passed"]
         assert hf["fp64"]["max_abs_logit_diff"] <= 1e-6 and hf["fp64"]["greedy_identical"]

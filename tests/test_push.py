@@ -27,6 +27,7 @@ from exporter.publish.hub import PushOptions, push_persona, push_run
 from exporter.publish.modelcard import CardContext, render_card
 from exporter.recipe.push import PushSpec
 from exporter.recipe.schema import parse_recipe
+from exporter.reports.persona import PersonaReport
 from tests.conftest import tiny_model, tiny_tokenizer, write_recipe
 from tests.hubserver import FakeHub
 
@@ -46,7 +47,13 @@ def make_report(persona: str, status: str = "passed", **verification: Any) -> di
         "description": f"The {persona} test persona.",
         "partner": "extravert",
         "status": status,
-        "base_model": {"name": BASE, "sha256": "ab" * 32, "license": "apache-2.0"},
+        "base_model": {
+            "name": BASE,
+            "sha256": "ab" * 32,
+            "license": "apache-2.0",
+            "model_type": "llama",
+            "weights": "safetensors",
+        },
         "recipe": {"name": "tiny", "sha256": "cd" * 32},
         "method": {"score": "contrastive-wanda", "phi": "softplus", "tau": 0.25},
         "prune": {"mlp": {"sparsity": 0.25}, "attention": {"unit": "kv-group", "sparsity": 0.34}},
@@ -63,7 +70,9 @@ def make_report(persona: str, status: str = "passed", **verification: Any) -> di
         "parameters": {"dense": 20000, "pruned": 15000, "ratio": 0.75},
         "bytes": {"dense_weights": 80000, "pruned_weights_on_disk": 60000, "hf_folder": 70000, "ratio": 0.75},
         "dtype": "float32",
+        "loading": {"whole": True},
         "verification": {"hf": hf, **verification},
+        "timings_s": {"export_hf": 0.5},
         "versions": {"persona-export": "0.1.0"},
     }
 
@@ -336,7 +345,11 @@ def test_onnx_goes_to_a_subfolder_or_its_own_repo(
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"status": "failed"}, "verification of 'introvert' failed (status 'failed'); only proven exports"),
+        (
+            {"status": "failed", "verification": {"hf": {"passed": False}}},
+            "verification of 'introvert' failed (status 'failed'); only proven exports",
+        ),
+        ({"status": "passed", "verification": {"hf": {"passed": False}}}, "verification of 'introvert' failed"),
         ({"verification": {}}, "has no verification result; only verified exports are pushed"),
         ({"onnx": None}, "but its verification is missing; only proven exports are pushed"),
         ({"onnx": {"max_abs_logit_diff": 0.5, "passed": False}}, "but its verification failed"),
@@ -574,8 +587,8 @@ def test_card_shows_the_evaluation_as_persona_export_eval_writes_it() -> None:
         "definitions": {"shift": "margin under the condition minus the dense model's margin"},
     }
     ctx = CardContext(REPO, REPO, ())
-    text = render_card(report, ctx).text
+    text = render_card(PersonaReport.model_validate(report), ctx).text
     assert "## Persona evaluation: introvert (vs extravert)" in text
     assert "| mask-only | 0.01M (25.0%) | – | +0.250 [+0.100, +0.400] |" in text
     report["evaluation"] = {"rows": "not a list of conditions", "accuracy": 0.9}  # another layout
-    assert "| rows | not a list of conditions |" in render_card(report, ctx).text
+    assert "| rows | not a list of conditions |" in render_card(PersonaReport.model_validate(report), ctx).text

@@ -158,6 +158,7 @@ def test_run_with_layer_by_layer_verification(tmp_path: Path, capsys: pytest.Cap
 
     from exporter.cli import main
     from exporter.publish.modelcard import _parity
+    from exporter.reports.persona import read_report
     from tests.conftest import tiny_tokenizer, write_recipe
 
     src = tmp_path / "llama"
@@ -175,7 +176,7 @@ def test_run_with_layer_by_layer_verification(tmp_path: Path, capsys: pytest.Cap
         layers = hf["fp64_layers"]
         assert layers["passed"] and len(layers["per_layer_max_abs"]) == report["geometry"]["dense"]["layers"]
         assert layers["max_abs_layer_output_diff"] <= 1e-6 and layers["outside_layers_differ"] == []
-        assert "fp64, layer by layer" in _parity(report)  # the model card's parity table
+        assert "fp64, layer by layer" in _parity(read_report(tmp_path / "run" / persona))  # the card's parity table
     assert table.count("passed") >= 2
 
 

@@ -37,6 +37,7 @@ from exporter.model.adapters import Adapter
 from exporter.recipe.eval import EvalSpec, eval_problems
 from exporter.recipe.schema import Recipe
 from exporter.reports.markdown import write_run_reports
+from exporter.reports.persona import PersonaReport
 from exporter.verify.hf import masked
 
 log = logging.getLogger(__name__)
@@ -264,7 +265,7 @@ def evaluate_into(
     items: EvalItems,
     m: Any,
     masks: dict[str, PersonaMask],
-    reports: dict[str, dict[str, Any]],
+    reports: dict[str, PersonaReport],
 ) -> None:
     """The run's eval stage: evaluate every persona of the loaded model `m`, write reports into `folder`."""
     assert recipe.eval is not None

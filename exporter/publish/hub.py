@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from exporter import __version__
-from exporter.errors import HubError
+from exporter.errors import ExportFolderError, HubError
 from exporter.publish.modelcard import CardContext, render_card
 from exporter.recipe.push import BRANCH, OnnxMode, PushSpec, fill, repo_id_problem
+from exporter.reports.persona import PersonaReport, load_report
 
 log = logging.getLogger(__name__)
 ONNX_FOLDERS = ("onnx", "onnx-int8")
@@ -61,7 +62,7 @@ class PersonaExport:
     """A persona folder that passed every check: its report, hf/config.json and the ONNX folders to push."""
 
     folder: Path
-    report: dict[str, Any]
+    report: PersonaReport
     config: dict[str, Any]
     onnx_folders: tuple[str, ...]
 
@@ -104,7 +105,6 @@ def load_export(folder: Path, onnx: OnnxMode = "same-repo") -> PersonaExport:
     if not report_path.is_file():
         raise HubError(f"{str(folder)!r} is not a persona export (no report.json); pass RUN_DIR/<persona>")
     try:
-        report = json.loads(report_path.read_text(encoding="utf-8"))
         config = json.loads((folder / "hf" / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise HubError(f"{str(folder)!r} has no hf/config.json: not a complete persona export") from None
@@ -112,28 +112,31 @@ def load_export(folder: Path, onnx: OnnxMode = "same-repo") -> PersonaExport:
         raise HubError(f"cannot read the export in {str(folder)!r}: {e}; re-run the export") from None
     if not any((folder / "hf").glob("*.safetensors")):
         raise HubError(f"{str(folder / 'hf')!r} holds no *.safetensors weights: not a complete export")
-    needed = ("persona", "status", "base_model", "parameters", "bytes", "geometry", "method")
-    missing = [k for k in needed if k not in report] if isinstance(report, dict) else list(needed)
-    if missing:
-        raise HubError(f"{report_path} lacks {missing}: not written by persona-export run; re-run the export")
-    hf = (report.get("verification") or {}).get("hf")
-    if not isinstance(hf, dict) or "passed" not in hf:
+    try:
+        report = load_report(report_path)
+    except ExportFolderError as e:
+        raise HubError(f"{e}; only verified exports are pushed") from None
+    hf = report.verification.get("hf")
+    if hf is None or hf.passed is None:
         raise HubError(f"{report_path} has no verification result; only verified exports are pushed")
-    if report["status"] != "passed" or hf["passed"] is not True:
-        raise HubError(
-            f"verification of {report['persona']!r} failed (status {report['status']!r}); only proven "
-            f"exports are pushed: see verification in {report_path}, fix the cause and re-run"
-        )
+    failed = HubError(
+        f"verification of {report.persona!r} failed (status {report.status!r}); only proven "
+        f"exports are pushed: see verification in {report_path}, fix the cause and re-run"
+    )
+    if hf.passed is not True:
+        raise failed
     present = tuple(f for f in ONNX_FOLDERS if (folder / f).is_dir()) if onnx != "none" else ()
     for name in present:
-        result = report["verification"].get(name) or report["verification"].get(name.replace("-", "_"))
-        if not isinstance(result, dict) or result.get("passed") is not True:
-            state = "is missing" if not isinstance(result, dict) else "failed"
-            state = "has no passed flag" if isinstance(result, dict) and "passed" not in result else state
+        result = report.verification.get(name) or report.verification.get(name.replace("-", "_"))
+        if result is None or result.passed is not True:
+            state = "is missing" if result is None else "failed"
+            state = "has no passed flag" if result is not None and result.passed is None else state
             raise HubError(
                 f"{name}/ is present in {str(folder)!r} but its verification {state}; only proven exports "
                 "are pushed: re-run the export, or pass --onnx none to push only the checkpoint"
             )
+    if not report.passed:  # a format that is not pushed failed: the persona's status is "failed"
+        raise failed
     return PersonaExport(folder, report, config, present)
 
 
@@ -211,10 +214,7 @@ def push_persona(folder: Path, options: PushOptions, *, dry_run: bool = False) -
 def push_run(run_dir: Path, spec: PushSpec) -> dict[str, list[PushResult]]:
     """Push every persona of a finished run whose status is "passed" (the recipe's `push:` section)."""
     run_dir = Path(run_dir)
-    statuses = {
-        p.parent.name: json.loads(p.read_text(encoding="utf-8")).get("status")
-        for p in sorted(run_dir.glob("*/report.json"))
-    }
+    statuses = {p.parent.name: load_report(p).status for p in sorted(run_dir.glob("*/report.json"))}
     for name, status in statuses.items():
         if status != "passed":
             log.warning("%s: not pushed: verification status is %r (see its report.json)", name, status)
@@ -275,7 +275,7 @@ def _send(repo_id: str, folder: Path, export: PersonaExport, options: PushOption
     from huggingface_hub import HfApi, constants
 
     api = HfApi(token=token)
-    persona, base = export.report["persona"], export.report["base_model"]["name"]
+    persona, base = export.report.persona, export.report.base_model.name
     message = options.commit_message or f"Add the {persona} persona of {base} (persona-export {__version__})"
     files = _files(folder)
     log.info("pushing %d files (%.1f MB) to %s", len(files), sum(files.values()) / 1e6, repo_id)

@@ -10,6 +10,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from exporter.reports.persona import BaseModelInfo, PersonaReport
+
 log = logging.getLogger(__name__)
 
 PROMPT = "Describe your ideal weekend in a few sentences."
@@ -30,24 +32,24 @@ class CardContext:
     head_dim_fix: bool = False  # head_dim != hidden_size / num_attention_heads (heads were removed)
 
 
-def render_card(report: dict[str, Any], ctx: CardContext) -> ModelCard:
+def render_card(report: PersonaReport, ctx: CardContext) -> ModelCard:
     """The README.md of the uploaded folder."""
-    persona, base = report["persona"], report["base_model"]
+    persona, base = report.persona, report.base_model
     is_onnx_repo = ctx.repo_id != ctx.hf_repo_id
     tags = [persona, "pruned", "persona-export"] + (["onnx"] if ctx.onnx_folders else [])
     data = ModelCardData(
-        base_model=hub_id(base["name"]),
+        base_model=hub_id(base.name),
         library_name="onnx" if is_onnx_repo else "transformers",
         pipeline_tag="text-generation",
         tags=tags,
-        **({"license": base["license"]} if base.get("license") else {}),
+        license=base.license or None,
     )
     sections = [
         _intro(report, ctx),
         _removed(report),
         _calibration(report),
         _parity(report),
-        _evaluation(report["persona"], report.get("evaluation")),
+        _evaluation(report.persona, report.evaluation),
         _usage(ctx),
         _provenance(report),
     ]
@@ -55,78 +57,76 @@ def render_card(report: dict[str, Any], ctx: CardContext) -> ModelCard:
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}\n")
 
 
-def _intro(report: dict[str, Any], ctx: CardContext) -> str:
-    base, params = report["base_model"], report["parameters"]
-    name = hub_id(base["name"])
+def _intro(report: PersonaReport, ctx: CardContext) -> str:
+    base, params = report.base_model, report.parameters
+    name = hub_id(base.name)
     source = f"[{name}](https://huggingface.co/{name})" if name else f"a local model (`{_local_name(base)}`)"
     lines = [
         f"# {ctx.repo_id.split('/')[-1]}",
         "",
-        f"The **{report['persona']}** persona of {source}, "
+        f"The **{report.persona}** persona of {source}, "
         "found as a subnetwork by persona-export and physically pruned: the removed units are gone from "
-        f"the weights, not masked. {_count(params['pruned'])} of {_count(params['dense'])} "
-        f"parameters remain ({params['ratio']:.1%}).",
+        f"the weights, not masked. {_count(params.pruned)} of {_count(params.dense)} "
+        f"parameters remain ({params.ratio:.1%}).",
     ]
-    if report.get("description"):
-        lines += ["", f"Persona: {report['description']}"]
+    if report.description:
+        lines += ["", f"Persona: {report.description}"]
     if ctx.repo_id != ctx.hf_repo_id:
         lines += ["", f"This repo holds the ONNX export; the transformers checkpoint is `{ctx.hf_repo_id}`."]
     elif ctx.onnx_repo_id:
         lines += ["", f"The ONNX export is in a separate repo: `{ctx.onnx_repo_id}`."]
-    if not base.get("license"):
+    if not base.license:
         lines += ["", "The base model's license is not known to persona-export; check it before use."]
     return "\n".join(lines)
 
 
-def _removed(report: dict[str, Any]) -> str:
-    method, prune = report["method"], report.get("prune", {})
-    how = f"Unit scores: `{method['score']}`"
-    if method["score"].startswith("contrastive-"):
-        how += f" (phi {method.get('phi')}, tau {method.get('tau')})"
-        how += f", against the `{report.get('partner')}` persona"
+def _removed(report: PersonaReport) -> str:
+    method, prune = report.method, report.prune
+    how = f"Unit scores: `{method.score}`"
+    if method.contrastive:
+        how += f" (phi {method.phi}, tau {method.tau})"
+        how += f", against the `{report.partner}` persona"
     lines = ["## What was removed, and how", "", how + "."]
-    if prune.get("mlp"):
-        lines.append(f"MLP: {prune['mlp']['sparsity']:.0%} of the intermediate neurons of every layer.")
-    if prune.get("attention"):
-        att = prune["attention"]
-        lines.append(f"Attention: {att['sparsity']:.0%} of the {att['unit']} units of every layer.")
-    dense, pruned = report["geometry"]["dense"], report["geometry"]["pruned"]
+    if prune.mlp:
+        lines.append(f"MLP: {prune.mlp.sparsity:.0%} of the intermediate neurons of every layer.")
+    if prune.attention:
+        att = prune.attention
+        lines.append(f"Attention: {att.sparsity:.0%} of the {att.unit} units of every layer.")
+    dense, pruned = report.geometry.dense, report.geometry.pruned
     rows = [["unit", "per layer, dense -> pruned", "layers", "removed in total"]]
-    for kind, removed in report.get("removed_per_layer", {}).items():
+    for kind, removed in report.removed_per_layer.items():
         total = sum(len(layer) for layer in removed)
         if total:
             field = GEOMETRY_FIELDS[kind]
             rows.append([UNIT_NAMES[kind], f"{dense[field]} -> {pruned[field]}", str(len(removed)), str(total)])
     if len(rows) > 1:
         lines += ["", _table(rows)]
-    params, size = report["parameters"], report["bytes"]
+    params, size = report.parameters, report.bytes
     lines += [
         "",
-        f"Parameters: {params['dense']:,} -> {params['pruned']:,}. "
-        f"Weights ({report.get('dtype', 'float32')}): {size['dense_weights'] / 1e6:.1f} MB -> "
-        f"{size['pruned_weights_on_disk'] / 1e6:.1f} MB.",
+        f"Parameters: {params.dense:,} -> {params.pruned:,}. "
+        f"Weights ({report.dtype}): {size.dense_weights / 1e6:.1f} MB -> "
+        f"{size.pruned_weights_on_disk / 1e6:.1f} MB.",
     ]
     return "\n".join(lines)
 
 
-def _calibration(report: dict[str, Any]) -> str:
-    cal = report.get("calibration")
-    if not cal:
-        return ""
-    counted = "response tokens" if cal["tokens"] == "response" else "tokens"
+def _calibration(report: PersonaReport) -> str:
+    cal = report.calibration
+    counted = "response tokens" if cal.tokens == "response" else "tokens"
     lines = [
         "## Calibration data",
         "",
-        f"- data: the {report['persona']} texts of `{os.path.basename(cal['path'])}`",
-        f"- size: {cal['samples']} samples, {cal['tokens_counted']:,} {counted} counted",
-        f"- sha256 of the samples used: `{cal['data_sha256']}`",
-        f"- statistic: {cal['statistic']}",
+        f"- data: the {report.persona} texts of `{os.path.basename(cal.path)}`",
+        f"- size: {cal.samples} samples, {cal.tokens_counted:,} {counted} counted",
+        f"- sha256 of the samples used: `{cal.data_sha256}`",
+        f"- statistic: {cal.statistic}",
     ]
     return "\n".join(lines)
 
 
-def _parity(report: dict[str, Any]) -> str:
-    ver = report["verification"]
+def _parity(report: PersonaReport) -> str:
+    ver = {name: check.figures for name, check in report.verification.items()}
     rows = [["export", "max abs logit diff", "mean abs logit diff", "greedy continuations", "passed"]]
     hf = ver["hf"]
     for dtype in ("fp64", "fp32"):
@@ -251,16 +251,15 @@ def _usage(ctx: CardContext) -> str:
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
-def _provenance(report: dict[str, Any]) -> str:
-    base, recipe = report["base_model"], report.get("recipe", {})
-    lines = ["## Provenance", "", f"- base model: `{hub_id(base['name']) or _local_name(base)}`"]
-    if base.get("sha256"):
-        lines.append(f"- sha256 of the base weight files used: `{base['sha256']}`")
-    if base.get("weights"):
-        lines.append(f"- base weights read from: {base['weights']}")
-    if recipe:
-        lines.append(f"- recipe: `{recipe.get('name')}` (sha256 `{recipe.get('sha256', '')[:16]}`)")
-    versions = report.get("versions") or {}
+def _provenance(report: PersonaReport) -> str:
+    base, recipe = report.base_model, report.recipe
+    lines = ["## Provenance", "", f"- base model: `{hub_id(base.name) or _local_name(base)}`"]
+    if base.sha256:
+        lines.append(f"- sha256 of the base weight files used: `{base.sha256}`")
+    if base.weights:
+        lines.append(f"- base weights read from: {base.weights}")
+    lines.append(f"- recipe: `{recipe.name}` (sha256 `{recipe.sha256[:16]}`)")
+    versions = report.versions
     if versions:
         lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
     return "\n".join(lines)
@@ -279,8 +278,8 @@ def hub_id(name: str) -> str | None:
     return name
 
 
-def _local_name(base: dict[str, Any]) -> str:
-    return os.path.basename(str(base["name"]).rstrip("/\\"))
+def _local_name(base: BaseModelInfo) -> str:
+    return os.path.basename(base.name.rstrip("/\\"))
 
 
 def _count(n: int) -> str:

@@ -12,6 +12,7 @@ from typing import Any
 import matplotlib
 
 from exporter.io import write_atomic, write_json
+from exporter.reports.persona import PersonaReport, write_report
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -121,21 +122,21 @@ def evaluation_markdown(persona: str, ev: dict[str, Any], plot: str | None = Non
     return "\n".join(lines) + "\n"
 
 
-def persona_markdown(report: dict[str, Any], plot: str | None = None) -> str:
-    p, hf = report["parameters"], report["verification"]["hf"]
+def persona_markdown(report: PersonaReport, plot: str | None = None) -> str:
+    p, hf = report.parameters, report.verification["hf"].figures
     head = [
-        f"# {report['persona']} — {report['recipe']['name']}",
+        f"# {report.persona} — {report.recipe.name}",
         "",
-        f"{report['description']}",
+        f"{report.description}",
         "",
-        f"- Base model: {report['base_model']['name']}; method {report['method']['score']}; "
-        f"prune {json.dumps(report['prune'])}.",
-        f"- Parameters: {p['dense'] / 1e6:.2f}M -> {p['pruned'] / 1e6:.2f}M ({p['ratio']:.3f}).",
-        f"- Verification: {report['status']} (fp64 max |dlogit| {hf['fp64']['max_abs_logit_diff']:.1e}).",
+        f"- Base model: {report.base_model.name}; method {report.method.score}; "
+        f"prune {json.dumps(report.prune.model_dump(mode='json'))}.",
+        f"- Parameters: {p.dense / 1e6:.2f}M -> {p.pruned / 1e6:.2f}M ({p.ratio:.3f}).",
+        f"- Verification: {report.status} (fp64 max |dlogit| {hf['fp64']['max_abs_logit_diff']:.1e}).",
         "",
     ]
-    ev = report.get("evaluation")
-    return "\n".join(head) + (evaluation_markdown(report["persona"], ev, plot) if ev else "No evaluation.\n")
+    ev = report.evaluation
+    return "\n".join(head) + (evaluation_markdown(report.persona, ev, plot) if ev else "No evaluation.\n")
 
 
 def run_markdown(name: str, evaluations: dict[str, dict[str, Any]], plot: str | None) -> str:
@@ -207,13 +208,13 @@ def plot_run(evaluations: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def write_run_reports(
-    folder: Path, name: str, evaluations: dict[str, dict[str, Any]], reports: dict[str, dict[str, Any]]
+    folder: Path, name: str, evaluations: dict[str, dict[str, Any]], reports: dict[str, PersonaReport]
 ) -> None:
     """Each persona's report.json (`evaluation` added), report.md and eval.png; the run's report.{md,json}."""
     for persona, ev in evaluations.items():
         report = reports[persona]
-        report["evaluation"] = ev
-        write_json(folder / persona / "report.json", report)
+        report.evaluation = ev
+        write_report(folder / persona, report)
         plot_run({persona: ev}, folder / persona / "eval.png")
         write_atomic(folder / persona / "report.md", persona_markdown(report, "eval.png"))
     plot_run(evaluations, folder / "eval.png")

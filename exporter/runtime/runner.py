@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from exporter.errors import ExportFolderError, OnnxModelError
-from exporter.workflows.add_formats import read_report
+from exporter.reports.persona import read_report
 
 
 def _tokenizer(folder: Path, vocab_size: int) -> Any:

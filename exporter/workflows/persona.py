@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -20,6 +19,17 @@ from exporter.masking.masks import PersonaMask
 from exporter.model.checkpoint import checkpoint_parameters
 from exporter.model.sources import Loaded
 from exporter.recipe.schema import Recipe
+from exporter.reports.persona import (
+    BaseModelInfo,
+    CalibrationInfo,
+    Check,
+    Geometries,
+    Parameters,
+    PersonaReport,
+    RecipeRef,
+    Sizes,
+    write_report,
+)
 from exporter.reports.provenance import Timer, versions
 from exporter.verify.hf import PromptSet, verify_export
 from exporter.verify.layers import verify_layers
@@ -106,7 +116,7 @@ def export_persona(
     prompts: PromptSet,
     stage: Path,
     timer: Timer,
-) -> dict[str, Any]:
+) -> PersonaReport:
     """Write `stage/<name>` (masks, hf/, onnx/ when asked, report.json); returns the report."""
     folder = stage / name
     folder.mkdir()
@@ -127,12 +137,12 @@ def export_persona(
         onnx = onnx_stage(folder, formats, reference, m.adapter, mask, prompts, recipe.verify, onnx_timings)
     timings = {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")} | onnx_timings
     report = persona_report(recipe, name, m, mask, stats_info, written, {"hf": figures, **onnx}, timings)
-    (folder / "report.json").write_text(json.dumps(report, indent=2))
+    write_report(folder, report)
     if not figures["passed"]:
         log.error(
             "%s: the export does not match the masked model: %s", name, figures.get("fp64_layers", figures.get("fp64"))
         )
-    elif report["status"] != "passed":
+    elif not report.passed:
         log.error("%s: the ONNX export does not match the masked model: %s", name, onnx["onnx"])
     return report
 
@@ -146,50 +156,45 @@ def persona_report(
     written: Written,
     verification: dict[str, Any],
     timings: dict[str, float],
-) -> dict[str, Any]:
-    passed = all(r["passed"] for r in verification.values())
+) -> PersonaReport:
     element = torch.tensor([], dtype=DTYPES[recipe.output.dtype]).element_size()
     weights_bytes = sum(size for f, size in written.files.items() if f.endswith(".safetensors"))
     dense_params, pruned_params = written.dense_params, written.pruned_params
-    return {
-        "persona": name,
-        "description": recipe.personas[name].description,
-        "partner": recipe.partner(name),
-        "status": "passed" if passed else "failed",
-        "base_model": {
-            "name": m.resolved.base_model,
-            "sha256": m.model_sha256,
-            "license": m.resolved.license,
-            "model_type": m.model.config.model_type,
-            "weights": (
-                f"GGUF file {m.resolved.gguf_file}, de-quantized to float32 by transformers"
-                if m.resolved.gguf_file
-                else "safetensors"
-            ),
-        },
-        "recipe": {"name": recipe.name, "sha256": recipe.digest()},
-        "method": recipe.method.model_dump(mode="json"),
-        "prune": recipe.prune.model_dump(mode="json"),
-        "calibration": {
-            "path": recipe.personas[name].calibration.path,
-            "samples": stats_info["n_samples"],
-            "tokens_counted": stats_info["n_tokens"],
-            "data_sha256": stats_info["data_sha256"],
-            "statistic": stats_info["statistic"],
-            "tokens": stats_info["tokens"],
-        },
-        "geometry": {"dense": vars(mask.geometry), "pruned": vars(mask.pruned_geometry())},
-        "removed_per_layer": {k: mask.removed(k) for k in ("mlp", "head", "group")},
-        "parameters": {"dense": dense_params, "pruned": pruned_params, "ratio": pruned_params / dense_params},
-        "bytes": {
-            "dense_weights": dense_params * element,
-            "pruned_weights_on_disk": weights_bytes,
-            "hf_folder": folder_bytes(written.folder),
-            "ratio": weights_bytes / (dense_params * element),
-        },
-        "dtype": recipe.output.dtype,
-        "loading": {"max_memory": m.max_memory, "device_map": m.device_map()} if m.bounded else {"whole": True},
-        "verification": verification,
-        "timings_s": timings,
-        "versions": versions(),
-    }
+    gguf = m.resolved.gguf_file
+    return PersonaReport(
+        persona=name,
+        description=recipe.personas[name].description,
+        partner=recipe.partner(name),
+        base_model=BaseModelInfo(
+            name=m.resolved.base_model,
+            sha256=m.model_sha256,
+            license=m.resolved.license,
+            model_type=m.model.config.model_type,
+            weights=f"GGUF file {gguf}, de-quantized to float32 by transformers" if gguf else "safetensors",
+        ),
+        recipe=RecipeRef(name=recipe.name, sha256=recipe.digest()),
+        method=recipe.method,
+        prune=recipe.prune,
+        calibration=CalibrationInfo(
+            path=recipe.personas[name].calibration.path,
+            samples=stats_info["n_samples"],
+            tokens_counted=stats_info["n_tokens"],
+            data_sha256=stats_info["data_sha256"],
+            statistic=stats_info["statistic"],
+            tokens=stats_info["tokens"],
+        ),
+        geometry=Geometries(dense=vars(mask.geometry), pruned=vars(mask.pruned_geometry())),
+        removed_per_layer={k: mask.removed(k) for k in ("mlp", "head", "group")},
+        parameters=Parameters(dense=dense_params, pruned=pruned_params, ratio=pruned_params / dense_params),
+        bytes=Sizes(
+            dense_weights=dense_params * element,
+            pruned_weights_on_disk=weights_bytes,
+            hf_folder=folder_bytes(written.folder),
+            ratio=weights_bytes / (dense_params * element),
+        ),
+        dtype=recipe.output.dtype,
+        loading={"max_memory": m.max_memory, "device_map": m.device_map()} if m.bounded else {"whole": True},
+        verification={k: Check(**v) for k, v in verification.items()},
+        timings_s=timings,
+        versions=versions(),
+    )

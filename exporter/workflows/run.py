@@ -68,7 +68,7 @@ def run(
                 "recipe_sha256": recipe.digest(),
                 "base_model": m.resolved.base_model,
                 "model_sha256": m.model_sha256,
-                "personas": {n: r["status"] for n, r in reports.items()},
+                "personas": {n: r.status for n, r in reports.items()},
                 "timings_s": timer.stages,
                 "versions": versions(),
             }

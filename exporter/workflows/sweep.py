@@ -27,6 +27,7 @@ from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.model.sources import load_model
 from exporter.recipe.schema import AttentionPrune, MlpPrune, PruneSpec, Recipe, load_recipe, parse_recipe
 from exporter.reports.markdown import write_run_reports
+from exporter.reports.persona import read_report
 from exporter.reports.provenance import Timer
 from exporter.reports.sweep import plot_sweep, sweep_markdown
 
@@ -50,7 +51,7 @@ def evaluate_run_dir(run_dir: Path, recipe_path: str | None = None) -> dict[str,
     if run_info.get("model_sha256") != m.model_sha256:
         raise OutputError(f"{run_dir}: the run was made from another model file than the recipe now loads")
     masks = {p: PersonaMask.load(run_dir / p / "masks.safetensors") for p in recipe.personas}
-    reports = {p: json.loads((run_dir / p / "report.json").read_text()) for p in recipe.personas}
+    reports = {p: read_report(run_dir / p) for p in recipe.personas}
     evaluations = evaluate_masks(recipe, spec, items, m.model, m.tokenizer, m.adapter, masks)
     write_run_reports(run_dir, recipe.name, evaluations, reports)
     return evaluations

@@ -1,0 +1,40 @@
+"""report.json as a typed record: `status` computed from the checks, one layout, newer schemas refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from exporter.errors import ExportFolderError
+from exporter.reports.persona import SCHEMA_VERSION, PersonaReport, load_report, write_report
+from tests.test_push import make_report
+
+
+def test_status_is_computed_from_every_check(tmp_path: Path) -> None:
+    data = make_report("introvert")
+    data["verification"]["onnx"] = {"max_abs_logit_diff": 0.5, "passed": False}
+    report = PersonaReport.model_validate(data)  # the stored "passed" is not believed
+    assert not report.passed and report.status == "failed"
+    write_report(tmp_path, report)
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert written["status"] == "failed" and written["schema_version"] == SCHEMA_VERSION
+    assert list(written)[:5] == ["schema_version", "persona", "description", "partner", "status"]
+    assert load_report(tmp_path / "report.json").dump() == written
+    data["verification"]["onnx"] = {"top1_agreement": 0.9}  # no verdict never counts as passed
+    assert PersonaReport.model_validate(data).status == "failed"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"schema_version": SCHEMA_VERSION + 1}, "newer than this persona-export reads"),
+        ({"parameters": None}, "is not a complete persona report (parameters"),
+        ({"persona": None, "verification": None}, "is not a complete persona report"),
+    ],
+)
+def test_reports_that_cannot_be_read_are_refused(tmp_path: Path, change: dict, message: str) -> None:
+    (tmp_path / "report.json").write_text(json.dumps(make_report("introvert") | change))
+    with pytest.raises(ExportFolderError, match=message.replace("(", r"\(")):
+        load_report(tmp_path / "report.json")
