@@ -48,25 +48,22 @@ def summary_table(reports: dict[str, PersonaReport]) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from exporter.masking.data import select_samples
     from exporter.recipe.schema import load_recipe
+    from exporter.workflows.validate import validate
 
     recipe = load_recipe(args.recipe, args.set)
+    checked = validate(recipe)
     for name, persona in recipe.personas.items():
-        n = len(select_samples(persona.calibration))
-        print(f"  {name}: {n} calibration samples from {persona.calibration.path}")
+        print(f"  {name}: {checked.samples[name]} calibration samples from {persona.calibration.path}")
     print(f"{args.recipe}: valid (recipe sha256 {recipe.digest()[:12]})")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from exporter.masking.data import select_samples
     from exporter.recipe.schema import load_recipe
     from exporter.workflows.run import run
 
     recipe = load_recipe(args.recipe, args.set)
-    for persona in recipe.personas.values():  # data problems surface before the model loads
-        select_samples(persona.calibration)
     summary = run(recipe, Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats, use_cache=not args.no_cache)
     print(summary_table(summary["reports"]))
     first = Path(args.out) / next(iter(summary["reports"]))

@@ -22,7 +22,7 @@ from typing import Any
 from exporter import __version__
 from exporter.errors import ExportFolderError, HubError
 from exporter.publish.modelcard import CardContext, render_card
-from exporter.recipe.push import BRANCH, OnnxMode, PushSpec, fill, repo_id_problem
+from exporter.recipe.push import OnnxMode, PushSpec, branch_problem, fill, onnx_repo_problem, repo_id_problem
 from exporter.reports.persona import PersonaReport, load_report
 
 log = logging.getLogger(__name__)
@@ -79,14 +79,10 @@ def check_options(options: PushOptions) -> None:
     """Repo ids and branch, before anything is read or sent."""
     problems = [f"--repo-id: {p}" for p in [repo_id_problem(options.repo_id)] if p]
     if options.onnx == "separate-repo":
-        other = options.separate_onnx_repo
-        problems += [f"ONNX repo id: {p}" for p in [repo_id_problem(other)] if p]
-        if other == options.repo_id:
-            problems.append(f"the ONNX repo {other!r} is the checkpoint's repo; use onnx: same-repo")
-    elif options.onnx_repo_id:
-        problems.append("an ONNX repo id is used only with --onnx separate-repo")
-    if options.revision is not None and not BRANCH.match(options.revision):
-        problems.append(f"--revision: {options.revision!r} is not a branch name (e.g. 'main' or 'v1')")
+        problems += [f"ONNX repo id: {p}" for p in [repo_id_problem(options.separate_onnx_repo)] if p]
+    problems += [p for p in [onnx_repo_problem(options.repo_id, options.onnx, options.onnx_repo_id, "--onnx")] if p]
+    if options.revision is not None and (problem := branch_problem(options.revision)):
+        problems.append(f"--revision: {problem}")
     if problems:
         raise HubError("; ".join(problems) + f"; {NOT_SENT}")
 

@@ -1,5 +1,8 @@
 """The recipe's optional `push:` section (see exporter/publish/hub.py): where and how each persona is published.
 
+The rules for a destination (repo ids, branch, where ONNX goes) are written here once, for the recipe and for
+`persona-export push`'s options alike.
+
 push:
   repo_id: my-org/smollm2-{persona}   # "{persona}" becomes each persona's name
   private: true
@@ -36,6 +39,23 @@ def repo_id_problem(repo_id: str) -> str | None:
             f"{repo_id!r} is not a valid Hub repo id: use letters, digits, '-', '_' and '.', at most 96 "
             f"characters per part, no '--' or '..', not ending in '.git' ({example})"
         )
+    return None
+
+
+def branch_problem(name: str) -> str | None:
+    """Why `name` is not a branch to push to, or None when it is one."""
+    if BRANCH.match(name):
+        return None
+    return f"{name!r} is not a branch name (letters, digits, '.', '_', '-', '/'; e.g. 'main' or 'v1')"
+
+
+def onnx_repo_problem(repo_id: str, onnx: OnnxMode, onnx_repo_id: str | None, onnx_key: str) -> str | None:
+    """Why the ONNX destination does not fit the checkpoint's repo; `onnx_key` names the option in the message."""
+    if onnx == "separate-repo":
+        if (onnx_repo_id or f"{repo_id}-onnx") == repo_id:
+            return f"the ONNX repo {repo_id!r} is the checkpoint's repo; use {onnx_key} same-repo"
+    elif onnx_repo_id:
+        return f"an ONNX repo id is used only with {onnx_key} separate-repo; remove it or set that mode"
     return None
 
 
@@ -78,8 +98,8 @@ class PushSpec(BaseModel):
     @field_validator("revision")
     @classmethod
     def _revision(cls, value: str | None) -> str | None:
-        if value is not None and not BRANCH.match(value):
-            raise ValueError(f"{value!r} is not a branch name (letters, digits, '.', '_', '-', '/'; e.g. 'v1')")
+        if value is not None and (problem := branch_problem(value)):
+            raise ValueError(problem)
         return value
 
     @field_validator("commit_message")
@@ -93,6 +113,8 @@ class PushSpec(BaseModel):
 
     @model_validator(mode="after")
     def _onnx_repo(self) -> PushSpec:
-        if self.onnx_repo_id is not None and self.onnx != "separate-repo":
-            raise ValueError("onnx_repo_id is used only with onnx: separate-repo; remove it or set that mode")
+        repo_id = fill(self.repo_id, "persona")
+        onnx_repo_id = fill(self.onnx_repo_id, "persona") if self.onnx_repo_id else None
+        if problem := onnx_repo_problem(repo_id, self.onnx, onnx_repo_id, "onnx:"):
+            raise ValueError(problem)
         return self

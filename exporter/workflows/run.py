@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from exporter.evaluation.conditions import evaluate_into, prepare
+from exporter.evaluation.conditions import evaluate_into
 from exporter.export.hf import DTYPES
 from exporter.io import check_target, staged
 from exporter.masking.masks import compute_masks
@@ -23,6 +23,7 @@ from exporter.recipe.schema import Recipe
 from exporter.reports.provenance import Timer, versions
 from exporter.verify.hf import build_prompts, references
 from exporter.workflows.persona import export_persona
+from exporter.workflows.validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ def run(
     recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | None = None, use_cache: bool = True
 ) -> dict[str, Any]:
     """Run the whole pipeline into `out` (atomically). Returns the run summary (also in run.json)."""
+    eval_items = validate(recipe).items  # data problems surface before the model loads
     check_target(out, overwrite)
     if recipe.model.max_memory is not None:
         # bounded memory: the float64 proof is layer by layer, calibration reads one layer at a time
@@ -40,7 +42,6 @@ def run(
                 "verify": recipe.verify.model_copy(update={"layerwise": True}),
             }
         )
-    eval_items = prepare(recipe) if recipe.eval else None  # data problems surface before loading
     timer = Timer()
     t = time.perf_counter()
     log.info("loading the model (%s)", recipe.model.embedded or recipe.model.path or recipe.model.hub)

@@ -30,6 +30,7 @@ from exporter.reports.markdown import write_run_reports
 from exporter.reports.persona import read_report
 from exporter.reports.provenance import Timer
 from exporter.reports.sweep import plot_sweep, sweep_markdown
+from exporter.workflows.validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ def sweep(
     if spec is None:
         raise RecipeError("sweep: the recipe has no eval section; add one (see recipes/*-shared-eval.yaml)")
     check_target(out, overwrite)
-    items = prepare(recipe)
+    items = validate(recipe).items
+    assert items is not None  # the recipe has an eval section
     m = load_model(recipe)
     timer = Timer()
     stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.personas}
