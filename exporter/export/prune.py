@@ -45,6 +45,8 @@ def prune_model(model: nn.Module, adapter: Adapter, mask: PersonaMask) -> nn.Mod
             _slice(linear, index, dim)
         adapter.update_modules(layer, mask.pruned_geometry())
     adapter.update_config(model.config, mask.pruned_geometry())
+    if mask.mlp_bias is not None:
+        adapter.add_mlp_bias(model, mask.mlp_bias)
     return model
 
 

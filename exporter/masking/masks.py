@@ -38,6 +38,8 @@ class PersonaMask:
     mlp_keep: torch.Tensor | None  # (layers, kept neurons), sorted
     head_keep: torch.Tensor | None  # (layers, kept query heads), sorted
     group_keep: torch.Tensor | None  # (layers, kept KV heads), sorted
+    # (layers, hidden) float64 added to every down_proj output: steering and/or bias compensation (steer.py)
+    mlp_bias: torch.Tensor | None = None
 
     def pruned_geometry(self) -> Geometry:
         g = self.geometry
@@ -75,6 +77,7 @@ class PersonaMask:
                 ("mlp_keep", self.mlp_keep),
                 ("head_keep", self.head_keep),
                 ("group_keep", self.group_keep),
+                ("mlp_bias", self.mlp_bias),
             )
             if v is not None
         }
@@ -93,6 +96,7 @@ class PersonaMask:
             t.get("mlp_keep"),
             t.get("head_keep"),
             t.get("group_keep"),
+            t.get("mlp_bias"),
         )
 
 

@@ -5,7 +5,8 @@ over the sample's counted tokens t (persona response by default, never padding):
     s_u(x) = sqrt(mean_{t, j in C_u} h_j(x, t)^2)
 This is length-invariant (an L2 norm over tokens would favour the persona with longer answers).
 Kept: sum_x s_u, sum_x s_u^2 (mean and variance across samples, for the contrastive z-score), and per channel
-the sum over tokens of h_j^2 (the diagonal of E[h h^T], for the "sparse" score).
+the sums over counted tokens of h_j^2 (the diagonal of E[h h^T], for the "sparse" score) and of h_j (the mean
+activation E[h_j], for steering and bias compensation: exporter/steer.py).
 Unit kinds: "mlp" (neurons), "head" (query heads), "group" (KV groups).
 """
 
@@ -32,6 +33,7 @@ class Statistics:
     sum: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (layers, units)
     sumsq: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (layers, units)
     chan_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # "mlp"/"attn" -> (layers, channels)
+    chan_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # "mlp"/"attn" -> (layers, channels)
 
     @classmethod
     def empty(cls, g: Geometry) -> Statistics:
@@ -39,8 +41,9 @@ class Statistics:
         for kind in KINDS:
             s.sum[kind] = torch.zeros(g.layers, g.units(kind), dtype=torch.float64)
             s.sumsq[kind] = torch.zeros_like(s.sum[kind])
-        s.chan_sq["mlp"] = torch.zeros(g.layers, g.intermediate, dtype=torch.float64)
-        s.chan_sq["attn"] = torch.zeros(g.layers, g.heads * g.head_dim, dtype=torch.float64)
+        for part, width in (("mlp", g.intermediate), ("attn", g.heads * g.head_dim)):
+            s.chan_sq[part] = torch.zeros(g.layers, width, dtype=torch.float64)
+            s.chan_sum[part] = torch.zeros(g.layers, width, dtype=torch.float64)
         return s
 
     def mean(self, kind: str) -> torch.Tensor:
@@ -56,13 +59,18 @@ class Statistics:
         """E_tokens[h_j^2] per channel: the diagonal of E[h h^T]. (layers, channels)"""
         return self.chan_sq[part] / max(self.n_tokens, 1)
 
+    def channel_mean(self, part: str) -> torch.Tensor:
+        """E_tokens[h_j] per channel over the counted tokens. (layers, channels)"""
+        return self.chan_sum[part] / max(self.n_tokens, 1)
+
     def add(self, layer: int, part: str, x: torch.Tensor, weight: torch.Tensor) -> None:
         """x: (batch, seq, channels) unit inputs; weight: (batch, seq) bool, tokens that count."""
         w = weight.to(torch.float32).unsqueeze(-1)
-        x2 = x.to(torch.float32).square() * w  # fp32: fp16/bf16 squares overflow
+        x32 = x.to(torch.float32) * w  # fp32: fp16/bf16 squares overflow
         n_tok = weight.sum(1).clamp_min(1).to(torch.float64)  # (batch,)
-        per_chan = x2.sum(1, dtype=torch.float64)  # (batch, channels)
+        per_chan = x32.square().sum(1, dtype=torch.float64)  # (batch, channels)
         self.chan_sq[part][layer] += per_chan.sum(0)
+        self.chan_sum[part][layer] += x32.sum((0, 1), dtype=torch.float64)
         ms = per_chan / n_tok.unsqueeze(-1)  # per-sample mean square per channel
         if part == "mlp":
             self._add_unit("mlp", layer, ms)
@@ -80,6 +88,7 @@ class Statistics:
         tensors = {f"sum.{k}": v for k, v in self.sum.items()}
         tensors |= {f"sumsq.{k}": v for k, v in self.sumsq.items()}
         tensors |= {f"chan_sq.{k}": v for k, v in self.chan_sq.items()}
+        tensors |= {f"chan_sum.{k}": v for k, v in self.chan_sum.items()}
         meta = {"n_samples": str(self.n_samples), "n_tokens": str(self.n_tokens)}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
         info = {
@@ -94,7 +103,12 @@ class Statistics:
     def load(cls, path: Path) -> tuple[Statistics, dict[str, Any]]:
         info = json.loads(path.with_suffix(".json").read_text())
         s = cls(Geometry(**info["geometry"]), info["n_samples"], info["n_tokens"])
-        for key, value in load_file(str(path)).items():
+        tensors = load_file(str(path))
+        expected = {f"{group}.{k}" for group in ("sum", "sumsq") for k in KINDS}
+        expected |= {f"{group}.{p}" for group in ("chan_sq", "chan_sum") for p in ("mlp", "attn")}
+        if set(tensors) != expected:
+            raise ValueError(f"{path} holds {sorted(tensors)}, expected {sorted(expected)} (an older format?)")
+        for key, value in tensors.items():
             group, kind = key.split(".", 1)
             getattr(s, group)[kind] = value
         return s, info

@@ -45,6 +45,8 @@ class Adapter:
     layers_prefix: ClassVar[str] = "model.layers"  # state-dict prefix of decoder layer i: f"{prefix}.{i}."
     mlp_in_names: ClassVar[tuple[str, ...]] = ("gate_proj", "up_proj")
     mlp_out_name: ClassVar[str] = "down_proj"
+    # config field that gives every MLP projection a bias (stock loaders then read down_proj.bias), or None
+    mlp_bias_flag: ClassVar[str | None] = None
 
     def geometry(self, config: Any) -> Geometry:
         heads = config.num_attention_heads
@@ -108,6 +110,29 @@ class Adapter:
         if hasattr(layer.mlp, "intermediate_size"):
             layer.mlp.intermediate_size = geometry.intermediate
 
+    def check_mlp_bias(self, model_type: str, why: str) -> None:
+        if self.mlp_bias_flag is None:
+            supported = sorted(t for t, a in REGISTRY.items() if a.mlp_bias_flag is not None)
+            raise UnsupportedModelError(
+                f"{why} is stored as a down_proj bias, which stock {model_type} checkpoints cannot hold; "
+                f"supported for: {', '.join(supported)}. Set it to its default for this model"
+            )
+
+    def add_mlp_bias(self, model: nn.Module, bias: torch.Tensor) -> None:
+        """Add `bias` (layers, hidden) to every down_proj bias, in place; the MLP input projections get zero
+        biases, since the config flag gives every MLP projection one (all stored: no missing keys)."""
+        self.check_mlp_bias(model.config.model_type, "an MLP bias (method.steer, prune.mlp.compensate)")
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers(model)):
+                for name in (*self.mlp_in_names, self.mlp_out_name):
+                    linear = getattr(layer.mlp, name)
+                    if linear.bias is None:
+                        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
+                down = self.mlp_out(layer)
+                assert down.bias is not None
+                down.bias.copy_((down.bias.to(torch.float64) + bias[i]).to(down.bias.dtype))
+        setattr(model.config, str(self.mlp_bias_flag), True)
+
 
 REGISTRY: dict[str, Adapter] = {}
 
@@ -121,6 +146,7 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 @register
 class LlamaAdapter(Adapter):
     model_types = ("llama",)
+    mlp_bias_flag = "mlp_bias"
 
 
 @register

@@ -50,9 +50,14 @@ def capture_unit_inputs(model: nn.Module, adapter: Adapter, callback: Capture, k
 
 @contextmanager
 def apply_channel_masks(
-    model: nn.Module, adapter: Adapter, mlp: torch.Tensor | None, attn: torch.Tensor | None
+    model: nn.Module,
+    adapter: Adapter,
+    mlp: torch.Tensor | None,
+    attn: torch.Tensor | None,
+    mlp_bias: torch.Tensor | None = None,
 ) -> Iterator[None]:
-    """Zero unit activations: `mlp` (layers, intermediate) and `attn` (layers, heads*head_dim) of 0/1."""
+    """Zero unit activations: `mlp` (layers, intermediate) and `attn` (layers, heads*head_dim) of 0/1; add
+    `mlp_bias` (layers, hidden) to every `down_proj` output, as the export's down_proj bias does."""
 
     def make(vec: torch.Tensor) -> Callable[..., tuple[torch.Tensor]]:
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
@@ -60,11 +65,25 @@ def apply_channel_masks(
 
         return hook
 
+    def shift(vec: torch.Tensor) -> Callable[..., torch.Tensor]:
+        def hook(_module: nn.Module, _args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
+            return out + vec.to(out.dtype)
+
+        return hook
+
     pairs: list[tuple[nn.Module, Callable[..., Any]]] = []
+    post: list[tuple[nn.Module, Callable[..., Any]]] = []
     for i, layer in enumerate(adapter.layers(model)):
         if mlp is not None:
             pairs.append((adapter.mlp_out(layer), make(mlp[i])))
         if attn is not None:
             pairs.append((adapter.attn_out(layer), make(attn[i])))
-    with _pre_hooks(pairs):
-        yield
+        if mlp_bias is not None:
+            post.append((adapter.mlp_out(layer), shift(mlp_bias[i])))
+    handles = [module.register_forward_hook(fn) for module, fn in post]
+    try:
+        with _pre_hooks(pairs):
+            yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -71,6 +71,8 @@ class MethodSpec(Strict):
     tau: Annotated[float, Field(gt=0.0)] = 0.25
     damping: Annotated[float, Field(ge=0.0)] = 0.01
     eps: Annotated[float, Field(gt=0.0)] = 1e-6
+    # alpha of the persona steering bias baked into down_proj biases (exporter/steer.py); 0 = none
+    steer: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
 
     @property
     def contrastive(self) -> bool:
@@ -80,6 +82,8 @@ class MethodSpec(Strict):
 class MlpPrune(Strict):
     sparsity: Fraction
     round_to: Annotated[int, Field(ge=1)] = 1
+    # removed neurons' mean output kept as a down_proj bias (FLAP): mean over both personas' data or the own
+    compensate: Literal["none", "personas", "persona"] = "none"
 
 
 class AttentionPrune(Strict):
@@ -217,6 +221,20 @@ def _semantic_problems(r: Recipe) -> list[str]:
                     f"personas.{name}: method.score {r.method.score!r} needs every persona in an opposing "
                     "pair; add it to 'pairs' or use 'wanda'/'sparse'"
                 )
+    if r.method.steer > 0:
+        for name in r.personas:
+            if name not in seen:
+                problems.append(
+                    f"personas.{name}: method.steer steers toward a persona and away from its opposite; add "
+                    f"{name!r} to 'pairs' or set method.steer to 0"
+                )
+    if (r.method.steer > 0 or (r.prune.mlp is not None and r.prune.mlp.compensate != "none")) and (
+        r.model.max_memory is not None
+    ):
+        problems.append(
+            "model.max_memory: method.steer and prune.mlp.compensate need the whole model in memory; "
+            "remove max_memory or set them to their defaults"
+        )
     if r.prune.mlp is None and r.prune.attention is None:
         problems.append("prune: name at least one unit kind to prune ('mlp' and/or 'attention')")
     if len(set(r.output.formats)) != len(r.output.formats):

@@ -17,6 +17,7 @@ from exporter.io import check_target, staged
 from exporter.masking.masks import compute_masks
 from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.masking.stats import Statistics
+from exporter.masking.steer import with_biases
 from exporter.model.checkpoint import checkpoint_dtype
 from exporter.model.sources import Loaded, open_model
 from exporter.recipe.schema import Recipe
@@ -53,6 +54,7 @@ def run(
             stats, infos = statistics_into(stage, recipe, m, reuse, timer, use_cache)
             t = time.perf_counter()
             masks = compute_masks(recipe, stats, column_norms(m))
+            masks = with_biases(recipe, masks, stats, m.model, m.adapter, DTYPES[recipe.output.dtype])
             timer.add("score", t)
             refs = references(m, DTYPES[recipe.output.dtype], exact=not recipe.verify.layerwise)
             prompts = build_prompts(m.tokenizer, recipe.verify.prompts)

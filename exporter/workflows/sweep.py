@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from exporter.errors import MaskError, OutputError, RecipeError
 from exporter.evaluation.conditions import (
     Evaluator,
@@ -24,6 +26,7 @@ from exporter.evaluation.conditions import (
 from exporter.io import check_target, staged, write_json
 from exporter.masking.masks import PersonaMask, compute_masks
 from exporter.masking.statistics import column_norms, persona_statistics
+from exporter.masking.steer import with_biases
 from exporter.model.sources import load_model
 from exporter.recipe.schema import AttentionPrune, MlpPrune, PruneSpec, Recipe, load_recipe, parse_recipe
 from exporter.reports.markdown import write_run_reports
@@ -101,6 +104,7 @@ def sweep(
         log.info("sweep: %s sparsity %g", unit, s)
         try:
             masks = compute_masks(recipe, stats, col_sq, prune)
+            masks = with_biases(recipe, masks, stats, m.model, m.adapter, torch.float32, prune)
         except MaskError as exc:
             points.append({"sparsity": s, "error": str(exc)})
             continue

@@ -1,0 +1,78 @@
+"""Constant vectors baked into the `down_proj` biases: a persona steering bias and bias compensation.
+
+Both are per layer l a vector of the hidden size added to the MLP output at every position (METHOD.md
+section 6). With mu_p[l] = E[h] the mean `down_proj` input of persona p over its counted calibration tokens
+(exporter/stats.py) and W[l] the dense `down_proj` weight (hidden, intermediate):
+  steering      alpha * W[l] (mu_p[l] - mu_q[l])      the mean MLP-output difference between p and its partner q
+  compensation  W[l][:, R] mu[l][R]                    R = the units the persona's mask removes; their mean
+                                                       contribution, so removal shifts no mean (FLAP)
+`compensate: personas` takes mu as the average of both personas' means, `compensate: persona` the persona's
+own. Pure tensor math: the statistics come in, a (layers, hidden) float64 tensor goes out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+from torch import nn
+
+from exporter.masking.masks import PersonaMask
+from exporter.masking.stats import Statistics
+from exporter.model.adapters import Adapter
+from exporter.recipe.schema import MethodSpec, PruneSpec, Recipe
+
+
+def steering_bias(down: list[torch.Tensor], own: Statistics, partner: Statistics, alpha: float) -> torch.Tensor:
+    """alpha * W[l] (mu_own - mu_partner) per layer: (layers, hidden) float64."""
+    delta = own.channel_mean("mlp") - partner.channel_mean("mlp")  # (layers, intermediate)
+    return alpha * torch.stack([w.to(torch.float64) @ delta[i] for i, w in enumerate(down)])
+
+
+def compensation_bias(down: list[torch.Tensor], removed: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """W[l][:, R] mu[l][R] per layer; removed: (layers, intermediate) 1 where a unit is removed."""
+    kept_out = removed.to(torch.float64) * mean  # (layers, intermediate), zero on kept units
+    return torch.stack([w.to(torch.float64) @ kept_out[i] for i, w in enumerate(down)])
+
+
+def compensation_mean(mode: str, own: Statistics, partner: Statistics | None) -> torch.Tensor:
+    """The mean activation that replaces removed units: the persona's own, or both personas' average."""
+    if mode == "persona" or partner is None:
+        return own.channel_mean("mlp")
+    return (own.channel_mean("mlp") + partner.channel_mean("mlp")) / 2
+
+
+def needs_bias(method: MethodSpec, prune: PruneSpec) -> bool:
+    return method.steer > 0 or (prune.mlp is not None and prune.mlp.compensate != "none")
+
+
+def with_biases(
+    recipe: Recipe,
+    masks: dict[str, PersonaMask],
+    stats: dict[str, Statistics],
+    model: nn.Module,
+    adapter: Adapter,
+    storage: torch.dtype,
+    prune: PruneSpec | None = None,
+) -> dict[str, PersonaMask]:
+    """Each persona's mask with its `mlp_bias` (steering + compensation), rounded to the export's dtype so
+    that the reference adds exactly what the checkpoint stores; `prune` replaces the recipe's (a sweep).
+    Masks are returned unchanged when the recipe asks for neither."""
+    method, prune = recipe.method, prune or recipe.prune
+    if not needs_bias(method, prune):
+        return masks
+    adapter.check_mlp_bias(model.config.model_type, "method.steer / prune.mlp.compensate")
+    down = [adapter.mlp_out(layer).weight.detach() for layer in adapter.layers(model)]
+    out = {}
+    for name, mask in masks.items():
+        partner = stats[p] if (p := recipe.partner(name)) else None
+        bias = torch.zeros(len(down), down[0].shape[0], dtype=torch.float64)
+        if method.steer > 0:
+            assert partner is not None, "steering needs a pair (checked by the recipe)"
+            bias += steering_bias(down, stats[name], partner, method.steer)
+        compensate = prune.mlp.compensate if prune.mlp is not None else "none"
+        mlp_mask, _ = mask.channel_masks()
+        if compensate != "none" and mlp_mask is not None:
+            bias += compensation_bias(down, 1.0 - mlp_mask, compensation_mean(compensate, stats[name], partner))
+        out[name] = replace(mask, mlp_bias=bias.to(storage).to(torch.float64))
+    return out

@@ -1,0 +1,172 @@
+"""Steering and bias compensation baked into down_proj biases: the math, exactness, stock loading, ONNX."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from exporter.cli import main
+from exporter.errors import UnsupportedModelError
+from exporter.export.prune import prune_model
+from exporter.masking.calibrate import calibrate
+from exporter.masking.masks import compute_mask
+from exporter.masking.scoring import column_sq_norms
+from exporter.masking.steer import compensation_bias, compensation_mean, steering_bias, with_biases
+from exporter.model.adapters import adapter_for
+from exporter.recipe.schema import MethodSpec, MlpPrune, PruneSpec
+from exporter.verify.hf import masked, position_ids
+from tests.conftest import assert_close, tiny_model, write_recipe
+from tests.test_masks import samples
+
+
+class _Pair:
+    """The two recipe fields with_biases reads, for personas "p" and "q" opposing each other."""
+
+    def __init__(self, method: MethodSpec, prune: PruneSpec) -> None:
+        self.method, self.prune = method, prune
+
+    def partner(self, name: str) -> str:
+        return {"p": "q", "q": "p"}[name]
+
+
+def _stats(model):  # type: ignore[no-untyped-def]
+    adapter = adapter_for(model.config)
+    pos = calibrate(model, adapter, samples(1, (10, 160)), pad_id=0, batch_size=5, response_only=True)
+    neg = calibrate(model, adapter, samples(2, (160, 320)), pad_id=0, batch_size=5, response_only=True)
+    return adapter, pos, neg
+
+
+def _mean_mlp_outputs(model, adapter, which: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    """Mean down_proj output of every layer over the counted tokens of sample set `which`: (layers, hidden)."""
+    from exporter.masking.calibrate import batches
+
+    sums: list[torch.Tensor] = [
+        torch.zeros(model.config.hidden_size, dtype=torch.float64) for _ in adapter.layers(model)
+    ]
+    count = 0
+    current: dict[str, torch.Tensor] = {}
+    handles = []
+    for i, layer in enumerate(adapter.layers(model)):
+
+        def hook(_m, _a, out, i=i):  # type: ignore[no-untyped-def]
+            sums[i] += (out.double() * current["w"].unsqueeze(-1)).sum((0, 1))
+
+        handles.append(adapter.mlp_out(layer).register_forward_hook(hook))
+    lo_hi = (10, 160) if which == 1 else (160, 320)
+    with torch.no_grad():
+        for ids, attn, weight in batches(samples(which, lo_hi), 5, 0, True):
+            current["w"] = weight.double()
+            model(input_ids=ids, attention_mask=attn)
+            count += int(weight.sum())
+    for h in handles:
+        h.remove()
+    return torch.stack(sums) / count
+
+
+def test_steering_bias_is_the_mean_mlp_output_difference() -> None:
+    model = tiny_model("llama").double()
+    adapter, pos, neg = _stats(model)
+    down = [adapter.mlp_out(layer).weight for layer in adapter.layers(model)]
+    expected = _mean_mlp_outputs(model, adapter, 1) - _mean_mlp_outputs(model, adapter, 2)
+    v = steering_bias(down, pos, neg, 1.0)
+    assert v.shape == (2, model.config.hidden_size) and v.abs().max() > 1e-3
+    assert_close(v, expected, 1e-10, "W (mu+ - mu-) vs mean down_proj output difference")
+    assert_close(steering_bias(down, pos, neg, 1.5), 1.5 * expected, 1e-10, "alpha scales the bias")
+    assert_close(steering_bias(down, neg, pos, 1.0), -expected, 1e-10, "swapping the pair negates it")
+
+
+def test_compensation_keeps_the_first_layers_mean_output() -> None:
+    """Layer 0 sees unchanged inputs, so with the persona's own mean its mean MLP output is exactly kept."""
+    dense = tiny_model("llama").double()
+    adapter, pos, neg = _stats(dense)
+    mask = compute_mask(
+        "p",
+        MethodSpec(score="contrastive-wanda"),
+        PruneSpec(mlp=MlpPrune(sparsity=0.25)),
+        pos,
+        neg,
+        column_sq_norms(dense, adapter),
+    )
+    down = [adapter.mlp_out(layer).weight for layer in adapter.layers(dense)]
+    mlp, _ = mask.channel_masks()
+    assert mlp is not None
+    bias = compensation_bias(down, 1.0 - mlp, compensation_mean("persona", pos, neg))
+    pruned = prune_model(copy.deepcopy(dense), adapter, type(mask)(**{**vars(mask), "mlp_bias": bias}))
+    before = _mean_mlp_outputs(dense, adapter, 1)[0]
+    after = _mean_mlp_outputs(pruned, adapter, 1)[0]
+    without = _mean_mlp_outputs(prune_model(copy.deepcopy(dense), adapter, mask), adapter, 1)[0]
+    assert_close(after, before, 1e-10, "compensated layer-0 mean output")
+    assert (without - before).abs().max() > 1e-4  # removal alone does move it: the check is not vacuous
+
+
+@pytest.mark.parametrize("compensate", ["none", "personas"])
+def test_biased_export_equals_its_reference_and_loads_stock(compensate: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    dense = tiny_model("llama").double()
+    adapter, pos, neg = _stats(dense)
+    method = MethodSpec(score="contrastive-wanda", steer=1.5)
+    prune = PruneSpec(mlp=MlpPrune(sparsity=0.25, compensate=compensate))
+    col = column_sq_norms(dense, adapter)
+    masks = {"p": compute_mask("p", method, prune, pos, neg, col), "q": compute_mask("q", method, prune, neg, pos, col)}
+    masks = with_biases(_Pair(method, prune), masks, {"p": pos, "q": neg}, dense, adapter, torch.float64)
+    mask = masks["p"]
+    assert mask.mlp_bias is not None and mask.mlp_bias.abs().max() > 1e-3
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(3))
+    attn = torch.ones_like(ids)
+    attn[1, :4] = 0
+    kw = {"input_ids": ids, "attention_mask": attn, "position_ids": position_ids(attn)}
+    with torch.no_grad(), masked(dense, adapter, mask):
+        reference = dense(**kw).logits
+    with torch.no_grad():
+        plain = dense(**kw).logits
+    pruned = prune_model(copy.deepcopy(dense), adapter, mask)
+    pruned.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["mlp_bias"] is True
+    reloaded, info = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", torch_dtype=torch.float64, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    with torch.no_grad():
+        out = reloaded.eval()(**kw).logits
+    valid = attn.bool()
+    assert_close(out[valid], reference[valid], 1e-10, f"steered export vs reference ({compensate})")
+    assert (plain[valid] - reference[valid]).abs().max() > 1e-3
+
+
+def test_architectures_without_an_mlp_bias_are_refused() -> None:
+    dense = tiny_model("mistral")
+    adapter, pos, neg = _stats(dense)
+    method = MethodSpec(score="contrastive-wanda", steer=1.0)
+    prune = PruneSpec(mlp=MlpPrune(sparsity=0.25))
+    mask = compute_mask("p", method, prune, pos, neg, column_sq_norms(dense, adapter))
+    with pytest.raises(UnsupportedModelError, match=r"mistral.*supported for: llama"):
+        with_biases(_Pair(method, prune), {"p": mask}, {"p": pos, "q": neg}, dense, adapter, torch.float32)
+
+
+def test_run_with_steering_verifies_hf_and_onnx(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama_dir,
+        method={"score": "contrastive-wanda", "phi": "relu", "steer": 1.5},
+        prune={"mlp": {"sparsity": 0.25, "compensate": "personas"}},
+        output={"formats": ["hf", "onnx"]},
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    for persona in ("introvert", "extravert"):
+        report = json.loads((out / persona / "report.json").read_text())
+        assert report["status"] == "passed", report["verification"]
+        assert report["method"]["steer"] == 1.5 and report["prune"]["mlp"]["compensate"] == "personas"
+        assert report["verification"]["onnx"]["passed"]
+        assert json.loads((out / persona / "hf" / "config.json").read_text())["mlp_bias"] is True
+
+
+def test_steering_needs_a_pair(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    recipe = write_recipe(tmp_path, tiny_llama_dir, pairs=[], method={"score": "wanda", "steer": 1.0})
+    assert main(["validate", str(recipe)]) != 0
