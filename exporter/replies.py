@@ -1,0 +1,128 @@
+"""The replies themselves: greedy replies to everyday prompts, scored for persona by the dense model.
+
+A reply's persona score (no judge model): the dense model's mean per-token log-likelihood of the reply's
+tokens after the prompt under persona p's system prompt, minus that under the opposite persona's system
+prompt. Positive = the reply reads more like p. The tokens scored are the ones the model generated, up to and
+excluding the chat template's end-of-turn token (the same "answer tokens" as every other likelihood here).
+Degeneration: the fraction of a reply's 4-grams that repeat an earlier 4-gram of the same reply, and
+distinct-2 (distinct bigrams / bigrams), each averaged over replies.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from exporter.evaluate import Intervention, Scored, sequence_logliks
+
+
+def _chat(tokenizer: Any, prompt: str, system: str | None) -> list[int]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return list(tokenizer.apply_chat_template([*msgs, {"role": "user", "content": prompt}], add_generation_prompt=True))
+
+
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The token the chat template puts right after an assistant message (SmolLM2: <|im_end|>)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return tokenizer.eos_token_id
+    marker = "Zq9"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    tail = text[text.rfind(marker) + len(marker) :]
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
+    return int(ids[0]) if ids else tokenizer.eos_token_id
+
+
+@dataclass(frozen=True)
+class Replies:
+    prompts: list[str]
+    tokens: list[list[int]]  # generated tokens, end-of-turn excluded
+    cut: list[bool]  # True where max_new_tokens ended the reply
+
+    def texts(self, tokenizer: Any) -> list[str]:
+        return [tokenizer.decode(t, skip_special_tokens=True).strip() for t in self.tokens]
+
+
+@torch.inference_mode()
+def greedy_replies(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    system: str | None = None,
+    intervention: Intervention | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+) -> Replies:
+    """Greedy replies, left-padded batches through `generate`; each stops at the end-of-turn token."""
+    stop = end_of_turn_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    tokens: list[list[int]] = []
+    cut: list[bool] = []
+    with (intervention or nullcontext)():
+        for k in range(0, len(prompts), batch_size):
+            rows = [_chat(tokenizer, p, system) for p in prompts[k : k + batch_size]]
+            width = max(len(r) for r in rows)
+            ids = torch.full((len(rows), width), pad, dtype=torch.long)
+            attn = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, row in enumerate(rows):
+                ids[r, width - len(row) :] = torch.tensor(row)
+                attn[r, width - len(row) :] = 1
+            out = model.generate(  # type: ignore[operator]
+                input_ids=ids,
+                attention_mask=attn,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=stop,
+                pad_token_id=pad,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+            for row in out[:, width:].tolist():
+                ended = stop in row
+                tokens.append(row[: row.index(stop)] if ended else row)
+                cut.append(not ended)
+    return Replies(list(prompts), tokens, cut)
+
+
+def persona_scores(
+    model: nn.Module, tokenizer: Any, replies: Replies, system_for: str, system_against: str, *, batch_size: int = 8
+) -> np.ndarray:
+    """Per reply: loglik under `system_for` minus under `system_against` (dense model), NaN for empty replies."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    keep = [i for i, t in enumerate(replies.tokens) if t]
+    seqs: list[Scored] = []
+    for system in (system_for, system_against):
+        for i in keep:
+            head = _chat(tokenizer, replies.prompts[i], system)
+            seqs.append(Scored(head + replies.tokens[i], len(head)))
+    ll = sequence_logliks(model, seqs, pad_id=pad, batch_size=batch_size)
+    out = np.full(len(replies.tokens), np.nan)
+    out[keep] = ll[: len(keep)] - ll[len(keep) :]
+    return out
+
+
+def repeated_ngrams(tokens: list[int], n: int = 4) -> float:
+    grams = [tuple(tokens[k : k + n]) for k in range(len(tokens) - n + 1)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def distinct(tokens: list[int], n: int = 2) -> float:
+    grams = [tuple(tokens[k : k + n]) for k in range(len(tokens) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def degeneration(replies: Replies) -> dict[str, float]:
+    return {
+        "repeated_4grams": float(np.mean([repeated_ngrams(t) for t in replies.tokens])),
+        "distinct_2": float(np.mean([distinct(t) for t in replies.tokens])),
+        "cut_at_max_tokens": float(np.mean(replies.cut)),
+        "empty": float(np.mean([not t for t in replies.tokens])),
+    }
