@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from exporter.replies import (
+from exporter.evaluation.replies import (
     Replies,
     degeneration,
     distinct,

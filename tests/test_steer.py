@@ -170,3 +170,40 @@ def test_run_with_steering_verifies_hf_and_onnx(tmp_path: Path, tiny_llama_dir: 
 def test_steering_needs_a_pair(tmp_path: Path, tiny_llama_dir: Path) -> None:
     recipe = write_recipe(tmp_path, tiny_llama_dir, pairs=[], method={"score": "wanda", "steer": 1.0})
     assert main(["validate", str(recipe)]) != 0
+
+
+def test_eval_reports_steering_removal_and_replies(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    from tests.test_eval import eval_section
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"plan a quiet {w} weekend" for w in ("book", "walk", "trip", "game", "home")) + "\n")
+    section = eval_section(tmp_path, replies={"path": str(prompts), "max_new_tokens": 6, "show": 2})
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama_dir,
+        method={"score": "contrastive-wanda", "steer": 1.0},
+        prune={"mlp": {"sparsity": 0.25}},
+        eval=section,
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    for persona, other in (("introvert", "extravert"), ("extravert", "introvert")):
+        ev = json.loads((out / persona / "report.json").read_text())["evaluation"]
+        conditions = [r["condition"] for r in ev["rows"]]
+        assert {"mask-only", "steering-only", "removal-only"} <= set(conditions)
+        steer_row = ev["rows"][conditions.index("steering-only")]
+        assert steer_row["parameters_removed"] == 0 and steer_row["neutral"]["kl"] > 0
+        replies = ev["replies"]
+        assert replies["prompts"] == 5 and replies["opposite"] == other
+        assert set(replies["conditions"]) == {"dense", "prompt-only", "export", f"export of {other}", "steering-only"}
+        assert set(replies["gap"]) == {"export", "prompt_only", "steering_only"}
+        assert len(replies["examples"]) == 2 and replies["examples"][0]["prompt"].startswith("plan a quiet")
+        assert any(k.startswith("reply gap") for k in ev["acceptance"]["checks"])
+        md = (out / persona / "report.md").read_text()
+        assert "### Replies (5 everyday prompts" in md and "this persona's export" in md
+    # the two personas' gaps are the same comparison seen from either side
+    gaps = [
+        json.loads((out / p / "report.json").read_text())["evaluation"]["replies"]["gap"]["export"]["mean"]
+        for p in ("introvert", "extravert")
+    ]
+    assert gaps[0] == pytest.approx(gaps[1], abs=1e-9)

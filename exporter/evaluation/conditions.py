@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from exporter.evaluation.metrics import (
     neutral_windows,
     sequence_logliks,
 )
+from exporter.evaluation.replies import evaluate_replies, reply_checks, steering_only
 from exporter.evaluation.summary import summarise
 from exporter.export.prune import count_parameters
 from exporter.masking.data import select_samples, tokenize
@@ -153,6 +154,11 @@ def conditions(
         per_layer = baselines.removed_parameters(model, adapter, mask)
         prompts = [name] if "mask-prompt" in use else []
         out[f"mask:{name}"] = WeightCondition(mask_intervention(model, adapter, mask), sum(per_layer), prompts)
+        if mask.steering is not None and "steering" in use:
+            out[f"steer:{name}"] = WeightCondition(mask_intervention(model, adapter, steering_only(mask)), 0)
+        if mask.mlp_bias is not None and "removal" in use:
+            bare = replace(mask, mlp_bias=None, steering=None)
+            out[f"removal:{name}"] = WeightCondition(mask_intervention(model, adapter, bare), sum(per_layer))
         if "random" in use:
             for s in range(spec.random_seeds):
                 rnd = baselines.random_mask(mask, spec.seed + s)
@@ -209,7 +215,12 @@ DEFINITIONS = {
     "perplexity": "exp(mean NLL) over every token of the neutral corpus windows after the first; no system prompt",
     "kl": "mean KL(P_dense || Q_condition) of next-token distributions at the same positions",
     "ci95": "seeded percentile bootstrap over items (statements: each group resampled separately)",
-    "mask": "persona mask applied to unit activations, equal to the exported model (see verification)",
+    "mask": "persona mask applied to unit activations, plus the export's down_proj bias (steering and/or "
+    "compensation) when the recipe sets one: equal to the exported model (see verification)",
+    "steering-only": "the export's steering bias added to the dense model, no unit removed",
+    "removal-only": "the export's mask without its down_proj bias",
+    "reply_score": "dense model: mean per-token log-likelihood of a greedy reply under the persona's system prompt "
+    "minus under the opposite persona's; reply gap: the persona's export minus the opposite export, per prompt",
 }
 
 
@@ -230,7 +241,17 @@ def evaluate_masks(
     conds = conditions(ev, masks, norms)
     prompts = {p: system_prompt(recipe, spec, p) for p in recipe.personas}
     raw = score_conditions(ev, conds, prompts)
-    return {p: persona_evaluation(recipe, spec, items, raw, p, masks[p], dense_parameters(model)) for p in masks}
+    evaluations = {p: persona_evaluation(recipe, spec, items, raw, p, masks[p], dense_parameters(model)) for p in masks}
+    if spec.replies is not None and items.reply_prompts:
+        opposite = {p: q for p in masks if (q := recipe.partner(p))}
+        replies = evaluate_replies(model, tokenizer, adapter, spec, items.reply_prompts, masks, prompts, opposite)
+        for p, figures in replies.items():
+            evaluations[p]["replies"] = figures
+            acc = evaluations[p].get("acceptance")
+            if acc is not None:
+                acc["checks"] |= reply_checks(figures, spec)
+                acc["passed"] = all(acc["checks"].values())
+    return evaluations
 
 
 def persona_evaluation(

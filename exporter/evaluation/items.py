@@ -19,7 +19,7 @@ from typing import Any
 
 from exporter.errors import CalibrationDataError
 from exporter.masking.data import _records, read_samples, select_samples
-from exporter.recipe.eval import EvalSpec, PairedSpec, StatementsSpec
+from exporter.recipe.eval import EvalSpec, PairedSpec, RepliesSpec, StatementsSpec
 from exporter.recipe.schema import DataSpec, Recipe, infer_format
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class EvalItems:
     paired: list[PairedItem] = field(default_factory=list)
     statements: list[Statement] = field(default_factory=list)
     neutral: list[str] = field(default_factory=list)  # paragraphs
+    reply_prompts: list[str] = field(default_factory=list)  # everyday prompts for the reply metric
     splits: dict[str, Any] = field(default_factory=dict)  # per source: file, counts, selection
     leaks: list[dict[str, Any]] = field(default_factory=list)  # flagged (on_leak: flag) leaks
 
@@ -210,6 +211,24 @@ def read_neutral(path: str) -> list[str]:
     return [s.response for s in read_samples(spec)]
 
 
+def read_reply_prompts(spec: RepliesSpec, calib: CalibrationIndex) -> tuple[list[str], dict[str, Any]]:
+    """One prompt per non-blank line; calibration prompts are dropped when held out, then a seeded selection."""
+    samples = read_samples(DataSpec(path=spec.path, format="text", max_samples=1))
+    lines = [t.strip() for s in samples for t in s.response.splitlines() if t.strip()]
+    candidates = [i for i, t in enumerate(lines) if not (spec.exclude_calibration and calib.find(t))]
+    n = spec.max_items or len(candidates)
+    chosen = _choose(candidates, n, spec.seed, "eval.replies", len(lines), len(lines) - len(candidates))
+    split = {
+        "file": {"path": spec.path, "sha256": file_sha256(spec.path)},
+        "total": len(lines),
+        "held_out": spec.exclude_calibration,
+        "selected": len(chosen),
+        "seed": spec.seed,
+        "line_indices": chosen,
+    }
+    return [lines[i] for i in chosen], split
+
+
 def load_items(recipe: Recipe, spec: EvalSpec) -> EvalItems:
     """Read and select every evaluation item, then check them against the calibration samples."""
     calib = CalibrationIndex({n: p.calibration for n, p in recipe.personas.items()})
@@ -224,6 +243,8 @@ def load_items(recipe: Recipe, spec: EvalSpec) -> EvalItems:
             "file": {"path": spec.neutral.path, "sha256": file_sha256(spec.neutral.path)},
             "paragraphs": len(items.neutral),
         }
+    if spec.replies is not None:
+        items.reply_prompts, items.splits["replies"] = read_reply_prompts(spec.replies, calib)
     items.leaks = find_leaks(items, calib)
     if items.leaks:
         shown = "; ".join(f"{x['source']} #{x['index']} = {x['calibration']}" for x in items.leaks[:5])
@@ -246,6 +267,10 @@ def find_leaks(items: EvalItems, calib: CalibrationIndex) -> list[dict[str, Any]
         where = calib.find(st.text)
         if where:
             leaks.append({"source": "statements", "index": st.index, "calibration": where})
+    for k, prompt in enumerate(items.reply_prompts):
+        where = calib.find(prompt)
+        if where:
+            leaks.append({"source": "replies", "index": k, "calibration": where})
     for k, para in enumerate(items.neutral):
         where = calib.find(para)
         if where:

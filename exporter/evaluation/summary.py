@@ -114,6 +114,8 @@ def persona_rows(view: PersonaView, random_keys: list[str]) -> list[Row]:
         view.entry_row("prompt-only", f"dense+prompt:{p}", "dense"),
         view.entry_row("mask-only", f"mask:{p}", f"mask:{p}"),
         view.entry_row("mask+prompt", f"mask:{p}+prompt:{p}", f"mask:{p}"),
+        view.entry_row("steering-only", f"steer:{p}", f"steer:{p}"),
+        view.entry_row("removal-only", f"removal:{p}", f"removal:{p}"),
         view.random_row(random_keys),
         view.entry_row("wanda unstructured", f"wanda:{p}", f"wanda:{p}"),
     ]
@@ -150,6 +152,9 @@ def acceptance(rows: list[Row], spec: EvalSpec) -> dict[str, Any] | None:
     checks: dict[str, bool] = {f"shift >= {a.min_shift}": mask >= a.min_shift}
     if rnd is not None:
         checks[f"shift >= {a.random_ratio} x random movement"] = mask >= a.random_ratio * rnd
+    prompt = _shift(rows, "prompt-only")
+    if prompt is not None:
+        checks["shift >= prompt-only shift"] = mask >= prompt
     if ppl is not None:
         checks[f"perplexity <= {a.max_perplexity_ratio} x dense"] = ppl <= a.max_perplexity_ratio
     return {

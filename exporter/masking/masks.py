@@ -40,6 +40,7 @@ class PersonaMask:
     group_keep: torch.Tensor | None  # (layers, kept KV heads), sorted
     # (layers, hidden) float64 added to every down_proj output: steering and/or bias compensation (steer.py)
     mlp_bias: torch.Tensor | None = None
+    steering: torch.Tensor | None = None  # (layers, hidden): the steering part of mlp_bias (eval's baseline)
 
     def pruned_geometry(self) -> Geometry:
         g = self.geometry
@@ -78,6 +79,7 @@ class PersonaMask:
                 ("head_keep", self.head_keep),
                 ("group_keep", self.group_keep),
                 ("mlp_bias", self.mlp_bias),
+                ("steering", self.steering),
             )
             if v is not None
         }
@@ -97,6 +99,7 @@ class PersonaMask:
             t.get("head_keep"),
             t.get("group_keep"),
             t.get("mlp_bias"),
+            t.get("steering"),
         )
 
 

@@ -13,9 +13,9 @@ own. Pure tensor math: the statistics come in, a (layers, hidden) float64 tensor
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import torch
-from torch import nn
 
 from exporter.masking.masks import PersonaMask
 from exporter.masking.stats import Statistics
@@ -50,7 +50,7 @@ def with_biases(
     recipe: Recipe,
     masks: dict[str, PersonaMask],
     stats: dict[str, Statistics],
-    model: nn.Module,
+    model: Any,
     adapter: Adapter,
     storage: torch.dtype,
     prune: PruneSpec | None = None,
@@ -67,12 +67,14 @@ def with_biases(
     for name, mask in masks.items():
         partner = stats[p] if (p := recipe.partner(name)) else None
         bias = torch.zeros(len(down), down[0].shape[0], dtype=torch.float64)
+        steering = None
         if method.steer > 0:
             assert partner is not None, "steering needs a pair (checked by the recipe)"
-            bias += steering_bias(down, stats[name], partner, method.steer)
+            steering = steering_bias(down, stats[name], partner, method.steer).to(storage).to(torch.float64)
+            bias += steering
         compensate = prune.mlp.compensate if prune.mlp is not None else "none"
         mlp_mask, _ = mask.channel_masks()
         if compensate != "none" and mlp_mask is not None:
             bias += compensation_bias(down, 1.0 - mlp_mask, compensation_mean(compensate, stats[name], partner))
-        out[name] = replace(mask, mlp_bias=bias.to(storage).to(torch.float64))
+        out[name] = replace(mask, mlp_bias=bias.to(storage).to(torch.float64), steering=steering)
     return out

@@ -118,7 +118,7 @@ class Adapter:
                 f"supported for: {', '.join(supported)}. Set it to its default for this model"
             )
 
-    def add_mlp_bias(self, model: nn.Module, bias: torch.Tensor) -> None:
+    def add_mlp_bias(self, model: Any, bias: torch.Tensor) -> None:
         """Add `bias` (layers, hidden) to every down_proj bias, in place; the MLP input projections get zero
         biases, since the config flag gives every MLP projection one (all stored: no missing keys)."""
         self.check_mlp_bias(model.config.model_type, "an MLP bias (method.steer, prune.mlp.compensate)")

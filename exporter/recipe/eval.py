@@ -12,8 +12,10 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Positive = Annotated[int, Field(ge=1)]
-Baseline = Literal["prompt", "mask-prompt", "random", "wanda"]
-BASELINES: tuple[Baseline, ...] = ("prompt", "mask-prompt", "random", "wanda")
+Baseline = Literal["prompt", "mask-prompt", "random", "wanda", "steering", "removal"]
+# steering / removal: the export's steering bias alone, and its mask without any bias (only with method.steer
+# or prune.mlp.compensate); they show what each part adds
+BASELINES: tuple[Baseline, ...] = ("prompt", "mask-prompt", "random", "wanda", "steering", "removal")
 
 
 class _Strict(BaseModel):
@@ -62,18 +64,33 @@ class NeutralSpec(_Strict):
     max_tokens: Positive | None = None  # stop after this many scored tokens
 
 
+class RepliesSpec(_Strict):
+    """Everyday prompts (a text file, one per line) answered greedily under each condition; each reply is
+    scored for persona by the dense model (exporter/evaluation/replies.py)."""
+
+    path: str
+    max_items: Positive | None = None  # a seeded selection; all prompts when unset
+    seed: int = 0
+    max_new_tokens: Annotated[int, Field(ge=1, le=512)] = 64
+    batch_size: Positive = 16
+    show: Annotated[int, Field(ge=0)] = 3  # prompts shown side by side in report.md
+    exclude_calibration: bool = True
+
+
 class AcceptanceSpec(_Strict):
     """The bar a persona export must clear; reported as pass/fail, never enforced."""
 
-    min_shift: float = 0.1  # nats per token, toward the persona, relative to the dense model
+    min_shift: float = 0.2  # nats per token, toward the persona, relative to the dense model
     random_ratio: float = 3.0  # the shift must be at least this many times the random mask's |shift|
-    max_perplexity_ratio: float = 1.3  # perplexity on the neutral corpus relative to the dense model
+    max_perplexity_ratio: float = 1.15  # perplexity on the neutral corpus relative to the dense model
+    max_repeated_4grams_over_dense: float = 0.05  # reply degeneration, over the dense model's replies
 
 
 class EvalSpec(_Strict):
     paired: PairedSpec | None = None
     statements: StatementsSpec | None = None
     neutral: NeutralSpec | None = None
+    replies: RepliesSpec | None = None
     system_prompts: dict[str, str] = {}  # persona -> prompt-only baseline prompt (default: from description)
     baselines: list[Baseline] = list(BASELINES)
     random_seeds: Annotated[int, Field(ge=3)] = 3
@@ -95,8 +112,8 @@ def eval_problems(spec: EvalSpec, personas: list[str]) -> list[str]:
             if n not in personas:
                 problems.append(f"{where}.{n}: unknown persona {n!r}; known personas: {known}")
 
-    if spec.paired is None and spec.statements is None and spec.neutral is None:
-        problems.append("eval: give at least one of 'paired', 'statements', 'neutral'")
+    if spec.paired is None and spec.statements is None and spec.neutral is None and spec.replies is None:
+        problems.append("eval: give at least one of 'paired', 'statements', 'neutral', 'replies'")
     if spec.paired is not None:
         check(list(spec.paired.responses), "eval.paired.responses")
         if len(spec.paired.responses) != 2:

@@ -116,10 +116,58 @@ def evaluation_markdown(persona: str, ev: dict[str, Any], plot: str | None = Non
             f"\nMask-only minus prompt-only margin: {fmt_ci(mvp['mask_minus_prompt'])} nats/token "
             "(positive: the mask moves the model further toward the persona than the system prompt does)."
         )
+    if ev.get("replies"):
+        lines += ["", *replies_markdown(ev["replies"])]
     if plot:
         lines += ["", f"![evaluation]({plot})"]
     lines += ["", "Definitions:", *(f"- {k}: {v}" for k, v in ev["definitions"].items())]
     return "\n".join(lines) + "\n"
+
+
+def _quote(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|") or "(empty)"
+
+
+def replies_markdown(r: dict[str, Any]) -> list[str]:
+    """The reply metric: scores and degeneration per condition, the gaps, and replies side by side."""
+    rows = [
+        [
+            label,
+            fmt_ci(c["score"]),
+            f"{c['degeneration']['repeated_4grams']:.3f}",
+            f"{c['degeneration']['distinct_2']:.3f}",
+            f"{c['degeneration']['cut_at_max_tokens']:.2f}",
+        ]
+        for label, c in r["conditions"].items()
+    ]
+    header = ["replies of", "persona score", "repeated 4-grams", "distinct-2", "cut at max tokens"]
+    gaps = "; ".join(f"{name.replace('_', '-')} {fmt_ci(g)}" for name, g in r["gap"].items())
+    lines = [
+        f"### Replies ({r['prompts']} everyday prompts, greedy, at most {r['max_new_tokens']} tokens)",
+        "",
+        f"Persona score: the dense model's log-likelihood of the reply under this persona's system prompt minus "
+        f"under {r['opposite']}'s (nats/token). Gap (this persona's model minus {r['opposite']}'s, per prompt): "
+        f"{gaps}.",
+        "",
+        md_table(header, rows),
+        "",
+    ]
+    for ex in r["examples"]:
+        lines += [
+            f"**{_quote(ex['prompt'])}**",
+            "",
+            md_table(
+                ["model", "reply"],
+                [
+                    ["dense", _quote(ex["dense"])],
+                    ["dense + system prompt", _quote(ex["prompt_only"])],
+                    ["this persona's export", _quote(ex["export"])],
+                    [f"{r['opposite']}'s export", _quote(ex["opposite_export"])],
+                ],
+            ),
+            "",
+        ]
+    return lines
 
 
 def persona_markdown(report: PersonaReport, plot: str | None = None) -> str:

@@ -12,13 +12,18 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from exporter.evaluate import Intervention, Scored, sequence_logliks
+from exporter.evaluation.metrics import Intervention, Scored, mean_ci, sequence_logliks
+from exporter.masking.masks import PersonaMask
+from exporter.model.adapters import Adapter
+from exporter.recipe.eval import EvalSpec
+from exporter.verify.hf import masked
 
 
 def _chat(tokenizer: Any, prompt: str, system: str | None) -> list[int]:
@@ -126,3 +131,100 @@ def degeneration(replies: Replies) -> dict[str, float]:
         "cut_at_max_tokens": float(np.mean(replies.cut)),
         "empty": float(np.mean([not t for t in replies.tokens])),
     }
+
+
+def _finite(x: np.ndarray) -> np.ndarray:
+    return x[np.isfinite(x)]
+
+
+def evaluate_replies(
+    model: nn.Module,
+    tokenizer: Any,
+    adapter: Adapter,
+    spec: EvalSpec,
+    prompts: list[str],
+    masks: dict[str, PersonaMask],
+    systems: dict[str, str],
+    opposite: dict[str, str],
+) -> dict[str, dict[str, Any]]:
+    """Per persona p with an opposite q among `masks`: reply scores (p's system prompt against q's) of every
+    condition, the export gap (p's export minus q's export, per prompt) beside the prompt-only and
+    steering-only gaps, degeneration figures, and the first `show` prompts' replies side by side."""
+    rs = spec.replies
+    assert rs is not None, "evaluate_replies needs an eval.replies section"
+    boot = {"n": spec.bootstrap, "seed": spec.seed}
+
+    def gen(system: str | None = None, mask: PersonaMask | None = None) -> Replies:
+        intervention = partial(masked, model, adapter, mask) if mask is not None else None
+        return greedy_replies(
+            model,
+            tokenizer,
+            prompts,
+            system=system,
+            intervention=intervention,
+            max_new_tokens=rs.max_new_tokens,
+            batch_size=rs.batch_size,
+        )
+
+    replies: dict[str, Replies] = {"dense": gen()}
+    for p, mask in masks.items():
+        replies[f"prompt:{p}"] = gen(system=systems[p])
+        replies[f"mask:{p}"] = gen(mask=mask)
+        if mask.steering is not None and "steering" in spec.baselines:
+            replies[f"steer:{p}"] = gen(mask=steering_only(mask))
+    out: dict[str, dict[str, Any]] = {}
+    for p in masks:
+        q = opposite.get(p)
+        if q is None or q not in masks:
+            continue
+        scores = {c: persona_scores(model, tokenizer, r, systems[p], systems[q]) for c, r in replies.items()}
+        labels = {"dense": "dense", f"prompt:{p}": "prompt-only", f"mask:{p}": "export", f"mask:{q}": f"export of {q}"}
+        labels[f"steer:{p}"] = "steering-only"
+        conditions = {
+            label: {"score": mean_ci(_finite(scores[key]), **boot), "degeneration": degeneration(replies[key])}
+            for key, label in labels.items()
+            if key in scores
+        }
+        gaps = {"export": ("mask", "mask"), "prompt_only": ("prompt", "prompt"), "steering_only": ("steer", "steer")}
+        gap = {
+            name: mean_ci(_finite(scores[f"{a}:{p}"] - scores[f"{b}:{q}"]), **boot)
+            for name, (a, b) in gaps.items()
+            if f"{a}:{p}" in scores and f"{b}:{q}" in scores
+        }
+        texts = {key: replies[key].texts(tokenizer) for key in ("dense", f"prompt:{p}", f"mask:{p}", f"mask:{q}")}
+        examples = [
+            {
+                "prompt": prompts[i],
+                "dense": texts["dense"][i],
+                "prompt_only": texts[f"prompt:{p}"][i],
+                "export": texts[f"mask:{p}"][i],
+                "opposite_export": texts[f"mask:{q}"][i],
+            }
+            for i in range(min(rs.show, len(prompts)))
+        ]
+        out[p] = {
+            "prompts": len(prompts),
+            "max_new_tokens": rs.max_new_tokens,
+            "opposite": q,
+            "conditions": conditions,
+            "gap": gap,
+            "examples": examples,
+        }
+    return out
+
+
+def reply_checks(replies: dict[str, Any], spec: EvalSpec) -> dict[str, bool]:
+    """The acceptance checks on one persona's reply evaluation."""
+    gap, conds = replies["gap"], replies["conditions"]
+    checks = {"reply gap > 0, interval excludes 0": gap["export"]["ci95"][0] > 0}
+    if "prompt_only" in gap:
+        checks["reply gap >= prompt-only gap"] = gap["export"]["mean"] >= gap["prompt_only"]["mean"]
+    limit = spec.acceptance.max_repeated_4grams_over_dense
+    dense = conds["dense"]["degeneration"]["repeated_4grams"]
+    checks[f"repeated 4-grams <= dense + {limit}"] = conds["export"]["degeneration"]["repeated_4grams"] <= dense + limit
+    return checks
+
+
+def steering_only(mask: PersonaMask) -> PersonaMask:
+    """The export's steering bias on the dense model: no unit removed, no compensation."""
+    return PersonaMask(mask.persona, mask.geometry, None, None, None, mlp_bias=mask.steering)
