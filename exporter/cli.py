@@ -149,6 +149,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from exporter.recipe.schema import load_recipe
+    from exporter.workflows.tune import tune
+
+    report = tune(load_recipe(args.recipe, args.set), Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats)
+    print(f"chosen on the validation items: {report['chosen']}")
+    print(f"written: {Path(args.out) / 'report.md'} (test figures), report.json, pareto.png, recipe.yaml")
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from exporter.recipe.schema import load_recipe
     from exporter.workflows.sweep import sweep
@@ -235,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reuse-stats", type=Path, metavar="RUN_DIR", help="reuse valid statistics of a run")
     overrides(p)
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "tune", help="search the recipe's tune grid on validation items, report the chosen setting on test items"
+    )
+    p.add_argument("recipe")
+    p.add_argument("--out", required=True, help="folder to create for report.md, report.json, pareto.png, recipe.yaml")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument("--reuse-stats", type=Path, metavar="RUN_DIR", help="reuse valid statistics of a run")
+    overrides(p)
+    p.set_defaults(func=cmd_tune)
     return parser
 
 

@@ -125,6 +125,18 @@ class VerifySpec(Strict):
     layerwise: bool = False
 
 
+class TuneSpec(Strict):
+    """`persona-export tune`: a grid searched on the `validation` items; the best setting is then reported on
+    the recipe's `eval` items, which no choice looked at. Best = the largest paired shift of the weaker persona
+    with every persona's neutral perplexity at most `max_perplexity_ratio` x dense."""
+
+    sparsity: Annotated[list[Fraction], Field(min_length=1)]  # MLP sparsities
+    steer: Annotated[list[Annotated[float, Field(ge=0.0, le=10.0)]], Field(min_length=1)] = [0.0]
+    compensate: Annotated[list[Literal["none", "personas", "persona"]], Field(min_length=1)] = ["none"]
+    max_perplexity_ratio: Annotated[float, Field(gt=1.0)] = 1.15
+    validation: EvalSpec
+
+
 class Recipe(Strict):
     name: str
     model: ModelSpec
@@ -137,6 +149,7 @@ class Recipe(Strict):
     verify: VerifySpec = VerifySpec()
     eval: EvalSpec | None = None
     push: PushSpec | None = None
+    tune: TuneSpec | None = None
 
     def partner(self, persona: str) -> str | None:
         for a, b in self.pairs:
@@ -296,9 +309,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             cal = spec.get("calibration") if isinstance(spec, dict) else None
             if isinstance(cal, dict) and "path" in cal:
                 cal["path"] = fix(cal["path"])
-    ev = data.get("eval")
-    if isinstance(ev, dict):
-        sections = [ev.get(k) for k in ("paired", "statements", "neutral")]
+    tune = data.get("tune")
+    for ev in (data.get("eval"), tune.get("validation") if isinstance(tune, dict) else None):
+        if not isinstance(ev, dict):
+            continue
+        sections = [ev.get(k) for k in ("paired", "statements", "neutral", "replies")]
         paired = ev.get("paired")
         if isinstance(paired, dict) and isinstance(paired.get("responses"), dict):
             sections += list(paired["responses"].values())

@@ -64,8 +64,8 @@ def evaluate_run_dir(run_dir: Path, recipe_path: str | None = None) -> dict[str,
 def with_sparsity(prune: PruneSpec, unit: str, sparsity: float) -> PruneSpec:
     """The recipe's prune section with the MLP (or attention) sparsity replaced."""
     if unit == "mlp":
-        round_to = prune.mlp.round_to if prune.mlp else 1
-        return prune.model_copy(update={"mlp": MlpPrune(sparsity=sparsity, round_to=round_to)})
+        mlp = prune.mlp.model_copy(update={"sparsity": sparsity}) if prune.mlp else MlpPrune(sparsity=sparsity)
+        return prune.model_copy(update={"mlp": mlp})
     kind = prune.attention.unit if prune.attention else "kv-group"
     return prune.model_copy(update={"attention": AttentionPrune(unit=kind, sparsity=sparsity)})
 

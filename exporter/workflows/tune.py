@@ -1,0 +1,220 @@
+"""`persona-export tune RECIPE --out DIR`: choose a setting on validation items, report it on test items.
+
+Calibrate once; for every point of the recipe's `tune` grid (MLP sparsity x steering alpha x compensation)
+compute the masks and biases and score them on `tune.validation` (paired shift and neutral perplexity, no
+baselines). The chosen point has the largest paired shift of its weaker persona among the points whose every
+persona stays within `max_perplexity_ratio` x dense perplexity. Only that point is evaluated on the recipe's
+`eval` section, with every baseline, and the two sets of items must not share a prompt or an answer: tune
+never reports on what it chose on. Writes report.json, report.md, pareto.png and the chosen recipe.yaml.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from exporter.errors import MaskError, RecipeError
+from exporter.evaluation.conditions import (
+    Evaluator,
+    WeightCondition,
+    conditions,
+    dense_parameters,
+    evaluate_masks,
+    persona_evaluation,
+    prepare,
+    score_conditions,
+)
+from exporter.evaluation.items import EvalItems, norm
+from exporter.io import check_target, staged, write_json
+from exporter.masking.masks import PersonaMask, compute_masks
+from exporter.masking.statistics import column_norms, persona_statistics
+from exporter.masking.steer import with_biases
+from exporter.model.sources import load_model
+from exporter.recipe.schema import Recipe
+from exporter.reports.markdown import md_table
+from exporter.reports.provenance import Timer
+from exporter.workflows.sweep import with_sparsity
+
+log = logging.getLogger(__name__)
+
+
+def _texts(items: EvalItems) -> set[str]:
+    out = {norm(t) for it in items.paired for t in (it.prompt, *it.responses.values())}
+    out |= {norm(s.text) for s in items.statements} | {norm(p) for p in items.reply_prompts}
+    return out
+
+
+def check_disjoint_splits(validation: EvalItems, test: EvalItems) -> None:
+    shared = _texts(validation) & _texts(test)
+    if shared:
+        example = sorted(shared)[0][:80]
+        raise RecipeError(
+            f"tune.validation and eval share {len(shared)} text(s) (e.g. {example!r}); settings must be chosen "
+            "on items that are not reported: point tune.validation at another split"
+        )
+
+
+def grid(recipe: Recipe) -> list[Recipe]:
+    """The recipe at every point of its tune grid."""
+    assert recipe.tune is not None
+    points = []
+    for s, alpha, comp in itertools.product(recipe.tune.sparsity, recipe.tune.steer, recipe.tune.compensate):
+        prune = with_sparsity(recipe.prune, "mlp", s)
+        assert prune.mlp is not None
+        prune = prune.model_copy(update={"mlp": prune.mlp.model_copy(update={"compensate": comp})})
+        method = recipe.method.model_copy(update={"steer": alpha})
+        points.append(recipe.model_copy(update={"prune": prune, "method": method}))
+    return points
+
+
+def _point_figures(evals: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    per = {}
+    for p, ev in evals.items():
+        row = next(r for r in ev["rows"] if r["condition"] == "mask-only")
+        per[p] = {"shift": row["paired"]["shift"]["mean"], "perplexity_ratio": row["neutral"]["perplexity_ratio"]}
+    return {
+        "personas": per,
+        "min_shift": min(v["shift"] for v in per.values()),
+        "max_perplexity_ratio": max(v["perplexity_ratio"] for v in per.values()),
+    }
+
+
+def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | None = None) -> dict[str, Any]:
+    spec = recipe.tune
+    if spec is None or recipe.eval is None:
+        raise RecipeError("tune: the recipe needs a 'tune' section (grid + validation items) and an 'eval' section")
+    if spec.validation.paired is None or spec.validation.neutral is None:
+        raise RecipeError("tune.validation: give 'paired' and 'neutral' (the shift and the perplexity it ranks by)")
+    check_target(out, overwrite)
+    validation = spec.validation.model_copy(update={"baselines": [], "replies": None, "statements": None})
+    val_items, test_items = prepare(recipe, validation), prepare(recipe, recipe.eval)
+    check_disjoint_splits(val_items, test_items)
+    m = load_model(recipe)
+    timer = Timer()
+    stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.personas}
+    col_sq = column_norms(m)
+    ev = Evaluator(m.model, m.tokenizer, m.adapter, validation, val_items)
+    done = score_conditions(ev, {"dense": WeightCondition(None, 0)}, {})
+    n_dense = dense_parameters(m.model)
+    points: list[dict[str, Any]] = []
+    candidates: list[tuple[Recipe, dict[str, PersonaMask]]] = []
+    for r in grid(recipe):
+        assert r.prune.mlp is not None
+        setting = {"sparsity": r.prune.mlp.sparsity, "steer": r.method.steer, "compensate": r.prune.mlp.compensate}
+        log.info("tune: %s", setting)
+        try:
+            masks = with_biases(r, compute_masks(r, stats, col_sq), stats, m.model, m.adapter, torch.float32)
+        except MaskError as exc:
+            points.append({"setting": setting, "error": str(exc)})
+            continue
+        raw = score_conditions(ev, conditions(ev, masks, {}), {}, done=done)
+        evals = {p: persona_evaluation(r, validation, val_items, raw, p, masks[p], n_dense) for p in masks}
+        figures = _point_figures(evals)
+        figures["feasible"] = figures["max_perplexity_ratio"] <= spec.max_perplexity_ratio
+        points.append({"setting": setting, **figures})
+        candidates.append((r, masks))
+    scored = [p for p in points if "error" not in p]  # aligned with candidates
+    feasible = [i for i, p in enumerate(scored) if p["feasible"]]
+    if not feasible:
+        raise RecipeError(
+            f"tune: no point of the grid keeps perplexity within {spec.max_perplexity_ratio}x dense on the "
+            "validation items; add smaller sparsities or steering strengths"
+        )
+    best = max(feasible, key=lambda i: scored[i]["min_shift"])
+    scored[best]["chosen"] = True
+    chosen, masks = candidates[best]
+    log.info("tune: chosen %s; evaluating it on the test items", scored[best]["setting"])
+    test = evaluate_masks(chosen, recipe.eval, test_items, m.model, m.tokenizer, m.adapter, masks)
+    final = chosen.model_copy(update={"tune": None})
+    report = {
+        "recipe": recipe.name,
+        "selection": "largest paired shift of the weaker persona on the validation items, every persona's "
+        f"perplexity <= {spec.max_perplexity_ratio}x dense",
+        "validation_splits": val_items.splits,
+        "grid": points,
+        "chosen": scored[best]["setting"],
+        "test": test,
+    }
+    with staged(out, overwrite) as stage:
+        write_json(stage / "report.json", report)
+        (stage / "recipe.yaml").write_text(
+            f"# chosen by `persona-export tune` on the validation items: {scored[best]['setting']}\n"
+            + yaml.safe_dump(final.model_dump(mode="json", exclude_none=True), sort_keys=False)
+        )
+        plot_pareto(scored, stage / "pareto.png", spec.max_perplexity_ratio)
+        (stage / "report.md").write_text(tune_markdown(report))
+    return report
+
+
+def _front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Points no other point beats on both shift (higher) and perplexity (lower)."""
+    return [
+        p
+        for p in points
+        if not any(
+            q["min_shift"] >= p["min_shift"]
+            and q["max_perplexity_ratio"] <= p["max_perplexity_ratio"]
+            and (q["min_shift"], q["max_perplexity_ratio"]) != (p["min_shift"], p["max_perplexity_ratio"])
+            for q in points
+        )
+    ]
+
+
+def plot_pareto(points: list[dict[str, Any]], path: Path, bound: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    ax.scatter([p["max_perplexity_ratio"] for p in points], [p["min_shift"] for p in points], c="grey", s=18)
+    front = sorted(_front(points), key=lambda p: p["max_perplexity_ratio"])
+    ax.plot([p["max_perplexity_ratio"] for p in front], [p["min_shift"] for p in front], "-o", label="Pareto front")
+    for p in points:
+        s = p["setting"]
+        ax.annotate(f"{s['sparsity']:g}/{s['steer']:g}", (p["max_perplexity_ratio"], p["min_shift"]), fontsize=7)
+        if p.get("chosen"):
+            ax.scatter([p["max_perplexity_ratio"]], [p["min_shift"]], marker="*", s=160, c="red", label="chosen")
+    ax.axvline(bound, color="black", linestyle=":", linewidth=0.8)
+    ax.set_xlabel("worst persona's perplexity / dense (validation)")
+    ax.set_ylabel("weaker persona's paired shift (nats/token)")
+    ax.set_title("tune grid (labels: sparsity/steer)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def tune_markdown(report: dict[str, Any]) -> str:
+    rows = []
+    for p in report["grid"]:
+        s = p["setting"]
+        if "error" in p:
+            rows.append([f"{s['sparsity']:g}", f"{s['steer']:g}", s["compensate"], "–", "–", p["error"][:60]])
+            continue
+        mark = "**chosen**" if p.get("chosen") else ("" if p["feasible"] else "over the perplexity bound")
+        rows.append(
+            [
+                f"{s['sparsity']:g}",
+                f"{s['steer']:g}",
+                s["compensate"],
+                f"{p['min_shift']:+.3f}",
+                f"{p['max_perplexity_ratio']:.3f}",
+                mark,
+            ]
+        )
+    header = ["sparsity", "steer", "compensate", "weaker shift (val)", "worst ppl ratio (val)", ""]
+    lines = [f"# tune: {report['recipe']}", "", f"Selection: {report['selection']}.", "", md_table(header, rows), ""]
+    lines += ["![pareto](pareto.png)", "", f"## The chosen setting on the test items: {report['chosen']}", ""]
+    for persona, ev in report["test"].items():
+        acc = ev.get("acceptance") or {}
+        checks = "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in acc.get("checks", {}).items())
+        row = next((r for r in ev["rows"] if r["condition"] == "mask-only"), None)
+        if row is not None and "paired" in row:
+            lines.append(f"- {persona}: shift {row['paired']['shift']['mean']:+.3f} nats/token; {checks}")
+    return "\n".join(lines) + "\n"
