@@ -32,7 +32,7 @@ def _recipe(tmp_path: Path, model_dir: Path, validation_file: Path, **tune: Any)
     test_file = write_pair_data(tmp_path / "test-pairs.jsonl", n=8, seed=11)
     neutral = {"path": str(tmp_path / "neutral.txt"), "window": 24}
     section = {
-        "sparsity": [0.125, 0.25],
+        "sparsity": [0.0, 0.25],
         "steer": [0.0, 1.0],
         "max_perplexity_ratio": 1000.0,
         "validation": {"paired": _paired(validation_file), "neutral": neutral},
@@ -55,6 +55,7 @@ def test_tune_chooses_on_validation_and_reports_on_test(tmp_path: Path, tiny_lla
     assert len(report["grid"]) == 4 and sum(bool(p.get("chosen")) for p in report["grid"]) == 1
     chosen = next(p for p in report["grid"] if p.get("chosen"))
     assert chosen["min_shift"] == max(p["min_shift"] for p in report["grid"] if p["feasible"])
+    assert all(p["feasible"] == (p["setting"]["sparsity"] > 0) for p in report["grid"])  # removal is required
     assert report["chosen"] == chosen["setting"]
     # the validation and test items are different files, and the test figures come from the test file only
     assert report["validation_splits"]["paired"]["files"] != report["test"]["introvert"]["splits"]["paired"]["files"]
@@ -80,4 +81,4 @@ def test_grid_covers_every_combination(tmp_path: Path, tiny_llama_dir: Path) -> 
     validation = write_pair_data(tmp_path / "val-pairs.jsonl", n=8, seed=7)
     recipe = load_recipe(_recipe(tmp_path, tiny_llama_dir, validation, compensate=["none", "personas"]))
     settings = {(r.prune.mlp.sparsity, r.method.steer, r.prune.mlp.compensate) for r in grid(recipe)}  # type: ignore[union-attr]
-    assert len(settings) == 8 and (0.125, 1.0, "personas") in settings
+    assert len(settings) == 8 and (0.25, 1.0, "personas") in settings

@@ -128,12 +128,16 @@ class VerifySpec(Strict):
 class TuneSpec(Strict):
     """`persona-export tune`: a grid searched on the `validation` items; the best setting is then reported on
     the recipe's `eval` items, which no choice looked at. Best = the largest paired shift of the weaker persona
-    with every persona's neutral perplexity at most `max_perplexity_ratio` x dense."""
+    with every persona's neutral perplexity at most `max_perplexity_ratio` x dense (and, by default, some units
+    removed)."""
 
     sparsity: Annotated[list[Fraction], Field(min_length=1)]  # MLP sparsities
     steer: Annotated[list[Annotated[float, Field(ge=0.0, le=10.0)]], Field(min_length=1)] = [0.0]
     compensate: Annotated[list[Literal["none", "personas", "persona"]], Field(min_length=1)] = ["none"]
     max_perplexity_ratio: Annotated[float, Field(gt=1.0)] = 1.15
+    # only points that remove units can be chosen (the point of a persona export is a smaller model); points
+    # with sparsity 0 are still scored, as the steering-only reference of the Pareto plot
+    require_removal: bool = True
     validation: EvalSpec
 
 

@@ -115,7 +115,15 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         raw = score_conditions(ev, conditions(ev, masks, {}), {}, done=done)
         evals = {p: persona_evaluation(r, validation, val_items, raw, p, masks[p], n_dense) for p in masks}
         figures = _point_figures(evals)
-        figures["feasible"] = figures["max_perplexity_ratio"] <= spec.max_perplexity_ratio
+        removes = r.prune.mlp.sparsity > 0 or not spec.require_removal
+        figures["feasible"] = figures["max_perplexity_ratio"] <= spec.max_perplexity_ratio and removes
+        log.info(
+            "tune: %s weaker shift %+.3f, worst perplexity %.3fx%s",
+            setting,
+            figures["min_shift"],
+            figures["max_perplexity_ratio"],
+            "" if removes else " (reference: removes nothing)",
+        )
         points.append({"setting": setting, **figures})
         candidates.append((r, masks))
     scored = [p for p in points if "error" not in p]  # aligned with candidates
@@ -123,7 +131,9 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     if not feasible:
         raise RecipeError(
             f"tune: no point of the grid keeps perplexity within {spec.max_perplexity_ratio}x dense on the "
-            "validation items; add smaller sparsities or steering strengths"
+            "validation items"
+            + (" while removing units" if spec.require_removal else "")
+            + "; add smaller sparsities or steering strengths"
         )
     best = max(feasible, key=lambda i: scored[i]["min_shift"])
     scored[best]["chosen"] = True
@@ -135,6 +145,7 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         "recipe": recipe.name,
         "selection": "largest paired shift of the weaker persona on the validation items, every persona's "
         f"perplexity <= {spec.max_perplexity_ratio}x dense",
+        "max_perplexity_ratio": spec.max_perplexity_ratio,
         "validation_splits": val_items.splits,
         "grid": points,
         "chosen": scored[best]["setting"],
@@ -197,7 +208,11 @@ def tune_markdown(report: dict[str, Any]) -> str:
         if "error" in p:
             rows.append([f"{s['sparsity']:g}", f"{s['steer']:g}", s["compensate"], "–", "–", p["error"][:60]])
             continue
-        mark = "**chosen**" if p.get("chosen") else ("" if p["feasible"] else "over the perplexity bound")
+        over = p["max_perplexity_ratio"] > report["max_perplexity_ratio"]
+        mark = "**chosen**" if p.get("chosen") else ("over the perplexity bound" if over else "")
+        if s["sparsity"] == 0 and not over and not p.get("chosen"):
+            mark = "reference (removes nothing)"
+
         rows.append(
             [
                 f"{s['sparsity']:g}",
