@@ -200,7 +200,7 @@ def test_a_mask_that_removes_the_planted_neuron_favours_its_persona(tmp_path: Pa
         for cond in ("mask-only", "random mask", "wanda unstructured"):
             assert rows[p][cond]["parameters_removed"] == n
         assert len(rows[p]["random mask"]["seeds"]) == spec.random_seeds
-    assert evals["introvert"]["acceptance"]["checks"]["shift >= 0.1"] == (intro["shift"]["mean"] >= 0.1)
+    assert evals["introvert"]["acceptance"]["checks"]["shift >= 0.2"] == (intro["shift"]["mean"] >= 0.2)
 
 
 # -- leak check -------------------------------------------------------------------------------------------
@@ -243,9 +243,14 @@ def test_shipped_demo_split_is_held_out() -> None:
     recipe = load_recipe(DEMO)
     items = prepare(recipe)
     calib = {s.prompt for p in recipe.personas.values() for s in select_samples(p.calibration)}
-    assert len(items.paired) == 32 and not items.leaks and len(items.neutral) > 40
+    assert len(items.paired) == 64 and not items.leaks and len(items.neutral) == 23
     assert not {it.prompt for it in items.paired} & calib
-    assert len(calib) + len(items.paired) == items.splits["paired"]["records"]
+    assert len(items.reply_prompts) == 40 and not set(items.reply_prompts) & calib
+    # the tune section chooses on other items than the ones reported
+    assert recipe.tune is not None
+    validation = prepare(recipe, recipe.tune.validation)
+    assert not {it.prompt for it in validation.paired} & ({it.prompt for it in items.paired} | calib)
+    assert not set(validation.neutral) & set(items.neutral)
 
 
 @pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")

@@ -46,8 +46,11 @@ def test_demo_exports_are_exact_and_smaller(demo_run: Path, persona: str) -> Non
     assert hf["fp32"]["greedy_identical"]
     pruned = report["geometry"]["pruned"]
     assert (pruned["heads"], pruned["kv_heads"], pruned["head_dim"]) == (6, 2, 64)
-    assert pruned["intermediate"] == 1536 - 30  # floor(0.02 * 1536) neurons in every layer
-    assert all(len(r) == 30 for r in report["removed_per_layer"]["mlp"])
+    assert pruned["intermediate"] == 1536 - 15  # floor(0.01 * 1536) neurons in every layer
+    assert all(len(r) == 15 for r in report["removed_per_layer"]["mlp"])
+    # the shipped setting's steering bias is in the checkpoint, and the proof covers it
+    assert report["method"]["steer"] == 1.0
+    assert json.loads((demo_run / persona / "hf" / "config.json").read_text())["mlp_bias"] is True
     ratio = report["parameters"]["pruned"] / report["parameters"]["dense"]
     assert abs(report["bytes"]["ratio"] - ratio) < 1e-3  # bytes fall in proportion to parameters
     assert report["calibration"]["samples"] == 24
@@ -68,7 +71,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 d = {str(demo_run / "extravert" / "hf")!r}
 tok = AutoTokenizer.from_pretrained(d)
-model = AutoModelForCausalLM.from_pretrained(d)
+model, info = AutoModelForCausalLM.from_pretrained(d, output_loading_info=True)
+assert not info["missing_keys"] and not info["unexpected_keys"], info
 ids = tok.apply_chat_template([{{"role": "user", "content": "Plan my Saturday."}}], add_generation_prompt=True,
                               return_tensors="pt")
 out = model.generate(ids, max_new_tokens=12, do_sample=False)
@@ -77,7 +81,7 @@ print(repr(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     lines = done.stdout.strip().splitlines()
-    assert lines[-2] == "2 1506"
+    assert lines[-2] == "2 1521"
     assert len(lines[-1].strip("'\" ")) > 10  # a non-empty continuation
 
 
