@@ -6,7 +6,8 @@
   KL(P_dense || Q) of next-token distributions at the same positions.
 - Seeded percentile-bootstrap 95 % intervals.
 An `intervention` is a context-manager factory (mask hooks, zeroed weights) active during the forward pass.
-Everything runs in inference mode with fp32 log-softmax.
+Everything runs in inference mode; log-softmax in fp32, or in float64 for a float64 model (tests compare in
+float64, where summation order cannot move the figures).
 """
 
 from __future__ import annotations
@@ -76,6 +77,11 @@ def _batches(seqs: list[Scored], batch_size: int) -> Iterator[list[int]]:
         yield order[k : k + batch_size]
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """fp32 at least (fp16 sums overflow); a float64 model stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _parts(model: Any) -> tuple[nn.Module, nn.Module]:
     """The decoder body (hidden states) and the LM head: logits are computed only where they are scored."""
     return model.get_decoder(), model.get_output_embeddings()
@@ -88,7 +94,7 @@ def _log_probs(
     decoder, head = _parts(model)
     hidden = decoder(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False)
     logits = head(hidden.last_hidden_state[rows, cols])
-    return torch.log_softmax(logits.float(), dim=-1)
+    return torch.log_softmax(_wide(logits), dim=-1)
 
 
 def _plain(model: nn.Module, seqs: list[Scored], pad_id: int) -> np.ndarray:
@@ -115,7 +121,7 @@ def _after_prefix(
     decoder, head = _parts(model)
     first = decoder(input_ids=torch.tensor([prefix]), use_cache=True)
     legacy = first.past_key_values.to_legacy_cache()  # per layer (k, v): (1, kv_heads, P, head_dim)
-    lp0 = torch.log_softmax(head(first.last_hidden_state[0, -1]).float(), dim=-1)  # predicts answer token 0
+    lp0 = torch.log_softmax(_wide(head(first.last_hidden_state[0, -1])), dim=-1)  # predicts answer token 0
     out = np.zeros(len(answers))
     n = len(prefix)
     for k in range(0, len(answers), batch_size):
@@ -139,7 +145,7 @@ def _after_prefix(
         ).last_hidden_state
         score = attn[:, n + 1 :].bool()  # answer token t (t >= 1) predicted at answer position t - 1
         rows, cols = score.nonzero(as_tuple=True)
-        lp = torch.log_softmax(head(hidden[rows, cols]).float(), dim=-1)
+        lp = torch.log_softmax(_wide(head(hidden[rows, cols])), dim=-1)
         token_ll = lp.gather(1, ids[rows, cols + 1].unsqueeze(1)).squeeze(1).double()
         sums = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, rows, token_ll)
         sums += lp0[ids[:, 0]].double()
