@@ -65,25 +65,41 @@ def apply_channel_masks(
 
         return hook
 
-    def shift(vec: torch.Tensor) -> Callable[..., torch.Tensor]:
-        def hook(_module: nn.Module, _args: tuple[torch.Tensor, ...], out: torch.Tensor) -> torch.Tensor:
-            return out + vec.to(out.dtype)
-
-        return hook
-
     pairs: list[tuple[nn.Module, Callable[..., Any]]] = []
-    post: list[tuple[nn.Module, Callable[..., Any]]] = []
     for i, layer in enumerate(adapter.layers(model)):
         if mlp is not None:
             pairs.append((adapter.mlp_out(layer), make(mlp[i])))
         if attn is not None:
             pairs.append((adapter.attn_out(layer), make(attn[i])))
-        if mlp_bias is not None:
-            post.append((adapter.mlp_out(layer), shift(mlp_bias[i])))
-    handles = [module.register_forward_hook(fn) for module, fn in post]
+    with _pre_hooks(pairs), _mlp_biases(model, adapter, mlp_bias):
+        yield
+
+
+@contextmanager
+def _mlp_biases(model: nn.Module, adapter: Adapter, bias: torch.Tensor | None) -> Iterator[None]:
+    """Give the MLP projections the biases an export with `bias` holds (zeros on gate/up), for the duration.
+
+    Stored as real Linear biases rather than added by a hook, so that the reference computes the very same
+    operations as the exported checkpoint: `x W^T + b` in one call, not `(x W^T) + b`.
+    """
+    if bias is None:
+        yield
+        return
+    saved: list[tuple[nn.Linear, Any]] = []
+    with torch.no_grad():
+        for i, layer in enumerate(adapter.layers(model)):
+            for name in (*adapter.mlp_in_names, adapter.mlp_out_name):
+                linear = getattr(layer.mlp, name, None)
+                if not isinstance(linear, nn.Linear):
+                    continue
+                saved.append((linear, linear.bias))
+                dtype = linear.weight.dtype
+                base = torch.zeros(linear.out_features, dtype=torch.float64) if linear.bias is None else linear.bias
+                own = bias[i] if name == adapter.mlp_out_name else 0.0
+                new = (base.to(torch.float64) + own).to(dtype)
+                linear.bias = nn.Parameter(new, requires_grad=False)
     try:
-        with _pre_hooks(pairs):
-            yield
+        yield
     finally:
-        for h in handles:
-            h.remove()
+        for linear, old in saved:
+            linear.bias = old
