@@ -118,19 +118,24 @@ class Adapter:
                 f"supported for: {', '.join(supported)}. Set it to its default for this model"
             )
 
+    def mlp_biases(self, layer: Any, bias: torch.Tensor) -> dict[nn.Linear, torch.Tensor]:
+        """The biases one layer's MLP projections hold once `bias` (hidden,) is added to down_proj's: zeros on
+        the input projections that have none, since the config flag gives every MLP projection one."""
+        out = {}
+        for name in (*self.mlp_in_names, self.mlp_out_name):
+            linear = getattr(layer.mlp, name)
+            base = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
+            own = bias if name == self.mlp_out_name else 0.0
+            out[linear] = (base.to(torch.float64) + own).to(linear.weight.dtype)
+        return out
+
     def add_mlp_bias(self, model: Any, bias: torch.Tensor) -> None:
-        """Add `bias` (layers, hidden) to every down_proj bias, in place; the MLP input projections get zero
-        biases, since the config flag gives every MLP projection one (all stored: no missing keys)."""
+        """Add `bias` (layers, hidden) to every down_proj bias, in place (all MLP biases stored: no missing keys)."""
         self.check_mlp_bias(model.config.model_type, "an MLP bias (method.steer, prune.mlp.compensate)")
         with torch.no_grad():
             for i, layer in enumerate(self.layers(model)):
-                for name in (*self.mlp_in_names, self.mlp_out_name):
-                    linear = getattr(layer.mlp, name)
-                    if linear.bias is None:
-                        linear.bias = nn.Parameter(torch.zeros(linear.out_features, dtype=linear.weight.dtype))
-                down = self.mlp_out(layer)
-                assert down.bias is not None
-                down.bias.copy_((down.bias.to(torch.float64) + bias[i]).to(down.bias.dtype))
+                for linear, value in self.mlp_biases(layer, bias[i]).items():
+                    linear.bias = nn.Parameter(value)
         setattr(model.config, str(self.mlp_bias_flag), True)
 
 

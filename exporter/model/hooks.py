@@ -88,16 +88,9 @@ def _mlp_biases(model: nn.Module, adapter: Adapter, bias: torch.Tensor | None) -
     saved: list[tuple[nn.Linear, Any]] = []
     with torch.no_grad():
         for i, layer in enumerate(adapter.layers(model)):
-            for name in (*adapter.mlp_in_names, adapter.mlp_out_name):
-                linear = getattr(layer.mlp, name, None)
-                if not isinstance(linear, nn.Linear):
-                    continue
+            for linear, value in adapter.mlp_biases(layer, bias[i]).items():
                 saved.append((linear, linear.bias))
-                dtype = linear.weight.dtype
-                base = torch.zeros(linear.out_features, dtype=torch.float64) if linear.bias is None else linear.bias
-                own = bias[i] if name == adapter.mlp_out_name else 0.0
-                new = (base.to(torch.float64) + own).to(dtype)
-                linear.bias = nn.Parameter(new, requires_grad=False)
+                linear.bias = nn.Parameter(value, requires_grad=False)
     try:
         yield
     finally:
