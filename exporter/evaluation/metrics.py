@@ -41,10 +41,25 @@ def _messages(prompt: str | None, system: str | None) -> list[dict[str, str]]:
     return [*msgs, {"role": "user", "content": prompt}] if prompt is not None else msgs
 
 
+def prompt_ids(tokenizer: Any, prompt: str | None, system: str | None = None) -> list[int]:
+    """The tokens before the assistant's answer: what a model is given to answer, and what encode_answer
+    puts before the scored tokens."""
+    if getattr(tokenizer, "chat_template", None):
+        head = tokenizer.apply_chat_template(_messages(prompt, system), add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(head, add_special_tokens=False)["input_ids"])
+    # no chat template: system and prompt as plain text (or BOS alone) before the answer
+    text = (system + "\n\n" if system else "") + (prompt + "\n" if prompt is not None else "")
+    prefix = list(tokenizer(text)["input_ids"]) if text else []
+    if not prefix and tokenizer.bos_token_id is not None:
+        prefix = [tokenizer.bos_token_id]
+    return prefix
+
+
 def encode_answer(
     tokenizer: Any, prompt: str | None, answer: str, *, system: str | None = None, max_tokens: int = 256
 ) -> Scored:
     """Prompt (+ system prompt) and answer as one chat; the answer's content tokens are scored."""
+    prefix = prompt_ids(tokenizer, prompt, system)
     if getattr(tokenizer, "chat_template", None):
         msgs = _messages(prompt, system)
         head = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
@@ -52,15 +67,10 @@ def encode_answer(
         at = full.find(answer, len(head))
         if not full.startswith(head) or at < 0:
             raise CalibrationDataError("the chat template does not render the answer after the prompt verbatim")
-        prefix = list(tokenizer(head, add_special_tokens=False)["input_ids"])
         ids = list(tokenizer(full[: at + len(answer)], add_special_tokens=False)["input_ids"])
         if ids[: len(prefix)] != prefix:
             raise CalibrationDataError("the chat template's prompt does not tokenize as a prefix of prompt + answer")
     else:
-        text = (system + "\n\n" if system else "") + (prompt + "\n" if prompt is not None else "")
-        prefix = list(tokenizer(text)["input_ids"]) if text else []
-        if not prefix and tokenizer.bos_token_id is not None:
-            prefix = [tokenizer.bos_token_id]
         ids = prefix + list(tokenizer(answer, add_special_tokens=False)["input_ids"])
     start = max(len(prefix), 1)  # the first token of a sequence has no prediction
     ids = ids[:max_tokens]
