@@ -29,7 +29,7 @@ from exporter.evaluation.metrics import (
     neutral_windows,
     sequence_logliks,
 )
-from exporter.evaluation.replies import evaluate_replies, reply_checks, steering_only
+from exporter.evaluation.replies import evaluate_replies, steering_only
 from exporter.evaluation.summary import summarise
 from exporter.export.prune import count_parameters
 from exporter.masking.data import select_samples, tokenize
@@ -241,17 +241,12 @@ def evaluate_masks(
     conds = conditions(ev, masks, norms)
     prompts = {p: system_prompt(recipe, spec, p) for p in recipe.personas}
     raw = score_conditions(ev, conds, prompts)
-    evaluations = {p: persona_evaluation(recipe, spec, items, raw, p, masks[p], dense_parameters(model)) for p in masks}
+    replies: dict[str, dict[str, Any]] = {}
     if spec.replies is not None and items.reply_prompts:
         opposite = {p: q for p in masks if (q := recipe.partner(p))}
         replies = evaluate_replies(model, tokenizer, adapter, spec, items.reply_prompts, masks, prompts, opposite)
-        for p, figures in replies.items():
-            evaluations[p]["replies"] = figures
-            acc = evaluations[p].get("acceptance")
-            if acc is not None:
-                acc["checks"] |= reply_checks(figures, spec)
-                acc["passed"] = all(acc["checks"].values())
-    return evaluations
+    n_dense = dense_parameters(model)
+    return {p: persona_evaluation(recipe, spec, items, raw, p, masks[p], n_dense, replies.get(p)) for p in masks}
 
 
 def persona_evaluation(
@@ -262,6 +257,7 @@ def persona_evaluation(
     persona: str,
     mask: PersonaMask,
     dense_params: int,
+    replies: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     labels = [s.label for s in items.statements]
     random_keys = (
@@ -276,7 +272,7 @@ def persona_evaluation(
         "dense_parameters": dense_params,
         "definitions": DEFINITIONS,
         "eval_spec": spec.model_dump(mode="json"),
-        **summarise(raw, persona, spec, labels, random_keys, dense_params),
+        **summarise(raw, persona, spec, labels, random_keys, dense_params, replies),
     }
 
 

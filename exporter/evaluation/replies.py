@@ -208,18 +208,6 @@ def evaluate_replies(
     return out
 
 
-def reply_checks(replies: dict[str, Any], spec: EvalSpec) -> dict[str, bool]:
-    """The acceptance checks on one persona's reply evaluation."""
-    gap, conds = replies["gap"], replies["conditions"]
-    checks = {"reply gap > 0, interval excludes 0": gap["export"]["ci95"][0] > 0}
-    if "prompt_only" in gap:
-        checks["reply gap >= prompt-only gap"] = gap["export"]["mean"] >= gap["prompt_only"]["mean"]
-    limit = spec.acceptance.max_repeated_4grams_over_dense
-    dense = conds["dense"]["degeneration"]["repeated_4grams"]
-    checks[f"repeated 4-grams <= dense + {limit}"] = conds["export"]["degeneration"]["repeated_4grams"] <= dense + limit
-    return checks
-
-
 def steering_only(mask: PersonaMask) -> PersonaMask:
     """The export's steering bias on the dense model: no unit removed, no compensation."""
     return PersonaMask(mask.persona, mask.geometry, None, None, None, mlp_bias=mask.steering)

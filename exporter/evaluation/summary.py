@@ -138,8 +138,20 @@ def _random_movement(rows: list[Row]) -> float | None:
     return max([abs(float(row["paired"]["shift"]["mean"])), *per_seed])
 
 
-def acceptance(rows: list[Row], spec: EvalSpec) -> dict[str, Any] | None:
-    """The issue's bar on the paired margin shift and neutral perplexity of the mask-only model."""
+def reply_checks(replies: dict[str, Any], spec: EvalSpec) -> dict[str, bool]:
+    """The bar on one persona's reply evaluation (exporter/evaluation/replies.py)."""
+    gap, conds = replies["gap"], replies["conditions"]
+    checks = {"reply gap > 0, interval excludes 0": gap["export"]["ci95"][0] > 0}
+    if "prompt_only" in gap:
+        checks["reply gap >= prompt-only gap"] = gap["export"]["mean"] >= gap["prompt_only"]["mean"]
+    limit = spec.acceptance.max_repeated_4grams_over_dense
+    dense = conds["dense"]["degeneration"]["repeated_4grams"]
+    checks[f"repeated 4-grams <= dense + {limit}"] = conds["export"]["degeneration"]["repeated_4grams"] <= dense + limit
+    return checks
+
+
+def acceptance(rows: list[Row], spec: EvalSpec, replies: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The bar on the mask-only model's paired shift and neutral perplexity, and on its replies if scored."""
     a = spec.acceptance
     mask = _shift(rows, "mask-only")
     rnd = _random_movement(rows)
@@ -157,6 +169,8 @@ def acceptance(rows: list[Row], spec: EvalSpec) -> dict[str, Any] | None:
         checks["shift >= prompt-only shift"] = mask >= prompt
     if ppl is not None:
         checks[f"perplexity <= {a.max_perplexity_ratio} x dense"] = ppl <= a.max_perplexity_ratio
+    if replies is not None:
+        checks |= reply_checks(replies, spec)
     return {
         "shift": mask,
         "random_shift": _shift(rows, "random mask"),
@@ -187,12 +201,14 @@ def summarise(
     labels: list[str],
     random_keys: list[str],
     dense_params: int,
+    replies: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     view = PersonaView(raw, persona, spec, labels, dense_params)
     rows = persona_rows(view, random_keys)
-    return {
+    out = {
         "opposite": view.q,
         "rows": rows,
-        "acceptance": acceptance(rows, spec),
+        "acceptance": acceptance(rows, spec, replies),
         "mask_vs_prompt": mask_vs_prompt(view),
     }
+    return out | ({"replies": replies} if replies is not None else {})
