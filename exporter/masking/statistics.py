@@ -24,7 +24,7 @@ from exporter.recipe.schema import PersonaSpec, Recipe
 from exporter.reports.provenance import Timer, versions
 
 log = logging.getLogger(__name__)
-STATS_FORMAT = 2  # bump when the statistic's definition changes: saved statistics become stale
+STATS_FORMAT = 3  # bump when the statistic's definition changes: saved statistics become stale
 
 
 def stats_key(recipe: Recipe, persona: PersonaSpec, model_sha: str, data_sha: str) -> str:

@@ -5,8 +5,8 @@ over the sample's counted tokens t (persona response by default, never padding):
     s_u(x) = sqrt(mean_{t, j in C_u} h_j(x, t)^2)
 This is length-invariant (an L2 norm over tokens would favour the persona with longer answers).
 Kept: sum_x s_u, sum_x s_u^2 (mean and variance across samples, for the contrastive z-score), and per channel
-the sums over counted tokens of h_j^2 (the diagonal of E[h h^T], for the "sparse" score) and of h_j (the mean
-activation E[h_j], for steering and bias compensation: exporter/steer.py).
+the sums over counted tokens of h_j^2 (the diagonal of E[h h^T], for the "sparse" score) and, for MLP
+neurons, of h_j (the mean activation E[h_j], for steering and bias compensation: exporter/masking/steer.py).
 Unit kinds: "mlp" (neurons), "head" (query heads), "group" (KV groups).
 """
 
@@ -33,7 +33,7 @@ class Statistics:
     sum: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (layers, units)
     sumsq: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (layers, units)
     chan_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # "mlp"/"attn" -> (layers, channels)
-    chan_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # "mlp"/"attn" -> (layers, channels)
+    chan_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # "mlp" -> (layers, intermediate)
 
     @classmethod
     def empty(cls, g: Geometry) -> Statistics:
@@ -43,7 +43,7 @@ class Statistics:
             s.sumsq[kind] = torch.zeros_like(s.sum[kind])
         for part, width in (("mlp", g.intermediate), ("attn", g.heads * g.head_dim)):
             s.chan_sq[part] = torch.zeros(g.layers, width, dtype=torch.float64)
-            s.chan_sum[part] = torch.zeros(g.layers, width, dtype=torch.float64)
+        s.chan_sum["mlp"] = torch.zeros(g.layers, g.intermediate, dtype=torch.float64)  # steering only reads MLP
         return s
 
     def mean(self, kind: str) -> torch.Tensor:
@@ -59,9 +59,9 @@ class Statistics:
         """E_tokens[h_j^2] per channel: the diagonal of E[h h^T]. (layers, channels)"""
         return self.chan_sq[part] / max(self.n_tokens, 1)
 
-    def channel_mean(self, part: str) -> torch.Tensor:
-        """E_tokens[h_j] per channel over the counted tokens. (layers, channels)"""
-        return self.chan_sum[part] / max(self.n_tokens, 1)
+    def mlp_mean(self) -> torch.Tensor:
+        """E_tokens[h_j] of each down_proj input channel over the counted tokens. (layers, intermediate)"""
+        return self.chan_sum["mlp"] / max(self.n_tokens, 1)
 
     def add(self, layer: int, part: str, x: torch.Tensor, weight: torch.Tensor) -> None:
         """x: (batch, seq, channels) unit inputs; weight: (batch, seq) bool, tokens that count."""
@@ -70,9 +70,9 @@ class Statistics:
         n_tok = weight.sum(1).clamp_min(1).to(torch.float64)  # (batch,)
         per_chan = x32.square().sum(1, dtype=torch.float64)  # (batch, channels)
         self.chan_sq[part][layer] += per_chan.sum(0)
-        self.chan_sum[part][layer] += x32.sum((0, 1), dtype=torch.float64)
         ms = per_chan / n_tok.unsqueeze(-1)  # per-sample mean square per channel
         if part == "mlp":
+            self.chan_sum["mlp"][layer] += x32.sum((0, 1), dtype=torch.float64)
             self._add_unit("mlp", layer, ms)
             return
         g = self.geometry
@@ -105,7 +105,7 @@ class Statistics:
         s = cls(Geometry(**info["geometry"]), info["n_samples"], info["n_tokens"])
         tensors = load_file(str(path))
         expected = {f"{group}.{k}" for group in ("sum", "sumsq") for k in KINDS}
-        expected |= {f"{group}.{p}" for group in ("chan_sq", "chan_sum") for p in ("mlp", "attn")}
+        expected |= {"chan_sq.mlp", "chan_sq.attn", "chan_sum.mlp"}
         if set(tensors) != expected:
             raise ValueError(f"{path} holds {sorted(tensors)}, expected {sorted(expected)} (an older format?)")
         for key, value in tensors.items():

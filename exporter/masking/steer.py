@@ -2,7 +2,7 @@
 
 Both are per layer l a vector of the hidden size added to the MLP output at every position (METHOD.md
 section 6). With mu_p[l] = E[h] the mean `down_proj` input of persona p over its counted calibration tokens
-(exporter/stats.py) and W[l] the dense `down_proj` weight (hidden, intermediate):
+(exporter/masking/stats.py) and W[l] the dense `down_proj` weight (hidden, intermediate):
   steering      alpha * W[l] (mu_p[l] - mu_q[l])      the mean MLP-output difference between p and its partner q
   compensation  W[l][:, R] mu[l][R]                    R = the units the persona's mask removes; their mean
                                                        contribution, so removal shifts no mean (FLAP)
@@ -25,7 +25,7 @@ from exporter.recipe.schema import MethodSpec, PruneSpec, Recipe
 
 def steering_bias(down: list[torch.Tensor], own: Statistics, partner: Statistics, alpha: float) -> torch.Tensor:
     """alpha * W[l] (mu_own - mu_partner) per layer: (layers, hidden) float64."""
-    delta = own.channel_mean("mlp") - partner.channel_mean("mlp")  # (layers, intermediate)
+    delta = own.mlp_mean() - partner.mlp_mean()  # (layers, intermediate)
     return alpha * torch.stack([w.to(torch.float64) @ delta[i] for i, w in enumerate(down)])
 
 
@@ -38,8 +38,8 @@ def compensation_bias(down: list[torch.Tensor], removed: torch.Tensor, mean: tor
 def compensation_mean(mode: str, own: Statistics, partner: Statistics | None) -> torch.Tensor:
     """The mean activation that replaces removed units: the persona's own, or both personas' average."""
     if mode == "persona" or partner is None:
-        return own.channel_mean("mlp")
-    return (own.channel_mean("mlp") + partner.channel_mean("mlp")) / 2
+        return own.mlp_mean()
+    return (own.mlp_mean() + partner.mlp_mean()) / 2
 
 
 def needs_bias(method: MethodSpec, prune: PruneSpec) -> bool:

@@ -71,7 +71,7 @@ class MethodSpec(Strict):
     tau: Annotated[float, Field(gt=0.0)] = 0.25
     damping: Annotated[float, Field(ge=0.0)] = 0.01
     eps: Annotated[float, Field(gt=0.0)] = 1e-6
-    # alpha of the persona steering bias baked into down_proj biases (exporter/steer.py); 0 = none
+    # alpha of the persona steering bias baked into down_proj biases (exporter/masking/steer.py); 0 = none
     steer: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
 
     @property
