@@ -79,6 +79,13 @@ def test_tune_refuses_validation_items_that_are_reported(tmp_path: Path, tiny_ll
 
 def test_grid_covers_every_combination(tmp_path: Path, tiny_llama_dir: Path) -> None:
     validation = write_pair_data(tmp_path / "val-pairs.jsonl", n=8, seed=7)
-    recipe = load_recipe(_recipe(tmp_path, tiny_llama_dir, validation, compensate=["none", "personas"]))
-    settings = {(r.prune.mlp.sparsity, r.method.steer, r.prune.mlp.compensate) for r in grid(recipe)}  # type: ignore[union-attr]
-    assert len(settings) == 8 and (0.25, 1.0, "personas") in settings
+    recipe = load_recipe(
+        _recipe(
+            tmp_path, tiny_llama_dir, validation, compensate=["none", "personas"], gamma=[0.0, 0.5], amplify=[1.0, 2.0]
+        )
+    )
+    settings = {
+        (r.prune.mlp.sparsity, r.method.steer, r.prune.mlp.compensate, r.prune.mlp.gamma, r.prune.mlp.amplify)  # type: ignore[union-attr]
+        for r in grid(recipe)
+    }
+    assert len(settings) == 32 and (0.25, 1.0, "personas", 0.5, 2.0) in settings

@@ -38,7 +38,8 @@ def _random_keep(keep: torch.Tensor, n: int, groups: int, gen: torch.Generator) 
 
 
 def random_mask(mask: PersonaMask, seed: int) -> PersonaMask:
-    """A mask that removes as many units of each kind from each layer as `mask`, uniformly at random."""
+    """A mask that removes as many units of each kind from each layer as `mask`, uniformly at random, and
+    gives its soft-mask factors to as many random kept units."""
     g = mask.geometry
     gen = torch.Generator().manual_seed(seed)
     mlp = head = group = None
@@ -50,7 +51,28 @@ def random_mask(mask: PersonaMask, seed: int) -> PersonaMask:
     elif mask.head_keep is not None:  # query heads, the same number from every group
         head = _random_keep(mask.head_keep, g.heads, g.kv_heads, gen)
         group = mask.group_keep
-    return PersonaMask(f"random-{seed}", g, mlp, head, group)
+    mlp_scale = attn_scale = None
+    if mask.mlp_scale is not None:
+        mlp_scale = _random_scales(mask.mlp_scale, mask.mlp_keep, mlp, gen)
+    if mask.attn_scale is not None:  # one factor per head, spread over its channels
+        per_head = mask.attn_scale.view(g.layers, g.heads, g.head_dim)[:, :, 0]
+        attn_scale = _random_scales(per_head, mask.head_keep, head, gen).repeat_interleave(g.head_dim, dim=1)
+    return PersonaMask(f"random-{seed}", g, mlp, head, group, None, None, mlp_scale, attn_scale, mask.scale_dtype)
+
+
+def _random_scales(
+    scale: torch.Tensor, keep: torch.Tensor | None, new_keep: torch.Tensor | None, gen: torch.Generator
+) -> torch.Tensor:
+    """The soft-mask factors (not 1) of each layer's kept units, moved to as many randomly chosen kept units
+    of the random mask: (layers, units)."""
+    out = torch.ones_like(scale)
+    for i, row in enumerate(scale):
+        kept = keep[i] if keep is not None else torch.arange(len(row))
+        values = row[kept][row[kept] != 1]
+        pool = new_keep[i] if new_keep is not None else torch.arange(len(row))
+        chosen = pool[torch.randperm(len(pool), generator=gen)[: len(values)]]
+        out[i, chosen] = values
+    return out
 
 
 def removed_parameters(model: nn.Module, adapter: Adapter, mask: PersonaMask) -> list[int]:

@@ -7,6 +7,7 @@ from torch import nn
 
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter, SlicePlan
+from exporter.model.hooks import scaled_columns
 
 
 def _slice(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
@@ -39,6 +40,10 @@ def layer_plan(adapter: Adapter, mask: PersonaMask, i: int) -> SlicePlan:
 def prune_model(model: nn.Module, adapter: Adapter, mask: PersonaMask) -> nn.Module:
     """Remove the masked units from `model` in place and return it. Equal to the masked model, exactly."""
     for i, layer in enumerate(adapter.layers(model)):
+        for out, scale in ((adapter.mlp_out(layer), mask.mlp_scale), (adapter.attn_out(layer), mask.attn_scale)):
+            if scale is not None:  # soft mask: columns scaled before the removed ones are cut
+                with torch.no_grad():
+                    out.weight = nn.Parameter(scaled_columns(out.weight, scale[i], mask.scale_storage))
         for name, (dim, index) in layer_plan(adapter, mask, i).items():
             linear = layer.get_submodule(name)
             assert isinstance(linear, nn.Linear), f"{name} of layer {i} is not a Linear"

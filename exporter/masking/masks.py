@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,11 @@ class PersonaMask:
     # (layers, hidden) float64 added to every down_proj output: steering and/or bias compensation (steer.py)
     mlp_bias: torch.Tensor | None = None
     steering: torch.Tensor | None = None  # (layers, hidden): the steering part of mlp_bias (eval's baseline)
+    # soft masks: float64 factors on the down_proj (layers, intermediate) and o_proj (layers, heads*head_dim)
+    # input columns of kept units, 1 = unchanged; the scaled columns are rounded to `scale_dtype` (the export's)
+    mlp_scale: torch.Tensor | None = None
+    attn_scale: torch.Tensor | None = None
+    scale_dtype: str = "float32"
 
     def pruned_geometry(self) -> Geometry:
         g = self.geometry
@@ -64,6 +69,24 @@ class PersonaMask:
             attn = heads.repeat_interleave(g.head_dim, dim=1)
         return mlp, attn
 
+    @property
+    def scale_storage(self) -> torch.dtype:
+        return getattr(torch, self.scale_dtype)  # type: ignore[no-any-return]
+
+    def channel_scales(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What each unit channel is multiplied by, float64: 0 where removed, its scale where kept."""
+        masks = self.channel_masks()
+        g = self.geometry
+        full = ((g.layers, g.intermediate), (g.layers, g.heads * g.head_dim))
+        out: list[torch.Tensor | None] = []
+        for mask, scale, shape in zip(masks, (self.mlp_scale, self.attn_scale), full, strict=True):
+            if mask is None and scale is None:
+                out.append(None)
+                continue
+            m = mask.to(torch.float64) if mask is not None else torch.ones(shape, dtype=torch.float64)
+            out.append(m * scale if scale is not None else m)
+        return out[0], out[1]
+
     def removed(self, kind: str) -> list[list[int]]:
         keep = {"mlp": self.mlp_keep, "head": self.head_keep, "group": self.group_keep}[kind]
         if keep is None:
@@ -80,11 +103,15 @@ class PersonaMask:
                 ("group_keep", self.group_keep),
                 ("mlp_bias", self.mlp_bias),
                 ("steering", self.steering),
+                ("mlp_scale", self.mlp_scale),
+                ("attn_scale", self.attn_scale),
             )
             if v is not None
         }
         save_file(tensors, str(path), metadata={"persona": self.persona})
         info = {**manifest, "persona": self.persona, "geometry": vars(self.geometry)}
+        if self.mlp_scale is not None or self.attn_scale is not None:
+            info["scale_dtype"] = self.scale_dtype
         info["pruned_geometry"] = vars(self.pruned_geometry())
         path.with_suffix(".json").write_text(json.dumps(info, indent=2, sort_keys=True))
 
@@ -100,6 +127,9 @@ class PersonaMask:
             t.get("group_keep"),
             t.get("mlp_bias"),
             t.get("steering"),
+            t.get("mlp_scale"),
+            t.get("attn_scale"),
+            info.get("scale_dtype", "float32"),
         )
 
 
@@ -232,3 +262,48 @@ def check_disjoint(a: PersonaMask, b: PersonaMask) -> None:
                     f"{kind} units {sorted(common)} of layer {layer} are removed from both {a.persona!r} and "
                     f"{b.persona!r}; an opposing pair must lose disjoint units: lower the sparsity"
                 )
+
+
+def soften(
+    recipe: Recipe, masks: dict[str, PersonaMask], storage: str, prune: PruneSpec | None = None
+) -> dict[str, PersonaMask]:
+    """Soft masks (METHOD.md section 6): with `gamma` > 0 the units a mask selects are kept and scaled by gamma
+    instead of removed; with `amplify` > 1 a persona's own units, the ones its partner's mask selects, are
+    scaled up. Works on the hard masks of `compute_masks`; unchanged when neither is set."""
+    prune = prune or recipe.prune
+    mlp, att = prune.mlp, prune.attention
+    if not any(s is not None and (s.gamma > 0 or s.amplify > 1) for s in (mlp, att)):
+        return masks
+    out = {}
+    for name, mask in masks.items():
+        partner = masks[q] if (q := recipe.partner(name)) else None
+        mlp_keep, head_keep, group_keep = mask.mlp_keep, mask.head_keep, mask.group_keep
+        scales: list[torch.Tensor | None] = []
+        for kind, spec in (("mlp", mlp), ("attention", att)):
+            index = 0 if kind == "mlp" else 1
+            own = mask.channel_masks()[index]
+            if spec is None or own is None or (spec.gamma == 0 and spec.amplify == 1):
+                scales.append(None)
+                continue
+            scale = torch.ones(own.shape, dtype=torch.float64)
+            if spec.gamma > 0:  # selected units kept, scaled down
+                scale[own == 0] = spec.gamma
+                if kind == "mlp":
+                    mlp_keep = None
+                else:
+                    head_keep = group_keep = None
+            if spec.amplify > 1 and partner is not None:
+                theirs = partner.channel_masks()[index]
+                assert theirs is not None, "both masks of a pair prune the same unit kinds"
+                scale[theirs == 0] = spec.amplify
+            scales.append(scale)
+        out[name] = replace(
+            mask,
+            mlp_keep=mlp_keep,
+            head_keep=head_keep,
+            group_keep=group_keep,
+            mlp_scale=scales[0],
+            attn_scale=scales[1],
+            scale_dtype=storage,
+        )
+    return out

@@ -4,8 +4,9 @@ Both are per layer l a vector of the hidden size added to the MLP output at ever
 section 6). With mu_p[l] = E[h] the mean `down_proj` input of persona p over its counted calibration tokens
 (exporter/masking/stats.py) and W[l] the dense `down_proj` weight (hidden, intermediate):
   steering      alpha * W[l] (mu_p[l] - mu_q[l])      the mean MLP-output difference between p and its partner q
-  compensation  W[l][:, R] mu[l][R]                    R = the units the persona's mask removes; their mean
-                                                       contribution, so removal shifts no mean (FLAP)
+  compensation  W[l] ((1 - s[l]) * mu[l])             s = what each unit is multiplied by (0 removed, gamma
+                                                       soft-masked, 1 kept): the mean contribution the mask
+                                                       takes away, so removal shifts no mean (FLAP)
 `compensate: personas` takes mu as the average of both personas' means, `compensate: persona` the persona's
 own. Pure tensor math: the statistics come in, a (layers, hidden) float64 tensor goes out.
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 import torch
 
-from exporter.masking.masks import PersonaMask
+from exporter.masking.masks import PersonaMask, soften
 from exporter.masking.stats import Statistics
 from exporter.model.adapters import Adapter
 from exporter.recipe.schema import MethodSpec, PruneSpec, Recipe
@@ -29,10 +30,11 @@ def steering_bias(down: list[torch.Tensor], own: Statistics, partner: Statistics
     return alpha * torch.stack([w.to(torch.float64) @ delta[i] for i, w in enumerate(down)])
 
 
-def compensation_bias(down: list[torch.Tensor], removed: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """W[l][:, R] mu[l][R] per layer; removed: (layers, intermediate) 1 where a unit is removed."""
-    kept_out = removed.to(torch.float64) * mean  # (layers, intermediate), zero on kept units
-    return torch.stack([w.to(torch.float64) @ kept_out[i] for i, w in enumerate(down)])
+def compensation_bias(down: list[torch.Tensor], lost: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """W[l] (lost[l] * mu[l]) per layer; lost: (layers, intermediate) the fraction of each unit the mask takes
+    away (1 removed, 1 - gamma soft-masked, 0 kept)."""
+    taken = lost.to(torch.float64) * mean  # (layers, intermediate), zero on kept units
+    return torch.stack([w.to(torch.float64) @ taken[i] for i, w in enumerate(down)])
 
 
 def compensation_mean(mode: str, own: Statistics, partner: Statistics | None) -> torch.Tensor:
@@ -55,10 +57,11 @@ def with_biases(
     storage: torch.dtype,
     prune: PruneSpec | None = None,
 ) -> dict[str, PersonaMask]:
-    """Each persona's mask with its `mlp_bias` (steering + compensation), rounded to the export's dtype so
-    that the reference adds exactly what the checkpoint stores; `prune` replaces the recipe's (a sweep).
-    Masks are returned unchanged when the recipe asks for neither."""
+    """Each persona's mask with its soft-mask scales (`soften`) and its `mlp_bias` (steering + compensation),
+    rounded to the export's dtype so that the reference adds exactly what the checkpoint stores; `prune`
+    replaces the recipe's (a sweep). Masks are returned unchanged when the recipe asks for none of these."""
     method, prune = recipe.method, prune or recipe.prune
+    masks = soften(recipe, masks, str(storage).removeprefix("torch."), prune)
     if not needs_bias(method, prune):
         return masks
     adapter.check_mlp_bias(model.config.model_type, "method.steer / prune.mlp.compensate")
@@ -73,8 +76,9 @@ def with_biases(
             steering = steering_bias(down, stats[name], partner, method.steer).to(storage).to(torch.float64)
             bias += steering
         compensate = prune.mlp.compensate if prune.mlp is not None else "none"
-        mlp_mask, _ = mask.channel_masks()
-        if compensate != "none" and mlp_mask is not None:
-            bias += compensation_bias(down, 1.0 - mlp_mask, compensation_mean(compensate, stats[name], partner))
+        mlp_scale, _ = mask.channel_scales()
+        if compensate != "none" and mlp_scale is not None:
+            lost = (1.0 - mlp_scale).clamp_min(0.0)  # amplified units take nothing away
+            bias += compensation_bias(down, lost, compensation_mean(compensate, stats[name], partner))
         out[name] = replace(mask, mlp_bias=bias.to(storage).to(torch.float64), steering=steering)
     return out

@@ -55,9 +55,12 @@ def apply_channel_masks(
     mlp: torch.Tensor | None,
     attn: torch.Tensor | None,
     mlp_bias: torch.Tensor | None = None,
+    scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
+    scale_dtype: torch.dtype = torch.float32,
 ) -> Iterator[None]:
     """Zero unit activations: `mlp` (layers, intermediate) and `attn` (layers, heads*head_dim) of 0/1; add
-    `mlp_bias` (layers, hidden) to every `down_proj` output, as the export's down_proj bias does."""
+    `mlp_bias` (layers, hidden) to every `down_proj` output, as the export's down_proj bias does; scale the
+    down_proj / o_proj input columns by `scales` (mlp, attn), as the export stores them (`scaled_columns`)."""
 
     def make(vec: torch.Tensor) -> Callable[..., tuple[torch.Tensor]]:
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
@@ -71,8 +74,37 @@ def apply_channel_masks(
             pairs.append((adapter.mlp_out(layer), make(mlp[i])))
         if attn is not None:
             pairs.append((adapter.attn_out(layer), make(attn[i])))
-    with _pre_hooks(pairs), _mlp_biases(model, adapter, mlp_bias):
+    with _pre_hooks(pairs), _mlp_biases(model, adapter, mlp_bias), _scaled(model, adapter, scales, scale_dtype):
         yield
+
+
+def scaled_columns(weight: torch.Tensor, scale: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
+    """`weight` (out, in) with input column j multiplied by scale[j]: computed in float64, rounded once to
+    the export's `storage` dtype, returned in weight's dtype. The export and the reference both use this."""
+    return (weight.to(torch.float64) * scale.to(torch.float64)).to(storage).to(weight.dtype)
+
+
+@contextmanager
+def _scaled(
+    model: nn.Module,
+    adapter: Adapter,
+    scales: tuple[torch.Tensor | None, torch.Tensor | None],
+    storage: torch.dtype,
+) -> Iterator[None]:
+    """Give the unit-output projections the scaled input columns an export with these scales holds."""
+    saved: list[tuple[nn.Linear, torch.Tensor]] = []
+    mlp, attn = scales
+    with torch.no_grad():
+        for i, layer in enumerate(adapter.layers(model)):
+            for linear, scale in ((adapter.mlp_out(layer), mlp), (adapter.attn_out(layer), attn)):
+                if scale is not None:
+                    saved.append((linear, linear.weight.data))
+                    linear.weight.data = scaled_columns(linear.weight.data, scale[i], storage)
+    try:
+        yield
+    finally:
+        for linear, old in saved:
+            linear.weight.data = old
 
 
 @contextmanager

@@ -84,11 +84,17 @@ class MlpPrune(Strict):
     round_to: Annotated[int, Field(ge=1)] = 1
     # removed neurons' mean output kept as a down_proj bias (FLAP): mean over both personas' data or the own
     compensate: Literal["none", "personas", "persona"] = "none"
+    # soft mask (the paper's Eq. 7): the selected neurons are kept, their down_proj columns scaled by gamma
+    # (0 = removal); amplify > 1 scales the persona's own neurons (those its partner's mask selects)
+    gamma: Fraction = 0.0
+    amplify: Annotated[float, Field(ge=1.0, le=4.0)] = 1.0
 
 
 class AttentionPrune(Strict):
     unit: Literal["kv-group", "query-head"]
     sparsity: Fraction
+    gamma: Fraction = 0.0  # as for MLP neurons, on the o_proj columns of the selected heads
+    amplify: Annotated[float, Field(ge=1.0, le=4.0)] = 1.0
 
 
 class PruneSpec(Strict):
@@ -134,9 +140,11 @@ class TuneSpec(Strict):
     sparsity: Annotated[list[Fraction], Field(min_length=1)]  # MLP sparsities
     steer: Annotated[list[Annotated[float, Field(ge=0.0, le=10.0)]], Field(min_length=1)] = [0.0]
     compensate: Annotated[list[Literal["none", "personas", "persona"]], Field(min_length=1)] = ["none"]
+    gamma: Annotated[list[Fraction], Field(min_length=1)] = [0.0]  # MLP soft-mask factors (0 = removal)
+    amplify: Annotated[list[Annotated[float, Field(ge=1.0, le=4.0)]], Field(min_length=1)] = [1.0]
     max_perplexity_ratio: Annotated[float, Field(gt=1.0)] = 1.15
     # only points that remove units can be chosen (the point of a persona export is a smaller model); points
-    # with sparsity 0 are still scored, as the steering-only reference of the Pareto plot
+    # with sparsity 0 or gamma > 0 are still scored, as references of the Pareto plot
     require_removal: bool = True
     validation: EvalSpec
 
@@ -245,12 +253,20 @@ def _semantic_problems(r: Recipe) -> list[str]:
                     f"personas.{name}: method.steer steers toward a persona and away from its opposite; add "
                     f"{name!r} to 'pairs' or set method.steer to 0"
                 )
-    if (r.method.steer > 0 or (r.prune.mlp is not None and r.prune.mlp.compensate != "none")) and (
+    units = {"mlp": r.prune.mlp, "attention": r.prune.attention}
+    for kind, spec in units.items():
+        if spec is not None and spec.amplify > 1 and not r.method.contrastive:
+            problems.append(
+                f"prune.{kind}.amplify: a persona's own units are those its partner's contrastive mask selects; "
+                "use a contrastive-* method.score or set amplify to 1"
+            )
+    soft = any(s is not None and (s.gamma > 0 or s.amplify > 1) for s in units.values())
+    if (r.method.steer > 0 or soft or (r.prune.mlp is not None and r.prune.mlp.compensate != "none")) and (
         r.model.max_memory is not None
     ):
         problems.append(
-            "model.max_memory: method.steer and prune.mlp.compensate need the whole model in memory; "
-            "remove max_memory or set them to their defaults"
+            "model.max_memory: method.steer, prune.*.gamma, prune.*.amplify and prune.mlp.compensate need the "
+            "whole model in memory; remove max_memory or set them to their defaults"
         )
     if r.prune.mlp is None and r.prune.attention is None:
         problems.append("prune: name at least one unit kind to prune ('mlp' and/or 'attention')")

@@ -66,14 +66,15 @@ def position_ids(attn: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def masked(model: nn.Module, adapter: Adapter, mask: PersonaMask | None) -> Iterator[None]:
-    """The persona's reference model: `model` with the mask applied to unit activations and the mask's
-    `mlp_bias` (steering, compensation) added to every down_proj output."""
+    """The persona's reference model: `model` with the mask applied to unit activations, the mask's
+    `mlp_bias` (steering, compensation) added to every down_proj output and its soft-mask column scales."""
     if mask is None:
         with nullcontext():
             yield
         return
     mlp, attn = mask.channel_masks()
-    with apply_channel_masks(model, adapter, mlp, attn, mask.mlp_bias):
+    scales = (mask.mlp_scale, mask.attn_scale)
+    with apply_channel_masks(model, adapter, mlp, attn, mask.mlp_bias, scales, mask.scale_storage):
         yield
 
 

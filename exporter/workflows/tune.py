@@ -63,10 +63,12 @@ def grid(recipe: Recipe) -> list[Recipe]:
     """The recipe at every point of its tune grid."""
     assert recipe.tune is not None
     points = []
-    for s, alpha, comp in itertools.product(recipe.tune.sparsity, recipe.tune.steer, recipe.tune.compensate):
+    t = recipe.tune
+    for s, alpha, comp, gamma, amp in itertools.product(t.sparsity, t.steer, t.compensate, t.gamma, t.amplify):
         prune = with_sparsity(recipe.prune, "mlp", s)
         assert prune.mlp is not None
-        prune = prune.model_copy(update={"mlp": prune.mlp.model_copy(update={"compensate": comp})})
+        mlp = prune.mlp.model_copy(update={"compensate": comp, "gamma": gamma, "amplify": amp})
+        prune = prune.model_copy(update={"mlp": mlp})
         method = recipe.method.model_copy(update={"steer": alpha})
         points.append(recipe.model_copy(update={"prune": prune, "method": method}))
     return points
@@ -105,7 +107,9 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     candidates: list[tuple[Recipe, dict[str, PersonaMask]]] = []
     for r in grid(recipe):
         assert r.prune.mlp is not None
-        setting = {"sparsity": r.prune.mlp.sparsity, "steer": r.method.steer, "compensate": r.prune.mlp.compensate}
+        mlp = r.prune.mlp
+        setting = {"sparsity": mlp.sparsity, "steer": r.method.steer, "compensate": mlp.compensate}
+        setting |= {"gamma": mlp.gamma, "amplify": mlp.amplify}
         log.info("tune: %s", setting)
         try:
             masks = with_biases(r, compute_masks(r, stats, col_sq), stats, m.model, m.adapter, torch.float32)
@@ -115,7 +119,7 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         raw = score_conditions(ev, conditions(ev, masks, {}), {}, done=done)
         evals = {p: persona_evaluation(r, validation, val_items, raw, p, masks[p], n_dense) for p in masks}
         figures = _point_figures(evals)
-        removes = r.prune.mlp.sparsity > 0 or not spec.require_removal
+        removes = (mlp.sparsity > 0 and mlp.gamma == 0) or not spec.require_removal
         figures["feasible"] = figures["max_perplexity_ratio"] <= spec.max_perplexity_ratio and removes
         log.info(
             "tune: %s weaker shift %+.3f, worst perplexity %.3fx%s",
@@ -188,13 +192,15 @@ def plot_pareto(points: list[dict[str, Any]], path: Path, bound: float) -> None:
     ax.plot([p["max_perplexity_ratio"] for p in front], [p["min_shift"] for p in front], "-o", label="Pareto front")
     for p in points:
         s = p["setting"]
-        ax.annotate(f"{s['sparsity']:g}/{s['steer']:g}", (p["max_perplexity_ratio"], p["min_shift"]), fontsize=7)
+        label = f"{s['sparsity']:g}/{s['steer']:g}"
+        label += "".join(f" {k[0]}{s[k]:g}" for k, base in (("gamma", 0), ("amplify", 1)) if s.get(k, base) != base)
+        ax.annotate(label, (p["max_perplexity_ratio"], p["min_shift"]), fontsize=7)
         if p.get("chosen"):
             ax.scatter([p["max_perplexity_ratio"]], [p["min_shift"]], marker="*", s=160, c="red", label="chosen")
     ax.axvline(bound, color="black", linestyle=":", linewidth=0.8)
     ax.set_xlabel("worst persona's perplexity / dense (validation)")
     ax.set_ylabel("weaker persona's paired shift (nats/token)")
-    ax.set_title("tune grid (labels: sparsity/steer)")
+    ax.set_title("tune grid (labels: sparsity/steer, g = gamma, a = amplify)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -205,25 +211,17 @@ def tune_markdown(report: dict[str, Any]) -> str:
     rows = []
     for p in report["grid"]:
         s = p["setting"]
+        cells = [f"{s['sparsity']:g}", f"{s['steer']:g}", s["compensate"]]
+        cells += [f"{s.get('gamma', 0.0):g}", f"{s.get('amplify', 1.0):g}"]
         if "error" in p:
-            rows.append([f"{s['sparsity']:g}", f"{s['steer']:g}", s["compensate"], "–", "–", p["error"][:60]])
+            rows.append([*cells, "–", "–", p["error"][:60]])
             continue
         over = p["max_perplexity_ratio"] > report["max_perplexity_ratio"]
         mark = "**chosen**" if p.get("chosen") else ("over the perplexity bound" if over else "")
-        if s["sparsity"] == 0 and not over and not p.get("chosen"):
+        if (s["sparsity"] == 0 or s.get("gamma", 0.0) > 0) and not over and not p.get("chosen"):
             mark = "reference (removes nothing)"
-
-        rows.append(
-            [
-                f"{s['sparsity']:g}",
-                f"{s['steer']:g}",
-                s["compensate"],
-                f"{p['min_shift']:+.3f}",
-                f"{p['max_perplexity_ratio']:.3f}",
-                mark,
-            ]
-        )
-    header = ["sparsity", "steer", "compensate", "weaker shift (val)", "worst ppl ratio (val)", ""]
+        rows.append([*cells, f"{p['min_shift']:+.3f}", f"{p['max_perplexity_ratio']:.3f}", mark])
+    header = ["sparsity", "steer", "compensate", "gamma", "amplify", "weaker shift (val)", "worst ppl ratio (val)", ""]
     lines = [f"# tune: {report['recipe']}", "", f"Selection: {report['selection']}.", "", md_table(header, rows), ""]
     lines += ["![pareto](pareto.png)", "", f"## The chosen setting on the test items: {report['chosen']}", ""]
     for persona, ev in report["test"].items():
