@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from exporter.export.prune import layer_plan
+from exporter.export.prune import layer_plan, planned_linear
 from exporter.masking.calibrate import batches
 from exporter.masking.data import TokenizedSample
 from exporter.masking.masks import PersonaMask
@@ -60,8 +60,7 @@ def removed_parameters(model: nn.Module, adapter: Adapter, mask: PersonaMask) ->
     for i, layer in enumerate(adapter.layers(model)):
         n = 0
         for name, (dim, keep) in layer_plan(adapter, mask, i).items():
-            linear = layer.get_submodule(name)
-            assert isinstance(linear, nn.Linear), f"{name} of layer {i} is not a Linear"
+            linear = planned_linear(layer, name, i)
             gone = linear.weight.shape[dim] - len(keep)
             if dim == 0:
                 n += gone * (linear.in_features + (1 if linear.bias is not None else 0))

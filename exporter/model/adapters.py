@@ -60,17 +60,8 @@ class Adapter:
     def layers(self, model: nn.Module) -> list[nn.Module]:
         return list(self.base(model).layers)
 
-    def mlp_in(self, layer: Any) -> list[nn.Linear]:
-        return [getattr(layer.mlp, n) for n in self.mlp_in_names]
-
     def mlp_out(self, layer: Any) -> nn.Linear:
         return getattr(layer.mlp, self.mlp_out_name)
-
-    def attn_q(self, layer: Any) -> nn.Linear:
-        return layer.self_attn.q_proj
-
-    def attn_kv(self, layer: Any) -> list[nn.Linear]:
-        return [layer.self_attn.k_proj, layer.self_attn.v_proj]
 
     def attn_out(self, layer: Any) -> nn.Linear:
         return layer.self_attn.o_proj
@@ -191,20 +182,6 @@ class Phi3Adapter(Adapter):
             plan["self_attn.qkv_proj"] = (0, torch.cat([q, kv + q_rows, kv + q_rows + kv_rows]))
             plan["self_attn.o_proj"] = (1, q)
         return plan
-
-    def _fused(self, what: str) -> UnsupportedModelError:
-        return UnsupportedModelError(
-            f"phi3 has no separate {what} projections (they are fused); use Adapter.slice_plan for its rows"
-        )
-
-    def mlp_in(self, layer: Any) -> list[nn.Linear]:
-        raise self._fused("gate/up")
-
-    def attn_q(self, layer: Any) -> nn.Linear:
-        raise self._fused("q")
-
-    def attn_kv(self, layer: Any) -> list[nn.Linear]:
-        raise self._fused("k/v")
 
 
 def adapter_for(config: Any) -> Adapter:

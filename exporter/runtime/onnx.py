@@ -44,10 +44,6 @@ if TYPE_CHECKING:
 
 
 ONNX_FILE = "model.onnx"
-STOCK_OPTIMUM_SNIPPET = (
-    "model = ORTModelForCausalLM.from_pretrained(path)\n"
-    "model.embed_size_per_head = model.config.head_dim  # optimum-onnx 0.1.0 ignores head_dim\n"
-)
 _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 Past = list[np.ndarray]  # per layer key then value, each (batch, kv_heads, past_len, head_dim)
