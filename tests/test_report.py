@@ -38,3 +38,16 @@ def test_reports_that_cannot_be_read_are_refused(tmp_path: Path, change: dict, m
     (tmp_path / "report.json").write_text(json.dumps(make_report("introvert") | change))
     with pytest.raises(ExportFolderError, match=message.replace("(", r"\(")):
         load_report(tmp_path / "report.json")
+
+
+def test_importing_the_pipeline_leaves_matplotlib_alone() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, exporter.cli, exporter.workflows.run, exporter.workflows.sweep; print('matplotlib' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]
+    )
+    assert out.stdout.strip() == "False"
