@@ -45,7 +45,8 @@ def test_importing_the_pipeline_leaves_matplotlib_alone() -> None:
     import sys
 
     code = (
-        "import sys, exporter.cli, exporter.workflows.run, exporter.workflows.sweep; print('matplotlib' in sys.modules)"
+        "import sys, exporter.cli, exporter.workflows.run, exporter.workflows.sweep, exporter.workflows.tune; "
+        "print('matplotlib' in sys.modules)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]
