@@ -25,7 +25,7 @@ from exporter.evaluation.metrics import (
     sequence_logliks,
 )
 from exporter.export.prune import count_parameters, prune_model
-from exporter.masking.calibrate import calibrate
+from exporter.masking.calibrate import batches, calibrate
 from exporter.masking.data import TokenizedSample, select_samples
 from exporter.masking.masks import PersonaMask, compute_mask
 from exporter.masking.scoring import column_sq_norms
@@ -334,7 +334,7 @@ def test_removed_parameters_match_physical_removal_in_every_family(model_type: s
 def test_wanda_mask_removes_as_many_weights_row_wise(masked_model: tuple) -> None:
     model, adapter, masks = masked_model
     per_layer = baselines.removed_parameters(model, adapter, masks["kv-group"])
-    norms = baselines.input_norms(model, adapter, samples(1), pad_id=0, batch_size=4, response_only=True)
+    norms = baselines.input_norms(model, adapter, batches(samples(1), 4, 0, response_only=True))
     assert torch.equal(norms[0]["mlp.gate_proj"], norms[0]["mlp.up_proj"])
     removal = baselines.wanda_mask(model, adapter, norms, per_layer)
     linears = baselines.decoder_linears(model, adapter)

@@ -32,7 +32,8 @@ class TokenizedSample:
     response_start: int  # index of the first response token
 
 
-def _records(path: Path, fmt: str) -> list[Any]:
+def read_records(path: Path, fmt: str) -> list[Any]:
+    """The records of a json (a list, or the one list in a mapping), jsonl, csv or text file, unvalidated."""
     text = path.read_text(encoding="utf-8")
     if fmt == "json":
         data = json.loads(text)
@@ -68,7 +69,7 @@ def read_samples(spec: DataSpec) -> list[Sample]:
     if not path.is_file():
         raise CalibrationDataError(f"data file {str(path)!r} does not exist; check the 'path' in the recipe")
     try:
-        records = _records(path, fmt or "text")
+        records = read_records(path, fmt or "text")
     except UnicodeDecodeError:
         raise CalibrationDataError(f"{path}: not UTF-8 text; convert the file to UTF-8") from None
     except json.JSONDecodeError as exc:
