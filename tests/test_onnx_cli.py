@@ -12,6 +12,7 @@ import pytest
 
 from exporter.cli import dispatch, main
 from exporter.errors import ExportFolderError, OnnxModelError, OutputError
+from exporter.runtime.chat import prompt_ids
 from exporter.runtime.runner import Runner
 from tests.conftest import REPO, write_recipe
 
@@ -55,7 +56,7 @@ def test_generate_is_the_same_on_both_backends(onnx_run: Path, capsys: pytest.Ca
         texts[backend] = capsys.readouterr().out
     assert texts["onnx"] == texts["torch"]
     onnx, torch_ = Runner(onnx_run / "introvert", "onnx"), Runner(onnx_run / "introvert", "torch")
-    ids = onnx._prompt_ids([{"role": "user", "content": "plan a trip"}])
+    ids = prompt_ids(onnx.tokenizer, [{"role": "user", "content": "plan a trip"}])
     tokens = list(onnx._next_tokens(ids, 12))
     assert len(tokens) == 12 and tokens == list(torch_._next_tokens(ids, 12))
 

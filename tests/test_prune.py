@@ -18,7 +18,8 @@ from exporter.masking.masks import compute_mask
 from exporter.masking.scoring import column_sq_norms
 from exporter.model.adapters import REGISTRY, adapter_for
 from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
-from exporter.verify.hf import masked, position_ids
+from exporter.runtime.chat import position_ids
+from exporter.verify.hf import masked
 from tests.conftest import TINY_MODELS, assert_close, tiny_model
 from tests.test_masks import samples
 

@@ -124,6 +124,11 @@ class VerifySpec(Strict):
     # safetensors source); the end-to-end fp32 check still runs
     layerwise: bool = False
 
+    @property
+    def onnx_thresholds(self) -> dict[str, float]:
+        """The ONNX export's bounds on |logit difference| from the masked reference (fp32)."""
+        return {"max_abs_logit_diff": self.onnx_max_abs, "mean_abs_logit_diff": self.onnx_mean_abs}
+
 
 class TuneSpec(Strict):
     """`persona-export tune`: a grid searched on the `validation` items; the best setting is then reported on

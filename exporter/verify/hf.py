@@ -17,6 +17,7 @@ from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.model.hooks import apply_channel_masks
 from exporter.model.sources import Loaded
+from exporter.runtime.chat import messages, position_ids, prompt_ids
 
 DEFAULT_PROMPTS = [
     "Hi!",
@@ -41,14 +42,7 @@ class PromptSet:
 
 
 def build_prompts(tokenizer: Any, prompts: list[str] | None = None) -> PromptSet:
-    texts = prompts or DEFAULT_PROMPTS
-    rows = []
-    for text in texts:
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        else:
-            ids = tokenizer(text)["input_ids"]
-        rows.append(list(ids))
+    rows = [prompt_ids(tokenizer, messages(text)) for text in prompts or DEFAULT_PROMPTS]
     singles = [(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)) for r in rows]
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -58,10 +52,6 @@ def build_prompts(tokenizer: Any, prompts: list[str] | None = None) -> PromptSet
         ids[i, width - len(r) :] = torch.tensor(r)
         attn[i, width - len(r) :] = 1
     return PromptSet(singles, (ids, attn))
-
-
-def position_ids(attn: torch.Tensor) -> torch.Tensor:
-    return (attn.cumsum(-1) - 1).clamp_min(0)
 
 
 @contextmanager

@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from exporter.runtime.onnx import ONNX_FILE, OnnxCausalLM, position_ids
+from exporter.recipe.schema import VerifySpec
+from exporter.runtime.chat import position_ids
+from exporter.runtime.onnx import ONNX_FILE, OnnxCausalLM
 
-THRESHOLDS = {"max_abs_logit_diff": 1e-2, "mean_abs_logit_diff": 1e-3}
 Batch = tuple[torch.Tensor, torch.Tensor]  # left-padded input_ids, attention_mask: (batch, seq)
 
 
@@ -22,14 +23,14 @@ def reference_steps(
     """Greedy through the reference's own cache: prefill logits (b, s, V), `steps` decode logits (b, V)
     each, and the `steps + 1` greedy tokens (b, steps + 1), positions as transformers' generate makes them."""
     mask = attention_mask.long()
-    pos = torch.from_numpy(position_ids(mask.numpy(), mask.shape[1]))
+    pos = position_ids(mask)
     out = reference(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
     prefill = out.logits.float()
     token, cache = prefill[:, -1].argmax(-1), out.past_key_values
     step_logits, tokens = [], [token]
     for _ in range(steps):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = torch.from_numpy(position_ids(mask.numpy(), 1))
+        pos = position_ids(mask)[:, -1:]
         out = reference(
             input_ids=token[:, None],
             attention_mask=mask,
@@ -61,7 +62,7 @@ def verify_onnx(
     the reference ranks the two tokens within `max_abs_logit_diff` (a near tie that fp32 noise may flip);
     the margin is reported. The reference must be in eval mode; tensors on CPU.
     """
-    limits = {**THRESHOLDS, **(thresholds or {})}
+    limits = {**VerifySpec().onnx_thresholds, **(thresholds or {})}
     model = OnnxCausalLM.from_dir(onnx_dir)
     worst, total, count = 0.0, 0.0, 0
     divergences: list[dict[str, Any]] = []  # first differing step of each row that differs
