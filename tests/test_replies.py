@@ -13,11 +13,11 @@ from exporter.evaluation.replies import (
     Replies,
     degeneration,
     distinct,
-    end_of_turn_id,
     greedy_replies,
     persona_scores,
     repeated_ngrams,
 )
+from exporter.runtime.chat import end_of_turn_id
 from tests.conftest import WORDS, tiny_model, tiny_tokenizer
 
 SYSTEM_A, SYSTEM_B = "quiet calm alone", "loud crowd party"

@@ -23,21 +23,8 @@ from exporter.evaluation.metrics import Intervention, Scored, mean_ci, sequence_
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.recipe.eval import EvalSpec
-from exporter.runtime.chat import reply_prefix
+from exporter.runtime.chat import end_of_turn_id, reply_prefix
 from exporter.verify.hf import masked
-
-
-def end_of_turn_id(tokenizer: Any) -> int | None:
-    """The token the chat template puts right after an assistant message (SmolLM2: <|im_end|>)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return tokenizer.eos_token_id
-    marker = "Zq9"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
-    )
-    tail = text[text.rfind(marker) + len(marker) :]
-    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
-    return int(ids[0]) if ids else tokenizer.eos_token_id
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,18 @@ def encode_reply(
     return prefix + list(tokenizer(reply, add_special_tokens=False)["input_ids"]), len(prefix)
 
 
+def end_of_turn_id(tokenizer: Any) -> int | None:
+    """The token the chat template puts right after an assistant message (SmolLM2: <|im_end|>); EOS without
+    a template."""
+    if not has_template(tokenizer):
+        return tokenizer.eos_token_id
+    marker = "Zq9"
+    text = tokenizer.apply_chat_template([*messages("x"), {"role": "assistant", "content": marker}], tokenize=False)
+    tail = text[text.rfind(marker) + len(marker) :]
+    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
+    return int(ids[0]) if ids else tokenizer.eos_token_id
+
+
 def position_ids(attention_mask: Mask) -> Mask:
     """Positions of a padded batch as transformers' `generate` makes them: tokens counted from 0, padding 1."""
     pos = attention_mask.cumsum(-1) - 1  # type: ignore[attr-defined]
