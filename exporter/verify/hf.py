@@ -4,7 +4,7 @@ applied to unit activations computes. Proven in float64 (removal is exact); fp32
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,10 +101,13 @@ def greedy(model: Any, ids: torch.Tensor, attn: torch.Tensor, n: int, pad_id: in
     return out[:, ids.shape[1] :]
 
 
-def first_divergence(a: torch.Tensor, b: torch.Tensor) -> int | None:
-    """Index of the first differing token in any row, or None if identical."""
-    neq = (a != b).any(0).nonzero()
-    return None if len(neq) == 0 else int(neq[0])
+def first_divergence(got: Sequence[int], want: Sequence[int]) -> int | None:
+    """The first step at which two token sequences differ (the shorter's length when one is a prefix of the
+    other), or None when they are equal."""
+    for step, (a, b) in enumerate(zip(got, want, strict=False)):
+        if a != b:
+            return step
+    return None if len(got) == len(want) else min(len(got), len(want))
 
 
 def reference_copy(dense: nn.Module, storage_dtype: torch.dtype, compute_dtype: torch.dtype) -> nn.Module:
@@ -160,7 +163,8 @@ def verify_export(
             worst, mean = logit_difference(ref, export, prompts.all())
             ref_tokens = greedy(ref, *prompts.batch, greedy_tokens, pad_id)
         exp_tokens = greedy(export, *prompts.batch, greedy_tokens, pad_id)
-        div = first_divergence(ref_tokens, exp_tokens)
+        rows = zip(ref_tokens.tolist(), exp_tokens.tolist(), strict=True)  # (batch, n) each
+        div = min((d for a, b in rows if (d := first_divergence(a, b)) is not None), default=None)
         figures[name] = {
             "max_abs_logit_diff": worst,
             "mean_abs_logit_diff": mean,

@@ -12,6 +12,7 @@ import torch
 from exporter.recipe.schema import VerifySpec
 from exporter.runtime.chat import position_ids
 from exporter.runtime.onnx import ONNX_FILE, OnnxCausalLM
+from exporter.verify.hf import first_divergence
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # left-padded input_ids, attention_mask: (batch, seq)
 
@@ -76,7 +77,7 @@ def verify_onnx(
         got = model.greedy(ids.numpy(), mask.numpy(), greedy_tokens, eos_token_id)
         for row, tokens in enumerate(got):
             want = _until_eos(ref_tokens[row, :greedy_tokens].tolist(), eos_token_id)
-            step = _first_divergence(tokens, want)
+            step = first_divergence(tokens, want)
             if step is None:
                 continue
             margin = None
@@ -159,13 +160,6 @@ def _decode_diffs(
         logits, past = model.forward(ref_tokens[:, step : step + 1], mask, past)
         diffs.append(np.abs(logits[:, -1].astype(np.float64) - ref))
     return diffs
-
-
-def _first_divergence(got: list[int], want: list[int]) -> int | None:
-    for step, (a, b) in enumerate(zip(got, want, strict=False)):
-        if a != b:
-            return step
-    return None if len(got) == len(want) else min(len(got), len(want))
 
 
 def _until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
