@@ -38,8 +38,8 @@ def test_removal_count() -> None:
     assert removal_count(1536, 0.05, round_to=64) == 1536 - 1472
     assert removal_count(3, 0.34) == 1
     assert removal_count(3, 0.0) == 0
+    assert removal_count(1, 0.99, round_to=1, what="KV groups") == 0  # floor(0.99) = 0 removed: fine
     with pytest.raises(MaskError, match="leaves no"):
-        removal_count(1, 0.99, round_to=1, what="KV groups")  # floor(0.99) = 0 removed: fine
         removal_count(0, 0.5)
 
 
