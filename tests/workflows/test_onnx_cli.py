@@ -14,13 +14,13 @@ from exporter.cli import dispatch, main
 from exporter.errors import ExportFolderError, OnnxModelError, OutputError
 from exporter.runtime.chat import prompt_ids
 from exporter.runtime.runner import Runner
-from tests.conftest import REPO, write_recipe
+from tests.helpers import REPO, write_recipe
 
 
 @pytest.fixture(scope="module")
 def onnx_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny run with hf + onnx + onnx-int8, heads removed (hidden/heads != head_dim afterwards)."""
-    from tests.conftest import tiny_model, tiny_tokenizer
+    from tests.helpers import tiny_model, tiny_tokenizer
 
     tmp = tmp_path_factory.mktemp("onnx-run")
     model_dir = tmp / "tiny"

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from exporter.cli import main
 from exporter.reports.persona import SCHEMA_VERSION, read_report
 from exporter.workflows import persona as persona_workflow
-from tests.conftest import tiny_tokenizer, write_recipe
+from tests.helpers import tiny_tokenizer, write_recipe
 
 
 def sha(path: Path) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from exporter.errors import ExportFolderError
 from exporter.reports.persona import SCHEMA_VERSION, PersonaReport, load_report, write_report
-from tests.test_push import make_report
+from tests.helpers import REPO, make_report
 
 
 def test_status_is_computed_from_every_check(tmp_path: Path) -> None:
@@ -48,7 +48,5 @@ def test_importing_the_pipeline_leaves_matplotlib_alone() -> None:
         "import sys, exporter.cli, exporter.workflows.run, exporter.workflows.sweep, exporter.workflows.tune; "
         "print('matplotlib' in sys.modules)"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=Path(__file__).parents[1]
-    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"

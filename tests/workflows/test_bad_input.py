@@ -22,7 +22,7 @@ from exporter.errors import (
     RecipeError,
     UnsupportedModelError,
 )
-from tests.conftest import tiny_model, tiny_tokenizer, write_recipe
+from tests.helpers import tiny_model, tiny_tokenizer, write_recipe
 
 Recipe = dict[str, Any]
 

@@ -34,7 +34,7 @@ from exporter.recipe.eval import EvalSpec
 from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec, load_recipe
 from exporter.verify.hf import masked
 from exporter.workflows.validate import validate
-from tests.conftest import (
+from tests.helpers import (
     REPO,
     SHARED_DATA,
     TINY_MODELS,

@@ -7,7 +7,7 @@ import yaml
 
 from exporter.errors import RecipeError
 from exporter.recipe.schema import load_recipe
-from tests.conftest import REPO, write_recipe
+from tests.helpers import REPO, write_recipe
 
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 
