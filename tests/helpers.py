@@ -196,6 +196,26 @@ def write_recipe(tmp_path: Path, model_dir: Path, **changes: Any) -> Path:
     return path
 
 
+NEUTRAL = "\n\n".join(" ".join(WORDS[i : i + 9]) + " and the " + " ".join(WORDS[: i + 3]) for i in range(12))
+
+
+def eval_section(tmp_path: Path, **changes: Any) -> dict[str, Any]:
+    """A recipe's eval section over the pairs write_recipe writes and a neutral.txt written here."""
+    (tmp_path / "neutral.txt").write_text(NEUTRAL)
+    section: dict[str, Any] = {
+        "paired": {
+            "path": "pairs.jsonl",
+            "prompt_field": "prompt",
+            "responses": {"introvert": {"field": "introvert"}, "extravert": {"field": "extravert"}},
+            "max_items": 8,
+            "exclude_calibration": True,
+        },
+        "neutral": {"path": "neutral.txt", "window": 24},
+        "bootstrap": 200,
+    }
+    return section | changes
+
+
 def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float, what: str = "tensors") -> None:
     """Parity helper: on failure, print the max and mean difference."""
     diff = (a.to(torch.float64) - b.to(torch.float64)).abs()

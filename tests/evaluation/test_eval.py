@@ -26,7 +26,7 @@ from exporter.evaluation.metrics import (
 )
 from exporter.export.prune import count_parameters, prune_model
 from exporter.masking.calibrate import batches, calibrate
-from exporter.masking.data import TokenizedSample, select_samples
+from exporter.masking.data import select_samples
 from exporter.masking.masks import PersonaMask, compute_mask
 from exporter.masking.scoring import column_sq_norms
 from exporter.model.adapters import adapter_for
@@ -35,10 +35,13 @@ from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSp
 from exporter.verify.hf import masked
 from exporter.workflows.validate import validate
 from tests.helpers import (
+    NEUTRAL,
     REPO,
     SHARED_DATA,
     TINY_MODELS,
     WORDS,
+    eval_section,
+    samples,
     smollm2_available,
     tiny_model,
     tiny_tokenizer,
@@ -47,7 +50,6 @@ from tests.helpers import (
 
 DEMO = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
 SHARED = REPO / "recipes" / "smollm2-introvert-extravert-shared-eval.yaml"
-NEUTRAL = "\n\n".join(" ".join(WORDS[i : i + 9]) + " and the " + " ".join(WORDS[: i + 3]) for i in range(12))
 
 
 @pytest.fixture(autouse=True)
@@ -57,22 +59,6 @@ def one_thread() -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def eval_section(tmp_path: Path, **changes: Any) -> dict[str, Any]:
-    (tmp_path / "neutral.txt").write_text(NEUTRAL)
-    section: dict[str, Any] = {
-        "paired": {
-            "path": "pairs.jsonl",
-            "prompt_field": "prompt",
-            "responses": {"introvert": {"field": "introvert"}, "extravert": {"field": "extravert"}},
-            "max_items": 8,
-            "exclude_calibration": True,
-        },
-        "neutral": {"path": "neutral.txt", "window": 24},
-        "bootstrap": 200,
-    }
-    return section | changes
 
 
 def tiny_recipe(tmp_path: Path, **changes: Any) -> Any:
@@ -274,11 +260,6 @@ def test_eval_section_is_strict(tmp_path: Path) -> None:
 
 
 # -- baselines ---------------------------------------------------------------------------------------------
-
-
-def samples(seed: int, vocab: tuple[int, int] = (10, 320)) -> list[TokenizedSample]:
-    g = torch.Generator().manual_seed(seed)
-    return [TokenizedSample(torch.randint(*vocab, (n,), generator=g).tolist(), 3) for n in range(6, 26)]
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])

@@ -13,8 +13,7 @@ from exporter.cli import main
 from exporter.errors import RecipeError
 from exporter.recipe.schema import load_recipe
 from exporter.workflows.tune import grid
-from tests.conftest import write_pair_data, write_recipe
-from tests.test_eval import NEUTRAL
+from tests.helpers import NEUTRAL, write_pair_data, write_recipe
 
 
 def _paired(path: Path) -> dict[str, Any]:

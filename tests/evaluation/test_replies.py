@@ -18,7 +18,7 @@ from exporter.evaluation.replies import (
     repeated_ngrams,
 )
 from exporter.runtime.chat import end_of_turn_id
-from tests.conftest import WORDS, tiny_model, tiny_tokenizer
+from tests.helpers import WORDS, tiny_model, tiny_tokenizer
 
 SYSTEM_A, SYSTEM_B = "quiet calm alone", "loud crowd party"
 A_WORDS, B_WORDS = WORDS[:14], WORDS[14:]
