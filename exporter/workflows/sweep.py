@@ -28,7 +28,8 @@ from exporter.masking.masks import PersonaMask, compute_masks
 from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.masking.steer import with_biases
 from exporter.model.sources import load_model
-from exporter.recipe.schema import AttentionPrune, MlpPrune, PruneSpec, Recipe, load_recipe, parse_recipe
+from exporter.recipe.load import load_recipe, parse_recipe
+from exporter.recipe.schema import AttentionPrune, MlpPrune, PruneSpec, Recipe
 from exporter.reports.markdown import write_run_reports
 from exporter.reports.persona import read_report
 from exporter.reports.provenance import Timer

@@ -31,7 +31,8 @@ from exporter.masking.masks import PersonaMask, compute_mask
 from exporter.masking.scoring import column_sq_norms
 from exporter.model.adapters import adapter_for
 from exporter.recipe.eval import EvalSpec
-from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec, load_recipe
+from exporter.recipe.load import load_recipe
+from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
 from exporter.verify.hf import masked
 from exporter.workflows.validate import validate
 from tests.helpers import (

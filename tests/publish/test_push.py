@@ -25,8 +25,8 @@ from exporter.cli import main
 from exporter.errors import HubError, RecipeError
 from exporter.publish.hub import PushOptions, push_persona, push_run
 from exporter.publish.modelcard import CardContext, render_card
+from exporter.recipe.load import parse_recipe
 from exporter.recipe.push import PushSpec
-from exporter.recipe.schema import parse_recipe
 from exporter.reports.persona import PersonaReport
 from tests.helpers import BASE, make_report, tiny_model, tiny_tokenizer, write_recipe
 from tests.helpers import REPO as ROOT

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from exporter.errors import CalibrationDataError, RecipeError
 from exporter.masking.data import read_samples
-from exporter.recipe.schema import DataSpec, load_recipe
+from exporter.recipe.load import load_recipe
+from exporter.recipe.schema import DataSpec
 from tests.helpers import REPO
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from exporter.errors import RecipeError
-from exporter.recipe.schema import load_recipe
+from exporter.recipe.load import load_recipe
 from tests.helpers import REPO, write_recipe
 
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))

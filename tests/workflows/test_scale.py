@@ -292,7 +292,7 @@ def test_bounded_memory_run_equals_the_whole_model_run(tmp_path: Path) -> None:
 )
 def test_bounded_memory_recipe_errors(tmp_path: Path, model: dict, extra: dict, message: str) -> None:
     from exporter.errors import RecipeError
-    from exporter.recipe.schema import load_recipe
+    from exporter.recipe.load import load_recipe
     from tests.helpers import write_recipe
 
     with pytest.raises(RecipeError, match=message):

@@ -11,7 +11,7 @@ import yaml
 
 from exporter.cli import main
 from exporter.errors import RecipeError
-from exporter.recipe.schema import load_recipe
+from exporter.recipe.load import load_recipe
 from exporter.workflows.tune import grid
 from tests.helpers import NEUTRAL, write_pair_data, write_recipe
 
