@@ -40,7 +40,10 @@ def test_run_exports_verified_onnx(onnx_run: Path, persona: str) -> None:
     assert onnx["max_abs_logit_diff"] <= 1e-2 and onnx["mean_abs_logit_diff"] <= 1e-3
     assert onnx["greedy_identical"] and onnx["decode_steps"] >= 3
     int8 = report["verification"]["onnx-int8"]
-    assert int8["parity_target"] is False and 0 <= int8["top1_agreement"] <= 1 and int8["ppl_int8"] > 0
+    # not a parity target, but on this tiny model int8 keeps nearly every argmax and the perplexity (1.0 and
+    # a ratio of 1.0002 when measured)
+    assert int8["parity_target"] is False and int8["top1_agreement"] >= 0.9
+    assert abs(int8["ppl_ratio"] - 1) < 0.05 and int8["mb_int8"] < int8["mb_fp32"]
     config = json.loads((folder / "onnx" / "config.json").read_text())
     assert config["hidden_size"] // config["num_attention_heads"] != config["head_dim"]
     for name in ("model.onnx", "tokenizer.json", "generation_config.json"):
