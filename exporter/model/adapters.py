@@ -140,28 +140,18 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 
 
 @register
+class LlamaLayoutAdapter(Adapter):
+    """The Llama layout as is. Mistral is the same; qwen2's q/k/v carry biases, sliced with their rows; qwen3's
+    q_norm/k_norm act per head over head_dim and are shared by all heads: untouched by head removal. Of these,
+    only Llama's config can give the MLP projections biases (mlp_bias), which steering and compensation need."""
+
+    model_types = ("mistral", "qwen2", "qwen3")
+
+
+@register
 class LlamaAdapter(Adapter):
     model_types = ("llama",)
     mlp_bias_flag = "mlp_bias"
-
-
-@register
-class MistralAdapter(Adapter):
-    model_types = ("mistral",)
-
-
-@register
-class Qwen2Adapter(Adapter):
-    """q/k/v carry biases; they are sliced with their rows."""
-
-    model_types = ("qwen2",)
-
-
-@register
-class Qwen3Adapter(Adapter):
-    """q_norm/k_norm act per head over head_dim and are shared by all heads: untouched by head removal."""
-
-    model_types = ("qwen3",)
 
 
 @register
