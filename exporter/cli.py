@@ -142,7 +142,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from exporter.workflows.sweep import evaluate_run_dir
+    from exporter.workflows.evaluate import evaluate_run_dir
 
     evaluate_run_dir(Path(args.run_dir), args.recipe)
     print(f"written: {Path(args.run_dir) / 'report.md'} (and each persona's report.json, report.md)")
