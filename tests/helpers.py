@@ -362,6 +362,12 @@ RECIPE_CASES = [  # problems of the recipe alone: loading it fails, nothing else
         overrides=("pairs=[[extravert, introvert], [introvert, extravert]]",),
     ),
     Case("contrastive-unpaired", RecipeError, "needs every persona in an opposing pair", overrides=("pairs=[]",)),
+    Case(
+        "steer-unpaired",
+        RecipeError,
+        "method.steer steers toward a persona and away from its opposite",
+        overrides=("pairs=[]", "method.score=wanda", "method.steer=1.0"),
+    ),
     Case("no-personas", RecipeError, "at least one persona is required", overrides=("personas={}", "pairs=[]")),
     Case("prune-nothing", RecipeError, "name at least one unit kind", overrides=("prune={}",)),
     Case("two-model-sources", RecipeError, "exactly one of", overrides=("model.embedded=smollm2-135m-instruct",)),

@@ -167,11 +167,6 @@ def test_run_with_steering_verifies_hf_and_onnx(tmp_path: Path, tiny_llama_dir: 
         assert json.loads((out / persona / "hf" / "config.json").read_text())["mlp_bias"] is True
 
 
-def test_steering_needs_a_pair(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    recipe = write_recipe(tmp_path, tiny_llama_dir, pairs=[], method={"score": "wanda", "steer": 1.0})
-    assert main(["validate", str(recipe)]) != 0
-
-
 def test_eval_reports_steering_removal_and_replies(tmp_path: Path, tiny_llama_dir: Path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"plan a quiet {w} weekend" for w in ("book", "walk", "trip", "game", "home")) + "\n")
