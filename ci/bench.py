@@ -17,7 +17,7 @@ import torch
 from exporter.masking.calibrate import batches, calibrate
 from exporter.masking.data import select_samples, tokenize
 from exporter.model.sources import load_model
-from exporter.recipe.schema import load_recipe
+from exporter.recipe.load import load_recipe
 from exporter.workflows.run import run
 
 REPO = Path(__file__).resolve().parents[1]

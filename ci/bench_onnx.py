@@ -21,7 +21,7 @@ import numpy as np
 
 from exporter.export.onnx import export_onnx
 from exporter.model.sources import load_model
-from exporter.recipe.schema import load_recipe
+from exporter.recipe.load import load_recipe
 from exporter.runtime.onnx import OnnxCausalLM, load_ort_model
 from exporter.workflows.run import run
 

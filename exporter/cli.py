@@ -48,7 +48,7 @@ def summary_table(reports: dict[str, PersonaReport]) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from exporter.recipe.schema import load_recipe
+    from exporter.recipe.load import load_recipe
     from exporter.workflows.validate import validate
 
     recipe = load_recipe(args.recipe, args.set)
@@ -60,7 +60,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from exporter.recipe.schema import load_recipe
+    from exporter.recipe.load import load_recipe
     from exporter.workflows.run import run
 
     recipe = load_recipe(args.recipe, args.set)
@@ -142,7 +142,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from exporter.workflows.sweep import evaluate_run_dir
+    from exporter.workflows.evaluate import evaluate_run_dir
 
     evaluate_run_dir(Path(args.run_dir), args.recipe)
     print(f"written: {Path(args.run_dir) / 'report.md'} (and each persona's report.json, report.md)")
@@ -150,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from exporter.recipe.schema import load_recipe
+    from exporter.recipe.load import load_recipe
     from exporter.workflows.tune import tune
 
     report = tune(load_recipe(args.recipe, args.set), Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats)
@@ -160,7 +160,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from exporter.recipe.schema import load_recipe
+    from exporter.recipe.load import load_recipe
     from exporter.workflows.sweep import sweep
 
     try:

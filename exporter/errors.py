@@ -33,12 +33,6 @@ class OutputError(PersonaExportError):
     """An output location exists, is not writable, or is not what a command expects."""
 
 
-class ParityError(PersonaExportError):
-    """An export does not compute what the masked model computes. Never downgraded to a warning."""
-
-    exit_code = 3
-
-
 class HubError(PersonaExportError):
     """A push to the Hugging Face Hub was refused before sending, or the Hub (or the network) failed."""
 

@@ -10,18 +10,18 @@ possible (the rows whose next-lowest score is smallest drop one more).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 
-from exporter.export.prune import layer_plan
-from exporter.masking.calibrate import batches
-from exporter.masking.data import TokenizedSample
+from exporter.export.prune import layer_plan, planned_linear
+from exporter.masking.calibrate import Batch
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
+from exporter.model.hooks import pre_hooks
 
 
 def _random_keep(keep: torch.Tensor, n: int, groups: int, gen: torch.Generator) -> torch.Tensor:
@@ -82,8 +82,7 @@ def removed_parameters(model: nn.Module, adapter: Adapter, mask: PersonaMask) ->
     for i, layer in enumerate(adapter.layers(model)):
         n = 0
         for name, (dim, keep) in layer_plan(adapter, mask, i).items():
-            linear = layer.get_submodule(name)
-            assert isinstance(linear, nn.Linear), f"{name} of layer {i} is not a Linear"
+            linear = planned_linear(layer, name, i)
             gone = linear.weight.shape[dim] - len(keep)
             if dim == 0:
                 n += gone * (linear.in_features + (1 if linear.bias is not None else 0))
@@ -102,16 +101,9 @@ def decoder_linears(model: nn.Module, adapter: Adapter) -> list[dict[str, nn.Lin
 
 
 @torch.inference_mode()
-def input_norms(
-    model: nn.Module,
-    adapter: Adapter,
-    samples: list[TokenizedSample],
-    *,
-    pad_id: int,
-    batch_size: int,
-    response_only: bool,
-) -> list[dict[str, torch.Tensor]]:
-    """||X_j||_2 of every decoder Linear's input channels over the counted calibration tokens (fp64)."""
+def input_norms(model: nn.Module, adapter: Adapter, work: Iterable[Batch]) -> list[dict[str, torch.Tensor]]:
+    """||X_j||_2 of every decoder Linear's input channels over the counted tokens of `work` (fp64); `work` is
+    calibration batches as `exporter.masking.calibrate.batches` makes them."""
     linears = decoder_linears(model, adapter)
     sq = [{n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in d.items()} for d in linears]
     current: dict[str, torch.Tensor] = {}
@@ -123,14 +115,10 @@ def input_norms(
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make(i, n)) for i, d in enumerate(linears) for n, m in d.items()]
-    try:
-        for ids, attn, weight in batches(samples, batch_size, pad_id, response_only):
+    with pre_hooks([(m, make(i, n)) for i, d in enumerate(linears) for n, m in d.items()]):
+        for ids, attn, weight in work:
             current["w"] = weight.to(torch.float32)
             adapter.base(model)(input_ids=ids, attention_mask=attn, use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
     return [{n: v.sqrt() for n, v in d.items()} for d in sq]
 
 

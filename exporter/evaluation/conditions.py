@@ -32,6 +32,7 @@ from exporter.evaluation.metrics import (
 from exporter.evaluation.replies import evaluate_replies, steering_only
 from exporter.evaluation.summary import summarise
 from exporter.export.prune import count_parameters
+from exporter.masking.calibrate import batches
 from exporter.masking.data import select_samples, tokenize
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
@@ -131,14 +132,10 @@ def wanda_norms(
     """Wanda's activation norms from a calibration pass over the persona's calibration samples."""
     cal = recipe.personas[persona].calibration
     samples = [tokenize(tokenizer, s, cal) for s in select_samples(cal)]
-    return baselines.input_norms(
-        model,
-        adapter,
-        samples,
-        pad_id=tokenizer.pad_token_id,
-        batch_size=recipe.calibration.batch_size,
-        response_only=recipe.calibration.tokens == "response",
+    work = batches(
+        samples, recipe.calibration.batch_size, tokenizer.pad_token_id, recipe.calibration.tokens == "response"
     )
+    return baselines.input_norms(model, adapter, work)
 
 
 def conditions(

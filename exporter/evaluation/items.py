@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import CalibrationDataError
-from exporter.masking.data import _records, read_samples, select_samples
+from exporter.masking.data import read_records, read_samples, select_samples
 from exporter.recipe.eval import EvalSpec, PairedSpec, RepliesSpec, StatementsSpec
 from exporter.recipe.schema import DataSpec, Recipe, infer_format
 
@@ -92,7 +92,7 @@ def _read(path: str, fmt: str | None, where: str) -> list[dict[str, Any]]:
     kind = fmt or infer_format(path)
     if kind not in ("json", "jsonl", "csv"):
         raise EvalDataError(f"{where}: cannot read {path!r} as records; set format to json, jsonl or csv")
-    records = _records(p, kind)
+    records = read_records(p, kind)
     if not all(isinstance(r, dict) for r in records):
         raise EvalDataError(f"{where}: {path!r} must hold one object per record")
     return records

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from exporter.errors import CalibrationDataError
-from exporter.verify.hf import position_ids
+from exporter.runtime.chat import encode_reply, position_ids
 
 Intervention = Callable[[], AbstractContextManager[Any]]
 
@@ -36,43 +36,13 @@ class Scored:
     start: int
 
 
-def _messages(prompt: str | None, system: str | None) -> list[dict[str, str]]:
-    msgs = [{"role": "system", "content": system}] if system else []
-    return [*msgs, {"role": "user", "content": prompt}] if prompt is not None else msgs
-
-
-def prompt_ids(tokenizer: Any, prompt: str | None, system: str | None = None) -> list[int]:
-    """The tokens before the assistant's answer: what a model is given to answer, and what encode_answer
-    puts before the scored tokens."""
-    if getattr(tokenizer, "chat_template", None):
-        head = tokenizer.apply_chat_template(_messages(prompt, system), add_generation_prompt=True, tokenize=False)
-        return list(tokenizer(head, add_special_tokens=False)["input_ids"])
-    # no chat template: system and prompt as plain text (or BOS alone) before the answer
-    text = (system + "\n\n" if system else "") + (prompt + "\n" if prompt is not None else "")
-    prefix = list(tokenizer(text)["input_ids"]) if text else []
-    if not prefix and tokenizer.bos_token_id is not None:
-        prefix = [tokenizer.bos_token_id]
-    return prefix
-
-
 def encode_answer(
     tokenizer: Any, prompt: str | None, answer: str, *, system: str | None = None, max_tokens: int = 256
 ) -> Scored:
-    """Prompt (+ system prompt) and answer as one chat; the answer's content tokens are scored."""
-    prefix = prompt_ids(tokenizer, prompt, system)
-    if getattr(tokenizer, "chat_template", None):
-        msgs = _messages(prompt, system)
-        head = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template([*msgs, {"role": "assistant", "content": answer}], tokenize=False)
-        at = full.find(answer, len(head))
-        if not full.startswith(head) or at < 0:
-            raise CalibrationDataError("the chat template does not render the answer after the prompt verbatim")
-        ids = list(tokenizer(full[: at + len(answer)], add_special_tokens=False)["input_ids"])
-        if ids[: len(prefix)] != prefix:
-            raise CalibrationDataError("the chat template's prompt does not tokenize as a prefix of prompt + answer")
-    else:
-        ids = prefix + list(tokenizer(answer, add_special_tokens=False)["input_ids"])
-    start = max(len(prefix), 1)  # the first token of a sequence has no prediction
+    """Prompt (+ system prompt) and answer as one chat; the answer's content tokens are scored (not the
+    template's end-of-turn tokens)."""
+    ids, n_prefix = encode_reply(tokenizer, prompt, answer, system, end_of_turn=False)
+    start = max(n_prefix, 1)  # the first token of a sequence has no prediction
     ids = ids[:max_tokens]
     if len(ids) <= start:
         raise CalibrationDataError(

@@ -19,24 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from exporter.evaluation.metrics import Intervention, Scored, mean_ci, prompt_ids, sequence_logliks
+from exporter.evaluation.metrics import Intervention, Scored, mean_ci, sequence_logliks
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.recipe.eval import EvalSpec
+from exporter.runtime.chat import end_of_turn_id, reply_prefix
 from exporter.verify.hf import masked
-
-
-def end_of_turn_id(tokenizer: Any) -> int | None:
-    """The token the chat template puts right after an assistant message (SmolLM2: <|im_end|>)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return tokenizer.eos_token_id
-    marker = "Zq9"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], tokenize=False
-    )
-    tail = text[text.rfind(marker) + len(marker) :]
-    ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
-    return int(ids[0]) if ids else tokenizer.eos_token_id
 
 
 @dataclass(frozen=True)
@@ -67,7 +55,7 @@ def greedy_replies(
     cut: list[bool] = []
     with (intervention or nullcontext)():
         for k in range(0, len(prompts), batch_size):
-            rows = [prompt_ids(tokenizer, p, system) for p in prompts[k : k + batch_size]]
+            rows = [reply_prefix(tokenizer, p, system) for p in prompts[k : k + batch_size]]
             width = max(len(r) for r in rows)
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             attn = torch.zeros((len(rows), width), dtype=torch.long)
@@ -101,7 +89,7 @@ def persona_scores(
     seqs: list[Scored] = []
     for system in (system_for, system_against):
         for i in keep:
-            head = prompt_ids(tokenizer, replies.prompts[i], system)
+            head = reply_prefix(tokenizer, replies.prompts[i], system)
             seqs.append(Scored(head + replies.tokens[i], len(head)))
     ll = sequence_logliks(model, seqs, pad_id=pad, batch_size=batch_size)
     out = np.full(len(replies.tokens), np.nan)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from exporter.errors import UnsupportedModelError
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter, SlicePlan
 from exporter.model.hooks import scaled_columns
@@ -37,6 +38,17 @@ def layer_plan(adapter: Adapter, mask: PersonaMask, i: int) -> SlicePlan:
     return adapter.slice_plan(g, mlp, q, kv)
 
 
+def planned_linear(layer: nn.Module, name: str, index: int) -> nn.Linear:
+    """The Linear `name` of decoder layer `index` that a slice plan names; anything else cannot be sliced."""
+    module = layer.get_submodule(name)
+    if not isinstance(module, nn.Linear):
+        raise UnsupportedModelError(
+            f"{name} of decoder layer {index} is a {type(module).__name__}, not a torch Linear (a LoRA-wrapped "
+            "or quantized model?); merge the adapters or load unquantized weights before pruning"
+        )
+    return module
+
+
 def prune_model(model: nn.Module, adapter: Adapter, mask: PersonaMask) -> nn.Module:
     """Remove the masked units from `model` in place and return it. Equal to the masked model, exactly."""
     for i, layer in enumerate(adapter.layers(model)):
@@ -45,9 +57,7 @@ def prune_model(model: nn.Module, adapter: Adapter, mask: PersonaMask) -> nn.Mod
                 with torch.no_grad():
                     out.weight = nn.Parameter(scaled_columns(out.weight, scale[i], mask.scale_storage))
         for name, (dim, index) in layer_plan(adapter, mask, i).items():
-            linear = layer.get_submodule(name)
-            assert isinstance(linear, nn.Linear), f"{name} of layer {i} is not a Linear"
-            _slice(linear, index, dim)
+            _slice(planned_linear(layer, name, i), index, dim)
         adapter.update_modules(layer, mask.pruned_geometry())
     adapter.update_config(model.config, mask.pruned_geometry())
     if mask.mlp_bias is not None:

@@ -14,10 +14,10 @@ from exporter.masking.stats import Statistics
 from exporter.model.adapters import Adapter
 from exporter.model.hooks import capture_unit_inputs
 
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # right-padded input_ids, attention_mask, counted tokens
 
-def batches(
-    samples: list[TokenizedSample], batch_size: int, pad_id: int, response_only: bool
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+
+def batches(samples: list[TokenizedSample], batch_size: int, pad_id: int, response_only: bool) -> Iterator[Batch]:
     """Length-sorted batches (less padding); the order is deterministic."""
     order = sorted(range(len(samples)), key=lambda i: (len(samples[i].input_ids), i))
     for start in range(0, len(order), batch_size):

@@ -18,6 +18,7 @@ import torch
 
 from exporter.errors import CalibrationDataError
 from exporter.recipe.schema import DataSpec, infer_format
+from exporter.runtime.chat import encode_reply
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,8 @@ class TokenizedSample:
     response_start: int  # index of the first response token
 
 
-def _records(path: Path, fmt: str) -> list[Any]:
+def read_records(path: Path, fmt: str) -> list[Any]:
+    """The records of a json (a list, or the one list in a mapping), jsonl, csv or text file, unvalidated."""
     text = path.read_text(encoding="utf-8")
     if fmt == "json":
         data = json.loads(text)
@@ -68,7 +70,7 @@ def read_samples(spec: DataSpec) -> list[Sample]:
     if not path.is_file():
         raise CalibrationDataError(f"data file {str(path)!r} does not exist; check the 'path' in the recipe")
     try:
-        records = _records(path, fmt or "text")
+        records = read_records(path, fmt or "text")
     except UnicodeDecodeError:
         raise CalibrationDataError(f"{path}: not UTF-8 text; convert the file to UTF-8") from None
     except json.JSONDecodeError as exc:
@@ -118,37 +120,18 @@ def samples_digest(samples: list[Sample]) -> str:
 
 
 def tokenize(tokenizer: Any, sample: Sample, spec: DataSpec) -> TokenizedSample:
-    """Token ids of prompt + response; `response_start` splits them. Chat template when asked and present."""
-    if spec.chat_template and getattr(tokenizer, "chat_template", None):
-        messages = []
-        if spec.system_prompt:
-            messages.append({"role": "system", "content": spec.system_prompt})
-        if sample.prompt is not None:
-            messages.append({"role": "user", "content": sample.prompt})
-        prefix = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-        full = list(
-            tokenizer.apply_chat_template([*messages, {"role": "assistant", "content": sample.response}], tokenize=True)
-        )
-        if full[: len(prefix)] != prefix:
-            raise CalibrationDataError(
-                "the tokenizer's chat template does not render the prompt as a prefix of prompt + response; "
-                "set calibration.chat_template: false for this model"
-            )
-    else:
-        head = (spec.system_prompt + "\n\n" if spec.system_prompt else "") + (
-            sample.prompt + "\n" if sample.prompt is not None else ""
-        )
-        prefix = list(tokenizer(head)["input_ids"]) if head else []
-        if not prefix and tokenizer.bos_token_id is not None:
-            prefix = [tokenizer.bos_token_id]
-        full = prefix + list(tokenizer(sample.response, add_special_tokens=False)["input_ids"])
+    """Token ids of prompt + response; `response_start` splits them. Chat template when asked and present;
+    the template's end-of-turn tokens after the response count as response tokens."""
+    full, start = encode_reply(
+        tokenizer, sample.prompt, sample.response, spec.system_prompt, end_of_turn=True, template=spec.chat_template
+    )
     full = full[: spec.max_tokens]
-    if len(full) <= len(prefix):
+    if len(full) <= start:
         raise CalibrationDataError(
             f"{spec.path}: a prompt fills all {spec.max_tokens} tokens (max_tokens), leaving no response "
             "token; raise max_tokens or shorten the prompt"
         )
-    return TokenizedSample(full, len(prefix))
+    return TokenizedSample(full, start)
 
 
 def collate(

@@ -60,17 +60,8 @@ class Adapter:
     def layers(self, model: nn.Module) -> list[nn.Module]:
         return list(self.base(model).layers)
 
-    def mlp_in(self, layer: Any) -> list[nn.Linear]:
-        return [getattr(layer.mlp, n) for n in self.mlp_in_names]
-
     def mlp_out(self, layer: Any) -> nn.Linear:
         return getattr(layer.mlp, self.mlp_out_name)
-
-    def attn_q(self, layer: Any) -> nn.Linear:
-        return layer.self_attn.q_proj
-
-    def attn_kv(self, layer: Any) -> list[nn.Linear]:
-        return [layer.self_attn.k_proj, layer.self_attn.v_proj]
 
     def attn_out(self, layer: Any) -> nn.Linear:
         return layer.self_attn.o_proj
@@ -149,28 +140,18 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 
 
 @register
+class LlamaLayoutAdapter(Adapter):
+    """The Llama layout as is. Mistral is the same; qwen2's q/k/v carry biases, sliced with their rows; qwen3's
+    q_norm/k_norm act per head over head_dim and are shared by all heads: untouched by head removal. Of these,
+    only Llama's config can give the MLP projections biases (mlp_bias), which steering and compensation need."""
+
+    model_types = ("mistral", "qwen2", "qwen3")
+
+
+@register
 class LlamaAdapter(Adapter):
     model_types = ("llama",)
     mlp_bias_flag = "mlp_bias"
-
-
-@register
-class MistralAdapter(Adapter):
-    model_types = ("mistral",)
-
-
-@register
-class Qwen2Adapter(Adapter):
-    """q/k/v carry biases; they are sliced with their rows."""
-
-    model_types = ("qwen2",)
-
-
-@register
-class Qwen3Adapter(Adapter):
-    """q_norm/k_norm act per head over head_dim and are shared by all heads: untouched by head removal."""
-
-    model_types = ("qwen3",)
 
 
 @register
@@ -191,20 +172,6 @@ class Phi3Adapter(Adapter):
             plan["self_attn.qkv_proj"] = (0, torch.cat([q, kv + q_rows, kv + q_rows + kv_rows]))
             plan["self_attn.o_proj"] = (1, q)
         return plan
-
-    def _fused(self, what: str) -> UnsupportedModelError:
-        return UnsupportedModelError(
-            f"phi3 has no separate {what} projections (they are fused); use Adapter.slice_plan for its rows"
-        )
-
-    def mlp_in(self, layer: Any) -> list[nn.Linear]:
-        raise self._fused("gate/up")
-
-    def attn_q(self, layer: Any) -> nn.Linear:
-        raise self._fused("q")
-
-    def attn_kv(self, layer: Any) -> list[nn.Linear]:
-        raise self._fused("k/v")
 
 
 def adapter_for(config: Any) -> Adapter:

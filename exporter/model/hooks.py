@@ -19,7 +19,8 @@ Capture = Callable[[int, str, torch.Tensor], None]
 
 
 @contextmanager
-def _pre_hooks(pairs: list[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+def pre_hooks(pairs: list[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
+    """Forward pre-hooks registered on each module for the duration of the block, removed however it ends."""
     handles = [module.register_forward_pre_hook(fn) for module, fn in pairs]
     try:
         yield
@@ -44,7 +45,7 @@ def capture_unit_inputs(model: nn.Module, adapter: Adapter, callback: Capture, k
             pairs.append((adapter.mlp_out(layer), make(i, "mlp")))
         if "attn" in kinds:
             pairs.append((adapter.attn_out(layer), make(i, "attn")))
-    with _pre_hooks(pairs):
+    with pre_hooks(pairs):
         yield
 
 
@@ -74,7 +75,7 @@ def apply_channel_masks(
             pairs.append((adapter.mlp_out(layer), make(mlp[i])))
         if attn is not None:
             pairs.append((adapter.attn_out(layer), make(attn[i])))
-    with _pre_hooks(pairs), _mlp_biases(model, adapter, mlp_bias), _scaled(model, adapter, scales, scale_dtype):
+    with pre_hooks(pairs), _mlp_biases(model, adapter, mlp_bias), _scaled(model, adapter, scales, scale_dtype):
         yield
 
 

@@ -5,6 +5,8 @@ passed, for the checkpoint and for every ONNX folder that goes along. The run fo
 each repo's upload folder is staged in a temporary directory (hard links or copies of hf/ and the ONNX
 folders, plus a generated README.md). The token comes from HF_TOKEN or the saved login; it is never
 printed, logged or written, and error text is redacted anyway because a server may echo what it got.
+Longer than most modules because the checks, the staging and the upload are one guarded path, kept in one
+place so that nothing reaches the network before every check passed.
 """
 
 from __future__ import annotations

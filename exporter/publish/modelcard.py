@@ -10,6 +10,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from exporter.reports.markdown import evaluation_markdown, md_table
 from exporter.reports.persona import BaseModelInfo, PersonaReport
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ def _removed(report: PersonaReport) -> str:
             field = GEOMETRY_FIELDS[kind]
             rows.append([UNIT_NAMES[kind], f"{dense[field]} -> {pruned[field]}", str(len(removed)), str(total)])
     if len(rows) > 1:
-        lines += ["", _table(rows)]
+        lines += ["", md_table(rows[0], rows[1:])]
     params, size = report.parameters, report.bytes
     lines += [
         "",
@@ -152,7 +153,7 @@ def _parity(report: PersonaReport) -> str:
         "Each export, reloaded from disk, is compared with the dense base model with the persona's mask "
         "applied (the same units zeroed), on fixed prompts: next-token logits and greedy continuations.",
         "",
-        _table(rows),
+        md_table(rows[0], rows[1:]),
     ]
     extra = {k: v for k, v in ver.items() if k != "hf" and isinstance(v, dict) and "max_abs_logit_diff" not in v}
     for name, figures in extra.items():
@@ -172,8 +173,6 @@ def _evaluation(persona: str, ev: Any) -> str:
     if not ev:
         return ""
     if isinstance(ev, dict) and "rows" in ev:
-        from exporter.reports.markdown import evaluation_markdown
-
         try:
             return evaluation_markdown(persona, ev).rstrip()
         except (KeyError, TypeError, ValueError, IndexError):
@@ -189,7 +188,7 @@ def _evaluation(persona: str, ev: Any) -> str:
     for group in (records, scalars):
         if group:
             columns = list(dict.fromkeys(c for r in group for c in r))
-            parts.append(_table([columns, *[[_fmt(r.get(c, "")) for c in columns] for r in group]]))
+            parts.append(md_table(columns, [[_fmt(r.get(c, "")) for c in columns] for r in group]))
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
@@ -296,9 +295,3 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v).replace("|", "\\|")
-
-
-def _table(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
-    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    return "\n".join(lines)

@@ -1,7 +1,5 @@
-"""Recipes: YAML read with `safe_load`, validated into frozen models that reject unknown keys.
-
-Every problem in a recipe is reported at once, each with its key path (`personas.introvert.calibration.path`).
-Relative paths are resolved against the recipe file's folder.
+"""The recipe's typed schema: frozen models that reject unknown keys, and the rules that span fields
+(`semantic_problems`). Reading YAML, overrides and relative paths: exporter/recipe/load.py.
 """
 
 from __future__ import annotations
@@ -10,12 +8,10 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from exporter.errors import RecipeError
 from exporter.recipe.eval import EvalSpec
 from exporter.recipe.push import PushSpec
 
@@ -130,6 +126,11 @@ class VerifySpec(Strict):
     # safetensors source); the end-to-end fp32 check still runs
     layerwise: bool = False
 
+    @property
+    def onnx_thresholds(self) -> dict[str, float]:
+        """The ONNX export's bounds on |logit difference| from the masked reference (fp32)."""
+        return {"max_abs_logit_diff": self.onnx_max_abs, "mean_abs_logit_diff": self.onnx_mean_abs}
+
 
 class TuneSpec(Strict):
     """`persona-export tune`: a grid searched on the `validation` items; the best setting is then reported on
@@ -177,11 +178,7 @@ class Recipe(Strict):
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "<top level>"
-
-
-def _semantic_problems(r: Recipe) -> list[str]:
+def semantic_problems(r: Recipe) -> list[str]:
     problems: list[str] = []
     sources = [k for k in ("embedded", "path", "hub") if getattr(r.model, k) is not None]
     if len(sources) != 1:
@@ -293,86 +290,3 @@ def memory_bytes(size: str | int) -> int | None:
 def infer_format(path: str) -> str | None:
     suffix = Path(path).suffix.lower()
     return {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".txt": "text", ".md": "text"}.get(suffix)
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.path=value` overrides; values are parsed as YAML scalars/lists."""
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise RecipeError(f"override {item!r}: expected KEY.PATH=VALUE, e.g. prune.mlp.sparsity=0.1")
-        node: Any = data
-        parts = key.split(".")
-        for part in parts[:-1]:
-            if isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
-                continue
-            if not isinstance(node, dict):
-                raise RecipeError(f"override {item!r}: {part!r} is not inside a mapping")
-            node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise RecipeError(f"override {item!r}: the parent of {parts[-1]!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw)
-    return data
-
-
-def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    def fix(p: Any) -> Any:
-        return str((base / p).resolve()) if isinstance(p, str) and not Path(p).is_absolute() else p
-
-    model = data.get("model")
-    if isinstance(model, dict) and "path" in model:
-        model["path"] = fix(model["path"])
-    personas = data.get("personas")
-    if isinstance(personas, dict):
-        for spec in personas.values():
-            cal = spec.get("calibration") if isinstance(spec, dict) else None
-            if isinstance(cal, dict) and "path" in cal:
-                cal["path"] = fix(cal["path"])
-    tune = data.get("tune")
-    for ev in (data.get("eval"), tune.get("validation") if isinstance(tune, dict) else None):
-        if not isinstance(ev, dict):
-            continue
-        sections = [ev.get(k) for k in ("paired", "statements", "neutral", "replies")]
-        paired = ev.get("paired")
-        if isinstance(paired, dict) and isinstance(paired.get("responses"), dict):
-            sections += list(paired["responses"].values())
-        for section in sections:
-            if isinstance(section, dict) and "path" in section:
-                section["path"] = fix(section["path"])
-
-
-def parse_recipe(data: Any, base: Path, source: str = "<recipe>") -> Recipe:
-    if not isinstance(data, dict):
-        raise RecipeError(f"{source}: a recipe is a YAML mapping at the top level, got {type(data).__name__}")
-    _resolve_paths(data, base)
-    try:
-        recipe = Recipe.model_validate(data)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (misspelled? remove it or check the recipe reference in README.md)"
-            elif err["type"] == "missing":
-                msg = "required key is missing"
-            else:
-                msg = f"{err['msg']} (got {err.get('input')!r})"
-            lines.append(f"  {_loc(err['loc'])}: {msg}")
-        raise RecipeError(f"{source}: {len(lines)} problem(s):\n" + "\n".join(lines)) from None
-    problems = _semantic_problems(recipe)
-    if problems:
-        raise RecipeError(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  {p}" for p in problems))
-    return recipe
-
-
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {str(path)!r} does not exist; pass the path of a YAML recipe (see recipes/)")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"{path}: not valid YAML: {exc}") from None
-    if isinstance(data, dict):
-        data = apply_overrides(data, overrides or [])
-    return parse_recipe(data, path.parent.resolve(), source=str(path))

@@ -1,4 +1,4 @@
-"""Readable reports: report.md per persona and per run, with PNG plots (matplotlib, Agg backend).
+"""Readable reports: report.md per persona and per run, with PNG plots (matplotlib, imported when plotting).
 
 Only figures present in the evaluation records are printed; nothing here computes a metric.
 """
@@ -7,15 +7,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import matplotlib
+from typing import TYPE_CHECKING, Any
 
 from exporter.io import write_atomic, write_json
 from exporter.reports.persona import PersonaReport, write_report
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLUMNS = [
     "condition",
@@ -227,9 +225,22 @@ def run_markdown(name: str, evaluations: dict[str, dict[str, Any]], plot: str | 
     return "\n".join(lines) + "\n"
 
 
+def two_panels() -> tuple[Figure, Any]:
+    """A figure with two plots side by side. No pyplot: the user's matplotlib backend is left alone."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5))
+    return fig, fig.subplots(1, 2)
+
+
+def save_png(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def plot_run(evaluations: dict[str, dict[str, Any]], path: Path) -> None:
     """Bars: paired shift (with 95% CI) and perplexity per condition, one group per persona."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = two_panels()
     width = 0.8 / max(len(evaluations), 1)
     for k, (persona, ev) in enumerate(evaluations.items()):
         rows = [r for r in ev["rows"] if "paired" in r]
@@ -250,9 +261,7 @@ def plot_run(evaluations: dict[str, dict[str, Any]], path: Path) -> None:
         ax.set_title(title)
         ax.legend()
     axes[0].axhline(0, color="black", linewidth=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write_run_reports(

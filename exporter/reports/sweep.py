@@ -6,12 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
-from exporter.reports.markdown import fmt_ci, md_table, splits_text
+from exporter.reports.markdown import fmt_ci, md_table, save_png, splits_text, two_panels
 
 
 def _row(ev: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -100,7 +95,7 @@ def plot_sweep(points: list[dict[str, Any]], path: Path) -> None:
                 prompt[persona] = _row(ev, "prompt-only")["paired"]["shift"]["mean"]
     personas = sorted({p for p, _ in series} | set(prompt))
     colour = {p: f"C{k}" for k, p in enumerate(personas)}
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = two_panels()
     for (persona, cond), pts in series.items():
         pts.sort()
         kw = {"color": colour[persona], "label": f"{persona}: {cond.replace('-only', '')}"}
@@ -122,6 +117,4 @@ def plot_sweep(points: list[dict[str, Any]], path: Path) -> None:
     for ax in axes:
         ax.set_xlabel("parameters removed (% of the dense model)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)

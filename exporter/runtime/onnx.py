@@ -38,16 +38,13 @@ import numpy as np
 import onnxruntime as ort
 
 from exporter.errors import OnnxModelError
+from exporter.runtime.chat import position_ids
 
 if TYPE_CHECKING:
     from optimum.onnxruntime import ORTModelForCausalLM
 
 
 ONNX_FILE = "model.onnx"
-STOCK_OPTIMUM_SNIPPET = (
-    "model = ORTModelForCausalLM.from_pretrained(path)\n"
-    "model.embed_size_per_head = model.config.head_dim  # optimum-onnx 0.1.0 ignores head_dim\n"
-)
 _FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 Past = list[np.ndarray]  # per layer key then value, each (batch, kv_heads, past_len, head_dim)
@@ -131,13 +128,6 @@ def open_session(model_path: Path, threads: int | None = None, spin: bool = Fals
         raise OnnxModelError(f"onnxruntime cannot load {str(model_path)!r}: {e}; re-export the model") from e
 
 
-def position_ids(attention_mask: np.ndarray, new_len: int) -> np.ndarray:
-    """Positions of the last `new_len` tokens of a left-padded batch, as transformers' generate makes them."""
-    pos = np.cumsum(attention_mask, axis=-1) - 1
-    pos[attention_mask == 0] = 1
-    return pos[:, -new_len:].astype(np.int64)
-
-
 class OnnxCausalLM:
     """Greedy decoding with a KV cache on a plain InferenceSession; numpy in, numpy out."""
 
@@ -171,7 +161,7 @@ class OnnxCausalLM:
             raise ValueError(f"attention_mask {mask.shape} must be (batch, past + new) for ids {ids.shape}")
         feed = {"input_ids": ids, "attention_mask": mask, **dict(zip(self.past_names, past, strict=True))}
         if self.uses_position_ids:
-            feed["position_ids"] = position_ids(mask, ids.shape[1])
+            feed["position_ids"] = position_ids(mask)[:, -ids.shape[1] :].astype(np.int64)
         logits, *present = self.session.run(self.output_names, feed)
         return logits, present
 

@@ -11,6 +11,7 @@ import torch
 
 from exporter.errors import ExportFolderError, OnnxModelError
 from exporter.reports.persona import read_report
+from exporter.runtime.chat import prompt_ids
 
 
 def _tokenizer(folder: Path, vocab_size: int) -> Any:
@@ -54,11 +55,6 @@ class Runner:
             self.tokenizer = _tokenizer(folder, self.model.config.vocab_size)
         self.eos = self.tokenizer.eos_token_id
 
-    def _prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        if getattr(self.tokenizer, "chat_template", None):
-            return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True))
-        return list(self.tokenizer("\n".join(m["content"] for m in messages))["input_ids"])
-
     def _next_tokens(self, ids: list[int], max_new_tokens: int) -> Iterator[int]:
         if self.backend == "onnx":
             x = np.array([ids], dtype=np.int64)
@@ -81,7 +77,7 @@ class Runner:
         """Text pieces of the greedy reply, as they are decoded."""
         produced: list[int] = []
         shown = ""
-        for token in self._next_tokens(self._prompt_ids(messages), max_new_tokens):
+        for token in self._next_tokens(prompt_ids(self.tokenizer, messages), max_new_tokens):
             if token == self.eos:
                 break
             produced.append(token)

@@ -4,7 +4,7 @@ applied to unit activations computes. Proven in float64 (removal is exact); fp32
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.model.hooks import apply_channel_masks
 from exporter.model.sources import Loaded
+from exporter.runtime.chat import messages, position_ids, prompt_ids
 
 DEFAULT_PROMPTS = [
     "Hi!",
@@ -41,14 +42,7 @@ class PromptSet:
 
 
 def build_prompts(tokenizer: Any, prompts: list[str] | None = None) -> PromptSet:
-    texts = prompts or DEFAULT_PROMPTS
-    rows = []
-    for text in texts:
-        if getattr(tokenizer, "chat_template", None):
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        else:
-            ids = tokenizer(text)["input_ids"]
-        rows.append(list(ids))
+    rows = [prompt_ids(tokenizer, messages(text)) for text in prompts or DEFAULT_PROMPTS]
     singles = [(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)) for r in rows]
     width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -58,10 +52,6 @@ def build_prompts(tokenizer: Any, prompts: list[str] | None = None) -> PromptSet
         ids[i, width - len(r) :] = torch.tensor(r)
         attn[i, width - len(r) :] = 1
     return PromptSet(singles, (ids, attn))
-
-
-def position_ids(attn: torch.Tensor) -> torch.Tensor:
-    return (attn.cumsum(-1) - 1).clamp_min(0)
 
 
 @contextmanager
@@ -112,10 +102,13 @@ def greedy(model: Any, ids: torch.Tensor, attn: torch.Tensor, n: int, pad_id: in
     return out[:, ids.shape[1] :]
 
 
-def first_divergence(a: torch.Tensor, b: torch.Tensor) -> int | None:
-    """Index of the first differing token in any row, or None if identical."""
-    neq = (a != b).any(0).nonzero()
-    return None if len(neq) == 0 else int(neq[0])
+def first_divergence(got: Sequence[int], want: Sequence[int]) -> int | None:
+    """The first step at which two token sequences differ (the shorter's length when one is a prefix of the
+    other), or None when they are equal."""
+    for step, (a, b) in enumerate(zip(got, want, strict=False)):
+        if a != b:
+            return step
+    return None if len(got) == len(want) else min(len(got), len(want))
 
 
 def reference_copy(dense: nn.Module, storage_dtype: torch.dtype, compute_dtype: torch.dtype) -> nn.Module:
@@ -171,7 +164,8 @@ def verify_export(
             worst, mean = logit_difference(ref, export, prompts.all())
             ref_tokens = greedy(ref, *prompts.batch, greedy_tokens, pad_id)
         exp_tokens = greedy(export, *prompts.batch, greedy_tokens, pad_id)
-        div = first_divergence(ref_tokens, exp_tokens)
+        rows = zip(ref_tokens.tolist(), exp_tokens.tolist(), strict=True)  # (batch, n) each
+        div = min((d for a, b in rows if (d := first_divergence(a, b)) is not None), default=None)
         figures[name] = {
             "max_abs_logit_diff": worst,
             "mean_abs_logit_diff": mean,

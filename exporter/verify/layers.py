@@ -21,7 +21,8 @@ from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.model.checkpoint import SourceCheckpoint
 from exporter.model.layer_by_layer import empty_model, load_weights, record_layer_calls, release
-from exporter.verify.hf import PromptSet, masked, position_ids
+from exporter.runtime.chat import position_ids
+from exporter.verify.hf import PromptSet, masked
 
 
 def _rounded(tensors: dict[str, torch.Tensor], storage: torch.dtype) -> dict[str, torch.Tensor]:

@@ -9,9 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from exporter.runtime.onnx import ONNX_FILE, OnnxCausalLM, position_ids
+from exporter.recipe.schema import VerifySpec
+from exporter.runtime.chat import position_ids
+from exporter.runtime.onnx import ONNX_FILE, OnnxCausalLM
+from exporter.verify.hf import first_divergence
 
-THRESHOLDS = {"max_abs_logit_diff": 1e-2, "mean_abs_logit_diff": 1e-3}
 Batch = tuple[torch.Tensor, torch.Tensor]  # left-padded input_ids, attention_mask: (batch, seq)
 
 
@@ -22,14 +24,14 @@ def reference_steps(
     """Greedy through the reference's own cache: prefill logits (b, s, V), `steps` decode logits (b, V)
     each, and the `steps + 1` greedy tokens (b, steps + 1), positions as transformers' generate makes them."""
     mask = attention_mask.long()
-    pos = torch.from_numpy(position_ids(mask.numpy(), mask.shape[1]))
+    pos = position_ids(mask)
     out = reference(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True)
     prefill = out.logits.float()
     token, cache = prefill[:, -1].argmax(-1), out.past_key_values
     step_logits, tokens = [], [token]
     for _ in range(steps):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        pos = torch.from_numpy(position_ids(mask.numpy(), 1))
+        pos = position_ids(mask)[:, -1:]
         out = reference(
             input_ids=token[:, None],
             attention_mask=mask,
@@ -61,7 +63,7 @@ def verify_onnx(
     the reference ranks the two tokens within `max_abs_logit_diff` (a near tie that fp32 noise may flip);
     the margin is reported. The reference must be in eval mode; tensors on CPU.
     """
-    limits = {**THRESHOLDS, **(thresholds or {})}
+    limits = {**VerifySpec().onnx_thresholds, **(thresholds or {})}
     model = OnnxCausalLM.from_dir(onnx_dir)
     worst, total, count = 0.0, 0.0, 0
     divergences: list[dict[str, Any]] = []  # first differing step of each row that differs
@@ -75,7 +77,7 @@ def verify_onnx(
         got = model.greedy(ids.numpy(), mask.numpy(), greedy_tokens, eos_token_id)
         for row, tokens in enumerate(got):
             want = _until_eos(ref_tokens[row, :greedy_tokens].tolist(), eos_token_id)
-            step = _first_divergence(tokens, want)
+            step = first_divergence(tokens, want)
             if step is None:
                 continue
             margin = None
@@ -158,13 +160,6 @@ def _decode_diffs(
         logits, past = model.forward(ref_tokens[:, step : step + 1], mask, past)
         diffs.append(np.abs(logits[:, -1].astype(np.float64) - ref))
     return diffs
-
-
-def _first_divergence(got: list[int], want: list[int]) -> int | None:
-    for step, (a, b) in enumerate(zip(got, want, strict=False)):
-        if a != b:
-            return step
-    return None if len(got) == len(want) else min(len(got), len(want))
 
 
 def _until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:

@@ -41,10 +41,9 @@ def onnx_stage(
 
     t = time.perf_counter()
     log.info("%s: verifying ONNX against the masked model (prefill, 3 cached steps, greedy)", folder.name)
-    thresholds = {"max_abs_logit_diff": spec.onnx_max_abs, "mean_abs_logit_diff": spec.onnx_mean_abs}
     with masked(reference_fp32, adapter, mask):
         results["onnx"] = verify_onnx(
-            reference_fp32, folder / "onnx", prompts.all(), spec.greedy_tokens, 3, thresholds=thresholds
+            reference_fp32, folder / "onnx", prompts.all(), spec.greedy_tokens, 3, thresholds=spec.onnx_thresholds
         )
     timings["verify_onnx"] = round(time.perf_counter() - t, 3)
 

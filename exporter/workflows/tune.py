@@ -36,7 +36,7 @@ from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.masking.steer import with_biases
 from exporter.model.sources import load_model
 from exporter.recipe.schema import Recipe
-from exporter.reports.markdown import md_table
+from exporter.reports.markdown import md_table, save_png
 from exporter.reports.provenance import Timer
 from exporter.workflows.sweep import with_sparsity
 
@@ -181,12 +181,10 @@ def _front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot_pareto(points: list[dict[str, Any]], path: Path, bound: float) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.subplots()
     ax.scatter([p["max_perplexity_ratio"] for p in points], [p["min_shift"] for p in points], c="grey", s=18)
     front = sorted(_front(points), key=lambda p: p["max_perplexity_ratio"])
     ax.plot([p["max_perplexity_ratio"] for p in front], [p["min_shift"] for p in front], "-o", label="Pareto front")
@@ -202,9 +200,7 @@ def plot_pareto(points: list[dict[str, Any]], path: Path, bound: float) -> None:
     ax.set_ylabel("weaker persona's paired shift (nats/token)")
     ax.set_title("tune grid (labels: sparsity/steer, g = gamma, a = amplify)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def tune_markdown(report: dict[str, Any]) -> str:

@@ -12,14 +12,15 @@ import pytest
 
 from exporter.cli import dispatch, main
 from exporter.errors import ExportFolderError, OnnxModelError, OutputError
+from exporter.runtime.chat import prompt_ids
 from exporter.runtime.runner import Runner
-from tests.conftest import REPO, write_recipe
+from tests.helpers import REPO, write_recipe
 
 
 @pytest.fixture(scope="module")
 def onnx_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny run with hf + onnx + onnx-int8, heads removed (hidden/heads != head_dim afterwards)."""
-    from tests.conftest import tiny_model, tiny_tokenizer
+    from tests.helpers import tiny_model, tiny_tokenizer
 
     tmp = tmp_path_factory.mktemp("onnx-run")
     model_dir = tmp / "tiny"
@@ -39,7 +40,10 @@ def test_run_exports_verified_onnx(onnx_run: Path, persona: str) -> None:
     assert onnx["max_abs_logit_diff"] <= 1e-2 and onnx["mean_abs_logit_diff"] <= 1e-3
     assert onnx["greedy_identical"] and onnx["decode_steps"] >= 3
     int8 = report["verification"]["onnx-int8"]
-    assert int8["parity_target"] is False and 0 <= int8["top1_agreement"] <= 1 and int8["ppl_int8"] > 0
+    # not a parity target, but on this tiny model int8 keeps nearly every argmax and the perplexity (1.0 and
+    # a ratio of 1.0002 when measured)
+    assert int8["parity_target"] is False and int8["top1_agreement"] >= 0.9
+    assert abs(int8["ppl_ratio"] - 1) < 0.05 and int8["mb_int8"] < int8["mb_fp32"]
     config = json.loads((folder / "onnx" / "config.json").read_text())
     assert config["hidden_size"] // config["num_attention_heads"] != config["head_dim"]
     for name in ("model.onnx", "tokenizer.json", "generation_config.json"):
@@ -55,7 +59,7 @@ def test_generate_is_the_same_on_both_backends(onnx_run: Path, capsys: pytest.Ca
         texts[backend] = capsys.readouterr().out
     assert texts["onnx"] == texts["torch"]
     onnx, torch_ = Runner(onnx_run / "introvert", "onnx"), Runner(onnx_run / "introvert", "torch")
-    ids = onnx._prompt_ids([{"role": "user", "content": "plan a trip"}])
+    ids = prompt_ids(onnx.tokenizer, [{"role": "user", "content": "plan a trip"}])
     tokens = list(onnx._next_tokens(ids, 12))
     assert len(tokens) == 12 and tokens == list(torch_._next_tokens(ids, 12))
 

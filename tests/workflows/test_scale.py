@@ -15,8 +15,7 @@ from exporter.masking.scoring import column_sq_norms
 from exporter.masking.stats import KINDS, Statistics
 from exporter.model.adapters import adapter_for
 from exporter.verify.hf import PromptSet, reference_copy
-from tests.conftest import TINY_MODELS, tiny_model
-from tests.test_masks import samples
+from tests.helpers import TINY_MODELS, samples, tiny_model
 
 
 def assert_same_statistics(a: Statistics, b: Statistics) -> None:
@@ -47,7 +46,7 @@ def test_layerwise_calibration_equals_whole_model(model_type: str, tmp_path: Pat
 
 
 def _mask(model, unit: str):  # type: ignore[no-untyped-def]
-    from tests.test_prune import _mask as prune_mask
+    from tests.helpers import contrastive_mask as prune_mask
 
     return prune_mask(model, unit)
 
@@ -99,7 +98,7 @@ def test_bf16_source_keeps_its_dtype_and_matches_the_rounded_reference(tmp_path:
     from exporter.export.hf import export_hf
     from exporter.export.prune import prune_model
     from exporter.verify.hf import build_prompts, verify_export
-    from tests.conftest import tiny_tokenizer
+    from tests.helpers import tiny_tokenizer
 
     tiny_model("qwen2").to(torch.bfloat16).save_pretrained(tmp_path / "src")
     source = load_file(str(tmp_path / "src" / "model.safetensors"))
@@ -137,7 +136,7 @@ def test_run_layerwise_with_auto_dtype_on_a_bf16_source(tmp_path: Path) -> None:
     import json
 
     from exporter.cli import main
-    from tests.conftest import tiny_tokenizer, write_recipe
+    from tests.helpers import tiny_tokenizer, write_recipe
 
     src = tmp_path / "bf16-llama"
     tiny_model("llama").to(torch.bfloat16).save_pretrained(src, max_shard_size="100KB")
@@ -159,7 +158,7 @@ def test_run_with_layer_by_layer_verification(tmp_path: Path, capsys: pytest.Cap
     from exporter.cli import main
     from exporter.publish.modelcard import _parity
     from exporter.reports.persona import read_report
-    from tests.conftest import tiny_tokenizer, write_recipe
+    from tests.helpers import tiny_tokenizer, write_recipe
 
     src = tmp_path / "llama"
     tiny_model("llama").save_pretrained(src, max_shard_size="100KB")
@@ -255,7 +254,7 @@ def test_bounded_memory_run_equals_the_whole_model_run(tmp_path: Path) -> None:
     from safetensors import safe_open
 
     from exporter.cli import main
-    from tests.conftest import tiny_tokenizer, write_recipe
+    from tests.helpers import tiny_tokenizer, write_recipe
 
     src = tmp_path / "llama"
     tiny_model("llama").save_pretrained(src, max_shard_size="100KB")
@@ -293,8 +292,8 @@ def test_bounded_memory_run_equals_the_whole_model_run(tmp_path: Path) -> None:
 )
 def test_bounded_memory_recipe_errors(tmp_path: Path, model: dict, extra: dict, message: str) -> None:
     from exporter.errors import RecipeError
-    from exporter.recipe.schema import load_recipe
-    from tests.conftest import write_recipe
+    from exporter.recipe.load import load_recipe
+    from tests.helpers import write_recipe
 
     with pytest.raises(RecipeError, match=message):
         load_recipe(str(write_recipe(tmp_path, tmp_path, model=model, **extra)))

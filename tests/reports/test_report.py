@@ -9,7 +9,7 @@ import pytest
 
 from exporter.errors import ExportFolderError
 from exporter.reports.persona import SCHEMA_VERSION, PersonaReport, load_report, write_report
-from tests.test_push import make_report
+from tests.helpers import REPO, make_report
 
 
 def test_status_is_computed_from_every_check(tmp_path: Path) -> None:
@@ -38,3 +38,15 @@ def test_reports_that_cannot_be_read_are_refused(tmp_path: Path, change: dict, m
     (tmp_path / "report.json").write_text(json.dumps(make_report("introvert") | change))
     with pytest.raises(ExportFolderError, match=message.replace("(", r"\(")):
         load_report(tmp_path / "report.json")
+
+
+def test_importing_the_pipeline_leaves_matplotlib_alone() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, exporter.cli, exporter.workflows.run, exporter.workflows.sweep, exporter.workflows.tune; "
+        "print('matplotlib' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"

@@ -7,20 +7,14 @@ import torch
 
 from exporter.errors import MaskError
 from exporter.masking.calibrate import calibrate
-from exporter.masking.data import TokenizedSample
 from exporter.masking.masks import PersonaMask, compute_mask, removal_count, select_keep
 from exporter.masking.scoring import centred, column_sq_norms, zscore
 from exporter.masking.stats import Statistics
 from exporter.model.adapters import adapter_for
 from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
-from tests.conftest import tiny_model
+from tests.helpers import samples, tiny_model
 
 METHODS = ["wanda", "sparse", "contrastive-wanda", "contrastive-sparse"]
-
-
-def samples(seed: int, vocab: tuple[int, int] = (10, 320)) -> list[TokenizedSample]:
-    g = torch.Generator().manual_seed(seed)
-    return [TokenizedSample(torch.randint(*vocab, (n,), generator=g).tolist(), 3) for n in range(6, 26)]
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +32,8 @@ def test_removal_count() -> None:
     assert removal_count(1536, 0.05, round_to=64) == 1536 - 1472
     assert removal_count(3, 0.34) == 1
     assert removal_count(3, 0.0) == 0
+    assert removal_count(1, 0.99, round_to=1, what="KV groups") == 0  # floor(0.99) = 0 removed: fine
     with pytest.raises(MaskError, match="leaves no"):
-        removal_count(1, 0.99, round_to=1, what="KV groups")  # floor(0.99) = 0 removed: fine
         removal_count(0, 0.5)
 
 

@@ -8,7 +8,7 @@ import pytest
 from exporter.errors import CalibrationDataError
 from exporter.masking.data import collate, read_samples, select_samples, tokenize
 from exporter.recipe.schema import DataSpec
-from tests.conftest import tiny_tokenizer
+from tests.helpers import tiny_tokenizer
 
 
 def spec(path: Path, **kw) -> DataSpec:  # type: ignore[no-untyped-def]

@@ -25,20 +25,24 @@ from exporter.evaluation.metrics import (
     sequence_logliks,
 )
 from exporter.export.prune import count_parameters, prune_model
-from exporter.masking.calibrate import calibrate
-from exporter.masking.data import TokenizedSample, select_samples
+from exporter.masking.calibrate import batches, calibrate
+from exporter.masking.data import select_samples
 from exporter.masking.masks import PersonaMask, compute_mask
 from exporter.masking.scoring import column_sq_norms
 from exporter.model.adapters import adapter_for
 from exporter.recipe.eval import EvalSpec
-from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec, load_recipe
+from exporter.recipe.load import load_recipe
+from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
 from exporter.verify.hf import masked
 from exporter.workflows.validate import validate
-from tests.conftest import (
+from tests.helpers import (
+    NEUTRAL,
     REPO,
     SHARED_DATA,
     TINY_MODELS,
     WORDS,
+    eval_section,
+    samples,
     smollm2_available,
     tiny_model,
     tiny_tokenizer,
@@ -47,7 +51,6 @@ from tests.conftest import (
 
 DEMO = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
 SHARED = REPO / "recipes" / "smollm2-introvert-extravert-shared-eval.yaml"
-NEUTRAL = "\n\n".join(" ".join(WORDS[i : i + 9]) + " and the " + " ".join(WORDS[: i + 3]) for i in range(12))
 
 
 @pytest.fixture(autouse=True)
@@ -57,22 +60,6 @@ def one_thread() -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def eval_section(tmp_path: Path, **changes: Any) -> dict[str, Any]:
-    (tmp_path / "neutral.txt").write_text(NEUTRAL)
-    section: dict[str, Any] = {
-        "paired": {
-            "path": "pairs.jsonl",
-            "prompt_field": "prompt",
-            "responses": {"introvert": {"field": "introvert"}, "extravert": {"field": "extravert"}},
-            "max_items": 8,
-            "exclude_calibration": True,
-        },
-        "neutral": {"path": "neutral.txt", "window": 24},
-        "bootstrap": 200,
-    }
-    return section | changes
 
 
 def tiny_recipe(tmp_path: Path, **changes: Any) -> Any:
@@ -276,11 +263,6 @@ def test_eval_section_is_strict(tmp_path: Path) -> None:
 # -- baselines ---------------------------------------------------------------------------------------------
 
 
-def samples(seed: int, vocab: tuple[int, int] = (10, 320)) -> list[TokenizedSample]:
-    g = torch.Generator().manual_seed(seed)
-    return [TokenizedSample(torch.randint(*vocab, (n,), generator=g).tolist(), 3) for n in range(6, 26)]
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def masked_model(request: pytest.FixtureRequest) -> tuple[Any, Any, dict[str, PersonaMask]]:
     model = tiny_model(request.param)
@@ -334,7 +316,7 @@ def test_removed_parameters_match_physical_removal_in_every_family(model_type: s
 def test_wanda_mask_removes_as_many_weights_row_wise(masked_model: tuple) -> None:
     model, adapter, masks = masked_model
     per_layer = baselines.removed_parameters(model, adapter, masks["kv-group"])
-    norms = baselines.input_norms(model, adapter, samples(1), pad_id=0, batch_size=4, response_only=True)
+    norms = baselines.input_norms(model, adapter, batches(samples(1), 4, 0, response_only=True))
     assert torch.equal(norms[0]["mlp.gate_proj"], norms[0]["mlp.up_proj"])
     removal = baselines.wanda_mask(model, adapter, norms, per_layer)
     linears = baselines.decoder_linears(model, adapter)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from exporter.cli import main
 from exporter.reports.persona import SCHEMA_VERSION, read_report
 from exporter.workflows import persona as persona_workflow
-from tests.conftest import tiny_tokenizer, write_recipe
+from tests.helpers import write_recipe
 
 
 def sha(path: Path) -> str:
@@ -121,38 +121,6 @@ def test_a_parity_failure_is_fatal_and_marked(recipe: Path, tmp_path: Path, monk
     assert "verification failed" in capsys.readouterr().err
     report = json.loads((out / "introvert" / "report.json").read_text())
     assert report["status"] == "failed" and report["verification"]["hf"]["fp64"]["max_abs_logit_diff"] > 1e-6
-
-
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("model.path=/nonexistent/model", "is not a Hugging Face model folder"),
-        ("personas.introvert.calibration.path=/nonexistent.jsonl", "does not exist"),
-        ("personas.introvert.calibration.response_field=missing", "has no text field 'missing'"),
-        ("prune.mlp.sparsity=1.5", "prune.mlp.sparsity"),
-    ],
-)
-def test_bad_input_leaves_no_output(recipe: Path, tmp_path: Path, capsys, override: str, message: str) -> None:  # type: ignore[no-untyped-def]
-    out = tmp_path / "run"
-    assert main(["run", str(recipe), "--out", str(out), override]) == 2
-    assert message in capsys.readouterr().err
-    assert not out.exists() and not list(tmp_path.glob(".run.*"))
-
-
-def test_unsupported_architecture_and_pickle_weights(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    gpt2 = tmp_path / "gpt2"
-    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320)).save_pretrained(gpt2)
-    tiny_tokenizer().save_pretrained(gpt2)
-    recipe = write_recipe(tmp_path, gpt2)
-    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2
-    assert "'gpt2' is not supported; supported: llama, mistral, phi3, qwen2, qwen3" in capsys.readouterr().err
-    for f in gpt2.glob("*.safetensors"):
-        f.rename(f.with_suffix(".bin"))
-    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 2
-    assert "pickle-based weights are not loaded" in capsys.readouterr().err
-    assert not (tmp_path / "run").exists()
 
 
 def test_validate_does_not_load_a_model(recipe: Path, capsys, monkeypatch) -> None:  # type: ignore[no-untyped-def]

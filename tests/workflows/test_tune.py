@@ -11,10 +11,9 @@ import yaml
 
 from exporter.cli import main
 from exporter.errors import RecipeError
-from exporter.recipe.schema import load_recipe
+from exporter.recipe.load import load_recipe
 from exporter.workflows.tune import grid
-from tests.conftest import write_pair_data, write_recipe
-from tests.test_eval import NEUTRAL
+from tests.helpers import NEUTRAL, write_pair_data, write_recipe
 
 
 def _paired(path: Path) -> dict[str, Any]:

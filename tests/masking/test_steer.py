@@ -18,9 +18,9 @@ from exporter.masking.scoring import column_sq_norms
 from exporter.masking.steer import compensation_bias, compensation_mean, steering_bias, with_biases
 from exporter.model.adapters import adapter_for
 from exporter.recipe.schema import MethodSpec, MlpPrune, PruneSpec
-from exporter.verify.hf import masked, position_ids
-from tests.conftest import assert_close, tiny_model, write_recipe
-from tests.test_masks import samples
+from exporter.runtime.chat import position_ids
+from exporter.verify.hf import masked
+from tests.helpers import assert_close, eval_section, samples, tiny_model, write_recipe
 
 
 class _Pair:
@@ -167,14 +167,7 @@ def test_run_with_steering_verifies_hf_and_onnx(tmp_path: Path, tiny_llama_dir: 
         assert json.loads((out / persona / "hf" / "config.json").read_text())["mlp_bias"] is True
 
 
-def test_steering_needs_a_pair(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    recipe = write_recipe(tmp_path, tiny_llama_dir, pairs=[], method={"score": "wanda", "steer": 1.0})
-    assert main(["validate", str(recipe)]) != 0
-
-
 def test_eval_reports_steering_removal_and_replies(tmp_path: Path, tiny_llama_dir: Path) -> None:
-    from tests.test_eval import eval_section
-
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"plan a quiet {w} weekend" for w in ("book", "walk", "trip", "game", "home")) + "\n")
     section = eval_section(tmp_path, replies={"path": str(prompts), "max_new_tokens": 6, "show": 2})

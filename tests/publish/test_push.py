@@ -1,6 +1,6 @@
-"""`persona-export push`: the real huggingface_hub client against tests/hubserver.py on 127.0.0.1.
+"""`persona-export push`: the real huggingface_hub client against tests/publish/hubserver.py on 127.0.0.1.
 
-Persona folders are tiny: the shared tiny llama and tokenizer (tests/conftest.py) saved as hf/, and a
+Persona folders are tiny: the shared tiny llama and tokenizer (tests/helpers.py) saved as hf/, and a
 report.json written here. Everything goes to tmp_path.
 """
 
@@ -25,56 +25,16 @@ from exporter.cli import main
 from exporter.errors import HubError, RecipeError
 from exporter.publish.hub import PushOptions, push_persona, push_run
 from exporter.publish.modelcard import CardContext, render_card
+from exporter.recipe.load import parse_recipe
 from exporter.recipe.push import PushSpec
-from exporter.recipe.schema import parse_recipe
 from exporter.reports.persona import PersonaReport
-from tests.conftest import tiny_model, tiny_tokenizer, write_recipe
-from tests.hubserver import FakeHub
+from tests.helpers import BASE, make_report, tiny_model, tiny_tokenizer, write_recipe
+from tests.helpers import REPO as ROOT
+from tests.publish.hubserver import FakeHub
 
 TOKEN = "hf_pushTEST" + "0123456789abcdef" * 2
 REPO = "persona-org/tiny-introvert"
-BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SNIPPET_REPO = re.compile(r'^repo = "[^"]+"$', re.M)
-
-
-def make_report(persona: str, status: str = "passed", **verification: Any) -> dict[str, Any]:
-    figures = {"max_abs_logit_diff": 3e-14, "mean_abs_logit_diff": 4e-15, "greedy_identical": True}
-    hf = {"fp64": figures, "fp32": {**figures, "max_abs_logit_diff": 2e-6}, "passed": status == "passed"}
-    dense = {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 9, "kv_heads": 3, "head_dim": 16}
-    pruned = {**dense, "intermediate": 96, "heads": 6, "kv_heads": 2}  # what the tiny checkpoint has
-    return {
-        "persona": persona,
-        "description": f"The {persona} test persona.",
-        "partner": "extravert",
-        "status": status,
-        "base_model": {
-            "name": BASE,
-            "sha256": "ab" * 32,
-            "license": "apache-2.0",
-            "model_type": "llama",
-            "weights": "safetensors",
-        },
-        "recipe": {"name": "tiny", "sha256": "cd" * 32},
-        "method": {"score": "contrastive-wanda", "phi": "softplus", "tau": 0.25},
-        "prune": {"mlp": {"sparsity": 0.25}, "attention": {"unit": "kv-group", "sparsity": 0.34}},
-        "calibration": {
-            "path": "/home/someone/private/introvert-extravert.jsonl",
-            "samples": 16,
-            "tokens_counted": 2345,
-            "data_sha256": "ef" * 32,
-            "statistic": "per-sample RMS over counted tokens",
-            "tokens": "response",
-        },
-        "geometry": {"dense": dense, "pruned": pruned},
-        "removed_per_layer": {"mlp": [list(range(32))] * 2, "head": [[0, 1, 2]] * 2, "group": [[0]] * 2},
-        "parameters": {"dense": 20000, "pruned": 15000, "ratio": 0.75},
-        "bytes": {"dense_weights": 80000, "pruned_weights_on_disk": 60000, "hf_folder": 70000, "ratio": 0.75},
-        "dtype": "float32",
-        "loading": {"whole": True},
-        "verification": {"hf": hf, **verification},
-        "timings_s": {"export_hf": 0.5},
-        "versions": {"persona-export": "0.1.0"},
-    }
 
 
 @pytest.fixture(scope="module")
@@ -531,7 +491,7 @@ def test_onnxruntime_snippet_runs_as_written_on_the_pushed_repo(
 def real_run_persona() -> Path | None:
     """A persona folder of a real run, if one is at hand: $PERSONA_EXPORT_RUN_DIR, else runs/*/ of the repo."""
     env = os.environ.get("PERSONA_EXPORT_RUN_DIR")
-    runs = [Path(env)] if env else sorted(Path(__file__).resolve().parents[1].glob("runs/*/"))
+    runs = [Path(env)] if env else sorted(ROOT.glob("runs/*/"))
     for run in runs:
         for report in sorted(run.glob("*/report.json")):
             if json.loads(report.read_text()).get("status") == "passed":

@@ -4,10 +4,7 @@ exits non-zero through the CLI, and leaves the output location exactly as it was
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
@@ -18,33 +15,10 @@ from exporter.errors import (
     MaskError,
     ModelSourceError,
     OutputError,
-    PersonaExportError,
     RecipeError,
     UnsupportedModelError,
 )
-from tests.conftest import tiny_model, tiny_tokenizer, write_recipe
-
-Recipe = dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    error: type[PersonaExportError]
-    message: str
-    recipe: Callable[[Recipe, Path], None] | None = None  # edits the recipe dict (tmp_path for files)
-    overrides: tuple[str, ...] = ()
-    out: Callable[[Path], Path] | None = None  # prepares and returns the --out path
-
-
-def cal(d: Recipe, **kw: Any) -> None:
-    d["personas"]["introvert"]["calibration"].update(kw)
-
-
-def data_file(tmp: Path, name: str, content: bytes | str) -> str:
-    path = tmp / name
-    path.write_bytes(content if isinstance(content, bytes) else content.encode())
-    return str(path)
+from tests.helpers import RECIPE_CASES, Case, cal, data_file, tiny_model, tiny_tokenizer, write_recipe
 
 
 def model_dir(tmp: Path, kind: str) -> str:
@@ -81,71 +55,8 @@ def a_file(tmp: Path) -> Path:
 
 
 CASES = [
-    # recipe schema
+    # a recipe problem through the CLI (the others: tests/recipe/test_recipe.py, without the CLI)
     Case("unknown-top-key", RecipeError, "outptu: unknown key", lambda d, t: d.update(outptu={})),
-    Case(
-        "misspelled-nested-key",
-        RecipeError,
-        "personas.introvert.calibration.max_sample: unknown key",
-        lambda d, t: cal(d, max_sample=3),
-    ),
-    Case("missing-method", RecipeError, "method: required key is missing", lambda d, t: d.pop("method")),
-    Case("missing-name", RecipeError, "name: required key is missing", lambda d, t: d.pop("name")),
-    Case("sparsity-one", RecipeError, "prune.mlp.sparsity", overrides=("prune.mlp.sparsity=1.0",)),
-    Case("sparsity-negative", RecipeError, "prune.mlp.sparsity", overrides=("prune.mlp.sparsity=-0.1",)),
-    Case("sparsity-text", RecipeError, "prune.mlp.sparsity", overrides=("prune.mlp.sparsity=lots",)),
-    Case("attention-unit", RecipeError, "prune.attention.unit", overrides=("prune.attention.unit=layer",)),
-    Case("score-unknown", RecipeError, "method.score", overrides=("method.score=magic",)),
-    Case("score-import-path", RecipeError, "method.score", overrides=("method.score=os.system",)),
-    Case("phi-unknown", RecipeError, "method.phi", overrides=("method.phi=tanh",)),
-    Case("tau-zero", RecipeError, "method.tau", overrides=("method.tau=0",)),
-    Case("max-samples-zero", RecipeError, "calibration.max_samples", lambda d, t: cal(d, max_samples=0)),
-    Case("batch-size-zero", RecipeError, "calibration.batch_size", overrides=("calibration.batch_size=0",)),
-    Case("greedy-zero", RecipeError, "verify.greedy_tokens", overrides=("verify.greedy_tokens=0",)),
-    Case("dtype-unknown", RecipeError, "output.dtype", overrides=("output.dtype=int4",)),
-    Case("personas-list", RecipeError, "personas", lambda d, t: d.update(personas=["a", "b"])),
-    # recipe meaning
-    Case(
-        "persona-path-name",
-        RecipeError,
-        "'../x' is not a safe folder name",
-        lambda d, t: d["personas"].update({"../x": d["personas"]["introvert"]}),
-    ),
-    Case(
-        "persona-upper-name",
-        RecipeError,
-        "'Intro' is not a safe folder name",
-        lambda d, t: d["personas"].update(Intro=d["personas"].pop("introvert")),
-    ),
-    Case("pair-unknown", RecipeError, "unknown persona 'ghost'", overrides=("pairs=[[extravert, ghost]]",)),
-    Case("pair-self", RecipeError, "cannot oppose itself", overrides=("pairs=[[extravert, extravert]]",)),
-    Case(
-        "persona-in-two-pairs",
-        RecipeError,
-        "is already in pairs.0",
-        overrides=("pairs=[[extravert, introvert], [introvert, extravert]]",),
-    ),
-    Case("contrastive-unpaired", RecipeError, "needs every persona in an opposing pair", overrides=("pairs=[]",)),
-    Case("no-personas", RecipeError, "at least one persona is required", overrides=("personas={}", "pairs=[]")),
-    Case("prune-nothing", RecipeError, "name at least one unit kind", overrides=("prune={}",)),
-    Case("two-model-sources", RecipeError, "exactly one of", overrides=("model.embedded=smollm2-135m-instruct",)),
-    Case("no-model-source", RecipeError, "exactly one of", overrides=("model={}",)),
-    Case(
-        "hub-unpinned",
-        RecipeError,
-        "not a 40-character commit sha",
-        overrides=("model={hub: {repo_id: org/model, revision: main}}",),
-    ),
-    Case("formats-without-hf", RecipeError, "'hf' is required", overrides=("output.formats=[onnx]",)),
-    Case("int8-without-onnx", RecipeError, "add 'onnx'", overrides=("output.formats=[hf, onnx-int8]",)),
-    Case("bad-override", RecipeError, "expected KEY.PATH=VALUE", overrides=("=3",)),
-    Case("override-unknown-key", RecipeError, "prune.mlp.sparsty: unknown key", overrides=("prune.mlp.sparsty=0.1",)),
-    Case(
-        "data-format-unknown",
-        RecipeError,
-        "cannot infer the format",
-        lambda d, t: cal(d, path=data_file(t, "d.parquet", "x")),
-    ),
     # calibration data
     Case("data-missing", CalibrationDataError, "does not exist", lambda d, t: cal(d, path=str(t / "none.jsonl"))),
     Case("data-empty", CalibrationDataError, "holds no records", lambda d, t: cal(d, path=data_file(t, "e.jsonl", ""))),
@@ -239,7 +150,7 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def test_the_table_is_large() -> None:
-    assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
+    assert len(CASES) + len(RECIPE_CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)

@@ -13,12 +13,12 @@ from exporter.evaluation.replies import (
     Replies,
     degeneration,
     distinct,
-    end_of_turn_id,
     greedy_replies,
     persona_scores,
     repeated_ngrams,
 )
-from tests.conftest import WORDS, tiny_model, tiny_tokenizer
+from exporter.runtime.chat import end_of_turn_id
+from tests.helpers import WORDS, tiny_model, tiny_tokenizer
 
 SYSTEM_A, SYSTEM_B = "quiet calm alone", "loud crowd party"
 A_WORDS, B_WORDS = WORDS[:14], WORDS[14:]

@@ -6,8 +6,8 @@ import pytest
 import yaml
 
 from exporter.errors import RecipeError
-from exporter.recipe.schema import load_recipe
-from tests.conftest import REPO, write_recipe
+from exporter.recipe.load import load_recipe
+from tests.helpers import RECIPE_CASES, REPO, Case, write_recipe
 
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -57,24 +57,16 @@ def test_required_section_has_no_default(tmp_path: Path) -> None:
         load_recipe(_edit(tmp_path, tmp_path, lambda d: d.pop("method")))
 
 
-@pytest.mark.parametrize(
-    ("mutate", "message"),
-    [
-        (lambda d: d.update(pairs=[["extravert", "ghost"]]), r"pairs\.0: unknown persona 'ghost'"),
-        (lambda d: d.update(pairs=[]), r"needs every persona in an opposing pair"),
-        (lambda d: d["personas"].update({"../evil": d["personas"]["introvert"]}), r"not a safe folder name"),
-        (lambda d: d.update(prune={}), r"name at least one unit kind"),
-        (lambda d: d["model"].update(embedded="smollm2-135m-instruct"), r"exactly one of"),
-        (
-            lambda d: d.update(model={"hub": {"repo_id": "a/b", "revision": "main"}}),
-            r"not a 40-character commit sha",
-        ),
-        (lambda d: d.update(output={"formats": ["onnx"]}), r"'hf' is required"),
-    ],
-)
-def test_semantic_problems(tmp_path: Path, mutate, message: str) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(RecipeError, match=message):
-        load_recipe(_edit(tmp_path, tmp_path, mutate))
+@pytest.mark.parametrize("case", RECIPE_CASES, ids=lambda c: c.id)
+def test_recipe_problems_name_their_key(case: Case, tmp_path: Path) -> None:
+    path = write_recipe(tmp_path, tmp_path)
+    if case.recipe is not None:
+        data = yaml.safe_load(path.read_text())
+        case.recipe(data, tmp_path)
+        path.write_text(yaml.safe_dump(data))
+    with pytest.raises(case.error) as err:
+        load_recipe(path, list(case.overrides))
+    assert case.message in str(err.value)
 
 
 def test_overrides_apply_and_are_validated(tmp_path: Path) -> None:

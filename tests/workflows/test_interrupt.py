@@ -14,7 +14,7 @@ import pytest
 
 from exporter.cli import main
 from exporter.export import hf as export_hf
-from tests.conftest import REPO, write_recipe
+from tests.helpers import REPO, write_recipe
 
 
 def visible(folder: Path) -> list[str]:

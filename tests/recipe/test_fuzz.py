@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from exporter.errors import CalibrationDataError, RecipeError
 from exporter.masking.data import read_samples
-from exporter.recipe.schema import DataSpec, load_recipe
-from tests.conftest import REPO
+from exporter.recipe.load import load_recipe
+from exporter.recipe.schema import DataSpec
+from tests.helpers import REPO
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 DEMO = yaml.safe_load((REPO / "recipes" / "smollm2-introvert-extravert.yaml").read_text())

@@ -13,18 +13,14 @@ import torch
 
 from exporter.errors import UnsupportedModelError
 from exporter.export.prune import count_parameters, prune_model
-from exporter.masking.calibrate import calibrate
-from exporter.masking.masks import compute_mask
-from exporter.masking.scoring import column_sq_norms
 from exporter.model.adapters import REGISTRY, adapter_for
-from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
-from exporter.verify.hf import masked, position_ids
-from tests.conftest import TINY_MODELS, assert_close, tiny_model
-from tests.test_masks import samples
+from exporter.runtime.chat import position_ids
+from exporter.verify.hf import masked
+from tests.helpers import TINY_MODELS, assert_close, contrastive_mask, tiny_model
 
 
 def test_every_registered_adapter_has_a_tiny_model() -> None:
-    assert set(REGISTRY) == set(TINY_MODELS), "register a tiny model in tests/conftest.py for every adapter"
+    assert set(REGISTRY) == set(TINY_MODELS), "register a tiny model in tests/helpers.py for every adapter"
 
 
 def test_unsupported_architecture_lists_the_supported_ones() -> None:
@@ -32,19 +28,6 @@ def test_unsupported_architecture_lists_the_supported_ones() -> None:
 
     with pytest.raises(UnsupportedModelError, match=r"'gpt2' is not supported; supported: llama, mistral"):
         adapter_for(GPT2Config())
-
-
-def _mask(model, unit: str):  # type: ignore[no-untyped-def]
-    adapter = adapter_for(model.config)
-    pos = calibrate(model, adapter, samples(1, (10, 160)), pad_id=0, batch_size=5, response_only=True)
-    neg = calibrate(model, adapter, samples(2, (160, 320)), pad_id=0, batch_size=5, response_only=True)
-    prune = PruneSpec(
-        mlp=MlpPrune(sparsity=0.25),
-        attention=AttentionPrune(unit=unit, sparsity=0.5 if unit == "kv-group" else 0.34),
-    )
-    return adapter, compute_mask(
-        "p", MethodSpec(score="contrastive-wanda"), prune, pos, neg, column_sq_norms(model, adapter)
-    )
 
 
 def _inputs() -> dict[str, torch.Tensor]:
@@ -59,7 +42,7 @@ def _inputs() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("model_type", sorted(TINY_MODELS))
 def test_pruned_equals_masked_and_reloads(model_type: str, unit: str, tmp_path: Path) -> None:
     dense = tiny_model(model_type).double()
-    adapter, mask = _mask(dense, unit)
+    adapter, mask = contrastive_mask(dense, unit)
     kw = _inputs()
     with torch.no_grad(), masked(dense, adapter, mask):
         reference = dense(**kw).logits
@@ -89,7 +72,7 @@ def test_pruned_equals_masked_and_reloads(model_type: str, unit: str, tmp_path: 
 
 def test_export_loads_in_a_fresh_process_with_stock_transformers(tmp_path: Path) -> None:
     dense = tiny_model("qwen2")
-    adapter, mask = _mask(dense, "kv-group")
+    adapter, mask = contrastive_mask(dense, "kv-group")
     pruned = prune_model(copy.deepcopy(dense), adapter, mask)
     pruned.save_pretrained(tmp_path / "hf")
     ids = _inputs()["input_ids"][:1]

@@ -9,7 +9,7 @@ import pytest
 from exporter.errors import ModelSourceError
 from exporter.model import sources
 from exporter.recipe.schema import HubSource, ModelSpec
-from tests.conftest import smollm2_available
+from tests.helpers import smollm2_available
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, smollm2_available
+from tests.helpers import REPO, smollm2_available
 
 pytestmark = [
     pytest.mark.slow,

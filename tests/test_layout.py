@@ -1,0 +1,31 @@
+"""The package's architecture as the README draws it: imports run one way between the subpackages."""
+
+from __future__ import annotations
+
+import re
+
+from tests.helpers import REPO
+
+ORDER = ["errors", "io", "recipe", "reports", "model", "runtime", "publish", "masking", "export", "verify"]
+ORDER += ["evaluation", "workflows", "cli"]
+
+
+def test_a_package_imports_only_from_those_before_it() -> None:
+    rank = {name: i for i, name in enumerate(ORDER)}
+    upward = []
+    for path in sorted((REPO / "exporter").rglob("*.py")):
+        parts = path.relative_to(REPO / "exporter").with_suffix("").parts
+        here = parts[0]
+        if here in ("__init__", "__main__"):
+            continue
+        assert here in rank, f"exporter/{here} is not in the README's layout; add it to ORDER and the README"
+        for dep in re.findall(r"^\s*from exporter\.(\w+)", path.read_text(), re.M):
+            if rank[dep] > rank[here]:
+                upward.append(f"{path.relative_to(REPO)} imports exporter.{dep}")
+    assert not upward, upward
+
+
+def test_the_readme_draws_every_folder() -> None:
+    readme = (REPO / "README.md").read_text()
+    folders = sorted(p.name for p in (REPO / "exporter").iterdir() if (p / "__init__.py").is_file())
+    assert folders and all(f"\n  {name}/" in readme for name in folders), folders
