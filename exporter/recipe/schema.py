@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,11 +17,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from exporter.errors import RecipeError
-from exporter.recipe.eval import EvalSpec
+from exporter.inputs import DuplicateKeyError, file_problem, load_yaml
+from exporter.recipe.eval import EvalSpec, eval_problems
 from exporter.recipe.push import PushSpec
 
-SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+# used with fullmatch: `$` would also accept a trailing newline
+SAFE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 EMBEDDED_MODELS = ("smollm2-135m-instruct",)
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -189,7 +192,7 @@ def _semantic_problems(r: Recipe) -> list[str]:
             f"model: give exactly one of 'embedded', 'path', 'hub' (got {sources or 'none'}); "
             f"e.g. 'embedded: {EMBEDDED_MODELS[0]}'"
         )
-    if r.model.hub is not None and not COMMIT_SHA.match(r.model.hub.revision):
+    if r.model.hub is not None and not COMMIT_SHA.fullmatch(r.model.hub.revision):
         problems.append(
             f"model.hub.revision: {r.model.hub.revision!r} is not a 40-character commit sha; pin the exact "
             "commit so that runs are reproducible"
@@ -213,7 +216,7 @@ def _semantic_problems(r: Recipe) -> list[str]:
         problems.append("personas: at least one persona is required")
     for name, p in r.personas.items():
         where = f"personas.{name}"
-        if not SAFE_NAME.match(name):
+        if not SAFE_NAME.fullmatch(name):
             problems.append(
                 f"{where}: {name!r} is not a safe folder name; use lowercase letters, digits, '-' or '_' "
                 "(at most 64 characters, starting with a letter or digit)"
@@ -270,6 +273,13 @@ def _semantic_problems(r: Recipe) -> list[str]:
         )
     if r.prune.mlp is None and r.prune.attention is None:
         problems.append("prune: name at least one unit kind to prune ('mlp' and/or 'attention')")
+    elif r.method.steer == 0 and all(p.sparsity == 0 for p in (r.prune.mlp, r.prune.attention) if p is not None):
+        problems.append(
+            "prune: every sparsity is 0 and method.steer is 0, so each persona export would be the unpruned "
+            "model; give 'prune.mlp.sparsity' (or attention) a value above 0, or set method.steer"
+        )
+    if r.eval is not None:  # the eval section's cross-references, so that validate and run refuse the same
+        problems += eval_problems(r.eval, list(r.personas))
     if len(set(r.output.formats)) != len(r.output.formats):
         problems.append(f"output.formats: duplicates in {r.output.formats}")
     if "onnx-int8" in r.output.formats and "onnx" not in r.output.formats:
@@ -295,11 +305,23 @@ def infer_format(path: str) -> str | None:
     return {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".txt": "text", ".md": "text"}.get(suffix)
 
 
+def override_value(item: str, raw: str) -> Any:
+    """An override's value, read as YAML data (no tags, no duplicate keys); errors name the override."""
+    try:
+        return load_yaml(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(
+            f"override {item!r}: the value is not valid YAML ({problem}); quote it if it is text "
+            "(e.g. name='a: b'), or close its brackets (e.g. prune.mlp.sparsity=0.1, pairs=[[a, b]])"
+        ) from None
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.path=value` overrides; values are parsed as YAML scalars/lists."""
+    """Apply `key.path=value` overrides; values are parsed as YAML data (never with tags)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key or "" in key.split("."):
             raise RecipeError(f"override {item!r}: expected KEY.PATH=VALUE, e.g. prune.mlp.sparsity=0.1")
         node: Any = data
         parts = key.split(".")
@@ -312,7 +334,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"override {item!r}: the parent of {parts[-1]!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = override_value(item, raw)
     return data
 
 
@@ -342,6 +364,48 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                 section["path"] = fix(section["path"])
 
 
+_EXPECTED = {  # pydantic error type -> what the key needs, in the recipe's words
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "int_type": "a whole number",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "text",
+    "dict_type": "a mapping (key: value lines)",
+    "model_type": "a mapping (key: value lines)",
+    "model_attributes_type": "a mapping (key: value lines)",
+    "list_type": "a list ([a, b] or '- ' lines)",
+    "tuple_type": "a list ([a, b] or '- ' lines)",
+}
+
+
+def _schema_message(err: Any) -> str:
+    """One schema problem: unknown, missing, null, or of the wrong type, with what is expected."""
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key (misspelled? remove it or check the recipe reference in README.md)"
+    if kind == "missing":
+        return "required key is missing"
+    if value is None:
+        return "the key is present but has no value (null); give it a value, or remove the key if it is optional"
+    if kind in _EXPECTED:
+        hint = ""
+        if kind.startswith("int") and isinstance(value, str | float):
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number) and number == int(number) and abs(number) < 1e9:
+                hint = f"; write it in plain digits: {int(number)}"
+            elif math.isfinite(number):
+                hint = "; write a whole number in plain digits (e.g. 96): YAML reads 1e20 as text, not a number"
+        return f"expected {_EXPECTED[kind]}, got {type(value).__name__} {value!r}{hint}"
+    return f"{err['msg']} (got {value!r})"
+
+
 def parse_recipe(data: Any, base: Path, source: str = "<recipe>") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping at the top level, got {type(data).__name__}")
@@ -351,13 +415,7 @@ def parse_recipe(data: Any, base: Path, source: str = "<recipe>") -> Recipe:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (misspelled? remove it or check the recipe reference in README.md)"
-            elif err["type"] == "missing":
-                msg = "required key is missing"
-            else:
-                msg = f"{err['msg']} (got {err.get('input')!r})"
-            lines.append(f"  {_loc(err['loc'])}: {msg}")
+            lines.append(f"  {_loc(err['loc'])}: {_schema_message(err)}")
         raise RecipeError(f"{source}: {len(lines)} problem(s):\n" + "\n".join(lines)) from None
     problems = _semantic_problems(recipe)
     if problems:
@@ -367,12 +425,18 @@ def parse_recipe(data: Any, base: Path, source: str = "<recipe>") -> Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {str(path)!r} does not exist; pass the path of a YAML recipe (see recipes/)")
+    problem = file_problem(path)
+    if problem is not None:
+        raise RecipeError(f"recipe {problem}; pass the path of a YAML recipe (see recipes/)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8-sig"))
+    except DuplicateKeyError as exc:
+        lines = "\n".join(f"  {p}" for p in exc.problems)
+        raise RecipeError(f"{path}: {len(exc.problems)} problem(s):\n{lines}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read the recipe {path} ({exc.strerror})") from None
     if isinstance(data, dict):
         data = apply_overrides(data, overrides or [])
     return parse_recipe(data, path.parent.resolve(), source=str(path))
