@@ -40,7 +40,7 @@ def test_text_format_is_one_sample_per_paragraph(tmp_path: Path) -> None:
         ("", "e.jsonl", "holds no records"),
         ('{"q": "x", "a": "y"}\n{oops\n', "m.jsonl", r"m\.jsonl:2: not valid JSON"),
         ('[{"q": "x"}]', "f.json", r"record 0 has no text field 'a'"),
-        ('[{"q": "x", "a": ""}]', "g.json", r"record 0 has no text field 'a'"),
+        ('[{"q": "x", "a": ""}]', "g.json", r"record 0 has 'a' blank"),
         ("[1, 2]", "h.json", "record 0 is a int"),
         ('"text"', "i.json", "expected a JSON list"),
         ("{broken", "j.json", "not valid JSON"),
