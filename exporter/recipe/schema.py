@@ -280,6 +280,10 @@ def _semantic_problems(r: Recipe) -> list[str]:
         )
     if r.eval is not None:  # the eval section's cross-references, so that validate and run refuse the same
         problems += eval_problems(r.eval, list(r.personas))
+    if r.tune is not None:  # the validation items are an eval section of their own
+        problems += [
+            p.replace("eval", "tune.validation", 1) for p in eval_problems(r.tune.validation, list(r.personas))
+        ]
     if len(set(r.output.formats)) != len(r.output.formats):
         problems.append(f"output.formats: duplicates in {r.output.formats}")
     if "onnx-int8" in r.output.formats and "onnx" not in r.output.formats:

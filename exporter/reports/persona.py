@@ -17,7 +17,7 @@ from exporter.errors import ExportFolderError
 from exporter.io import write_json
 from exporter.recipe.schema import MethodSpec, PruneSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `warnings`
 FILE = "report.json"
 
 
@@ -102,6 +102,7 @@ class PersonaReport(Record):
     verification: dict[str, Check]
     timings_s: dict[str, float]
     versions: dict[str, str]
+    warnings: list[str] = []  # what a reader must know that the checks do not fail on (e.g. nothing removed)
     evaluation: dict[str, Any] | None = None  # added by the eval stage / `persona-export eval`
 
     @model_validator(mode="before")

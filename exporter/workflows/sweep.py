@@ -3,8 +3,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from exporter.evaluation.conditions import (
     system_prompt,
     wanda_norms,
 )
+from exporter.inputs import folder_problem, read_json_object
 from exporter.io import check_target, staged, write_json
 from exporter.masking.masks import PersonaMask, compute_masks
 from exporter.masking.statistics import column_norms, persona_statistics
@@ -43,22 +44,69 @@ def evaluate_run_dir(run_dir: Path, recipe_path: str | None = None) -> dict[str,
 
     Calibration data (for the leak check and the Wanda baseline) always come from the run's own recipe.
     """
-    if not (run_dir / "recipe.json").is_file():
-        raise OutputError(f"{str(run_dir)!r} is not a run folder (no recipe.json); pass the --out of a `run`")
-    recipe = parse_recipe(json.loads((run_dir / "recipe.json").read_text()), run_dir, str(run_dir / "recipe.json"))
+    fix = "pass the --out folder of a `run` (or re-run it)"
+    problem = folder_problem(run_dir)
+    if problem is not None:
+        raise OutputError(f"{problem}; {fix}")
+    if not (run_dir / "recipe.json").exists():
+        raise OutputError(f"{str(run_dir)!r} is not a run folder (no recipe.json); {fix}")
+    recipe = parse_recipe(
+        read_json_object(run_dir / "recipe.json", OutputError, fix), run_dir, str(run_dir / "recipe.json")
+    )
     spec = load_recipe(recipe_path).eval if recipe_path else recipe.eval
     if spec is None:
         raise RecipeError(f"{recipe_path or run_dir / 'recipe.json'}: no eval section; add one or pass --recipe")
     items = prepare(recipe, spec)
+    run_info = read_json_object(run_dir / "run.json", OutputError, fix)  # every file is read before the model
+    reports = {p: read_report(run_dir / p) for p in recipe.personas}
+    masks = {p: PersonaMask.load(run_dir / p / "masks.safetensors") for p in recipe.personas}
     m = load_model(recipe)
-    run_info = json.loads((run_dir / "run.json").read_text())
     if run_info.get("model_sha256") != m.model_sha256:
         raise OutputError(f"{run_dir}: the run was made from another model file than the recipe now loads")
-    masks = {p: PersonaMask.load(run_dir / p / "masks.safetensors") for p in recipe.personas}
-    reports = {p: read_report(run_dir / p) for p in recipe.personas}
     evaluations = evaluate_masks(recipe, spec, items, m.model, m.tokenizer, m.adapter, masks)
     write_run_reports(run_dir, recipe.name, evaluations, reports)
     return evaluations
+
+
+def parse_sparsities(text: str) -> list[float]:
+    """`--sparsity 0.01,0.02`: fractions in [0, 1), each given once; every problem is reported at once."""
+    values: list[float] = []
+    problems: list[str] = []
+    for i, item in enumerate(text.split(","), 1):
+        item = item.strip()
+        if not item:
+            problems.append(f"item {i} is empty")
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            problems.append(f"item {i} ({item!r}) is not a number")
+            continue
+        if not math.isfinite(value) or not 0.0 <= value < 1.0:
+            problems.append(f"item {i} ({item!r}) is not a fraction in [0, 1)")
+        elif value in values:
+            problems.append(f"item {i} ({item!r}) repeats an earlier value")
+        else:
+            values.append(value)
+    if problems:
+        raise RecipeError(
+            f"--sparsity {text!r}: {'; '.join(problems)}; give fractions separated by commas, e.g. 0.01,0.02,0.05"
+        )
+    return values
+
+
+def check_sweep(recipe: Recipe, sparsities: list[float], unit: str) -> None:
+    """Before anything is loaded: an eval section, some values, and no point that removes nothing."""
+    if recipe.eval is None:
+        raise RecipeError("sweep: the recipe has no eval section; add one (see recipes/*-shared-eval.yaml)")
+    if not sparsities:
+        raise RecipeError("sweep: no sparsity given; pass e.g. --sparsity 0.01,0.02,0.05")
+    other = recipe.prune.attention if unit == "mlp" else recipe.prune.mlp
+    if 0.0 in sparsities and (other is None or other.sparsity == 0) and recipe.method.steer == 0:
+        raise RecipeError(
+            "--sparsity: 0 with no other unit pruned and no steering removes nothing (the dense model is already "
+            "the baseline of every point); leave 0 out"
+        )
 
 
 def with_sparsity(prune: PruneSpec, unit: str, sparsity: float) -> PruneSpec:
@@ -80,12 +128,12 @@ def sweep(
     reuse: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate the recipe's method at each sparsity; writes report.json, report.md and sweep.png to `out`."""
+    check_sweep(recipe, sparsities, unit)
     spec = recipe.eval
-    if spec is None:
-        raise RecipeError("sweep: the recipe has no eval section; add one (see recipes/*-shared-eval.yaml)")
-    check_target(out, overwrite)
-    items = validate(recipe).items
+    assert spec is not None
+    items = validate(recipe, reuse).items  # what `persona-export validate` checks
     assert items is not None  # the recipe has an eval section
+    check_target(out, overwrite)
     m = load_model(recipe)
     timer = Timer()
     stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.personas}
