@@ -30,8 +30,8 @@ def test_status_is_computed_from_every_check(tmp_path: Path) -> None:
     ("change", "message"),
     [
         ({"schema_version": SCHEMA_VERSION + 1}, "newer than this persona-export reads"),
-        ({"parameters": None}, "is not a complete persona report (parameters"),
-        ({"persona": None, "verification": None}, "is not a complete persona report"),
+        ({"parameters": None}, "does not follow the report schema (parameters: "),
+        ({"persona": None, "verification": None}, "does not follow the report schema"),
     ],
 )
 def test_reports_that_cannot_be_read_are_refused(tmp_path: Path, change: dict, message: str) -> None:
