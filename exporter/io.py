@@ -182,5 +182,32 @@ def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2))
 
 
+LINKED = {".safetensors", ".onnx", ".onnx_data", ".data"}  # large files that nothing rewrites in place
+
+
+def link_copy(src: Path, dst: Path, skip: set[str] | frozenset[str] = frozenset()) -> None:
+    """Copy the folder `src` into the existing `dst` for staging: weights hard-linked (other files copied, since
+    a writer may rewrite them in place), symlinks kept as links, hidden entries and the names in `skip` left out."""
+
+    def link(s: str, d: str) -> str:
+        if Path(s).suffix in LINKED:
+            try:
+                os.link(s, d)
+                return d
+            except OSError:
+                pass
+        return str(shutil.copy2(s, d))
+
+    for entry in src.iterdir():
+        if entry.name in skip or entry.name.startswith("."):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), dst / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, dst / entry.name, symlinks=True, copy_function=link)
+        else:
+            link(str(entry), str(dst / entry.name))
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

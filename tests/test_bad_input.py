@@ -190,7 +190,7 @@ CASES = [
     Case(
         "model-not-a-folder",
         ModelSourceError,
-        "is not a Hugging Face model folder",
+        "does not exist; point it at a Hugging Face model folder",
         lambda d, t: d.update(model={"path": str(t / "nothing")}),
     ),
     Case(
@@ -208,7 +208,7 @@ CASES = [
     Case(
         "model-corrupt-config",
         ModelSourceError,
-        "cannot load the model",
+        "config.json is not valid JSON",
         lambda d, t: d.update(model={"path": model_dir(t, "corrupt-config")}),
     ),
     Case(

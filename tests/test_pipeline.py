@@ -126,7 +126,7 @@ def test_a_parity_failure_is_fatal_and_marked(recipe: Path, tmp_path: Path, monk
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("model.path=/nonexistent/model", "is not a Hugging Face model folder"),
+        ("model.path=/nonexistent/model", "does not exist; point it at a Hugging Face model folder"),
         ("personas.introvert.calibration.path=/nonexistent.jsonl", "does not exist"),
         ("personas.introvert.calibration.response_field=missing", "has no text field 'missing'"),
         ("prune.mlp.sparsity=1.5", "prune.mlp.sparsity"),

@@ -89,8 +89,8 @@ def config_problems(config: dict[str, Any], trust_remote_code: bool, folder: Pat
             f"it runs on this machine), and only the supported architectures can be pruned: {supported}"
         ]
     return [
-        f"model_type {model_type!r} in {folder / 'config.json'} is not supported; supported: {supported}. "
-        "Adding one means registering an Adapter in exporter/model/adapters.py"
+        f"model_type {model_type!r} is not supported; supported: {supported} (read from "
+        f"{folder / 'config.json'}). Adding one means registering an Adapter in exporter/model/adapters.py"
     ]
 
 

@@ -7,7 +7,6 @@ once verified, so an interruption leaves the verified onnx/ and its report as th
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -15,10 +14,8 @@ from pydantic import ValidationError
 
 from exporter.errors import ExportFolderError, OutputError
 from exporter.inputs import read_json_object
-from exporter.io import check_target, staged
+from exporter.io import check_target, link_copy, staged
 from exporter.reports.persona import Check, PersonaReport, read_report, write_report
-
-LINKED = {".safetensors", ".onnx", ".onnx_data", ".data"}  # large files nothing rewrites in place
 
 
 def add_formats(folder: Path, formats: list[str], overwrite: bool = False) -> PersonaReport:
@@ -27,7 +24,7 @@ def add_formats(folder: Path, formats: list[str], overwrite: bool = False) -> Pe
     The model loads as the run that made the persona loaded it (within model.max_memory, offload included).
     """
     from exporter.export.hf import DTYPES
-    from exporter.masking.masks import PersonaMask
+    from exporter.masking.masks import load_mask
     from exporter.model.sources import open_model
     from exporter.recipe.schema import Recipe
     from exporter.verify.hf import build_prompts, references
@@ -66,37 +63,14 @@ def add_formats(folder: Path, formats: list[str], overwrite: bool = False) -> Pe
                 f"the base model's files changed since this run (sha256 {m.model_sha256[:12]} now, "
                 f"{report.base_model.sha256[:12]} then); re-run `persona-export run`"
             )
-        mask = PersonaMask.load(folder / "masks.safetensors")
+        mask = load_mask(folder / "masks.safetensors")
         reference = references(m, DTYPES[report.dtype], exact=False)[torch.float32]
         timings: dict[str, float] = {}
         prompts = build_prompts(m.tokenizer, recipe.verify.prompts)
         with staged(folder, overwrite=True) as stage:
-            _copy_persona(folder, stage, skip=set(names))
+            link_copy(folder, stage, skip=set(names))
             results = onnx_stage(stage, names, reference, m.adapter, mask, prompts, recipe.verify, timings)
             report.verification.update({name: Check(**figures) for name, figures in results.items()})
             report.timings_s.update(timings)
             write_report(stage, report)
     return report
-
-
-def _copy_persona(folder: Path, stage: Path, skip: set[str]) -> None:
-    """Copy `folder` into `stage` (weights hard-linked, symlinks kept as links), without the entries `skip`."""
-
-    def link(src: str, dst: str) -> str:
-        if Path(src).suffix in LINKED:
-            try:
-                os.link(src, dst)
-                return dst
-            except OSError:
-                pass
-        return shutil.copy2(src, dst)
-
-    for entry in folder.iterdir():
-        if entry.name in skip:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, stage / entry.name, symlinks=True, copy_function=link)
-        elif entry.is_symlink():
-            os.symlink(os.readlink(entry), stage / entry.name)
-        else:
-            link(str(entry), str(stage / entry.name))

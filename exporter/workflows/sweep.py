@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from exporter.errors import MaskError, OutputError, RecipeError
+from exporter.errors import ExportFolderError, MaskError, OutputError, RecipeError
 from exporter.evaluation.conditions import (
     Evaluator,
     WeightCondition,
@@ -24,8 +24,8 @@ from exporter.evaluation.conditions import (
     wanda_norms,
 )
 from exporter.inputs import folder_problem, read_json_object
-from exporter.io import check_target, staged, write_json
-from exporter.masking.masks import PersonaMask, compute_masks
+from exporter.io import check_target, link_copy, staged, write_json
+from exporter.masking.masks import compute_masks, load_mask
 from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.masking.steer import with_biases
 from exporter.model.sources import load_model
@@ -58,13 +58,19 @@ def evaluate_run_dir(run_dir: Path, recipe_path: str | None = None) -> dict[str,
         raise RecipeError(f"{recipe_path or run_dir / 'recipe.json'}: no eval section; add one or pass --recipe")
     items = prepare(recipe, spec)
     run_info = read_json_object(run_dir / "run.json", OutputError, fix)  # every file is read before the model
-    reports = {p: read_report(run_dir / p) for p in recipe.personas}
-    masks = {p: PersonaMask.load(run_dir / p / "masks.safetensors") for p in recipe.personas}
+    try:
+        reports = {p: read_report(run_dir / p) for p in recipe.personas}
+    except ExportFolderError as exc:
+        raise OutputError(f"{exc}; or {fix}") from None
+    masks = {p: load_mask(run_dir / p / "masks.safetensors") for p in recipe.personas}
+    check_target(run_dir, overwrite=True)  # the run folder can be written, before the model loads
     m = load_model(recipe)
     if run_info.get("model_sha256") != m.model_sha256:
         raise OutputError(f"{run_dir}: the run was made from another model file than the recipe now loads")
     evaluations = evaluate_masks(recipe, spec, items, m.model, m.tokenizer, m.adapter, masks)
-    write_run_reports(run_dir, recipe.name, evaluations, reports)
+    with staged(run_dir, overwrite=True) as stage:  # every report changes in one step, or none
+        link_copy(run_dir, stage)
+        write_run_reports(stage, recipe.name, evaluations, reports)
     return evaluations
 
 
