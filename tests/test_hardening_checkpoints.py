@@ -237,3 +237,25 @@ def test_push_checks_the_report_schema(
         ["push", str(persona), "--repo-id", REPO, "--dry-run"], PersonaExportError, "does not follow the report", capsys
     )
     assert case[2] in text and "verification failed" not in text
+
+
+@pytest.mark.parametrize("link", ["report", "persona-folder"])
+def test_push_section_reads_no_report_through_a_link(link: str, tmp_path: Path) -> None:
+    from exporter.errors import HubError
+    from exporter.publish.hub import push_run
+    from exporter.recipe.push import PushSpec
+    from tests.test_push import make_persona
+
+    checkpoint = tmp_path / "ckpt"
+    tiny_model("llama").save_pretrained(checkpoint)
+    tiny_tokenizer().save_pretrained(checkpoint)
+    run = tmp_path / "run"
+    persona = make_persona(run, checkpoint)
+    if link == "report":
+        shutil.move(persona / "report.json", tmp_path / "outside.json")
+        (persona / "report.json").symlink_to(tmp_path / "outside.json")
+    else:
+        shutil.move(persona, tmp_path / "elsewhere")
+        persona.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(HubError, match="symlink"):
+        push_run(run, PushSpec(repo_id="org/tiny-{persona}"))

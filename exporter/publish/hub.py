@@ -248,8 +248,15 @@ def push_persona(folder: Path, options: PushOptions, *, dry_run: bool = False) -
 def push_run(run_dir: Path, spec: PushSpec) -> dict[str, list[PushResult]]:
     """Push every persona of a finished run whose status is "passed" (the recipe's `push:` section)."""
     run_dir = Path(run_dir)
-    reports = sorted(run_dir.glob("[!.]*/report.json"))  # not the hidden staging folders
-    statuses = {p.parent.name: load_report(p).status for p in reports}
+    statuses = {}
+    for report in sorted(run_dir.glob("[!.]*/report.json")):  # not the hidden staging folders
+        if report.parent.is_symlink():
+            raise HubError(f"{report.parent} is a symlink; push reads only the run folder's own files ({NOT_SENT})")
+        inside_only(report.parent, ("report.json",))  # before it is read
+        try:
+            statuses[report.parent.name] = load_report(report).status
+        except ExportFolderError as e:
+            raise HubError(f"{e}, or push the other personas one by one with `persona-export push`") from None
     for name, status in statuses.items():
         if status != "passed":
             log.warning("%s: not pushed: verification status is %r (see its report.json)", name, status)

@@ -404,8 +404,8 @@ def _schema_message(err: Any) -> str:
                 number = math.nan
             if math.isfinite(number) and number == int(number) and abs(number) < 1e9:
                 hint = f"; write it in plain digits: {int(number)}"
-            elif math.isfinite(number):
-                hint = "; write a whole number in plain digits (e.g. 96): YAML reads 1e20 as text, not a number"
+            elif isinstance(value, str) and math.isfinite(number):
+                hint = f"; write a whole number in plain digits (e.g. 96): YAML reads {value} as text, not a number"
         return f"expected {_EXPECTED[kind]}, got {type(value).__name__} {value!r}{hint}"
     return f"{err['msg']} (got {value!r})"
 
