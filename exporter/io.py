@@ -118,7 +118,8 @@ def staged(out: Path, overwrite: bool = False) -> Iterator[Path]:
     except OSError as exc:
         shutil.rmtree(stage, ignore_errors=True)
         _unmake(created)
-        if exc.errno in DISK_ERRORS:
+        on_stage = str(exc.filename or "").startswith(str(stage))  # any failure to write the output itself
+        if exc.errno in DISK_ERRORS or on_stage:
             raise OutputError(
                 f"writing the output under {str(out.parent)!r} failed: {exc.strerror} ({exc.filename or out}); "
                 "free disk space or choose another --out. Nothing was written."

@@ -313,3 +313,22 @@ def test_eval_refuses_run_files_that_are_not_json_objects(
         (run / name).write_bytes(content)
     text = expect(["eval", str(run)], OutputError, name.split("/")[-1], capsys)
     assert "pass the --out folder of a `run`" in text
+
+
+@pytest.mark.parametrize("code", [errno.EIO, errno.ENOTDIR, errno.EISDIR, errno.EPERM, errno.ENOSPC, errno.EROFS])
+def test_any_os_error_on_the_staging_path_is_an_output_error(code: int, tmp_path: Path) -> None:
+    from exporter.io import staged
+
+    out = tmp_path / "runs" / "demo"
+    with pytest.raises(OutputError, match=r"writing the output under .*runs' failed") as err, staged(out) as stage:
+        raise OSError(code, os.strerror(code), str(stage / "hf" / "model.safetensors"))
+    assert os.strerror(code) in str(err.value)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_an_os_error_elsewhere_is_not_called_an_output_problem(tmp_path: Path) -> None:
+    from exporter.io import staged
+
+    with pytest.raises(OSError) as err, staged(tmp_path / "out"):
+        raise OSError(errno.EIO, "Input/output error", "/somewhere/else/model.safetensors")
+    assert not isinstance(err.value, OutputError) and not (tmp_path / "out").exists()
