@@ -16,7 +16,8 @@ from exporter.evaluation.conditions import prepare
 from exporter.evaluation.items import EvalItems
 from exporter.inputs import file_problem, folder_problem
 from exporter.masking.data import select_samples
-from exporter.recipe.schema import Recipe
+from exporter.recipe.eval import EvalSpec
+from exporter.recipe.schema import Recipe, TuneSpec
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ def validate(recipe: Recipe, reuse: Path | None = None) -> Validated:
 
     samples = {name: len(select_samples(p.calibration)) for name, p in recipe.personas.items()}
     items = prepare(recipe) if recipe.eval else None
+    if recipe.tune is not None:
+        prepare(recipe, tune_validation(recipe.tune))  # the files the tune grid is ranked on
     if recipe.model.path is not None:
         sources.resolve(recipe.model)  # config.json, weights present, architecture: no weights are read
         check_limits(recipe, sources.read_config(Path(recipe.model.path)))
@@ -40,6 +43,11 @@ def validate(recipe: Recipe, reuse: Path | None = None) -> Validated:
     if reuse is not None:
         check_reuse(recipe, reuse)
     return Validated(samples, items)
+
+
+def tune_validation(spec: TuneSpec) -> EvalSpec:
+    """The tune section's validation items as an eval section: only what the grid is ranked by."""
+    return spec.validation.model_copy(update={"baselines": [], "replies": None, "statements": None})
 
 
 def limit_problems(recipe: Recipe, config: dict[str, Any], prompt_tokens: int = 0) -> list[str]:
