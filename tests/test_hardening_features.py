@@ -188,3 +188,25 @@ def test_sweep_takes_sparsity_zero_only_as_a_steering_point(
 
 def test_report_warnings_are_part_of_the_schema() -> None:
     assert SCHEMA_VERSION >= 2 and PersonaReport.model_fields["warnings"].default == []
+
+
+@pytest.mark.parametrize(
+    ("soft", "warned"),
+    [({}, True), ({"mlp_scale": 0.5}, False), ({"attn_scale": 2.0}, False), ({"mlp_scale": 1.0}, True)],
+)
+def test_nothing_removed_counts_soft_masks_as_a_change(soft: dict[str, float], warned: bool) -> None:
+    import torch
+
+    from exporter.masking.masks import PersonaMask
+    from exporter.model.adapters import Geometry
+    from exporter.workflows.persona import nothing_removed
+
+    g = Geometry(2, 8, 16, 4, 2, 2)
+    scales = {
+        name: torch.full(
+            (g.layers, g.intermediate if name == "mlp_scale" else g.heads * g.head_dim), value, dtype=torch.float64
+        )
+        for name, value in soft.items()
+    }
+    mask = PersonaMask("introvert", g, torch.arange(16).repeat(2, 1), None, None, **scales)
+    assert bool(nothing_removed(mask)) == warned

@@ -57,14 +57,15 @@ def describe(mask: PersonaMask) -> str:
 
 
 def nothing_removed(mask: PersonaMask) -> list[str]:
-    """A warning when the mask removes no unit and no bias is added: the export is then the unpruned model."""
-    if (mask.steering is not None and bool(mask.steering.any())) or any(
-        units for k in ("mlp", "head", "group") for units in mask.removed(k)
-    ):
+    """A warning when the mask removes no unit, scales none (soft masks) and adds no steering bias: the export
+    is then the unpruned model."""
+    steered = mask.steering is not None and bool(mask.steering.any())
+    scaled = any(s is not None and bool((s != 1).any()) for s in (mask.mlp_scale, mask.attn_scale))
+    if steered or scaled or any(units for k in ("mlp", "head", "group") for units in mask.removed(k)):
         return []
     return [
-        "the mask removes no unit (the sparsities round to 0 units per layer) and adds no steering bias: this "
-        "export is the unpruned model, not a persona subnetwork; raise prune.mlp.sparsity (or attention)"
+        "the mask removes no unit (the sparsities round to 0 units per layer), scales none and adds no steering "
+        "bias: this export is the unpruned model, not a persona subnetwork; raise prune.mlp.sparsity (or attention)"
     ]
 
 
