@@ -161,17 +161,24 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from exporter.recipe.load import load_recipe
-    from exporter.workflows.sweep import sweep
+    from exporter.workflows.sweep import parse_sparsities, sweep
 
-    try:
-        values = [float(v) for v in args.sparsity.split(",") if v.strip()]
-    except ValueError:
-        print(f"error: --sparsity {args.sparsity!r}: expected numbers separated by commas", file=sys.stderr)
-        return 2
+    values = parse_sparsities(args.sparsity)
     recipe = load_recipe(args.recipe, args.set)
     sweep(recipe, values, Path(args.out), unit=args.unit, overwrite=args.overwrite, reuse=args.reuse_stats)
     print(f"written: {Path(args.out) / 'report.md'}, report.json, sweep.png")
     return 0
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1 (argparse turns the ValueError into a usage error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give e.g. 128") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is less than 1; give the number of tokens to generate, e.g. 128")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "generate":
             p.add_argument("--prompt", required=True)
         p.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
-        p.add_argument("--max-new-tokens", type=int, default=128)
+        p.add_argument("--max-new-tokens", type=positive_int, default=128, help="at least 1 (default 128)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("push", help="publish a verified persona export to the Hugging Face Hub")

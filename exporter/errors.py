@@ -46,4 +46,5 @@ class OnnxExportError(PersonaExportError):
 
 
 class ExportFolderError(PersonaExportError):
-    """A folder given as a persona export is not one (no report.json, hf/ or a mismatched tokenizer)."""
+    """A folder given as a persona export is not one (no report.json, hf/, a mismatched tokenizer, or a checkpoint
+    that does not match its config.json)."""

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,6 +33,14 @@ def check_target(out: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot create {str(out.parent)!r}: {str(ancestor)!r} is a file; choose another --out")
     if not os.access(ancestor, os.W_OK):
         raise OutputError(f"cannot write into {str(ancestor)!r} (permission denied); choose another --out")
+    try:  # os.access trusts permission bits; root, read-only mounts and /sys or /proc say otherwise
+        os.rmdir(tempfile.mkdtemp(prefix=".persona-export-probe-", dir=ancestor))
+    except OSError as exc:
+        first = out if out.parent.exists() else out.parent
+        raise OutputError(
+            f"cannot create {str(first)!r}: {str(ancestor)!r} cannot be written ({exc.strerror or exc}); choose "
+            "another --out. Nothing was written."
+        ) from None
 
 
 def _make_parent(out: Path) -> list[Path]:
@@ -87,17 +96,30 @@ def staged(out: Path, overwrite: bool = False) -> Iterator[Path]:
     check_target(out, overwrite)
     created = _make_parent(out)
     remove_stale_stages(out)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    (stage / OWNER).write_text(str(os.getpid()))
-    umask = os.umask(0)
-    os.umask(umask)
-    stage.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder the user makes
+    try:
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as exc:
+        _unmake(created)
+        raise OutputError(
+            f"cannot create a staging folder in {str(out.parent)!r} ({exc.strerror or exc}); choose another --out. "
+            "Nothing was written."
+        ) from None
+    try:
+        (stage / OWNER).write_text(str(os.getpid()))
+        umask = os.umask(0)
+        os.umask(umask)
+        stage.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any folder the user makes
+    except OSError as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        _unmake(created)
+        raise OutputError(f"cannot write into {str(stage)!r} ({exc.strerror or exc}); choose another --out") from None
     try:
         yield stage
     except OSError as exc:
         shutil.rmtree(stage, ignore_errors=True)
         _unmake(created)
-        if exc.errno in DISK_ERRORS:
+        on_stage = str(exc.filename or "").startswith(str(stage))  # any failure to write the output itself
+        if exc.errno in DISK_ERRORS or on_stage:
             raise OutputError(
                 f"writing the output under {str(out.parent)!r} failed: {exc.strerror} ({exc.filename or out}); "
                 "free disk space or choose another --out. Nothing was written."
@@ -108,13 +130,46 @@ def staged(out: Path, overwrite: bool = False) -> Iterator[Path]:
         _unmake(created)
         raise
     (stage / OWNER).unlink()
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / out.name)
-        os.replace(stage, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(stage, out)
+    swap_in(stage, out)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unavailable."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def swap_in(stage: Path, out: Path) -> None:
+    """Put the finished `stage` in place of `out` (removed afterwards), with Ctrl-C and SIGTERM held back.
+
+    Where the kernel can exchange two folders atomically, `out` is never missing or half-replaced; elsewhere
+    the two renames happen back to back and the old folder is kept in a hidden folder until both succeeded.
+    """
+    held = {signal.SIGINT, signal.SIGTERM}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, held) if hasattr(signal, "pthread_sigmask") else None
+    old: Path | None = None
+    try:
+        if not out.exists():
+            os.replace(stage, out)
+        elif _exchange(stage, out):
+            old = stage  # holds the previous `out` now
+        else:
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(stage, out)
+    finally:
+        if blocked is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -126,6 +181,33 @@ def write_atomic(path: Path, text: str) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=2))
+
+
+LINKED = {".safetensors", ".onnx", ".onnx_data", ".data"}  # large files that nothing rewrites in place
+
+
+def link_copy(src: Path, dst: Path, skip: set[str] | frozenset[str] = frozenset()) -> None:
+    """Copy the folder `src` into the existing `dst` for staging: weights hard-linked (other files copied, since
+    a writer may rewrite them in place), symlinks kept as links, hidden entries and the names in `skip` left out."""
+
+    def link(s: str, d: str) -> str:
+        if Path(s).suffix in LINKED:
+            try:
+                os.link(s, d)
+                return d
+            except OSError:
+                pass
+        return str(shutil.copy2(s, d))
+
+    for entry in src.iterdir():
+        if entry.name in skip or entry.name.startswith("."):
+            continue
+        if entry.is_symlink():
+            os.symlink(os.readlink(entry), dst / entry.name)
+        elif entry.is_dir():
+            shutil.copytree(entry, dst / entry.name, symlinks=True, copy_function=link)
+        else:
+            link(str(entry), str(dst / entry.name))
 
 
 def folder_bytes(path: Path) -> int:

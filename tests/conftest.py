@@ -1,4 +1,5 @@
-"""Fixtures for every test: a tiny Llama folder, and a statistics cache kept inside pytest's temporary folders."""
+"""Fixtures for every test: a tiny Llama folder, a statistics cache kept inside pytest's temporary folders, and a
+guard that fails a test when a model is loaded."""
 
 from __future__ import annotations
 
@@ -22,3 +23,14 @@ def tiny_llama_dir(tmp_path: Path) -> Path:
 def _private_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the statistics cache of every test inside pytest's temporary folders."""
     monkeypatch.setenv("PERSONA_EXPORT_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+@pytest.fixture
+def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to load a model fails the test: the check under test must come first."""
+    from exporter.model import sources
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr(sources, "load", refuse)

@@ -1,5 +1,6 @@
 """Test helpers shared by the test packages: tiny seeded models of every registered architecture, a tiny
-tokenizer, tiny data and recipes, calibration samples, a contrastive mask, a persona report, a parity check."""
+tokenizer, tiny data and recipes, calibration samples, a contrastive mask, a persona report, a parity check, and
+the bad-input tables: the recipe case table, recipe edits, a folder's snapshot and the CLI expectation they share."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from exporter.errors import PersonaExportError, RecipeError
@@ -250,6 +252,7 @@ def contrastive_mask(model: Any, unit: str) -> tuple[Adapter, PersonaMask]:
 
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
 def make_report(persona: str, status: str = "passed", **verification: Any) -> dict[str, Any]:
@@ -395,4 +398,216 @@ RECIPE_CASES = [  # problems of the recipe alone: loading it fails, nothing else
         "cannot infer the format",
         lambda d, t: cal(d, path=data_file(t, "d.parquet", "x")),
     ),
+    # overrides: invalid YAML, tags (never built), duplicate keys, empty key parts
+    Case("override-open-list", RecipeError, "is not valid YAML", overrides=("prune.mlp.sparsity=[0.1",)),
+    Case("override-open-mapping", RecipeError, "is not valid YAML", overrides=("prune.mlp={sparsity: 0.1",)),
+    Case("override-open-quote", RecipeError, "is not valid YAML", overrides=('name="unterminated',)),
+    Case("override-two-strings", RecipeError, "is not valid YAML", overrides=("name='a' 'b'",)),
+    Case("override-extra-bracket", RecipeError, "is not valid YAML", overrides=("pairs=[[a, b]]]",)),
+    Case("override-two-colons", RecipeError, "is not valid YAML", overrides=("name=a: b: c",)),
+    Case(
+        "override-python-tag",
+        RecipeError,
+        "the YAML tag 'tag:yaml.org,2002:python/name:os.system' is not allowed",
+        overrides=("name=!!python/name:os.system",),
+    ),
+    Case(
+        "override-nested-tag",
+        RecipeError,
+        "is not allowed",
+        overrides=("prune.mlp={sparsity: !!python/object/apply:float ['0.1']}",),
+    ),
+    Case("override-custom-tag", RecipeError, "the YAML tag '!custom' is not allowed", overrides=("name=!custom x",)),
+    Case(
+        "override-duplicate-key",
+        RecipeError,
+        "sparsity: duplicate key",
+        overrides=("prune.mlp={sparsity: 0.1, sparsity: 0.2}",),
+    ),
+    Case("override-empty-key-part", RecipeError, "expected KEY.PATH=VALUE", overrides=("a..b=1",)),
+    Case("override-trailing-dot", RecipeError, "expected KEY.PATH=VALUE", overrides=("name.=1",)),
+    # names and ids are matched whole (no trailing newline, no other case)
+    Case(
+        "persona-trailing-newline",
+        RecipeError,
+        "is not a safe folder name",
+        lambda d, t: d["personas"].update({"introvert\n": d["personas"].pop("introvert")}),
+    ),
+    Case(
+        "persona-leading-newline",
+        RecipeError,
+        "is not a safe folder name",
+        lambda d, t: d["personas"].update({"\nintrovert": d["personas"].pop("introvert")}),
+    ),
+    Case(
+        "persona-trailing-space",
+        RecipeError,
+        "is not a safe folder name",
+        lambda d, t: d["personas"].update({"introvert ": d["personas"].pop("introvert")}),
+    ),
+    Case(
+        "persona-crlf",
+        RecipeError,
+        "is not a safe folder name",
+        lambda d, t: d["personas"].update({"introvert\r\n": d["personas"].pop("introvert")}),
+    ),
+    Case(
+        "sha-trailing-newline",
+        RecipeError,
+        "is not a 40-character commit sha",
+        lambda d, t: d.update(model={"hub": {"repo_id": "org/m", "revision": SHA + "\n"}}),
+    ),
+    Case(
+        "sha-uppercase",
+        RecipeError,
+        "is not a 40-character commit sha",
+        lambda d, t: d.update(model={"hub": {"repo_id": "org/m", "revision": SHA.upper()}}),
+    ),
+    Case(
+        "push-branch-trailing-newline",
+        RecipeError,
+        "is not a branch name",
+        lambda d, t: d.update(push={"repo_id": "org/{persona}", "revision": "main\n"}),
+    ),
+    # null and wrong-type fields are not called missing (tests/recipe/test_load.py checks that too)
+    Case("null-name", RecipeError, "name: the key is present but has no value (null)", overrides=("name=null",)),
+    Case("null-method", RecipeError, "method: the key is present but has no value (null)", overrides=("method=null",)),
+    Case(
+        "null-max-samples",
+        RecipeError,
+        "max_samples: the key is present but has no value",
+        overrides=("personas.introvert.calibration.max_samples=null",),
+    ),
+    Case("null-verify", RecipeError, "verify: the key is present but has no value", overrides=("verify=null",)),
+    Case(
+        "type-max-samples-1e20",
+        RecipeError,
+        "expected a whole number, got str '1e20'; write a whole number in plain digits",
+        overrides=("personas.introvert.calibration.max_samples=1e20",),
+    ),
+    Case(
+        "type-max-samples-1e3",
+        RecipeError,
+        "got str '1e3'; write it in plain digits: 1000",
+        overrides=("personas.introvert.calibration.max_samples=1e3",),
+    ),
+    Case(
+        "type-max-samples-float",
+        RecipeError,
+        "expected a whole number, got float 2.5",
+        overrides=("personas.introvert.calibration.max_samples=2.5",),
+    ),
+    Case(
+        "type-max-samples-text",
+        RecipeError,
+        "expected a whole number, got str 'lots'",
+        overrides=("personas.introvert.calibration.max_samples=lots",),
+    ),
+    Case(
+        "type-max-samples-list",
+        RecipeError,
+        "expected a whole number, got list",
+        overrides=("personas.introvert.calibration.max_samples=[1]",),
+    ),
+    Case(
+        "type-batch-size-mapping",
+        RecipeError,
+        "calibration.batch_size: expected a whole number, got dict",
+        overrides=("calibration.batch_size={a: 1}",),
+    ),
+    Case(
+        "type-method-list",
+        RecipeError,
+        "method: expected a mapping (key: value lines), got list",
+        overrides=("method=[wanda]",),
+    ),
+    Case(
+        "type-description-number",
+        RecipeError,
+        "description: expected text, got int 3",
+        overrides=("personas.introvert.description=3",),
+    ),
+    Case("type-formats-text", RecipeError, "output.formats: expected a list", overrides=("output.formats=hf",)),
+    Case(
+        "type-layerwise-text",
+        RecipeError,
+        "calibration.layerwise: expected true or false, got str 'maybe'",
+        overrides=("calibration.layerwise=maybe",),
+    ),
+    # a sparsity of 0 everywhere without steering: every export would be the unpruned model
+    *(
+        Case(
+            f"sparsity-zero-{name}",
+            RecipeError,
+            "every sparsity is 0 and method.steer is 0",
+            overrides=(f"prune={prune}", "method={score: wanda}", "pairs=[]"),
+        )
+        for name, prune in [
+            ("mlp", "{mlp: {sparsity: 0.0}}"),
+            ("mlp-int", "{mlp: {sparsity: 0}}"),
+            ("attention", "{attention: {unit: kv-group, sparsity: 0.0}}"),
+            ("both", "{mlp: {sparsity: 0.0}, attention: {unit: query-head, sparsity: 0.0}}"),
+            ("both-rounded", "{mlp: {sparsity: 0.0, round_to: 8}, attention: {unit: kv-group, sparsity: 0}}"),
+        ]
+    ),
 ]
+
+
+# -- the bad-input tables of the other packages: a recipe edited in place, a folder's snapshot, the CLI check --
+
+Edit = Callable[[Recipe, Path], None]
+
+
+def edited_recipe(tmp_path: Path, model_dir: Path, edit: Edit | None = None, **sections: Any) -> Path:
+    """write_recipe, then `edit` applied to the recipe as a dict (tmp_path for the files it writes)."""
+    path = write_recipe(tmp_path, model_dir, **sections)
+    if edit is not None:
+        import yaml
+
+        data = yaml.safe_load(path.read_text())
+        edit(data, tmp_path)
+        path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def snapshot(folder: Path) -> dict[str, bytes | str]:
+    """Every path under `folder` with its bytes ("other" for folders, pipes and the like)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes() if p.is_file() and not p.is_fifo() else "other"
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def expect(argv: list[str], error: type[PersonaExportError], message: str, capsys: Any) -> str:
+    """`argv` raises `error` with `message`; through main() it exits with the error's code, without a traceback."""
+    from exporter.cli import dispatch, main
+
+    with pytest.raises(error) as err:
+        dispatch(argv)
+    assert message in str(err.value), str(err.value)
+    assert main(argv) == error.exit_code
+    text = capsys.readouterr().err
+    assert message in text and "Traceback" not in text
+    return str(err.value)
+
+
+def with_eval(**section: Any) -> Edit:
+    """A recipe edit adding an eval section over a neutral.txt it writes, plus `section`."""
+
+    def edit(d: Recipe, t: Path) -> None:
+        (t / "neutral.txt").write_text("calm words here.\n\nmore calm words.\n")
+        d["eval"] = {"neutral": {"path": str(t / "neutral.txt"), "window": 64}, **section}
+
+    return edit
+
+
+def point_eval_at(d: Recipe, path: Path) -> None:
+    """A recipe edit: the eval section's paired items read from `path`."""
+    d["eval"] = {
+        "paired": {
+            "path": str(path),
+            "prompt_field": "prompt",
+            "responses": {"introvert": {"field": "introvert"}, "extravert": {"field": "introvert"}},
+            "max_items": 1,
+        }
+    }

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import CalibrationDataError
-from exporter.masking.data import read_records, read_samples, select_samples
+from exporter.masking.data import field_problem, read_records, read_samples, select_samples
 from exporter.recipe.eval import EvalSpec, PairedSpec, RepliesSpec, StatementsSpec
 from exporter.recipe.schema import DataSpec, Recipe, infer_format
 
@@ -86,23 +86,20 @@ def file_sha256(path: str) -> str:
 
 
 def _read(path: str, fmt: str | None, where: str) -> list[dict[str, Any]]:
-    p = Path(path)
-    if not p.is_file():
-        raise EvalDataError(f"{where}: data file {path!r} does not exist; check the path in the recipe")
     kind = fmt or infer_format(path)
     if kind not in ("json", "jsonl", "csv"):
         raise EvalDataError(f"{where}: cannot read {path!r} as records; set format to json, jsonl or csv")
-    records = read_records(p, kind)
+    records = read_records(Path(path), kind, EvalDataError, where)  # the calibration reader's checks and messages
     if not all(isinstance(r, dict) for r in records):
         raise EvalDataError(f"{where}: {path!r} must hold one object per record")
     return records
 
 
 def _text(rec: dict[str, Any], key: str, i: int, path: str) -> str:
-    value = rec.get(key)
-    if not isinstance(value, str) or not value.strip():
-        raise EvalDataError(f"{path}: record {i} has no text field {key!r} (fields: {sorted(rec)})")
-    return value.strip()
+    problem = field_problem(rec, key)
+    if problem is not None:
+        raise EvalDataError(f"{path}: record {i} {problem}")
+    return str(rec[key]).strip()
 
 
 def _choose(candidates: list[int], n: int, seed: int, where: str, total: int, excluded: int) -> list[int]:
@@ -208,12 +205,18 @@ def read_statements(spec: StatementsSpec, calib: CalibrationIndex) -> tuple[list
 
 def read_neutral(path: str) -> list[str]:
     spec = DataSpec(path=path, format="text", max_samples=1)
-    return [s.response for s in read_samples(spec)]
+    try:
+        return [s.response for s in read_samples(spec)]
+    except CalibrationDataError as exc:
+        raise EvalDataError(f"eval.neutral: {exc}") from None
 
 
 def read_reply_prompts(spec: RepliesSpec, calib: CalibrationIndex) -> tuple[list[str], dict[str, Any]]:
     """One prompt per non-blank line; calibration prompts are dropped when held out, then a seeded selection."""
-    samples = read_samples(DataSpec(path=spec.path, format="text", max_samples=1))
+    try:
+        samples = read_samples(DataSpec(path=spec.path, format="text", max_samples=1))
+    except CalibrationDataError as exc:
+        raise EvalDataError(f"eval.replies: {exc}") from None
     lines = [t.strip() for s in samples for t in s.response.splitlines() if t.strip()]
     candidates = [i for i, t in enumerate(lines) if not (spec.exclude_calibration and calib.find(t))]
     n = spec.max_items or len(candidates)

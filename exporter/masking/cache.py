@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from exporter.masking.stats import Statistics
+from exporter.masking.stats import UNREADABLE, Statistics
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,14 @@ def cache_root() -> Path:
 
 def load_cached(key: str) -> tuple[Statistics, dict[str, Any]] | None:
     entry = cache_root() / "stats" / key / "stats.safetensors"
-    if not entry.is_file():
+    if not entry.exists() and not entry.is_symlink():
         return None
     try:
         stats, info = Statistics.load(entry)
-    except (OSError, ValueError, KeyError) as exc:
-        log.warning("ignoring an unreadable cache entry %s (%s)", entry.parent, exc)
+    except UNREADABLE as exc:
+        log.warning(
+            "ignoring an unreadable cache entry %s (%s: %s); recalibrating", entry.parent, type(exc).__name__, exc
+        )
         return None
     return (stats, info) if info.get("key") == key else None
 

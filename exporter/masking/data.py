@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from exporter.errors import CalibrationDataError
+from exporter.inputs import file_problem
 from exporter.recipe.schema import DataSpec, infer_format
 from exporter.runtime.chat import encode_reply
 
@@ -33,9 +34,30 @@ class TokenizedSample:
     response_start: int  # index of the first response token
 
 
-def read_records(path: Path, fmt: str) -> list[Any]:
-    """The records of a json (a list, or the one list in a mapping), jsonl, csv or text file, unvalidated."""
-    text = path.read_text(encoding="utf-8")
+def read_records(
+    path: Path, fmt: str, error: type[CalibrationDataError] = CalibrationDataError, where: str = ""
+) -> list[Any]:
+    """The records of a calibration or evaluation file: a json list (or the one list in a mapping), jsonl, csv or
+    text paragraphs, not yet validated as samples; every reading problem raises `error` with the fix."""
+    prefix = f"{where}: " if where else ""
+    problem = file_problem(path)
+    if problem is not None:
+        raise error(f"{prefix}data file {problem}; check the 'path' in the recipe")
+    try:
+        return _parse(path, path.read_text(encoding="utf-8-sig"), fmt)  # a spreadsheet's UTF-8 starts with a BOM
+    except CalibrationDataError as exc:
+        raise error(f"{prefix}{exc}") from None
+    except UnicodeDecodeError:
+        raise error(f"{prefix}{path}: not UTF-8 text; convert the file to UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise error(f"{prefix}{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except csv.Error as exc:
+        raise error(f"{prefix}{path}: not valid CSV ({exc})") from None
+    except OSError as exc:
+        raise error(f"{prefix}cannot read {path} ({exc.strerror})") from None
+
+
+def _parse(path: Path, text: str, fmt: str) -> list[Any]:
     if fmt == "json":
         data = json.loads(text)
         if isinstance(data, dict):
@@ -58,25 +80,37 @@ def read_records(path: Path, fmt: str) -> list[Any]:
                     raise CalibrationDataError(f"{path}:{n}: not valid JSON ({exc.msg}); one object per line") from None
         return out
     if fmt == "csv":
-        return list(csv.DictReader(text.splitlines()))
+        rows = list(csv.DictReader(text.splitlines()))
+        for n, row in enumerate(rows):
+            if None in row:  # DictReader files surplus cells under the key None
+                raise CalibrationDataError(
+                    f"{path}: row {n + 1} (after the header) has {len(row) - 1 + len(row[None])} cells but the "
+                    f"header names {len(row) - 1}; quote cells that contain commas, or fix the row"
+                )
+        return rows
     # text: one sample per paragraph (blank-line separated)
     return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
+def field_problem(rec: dict[str, Any], field: str) -> str | None:
+    """Why `rec[field]` is not usable text: missing, null, not text, or blank; None when it is text."""
+    if field not in rec:
+        return f"has no text field {field!r} (fields: {sorted(map(str, rec))})"
+    value = rec[field]
+    if value is None:
+        return f"has {field!r} set to null (or an empty CSV cell); give it text"
+    if not isinstance(value, str):
+        return f"has {field!r} as a {type(value).__name__} ({value!r}), expected text"
+    if not value.strip():
+        return f"has {field!r} blank; give it text"
+    return None
 
 
 def read_samples(spec: DataSpec) -> list[Sample]:
     """All records of a data file as samples, in file order. Raises CalibrationDataError with the fix."""
     path = Path(spec.path)
     fmt = spec.format or infer_format(spec.path)
-    if not path.is_file():
-        raise CalibrationDataError(f"data file {str(path)!r} does not exist; check the 'path' in the recipe")
-    try:
-        records = read_records(path, fmt or "text")
-    except UnicodeDecodeError:
-        raise CalibrationDataError(f"{path}: not UTF-8 text; convert the file to UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise CalibrationDataError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except csv.Error as exc:
-        raise CalibrationDataError(f"{path}: not valid CSV ({exc})") from None
+    records = read_records(path, fmt or "text")
     if not records:
         raise CalibrationDataError(f"{path}: the file holds no records; add samples or point to another file")
     samples = []
@@ -88,11 +122,10 @@ def read_samples(spec: DataSpec) -> list[Sample]:
             raise CalibrationDataError(f"{path}: record {i} is a {type(rec).__name__}, expected an object")
         fields = [f for f in (spec.prompt_field, spec.response_field) if f is not None]
         for field in fields:
-            value = rec.get(field)
-            if not isinstance(value, str) or not value.strip():
+            problem = field_problem(rec, field)
+            if problem is not None:
                 raise CalibrationDataError(
-                    f"{path}: record {i} has no text field {field!r} (fields: {sorted(rec)}); "
-                    "fix the record or set prompt_field/response_field in the recipe"
+                    f"{path}: record {i} {problem}; fix the record or set prompt_field/response_field in the recipe"
                 )
         prompt = rec[spec.prompt_field] if spec.prompt_field else None
         samples.append(Sample(prompt, rec[spec.response_field]))  # type: ignore[index]

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from exporter.errors import MaskError
+from exporter.errors import ExportFolderError, MaskError
 from exporter.masking import scoring
-from exporter.masking.stats import Statistics
+from exporter.masking.stats import UNREADABLE, Statistics
 from exporter.model.adapters import Geometry
 from exporter.recipe.schema import MethodSpec, PruneSpec, Recipe
 
@@ -131,6 +131,16 @@ class PersonaMask:
             t.get("attn_scale"),
             info.get("scale_dtype", "float32"),
         )
+
+
+def load_mask(path: Path) -> PersonaMask:
+    """A persona's masks.safetensors (+ .json); a missing or corrupt one is an ExportFolderError."""
+    try:
+        return PersonaMask.load(path)
+    except UNREADABLE as exc:
+        raise ExportFolderError(
+            f"cannot read the persona's mask {path} ({type(exc).__name__}: {exc}); re-run `persona-export run`"
+        ) from None
 
 
 def removal_count(n: int, sparsity: float, round_to: int = 1, what: str = "units") -> int:

@@ -13,12 +13,13 @@ from typing import Any
 
 import torch
 
+from exporter.errors import OutputError
 from exporter.masking import cache
 from exporter.masking.calibrate import calibrate
 from exporter.masking.data import samples_digest, select_samples, tokenize
 from exporter.masking.layerwise import calibrate_layerwise, column_sq_norms_from_checkpoint
 from exporter.masking.scoring import column_sq_norms
-from exporter.masking.stats import Statistics
+from exporter.masking.stats import UNREADABLE, Statistics
 from exporter.model.sources import Loaded
 from exporter.recipe.schema import PersonaSpec, Recipe
 from exporter.reports.provenance import Timer, versions
@@ -52,7 +53,13 @@ def persona_statistics(
     if reuse is not None:
         saved = reuse / "stats" / f"{name}.safetensors"
         if saved.is_file():
-            stats, info = Statistics.load(saved)
+            try:
+                stats, info = Statistics.load(saved)
+            except UNREADABLE as exc:
+                raise OutputError(
+                    f"--reuse-stats: {saved} cannot be read ({type(exc).__name__}: {exc}); delete it to recalibrate "
+                    "that persona, or run without --reuse-stats"
+                ) from None
             if info.get("key") == key:
                 log.info("%s: reusing statistics from %s", name, saved)
                 return stats, info

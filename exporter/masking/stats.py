@@ -18,11 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from exporter.model.adapters import Geometry
 
 KINDS = ("mlp", "head", "group")
+# what Statistics.load raises for a file that is truncated, not safetensors, or not written by `save`
+UNREADABLE = (OSError, ValueError, KeyError, TypeError, SafetensorError)
 
 
 @dataclass
@@ -101,13 +104,22 @@ class Statistics:
 
     @classmethod
     def load(cls, path: Path) -> tuple[Statistics, dict[str, Any]]:
-        info = json.loads(path.with_suffix(".json").read_text())
-        s = cls(Geometry(**info["geometry"]), info["n_samples"], info["n_tokens"])
+        """Statistics and their manifest; a file that is not what `save` writes raises one of UNREADABLE."""
+        info = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        s = cls(Geometry(**info["geometry"]), int(info["n_samples"]), int(info["n_tokens"]))
+        expected = {
+            f"{group}.{kind}": tuple(v.shape)
+            for group, d in vars(cls.empty(s.geometry)).items()
+            if isinstance(d, dict)
+            for kind, v in d.items()
+        }
         tensors = load_file(str(path))
-        expected = {f"{group}.{k}" for group in ("sum", "sumsq") for k in KINDS}
-        expected |= {"chan_sq.mlp", "chan_sq.attn", "chan_sum.mlp"}
-        if set(tensors) != expected:
-            raise ValueError(f"{path} holds {sorted(tensors)}, expected {sorted(expected)} (an older format?)")
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        if shapes != expected:
+            raise ValueError(
+                f"{path} holds {sorted(shapes)} with shapes that do not fit its geometry, expected "
+                f"{sorted(expected)} (an older format?)"
+            )
         for key, value in tensors.items():
             group, kind = key.split(".", 1)
             getattr(s, group)[kind] = value

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
-from exporter.errors import ModelSourceError
+from exporter.errors import ModelSourceError, PersonaExportError, UnsupportedModelError
+from exporter.inputs import folder_problem, path_kind, read_json_object
 from exporter.model.adapters import Adapter, adapter_for
 from exporter.recipe.schema import ModelSpec, Recipe
 
@@ -59,18 +60,51 @@ def _embedded(name: str) -> ResolvedModel:
     return ResolvedModel(folder, info["file"], info["base_model"], info["license"], (folder / info["file"],))
 
 
-def _local(path: str, base_model: str | None = None) -> ResolvedModel:
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
+def read_config(folder: Path, where: str = "model.path") -> dict[str, Any]:
+    """A model folder's config.json as a dict; a missing, unreadable or non-object file is a ModelSourceError."""
+    problem = folder_problem(folder)
+    if problem is not None:
+        raise ModelSourceError(f"{where} {problem}; point it at a Hugging Face model folder (save_pretrained)")
+    config = folder / "config.json"
+    if path_kind(config) == "nothing":
         raise ModelSourceError(
-            f"model.path {path!r} is not a Hugging Face model folder (no config.json); point it at a folder "
+            f"{where} {str(folder)!r} is not a Hugging Face model folder (no config.json); point it at a folder "
             "written by save_pretrained"
         )
+    return read_json_object(config, ModelSourceError, "config.json must be the object save_pretrained writes")
+
+
+def config_problems(config: dict[str, Any], trust_remote_code: bool, folder: Path) -> list[str]:
+    """What a config.json says that no run can use: an unsupported architecture, custom code not allowed."""
+    from exporter.model.adapters import REGISTRY
+
+    model_type = config.get("model_type")
+    if model_type in REGISTRY:
+        return []
+    supported = ", ".join(sorted(REGISTRY))
+    if config.get("auto_map") and not trust_remote_code:
+        return [
+            f"{folder / 'config.json'} asks for custom code (auto_map: {sorted(config['auto_map'])}) for model_type "
+            f"{model_type!r}; that code runs only with 'model.trust_remote_code: true' in the recipe (read it first: "
+            f"it runs on this machine), and only the supported architectures can be pruned: {supported}"
+        ]
+    return [
+        f"model_type {model_type!r} is not supported; supported: {supported} (read from "
+        f"{folder / 'config.json'}). Adding one means registering an Adapter in exporter/model/adapters.py"
+    ]
+
+
+def _local(path: str, base_model: str | None = None, trust_remote_code: bool = False) -> ResolvedModel:
+    folder = Path(path)
+    config = read_config(folder)
     weights = tuple(sorted(folder.glob("*.safetensors")))
     if not weights:
         found = sorted(p.name for p in folder.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt"})
         hint = f" (found {found}: pickle-based weights are not loaded; convert them to safetensors)" if found else ""
         raise ModelSourceError(f"model.path {path!r} holds no *.safetensors weights{hint}")
+    problems = config_problems(config, trust_remote_code, folder)
+    if problems:
+        raise UnsupportedModelError(problems[0])
     license_ = None
     card = folder / "README.md"
     if card.is_file():
@@ -80,7 +114,7 @@ def _local(path: str, base_model: str | None = None) -> ResolvedModel:
     return ResolvedModel(folder, None, base_model or str(folder), license_, weights)
 
 
-def _hub(repo_id: str, revision: str) -> ResolvedModel:
+def _hub(repo_id: str, revision: str, trust_remote_code: bool = False) -> ResolvedModel:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -92,16 +126,16 @@ def _hub(repo_id: str, revision: str) -> ResolvedModel:
             f"cannot download {repo_id}@{revision} from {endpoint}: {type(exc).__name__}: {exc}. "
             "Check the network, the repo id and revision, or download it yourself and use model.path"
         ) from None
-    return _local(folder, base_model=repo_id)
+    return _local(folder, base_model=repo_id, trust_remote_code=trust_remote_code)
 
 
 def resolve(spec: ModelSpec) -> ResolvedModel:
     if spec.embedded is not None:
         return _embedded(spec.embedded)
     if spec.path is not None:
-        return _local(spec.path)
+        return _local(spec.path, trust_remote_code=spec.trust_remote_code)
     assert spec.hub is not None
-    return _hub(spec.hub.repo_id, spec.hub.revision)
+    return _hub(spec.hub.repo_id, spec.hub.revision, spec.trust_remote_code)
 
 
 def file_digest(paths: tuple[Path, ...]) -> str:
@@ -130,7 +164,7 @@ def load(
     With `max_memory`, accelerate places the model (`device_map="auto"`) within that CPU budget and offloads
     the rest to `offload_dir`; offloaded parameters stay on the meta device and are read at each forward.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if trust_remote_code:
         log.warning("trust_remote_code is on: the model folder's own Python code will run")
@@ -140,17 +174,21 @@ def load(
     placed = placement(max_memory, offload_dir) if max_memory is not None and offload_dir is not None else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.folder, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(
+        model = load_exact(
             resolved.folder,
+            "the model",
+            ModelSourceError,
             torch_dtype=dtype,
             use_safetensors=None if resolved.gguf_file else True,
             **placed,
             **kwargs,
         )
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        hint = "check that the folder holds a complete checkpoint (config.json, *.safetensors, tokenizer files)"
+        if not trust_remote_code and "trust_remote_code" in str(exc):
+            hint = "the model needs its own code: set 'model.trust_remote_code: true' in the recipe if you trust it"
         raise ModelSourceError(
-            f"cannot load the model in {resolved.folder}: {type(exc).__name__}: {exc}; check that the folder holds "
-            "a complete checkpoint (config.json, *.safetensors, tokenizer files)"
+            f"cannot load the model in {resolved.folder}: {type(exc).__name__}: {exc}; {hint}"
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -204,3 +242,61 @@ def open_model(recipe: Recipe) -> Iterator[Loaded]:
         return
     with tempfile.TemporaryDirectory(prefix="persona-export-offload-") as tmp:
         yield load_model(recipe, Path(tmp))
+
+
+def load_exact(folder: Path, what: str, error: type[PersonaExportError], **kwargs: Any) -> Any:
+    """AutoModelForCausalLM.from_pretrained, refused unless the checkpoint matches its config exactly.
+
+    transformers fills a missing tensor, or one whose shape contradicts config.json, with random values and
+    only logs it; verification would then compare random against random. Here any missing, unexpected or
+    reshaped tensor raises `error` naming the tensors.
+    """
+    from transformers import AutoModelForCausalLM
+
+    loaded: Any = AutoModelForCausalLM.from_pretrained(
+        folder, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+    )
+    model, info = loaded  # (model, {"missing_keys": ..., "unexpected_keys": ..., "mismatched_keys": ...})
+    problems = loading_problems(model, info, Path(folder))
+    if problems:
+        raise error(
+            f"{what} in {folder} does not match its config.json: {'; '.join(problems)}. A checkpoint must hold exactly "
+            "the tensors its config.json describes (transformers would fill missing or reshaped ones with random "
+            "values); use the complete checkpoint written by save_pretrained, or re-export"
+        )
+    return model
+
+
+def _names(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def loading_problems(model: Any, info: dict[str, Any] | None, folder: Path) -> list[str]:
+    """Missing, unexpected and reshaped tensors reported by from_pretrained(output_loading_info=True)."""
+    if info is None:
+        return ["transformers reported nothing about the loaded tensors"]
+    problems = []
+    if info.get("missing_keys"):
+        keys = sorted(info["missing_keys"])
+        problems.append(f"{len(keys)} tensor(s) missing from the checkpoint ({_names(keys)})")
+    if info.get("unexpected_keys"):
+        keys = sorted(info["unexpected_keys"])
+        problems.append(f"{len(keys)} tensor(s) in the checkpoint that the model does not have ({_names(keys)})")
+    if info.get("mismatched_keys"):
+        keys = sorted(info["mismatched_keys"])
+        stored = _stored_shapes(folder, keys)
+        expected = {k: list(v.shape) for k, v in model.state_dict().items() if k in keys}
+        shown = [f"{k}: {stored.get(k, '?')} stored, {expected.get(k, '?')} by config.json" for k in keys[:6]]
+        more = f" and {len(keys) - 6} more" if len(keys) > 6 else ""
+        problems.append(f"{len(keys)} tensor(s) with another shape than config.json gives ({', '.join(shown)}{more})")
+    return problems
+
+
+def _stored_shapes(folder: Path, keys: list[str]) -> dict[str, list[int]]:
+    from exporter.model.checkpoint import SourceCheckpoint
+
+    try:
+        return {name: shape for name, _, shape in SourceCheckpoint(folder).shapes() if name in keys}
+    except (OSError, ValueError, KeyError, SafetensorError, ModelSourceError):
+        return {}

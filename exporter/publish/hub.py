@@ -23,6 +23,7 @@ from typing import Any
 
 from exporter import __version__
 from exporter.errors import ExportFolderError, HubError
+from exporter.inputs import path_kind
 from exporter.publish.modelcard import CardContext, render_card
 from exporter.recipe.push import OnnxMode, PushSpec, branch_problem, fill, onnx_repo_problem, repo_id_problem
 from exporter.reports.persona import PersonaReport, load_report
@@ -94,6 +95,8 @@ def load_export(folder: Path, onnx: OnnxMode = "same-repo") -> PersonaExport:
     folder = Path(folder)
     if not folder.is_dir():
         raise HubError(f"{str(folder)!r} is not a folder; pass a persona folder RUN_DIR/<persona>")
+    folder = folder.resolve()  # the persona folder itself; nothing outside it is read, whatever links say
+    inside_only(folder, ("report.json", "hf", *ONNX_FOLDERS))
     if (folder / "run.json").is_file():
         personas = sorted(p.parent.name for p in folder.glob("*/report.json"))
         raise HubError(
@@ -136,6 +139,41 @@ def load_export(folder: Path, onnx: OnnxMode = "same-repo") -> PersonaExport:
     if not report.passed:  # a format that is not pushed failed: the persona's status is "failed"
         raise failed
     return PersonaExport(folder, report, config, present)
+
+
+def inside_only(folder: Path, names: tuple[str, ...]) -> list[Path]:
+    """The regular files of `folder/name` (files or folders) for each name that exists, links not followed.
+
+    A symlink anywhere (even one pointing inside), a named pipe or a device refuses the push: what leaves the
+    machine is exactly the persona folder's own files.
+    """
+    problems: list[str] = []
+    files: list[Path] = []
+
+    def check(path: Path) -> None:
+        if path.is_symlink():
+            problems.append(f"{path} is a symlink (to {os.readlink(path)!r})")
+        elif path.is_file():
+            files.append(path)
+        elif not path.is_dir():
+            problems.append(f"{path} is {path_kind(path)}")
+
+    for name in names:
+        top = folder / name
+        if not top.exists() and not top.is_symlink():
+            continue
+        check(top)
+        if top.is_dir() and not top.is_symlink():
+            for root, dirs, names_ in os.walk(top, followlinks=False):
+                for entry in sorted(dirs + names_):
+                    check(Path(root) / entry)
+    if problems:
+        raise HubError(
+            f"{len(problems)} entr{'y' if len(problems) == 1 else 'ies'} in {str(folder)!r} would read outside "
+            f"its own files: {'; '.join(problems[:5])}. Links are never followed and only regular files are "
+            f"pushed: replace them with the files themselves (or re-run the export); {NOT_SENT}"
+        )
+    return sorted(files)
 
 
 def require_token() -> str:
@@ -212,7 +250,15 @@ def push_persona(folder: Path, options: PushOptions, *, dry_run: bool = False) -
 def push_run(run_dir: Path, spec: PushSpec) -> dict[str, list[PushResult]]:
     """Push every persona of a finished run whose status is "passed" (the recipe's `push:` section)."""
     run_dir = Path(run_dir)
-    statuses = {p.parent.name: load_report(p).status for p in sorted(run_dir.glob("*/report.json"))}
+    statuses = {}
+    for report in sorted(run_dir.glob("[!.]*/report.json")):  # not the hidden staging folders
+        if report.parent.is_symlink():
+            raise HubError(f"{report.parent} is a symlink; push reads only the run folder's own files ({NOT_SENT})")
+        inside_only(report.parent, ("report.json",))  # before it is read
+        try:
+            statuses[report.parent.name] = load_report(report).status
+        except ExportFolderError as e:
+            raise HubError(f"{e}, or push the other personas one by one with `persona-export push`") from None
     for name, status in statuses.items():
         if status != "passed":
             log.warning("%s: not pushed: verification status is %r (see its report.json)", name, status)
@@ -342,16 +388,18 @@ def _has_chat_template(folder: Path) -> bool:
 
 
 def _link_tree(src: Path, dst: Path) -> None:
-    """Hard-link (or copy, across file systems) `src` into `dst`; README.md is left out: it is generated."""
-
-    def link(s: str, d: str) -> str:
+    """Hard-link (or copy, across file systems) the regular files of `src` into `dst`, links never followed;
+    README.md is left out (it is generated), and so are hidden files."""
+    for path in inside_only(src.parent, (src.name,)):
+        rel = path.relative_to(src)
+        if rel.name == "README.md" or any(p.startswith(".") for p in rel.parts):
+            continue
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.link(s, d)
+            os.link(path, target, follow_symlinks=False)
         except OSError:
-            shutil.copy2(s, d)
-        return d
-
-    shutil.copytree(src, dst, copy_function=link, ignore=shutil.ignore_patterns("README.md", ".*"), dirs_exist_ok=True)
+            shutil.copyfile(path, target, follow_symlinks=False)
 
 
 def _files(folder: Path) -> dict[str, int]:

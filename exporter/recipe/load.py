@@ -1,4 +1,4 @@
-"""Recipes from YAML: read with `safe_load`, `key.path=value` overrides applied, relative paths resolved
+"""Recipes from YAML: read as plain data (no duplicate keys, no tags), `key.path=value` overrides applied, relative paths resolved
 against the recipe file's folder, then validated into the typed schema (exporter/recipe/schema.py).
 
 Every problem in a recipe is reported at once, each with its key path (`personas.introvert.calibration.path`).
@@ -6,6 +6,7 @@ Every problem in a recipe is reported at once, each with its key path (`personas
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ import yaml
 from pydantic import ValidationError
 
 from exporter.errors import RecipeError
+from exporter.inputs import DuplicateKeyError, file_problem, load_yaml
 from exporter.recipe.schema import Recipe, semantic_problems
 
 
@@ -20,11 +22,23 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "<top level>"
 
 
+def override_value(item: str, raw: str) -> Any:
+    """An override's value, read as YAML data (no tags, no duplicate keys); errors name the override."""
+    try:
+        return load_yaml(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise RecipeError(
+            f"override {item!r}: the value is not valid YAML ({problem}); quote it if it is text "
+            "(e.g. name='a: b'), or close its brackets (e.g. prune.mlp.sparsity=0.1, pairs=[[a, b]])"
+        ) from None
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `key.path=value` overrides; values are parsed as YAML scalars/lists."""
+    """Apply `key.path=value` overrides; values are parsed as YAML data (never with tags)."""
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key or "" in key.split("."):
             raise RecipeError(f"override {item!r}: expected KEY.PATH=VALUE, e.g. prune.mlp.sparsity=0.1")
         node: Any = data
         parts = key.split(".")
@@ -37,7 +51,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"override {item!r}: the parent of {parts[-1]!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = override_value(item, raw)
     return data
 
 
@@ -67,6 +81,48 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                 section["path"] = fix(section["path"])
 
 
+_EXPECTED = {  # pydantic error type -> what the key needs, in the recipe's words
+    "int_parsing": "a whole number",
+    "int_from_float": "a whole number",
+    "int_type": "a whole number",
+    "float_parsing": "a number",
+    "float_type": "a number",
+    "finite_number": "a finite number",
+    "bool_parsing": "true or false",
+    "bool_type": "true or false",
+    "string_type": "text",
+    "dict_type": "a mapping (key: value lines)",
+    "model_type": "a mapping (key: value lines)",
+    "model_attributes_type": "a mapping (key: value lines)",
+    "list_type": "a list ([a, b] or '- ' lines)",
+    "tuple_type": "a list ([a, b] or '- ' lines)",
+}
+
+
+def _schema_message(err: Any) -> str:
+    """One schema problem: unknown, missing, null, or of the wrong type, with what is expected."""
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        return "unknown key (misspelled? remove it or check the recipe reference in README.md)"
+    if kind == "missing":
+        return "required key is missing"
+    if value is None:
+        return "the key is present but has no value (null); give it a value, or remove the key if it is optional"
+    if kind in _EXPECTED:
+        hint = ""
+        if kind.startswith("int") and isinstance(value, str | float):
+            try:
+                number = float(value)
+            except ValueError:
+                number = math.nan
+            if math.isfinite(number) and number == int(number) and abs(number) < 1e9:
+                hint = f"; write it in plain digits: {int(number)}"
+            elif isinstance(value, str) and math.isfinite(number):
+                hint = f"; write a whole number in plain digits (e.g. 96): YAML reads {value} as text, not a number"
+        return f"expected {_EXPECTED[kind]}, got {type(value).__name__} {value!r}{hint}"
+    return f"{err['msg']} (got {value!r})"
+
+
 def parse_recipe(data: Any, base: Path, source: str = "<recipe>") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping at the top level, got {type(data).__name__}")
@@ -76,13 +132,7 @@ def parse_recipe(data: Any, base: Path, source: str = "<recipe>") -> Recipe:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (misspelled? remove it or check the recipe reference in README.md)"
-            elif err["type"] == "missing":
-                msg = "required key is missing"
-            else:
-                msg = f"{err['msg']} (got {err.get('input')!r})"
-            lines.append(f"  {_loc(err['loc'])}: {msg}")
+            lines.append(f"  {_loc(err['loc'])}: {_schema_message(err)}")
         raise RecipeError(f"{source}: {len(lines)} problem(s):\n" + "\n".join(lines)) from None
     problems = semantic_problems(recipe)
     if problems:
@@ -92,12 +142,18 @@ def parse_recipe(data: Any, base: Path, source: str = "<recipe>") -> Recipe:
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe {str(path)!r} does not exist; pass the path of a YAML recipe (see recipes/)")
+    problem = file_problem(path)
+    if problem is not None:
+        raise RecipeError(f"recipe {problem}; pass the path of a YAML recipe (see recipes/)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8-sig"))
+    except DuplicateKeyError as exc:
+        lines = "\n".join(f"  {p}" for p in exc.problems)
+        raise RecipeError(f"{path}: {len(exc.problems)} problem(s):\n{lines}") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read the recipe {path} ({exc.strerror})") from None
     if isinstance(data, dict):
         data = apply_overrides(data, overrides or [])
     return parse_recipe(data, path.parent.resolve(), source=str(path))

@@ -22,7 +22,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 OnnxMode = Literal["same-repo", "separate-repo", "none"]
-BRANCH = re.compile(r"^(?!.*\.\.)(?!refs/)[A-Za-z0-9][A-Za-z0-9._/-]{0,99}$")
+# used with fullmatch: `$` would also accept a trailing newline
+BRANCH = re.compile(r"(?!.*\.\.)(?!refs/)[A-Za-z0-9][A-Za-z0-9._/-]{0,99}")
 
 
 def repo_id_problem(repo_id: str) -> str | None:
@@ -44,7 +45,7 @@ def repo_id_problem(repo_id: str) -> str | None:
 
 def branch_problem(name: str) -> str | None:
     """Why `name` is not a branch to push to, or None when it is one."""
-    if BRANCH.match(name):
+    if BRANCH.fullmatch(name):
         return None
     return f"{name!r} is not a branch name (letters, digits, '.', '_', '-', '/'; e.g. 'main' or 'v1')"
 

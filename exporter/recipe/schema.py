@@ -12,11 +12,12 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from exporter.recipe.eval import EvalSpec
+from exporter.recipe.eval import EvalSpec, eval_problems
 from exporter.recipe.push import PushSpec
 
-SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
+# used with fullmatch: `$` would also accept a trailing newline
+SAFE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 EMBEDDED_MODELS = ("smollm2-135m-instruct",)
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
@@ -186,7 +187,7 @@ def semantic_problems(r: Recipe) -> list[str]:
             f"model: give exactly one of 'embedded', 'path', 'hub' (got {sources or 'none'}); "
             f"e.g. 'embedded: {EMBEDDED_MODELS[0]}'"
         )
-    if r.model.hub is not None and not COMMIT_SHA.match(r.model.hub.revision):
+    if r.model.hub is not None and not COMMIT_SHA.fullmatch(r.model.hub.revision):
         problems.append(
             f"model.hub.revision: {r.model.hub.revision!r} is not a 40-character commit sha; pin the exact "
             "commit so that runs are reproducible"
@@ -210,7 +211,7 @@ def semantic_problems(r: Recipe) -> list[str]:
         problems.append("personas: at least one persona is required")
     for name, p in r.personas.items():
         where = f"personas.{name}"
-        if not SAFE_NAME.match(name):
+        if not SAFE_NAME.fullmatch(name):
             problems.append(
                 f"{where}: {name!r} is not a safe folder name; use lowercase letters, digits, '-' or '_' "
                 "(at most 64 characters, starting with a letter or digit)"
@@ -267,6 +268,17 @@ def semantic_problems(r: Recipe) -> list[str]:
         )
     if r.prune.mlp is None and r.prune.attention is None:
         problems.append("prune: name at least one unit kind to prune ('mlp' and/or 'attention')")
+    elif r.method.steer == 0 and all(p.sparsity == 0 for p in (r.prune.mlp, r.prune.attention) if p is not None):
+        problems.append(
+            "prune: every sparsity is 0 and method.steer is 0, so each persona export would be the unpruned "
+            "model; give 'prune.mlp.sparsity' (or attention) a value above 0, or set method.steer"
+        )
+    if r.eval is not None:  # the eval section's cross-references, so that validate and run refuse the same
+        problems += eval_problems(r.eval, list(r.personas))
+    if r.tune is not None:  # the validation items are an eval section of their own
+        problems += [
+            p.replace("eval", "tune.validation", 1) for p in eval_problems(r.tune.validation, list(r.personas))
+        ]
     if len(set(r.output.formats)) != len(r.output.formats):
         problems.append(f"output.formats: duplicates in {r.output.formats}")
     if "onnx-int8" in r.output.formats and "onnx" not in r.output.formats:

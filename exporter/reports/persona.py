@@ -7,17 +7,18 @@ the layout changes; a report of a newer layout is refused with a message saying 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError, computed_field, field_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 from exporter.errors import ExportFolderError
+from exporter.inputs import read_json_object
 from exporter.io import write_json
 from exporter.recipe.schema import MethodSpec, PruneSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: `warnings`
 FILE = "report.json"
 
 
@@ -73,6 +74,17 @@ class Check(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
+    @model_validator(mode="after")
+    def _boolean_verdict(self) -> Check:
+        verdict = self.figures.get("passed")
+        if "passed" in self.figures and not isinstance(verdict, bool):
+            raise PydanticCustomError(
+                "verdict",
+                "must be true or false, got {kind} {value}",
+                {"kind": type(verdict).__name__, "value": repr(verdict)},
+            )
+        return self
+
     @property
     def figures(self) -> dict[str, Any]:
         return dict(self.model_extra or {})
@@ -102,6 +114,7 @@ class PersonaReport(Record):
     verification: dict[str, Check]
     timings_s: dict[str, float]
     versions: dict[str, str]
+    warnings: list[str] = []  # what a reader must know that the checks do not fail on (e.g. nothing removed)
     evaluation: dict[str, Any] | None = None  # added by the eval stage / `persona-export eval`
 
     @model_validator(mode="before")
@@ -134,12 +147,12 @@ class PersonaReport(Record):
 
 
 def load_report(path: Path) -> PersonaReport:
-    """Parse one report.json; a file that is not a persona report is an ExportFolderError naming the problem."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ExportFolderError(f"{path} is not valid JSON ({exc}); re-run the export") from None
-    if not isinstance(data, dict) or "persona" not in data:
+    """Parse one report.json; a file that is not a persona report is an ExportFolderError naming the problem.
+
+    Types are checked strictly: a `"true"` is not a verdict and a `"3"` not a count.
+    """
+    data = read_json_object(path, ExportFolderError, "re-run the export")
+    if "persona" not in data:
         raise ExportFolderError(f"{path} is not a persona report; re-run the export")
     version = data.get("schema_version", SCHEMA_VERSION)
     if isinstance(version, int) and version > SCHEMA_VERSION:
@@ -148,10 +161,28 @@ def load_report(path: Path) -> PersonaReport:
             "upgrade persona-export"
         )
     try:
-        return PersonaReport.model_validate(data)
+        return PersonaReport.model_validate(data, strict=True)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5])
-        raise ExportFolderError(f"{path} is not a complete persona report ({problems}); re-run the export") from None
+        raise ExportFolderError(
+            f"{path} does not follow the report schema ({'; '.join(schema_problems(exc)[:8])}); it was edited or "
+            "not written by persona-export: re-run the export"
+        ) from None
+
+
+def schema_problems(exc: ValidationError) -> list[str]:
+    """Each problem with its key path and, unless the key is missing, what was found."""
+    out = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "<top level>"
+        if err["type"] == "missing":
+            out.append(f"{where}: required key is missing")
+        elif err["type"] == "verdict":  # raised by Check for its `passed` figure
+            out.append(f"{where}.passed: {err['msg']}")
+        else:
+            value = err.get("input")
+            msg = err["msg"][:1].lower() + err["msg"][1:]
+            out.append(f"{where}: {msg}, got {type(value).__name__} {value!r}"[:200])
+    return out
 
 
 def read_report(folder: Path) -> PersonaReport:

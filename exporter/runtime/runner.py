@@ -48,10 +48,10 @@ class Runner:
             self.onnx = OnnxCausalLM.from_dir(folder)
             self.tokenizer = _tokenizer(folder, config["vocab_size"])
         else:
-            from transformers import AutoModelForCausalLM
+            from exporter.model.sources import load_exact
 
             folder = persona_dir / "hf"
-            self.model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+            self.model = load_exact(folder, "the export", ExportFolderError, torch_dtype=torch.float32).eval()
             self.tokenizer = _tokenizer(folder, self.model.config.vocab_size)
         self.eos = self.tokenizer.eos_token_id
 

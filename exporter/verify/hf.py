@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from exporter.errors import ExportFolderError
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.model.hooks import apply_channel_masks
@@ -152,13 +153,15 @@ def verify_export(
     The verdict is the float64 check's; without a float64 reference (`verify.layerwise`, proven layer by
     layer instead), `passed` is left to the caller.
     """
-    from transformers import AutoModelForCausalLM
+    from exporter.model.sources import load_exact
 
     figures: dict[str, Any] = {"thresholds": {"fp64_max_abs": fp64_max_abs, "greedy_tokens": greedy_tokens}}
     for dtype, name in ((torch.float64, "fp64"), (torch.float32, "fp32")):
         if dtype not in references:
             continue
-        export = AutoModelForCausalLM.from_pretrained(export_dir, torch_dtype=dtype, **(load_kwargs or {})).eval()
+        export = load_exact(
+            export_dir, "the export", ExportFolderError, torch_dtype=dtype, **(load_kwargs or {})
+        ).eval()
         ref = references[dtype]
         with masked(ref, adapter, mask):
             worst, mean = logit_difference(ref, export, prompts.all())

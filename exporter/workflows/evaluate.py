@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import OutputError, RecipeError
+from exporter.errors import ExportFolderError, OutputError, RecipeError
 from exporter.evaluation.conditions import evaluate_masks, prepare
-from exporter.masking.masks import PersonaMask
+from exporter.inputs import folder_problem, read_json_object
+from exporter.io import check_target, link_copy, staged
+from exporter.masking.masks import load_mask
 from exporter.model.sources import load_model
 from exporter.recipe.load import load_recipe, parse_recipe
 from exporter.reports.markdown import write_run_reports
@@ -20,19 +21,31 @@ def evaluate_run_dir(run_dir: Path, recipe_path: str | None = None) -> dict[str,
 
     Calibration data (for the leak check and the Wanda baseline) always come from the run's own recipe.
     """
-    if not (run_dir / "recipe.json").is_file():
-        raise OutputError(f"{str(run_dir)!r} is not a run folder (no recipe.json); pass the --out of a `run`")
-    recipe = parse_recipe(json.loads((run_dir / "recipe.json").read_text()), run_dir, str(run_dir / "recipe.json"))
+    fix = "pass the --out folder of a `run` (or re-run it)"
+    problem = folder_problem(run_dir)
+    if problem is not None:
+        raise OutputError(f"{problem}; {fix}")
+    if not (run_dir / "recipe.json").exists():
+        raise OutputError(f"{str(run_dir)!r} is not a run folder (no recipe.json); {fix}")
+    recipe = parse_recipe(
+        read_json_object(run_dir / "recipe.json", OutputError, fix), run_dir, str(run_dir / "recipe.json")
+    )
     spec = load_recipe(recipe_path).eval if recipe_path else recipe.eval
     if spec is None:
         raise RecipeError(f"{recipe_path or run_dir / 'recipe.json'}: no eval section; add one or pass --recipe")
     items = prepare(recipe, spec)
+    run_info = read_json_object(run_dir / "run.json", OutputError, fix)  # every file is read before the model
+    try:
+        reports = {p: read_report(run_dir / p) for p in recipe.personas}
+    except ExportFolderError as exc:
+        raise OutputError(f"{exc}; or {fix}") from None
+    masks = {p: load_mask(run_dir / p / "masks.safetensors") for p in recipe.personas}
+    check_target(run_dir, overwrite=True)  # the run folder can be written, before the model loads
     m = load_model(recipe)
-    run_info = json.loads((run_dir / "run.json").read_text())
     if run_info.get("model_sha256") != m.model_sha256:
         raise OutputError(f"{run_dir}: the run was made from another model file than the recipe now loads")
-    masks = {p: PersonaMask.load(run_dir / p / "masks.safetensors") for p in recipe.personas}
-    reports = {p: read_report(run_dir / p) for p in recipe.personas}
     evaluations = evaluate_masks(recipe, spec, items, m.model, m.tokenizer, m.adapter, masks)
-    write_run_reports(run_dir, recipe.name, evaluations, reports)
+    with staged(run_dir, overwrite=True) as stage:  # every report changes in one step, or none
+        link_copy(run_dir, stage)
+        write_run_reports(stage, recipe.name, evaluations, reports)
     return evaluations

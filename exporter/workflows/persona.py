@@ -56,6 +56,19 @@ def describe(mask: PersonaMask) -> str:
     return " and ".join(parts) + " per layer"
 
 
+def nothing_removed(mask: PersonaMask) -> list[str]:
+    """A warning when the mask removes no unit, scales none (soft masks) and adds no steering bias: the export
+    is then the unpruned model."""
+    steered = mask.steering is not None and bool(mask.steering.any())
+    scaled = any(s is not None and bool((s != 1).any()) for s in (mask.mlp_scale, mask.attn_scale))
+    if steered or scaled or any(units for k in ("mlp", "head", "group") for units in mask.removed(k)):
+        return []
+    return [
+        "the mask removes no unit (the sparsities round to 0 units per layer), scales none and adds no steering "
+        "bias: this export is the unpruned model, not a persona subnetwork; raise prune.mlp.sparsity (or attention)"
+    ]
+
+
 def write_checkpoint(m: Loaded, mask: PersonaMask, out: Path, dtype: str, timer: Timer, name: str) -> Written:
     """Prune and save: shard by shard from the source checkpoint when the model is not whole in memory."""
     t = time.perf_counter()
@@ -129,6 +142,9 @@ def export_persona(
     log.info("%s: verifying the export against the masked model (float64 and fp32)", name)
     figures = verify_checkpoint(recipe, m, mask, folder / "hf", references, prompts, name)
     timer.add(f"verify_hf.{name}", t)
+    warnings = nothing_removed(mask)
+    for warning in warnings:
+        log.warning("%s: NOTHING WAS REMOVED: %s", name, warning)
     onnx_timings: dict[str, float] = {}
     onnx: dict[str, Any] = {}
     if figures["passed"]:  # ONNX is made from the proven checkpoint only
@@ -136,7 +152,7 @@ def export_persona(
         reference = references[torch.float32]
         onnx = onnx_stage(folder, formats, reference, m.adapter, mask, prompts, recipe.verify, onnx_timings)
     timings = {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")} | onnx_timings
-    report = persona_report(recipe, name, m, mask, stats_info, written, {"hf": figures, **onnx}, timings)
+    report = persona_report(recipe, name, m, mask, stats_info, written, {"hf": figures, **onnx}, timings, warnings)
     write_report(folder, report)
     if not figures["passed"]:
         log.error(
@@ -156,6 +172,7 @@ def persona_report(
     written: Written,
     verification: dict[str, Any],
     timings: dict[str, float],
+    warnings: list[str],
 ) -> PersonaReport:
     element = torch.tensor([], dtype=DTYPES[recipe.output.dtype]).element_size()
     weights_bytes = sum(size for f, size in written.files.items() if f.endswith(".safetensors"))
@@ -197,4 +214,5 @@ def persona_report(
         verification={k: Check(**v) for k, v in verification.items()},
         timings_s=timings,
         versions=versions(),
+        warnings=warnings,
     )

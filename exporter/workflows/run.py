@@ -24,7 +24,7 @@ from exporter.recipe.schema import Recipe
 from exporter.reports.provenance import Timer, versions
 from exporter.verify.hf import build_prompts, references
 from exporter.workflows.persona import export_persona
-from exporter.workflows.validate import validate
+from exporter.workflows.validate import check_limits, validate
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def run(
     recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | None = None, use_cache: bool = True
 ) -> dict[str, Any]:
     """Run the whole pipeline into `out` (atomically). Returns the run summary (also in run.json)."""
-    eval_items = validate(recipe).items  # data problems surface before the model loads
+    eval_items = validate(recipe, reuse).items  # what `persona-export validate` checks, before the model loads
     check_target(out, overwrite)
     if recipe.model.max_memory is not None:
         # bounded memory: the float64 proof is layer by layer, calibration reads one layer at a time
@@ -50,6 +50,8 @@ def run(
         if recipe.output.dtype == "auto":  # the source checkpoint's dtype
             recipe = recipe.model_copy(update={"output": recipe.output.resolved(checkpoint_dtype(m.resolved.folder))})
         timer.add("load", t)
+        prompts = build_prompts(m.tokenizer, recipe.verify.prompts)
+        check_limits(recipe, m.model.config.to_dict(), max(len(ids[0]) for ids, _ in prompts.singles))
         with staged(out, overwrite) as stage:
             stats, infos = statistics_into(stage, recipe, m, reuse, timer, use_cache)
             t = time.perf_counter()
@@ -57,7 +59,6 @@ def run(
             masks = with_biases(recipe, masks, stats, m.model, m.adapter, DTYPES[recipe.output.dtype])
             timer.add("score", t)
             refs = references(m, DTYPES[recipe.output.dtype], exact=not recipe.verify.layerwise)
-            prompts = build_prompts(m.tokenizer, recipe.verify.prompts)
             reports = {
                 name: export_persona(recipe, name, m, masks[name], infos[name], refs, prompts, stage, timer)
                 for name in recipe.personas

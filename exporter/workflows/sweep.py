@@ -4,6 +4,7 @@ baselines; one table and one plot."""
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,47 @@ from exporter.workflows.validate import validate
 log = logging.getLogger(__name__)
 
 
+def parse_sparsities(text: str) -> list[float]:
+    """`--sparsity 0.01,0.02`: fractions in [0, 1), each given once; every problem is reported at once."""
+    values: list[float] = []
+    problems: list[str] = []
+    for i, item in enumerate(text.split(","), 1):
+        item = item.strip()
+        if not item:
+            problems.append(f"item {i} is empty")
+            continue
+        try:
+            value = float(item)
+        except ValueError:
+            problems.append(f"item {i} ({item!r}) is not a number")
+            continue
+        if not math.isfinite(value) or not 0.0 <= value < 1.0:
+            problems.append(f"item {i} ({item!r}) is not a fraction in [0, 1)")
+        elif value in values:
+            problems.append(f"item {i} ({item!r}) repeats an earlier value")
+        else:
+            values.append(value)
+    if problems:
+        raise RecipeError(
+            f"--sparsity {text!r}: {'; '.join(problems)}; give fractions separated by commas, e.g. 0.01,0.02,0.05"
+        )
+    return values
+
+
+def check_sweep(recipe: Recipe, sparsities: list[float], unit: str) -> None:
+    """Before anything is loaded: an eval section, some values, and no point that removes nothing."""
+    if recipe.eval is None:
+        raise RecipeError("sweep: the recipe has no eval section; add one (see recipes/*-shared-eval.yaml)")
+    if not sparsities:
+        raise RecipeError("sweep: no sparsity given; pass e.g. --sparsity 0.01,0.02,0.05")
+    other = recipe.prune.attention if unit == "mlp" else recipe.prune.mlp
+    if 0.0 in sparsities and (other is None or other.sparsity == 0) and recipe.method.steer == 0:
+        raise RecipeError(
+            "--sparsity: 0 with no other unit pruned and no steering removes nothing (the dense model is already "
+            "the baseline of every point); leave 0 out"
+        )
+
+
 def with_sparsity(prune: PruneSpec, unit: str, sparsity: float) -> PruneSpec:
     """The recipe's prune section with the MLP (or attention) sparsity replaced."""
     if unit == "mlp":
@@ -52,12 +94,12 @@ def sweep(
     reuse: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Evaluate the recipe's method at each sparsity; writes report.json, report.md and sweep.png to `out`."""
+    check_sweep(recipe, sparsities, unit)
     spec = recipe.eval
-    if spec is None:
-        raise RecipeError("sweep: the recipe has no eval section; add one (see recipes/*-shared-eval.yaml)")
-    check_target(out, overwrite)
-    items = validate(recipe).items
+    assert spec is not None
+    items = validate(recipe, reuse).items  # what `persona-export validate` checks
     assert items is not None  # the recipe has an eval section
+    check_target(out, overwrite)
     m = load_model(recipe)
     timer = Timer()
     stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.personas}

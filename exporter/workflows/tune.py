@@ -39,6 +39,7 @@ from exporter.recipe.schema import Recipe
 from exporter.reports.markdown import md_table, save_png
 from exporter.reports.provenance import Timer
 from exporter.workflows.sweep import with_sparsity
+from exporter.workflows.validate import tune_validation, validate
 
 log = logging.getLogger(__name__)
 
@@ -92,8 +93,9 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         raise RecipeError("tune: the recipe needs a 'tune' section (grid + validation items) and an 'eval' section")
     if spec.validation.paired is None or spec.validation.neutral is None:
         raise RecipeError("tune.validation: give 'paired' and 'neutral' (the shift and the perplexity it ranks by)")
+    validate(recipe, reuse)  # what `persona-export validate` checks, before the model loads
     check_target(out, overwrite)
-    validation = spec.validation.model_copy(update={"baselines": [], "replies": None, "statements": None})
+    validation = tune_validation(spec)
     val_items, test_items = prepare(recipe, validation), prepare(recipe, recipe.eval)
     check_disjoint_splits(val_items, test_items)
     m = load_model(recipe)

@@ -34,7 +34,6 @@ from exporter.recipe.eval import EvalSpec
 from exporter.recipe.load import load_recipe
 from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
 from exporter.verify.hf import masked
-from exporter.workflows.validate import validate
 from tests.helpers import (
     NEUTRAL,
     REPO,
@@ -253,9 +252,9 @@ def test_shared_eval_recipe_matches_the_demo_and_has_no_leaks() -> None:
 def test_eval_section_is_strict(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match=r"eval\.paired\.max_itemz: unknown key"):
         tiny_recipe(tmp_path, paired=eval_section(tmp_path)["paired"] | {"max_itemz": 3})
-    recipe = tiny_recipe(tmp_path, system_prompts={"ambivert": "hi"})
     with pytest.raises(RecipeError, match=r"eval\.system_prompts\.ambivert: unknown persona"):
-        validate(recipe)  # what `persona-export validate` and `run` both check before loading a model
+        tiny_recipe(tmp_path, system_prompts={"ambivert": "hi"})  # refused with the recipe, as `validate` does
+    recipe = tiny_recipe(tmp_path)
     assert Path(recipe.eval.neutral.path).is_absolute() and Path(recipe.eval.paired.path).is_file()
     assert EvalSpec().random_seeds >= 3
 

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
-from exporter.errors import ModelSourceError
+from exporter.errors import ExportFolderError, ModelSourceError
 from exporter.model import sources
+from exporter.recipe.load import load_recipe
 from exporter.recipe.schema import HubSource, ModelSpec
-from tests.helpers import smollm2_available
-
-SHA = "0123456789abcdef0123456789abcdef01234567"
+from tests.helpers import (
+    SHA,
+    expect,
+    make_report,
+    smollm2_available,
+    snapshot,
+    tiny_model,
+    tiny_tokenizer,
+    write_recipe,
+)
 
 
 def test_hub_source_downloads_the_pinned_revision(monkeypatch, tiny_llama_dir: Path) -> None:  # type: ignore[no-untyped-def]
@@ -61,7 +76,6 @@ def test_embedded_package_missing_is_a_clear_error(monkeypatch) -> None:  # type
 
 
 def test_remote_code_runs_only_when_asked_and_with_a_warning(tiny_llama_dir: Path, monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
-    import logging
 
     import transformers
 
@@ -79,3 +93,103 @@ def test_remote_code_runs_only_when_asked_and_with_a_warning(tiny_llama_dir: Pat
     assert seen == [False] and "trust_remote_code" not in caplog.text
     sources.load(resolved, trust_remote_code=True)
     assert seen == [False, True] and "trust_remote_code is on" in caplog.text
+
+
+# -- a checkpoint must match its config exactly (sources and exports) --
+
+TENSOR_EDITS: dict[str, tuple[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], str]] = {
+    "only-embeddings": (lambda sd: {k: v for k, v in sd.items() if "embed" in k}, "missing from the checkpoint"),
+    "one-tensor-missing": (
+        lambda sd: {k: v for k, v in sd.items() if k != "model.layers.1.mlp.down_proj.weight"},
+        "1 tensor(s) missing from the checkpoint (model.layers.1.mlp.down_proj.weight)",
+    ),
+    "a-norm-missing": (
+        lambda sd: {k: v for k, v in sd.items() if k != "model.norm.weight"},
+        "(model.norm.weight)",
+    ),
+    "unexpected-tensor": (
+        lambda sd: {**sd, "model.layers.7.mlp.up_proj.weight": torch.zeros(4, 4)},
+        "the model does not have (model.layers.7.mlp.up_proj.weight)",
+    ),
+    "reshaped-tensor": (
+        lambda sd: {**sd, "model.layers.0.mlp.up_proj.weight": torch.zeros(50, 64)},
+        "model.layers.0.mlp.up_proj.weight: [50, 64] stored, [96, 64] by config.json",
+    ),
+    "reshaped-and-missing": (
+        lambda sd: {
+            **{k: v for k, v in sd.items() if "layers.1.self_attn" not in k},
+            "model.layers.0.self_attn.k_proj.weight": torch.zeros(16, 64),
+        },
+        "4 tensor(s) missing",
+    ),
+}
+
+
+def tampered_checkpoint(folder: Path, edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> Path:
+    weights = folder / "model.safetensors"
+    save_file(edit(load_file(str(weights))), str(weights), metadata={"format": "pt"})
+    return folder
+
+
+def test_a_complete_checkpoint_loads(tiny_llama_dir: Path) -> None:
+    """The check must not refuse a good checkpoint (tied LM head, stored once)."""
+    model = sources.load_exact(tiny_llama_dir, "the model", ModelSourceError, dtype=torch.float32)
+    assert model.config.tie_word_embeddings and "lm_head.weight" not in load_file(
+        str(tiny_llama_dir / "model.safetensors")
+    )
+
+
+def test_a_config_that_contradicts_the_weights_is_refused(tiny_llama_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    (tiny_llama_dir / "config.json").write_text(json.dumps(config | {"intermediate_size": 80}))
+    with pytest.raises(ModelSourceError, match=r"\[96, 64\] stored, \[80, 64\] by config\.json"):
+        sources.load(sources.resolve(load_recipe(write_recipe(tiny_llama_dir.parent, tiny_llama_dir)).model))
+
+
+@pytest.mark.parametrize("case", sorted(TENSOR_EDITS))
+def test_a_source_checkpoint_must_match_its_config(
+    case: str, tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    edit, message = TENSOR_EDITS[case]
+    tampered_checkpoint(tiny_llama_dir, edit)
+    recipe = write_recipe(tmp_path, tiny_llama_dir)
+    before = snapshot(tmp_path)
+    text = expect(["run", str(recipe), "--out", str(tmp_path / "out")], ModelSourceError, message, capsys)
+    assert "does not match its config.json" in text
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", sorted(TENSOR_EDITS))
+def test_an_export_checkpoint_must_match_its_config(case: str, tmp_path: Path, tiny_llama_dir: Path) -> None:
+    edit, message = TENSOR_EDITS[case]
+    persona = tmp_path / "run" / "introvert"
+    shutil.copytree(tiny_llama_dir, persona / "hf")
+    (persona / "report.json").write_text(json.dumps(make_report("introvert")))
+    tampered_checkpoint(persona / "hf", edit)
+    from exporter.runtime.runner import Runner
+    from exporter.verify.hf import build_prompts, verify_export
+
+    with pytest.raises(ExportFolderError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        Runner(persona, "torch")
+    model = tiny_model("llama")
+    adapter = sources_adapter(model)
+    from exporter.masking.masks import PersonaMask
+
+    mask = PersonaMask("introvert", adapter.geometry(model.config), None, None, None)
+    with pytest.raises(ExportFolderError, match=r"the export in .* does not match its config\.json"):
+        verify_export(
+            {torch.float32: model},
+            adapter,
+            mask,
+            persona / "hf",
+            build_prompts(tiny_tokenizer()),
+            pad_id=0,
+            greedy_tokens=2,
+            fp64_max_abs=1e-6,
+        )
+
+
+def sources_adapter(model: Any) -> Any:
+    from exporter.model.adapters import adapter_for
+
+    return adapter_for(model.config)

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,13 @@ import yaml
 from huggingface_hub import ModelCard
 
 from exporter.cli import main
-from exporter.errors import HubError, RecipeError
+from exporter.errors import HubError, PersonaExportError, RecipeError
 from exporter.publish.hub import PushOptions, push_persona, push_run
 from exporter.publish.modelcard import CardContext, render_card
 from exporter.recipe.load import parse_recipe
 from exporter.recipe.push import PushSpec
 from exporter.reports.persona import PersonaReport
-from tests.helpers import BASE, make_report, tiny_model, tiny_tokenizer, write_recipe
+from tests.helpers import BASE, expect, make_report, tiny_model, tiny_tokenizer, write_recipe
 from tests.helpers import REPO as ROOT
 from tests.publish.hubserver import FakeHub
 
@@ -552,3 +553,120 @@ def test_card_shows_the_evaluation_as_persona_export_eval_writes_it() -> None:
     assert "| mask-only | 0.01M (25.0%) | – | +0.250 [+0.100, +0.400] |" in text
     report["evaluation"] = {"rows": "not a list of conditions", "accuracy": 0.9}  # another layout
     assert "| rows | not a list of conditions |" in render_card(PersonaReport.model_validate(report), ctx).text
+
+
+# -- push reads nothing outside the persona folder, and checks report.json against its schema --
+
+
+def _outside(tmp: Path) -> Path:
+    secret = tmp / "outside" / "secret.txt"
+    secret.parent.mkdir(exist_ok=True)
+    secret.write_text("not for upload")
+    return secret
+
+
+PUSH_LINKS: dict[str, Callable[[Path, Path], None]] = {
+    "file-link-to-outside": lambda p, t: (p / "hf" / "notes.txt").symlink_to(_outside(t)),
+    "folder-link-to-outside": lambda p, t: (p / "hf" / "extra").symlink_to(_outside(t).parent),
+    "nested-link-to-outside": lambda p, t: (
+        (p / "hf" / "sub").mkdir(),
+        (p / "hf" / "sub" / "deep.txt").symlink_to(_outside(t)),
+    ),
+    "link-to-etc-passwd": lambda p, t: (p / "hf" / "passwd").symlink_to("/etc/passwd"),
+    "weights-are-a-link": lambda p, t: (
+        shutil.move(p / "hf" / "model.safetensors", t / "outside.safetensors"),
+        (p / "hf" / "model.safetensors").symlink_to(t / "outside.safetensors"),
+    ),
+    "hf-is-a-link": lambda p, t: (shutil.move(p / "hf", t / "elsewhere-hf"), (p / "hf").symlink_to(t / "elsewhere-hf")),
+    "onnx-is-a-link": lambda p, t: (p / "onnx").symlink_to(_outside(t).parent),
+    "report-is-a-link": lambda p, t: (
+        shutil.move(p / "report.json", t / "report.json"),
+        (p / "report.json").symlink_to(t / "report.json"),
+    ),
+    "link-inside-the-folder": lambda p, t: (p / "hf" / "copy.json").symlink_to(p / "hf" / "config.json"),
+    "broken-link": lambda p, t: (p / "hf" / "gone.txt").symlink_to(t / "nothing-here"),
+    "named-pipe": lambda p, t: os.mkfifo(p / "hf" / "pipe"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PUSH_LINKS))
+def test_push_reads_nothing_outside_the_persona_folder(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    checkpoint = tmp_path / "ckpt"
+    tiny_model("llama").save_pretrained(checkpoint)
+    tiny_tokenizer().save_pretrained(checkpoint)
+    persona = make_persona(tmp_path / "run", checkpoint)
+    PUSH_LINKS[case](persona, tmp_path)
+    opened: list[str] = []
+    real_open = Path.open
+
+    def spy(self: Path, *args: Any, **kwargs: Any) -> Any:
+        opened.append(str(self))
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", spy)
+    for argv in (["push", str(persona), "--repo-id", REPO, "--dry-run"], ["push", str(persona), "--repo-id", REPO]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Links are never followed" in err and "nothing was sent" in err, err
+    assert not any("outside" in p or "elsewhere" in p for p in opened), opened
+
+
+REPORT_EDITS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    ("passed-as-text", lambda r: r["verification"]["hf"].update(passed="true"), "verification.hf.passed"),
+    ("passed-as-one", lambda r: r["verification"]["hf"].update(passed=1), "verification.hf.passed"),
+    # a stored `status` is not read: PersonaReport computes it from the verdicts
+    ("persona-number", lambda r: r.update(persona=3), "persona: input should be a valid string"),
+    ("parameters-text", lambda r: r["parameters"].update(dense="20000"), "parameters.dense"),
+    ("base-model-missing", lambda r: r.pop("base_model"), "base_model: required key is missing"),
+    ("geometry-null", lambda r: r.update(geometry=None), "geometry:"),
+    ("onnx-passed-text", lambda r: r["verification"].update(onnx={"passed": "yes"}), "verification.onnx.passed"),
+]
+
+
+@pytest.mark.parametrize("case", REPORT_EDITS, ids=[c[0] for c in REPORT_EDITS])
+def test_push_checks_the_report_schema(
+    case: tuple[str, Callable[[dict[str, Any]], None], str], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    checkpoint = tmp_path / "ckpt"
+    tiny_model("llama").save_pretrained(checkpoint)
+    tiny_tokenizer().save_pretrained(checkpoint)
+    persona = make_persona(tmp_path / "run", checkpoint)
+    report = json.loads((persona / "report.json").read_text())
+    case[1](report)
+    (persona / "report.json").write_text(json.dumps(report))
+    text = expect(
+        ["push", str(persona), "--repo-id", REPO, "--dry-run"], PersonaExportError, "does not follow the report", capsys
+    )
+    assert case[2] in text and "verification failed" not in text
+
+
+@pytest.mark.parametrize("link", ["report", "persona-folder"])
+def test_push_section_reads_no_report_through_a_link(link: str, tmp_path: Path) -> None:
+    from exporter.errors import HubError
+    from exporter.publish.hub import push_run
+    from exporter.recipe.push import PushSpec
+
+    checkpoint = tmp_path / "ckpt"
+    tiny_model("llama").save_pretrained(checkpoint)
+    tiny_tokenizer().save_pretrained(checkpoint)
+    run = tmp_path / "run"
+    persona = make_persona(run, checkpoint)
+    if link == "report":
+        shutil.move(persona / "report.json", tmp_path / "outside.json")
+        (persona / "report.json").symlink_to(tmp_path / "outside.json")
+    else:
+        shutil.move(persona, tmp_path / "elsewhere")
+        persona.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(HubError, match="symlink"):
+        push_run(run, PushSpec(repo_id="org/tiny-{persona}"))
+
+
+@pytest.mark.parametrize("revision", ["main\n", "v1\n", "main\r"])
+def test_push_revision_is_matched_whole(revision: str, tmp_path: Path) -> None:
+    from exporter.errors import HubError
+    from exporter.publish.hub import PushOptions, check_options
+
+    with pytest.raises(HubError, match="is not a branch name"):
+        check_options(PushOptions(repo_id="org/name", revision=revision))

@@ -30,8 +30,8 @@ def test_status_is_computed_from_every_check(tmp_path: Path) -> None:
     ("change", "message"),
     [
         ({"schema_version": SCHEMA_VERSION + 1}, "newer than this persona-export reads"),
-        ({"parameters": None}, "is not a complete persona report (parameters"),
-        ({"persona": None, "verification": None}, "is not a complete persona report"),
+        ({"parameters": None}, "does not follow the report schema (parameters: "),
+        ({"persona": None, "verification": None}, "does not follow the report schema"),
     ],
 )
 def test_reports_that_cannot_be_read_are_refused(tmp_path: Path, change: dict, message: str) -> None:
@@ -50,3 +50,7 @@ def test_importing_the_pipeline_leaves_matplotlib_alone() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "False"
+
+
+def test_report_warnings_are_part_of_the_schema() -> None:
+    assert SCHEMA_VERSION >= 2 and PersonaReport.model_fields["warnings"].default == []

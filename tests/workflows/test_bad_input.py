@@ -3,7 +3,6 @@ exits non-zero through the CLI, and leaves the output location exactly as it was
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from exporter.errors import (
     RecipeError,
     UnsupportedModelError,
 )
-from tests.helpers import RECIPE_CASES, Case, cal, data_file, tiny_model, tiny_tokenizer, write_recipe
+from tests.helpers import RECIPE_CASES, Case, cal, data_file, snapshot, tiny_model, tiny_tokenizer, write_recipe
 
 
 def model_dir(tmp: Path, kind: str) -> str:
@@ -101,7 +100,7 @@ CASES = [
     Case(
         "model-not-a-folder",
         ModelSourceError,
-        "is not a Hugging Face model folder",
+        "does not exist; point it at a Hugging Face model folder",
         lambda d, t: d.update(model={"path": str(t / "nothing")}),
     ),
     Case(
@@ -119,7 +118,7 @@ CASES = [
     Case(
         "model-corrupt-config",
         ModelSourceError,
-        "cannot load the model",
+        "config.json is not valid JSON",
         lambda d, t: d.update(model={"path": model_dir(t, "corrupt-config")}),
     ),
     Case(
@@ -140,13 +139,6 @@ CASES = [
     Case("out-is-a-file", OutputError, "exists; pass --overwrite", out=a_file),
     Case("out-under-a-file", OutputError, "cannot create", out=lambda t: a_file(t) / "run"),
 ]
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-        for p in sorted(folder.rglob("*"))
-    }
 
 
 def test_the_table_is_large() -> None:
@@ -183,3 +175,15 @@ def test_bad_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture
         main(argv)
     assert exit_.value.code == 2
     assert "usage: persona-export" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "-100", "abc", "1.5", ""])
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_max_new_tokens_must_be_positive(
+    value: str, command: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    argv = [command, str(tmp_path), "--max-new-tokens", value] + (["--prompt", "hi"] if command == "generate" else [])
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert "--max-new-tokens" in capsys.readouterr().err

@@ -14,7 +14,8 @@ from exporter.cli import dispatch, main
 from exporter.errors import ExportFolderError, OnnxModelError, OutputError
 from exporter.runtime.chat import prompt_ids
 from exporter.runtime.runner import Runner
-from tests.helpers import REPO, write_recipe
+from tests.helpers import REPO, expect, snapshot, tiny_model, tiny_tokenizer, write_recipe
+from tests.publish.test_push import make_persona
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +118,81 @@ def test_mismatched_tokenizer_is_refused(onnx_run: Path, tmp_path: Path) -> None
     tok.save_pretrained(persona / "hf")
     with pytest.raises(ExportFolderError, match="do not belong together"):
         Runner(persona, "torch")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_overwrite_is_staged_and_an_interruption_keeps_the_verified_onnx(
+    onnx_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import exporter.workflows.onnx_stage
+
+    run = tmp_path / "run"
+    shutil.copytree(onnx_run, run)
+    folder = run / "introvert"
+    before = _files(folder)
+    real = exporter.workflows.onnx_stage.onnx_stage
+
+    def interrupted(stage: Path, *args: object, **kwargs: object) -> None:
+        assert stage != folder  # the new export is built elsewhere
+        (stage / "onnx").mkdir()
+        (stage / "onnx" / "model.onnx").write_bytes(b"half an export")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter.workflows.onnx_stage, "onnx_stage", interrupted)
+    assert main(["export", str(folder), "--format", "onnx", "--overwrite"]) == 130
+    assert _files(folder) == before
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in onnx_run.iterdir())  # nothing hidden left
+
+    monkeypatch.setattr(exporter.workflows.onnx_stage, "onnx_stage", real)
+    (folder / "onnx" / "stale.txt").write_text("from the old export")
+    assert main(["export", str(folder), "--format", "onnx", "--overwrite"]) == 0
+    after = _files(folder)
+    report = json.loads(after["report.json"])
+    assert report["verification"]["onnx"]["passed"] and "onnx/stale.txt" not in after
+    assert {k: v for k, v in after.items() if k.startswith(("hf/", "onnx-int8/", "masks"))} == {
+        k: v for k, v in before.items() if k.startswith(("hf/", "onnx-int8/", "masks"))
+    }
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in onnx_run.iterdir())
+
+
+def test_export_overwrite_killed_by_sigterm_leaves_the_persona_as_it_was(onnx_run: Path, tmp_path: Path) -> None:
+    import signal
+
+    from tests.workflows.test_interrupt import kill_at
+
+    run = tmp_path / "run"
+    shutil.copytree(onnx_run, run)
+    folder = run / "introvert"
+    before = _files(folder)
+    cmd = [sys.executable, "-m", "exporter", "export", str(folder), "--format", "onnx-int8", "--overwrite"]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        bufsize=1,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    err = kill_at(proc, "verifying ONNX", signal.SIGTERM)
+    assert proc.returncode == 130, err
+    assert _files(folder) == before
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in onnx_run.iterdir())
+
+
+def test_export_overwrite_refuses_a_symlinked_onnx_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    checkpoint = tmp_path / "ckpt"
+    tiny_model("llama").save_pretrained(checkpoint)
+    tiny_tokenizer().save_pretrained(checkpoint)
+    persona = make_persona(tmp_path / "run", checkpoint)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "model.onnx").write_text("keep me")
+    (persona / "onnx").symlink_to(tmp_path / "elsewhere")
+    before = snapshot(tmp_path)
+    for fmt in ("onnx", "onnx-int8"):
+        argv = ["export", str(persona), "--format", fmt, "--overwrite"]
+        expect(argv, OutputError, "onnx is a symlink (to", capsys)
+    assert snapshot(tmp_path) == before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -10,10 +11,11 @@ import pytest
 import yaml
 
 from exporter.cli import main
-from exporter.errors import RecipeError
+from exporter.errors import OutputError, RecipeError
+from exporter.evaluation.items import EvalDataError
 from exporter.recipe.load import load_recipe
 from exporter.workflows.tune import grid
-from tests.helpers import NEUTRAL, write_pair_data, write_recipe
+from tests.helpers import NEUTRAL, edited_recipe, expect, with_eval, write_pair_data, write_recipe
 
 
 def _paired(path: Path) -> dict[str, Any]:
@@ -88,3 +90,94 @@ def test_grid_covers_every_combination(tmp_path: Path, tiny_llama_dir: Path) -> 
         for r in grid(recipe)
     }
     assert len(settings) == 32 and (0.25, 1.0, "personas", 0.5, 2.0) in settings
+
+
+# -- the tune section and --reuse-stats, checked before a model loads --
+
+
+def _write(path: Path, content: bytes) -> Path:
+    path.write_bytes(content)
+    return path
+
+
+def _tune(tmp_path: Path, **validation: Any) -> dict[str, Any]:
+    pairs = write_pair_data(tmp_path / "validation.jsonl", n=8, seed=5)
+    paired = {
+        "path": str(pairs),
+        "prompt_field": "prompt",
+        "responses": {"introvert": {"field": "introvert"}, "extravert": {"field": "extravert"}},
+        "max_items": 4,
+    }
+    return {"sparsity": [0.0, 0.25], "steer": [0.0, 1.0], "validation": {"paired": paired} | validation}
+
+
+TUNE_CASES: list[tuple[str, Callable[[dict[str, Any], Path], None], type[Exception], str]] = [
+    (
+        "unknown-persona",
+        lambda d, t: d["tune"]["validation"].update(system_prompts={"ambivert": "hi"}),
+        RecipeError,
+        "tune.validation.system_prompts.ambivert: unknown persona",
+    ),
+    (
+        "missing-file",
+        lambda d, t: d["tune"]["validation"]["paired"].update(path=str(t / "gone.jsonl")),
+        EvalDataError,
+        "does not exist",
+    ),
+    (
+        "not-utf8",
+        lambda d, t: (
+            _write(t / "bad.jsonl", b'{"prompt": "caf\xe9"}\n'),
+            d["tune"]["validation"]["paired"].update(path=str(t / "bad.jsonl")),
+        ),
+        EvalDataError,
+        "not UTF-8 text",
+    ),
+    (
+        "folder",
+        lambda d, t: ((t / "d.jsonl").mkdir(), d["tune"]["validation"]["paired"].update(path=str(t / "d.jsonl"))),
+        EvalDataError,
+        "is a folder, not a regular file",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", TUNE_CASES, ids=[c[0] for c in TUNE_CASES])
+@pytest.mark.parametrize("command", ["validate", "tune"])
+@pytest.mark.usefixtures("no_model_load")
+def test_the_tune_section_is_checked_before_any_model_loads(
+    case: tuple[str, Callable[[dict[str, Any], Path], None], type[Exception], str],
+    command: str,
+    tmp_path: Path,
+    tiny_llama_dir: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    _, change, error, message = case
+
+    def edit(d: dict[str, Any], t: Path) -> None:
+        with_eval()(d, t)
+        d["tune"] = _tune(t, neutral=d["eval"]["neutral"])
+        change(d, t)
+
+    recipe = edited_recipe(tmp_path, tiny_llama_dir, edit)
+    argv = [command, str(recipe), *(["--out", str(tmp_path / "out")] if command == "tune" else [])]
+    expect(argv, error, message, capsys)  # type: ignore[arg-type]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("content", [b"not statistics", b""])
+@pytest.mark.usefixtures("no_model_load")
+def test_tune_refuses_a_corrupt_reuse_stats_file_before_loading(
+    content: bytes, tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    def edit(d: dict[str, Any], t: Path) -> None:
+        with_eval()(d, t)
+        d["tune"] = _tune(t, neutral=d["eval"]["neutral"])
+
+    recipe = edited_recipe(tmp_path, tiny_llama_dir, edit)
+    old = tmp_path / "old"
+    (old / "stats").mkdir(parents=True)
+    (old / "stats" / "introvert.safetensors").write_bytes(content)
+    (old / "stats" / "introvert.json").write_text("{}")
+    argv = ["tune", str(recipe), "--out", str(tmp_path / "out"), "--reuse-stats", str(old)]
+    expect(argv, OutputError, "--reuse-stats", capsys)
