@@ -43,24 +43,23 @@ def path_kind(path: str | Path) -> str:
     return next((name for test, name in kinds if test(mode)), "not a regular file")
 
 
-def file_problem(path: str | Path) -> str | None:
-    """None when `path` is a regular file (after symlinks); else what it is, e.g. "'x' is a folder, not a file"."""
+def _kind_problem(path: str | Path, want: str, called: str) -> str | None:
     kind = path_kind(path)
-    if kind == "a file":
+    if kind == want:
         return None
     if kind == "nothing":
         return f"{str(path)!r} does not exist"
-    return f"{str(path)!r} is {kind}, not a regular file"
+    return f"{str(path)!r} is {kind}, not {called}"
+
+
+def file_problem(path: str | Path) -> str | None:
+    """None when `path` is a regular file (after symlinks); else what it is, e.g. "'x' is a folder, not a file"."""
+    return _kind_problem(path, "a file", "a regular file")
 
 
 def folder_problem(path: str | Path) -> str | None:
     """None when `path` is a folder (after symlinks); else what it is."""
-    kind = path_kind(path)
-    if kind == "a folder":
-        return None
-    if kind == "nothing":
-        return f"{str(path)!r} does not exist"
-    return f"{str(path)!r} is {kind}, not a folder"
+    return _kind_problem(path, "a folder", "a folder")
 
 
 def read_json_object(path: Path, error: type[PersonaExportError], fix: str) -> dict[str, Any]:

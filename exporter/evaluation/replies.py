@@ -24,7 +24,7 @@ from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.recipe.eval import EvalSpec
 from exporter.runtime.chat import end_of_turn_id, reply_prefix
-from exporter.verify.hf import masked
+from exporter.verify.hf import greedy, left_padded, masked
 
 
 @dataclass(frozen=True)
@@ -56,24 +56,8 @@ def greedy_replies(
     with (intervention or nullcontext)():
         for k in range(0, len(prompts), batch_size):
             rows = [reply_prefix(tokenizer, p, system) for p in prompts[k : k + batch_size]]
-            width = max(len(r) for r in rows)
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            attn = torch.zeros((len(rows), width), dtype=torch.long)
-            for r, row in enumerate(rows):
-                ids[r, width - len(row) :] = torch.tensor(row)
-                attn[r, width - len(row) :] = 1
-            out = model.generate(  # type: ignore[operator]
-                input_ids=ids,
-                attention_mask=attn,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=stop,
-                pad_token_id=pad,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
-            for row in out[:, width:].tolist():
+            ids, attn = left_padded(rows, pad)
+            for row in greedy(model, ids, attn, max_new_tokens, pad, stop).tolist():
                 ended = stop in row
                 tokens.append(row[: row.index(stop)] if ended else row)
                 cut.append(not ended)

@@ -45,14 +45,19 @@ class PromptSet:
 def build_prompts(tokenizer: Any, prompts: list[str] | None = None) -> PromptSet:
     rows = [prompt_ids(tokenizer, messages(text)) for text in prompts or DEFAULT_PROMPTS]
     singles = [(torch.tensor([r]), torch.ones(1, len(r), dtype=torch.long)) for r in rows]
-    width = max(len(r) for r in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return PromptSet(singles, left_padded(rows, pad))
+
+
+def left_padded(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as one left-padded batch: (ids, attention_mask), both (len(rows), longest row)."""
+    width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attn = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         ids[i, width - len(r) :] = torch.tensor(r)
         attn[i, width - len(r) :] = 1
-    return PromptSet(singles, (ids, attn))
+    return ids, attn
 
 
 @contextmanager
@@ -87,13 +92,17 @@ def logit_difference(
 
 
 @torch.inference_mode()
-def greedy(model: Any, ids: torch.Tensor, attn: torch.Tensor, n: int, pad_id: int) -> torch.Tensor:
-    """Exactly n greedy tokens per row (EOS does not stop it), (batch, n)."""
+def greedy(
+    model: Any, ids: torch.Tensor, attn: torch.Tensor, n: int, pad_id: int, stop: int | None = None
+) -> torch.Tensor:
+    """Greedy tokens after each row, (batch, <= n): exactly n when `stop` is None (EOS does not end a row),
+    else up to n, a row ending at `stop` (then padded with pad_id)."""
     out = model.generate(
         input_ids=ids,
         attention_mask=attn,
         max_new_tokens=n,
-        min_new_tokens=n,
+        min_new_tokens=n if stop is None else None,
+        eos_token_id=stop,
         do_sample=False,
         pad_token_id=pad_id,
         temperature=None,
