@@ -60,13 +60,15 @@ def write_checkpoint(m: Loaded, mask: PersonaMask, out: Path, dtype: str, timer:
     """Prune and save: shard by shard from the source checkpoint when the model is not whole in memory."""
     t = time.perf_counter()
     if m.bounded:
-        files = prune_checkpoint(m.resolved.folder, m.adapter, mask, out, dtype=DTYPES[dtype], tokenizer=m.tokenizer)
+        files = prune_checkpoint(
+            m.resolved.folder, m.adapter, mask, out, dtype=DTYPES[dtype], tokenizer=m.export_tokenizer
+        )
         timer.add(f"export_hf.{name}", t)
         return Written(out, files, checkpoint_parameters(m.resolved.folder), checkpoint_parameters(out))
     pruned = prune_model(copy.deepcopy(m.model), m.adapter, mask)
     timer.add(f"prune.{name}", t)
     t = time.perf_counter()
-    files = export_hf(pruned, m.tokenizer, out, dtype)
+    files = export_hf(pruned, m.export_tokenizer, out, dtype)
     timer.add(f"export_hf.{name}", t)
     return Written(out, files, count_parameters(m.model), count_parameters(pruned))
 
