@@ -10,6 +10,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from exporter.recipe.formats import FOLDERS
 from exporter.reports.markdown import evaluation_markdown, md_table
 from exporter.reports.persona import BaseModelInfo, PersonaReport
 
@@ -26,7 +27,7 @@ class CardContext:
 
     repo_id: str
     hf_repo_id: str  # where the transformers checkpoint is (this repo, or the companion of an ONNX repo)
-    onnx_folders: tuple[str, ...]  # subfolders of this repo, e.g. ("onnx", "onnx-int8")
+    onnx_folders: tuple[str, ...]  # subfolders of this repo, e.g. ("onnx", "ort-int4")
     onnx_repo_id: str | None = None  # a separate ONNX repo, linked from the checkpoint's card
     revision: str | None = None
     chat_template: bool = True
@@ -51,7 +52,7 @@ def render_card(report: PersonaReport, ctx: CardContext) -> ModelCard:
         _calibration(report),
         _parity(report),
         _evaluation(report.persona, report.evaluation),
-        _usage(ctx),
+        _usage(ctx, {name: check.figures for name, check in report.verification.items()}),
         _provenance(report),
     ]
     body = "\n\n".join(s for s in sections if s)
@@ -192,7 +193,7 @@ def _evaluation(persona: str, ev: Any) -> str:
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
-def _usage(ctx: CardContext) -> str:
+def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
     rev = f', revision="{ctx.revision}"' if ctx.revision else ""
     chat = (
         f'messages = [{{"role": "user", "content": "{PROMPT}"}}]\n'
@@ -238,9 +239,13 @@ def _usage(ctx: CardContext) -> str:
             + generate
             + "```"
         )
-        others = [f"`{f}`" for f in ctx.onnx_folders[1:]]
-        if others:
-            parts.append(f"The int8 (dynamically quantized) export loads the same way from {', '.join(others)}.")
+        quantized = [_quantized_line(f, verification) for f in ctx.onnx_folders[1:]]
+        if quantized:
+            parts.append(
+                "Weight-only quantized exports (onnxruntime `MatMulNBits`) load the same way with their "
+                "`subfolder`; quality measured against the fp32 `onnx/` export on neutral text:\n\n"
+                + "\n".join(quantized)
+            )
         if ctx.head_dim_fix:
             parts.append(
                 "Note: optimum-onnx 0.1.0 sizes the empty first-step KV cache as hidden_size / "
@@ -248,6 +253,18 @@ def _usage(ctx: CardContext) -> str:
                 "`embed_size_per_head` line sets it from the config."
             )
     return "\n\n".join(parts) if len(parts) > 1 else ""
+
+
+def _quantized_line(folder: str, verification: dict[str, Any]) -> str:
+    name = next((n for n, f in FOLDERS.items() if f == folder), folder)
+    q = verification.get(name, {})
+    if "top1_agreement" not in q:
+        return f"- `{folder}`"
+    mark = " (below its quality floor)" if q.get("below_floor") else ""
+    return (
+        f"- `{folder}`: {q.get('bits', '?')}-bit weights, {q['mb_quantized']:.0f} MB; top-1 next-token agreement "
+        f"{100 * q['top1_agreement']:.1f} %, perplexity x{q['ppl_ratio']:.3f}{mark}"
+    )
 
 
 def _provenance(report: PersonaReport) -> str:

@@ -105,7 +105,7 @@ class CalibrationSpec(Strict):
 
 
 class OutputSpec(Strict):
-    formats: list[Literal["hf", "onnx", "onnx-int8"]] = ["hf"]
+    formats: list[Literal["hf", "onnx", "onnx-int8", "onnx-int4"]] = ["hf"]
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # auto: the source checkpoint's
 
     def resolved(self, source_dtype: str | None) -> OutputSpec:
@@ -269,8 +269,9 @@ def semantic_problems(r: Recipe) -> list[str]:
         problems.append("prune: name at least one unit kind to prune ('mlp' and/or 'attention')")
     if len(set(r.output.formats)) != len(r.output.formats):
         problems.append(f"output.formats: duplicates in {r.output.formats}")
-    if "onnx-int8" in r.output.formats and "onnx" not in r.output.formats:
-        problems.append("output.formats: 'onnx-int8' is quantized from the fp32 ONNX export; add 'onnx'")
+    for quantized in ("onnx-int8", "onnx-int4"):
+        if quantized in r.output.formats and "onnx" not in r.output.formats:
+            problems.append(f"output.formats: {quantized!r} is quantized from the fp32 ONNX export; add 'onnx'")
     if "hf" not in r.output.formats:
         problems.append("output.formats: 'hf' is required (every other format is made from it)")
     return problems

@@ -66,7 +66,7 @@ class Sizes(Record):
 
 
 class Check(BaseModel):
-    """One verification result ("hf", "onnx", "onnx-int8"): figures that differ by format, and `passed`.
+    """One verification result ("hf", "onnx", "onnx-int8", "onnx-int4"): figures that differ by format, and `passed`.
 
     The figures are kept as written, in their order; a result without a boolean `passed` never counts as passed.
     """

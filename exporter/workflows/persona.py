@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from exporter.evaluation.items import read_neutral
 from exporter.export.hf import DTYPES, export_hf
 from exporter.export.prune import count_parameters, prune_model
 from exporter.export.shards import prune_checkpoint
@@ -136,7 +137,8 @@ def export_persona(
     if figures["passed"]:  # ONNX is made from the proven checkpoint only
         formats: list[str] = list(recipe.output.formats)
         reference = references[torch.float32]
-        onnx = onnx_stage(folder, formats, reference, m.adapter, mask, prompts, recipe.verify, onnx_timings)
+        neutral = read_neutral(recipe.eval.neutral.path) if recipe.eval and recipe.eval.neutral else None
+        onnx = onnx_stage(folder, formats, reference, m.adapter, mask, prompts, recipe.verify, onnx_timings, neutral)
     timings = {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")} | onnx_timings
     report = persona_report(recipe, name, m, mask, stats_info, written, {"hf": figures, **onnx}, timings)
     write_report(folder, report)
@@ -145,7 +147,7 @@ def export_persona(
             "%s: the export does not match the masked model: %s", name, figures.get("fp64_layers", figures.get("fp64"))
         )
     elif not report.passed:
-        log.error("%s: the ONNX export does not match the masked model: %s", name, onnx["onnx"])
+        log.error("%s: the ONNX export does not match the masked model: %s", name, onnx.get("onnx"))
     return report
 
 
