@@ -14,7 +14,7 @@ from exporter.errors import PersonaExportError
 if TYPE_CHECKING:
     from exporter.reports.persona import PersonaReport
 
-EXPORT_FORMATS = ["onnx", "onnx-int8", "onnx-int4"]
+EXPORT_FORMATS = ["onnx", "onnx-int8", "onnx-int4", "gguf"]
 BACKENDS = ["onnx", "onnx-int8", "onnx-int4", "torch"]
 
 

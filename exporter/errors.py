@@ -47,3 +47,7 @@ class OnnxExportError(PersonaExportError):
 
 class ExportFolderError(PersonaExportError):
     """A folder given as a persona export is not one (no report.json, hf/ or a mismatched tokenizer)."""
+
+
+class GgufExportError(PersonaExportError):
+    """A GGUF file could not be written, or the checkpoint holds what a GGUF file cannot carry."""

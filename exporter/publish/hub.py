@@ -29,7 +29,7 @@ from exporter.recipe.push import OnnxMode, PushSpec, branch_problem, fill, onnx_
 from exporter.reports.persona import PersonaReport, load_report
 
 log = logging.getLogger(__name__)
-ONNX_FORMATS = ("onnx", "onnx-int8", "onnx-int4")  # pushed as subfolders FOLDERS[name] next to the checkpoint
+ONNX_FORMATS = ("onnx", "onnx-int8", "onnx-int4", "gguf")  # pushed as subfolders FOLDERS[name] of the checkpoint
 NOT_SENT = "nothing was sent"
 
 

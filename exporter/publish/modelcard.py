@@ -38,7 +38,8 @@ def render_card(report: PersonaReport, ctx: CardContext) -> ModelCard:
     """The README.md of the uploaded folder."""
     persona, base = report.persona, report.base_model
     is_onnx_repo = ctx.repo_id != ctx.hf_repo_id
-    tags = [persona, "pruned", "persona-export"] + (["onnx"] if ctx.onnx_folders else [])
+    tags = [persona, "pruned", "persona-export"] + (["onnx"] if set(ctx.onnx_folders) - {FOLDERS["gguf"]} else [])
+    tags += ["gguf"] if FOLDERS["gguf"] in ctx.onnx_folders else []
     data = ModelCardData(
         base_model=hub_id(base.name),
         library_name="onnx" if is_onnx_repo else "transformers",
@@ -219,8 +220,10 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
             f"tokenizer = AutoTokenizer.from_pretrained(repo{rev})\n"
             f"model = AutoModelForCausalLM.from_pretrained(repo{rev})\n\n" + chat + generate + "```"
         )
-    if ctx.onnx_folders:
-        folder = ctx.onnx_folders[0]
+    gguf = FOLDERS["gguf"] in ctx.onnx_folders
+    onnx_folders = tuple(f for f in ctx.onnx_folders if f != FOLDERS["gguf"])
+    if onnx_folders:
+        folder = onnx_folders[0]
         fix = (
             "model.embed_size_per_head = model.config.head_dim  # heads were removed; see the note below\n"
             if ctx.head_dim_fix
@@ -239,7 +242,7 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
             + generate
             + "```"
         )
-        quantized = [_quantized_line(f, verification) for f in ctx.onnx_folders[1:]]
+        quantized = [_quantized_line(f, verification) for f in onnx_folders[1:]]
         if quantized:
             parts.append(
                 "Weight-only quantized exports (onnxruntime `MatMulNBits`) load the same way with their "
@@ -252,6 +255,18 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
                 "num_attention_heads, which no longer equals head_dim once heads are removed; the "
                 "`embed_size_per_head` line sets it from the config."
             )
+    if gguf:
+        files = {k: v for k, v in verification.get("gguf", {}).items() if isinstance(v, dict) and "file" in v}
+        name = files.get("Q8_0", files.get("F16", {})).get("file", "model-f16.gguf")
+        listed = ", ".join(f"`{v['file']}`" for v in files.values())
+        parts.append(
+            "With llama.cpp (through llama-cpp-python: `pip install llama-cpp-python`), from the "
+            f"`{FOLDERS['gguf']}/` folder ({listed}):\n\n```python\n"
+            "from llama_cpp import Llama\n\n"
+            f'llm = Llama.from_pretrained("{ctx.repo_id}", filename="{FOLDERS["gguf"]}/{name}", verbose=False)\n'
+            f'out = llm.create_chat_completion([{{"role": "user", "content": "{PROMPT}"}}], max_tokens=64)\n'
+            'print(out["choices"][0]["message"]["content"])\n```'
+        )
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 

@@ -14,9 +14,10 @@ FOLDERS = {
     "onnx": "onnx",  # fp32, proven against the masked reference
     "onnx-int8": "ort-int8",  # weight-only MatMulNBits, measured against onnx/
     "onnx-int4": "ort-int4",
+    "gguf": "gguf",  # F16 and Q8_0 llama.cpp files, F16 proven through transformers' GGUF loader
 }
 # what each format is made from (built first when missing)
-SOURCES = {"onnx": "hf", "onnx-int8": "onnx", "onnx-int4": "onnx"}
+SOURCES = {"onnx": "hf", "onnx-int8": "onnx", "onnx-int4": "onnx", "gguf": "hf"}
 
 
 def with_sources(formats: list[str]) -> list[str]:

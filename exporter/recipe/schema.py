@@ -105,7 +105,7 @@ class CalibrationSpec(Strict):
 
 
 class OutputSpec(Strict):
-    formats: list[Literal["hf", "onnx", "onnx-int8", "onnx-int4"]] = ["hf"]
+    formats: list[Literal["hf", "onnx", "onnx-int8", "onnx-int4", "gguf"]] = ["hf"]
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # auto: the source checkpoint's
 
     def resolved(self, source_dtype: str | None) -> OutputSpec:
@@ -274,6 +274,14 @@ def semantic_problems(r: Recipe) -> list[str]:
             problems.append(f"output.formats: {quantized!r} is quantized from the fp32 ONNX export; add 'onnx'")
     if "hf" not in r.output.formats:
         problems.append("output.formats: 'hf' is required (every other format is made from it)")
+    if "gguf" in r.output.formats and (
+        r.method.steer > 0 or (r.prune.mlp is not None and r.prune.mlp.compensate != "none")
+    ):
+        problems.append(
+            "output.formats: 'gguf' cannot carry the down_proj biases of method.steer or prune.mlp.compensate "
+            "(a llama GGUF has no key for them and transformers' GGUF loader drops them); remove 'gguf', or set "
+            "method.steer to 0 and prune.mlp.compensate to none"
+        )
     return problems
 
 

@@ -17,7 +17,7 @@ from exporter.recipe.formats import FOLDERS, with_sources
 from exporter.recipe.schema import Recipe
 from exporter.reports.persona import Check, PersonaReport, read_report, write_report
 
-NEEDS_REFERENCE = ("onnx",)  # verified against the masked reference model
+NEEDS_REFERENCE = ("onnx", "gguf")  # verified against the masked reference model
 
 
 def add_formats(folder: Path, formats: list[str], overwrite: bool = False) -> PersonaReport:
@@ -41,6 +41,10 @@ def add_formats(folder: Path, formats: list[str], overwrite: bool = False) -> Pe
     recipe_file = folder.parent / "recipe.json"
     if not recipe_file.is_file():
         raise ExportFolderError(f"{recipe_file} is missing: the persona must sit in the run folder that made it")
+    if "gguf" in todo:  # refused before the model is loaded
+        from exporter.export.gguf import check_no_biases
+
+        check_no_biases(json.loads((folder / "hf" / "config.json").read_text()), folder / "hf")
     for name in todo:  # a stale folder without a passed verification is rebuilt
         if (folder / FOLDERS[name]).exists():
             shutil.rmtree(folder / FOLDERS[name])
@@ -64,6 +68,7 @@ def _build(
     from exporter.masking.masks import PersonaMask
     from exporter.model.sources import open_model
     from exporter.verify.hf import build_prompts, references
+    from exporter.workflows.gguf_stage import gguf_stage
     from exporter.workflows.onnx_stage import onnx_stage
 
     neutral = read_neutral(recipe.eval.neutral.path) if recipe.eval and recipe.eval.neutral else None
@@ -80,6 +85,12 @@ def _build(
             )
         reference = references(m, DTYPES[report.dtype], exact=False)[torch.float32]
         prompts = build_prompts(m.tokenizer, recipe.verify.prompts)
-        return onnx_stage(
+        results = onnx_stage(
             folder, todo, reference, m.adapter, mask, prompts, recipe.verify, timings, neutral, fp32_passed
         )
+        if "gguf" in todo:
+            shipped = AutoTokenizer.from_pretrained(folder / "hf")
+            results["gguf"] = gguf_stage(
+                folder, reference, m.adapter, mask, prompts, recipe.verify, shipped, neutral, timings
+            )
+        return results

@@ -1,4 +1,4 @@
-"""One persona of a run: its mask saved, the pruned checkpoint written and proven, ONNX added, report.json."""
+"""One persona of a run: its mask saved, the pruned checkpoint written and proven, ONNX and GGUF added, report.json."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from exporter.reports.persona import (
 from exporter.reports.provenance import Timer, versions
 from exporter.verify.hf import PromptSet, verify_export
 from exporter.verify.layers import verify_layers
+from exporter.workflows.gguf_stage import gguf_stage
 from exporter.workflows.onnx_stage import onnx_stage
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,11 @@ def export_persona(
         reference = references[torch.float32]
         neutral = read_neutral(recipe.eval.neutral.path) if recipe.eval and recipe.eval.neutral else None
         onnx = onnx_stage(folder, formats, reference, m.adapter, mask, prompts, recipe.verify, onnx_timings, neutral)
+        if "gguf" in formats:
+            tokenizer = m.export_tokenizer
+            onnx["gguf"] = gguf_stage(
+                folder, reference, m.adapter, mask, prompts, recipe.verify, tokenizer, neutral, onnx_timings
+            )
     timings = {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")} | onnx_timings
     report = persona_report(recipe, name, m, mask, stats_info, written, {"hf": figures, **onnx}, timings)
     write_report(folder, report)
@@ -147,7 +153,8 @@ def export_persona(
             "%s: the export does not match the masked model: %s", name, figures.get("fp64_layers", figures.get("fp64"))
         )
     elif not report.passed:
-        log.error("%s: the ONNX export does not match the masked model: %s", name, onnx.get("onnx"))
+        failed = {k: v for k, v in onnx.items() if not v["passed"]}
+        log.error("%s: an export format does not match the masked model: %s", name, failed)
     return report
 
 

@@ -314,6 +314,25 @@ def test_onnx_goes_to_a_subfolder_or_its_own_repo(
     assert "pushed" in capsys.readouterr().out
 
 
+def test_gguf_goes_to_its_subfolder_with_a_llama_cpp_snippet(hub: FakeHub, persona: Path) -> None:
+    (persona / "gguf").mkdir()
+    for name in ("model-f16.gguf", "model-q8_0.gguf"):
+        (persona / "gguf" / name).write_bytes(os.urandom(2000))
+    report = json.loads((persona / "report.json").read_text())
+    f16 = {"file": "model-f16.gguf", "max_abs_logit_diff": 3e-3, "passed": True}
+    q8 = {"file": "model-q8_0.gguf", "top1_agreement": 0.99, "below_floor": False, "passed": True}
+    report["verification"]["gguf"] = {"passed": True, "F16": f16, "Q8_0": q8}
+    (persona / "report.json").write_text(json.dumps(report))
+
+    assert run_cli(str(persona), "--repo-id", REPO) == 0
+    files = hub.files(REPO)
+    assert {p: d for p, d in files.items() if p != "README.md"} == local_tree(persona, "gguf")
+    card = card_of(files)
+    assert "gguf" in card.data.tags and "onnx" not in card.data.tags and "ORTModelForCausalLM" not in card.text
+    assert f'Llama.from_pretrained("{REPO}", filename="gguf/model-q8_0.gguf"' in card.text
+    assert "(`model-f16.gguf`, `model-q8_0.gguf`)" in card.text
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

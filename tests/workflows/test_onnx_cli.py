@@ -150,3 +150,16 @@ def test_mismatched_tokenizer_is_refused(onnx_run: Path, tmp_path: Path) -> None
     tok.save_pretrained(persona / "hf")
     with pytest.raises(ExportFolderError, match="do not belong together"):
         Runner(persona, "torch")
+
+
+def test_export_adds_a_verified_gguf(onnx_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(onnx_run, run, ignore=shutil.ignore_patterns("onnx", "ort-*"))
+    folder = run / "introvert"
+    assert main(["export", str(folder), "--format", "gguf"]) == 0
+    gguf = json.loads((folder / "report.json").read_text())["verification"]["gguf"]
+    assert gguf["passed"] and gguf["F16"]["passed"] and gguf["F16"]["greedy_identical"]
+    assert gguf["F16"]["max_abs_logit_diff"] <= 1e-2 and gguf["F16"]["max_abs_logit_diff"] > 0
+    assert 0 < gguf["Q8_0"]["top1_agreement"] <= 1 and "below_floor" in gguf["Q8_0"]
+    assert sorted(p.name for p in (folder / "gguf").iterdir()) == ["model-f16.gguf", "model-q8_0.gguf"]
+    assert not (folder / "onnx").exists()  # gguf is made from hf/ alone
