@@ -83,7 +83,7 @@ def build(tmp: Path) -> dict[str, Path]:
     recipe = load_recipe(RECIPE, ["eval=null"])
     m = load_model(recipe)
     m.model.save_pretrained(tmp / "dense-hf")
-    m.tokenizer.save_pretrained(tmp / "dense-hf")
+    m.export_tokenizer.save_pretrained(tmp / "dense-hf")
     dirs["dense"] = export_onnx(tmp / "dense-hf", tmp / "dense-onnx")
     for i, (name, overrides) in enumerate(VARIANTS.items()):
         out = tmp / f"run{i}"

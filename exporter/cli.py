@@ -14,6 +14,9 @@ from exporter.errors import PersonaExportError
 if TYPE_CHECKING:
     from exporter.reports.persona import PersonaReport
 
+EXPORT_FORMATS = ["onnx", "onnx-int8", "onnx-int4", "gguf"]
+BACKENDS = ["onnx", "onnx-int8", "onnx-int4", "torch"]
+
 
 def _table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -47,6 +50,13 @@ def summary_table(reports: dict[str, PersonaReport]) -> str:
     return _table(rows)
 
 
+def quality_lines(report: PersonaReport) -> list[str]:
+    """The measured quality of each quantized format in a report, one line each."""
+    from exporter.verify.quality import describe
+
+    return [describe(n, c.figures) for n, c in report.verification.items() if "below_floor" in c.figures]
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from exporter.recipe.load import load_recipe
     from exporter.workflows.validate import validate
@@ -66,6 +76,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
     summary = run(recipe, Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats, use_cache=not args.no_cache)
     print(summary_table(summary["reports"]))
+    for report in summary["reports"].values():
+        for line in quality_lines(report):
+            print(f"{report.persona}: {line}")
     first = Path(args.out) / next(iter(summary["reports"]))
     files = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in first.iterdir()))
     print(f"\nwritten: {args.out}  (per persona: {files})")
@@ -79,11 +92,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from exporter.workflows.add_formats import add_formats
 
-    formats = ["onnx", "onnx-int8"] if args.format == "onnx-int8" else ["onnx"]
-    report = add_formats(Path(args.persona_dir), formats, overwrite=args.overwrite)
+    report = add_formats(Path(args.persona_dir), [args.format], overwrite=args.overwrite)
     print(summary_table({report.persona: report}))
+    for line in quality_lines(report):
+        print(line)
     if not report.passed:
-        print("error: ONNX verification failed; see report.json", file=sys.stderr)
+        print("error: verification failed; see report.json", file=sys.stderr)
         return 3
     return 0
 
@@ -135,6 +149,7 @@ def cmd_push(args: argparse.Namespace) -> int:
         commit_message=args.commit_message,
         onnx=args.onnx,
         onnx_repo_id=args.onnx_repo_id,
+        below_floor=args.below_floor,
     )
     results = push_persona(Path(args.persona_dir), options, dry_run=args.dry_run)
     print(describe(results, dry_run=args.dry_run))
@@ -203,10 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("export", help="add an ONNX export (verified) to an existing persona of a run")
+    p = sub.add_parser("export", help="add an export format to an existing persona of a run")
     p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA")
-    p.add_argument("--format", choices=["onnx", "onnx-int8"], required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing onnx/ folder")
+    p.add_argument("--format", choices=EXPORT_FORMATS, required=True, help="formats already there are reused")
+    p.add_argument("--overwrite", action="store_true", help="replace this format's folder if it exists")
     p.set_defaults(func=cmd_export)
 
     for name, func, text in (
@@ -217,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA")
         if name == "generate":
             p.add_argument("--prompt", required=True)
-        p.add_argument("--backend", choices=["onnx", "torch"], default="onnx")
+        p.add_argument("--backend", choices=BACKENDS, default="onnx")
         p.add_argument("--max-new-tokens", type=positive_int, default=128, help="at least 1 (default 128)")
         p.set_defaults(func=func)
 
@@ -235,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where an ONNX export goes: an onnx/ subfolder (default), a repo of its own, or nowhere",
     )
     p.add_argument("--onnx-repo-id", metavar="OWNER/NAME", help="default: REPO_ID-onnx")
+    p.add_argument(
+        "--below-floor", action="store_true", help="also push quantized formats measured below their quality floor"
+    )
     p.add_argument("--dry-run", action="store_true", help="list the files and sizes to upload; send nothing")
     p.set_defaults(func=cmd_push)
 

@@ -48,3 +48,7 @@ class OnnxExportError(PersonaExportError):
 class ExportFolderError(PersonaExportError):
     """A folder given as a persona export is not one (no report.json, hf/, a mismatched tokenizer, or a checkpoint
     that does not match its config.json)."""
+
+
+class GgufExportError(PersonaExportError):
+    """A GGUF file could not be written, or the checkpoint holds what a GGUF file cannot carry."""

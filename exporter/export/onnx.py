@@ -1,5 +1,5 @@
 """ONNX export: a Hugging Face checkpoint folder -> one `model.onnx` decoder with KV cache (optimum,
-`text-generation-with-past`), plus an int8 dynamically quantized copy. Both outputs appear atomically."""
+`text-generation-with-past`), written atomically. Weight-only quantized copies: exporter/export/quantize.py."""
 
 from __future__ import annotations
 
@@ -54,56 +54,13 @@ def export_onnx(hf_dir: Path, out_dir: Path) -> Path:
             )
         except Exception as e:
             raise OnnxExportError(f"optimum could not export {str(hf_dir)!r} ({TASK}): {e}") from e
-        _carry_files(hf_dir, stage)
+        carry_files(hf_dir, stage)
         _check_cache_inputs(stage)
     log.info("exported %s to ONNX in %.1f s", hf_dir, time.perf_counter() - start)
     return out_dir
 
 
-# Node-name fragments of optimum's llama-family graphs (llama, mistral, qwen2, qwen3) kept in fp32: the
-# embedding (tied to lm_head in SmolLM2) and down_proj, whose input carries the activation outliers that a
-# per-tensor uint8 activation scale cannot hold. On SmolLM2-135M quantizing all seven projections and the
-# embedding doubled perplexity (ratio 2.18, top-1 agreement 48 %); with these two kept: ratio 1.02, 84 %.
-KEEP_FP32 = ("embed_tokens", "down_proj")
-
-
-def quantize_int8(onnx_dir: Path, out_dir: Path, keep_fp32: tuple[str, ...] = KEEP_FP32) -> Path:
-    """Dynamic int8 quantization of an export: int8 weights, uint8 activations quantized per call.
-
-    Per-tensor weight scales: per-channel (int8 weights using the full range) collapsed SmolLM2 on this
-    AVX2 CPU without VNNI (perplexity x6e6: u8 x s8 products saturate the int16 sums of `vpmaddubsw`), and
-    with `reduce_range` it was no better than per-tensor. Nodes whose name contains a `keep_fp32` fragment
-    stay fp32; a fragment that matches no node is an error (another architecture names nodes differently).
-    Weight-only blockwise int8 (onnxruntime's MatMulNBits quantizer, bits=8, block 32) did much better on
-    SmolLM2 (top-1 agreement 97.6 %, perplexity x1.002, 234 MB) but needs the extra `onnx-ir` package.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
-    read_export(onnx_dir)
-    source = onnx_dir / ONNX_FILE
-    names = [node.name for node in onnx.load(source, load_external_data=False).graph.node]
-    unmatched = [frag for frag in keep_fp32 if not any(frag in name for name in names)]
-    if unmatched:
-        raise OnnxExportError(f"keep_fp32 fragments {unmatched} match no node of {str(source)!r}")
-    external = [p for p in onnx_dir.iterdir() if p.is_file() and p.name.startswith(ONNX_FILE) and p != source]
-    with staged(out_dir) as stage:
-        try:
-            quantize_dynamic(
-                source,
-                stage / ONNX_FILE,
-                weight_type=QuantType.QInt8,
-                per_channel=False,
-                nodes_to_exclude=[name for name in names if any(frag in name for frag in keep_fp32)],
-                use_external_data_format=bool(external),
-            )
-        except Exception as e:
-            raise OnnxExportError(f"onnxruntime could not quantize {str(source)!r}: {e}") from e
-        _carry_files(onnx_dir, stage, ("config.json", *CARRIED_FILES))
-    return out_dir
-
-
-def _carry_files(src: Path, dst: Path, names: tuple[str, ...] = CARRIED_FILES) -> None:
+def carry_files(src: Path, dst: Path, names: tuple[str, ...] = CARRIED_FILES) -> None:
     for name in names:
         if (src / name).is_file():
             shutil.copyfile(src / name, dst / name)

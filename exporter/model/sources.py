@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from exporter.errors import ModelSourceError, PersonaExportError, UnsupportedModelError
 from exporter.inputs import folder_problem, path_kind, read_json_object
 from exporter.model.adapters import Adapter, adapter_for
+from exporter.model.tokenizer import export_tokenizer
 from exporter.recipe.schema import ModelSpec, Recipe
 
 log = logging.getLogger(__name__)
@@ -205,6 +206,11 @@ class Loaded:
     model_sha256: str
     max_memory: str | int | None = None  # accelerate placed the model within this CPU budget ...
     offload_dir: Path | None = None  # ... and offloaded the rest here
+    shipped_tokenizer: Any = None  # what exports carry (faithful to a GGUF source's own); else `tokenizer`
+
+    @property
+    def export_tokenizer(self) -> Any:
+        return self.tokenizer if self.shipped_tokenizer is None else self.shipped_tokenizer
 
     @property
     def bounded(self) -> bool:
@@ -230,7 +236,8 @@ def load_model(recipe: Recipe, offload_dir: Path | None = None) -> Loaded:
     model, tokenizer = load(resolved, recipe.model.trust_remote_code, max_memory=budget, offload_dir=offload_dir)
     adapter = adapter_for(model.config)
     digest = file_digest(resolved.files)
-    return Loaded(model, tokenizer, adapter, resolved, digest, budget, offload_dir if budget else None)
+    shipped = export_tokenizer(resolved.folder, resolved.gguf_file, tokenizer)
+    return Loaded(model, tokenizer, adapter, resolved, digest, budget, offload_dir if budget else None, shipped)
 
 
 @contextmanager

@@ -25,11 +25,12 @@ from exporter import __version__
 from exporter.errors import ExportFolderError, HubError
 from exporter.inputs import path_kind
 from exporter.publish.modelcard import CardContext, render_card
+from exporter.recipe.formats import FOLDERS
 from exporter.recipe.push import OnnxMode, PushSpec, branch_problem, fill, onnx_repo_problem, repo_id_problem
 from exporter.reports.persona import PersonaReport, load_report
 
 log = logging.getLogger(__name__)
-ONNX_FOLDERS = ("onnx", "onnx-int8")
+ONNX_FORMATS = ("onnx", "onnx-int8", "onnx-int4", "gguf")  # pushed as subfolders FOLDERS[name] of the checkpoint
 NOT_SENT = "nothing was sent"
 
 
@@ -42,6 +43,7 @@ class PushOptions:
     commit_message: str | None = None
     onnx: OnnxMode = "same-repo"
     onnx_repo_id: str | None = None  # separate-repo only; default "<repo_id>-onnx"
+    below_floor: bool = False  # also push quantized formats whose measured quality is below their floor
 
     @classmethod
     def from_spec(cls, spec: PushSpec, persona: str) -> PushOptions:
@@ -53,6 +55,7 @@ class PushOptions:
             commit_message=fill(spec.commit_message, persona) if spec.commit_message else None,
             onnx=spec.onnx,
             onnx_repo_id=fill(spec.onnx_repo_id, persona) if spec.onnx_repo_id else None,
+            below_floor=spec.below_floor,
         )
 
     @property
@@ -90,13 +93,14 @@ def check_options(options: PushOptions) -> None:
         raise HubError("; ".join(problems) + f"; {NOT_SENT}")
 
 
-def load_export(folder: Path, onnx: OnnxMode = "same-repo") -> PersonaExport:
-    """Refuse anything that is not a complete persona export whose verification passed."""
+def load_export(folder: Path, onnx: OnnxMode = "same-repo", below_floor: bool = False) -> PersonaExport:
+    """Refuse anything that is not a complete persona export whose verification passed. Quantized formats
+    below their quality floor are left out unless `below_floor`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise HubError(f"{str(folder)!r} is not a folder; pass a persona folder RUN_DIR/<persona>")
     folder = folder.resolve()  # the persona folder itself; nothing outside it is read, whatever links say
-    inside_only(folder, ("report.json", "hf", *ONNX_FOLDERS))
+    inside_only(folder, ("report.json", "hf", *(FOLDERS[n] for n in ONNX_FORMATS)))
     if (folder / "run.json").is_file():
         personas = sorted(p.parent.name for p in folder.glob("*/report.json"))
         raise HubError(
@@ -126,19 +130,23 @@ def load_export(folder: Path, onnx: OnnxMode = "same-repo") -> PersonaExport:
     )
     if hf.passed is not True:
         raise failed
-    present = tuple(f for f in ONNX_FOLDERS if (folder / f).is_dir()) if onnx != "none" else ()
+    present = tuple(f for f in ONNX_FORMATS if (folder / FOLDERS[f]).is_dir()) if onnx != "none" else ()
     for name in present:
-        result = report.verification.get(name) or report.verification.get(name.replace("-", "_"))
+        result = report.verification.get(name)
         if result is None or result.passed is not True:
             state = "is missing" if result is None else "failed"
             state = "has no passed flag" if result is not None and result.passed is None else state
             raise HubError(
-                f"{name}/ is present in {str(folder)!r} but its verification {state}; only proven exports "
-                "are pushed: re-run the export, or pass --onnx none to push only the checkpoint"
+                f"{FOLDERS[name]}/ is present in {str(folder)!r} but its verification {state}; only proven "
+                "exports are pushed: re-run the export, or pass --onnx none to push only the checkpoint"
             )
     if not report.passed:  # a format that is not pushed failed: the persona's status is "failed"
         raise failed
-    return PersonaExport(folder, report, config, present)
+    low = [n for n in present if report.verification[n].figures.get("below_floor")]
+    if low and not below_floor:
+        log.warning("not pushing %s: measured below the quality floor (see report.json; --below-floor pushes it)", low)
+    folders = tuple(FOLDERS[n] for n in present if below_floor or n not in low)
+    return PersonaExport(folder, report, config, folders)
 
 
 def inside_only(folder: Path, names: tuple[str, ...]) -> list[Path]:
@@ -238,7 +246,7 @@ def stage(export: PersonaExport, options: PushOptions, dest: Path) -> list[tuple
 def push_persona(folder: Path, options: PushOptions, *, dry_run: bool = False) -> list[PushResult]:
     """Check, stage and push one persona folder; with `dry_run` only report what would be uploaded."""
     check_options(options)
-    export = load_export(folder, options.onnx)
+    export = load_export(folder, options.onnx, options.below_floor)
     token = None if dry_run else require_token()
     with tempfile.TemporaryDirectory(prefix="persona-push-") as tmp:
         uploads = stage(export, options, Path(tmp))
@@ -269,7 +277,7 @@ def push_run(run_dir: Path, spec: PushSpec) -> dict[str, list[PushResult]]:
         raise HubError(f"push: several personas would share a repo ({repos}); put '{{persona}}' in repo ids")
     for name, opts in options.items():  # every check before the first byte is sent
         check_options(opts)
-        load_export(run_dir / name, opts.onnx)
+        load_export(run_dir / name, opts.onnx, opts.below_floor)
     results: dict[str, list[PushResult]] = {}
     for name, opts in options.items():
         try:
@@ -290,6 +298,7 @@ def retry_command(folder: Path, o: PushOptions) -> str:
     flags = [f"--repo-id {o.repo_id}", f"--onnx {o.onnx}"] + (["--private"] if o.private else [])
     flags += [f"--revision {o.revision}"] if o.revision else []
     flags += ["--create-pr"] if o.create_pr else []
+    flags += ["--below-floor"] if o.below_floor else []
     flags += [f"--onnx-repo-id {o.onnx_repo_id}"] if o.onnx_repo_id else []
     flags += [f"--commit-message {shlex.quote(o.commit_message)}"] if o.commit_message else []
     return f"persona-export push {shlex.quote(str(folder))} " + " ".join(flags)

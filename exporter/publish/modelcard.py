@@ -10,6 +10,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from exporter.recipe.formats import FOLDERS
 from exporter.reports.markdown import evaluation_markdown, md_table
 from exporter.reports.persona import BaseModelInfo, PersonaReport
 
@@ -26,7 +27,7 @@ class CardContext:
 
     repo_id: str
     hf_repo_id: str  # where the transformers checkpoint is (this repo, or the companion of an ONNX repo)
-    onnx_folders: tuple[str, ...]  # subfolders of this repo, e.g. ("onnx", "onnx-int8")
+    onnx_folders: tuple[str, ...]  # subfolders of this repo, e.g. ("onnx", "ort-int4")
     onnx_repo_id: str | None = None  # a separate ONNX repo, linked from the checkpoint's card
     revision: str | None = None
     chat_template: bool = True
@@ -37,7 +38,8 @@ def render_card(report: PersonaReport, ctx: CardContext) -> ModelCard:
     """The README.md of the uploaded folder."""
     persona, base = report.persona, report.base_model
     is_onnx_repo = ctx.repo_id != ctx.hf_repo_id
-    tags = [persona, "pruned", "persona-export"] + (["onnx"] if ctx.onnx_folders else [])
+    tags = [persona, "pruned", "persona-export"] + (["onnx"] if set(ctx.onnx_folders) - {FOLDERS["gguf"]} else [])
+    tags += ["gguf"] if FOLDERS["gguf"] in ctx.onnx_folders else []
     data = ModelCardData(
         base_model=hub_id(base.name),
         library_name="onnx" if is_onnx_repo else "transformers",
@@ -51,7 +53,7 @@ def render_card(report: PersonaReport, ctx: CardContext) -> ModelCard:
         _calibration(report),
         _parity(report),
         _evaluation(report.persona, report.evaluation),
-        _usage(ctx),
+        _usage(ctx, {name: check.figures for name, check in report.verification.items()}),
         _provenance(report),
     ]
     body = "\n\n".join(s for s in sections if s)
@@ -192,7 +194,7 @@ def _evaluation(persona: str, ev: Any) -> str:
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
-def _usage(ctx: CardContext) -> str:
+def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
     rev = f', revision="{ctx.revision}"' if ctx.revision else ""
     chat = (
         f'messages = [{{"role": "user", "content": "{PROMPT}"}}]\n'
@@ -218,8 +220,10 @@ def _usage(ctx: CardContext) -> str:
             f"tokenizer = AutoTokenizer.from_pretrained(repo{rev})\n"
             f"model = AutoModelForCausalLM.from_pretrained(repo{rev})\n\n" + chat + generate + "```"
         )
-    if ctx.onnx_folders:
-        folder = ctx.onnx_folders[0]
+    gguf = FOLDERS["gguf"] in ctx.onnx_folders
+    onnx_folders = tuple(f for f in ctx.onnx_folders if f != FOLDERS["gguf"])
+    if onnx_folders:
+        folder = onnx_folders[0]
         fix = (
             "model.embed_size_per_head = model.config.head_dim  # heads were removed; see the note below\n"
             if ctx.head_dim_fix
@@ -238,16 +242,44 @@ def _usage(ctx: CardContext) -> str:
             + generate
             + "```"
         )
-        others = [f"`{f}`" for f in ctx.onnx_folders[1:]]
-        if others:
-            parts.append(f"The int8 (dynamically quantized) export loads the same way from {', '.join(others)}.")
+        quantized = [_quantized_line(f, verification) for f in onnx_folders[1:]]
+        if quantized:
+            parts.append(
+                "Weight-only quantized exports (onnxruntime `MatMulNBits`) load the same way with their "
+                "`subfolder`; quality measured against the fp32 `onnx/` export on neutral text:\n\n"
+                + "\n".join(quantized)
+            )
         if ctx.head_dim_fix:
             parts.append(
                 "Note: optimum-onnx 0.1.0 sizes the empty first-step KV cache as hidden_size / "
                 "num_attention_heads, which no longer equals head_dim once heads are removed; the "
                 "`embed_size_per_head` line sets it from the config."
             )
+    if gguf:
+        files = {k: v for k, v in verification.get("gguf", {}).items() if isinstance(v, dict) and "file" in v}
+        name = files.get("Q8_0", files.get("F16", {})).get("file", "model-f16.gguf")
+        listed = ", ".join(f"`{v['file']}`" for v in files.values())
+        parts.append(
+            "With llama.cpp (through llama-cpp-python: `pip install llama-cpp-python`), from the "
+            f"`{FOLDERS['gguf']}/` folder ({listed}):\n\n```python\n"
+            "from llama_cpp import Llama\n\n"
+            f'llm = Llama.from_pretrained("{ctx.repo_id}", filename="{FOLDERS["gguf"]}/{name}", verbose=False)\n'
+            f'out = llm.create_chat_completion([{{"role": "user", "content": "{PROMPT}"}}], max_tokens=64)\n'
+            'print(out["choices"][0]["message"]["content"])\n```'
+        )
     return "\n\n".join(parts) if len(parts) > 1 else ""
+
+
+def _quantized_line(folder: str, verification: dict[str, Any]) -> str:
+    name = next((n for n, f in FOLDERS.items() if f == folder), folder)
+    q = verification.get(name, {})
+    if "top1_agreement" not in q:
+        return f"- `{folder}`"
+    mark = " (below its quality floor)" if q.get("below_floor") else ""
+    return (
+        f"- `{folder}`: {q.get('bits', '?')}-bit weights, {q['mb_quantized']:.0f} MB; top-1 next-token agreement "
+        f"{100 * q['top1_agreement']:.1f} %, perplexity x{q['ppl_ratio']:.3f}{mark}"
+    )
 
 
 def _provenance(report: PersonaReport) -> str:

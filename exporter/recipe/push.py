@@ -85,6 +85,7 @@ class PushSpec(BaseModel):
     commit_message: str | None = None
     onnx: OnnxMode = "same-repo"
     onnx_repo_id: str | None = None
+    below_floor: bool = False  # also push quantized formats measured below their quality floor
 
     @field_validator("repo_id")
     @classmethod

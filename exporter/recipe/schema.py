@@ -106,7 +106,7 @@ class CalibrationSpec(Strict):
 
 
 class OutputSpec(Strict):
-    formats: list[Literal["hf", "onnx", "onnx-int8"]] = ["hf"]
+    formats: list[Literal["hf", "onnx", "onnx-int8", "onnx-int4", "gguf"]] = ["hf"]
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # auto: the source checkpoint's
 
     def resolved(self, source_dtype: str | None) -> OutputSpec:
@@ -281,10 +281,19 @@ def semantic_problems(r: Recipe) -> list[str]:
         ]
     if len(set(r.output.formats)) != len(r.output.formats):
         problems.append(f"output.formats: duplicates in {r.output.formats}")
-    if "onnx-int8" in r.output.formats and "onnx" not in r.output.formats:
-        problems.append("output.formats: 'onnx-int8' is quantized from the fp32 ONNX export; add 'onnx'")
+    for quantized in ("onnx-int8", "onnx-int4"):
+        if quantized in r.output.formats and "onnx" not in r.output.formats:
+            problems.append(f"output.formats: {quantized!r} is quantized from the fp32 ONNX export; add 'onnx'")
     if "hf" not in r.output.formats:
         problems.append("output.formats: 'hf' is required (every other format is made from it)")
+    if "gguf" in r.output.formats and (
+        r.method.steer > 0 or (r.prune.mlp is not None and r.prune.mlp.compensate != "none")
+    ):
+        problems.append(
+            "output.formats: 'gguf' cannot carry the down_proj biases of method.steer or prune.mlp.compensate "
+            "(a llama GGUF has no key for them and transformers' GGUF loader drops them); remove 'gguf', or set "
+            "method.steer to 0 and prune.mlp.compensate to none"
+        )
     return problems
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from exporter.errors import ExportFolderError, OnnxModelError
+from exporter.recipe.formats import FOLDERS
 from exporter.reports.persona import read_report
 from exporter.runtime.chat import prompt_ids
 
@@ -35,14 +36,14 @@ class Runner:
     def __init__(self, persona_dir: Path, backend: str = "onnx") -> None:
         read_report(persona_dir)
         self.backend = backend
-        if backend == "onnx":
+        if backend != "torch":  # "onnx" or a quantized ONNX format
             from exporter.runtime.onnx import OnnxCausalLM, read_export
 
-            folder = persona_dir / "onnx"
+            folder = persona_dir / FOLDERS[backend]
             if not folder.is_dir():
                 raise OnnxModelError(
-                    f"{persona_dir} has no onnx/ folder; add it with `persona-export export {persona_dir} "
-                    "--format onnx`, or use --backend torch"
+                    f"{persona_dir} has no {FOLDERS[backend]}/ folder; add it with `persona-export export "
+                    f"{persona_dir} --format {backend}`, or use --backend torch"
                 )
             config, _ = read_export(folder)
             self.onnx = OnnxCausalLM.from_dir(folder)
@@ -56,7 +57,7 @@ class Runner:
         self.eos = self.tokenizer.eos_token_id
 
     def _next_tokens(self, ids: list[int], max_new_tokens: int) -> Iterator[int]:
-        if self.backend == "onnx":
+        if self.backend != "torch":
             x = np.array([ids], dtype=np.int64)
             mask = np.ones_like(x)
             logits, past = self.onnx.forward(x, mask)

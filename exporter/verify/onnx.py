@@ -1,5 +1,5 @@
 """ONNX parity: an export run by our onnxruntime loop against a torch causal LM (prefill logits, decode
-steps through the KV cache, greedy continuations), and an int8 export against its fp32 source."""
+steps through the KV cache, greedy continuations), and a quantized export against its fp32 source."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from exporter.recipe.schema import VerifySpec
 from exporter.runtime.chat import position_ids
 from exporter.runtime.onnx import ONNX_FILE, OnnxCausalLM
 from exporter.verify.hf import first_divergence
+from exporter.verify.quality import Agreement
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # left-padded input_ids, attention_mask: (batch, seq)
 
@@ -105,38 +106,30 @@ def verify_onnx(
     }
 
 
-def compare_int8(
-    fp32_dir: Path, int8_dir: Path, batches: list[Batch], ppl_texts: list[str] | None = None
+def compare_quantized(
+    fp32_dir: Path, quantized_dir: Path, batches: list[Batch], ppl_texts: list[str] | None = None, max_tokens: int = 256
 ) -> dict[str, Any]:
-    """Top-1 agreement (non-padding prefill positions of `batches`) and perplexity, int8 vs fp32.
+    """Top-1 next-token agreement and perplexity of a quantized export against its fp32 source.
 
-    Perplexity is measured on `ppl_texts` (tokenized with the tokenizer in `fp32_dir`) when given,
-    else on the next-token targets of `batches` themselves.
+    Both are measured on `ppl_texts` (neutral text, tokenized with the tokenizer in `fp32_dir`, at most
+    `max_tokens` tokens each) when given, else on the non-padding positions of `batches`.
     """
-    fp32, int8 = OnnxCausalLM.from_dir(fp32_dir), OnnxCausalLM.from_dir(int8_dir)
-    agree = positions = 0
-    for ids, mask in batches:
-        keep = mask.numpy().astype(bool)
-        a, b = fp32.forward(ids.numpy(), mask.numpy())[0], int8.forward(ids.numpy(), mask.numpy())[0]
-        agree += int((a.argmax(-1) == b.argmax(-1))[keep].sum())
-        positions += int(keep.sum())
+    fp32, quantized = OnnxCausalLM.from_dir(fp32_dir), OnnxCausalLM.from_dir(quantized_dir)
     if ppl_texts:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(fp32_dir)
-        encoded = [torch.tensor([tokenizer(t)["input_ids"]]) for t in ppl_texts]
-        ppl_batches = [(ids, torch.ones_like(ids)) for ids in encoded]
-    else:
-        ppl_batches = batches
-    ppl_fp32, ppl_int8 = _perplexity(fp32, ppl_batches), _perplexity(int8, ppl_batches)
+        encoded = [torch.tensor([tokenizer(t)["input_ids"][:max_tokens]]) for t in ppl_texts]
+        batches = [(ids, torch.ones_like(ids)) for ids in encoded if ids.shape[1] > 1]
+    quality = Agreement()
+    for ids, mask in batches:
+        a, b = fp32.forward(ids.numpy(), mask.numpy())[0], quantized.forward(ids.numpy(), mask.numpy())[0]
+        quality.add(a, b, ids.numpy(), mask.numpy())
     return {
-        "top1_agreement": agree / max(positions, 1),
-        "positions": positions,
-        "ppl_fp32": ppl_fp32,
-        "ppl_int8": ppl_int8,
-        "ppl_ratio": ppl_int8 / ppl_fp32,
+        **quality.figures(),
+        "measured_on": "neutral text" if ppl_texts else "verification prompts",
         "mb_fp32": _megabytes(Path(fp32_dir)),
-        "mb_int8": _megabytes(Path(int8_dir)),
+        "mb_quantized": _megabytes(Path(quantized_dir)),
     }
 
 
@@ -166,19 +159,6 @@ def _until_eos(tokens: list[int], eos_token_id: int | None) -> list[int]:
     if eos_token_id is not None and eos_token_id in tokens:
         return tokens[: tokens.index(eos_token_id) + 1]
     return tokens
-
-
-def _perplexity(model: OnnxCausalLM, batches: list[Batch]) -> float:
-    nll, count = 0.0, 0
-    for ids, mask in batches:
-        logits = model.forward(ids.numpy(), mask.numpy())[0][:, :-1].astype(np.float64)  # (b, s-1, V)
-        top = logits.max(-1, keepdims=True)
-        logprobs = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
-        target = ids.numpy()[:, 1:]
-        keep = (mask.numpy()[:, :-1] * mask.numpy()[:, 1:]).astype(bool)
-        picked = np.take_along_axis(logprobs, target[..., None], axis=-1)[..., 0]
-        nll, count = nll - float(picked[keep].sum()), count + int(keep.sum())
-    return float(np.exp(nll / max(count, 1)))
 
 
 def _megabytes(folder: Path) -> float:

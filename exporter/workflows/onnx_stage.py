@@ -1,5 +1,6 @@
 """The ONNX stage of a persona: export the verified checkpoint, prove the ONNX model against the masked
-reference (fatal on failure), and optionally add an int8 copy whose quality is measured, not proven."""
+reference (fatal on failure), and add weight-only quantized copies whose quality is measured against the
+fp32 export, not proven."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ from typing import Any
 
 from torch import nn
 
-from exporter.export.onnx import export_onnx, quantize_int8
+from exporter.export.onnx import export_onnx
+from exporter.export.quantize import quantize_weights
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
+from exporter.recipe.formats import QUANT_FORMATS
 from exporter.recipe.schema import VerifySpec
 from exporter.verify.hf import PromptSet, masked
-from exporter.verify.onnx import compare_int8, verify_onnx
+from exporter.verify.onnx import compare_quantized, verify_onnx
+from exporter.verify.quality import describe, judge
 
 log = logging.getLogger(__name__)
 
@@ -23,36 +27,49 @@ log = logging.getLogger(__name__)
 def onnx_stage(
     folder: Path,
     formats: list[str],
-    reference_fp32: nn.Module,
-    adapter: Adapter,
+    reference_fp32: nn.Module | None,
+    adapter: Adapter | None,
     mask: PersonaMask,
     prompts: PromptSet,
     spec: VerifySpec,
     timings: dict[str, float],
+    neutral: list[str] | None = None,
+    fp32_passed: bool | None = None,
 ) -> dict[str, Any]:
-    """Write `onnx/` (and `onnx-int8/`) next to `folder/hf`; returns {"onnx": figures, "onnx-int8": figures}."""
+    """Write `onnx/` (when "onnx" is in `formats`) and each quantized format's folder next to
+    `folder/hf`; returns {format: figures}.
+
+    Quantized formats are made from an existing `onnx/` whose proof (`fp32_passed`) is given when "onnx"
+    is not rebuilt here. Their quality is measured on the `neutral` texts (else the verification prompts).
+    """
     results: dict[str, Any] = {}
-    if "onnx" not in formats:
-        return results
-    t = time.perf_counter()
-    log.info("%s: exporting ONNX", folder.name)
-    export_onnx(folder / "hf", folder / "onnx")
-    timings["export_onnx"] = round(time.perf_counter() - t, 3)
-
-    t = time.perf_counter()
-    log.info("%s: verifying ONNX against the masked model (prefill, 3 cached steps, greedy)", folder.name)
-    with masked(reference_fp32, adapter, mask):
-        results["onnx"] = verify_onnx(
-            reference_fp32, folder / "onnx", prompts.all(), spec.greedy_tokens, 3, thresholds=spec.onnx_thresholds
-        )
-    timings["verify_onnx"] = round(time.perf_counter() - t, 3)
-
-    if "onnx-int8" in formats:
+    if "onnx" in formats:
+        assert reference_fp32 is not None and adapter is not None, "fp32 ONNX is verified against the reference"
         t = time.perf_counter()
-        log.info("%s: quantizing ONNX to int8 (dynamic)", folder.name)
-        quantize_int8(folder / "onnx", folder / "onnx-int8")
-        figures = compare_int8(folder / "onnx", folder / "onnx-int8", prompts.all())
-        # Not a parity target: it is pushed along when the fp32 ONNX export it was made from is proven.
-        results["onnx-int8"] = {**figures, "parity_target": False, "passed": results["onnx"]["passed"]}
-        timings["quantize_int8"] = round(time.perf_counter() - t, 3)
+        log.info("%s: exporting ONNX", folder.name)
+        export_onnx(folder / "hf", folder / "onnx")
+        timings["export_onnx"] = round(time.perf_counter() - t, 3)
+
+        t = time.perf_counter()
+        log.info("%s: verifying ONNX against the masked model (prefill, 3 cached steps, greedy)", folder.name)
+        with masked(reference_fp32, adapter, mask):
+            results["onnx"] = verify_onnx(
+                reference_fp32, folder / "onnx", prompts.all(), spec.greedy_tokens, 3, thresholds=spec.onnx_thresholds
+            )
+        timings["verify_onnx"] = round(time.perf_counter() - t, 3)
+        fp32_passed = results["onnx"]["passed"]
+
+    for name in (n for n in formats if n in QUANT_FORMATS):
+        if not fp32_passed:
+            log.error("%s: %s is made from the proven fp32 ONNX export only; skipped", folder.name, name)
+            continue
+        fmt = QUANT_FORMATS[name]
+        t = time.perf_counter()
+        log.info("%s: quantizing ONNX weights to %d bits (MatMulNBits)", folder.name, fmt.bits)
+        quantize_weights(folder / "onnx", folder / fmt.folder, fmt.bits, accuracy_level=fmt.accuracy_level)
+        figures = judge(compare_quantized(folder / "onnx", folder / fmt.folder, prompts.all(), neutral), fmt.floor)
+        # Not a parity target: made from the proven fp32 export; below its floor it is not pushed by default.
+        results[name] = {**figures, "folder": fmt.folder, "bits": fmt.bits, "parity_target": False, "passed": True}
+        timings[f"quantize_{name}"] = round(time.perf_counter() - t, 3)
+        log.info("%s: %s", folder.name, describe(name, figures))
     return results

@@ -1,4 +1,4 @@
-"""One persona of a run: its mask saved, the pruned checkpoint written and proven, ONNX added, report.json."""
+"""One persona of a run: its mask saved, the pruned checkpoint written and proven, ONNX and GGUF added, report.json."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from exporter.evaluation.items import read_neutral
 from exporter.export.hf import DTYPES, export_hf
 from exporter.export.prune import count_parameters, prune_model
 from exporter.export.shards import prune_checkpoint
@@ -33,6 +34,7 @@ from exporter.reports.persona import (
 from exporter.reports.provenance import Timer, versions
 from exporter.verify.hf import PromptSet, verify_export
 from exporter.verify.layers import verify_layers
+from exporter.workflows.gguf_stage import gguf_stage
 from exporter.workflows.onnx_stage import onnx_stage
 
 log = logging.getLogger(__name__)
@@ -73,13 +75,15 @@ def write_checkpoint(m: Loaded, mask: PersonaMask, out: Path, dtype: str, timer:
     """Prune and save: shard by shard from the source checkpoint when the model is not whole in memory."""
     t = time.perf_counter()
     if m.bounded:
-        files = prune_checkpoint(m.resolved.folder, m.adapter, mask, out, dtype=DTYPES[dtype], tokenizer=m.tokenizer)
+        files = prune_checkpoint(
+            m.resolved.folder, m.adapter, mask, out, dtype=DTYPES[dtype], tokenizer=m.export_tokenizer
+        )
         timer.add(f"export_hf.{name}", t)
         return Written(out, files, checkpoint_parameters(m.resolved.folder), checkpoint_parameters(out))
     pruned = prune_model(copy.deepcopy(m.model), m.adapter, mask)
     timer.add(f"prune.{name}", t)
     t = time.perf_counter()
-    files = export_hf(pruned, m.tokenizer, out, dtype)
+    files = export_hf(pruned, m.export_tokenizer, out, dtype)
     timer.add(f"export_hf.{name}", t)
     return Written(out, files, count_parameters(m.model), count_parameters(pruned))
 
@@ -150,7 +154,13 @@ def export_persona(
     if figures["passed"]:  # ONNX is made from the proven checkpoint only
         formats: list[str] = list(recipe.output.formats)
         reference = references[torch.float32]
-        onnx = onnx_stage(folder, formats, reference, m.adapter, mask, prompts, recipe.verify, onnx_timings)
+        neutral = read_neutral(recipe.eval.neutral.path) if recipe.eval and recipe.eval.neutral else None
+        onnx = onnx_stage(folder, formats, reference, m.adapter, mask, prompts, recipe.verify, onnx_timings, neutral)
+        if "gguf" in formats:
+            tokenizer = m.export_tokenizer
+            onnx["gguf"] = gguf_stage(
+                folder, reference, m.adapter, mask, prompts, recipe.verify, tokenizer, neutral, onnx_timings
+            )
     timings = {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")} | onnx_timings
     report = persona_report(recipe, name, m, mask, stats_info, written, {"hf": figures, **onnx}, timings, warnings)
     write_report(folder, report)
@@ -159,7 +169,8 @@ def export_persona(
             "%s: the export does not match the masked model: %s", name, figures.get("fp64_layers", figures.get("fp64"))
         )
     elif not report.passed:
-        log.error("%s: the ONNX export does not match the masked model: %s", name, onnx["onnx"])
+        failed = {k: v for k, v in onnx.items() if not v["passed"]}
+        log.error("%s: an export format does not match the masked model: %s", name, failed)
     return report
 
 

@@ -3,10 +3,13 @@ by `run`, `sweep` and `tune` before a model is loaded, so that a recipe that val
 its data or its model folder: the schema and its rules (push destinations included, see exporter/recipe/),
 each persona's calibration data, the eval section with its data files, the model source without reading
 weights (a `model.path` folder with a config.json object of a supported architecture), limits set by the
-model's context length, and a `--reuse-stats` folder with its statistics files."""
+model's context length, what the requested export formats need of that config.json, and a `--reuse-stats`
+folder with its statistics files. `export --format` checks a persona's hf/config.json the same way
+(`format_problems`) before it loads a model."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,12 +40,40 @@ def validate(recipe: Recipe, reuse: Path | None = None) -> Validated:
         prepare(recipe, tune_validation(recipe.tune))  # the files the tune grid is ranked on
     if recipe.model.path is not None:
         sources.resolve(recipe.model)  # config.json, weights present, architecture: no weights are read
-        check_limits(recipe, sources.read_config(Path(recipe.model.path)))
+        config = sources.read_config(Path(recipe.model.path))
+        check_limits(recipe, config)
+        problems = format_problems(recipe.output.formats, config, Path(recipe.model.path) / "config.json", BASE_FIX)
+        if problems:
+            raise RecipeError("output.formats: " + "; ".join(problems))
     elif recipe.model.embedded is not None:
         sources.resolve(recipe.model)
     if reuse is not None:
         check_reuse(recipe, reuse)
     return Validated(samples, items)
+
+
+BASE_FIX = "leave 'gguf' out of output.formats (the onnx formats carry Linear biases)"
+
+
+def format_problems(formats: Sequence[str], config: dict[str, Any], config_file: Path, fix: str) -> list[str]:
+    """What the export `formats` cannot be made from, read from the config.json of the checkpoint they are
+    made from (model.path for a run, a persona's hf/ for `export`): GGUF files are written for llama
+    checkpoints without Linear biases (a llama GGUF has no key for them; transformers' GGUF loader drops them)."""
+    if "gguf" not in formats:
+        return []
+    problems = []
+    if config.get("model_type") != "llama":
+        problems.append(
+            f"GGUF export supports llama checkpoints; {config_file} is {config.get('model_type')!r}: "
+            "leave 'gguf' out of output.formats"
+        )
+    biased = [key for key in ("mlp_bias", "attention_bias") if config.get(key)]
+    if biased:
+        problems.append(
+            f"GGUF export: {config_file} has {' and '.join(biased)} true (Linear biases, which a llama GGUF file "
+            f"cannot declare and transformers' GGUF loader drops); {fix}"
+        )
+    return problems
 
 
 def tune_validation(spec: TuneSpec) -> EvalSpec:

@@ -19,10 +19,13 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from exporter.errors import OnnxExportError, OnnxModelError, OutputError
-from exporter.export.onnx import export_onnx, quantize_int8
+from exporter.export.onnx import export_onnx
+from exporter.export.quantize import quantize_weights
 from exporter.model.adapters import REGISTRY
+from exporter.recipe.formats import QUANT_FORMATS
 from exporter.runtime.onnx import OnnxCausalLM, load_ort_model
-from exporter.verify.onnx import compare_int8, verify_onnx
+from exporter.verify.onnx import compare_quantized, verify_onnx
+from exporter.verify.quality import judge
 
 # 6 query heads / 2 KV heads of 16 on hidden 64: optimum's hidden // heads would be 10.
 TINY = dict(
@@ -191,20 +194,40 @@ def test_stock_optimum_needs_the_one_line_workaround(export: Callable[[str], Exp
     assert torch.equal(got, want)
 
 
-def test_int8_export_and_agreement(export: Callable[[str], Export], tmp_path: Path) -> None:
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_quantization_and_its_quality(export: Callable[[str], Export], tmp_path: Path, bits: int) -> None:
     _, onnx_dir, _ = export("llama")
-    with pytest.raises(OnnxExportError, match="match no node"):
-        quantize_int8(onnx_dir, tmp_path / "bad", keep_fp32=("no_such_node",))
-    assert not (tmp_path / "bad").exists()
-    int8_dir = quantize_int8(onnx_dir, tmp_path / "int8")
-    assert (int8_dir / "tokenizer.json").is_file() and (int8_dir / "config.json").is_file()
-    ops = {node.op_type for node in onnx.load(int8_dir / "model.onnx").graph.node}
-    assert "MatMulInteger" in ops or "DynamicQuantizeMatMul" in ops
-    report = compare_int8(onnx_dir, int8_dir, batches(), ppl_texts=["hello there, tiny model", "int8 or not"])
-    assert report["mb_int8"] < 0.75 * report["mb_fp32"]
-    assert report["positions"] == int(sum(mask.sum() for _, mask in batches()))
-    assert report["top1_agreement"] >= 0.75, report  # 0.97 here; an unusable model is near 1/259
+    out = quantize_weights(onnx_dir, tmp_path / f"int{bits}", bits)
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    graph = onnx.load(out / "model.onnx").graph
+    nbits = [node for node in graph.node if node.op_type == "MatMulNBits"]
+    # 7 projections per layer and the tied LM head (its own transposed copy); no fp32 MatMul on a weight is left
+    assert len(nbits) == 7 * TINY["num_hidden_layers"] + 1
+    assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {bits}
+    initializers = {i.name for i in graph.initializer}
+    assert not [n.name for n in graph.node if n.op_type == "MatMul" and n.input[1] in initializers]
+    report = compare_quantized(onnx_dir, out, batches(), ppl_texts=["hello there, tiny model", "quantized or not"])
+    assert report["mb_quantized"] < (0.75 if bits == 8 else 0.6) * report["mb_fp32"]
+    assert report["positions"] == sum(len(t.encode()) for t in ["hello there, tiny model", "quantized or not"])
+    assert report["top1_agreement"] >= (0.9 if bits == 8 else 0.3), report  # an unusable model is near 1/259
     assert 0.8 < report["ppl_ratio"] < 1.25, report
+    floor = QUANT_FORMATS[f"onnx-int{bits}"].floor
+    assert judge({**report, "top1_agreement": floor.top1_agreement}, floor)["below_floor"] is (
+        report["ppl_ratio"] > floor.ppl_ratio
+    )
+    assert judge({**report, "top1_agreement": floor.top1_agreement - 1e-3}, floor)["below_floor"] is True
+    on_prompts = compare_quantized(onnx_dir, out, batches())
+    assert on_prompts["positions"] == int(sum(mask.sum() for _, mask in batches()))
+    assert on_prompts["measured_on"] == "verification prompts"
+
+
+def test_quantizing_a_folder_that_is_not_an_export_fails_cleanly(
+    export: Callable[[str], Export], tmp_path: Path
+) -> None:
+    hf_dir, _, _ = export("llama")
+    with pytest.raises(OnnxModelError, match=r"no model\.onnx"):
+        quantize_weights(hf_dir, tmp_path / "q", 4)
+    assert not (tmp_path / "q").exists()
 
 
 def _broken_copy(onnx_dir: Path, dst: Path, how: str) -> Path:

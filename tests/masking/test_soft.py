@@ -154,3 +154,26 @@ def test_run_with_soft_masks_verifies_hf_and_onnx(tmp_path: Path, tiny_llama_dir
         dense = json.loads((tiny_llama_dir / "config.json").read_text())
         assert config["intermediate_size"] == dense["intermediate_size"]  # soft: no neuron removed
         assert PersonaMask.load(out / persona / "masks.safetensors").mlp_scale is not None
+
+
+def test_run_with_soft_masks_verifies_gguf(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """Scaled columns are plain weights: the GGUF files carry them, and F16 matches the masked reference."""
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama_dir,
+        prune={
+            "mlp": {"sparsity": 0.25, "gamma": 0.4, "amplify": 1.5},
+            "attention": {"unit": "query-head", "sparsity": 0.5, "gamma": 0.2},
+        },
+        output={"formats": ["hf", "gguf"]},
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    for persona in ("introvert", "extravert"):
+        report = json.loads((out / persona / "report.json").read_text())
+        assert report["status"] == "passed", report["verification"]
+        gguf = report["verification"]["gguf"]
+        assert gguf["F16"]["passed"] and gguf["F16"]["max_abs_logit_diff"] <= 1e-2, gguf
+        assert gguf["Q8_0"]["top1_agreement"] > 0.5, gguf
+        mask = PersonaMask.load(out / persona / "masks.safetensors")
+        assert mask.mlp_scale is not None and mask.attn_scale is not None

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from exporter.cli import main
-from exporter.errors import UnsupportedModelError
+from exporter.cli import dispatch, main
+from exporter.errors import GgufExportError, UnsupportedModelError
 from exporter.export.prune import prune_model
 from exporter.masking.calibrate import calibrate
 from exporter.masking.masks import compute_mask
@@ -200,3 +200,38 @@ def test_eval_reports_steering_removal_and_replies(tmp_path: Path, tiny_llama_di
         for p in ("introvert", "extravert")
     ]
     assert gaps[0] == pytest.approx(gaps[1], abs=1e-9)
+
+
+def test_steered_soft_persona_quantizes_with_its_biases_and_refuses_gguf(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """A steering bias (down_proj biases) and a soft mask (scaled columns) survive weight-only quantization:
+    the biases stay fp32 Adds after MatMulNBits, and the quality is measured against the fp32 export. GGUF
+    is refused for such a persona."""
+    import onnx
+
+    recipe = write_recipe(
+        tmp_path,
+        tiny_llama_dir,
+        method={"score": "contrastive-wanda", "steer": 1.5},
+        prune={"mlp": {"sparsity": 0.25, "gamma": 0.5}},
+        output={"formats": ["hf", "onnx", "onnx-int8", "onnx-int4"]},
+    )
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    folder = out / "introvert"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["status"] == "passed" and report["verification"]["onnx"]["passed"], report["verification"]
+    assert json.loads((folder / "hf" / "config.json").read_text())["mlp_bias"] is True
+    for name, bits in (("onnx-int8", 8), ("onnx-int4", 4)):
+        figures = report["verification"][name]
+        assert figures["passed"] and figures["bits"] == bits and figures["top1_agreement"] >= 0.3, figures
+        graph = onnx.load(folder / figures["folder"] / "model.onnx").graph
+        weights = {i.name for i in graph.initializer}
+        nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
+        assert len(nbits) == 7 * 2 + 1  # 2 layers, tied LM head
+        assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
+        biases = [w for w in weights if "down_proj.bias" in w]
+        assert len(biases) == 2, sorted(weights)
+    # a GGUF file cannot carry the biases: refused, naming the fix, before the model is loaded
+    with pytest.raises(GgufExportError, match=r"leave 'gguf' out of output\.formats.*method\.steer: 0"):
+        dispatch(["export", str(folder), "--format", "gguf"])
+    assert not (folder / "gguf").exists()

@@ -272,35 +272,66 @@ def test_branch_pull_request_and_private(hub: FakeHub, persona: Path, capsys: py
 def test_onnx_goes_to_a_subfolder_or_its_own_repo(
     hub: FakeHub, persona: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for name in ("onnx", "onnx-int8"):
+    for name in ("onnx", "ort-int8", "ort-int4"):
         add_fake_onnx(persona, name)
     report = json.loads((persona / "report.json").read_text())
     onnx = {"max_abs_logit_diff": 2e-5, "mean_abs_logit_diff": 1e-6, "greedy_identical": True, "passed": True}
-    report["verification"] |= {"onnx": onnx, "onnx-int8": {"top1_agreement": 0.97, "passed": True}}
+    quality = {"ppl_ratio": 1.01, "mb_quantized": 0.003, "parity_target": False, "passed": True}
+    report["verification"] |= {
+        "onnx": onnx,
+        "onnx-int8": {**quality, "bits": 8, "top1_agreement": 0.98, "below_floor": False},
+        "onnx-int4": {**quality, "bits": 4, "top1_agreement": 0.70, "below_floor": True},
+    }
     report["evaluation"] = {"dense": {"persona_score": 0.41, "ppl": 12.5}, "pruned": {"persona_score": 0.63}}
     (persona / "report.json").write_text(json.dumps(report))
 
     assert run_cli(str(persona), "--repo-id", REPO) == 0
     files = hub.files(REPO)
-    assert {p: d for p, d in files.items() if p != "README.md"} == local_tree(persona, "onnx", "onnx-int8")
+    # below its floor, the int4 export stays home unless asked
+    assert {p: d for p, d in files.items() if p != "README.md"} == local_tree(persona, "onnx", "ort-int8")
     card = card_of(files)
-    assert "onnx" in card.data.tags and 'subfolder="onnx"' in card.text and "`onnx-int8`" in card.text
+    assert "onnx" in card.data.tags and 'subfolder="onnx"' in card.text
+    assert "- `ort-int8`: 8-bit weights, 0 MB; top-1 next-token agreement 98.0 %, perplexity x1.010" in card.text
+    assert "- `ort-int4`" not in card.text
     assert "model.embed_size_per_head = model.config.head_dim" in card.text  # 64 / 6 != 16
     assert "| dense | 0.41 | 12.5 |" in card.text and "| pruned | 0.63 |  |" in card.text
-    assert "| onnx | 2.0e-05 | 1.0e-06 | identical | yes |" in card.text and "top1_agreement 0.97" in card.text
+    assert "| onnx | 2.0e-05 | 1.0e-06 | identical | yes |" in card.text and "top1_agreement 0.98" in card.text
+    assert run_cli(str(persona), "--repo-id", REPO + "-low", "--below-floor") == 0
+    files = hub.files(REPO + "-low")
+    assert {p: d for p, d in files.items() if p != "README.md"} == local_tree(persona, "onnx", "ort-int8", "ort-int4")
+    assert "agreement 70.0 %, perplexity x1.010 (below its quality floor)" in card_of(files).text
 
     other = "persona-org/tiny-introvert-ort"
     args = ("--repo-id", REPO + "-2", "--onnx", "separate-repo", "--onnx-repo-id", other)
     assert run_cli(str(persona), *args) == 0
     assert "onnx/model.onnx" not in hub.files(REPO + "-2") and f"`{other}`" in card_of(hub.files(REPO + "-2")).text
     onnx_files = hub.files(other)
-    assert set(onnx_files) == {"README.md", *local_tree(persona, "onnx", "onnx-int8").keys()} - set(local_tree(persona))
+    assert set(onnx_files) == {"README.md", *local_tree(persona, "onnx", "ort-int8").keys()} - set(local_tree(persona))
     onnx_card = card_of(onnx_files)
     assert onnx_card.data.library_name == "onnx" and "AutoModelForCausalLM" not in onnx_card.text
 
     assert run_cli(str(persona), "--repo-id", REPO + "-3", "--onnx", "none") == 0
-    assert not any(p.startswith("onnx") for p in hub.files(REPO + "-3"))
+    assert not any(p.startswith(("onnx", "ort-")) for p in hub.files(REPO + "-3"))
     assert "pushed" in capsys.readouterr().out
+
+
+def test_gguf_goes_to_its_subfolder_with_a_llama_cpp_snippet(hub: FakeHub, persona: Path) -> None:
+    (persona / "gguf").mkdir()
+    for name in ("model-f16.gguf", "model-q8_0.gguf"):
+        (persona / "gguf" / name).write_bytes(os.urandom(2000))
+    report = json.loads((persona / "report.json").read_text())
+    f16 = {"file": "model-f16.gguf", "max_abs_logit_diff": 3e-3, "passed": True}
+    q8 = {"file": "model-q8_0.gguf", "top1_agreement": 0.99, "below_floor": False, "passed": True}
+    report["verification"]["gguf"] = {"passed": True, "F16": f16, "Q8_0": q8}
+    (persona / "report.json").write_text(json.dumps(report))
+
+    assert run_cli(str(persona), "--repo-id", REPO) == 0
+    files = hub.files(REPO)
+    assert {p: d for p, d in files.items() if p != "README.md"} == local_tree(persona, "gguf")
+    card = card_of(files)
+    assert "gguf" in card.data.tags and "onnx" not in card.data.tags and "ORTModelForCausalLM" not in card.text
+    assert f'Llama.from_pretrained("{REPO}", filename="gguf/model-q8_0.gguf"' in card.text
+    assert "(`model-f16.gguf`, `model-q8_0.gguf`)" in card.text
 
 
 @pytest.mark.parametrize(
@@ -622,6 +653,11 @@ REPORT_EDITS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("base-model-missing", lambda r: r.pop("base_model"), "base_model: required key is missing"),
     ("geometry-null", lambda r: r.update(geometry=None), "geometry:"),
     ("onnx-passed-text", lambda r: r["verification"].update(onnx={"passed": "yes"}), "verification.onnx.passed"),
+    (
+        "below-floor-text",  # decides whether a quantized format is pushed
+        lambda r: r["verification"].update({"onnx-int8": {"passed": True, "below_floor": "false"}}),
+        "verification.onnx-int8.below_floor: must be true or false, got str 'false'",
+    ),
 ]
 
 

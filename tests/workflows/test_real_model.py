@@ -114,3 +114,33 @@ def test_head_pruned_onnx_export_matches_the_masked_model(demo_run: Path) -> Non
     # the same 16 tokens from both backends; with a KV group removed on 24 calibration samples plus the steering
     # bias this model can answer with blank lines only, so the text itself is not judged here
     assert outputs["onnx"] == outputs["torch"] and len(outputs["onnx"]) >= 16
+
+
+SHORT = "What is the capital of France? Answer with one word."
+
+
+def test_generation_stops_at_the_end_of_turn(demo_run: Path) -> None:
+    """The exported tokenizer and generation config end a reply at <|im_end|>, in transformers and in the
+    project's runners (torch and ONNX, the latter added by the test above when run in order, else here)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from exporter.runtime.runner import Runner
+
+    folder = demo_run / "extravert"
+    tok = AutoTokenizer.from_pretrained(folder / "hf")
+    assert tok.eos_token == "<|im_end|>" and tok("plain text")["input_ids"][0] != tok.bos_token_id
+    model = AutoModelForCausalLM.from_pretrained(folder / "hf")
+    ids = tok.apply_chat_template([{"role": "user", "content": SHORT}], add_generation_prompt=True, return_tensors="pt")
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=48, do_sample=False)
+    reply = out[0, ids.shape[1] :].tolist()
+    assert reply[-1] == tok.eos_token_id and len(reply) < 48, tok.decode(reply)
+    text = tok.decode(reply, skip_special_tokens=True)
+    if not (folder / "onnx").is_dir():
+        cmd = [sys.executable, "-m", "exporter", "export", str(folder), "--format", "onnx"]
+        assert subprocess.run(cmd, capture_output=True, text=True, cwd=REPO).returncode == 0
+    for backend in ("torch", "onnx"):
+        runner = Runner(folder, backend)
+        assert "".join(runner.stream([{"role": "user", "content": SHORT}], 48)) == text
+        assert list(runner._next_tokens(ids[0].tolist(), len(reply)))[-1] == tok.eos_token_id

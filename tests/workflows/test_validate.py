@@ -154,7 +154,18 @@ VALIDATE_CASES: list[tuple[str, Edit, type[PersonaExportError], str]] = [
         RecipeError,
         "eval.max_tokens: 1000",
     ),
+    (
+        "gguf-of-a-model-with-biases",
+        lambda d, t: (_set_config(t / "tiny-llama", mlp_bias=True), d.update(output={"formats": ["hf", "gguf"]})),
+        RecipeError,
+        "output.formats: GGUF export: ",
+    ),
 ]
+
+
+def _set_config(folder: Path, **changes: Any) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config | changes))
 
 
 @pytest.mark.parametrize("case", VALIDATE_CASES, ids=[c[0] for c in VALIDATE_CASES])

@@ -1,0 +1,182 @@
+"""CPU deployment benchmark (printed, not asserted): decode tokens/s and prefill latency of every ONNX format,
+dense against a persona export, in one run; plus llama.cpp on the dense Q4_1 GGUF when llama-cpp-python is
+importable (here, or in the interpreter given by --llama-python).
+
+Every model gets the same chat prompt and decodes 64 greedy tokens (end of turn ignored) on `--threads`
+threads; figures are medians of `--repeats` rounds that interleave the models, so drift on a shared machine
+hits all of them alike. The closing line is the goal of issue 13: the persona's fastest format within its
+quality floor, divided by llama.cpp's tok/s on the dense GGUF.
+
+  python ci/bench_deploy.py                      # builds dense + demo persona exports in a temp folder
+  python ci/bench_deploy.py --persona RUN/extravert --dense DIR   # reuse exports (DIR holds onnx/, ort-int*/)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from exporter.recipe.formats import FOLDERS  # noqa: E402
+from exporter.runtime.onnx import OnnxCausalLM  # noqa: E402
+
+RECIPE = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
+PROMPT = "Describe your ideal weekend, and say what makes it restful or exciting for you, in a few sentences."
+NEW_TOKENS = 64
+FORMATS = ("onnx", "onnx-int8", "onnx-int4")
+LLAMA_CHILD = """
+import sys, time, json
+import numpy as np
+from llama_cpp import Llama
+path, threads, ids, new = sys.argv[1], int(sys.argv[2]), [int(t) for t in sys.argv[3].split(",")], int(sys.argv[4])
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=512, logits_all=False, verbose=False)
+out = []
+for _ in range(int(sys.argv[5])):
+    llm.reset()
+    t = time.perf_counter(); llm.eval(ids); prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(new):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        llm.eval([token])
+    out.append((new / (time.perf_counter() - t), prefill))
+print(json.dumps(out))
+"""
+
+
+def decode(model: OnnxCausalLM, ids: np.ndarray) -> tuple[float, float]:
+    """(decode tok/s over NEW_TOKENS greedy steps, prefill seconds)."""
+    mask = np.ones_like(ids)
+    t = time.perf_counter()
+    logits, past = model.forward(ids, mask)
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    for _ in range(NEW_TOKENS):
+        token = logits[:, -1].argmax(-1)
+        mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+        logits, past = model.forward(token[:, None], mask, past)
+    return NEW_TOKENS / (time.perf_counter() - t), prefill
+
+
+def build(tmp: Path) -> tuple[Path, Path]:
+    """Dense exports (all formats) and the demo recipe's extravert persona with all formats, made here."""
+    from exporter.export.onnx import export_onnx
+    from exporter.export.quantize import quantize_weights
+    from exporter.model.sources import load_model
+    from exporter.recipe.formats import QUANT_FORMATS
+    from exporter.recipe.load import load_recipe
+    from exporter.workflows.run import run
+
+    formats = "output.formats=[hf, " + ", ".join(FORMATS) + "]"
+    recipe = load_recipe(RECIPE, ["eval=null", formats])
+    m = load_model(recipe)
+    dense = tmp / "dense"
+    m.model.save_pretrained(dense / "hf")
+    m.export_tokenizer.save_pretrained(dense / "hf")
+    export_onnx(dense / "hf", dense / "onnx")
+    for fmt in QUANT_FORMATS.values():
+        quantize_weights(dense / "onnx", dense / fmt.folder, fmt.bits, accuracy_level=fmt.accuracy_level)
+    del m
+    run(recipe, tmp / "run")
+    return dense, tmp / "run" / "extravert"
+
+
+def gguf_file() -> Path | None:
+    from exporter.model.sources import EMBEDDED
+
+    info = EMBEDDED["smollm2-135m-instruct"]
+    spec = importlib.util.find_spec(info["package"])
+    return Path(spec.origin).parent / info["file"] if spec and spec.origin else None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--persona", type=Path, help="a persona folder holding onnx/ and ort-int*/")
+    parser.add_argument("--dense", type=Path, help="a folder holding the dense model's onnx/ and ort-int*/")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--llama-python", default=sys.executable, help="interpreter with llama-cpp-python")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        dense, persona = (args.dense, args.persona) if args.persona and args.dense else build(Path(tmp))
+        return bench(dense, persona, args)
+
+
+def bench(dense: Path, persona: Path, args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(persona / "hf")
+    ids = np.array([tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)])
+    report = json.loads((persona / "report.json").read_text())
+    models = {
+        (who, fmt): OnnxCausalLM.from_dir(folder / FOLDERS[fmt], threads=args.threads)
+        for who, folder in (("dense", dense), ("persona", persona))
+        for fmt in FORMATS
+        if (folder / FOLDERS[fmt]).is_dir()
+    }
+    gguf = gguf_file()
+    probe = [args.llama_python, "-c", "import llama_cpp"]
+    has_llama = gguf is not None and subprocess.run(probe, capture_output=True).returncode == 0
+    rates: dict[tuple[str, str], list[float]] = {k: [] for k in models}
+    prefills: dict[tuple[str, str], list[float]] = {k: [] for k in models}
+    for model in models.values():  # warm-up
+        decode(model, ids)
+    for _ in range(args.repeats):
+        for key, model in models.items():
+            rate, prefill = decode(model, ids)
+            rates[key].append(rate)
+            prefills[key].append(prefill)
+        if has_llama:
+            child = [args.llama_python, "-c", LLAMA_CHILD, str(gguf), str(args.threads)]
+            child += [",".join(map(str, ids[0])), str(NEW_TOKENS), "2"]
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            runs = json.loads(subprocess.run(child, capture_output=True, text=True, check=True, env=env).stdout)
+            rate, prefill = runs[-1]  # the first of the two is its warm-up
+            rates.setdefault(("dense", "llama.cpp Q4_1 GGUF"), []).append(rate)
+            prefills.setdefault(("dense", "llama.cpp Q4_1 GGUF"), []).append(prefill)
+
+    load = os.getloadavg()[0]
+    print(
+        f"\n## CPU decode, {ids.shape[1]}-token chat prompt, {NEW_TOKENS} greedy tokens, {args.threads} threads, "
+        f"median of {args.repeats} interleaved rounds (load average {load:.1f} on {os.cpu_count()} cores)"
+    )
+    print(f"{'model':8s} {'format':22s} {'tok/s':>7s} {'prefill ms':>10s} {'x dense fp32':>12s} {'quality':>30s}")
+    base = statistics.median(rates[("dense", "onnx")])
+    for (who, fmt), values in rates.items():
+        q = report["verification"].get(fmt, {}) if who == "persona" else {}
+        quality = ""
+        if "top1_agreement" in q:
+            quality = f"top-1 {100 * q['top1_agreement']:.1f} %, ppl x{q['ppl_ratio']:.3f}"
+            quality += " BELOW FLOOR" if q["below_floor"] else ""
+        rate = statistics.median(values)
+        prefill = 1000 * statistics.median(prefills[(who, fmt)])
+        print(f"{who:8s} {fmt:22s} {rate:7.1f} {prefill:10.1f} {rate / base:12.2f} {quality:>30s}")
+    within = [
+        (statistics.median(rates[("persona", f)]), f)
+        for f in FORMATS
+        if ("persona", f) in rates and (f == "onnx" or not report["verification"].get(f, {}).get("below_floor", True))
+    ]
+    best_rate, best = max(within)
+    if has_llama:
+        llama = statistics.median(rates[("dense", "llama.cpp Q4_1 GGUF")])
+        print(f"\npersona's fastest format within its floor: {best} {best_rate:.1f} tok/s; llama.cpp {llama:.1f} tok/s")
+        print(f"ratio (goal >= 1): {best_rate / llama:.2f}")
+    else:
+        print(f"\npersona's fastest format within its floor: {best} {best_rate:.1f} tok/s; llama.cpp not measured")
+        print("(llama-cpp-python is optional: CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

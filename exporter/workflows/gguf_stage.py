@@ -1,0 +1,45 @@
+"""The GGUF stage of a persona: write `gguf/` from the proven checkpoint and verify it through transformers'
+GGUF loader against the masked reference (F16 fatal on failure, Q8_0 measured)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from exporter.export.gguf import GGUF_TYPES, export_gguf
+from exporter.masking.masks import PersonaMask
+from exporter.model.adapters import Adapter
+from exporter.recipe.formats import FOLDERS
+from exporter.recipe.schema import VerifySpec
+from exporter.verify.gguf import verify_gguf
+from exporter.verify.hf import PromptSet
+
+log = logging.getLogger(__name__)
+
+
+def gguf_stage(
+    folder: Path,
+    reference_fp32: nn.Module,
+    adapter: Adapter,
+    mask: PersonaMask,
+    prompts: PromptSet,
+    spec: VerifySpec,
+    tokenizer: Any,
+    neutral: list[str] | None,
+    timings: dict[str, float],
+) -> dict[str, Any]:
+    """Write `gguf/` next to `folder/hf` and verify it; the report entry {"passed", "F16": ..., "Q8_0": ...}."""
+    t = time.perf_counter()
+    log.info("%s: writing GGUF (%s)", folder.name, ", ".join(GGUF_TYPES))
+    out = folder / FOLDERS["gguf"]
+    files = export_gguf(folder / "hf", out)
+    timings["export_gguf"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
+    log.info("%s: verifying GGUF through transformers' GGUF loader against the masked model", folder.name)
+    figures = verify_gguf(reference_fp32, adapter, mask, out, files, prompts, spec, tokenizer, neutral)
+    timings["verify_gguf"] = round(time.perf_counter() - t, 3)
+    return {"passed": figures["F16"]["passed"], **figures}
