@@ -287,25 +287,24 @@ def soften(
     out = {}
     for name, mask in masks.items():
         partner = masks[q] if (q := recipe.partner(name)) else None
+        mine = mask.channel_masks()
+        theirs = partner.channel_masks() if partner is not None else (None, None)
         mlp_keep, head_keep, group_keep = mask.mlp_keep, mask.head_keep, mask.group_keep
         scales: list[torch.Tensor | None] = []
-        for kind, spec in (("mlp", mlp), ("attention", att)):
-            index = 0 if kind == "mlp" else 1
-            own = mask.channel_masks()[index]
+        for index, spec in enumerate((mlp, att)):  # 0: MLP neurons, 1: attention heads
+            own, other = mine[index], theirs[index]
             if spec is None or own is None or (spec.gamma == 0 and spec.amplify == 1):
                 scales.append(None)
                 continue
             scale = torch.ones(own.shape, dtype=torch.float64)
             if spec.gamma > 0:  # selected units kept, scaled down
                 scale[own == 0] = spec.gamma
-                if kind == "mlp":
+                if index == 0:
                     mlp_keep = None
                 else:
                     head_keep = group_keep = None
-            if spec.amplify > 1 and partner is not None:
-                theirs = partner.channel_masks()[index]
-                assert theirs is not None, "both masks of a pair prune the same unit kinds"
-                scale[theirs == 0] = spec.amplify
+            if spec.amplify > 1 and other is not None:
+                scale[other == 0] = spec.amplify
             scales.append(scale)
         out[name] = replace(
             mask,
