@@ -121,8 +121,9 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         raw = score_conditions(ev, conditions(ev, masks, {}), {}, done=done)
         evals = {p: persona_evaluation(r, validation, val_items, raw, p, masks[p], n_dense) for p in masks}
         figures = _point_figures(evals)
-        removes = (mlp.sparsity > 0 and mlp.gamma == 0) or not spec.require_removal
-        figures["feasible"] = figures["max_perplexity_ratio"] <= spec.max_perplexity_ratio and removes
+        removes = figures["removes"] = mlp.sparsity > 0 and mlp.gamma == 0  # gamma > 0 keeps every unit
+        within = figures["max_perplexity_ratio"] <= spec.max_perplexity_ratio
+        figures["feasible"] = within and (removes or not spec.require_removal)
         log.info(
             "tune: %s weaker shift %+.3f, worst perplexity %.3fx%s",
             setting,
@@ -216,7 +217,7 @@ def tune_markdown(report: dict[str, Any]) -> str:
             continue
         over = p["max_perplexity_ratio"] > report["max_perplexity_ratio"]
         mark = "**chosen**" if p.get("chosen") else ("over the perplexity bound" if over else "")
-        if (s["sparsity"] == 0 or s.get("gamma", 0.0) > 0) and not over and not p.get("chosen"):
+        if not p["removes"] and not over and not p.get("chosen"):
             mark = "reference (removes nothing)"
         rows.append([*cells, f"{p['min_shift']:+.3f}", f"{p['max_perplexity_ratio']:.3f}", mark])
     header = ["sparsity", "steer", "compensate", "gamma", "amplify", "weaker shift (val)", "worst ppl ratio (val)", ""]
