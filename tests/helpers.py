@@ -372,6 +372,22 @@ RECIPE_CASES = [  # problems of the recipe alone: loading it fails, nothing else
         overrides=("pairs=[]", "method.score=wanda", "method.steer=1.0"),
     ),
     Case(
+        "steer-unknown-persona",
+        RecipeError,
+        "method.steer: unknown persona(s) ['ambivert']",
+        overrides=("method.steer={introvert: 1.0, ambivert: 1.0}",),
+    ),
+    Case(
+        "tune-steer-unpaired",
+        RecipeError,
+        "tune.steer.1 steers toward a persona",
+        overrides=(
+            "pairs=[]",
+            "method.score=wanda",
+            "tune={sparsity: [0.1], steer: [0.0, {introvert: 1.0}], validation: {}}",
+        ),
+    ),
+    Case(
         "amplify-not-contrastive",
         RecipeError,
         "prune.mlp.amplify: a persona's own units are those its partner's contrastive mask selects",

@@ -113,10 +113,14 @@ def evaluate_replies(
     masks: dict[str, PersonaMask],
     systems: dict[str, str],
     opposite: dict[str, str],
+    cache: dict[str, Replies] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Per persona p with an opposite q among `masks`: reply scores (p's system prompt against q's) of every
     condition, the export gap (p's export minus q's export, per prompt) beside the prompt-only and
-    steering-only gaps, degeneration figures, and the first `show` prompts' replies side by side."""
+    steering-only gaps, degeneration figures, and the first `show` prompts' replies side by side.
+
+    `cache` keeps replies across calls (tune's grid): "dense" and "prompt:<persona>" are generated once and
+    reused; the masks' replies are always generated anew."""
     rs = spec.replies
     assert rs is not None, "evaluate_replies needs an eval.replies section"
     boot = {"n": spec.bootstrap, "seed": spec.seed}
@@ -133,9 +137,14 @@ def evaluate_replies(
             batch_size=rs.batch_size,
         )
 
-    replies: dict[str, Replies] = {"dense": gen()}
+    cache = {} if cache is None else cache
+    if "dense" not in cache:
+        cache["dense"] = gen()
+    replies = {"dense": cache["dense"]}
     for p, mask in masks.items():
-        replies[f"prompt:{p}"] = gen(system=systems[p])
+        if f"prompt:{p}" not in cache:
+            cache[f"prompt:{p}"] = gen(system=systems[p])
+        replies[f"prompt:{p}"] = cache[f"prompt:{p}"]
         replies[f"mask:{p}"] = gen(mask=mask)
         if mask.steering is not None and "steering" in spec.baselines:
             replies[f"steer:{p}"] = gen(mask=steering_only(mask))

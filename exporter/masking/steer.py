@@ -45,7 +45,7 @@ def compensation_mean(mode: str, own: Statistics, partner: Statistics | None) ->
 
 
 def needs_bias(method: MethodSpec, prune: PruneSpec) -> bool:
-    return method.steer > 0 or (prune.mlp is not None and prune.mlp.compensate != "none")
+    return method.steers or (prune.mlp is not None and prune.mlp.compensate != "none")
 
 
 def with_biases(
@@ -71,14 +71,16 @@ def with_biases(
         partner = stats[p] if (p := recipe.partner(name)) else None
         bias = torch.zeros(len(down), down[0].shape[0], dtype=torch.float64)
         steering = None
-        if method.steer > 0:
+        if (alpha := method.alpha(name)) > 0:
             assert partner is not None, "steering needs a pair (checked by the recipe)"
-            steering = steering_bias(down, stats[name], partner, method.steer).to(storage).to(torch.float64)
+            steering = steering_bias(down, stats[name], partner, alpha).to(storage).to(torch.float64)
             bias += steering
         compensate = prune.mlp.compensate if prune.mlp is not None else "none"
         mlp_scale, _ = mask.channel_scales()
         if compensate != "none" and mlp_scale is not None:
             lost = (1.0 - mlp_scale).clamp_min(0.0)  # amplified units take nothing away
             bias += compensation_bias(down, lost, compensation_mean(compensate, stats[name], partner))
-        out[name] = replace(mask, mlp_bias=bias.to(storage).to(torch.float64), steering=steering)
+        # a persona with neither keeps its mask as it is (no bias in its export)
+        biased = steering is not None or (compensate != "none" and mlp_scale is not None)
+        out[name] = replace(mask, mlp_bias=bias.to(storage).to(torch.float64), steering=steering) if biased else mask
     return out

@@ -62,18 +62,29 @@ class PersonaSpec(Strict):
     calibration: DataSpec
 
 
+Alpha = Annotated[float, Field(ge=0.0, le=10.0)]
+
+
 class MethodSpec(Strict):
     score: Literal["wanda", "sparse", "contrastive-wanda", "contrastive-sparse"]
     phi: Literal["softplus", "relu"] = "softplus"
     tau: Annotated[float, Field(gt=0.0)] = 0.25
     damping: Annotated[float, Field(ge=0.0)] = 0.01
     eps: Annotated[float, Field(gt=0.0)] = 1e-6
-    # alpha of the persona steering bias baked into down_proj biases (exporter/masking/steer.py); 0 = none
-    steer: Annotated[float, Field(ge=0.0, le=10.0)] = 0.0
+    # alpha of the persona steering bias baked into down_proj biases (exporter/masking/steer.py); 0 = none.
+    # One value for every persona, or one per persona ({introvert: 1.5, extravert: 1.0}; a persona left out: 0)
+    steer: Alpha | dict[str, Alpha] = 0.0
 
     @property
     def contrastive(self) -> bool:
         return self.score.startswith("contrastive-")
+
+    def alpha(self, persona: str) -> float:
+        return self.steer.get(persona, 0.0) if isinstance(self.steer, dict) else self.steer
+
+    @property
+    def steers(self) -> bool:
+        return any(a > 0 for a in (self.steer.values() if isinstance(self.steer, dict) else [self.steer]))
 
 
 class MlpPrune(Strict):
@@ -140,7 +151,7 @@ class TuneSpec(Strict):
     removed)."""
 
     sparsity: Annotated[list[Fraction], Field(min_length=1)]  # MLP sparsities
-    steer: Annotated[list[Annotated[float, Field(ge=0.0, le=10.0)]], Field(min_length=1)] = [0.0]
+    steer: Annotated[list[Alpha | dict[str, Alpha]], Field(min_length=1)] = [0.0]  # as method.steer
     compensate: Annotated[list[Literal["none", "personas", "persona"]], Field(min_length=1)] = ["none"]
     gamma: Annotated[list[Fraction], Field(min_length=1)] = [0.0]  # MLP soft-mask factors (0 = removal)
     amplify: Annotated[list[Annotated[float, Field(ge=1.0, le=4.0)]], Field(min_length=1)] = [1.0]
@@ -244,13 +255,21 @@ def semantic_problems(r: Recipe) -> list[str]:
                     f"personas.{name}: method.score {r.method.score!r} needs every persona in an opposing "
                     "pair; add it to 'pairs' or use 'wanda'/'sparse'"
                 )
-    if r.method.steer > 0:
-        for name in r.personas:
-            if name not in seen:
-                problems.append(
-                    f"personas.{name}: method.steer steers toward a persona and away from its opposite; add "
-                    f"{name!r} to 'pairs' or set method.steer to 0"
-                )
+    steers = [("method.steer", r.method)]
+    steers += (
+        [(f"tune.steer.{i}", r.method.model_copy(update={"steer": v})) for i, v in enumerate(r.tune.steer)]
+        if r.tune
+        else []
+    )
+    for where, method in steers:
+        if isinstance(method.steer, dict) and (unknown := sorted(set(method.steer) - set(r.personas))):
+            problems.append(f"{where}: unknown persona(s) {unknown}; known personas: {sorted(r.personas)}")
+        problems += [
+            f"personas.{name}: {where} steers toward a persona and away from its opposite; add {name!r} to "
+            f"'pairs' or set its {where} to 0"
+            for name in r.personas
+            if method.alpha(name) > 0 and name not in seen
+        ]
     units = {"mlp": r.prune.mlp, "attention": r.prune.attention}
     for kind, spec in units.items():
         if spec is not None and spec.amplify > 1 and not r.method.contrastive:
@@ -259,7 +278,7 @@ def semantic_problems(r: Recipe) -> list[str]:
                 "use a contrastive-* method.score or set amplify to 1"
             )
     soft = any(s is not None and (s.gamma > 0 or s.amplify > 1) for s in units.values())
-    if (r.method.steer > 0 or soft or (r.prune.mlp is not None and r.prune.mlp.compensate != "none")) and (
+    if (r.method.steers or soft or (r.prune.mlp is not None and r.prune.mlp.compensate != "none")) and (
         r.model.max_memory is not None
     ):
         problems.append(
@@ -268,7 +287,7 @@ def semantic_problems(r: Recipe) -> list[str]:
         )
     if r.prune.mlp is None and r.prune.attention is None:
         problems.append("prune: name at least one unit kind to prune ('mlp' and/or 'attention')")
-    elif r.method.steer == 0 and all(p.sparsity == 0 for p in (r.prune.mlp, r.prune.attention) if p is not None):
+    elif not r.method.steers and all(p.sparsity == 0 for p in (r.prune.mlp, r.prune.attention) if p is not None):
         problems.append(
             "prune: every sparsity is 0 and method.steer is 0, so each persona export would be the unpruned "
             "model; give 'prune.mlp.sparsity' (or attention) a value above 0, or set method.steer"
@@ -287,7 +306,7 @@ def semantic_problems(r: Recipe) -> list[str]:
     if "hf" not in r.output.formats:
         problems.append("output.formats: 'hf' is required (every other format is made from it)")
     if "gguf" in r.output.formats and (
-        r.method.steer > 0 or (r.prune.mlp is not None and r.prune.mlp.compensate != "none")
+        r.method.steers or (r.prune.mlp is not None and r.prune.mlp.compensate != "none")
     ):
         problems.append(
             "output.formats: 'gguf' cannot carry the down_proj biases of method.steer or prune.mlp.compensate "

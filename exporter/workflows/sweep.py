@@ -68,7 +68,7 @@ def check_sweep(recipe: Recipe, sparsities: list[float], unit: str) -> None:
     if not sparsities:
         raise RecipeError("sweep: no sparsity given; pass e.g. --sparsity 0.01,0.02,0.05")
     other = recipe.prune.attention if unit == "mlp" else recipe.prune.mlp
-    if 0.0 in sparsities and (other is None or other.sparsity == 0) and recipe.method.steer == 0:
+    if 0.0 in sparsities and (other is None or other.sparsity == 0) and not recipe.method.steers:
         raise RecipeError(
             "--sparsity: 0 with no other unit pruned and no steering removes nothing (the dense model is already "
             "the baseline of every point); leave 0 out"

@@ -28,8 +28,10 @@ from exporter.evaluation.conditions import (
     persona_evaluation,
     prepare,
     score_conditions,
+    system_prompt,
 )
 from exporter.evaluation.items import EvalItems, norm
+from exporter.evaluation.replies import Replies, evaluate_replies
 from exporter.io import check_target, staged, write_json
 from exporter.masking.masks import PersonaMask, compute_masks
 from exporter.masking.statistics import column_norms, persona_statistics
@@ -75,16 +77,31 @@ def grid(recipe: Recipe) -> list[Recipe]:
     return points
 
 
-def _point_figures(evals: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _point_figures(evals: dict[str, dict[str, Any]], replies: dict[str, dict[str, Any]]) -> dict[str, Any]:
     per = {}
     for p, ev in evals.items():
         row = next(r for r in ev["rows"] if r["condition"] == "mask-only")
         per[p] = {"shift": row["paired"]["shift"]["mean"], "perplexity_ratio": row["neutral"]["perplexity_ratio"]}
-    return {
+        if p in replies:
+            conds = replies[p]["conditions"]
+            repeated = conds["export"]["degeneration"]["repeated_4grams"]
+            per[p] |= {
+                "reply_score": conds["export"]["score"]["mean"],
+                "repeated_4grams_over_dense": repeated - conds["dense"]["degeneration"]["repeated_4grams"],
+            }
+    figures: dict[str, Any] = {
         "personas": per,
         "min_shift": min(v["shift"] for v in per.values()),
         "max_perplexity_ratio": max(v["perplexity_ratio"] for v in per.values()),
     }
+    if replies:
+        first = next(iter(replies.values()))  # a pair's gap is the same from either side, up to its sign
+        figures["reply_gap"] = first["gap"]["export"]["mean"]
+        figures["prompt_only_reply_gap"] = first["gap"]["prompt_only"]["mean"]
+        figures["max_repeated_4grams_over_dense"] = max(
+            v["repeated_4grams_over_dense"] for v in per.values() if "repeated_4grams_over_dense" in v
+        )
+    return figures
 
 
 def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | None = None) -> dict[str, Any]:
@@ -104,6 +121,10 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     col_sq = column_norms(m)
     ev = Evaluator(m.model, m.tokenizer, m.adapter, validation, val_items)
     done = score_conditions(ev, {"dense": WeightCondition(None, 0)}, {})
+    systems = {p: system_prompt(recipe, validation, p) for p in recipe.personas}
+    opposite = {p: q for p in recipe.personas if (q := recipe.partner(p))}
+    reply_cache: dict[str, Replies] = {}  # dense and prompt-only replies, generated once
+    max_repeated = validation.acceptance.max_repeated_4grams_over_dense
     n_dense = dense_parameters(m.model)
     points: list[dict[str, Any]] = []
     candidates: list[tuple[Recipe, dict[str, PersonaMask]]] = []
@@ -120,15 +141,24 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
             continue
         raw = score_conditions(ev, conditions(ev, masks, {}), {}, done=done)
         evals = {p: persona_evaluation(r, validation, val_items, raw, p, masks[p], n_dense) for p in masks}
-        figures = _point_figures(evals)
+        replies = {}
+        if validation.replies is not None and val_items.reply_prompts:
+            args = (m.model, m.tokenizer, m.adapter, validation, val_items.reply_prompts, masks, systems, opposite)
+            replies = evaluate_replies(*args, cache=reply_cache)
+        figures = _point_figures(evals, replies)
         removes = figures["removes"] = mlp.sparsity > 0 and mlp.gamma == 0  # gamma > 0 keeps every unit
         within = figures["max_perplexity_ratio"] <= spec.max_perplexity_ratio
+        within &= figures.get("max_repeated_4grams_over_dense", 0.0) <= max_repeated
         figures["feasible"] = within and (removes or not spec.require_removal)
         log.info(
-            "tune: %s weaker shift %+.3f, worst perplexity %.3fx%s",
+            "tune: %s weaker shift %+.3f, worst perplexity %.3fx%s%s",
             setting,
             figures["min_shift"],
             figures["max_perplexity_ratio"],
+            f", reply gap {figures['reply_gap']:+.3f}, worst repeated 4-grams over dense "
+            f"{figures['max_repeated_4grams_over_dense']:+.3f}"
+            if replies
+            else "",
             "" if removes else " (reference: removes nothing)",
         )
         points.append({"setting": setting, **figures})
@@ -137,8 +167,9 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     feasible = [i for i, p in enumerate(scored) if p["feasible"]]
     if not feasible:
         raise RecipeError(
-            f"tune: no point of the grid keeps perplexity within {spec.max_perplexity_ratio}x dense on the "
-            "validation items"
+            f"tune: no point of the grid keeps perplexity within {spec.max_perplexity_ratio}x dense"
+            + (f" and repeated 4-grams within dense + {max_repeated}" if validation.replies is not None else "")
+            + " on the validation items"
             + (" while removing units" if spec.require_removal else "")
             + "; add smaller sparsities or steering strengths"
         )
@@ -151,8 +182,10 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     report = {
         "recipe": recipe.name,
         "selection": "largest paired shift of the weaker persona on the validation items, every persona's "
-        f"perplexity <= {spec.max_perplexity_ratio}x dense",
+        f"perplexity <= {spec.max_perplexity_ratio}x dense"
+        + (f" and its replies' repeated 4-grams <= dense + {max_repeated}" if validation.replies is not None else ""),
         "max_perplexity_ratio": spec.max_perplexity_ratio,
+        "max_repeated_4grams_over_dense": max_repeated if validation.replies is not None else None,
         "validation_splits": val_items.splits,
         "grid": points,
         "chosen": scored[best]["setting"],
@@ -167,6 +200,11 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         plot_pareto(scored, stage / "pareto.png", spec.max_perplexity_ratio)
         (stage / "report.md").write_text(tune_markdown(report))
     return report
+
+
+def steer_label(steer: float | dict[str, float]) -> str:
+    """1.5, or per persona 'introvert 1.5, extravert 1'."""
+    return ", ".join(f"{p} {a:g}" for p, a in steer.items()) if isinstance(steer, dict) else f"{steer:g}"
 
 
 def _front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -193,7 +231,7 @@ def plot_pareto(points: list[dict[str, Any]], path: Path, bound: float) -> None:
     ax.plot([p["max_perplexity_ratio"] for p in front], [p["min_shift"] for p in front], "-o", label="Pareto front")
     for p in points:
         s = p["setting"]
-        label = f"{s['sparsity']:g}/{s['steer']:g}"
+        label = f"{s['sparsity']:g}/{steer_label(s['steer'])}"
         label += "".join(f" {k[0]}{s[k]:g}" for k, base in (("gamma", 0), ("amplify", 1)) if s.get(k, base) != base)
         ax.annotate(label, (p["max_perplexity_ratio"], p["min_shift"]), fontsize=7)
         if p.get("chosen"):
@@ -207,21 +245,39 @@ def plot_pareto(points: list[dict[str, Any]], path: Path, bound: float) -> None:
 
 
 def tune_markdown(report: dict[str, Any]) -> str:
+    with_replies = any("reply_gap" in p for p in report["grid"])
     rows = []
     for p in report["grid"]:
         s = p["setting"]
-        cells = [f"{s['sparsity']:g}", f"{s['steer']:g}", s["compensate"]]
+        cells = [f"{s['sparsity']:g}", steer_label(s["steer"]), s["compensate"]]
         cells += [f"{s.get('gamma', 0.0):g}", f"{s.get('amplify', 1.0):g}"]
         if "error" in p:
-            rows.append([*cells, "–", "–", p["error"][:60]])
+            rows.append([*cells, "–", "–", *(["–", "–"] if with_replies else []), p["error"][:60]])
             continue
-        over = p["max_perplexity_ratio"] > report["max_perplexity_ratio"]
-        mark = "**chosen**" if p.get("chosen") else ("over the perplexity bound" if over else "")
-        if not p["removes"] and not over and not p.get("chosen"):
+        reasons = []
+        if p["max_perplexity_ratio"] > report["max_perplexity_ratio"]:
+            reasons.append("over the perplexity bound")
+        bound = report.get("max_repeated_4grams_over_dense")
+        if bound is not None and p.get("max_repeated_4grams_over_dense", 0.0) > bound:
+            reasons.append("repeats itself more than the bound")
+        mark = "**chosen**" if p.get("chosen") else "; ".join(reasons)
+        if not p["removes"] and not mark:
             mark = "reference (removes nothing)"
-        rows.append([*cells, f"{p['min_shift']:+.3f}", f"{p['max_perplexity_ratio']:.3f}", mark])
-    header = ["sparsity", "steer", "compensate", "gamma", "amplify", "weaker shift (val)", "worst ppl ratio (val)", ""]
+        figures = [f"{p['min_shift']:+.3f}", f"{p['max_perplexity_ratio']:.3f}"]
+        if with_replies:
+            figures += [f"{p['reply_gap']:+.3f}", f"{p['max_repeated_4grams_over_dense']:+.3f}"]
+        rows.append([*cells, *figures, mark])
+    header = ["sparsity", "steer", "compensate", "gamma", "amplify", "weaker shift (val)", "worst ppl ratio (val)"]
+    if with_replies:
+        header += ["reply gap (val)", "worst repeated 4-grams - dense (val)"]
+    header.append("")
     lines = [f"# tune: {report['recipe']}", "", f"Selection: {report['selection']}.", "", md_table(header, rows), ""]
+    if with_replies:
+        chosen = next(p for p in report["grid"] if p.get("chosen"))
+        lines += [
+            f"Prompt-only reply gap on the same prompts (dense model): {chosen['prompt_only_reply_gap']:+.3f}.",
+            "",
+        ]
     lines += ["![pareto](pareto.png)", "", f"## The chosen setting on the test items: {report['chosen']}", ""]
     for persona, ev in report["test"].items():
         acc = ev.get("acceptance") or {}

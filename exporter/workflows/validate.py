@@ -77,8 +77,9 @@ def format_problems(formats: Sequence[str], config: dict[str, Any], config_file:
 
 
 def tune_validation(spec: TuneSpec) -> EvalSpec:
-    """The tune section's validation items as an eval section: only what the grid is ranked by."""
-    return spec.validation.model_copy(update={"baselines": [], "replies": None, "statements": None})
+    """The tune section's validation items as an eval section: only what the grid is ranked by (paired shift,
+    perplexity and, when given, the replies' persona scores and repetition)."""
+    return spec.validation.model_copy(update={"baselines": [], "statements": None})
 
 
 def limit_problems(recipe: Recipe, config: dict[str, Any], prompt_tokens: int = 0) -> list[str]:

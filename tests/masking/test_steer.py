@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -139,6 +140,29 @@ def test_biased_export_equals_its_reference_and_loads_stock(compensate: str, tmp
     assert (plain[valid] - reference[valid]).abs().max() > 1e-3
 
 
+def test_steering_strength_per_persona() -> None:
+    """method.steer as a mapping: each persona's bias is its own alpha times the same direction; a persona
+    left out (alpha 0) with no compensation keeps its mask without any bias."""
+    dense = tiny_model("llama").double()
+    adapter, pos, neg = _stats(dense)
+    prune = PruneSpec(mlp=MlpPrune(sparsity=0.25))
+    col = column_sq_norms(dense, adapter)
+    down = [adapter.mlp_out(layer).weight for layer in adapter.layers(dense)]
+
+    def biased(steer: float | dict[str, float]) -> dict[str, Any]:
+        method = MethodSpec(score="contrastive-wanda", steer=steer)
+        masks = {n: compute_mask(n, method, prune, a, b, col) for n, a, b in (("p", pos, neg), ("q", neg, pos))}
+        return with_biases(_Pair(method, prune), masks, {"p": pos, "q": neg}, dense, adapter, torch.float64)
+
+    one = biased({"p": 1.5})
+    assert one["p"].steering is not None and one["q"].steering is None and one["q"].mlp_bias is None
+    assert_close(one["p"].steering, steering_bias(down, pos, neg, 1.5), 1e-12, "p's own alpha")
+    both = biased({"p": 1.5, "q": 0.5})
+    assert both["q"].steering is not None
+    assert_close(both["q"].steering, steering_bias(down, neg, pos, 0.5), 1e-12, "q's own alpha, toward q")
+    assert_close(both["p"].mlp_bias, biased(1.5)["p"].mlp_bias, 0.0, "a mapping and a number agree for p")
+
+
 def test_architectures_without_an_mlp_bias_are_refused() -> None:
     dense = tiny_model("mistral")
     adapter, pos, neg = _stats(dense)
@@ -153,7 +177,7 @@ def test_run_with_steering_verifies_hf_and_onnx(tmp_path: Path, tiny_llama_dir: 
     recipe = write_recipe(
         tmp_path,
         tiny_llama_dir,
-        method={"score": "contrastive-wanda", "phi": "relu", "steer": 1.5},
+        method={"score": "contrastive-wanda", "phi": "relu", "steer": {"introvert": 1.5, "extravert": 0.5}},
         prune={"mlp": {"sparsity": 0.25, "compensate": "personas"}},
         output={"formats": ["hf", "onnx"]},
     )
@@ -162,7 +186,8 @@ def test_run_with_steering_verifies_hf_and_onnx(tmp_path: Path, tiny_llama_dir: 
     for persona in ("introvert", "extravert"):
         report = json.loads((out / persona / "report.json").read_text())
         assert report["status"] == "passed", report["verification"]
-        assert report["method"]["steer"] == 1.5 and report["prune"]["mlp"]["compensate"] == "personas"
+        assert report["method"]["steer"] == {"introvert": 1.5, "extravert": 0.5}
+        assert report["prune"]["mlp"]["compensate"] == "personas"
         assert report["verification"]["onnx"]["passed"]
         assert json.loads((out / persona / "hf" / "config.json").read_text())["mlp_bias"] is True
 

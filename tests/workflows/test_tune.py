@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -66,6 +67,46 @@ def test_tune_chooses_on_validation_and_reports_on_test(tmp_path: Path, tiny_lla
     assert written["method"]["steer"] == chosen["setting"]["steer"] and "tune" not in written
     assert written["prune"]["mlp"]["sparsity"] == chosen["setting"]["sparsity"]
     assert (out / "pareto.png").stat().st_size > 0 and "**chosen**" in (out / "report.md").read_text()
+
+
+def _with_replies(tmp_path: Path, recipe: Path, max_repeated: float) -> Path:
+    """The recipe with validation replies (everyday prompts of its own) and a repetition bound."""
+    prompts = tmp_path / "val-prompts.txt"
+    prompts.write_text("".join(f"tell me about {w} please\n" for w in ("mornings", "rain", "friends", "books")))
+    data = yaml.safe_load(recipe.read_text())
+    data["tune"]["validation"]["replies"] = {"path": str(prompts), "max_new_tokens": 12}
+    data["tune"]["validation"]["acceptance"] = {"max_repeated_4grams_over_dense": max_repeated}
+    recipe.write_text(yaml.safe_dump(data))
+    return recipe
+
+
+def test_tune_scores_validation_replies_and_bounds_their_repetition(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    validation = write_pair_data(tmp_path / "val-pairs.jsonl", n=8, seed=7)
+    recipe = _with_replies(tmp_path, _recipe(tmp_path, tiny_llama_dir, validation), max_repeated=1.0)
+    out = tmp_path / "tune"
+    assert main(["tune", str(recipe), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["max_repeated_4grams_over_dense"] == 1.0 and "repeated 4-grams" in report["selection"]
+    for point in report["grid"]:
+        per = point["personas"]
+        assert set(per) == {"introvert", "extravert"}
+        # a pair's reply gap is its first persona's export score minus the other's, scored the same way
+        assert -1.0 <= per["introvert"]["repeated_4grams_over_dense"] <= 1.0
+        assert np.isfinite(point["reply_gap"]) and np.isfinite(point["prompt_only_reply_gap"])
+    # without steering or removal (the reference point) an export's replies are the dense model's
+    bare = next(p for p in report["grid"] if p["setting"]["sparsity"] == 0 and p["setting"]["steer"] == 0)
+    assert bare["max_repeated_4grams_over_dense"] == 0.0 and bare["reply_gap"] == 0.0
+    assert "reply gap (val)" in (out / "report.md").read_text()
+    # the test split is scored without the validation prompts
+    assert "val-prompts.txt" not in json.dumps(report["test"])
+
+    # a bound that no point can meet (below dense) leaves nothing to choose, and says why
+    strict = _with_replies(tmp_path, recipe, max_repeated=-0.5)
+    with pytest.raises(RecipeError, match=r"repeated 4-grams within dense \+ -0.5"):
+        from exporter.workflows.tune import tune
+
+        tune(load_recipe(strict), tmp_path / "strict")
+    assert not (tmp_path / "strict").exists()
 
 
 def test_tune_refuses_validation_items_that_are_reported(tmp_path: Path, tiny_llama_dir: Path) -> None:
