@@ -3,7 +3,8 @@
 Both are per layer l a vector of the hidden size added to the MLP output at every position (METHOD.md
 section 6). With mu_p[l] = E[h] the mean `down_proj` input of persona p over its counted calibration tokens
 (exporter/masking/stats.py) and W[l] the dense `down_proj` weight (hidden, intermediate):
-  steering      alpha * W[l] (mu_p[l] - mu_q[l])      the mean MLP-output difference between p and its partner q
+  steering      alpha * W[l] (mu_p[l] - mu_q[l])      the mean MLP-output difference between p and its partner q,
+                                                       in the first `method.steer_layers` fraction of the layers
   compensation  W[l] ((1 - s[l]) * mu[l])             s = what each unit is multiplied by (0 removed, gamma
                                                        soft-masked, 1 kept): the mean contribution the mask
                                                        takes away, so removal shifts no mean (FLAP)
@@ -24,10 +25,20 @@ from exporter.model.adapters import Adapter
 from exporter.recipe.schema import MethodSpec, PruneSpec, Recipe
 
 
-def steering_bias(down: list[torch.Tensor], own: Statistics, partner: Statistics, alpha: float) -> torch.Tensor:
-    """alpha * W[l] (mu_own - mu_partner) per layer: (layers, hidden) float64."""
+def steered_layers(n_layers: int, fraction: float) -> int:
+    """How many of the first layers carry the steering bias (at least one)."""
+    return max(1, round(fraction * n_layers))
+
+
+def steering_bias(
+    down: list[torch.Tensor], own: Statistics, partner: Statistics, alpha: float, layers: float = 1.0
+) -> torch.Tensor:
+    """alpha * W[l] (mu_own - mu_partner) per layer: (layers, hidden) float64; zero from layer
+    `steered_layers(len(down), layers)` on."""
     delta = own.mlp_mean() - partner.mlp_mean()  # (layers, intermediate)
-    return alpha * torch.stack([w.to(torch.float64) @ delta[i] for i, w in enumerate(down)])
+    bias = alpha * torch.stack([w.to(torch.float64) @ delta[i] for i, w in enumerate(down)])
+    bias[steered_layers(len(down), layers) :] = 0.0
+    return bias
 
 
 def compensation_bias(down: list[torch.Tensor], lost: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
@@ -73,7 +84,8 @@ def with_biases(
         steering = None
         if (alpha := method.alpha(name)) > 0:
             assert partner is not None, "steering needs a pair (checked by the recipe)"
-            steering = steering_bias(down, stats[name], partner, alpha).to(storage).to(torch.float64)
+            steering = steering_bias(down, stats[name], partner, alpha, method.steer_layers)
+            steering = steering.to(storage).to(torch.float64)
             bias += steering
         compensate = prune.mlp.compensate if prune.mlp is not None else "none"
         mlp_scale, _ = mask.channel_scales()

@@ -74,6 +74,9 @@ class MethodSpec(Strict):
     # alpha of the persona steering bias baked into down_proj biases (exporter/masking/steer.py); 0 = none.
     # One value for every persona, or one per persona ({introvert: 1.5, extravert: 1.0}; a persona left out: 0)
     steer: Alpha | dict[str, Alpha] = 0.0
+    # the first fraction of the decoder layers that carry the steering bias (1 = every layer); the last layers'
+    # share moves the persona least per unit of perplexity and makes replies repeat themselves most
+    steer_layers: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
 
     @property
     def contrastive(self) -> bool:
@@ -152,6 +155,7 @@ class TuneSpec(Strict):
 
     sparsity: Annotated[list[Fraction], Field(min_length=1)]  # MLP sparsities
     steer: Annotated[list[Alpha | dict[str, Alpha]], Field(min_length=1)] = [0.0]  # as method.steer
+    steer_layers: Annotated[list[Annotated[float, Field(gt=0.0, le=1.0)]], Field(min_length=1)] = [1.0]
     compensate: Annotated[list[Literal["none", "personas", "persona"]], Field(min_length=1)] = ["none"]
     gamma: Annotated[list[Fraction], Field(min_length=1)] = [0.0]  # MLP soft-mask factors (0 = removal)
     amplify: Annotated[list[Annotated[float, Field(ge=1.0, le=4.0)]], Field(min_length=1)] = [1.0]

@@ -1,11 +1,13 @@
 """`persona-export tune RECIPE --out DIR`: choose a setting on validation items, report it on test items.
 
-Calibrate once; for every point of the recipe's `tune` grid (MLP sparsity x steering alpha x compensation)
-compute the masks and biases and score them on `tune.validation` (paired shift and neutral perplexity, no
-baselines). The chosen point has the largest paired shift of its weaker persona among the points whose every
-persona stays within `max_perplexity_ratio` x dense perplexity. Only that point is evaluated on the recipe's
-`eval` section, with every baseline, and the two sets of items must not share a prompt or an answer: tune
-never reports on what it chose on. Writes report.json, report.md, pareto.png and the chosen recipe.yaml.
+Calibrate once; for every point of the recipe's `tune` grid (MLP sparsity x steering alpha x steered layers x
+compensation x soft-mask factor x amplification) compute the masks and biases and score them on
+`tune.validation` (paired shift, neutral perplexity and, when given, the replies; no baselines). The chosen
+point has the largest paired shift of its weaker persona among the points whose every persona stays within
+`max_perplexity_ratio` x dense perplexity (and the replies' repetition bound). Only that point is evaluated on
+the recipe's `eval` section, with every baseline, and the two sets of items must not share a prompt or an
+answer: tune never reports on what it chose on. Writes report.json, report.md, pareto.png and the chosen
+recipe.yaml.
 """
 
 from __future__ import annotations
@@ -67,12 +69,13 @@ def grid(recipe: Recipe) -> list[Recipe]:
     assert recipe.tune is not None
     points = []
     t = recipe.tune
-    for s, alpha, comp, gamma, amp in itertools.product(t.sparsity, t.steer, t.compensate, t.gamma, t.amplify):
+    axes = (t.sparsity, t.steer, t.steer_layers, t.compensate, t.gamma, t.amplify)
+    for s, alpha, depth, comp, gamma, amp in itertools.product(*axes):
         prune = with_sparsity(recipe.prune, "mlp", s)
         assert prune.mlp is not None
         mlp = prune.mlp.model_copy(update={"compensate": comp, "gamma": gamma, "amplify": amp})
         prune = prune.model_copy(update={"mlp": mlp})
-        method = recipe.method.model_copy(update={"steer": alpha})
+        method = recipe.method.model_copy(update={"steer": alpha, "steer_layers": depth})
         points.append(recipe.model_copy(update={"prune": prune, "method": method}))
     return points
 
@@ -131,7 +134,8 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     for r in grid(recipe):
         assert r.prune.mlp is not None
         mlp = r.prune.mlp
-        setting = {"sparsity": mlp.sparsity, "steer": r.method.steer, "compensate": mlp.compensate}
+        setting: dict[str, Any] = {"sparsity": mlp.sparsity, "steer": r.method.steer}
+        setting |= {"steer_layers": r.method.steer_layers, "compensate": mlp.compensate}
         setting |= {"gamma": mlp.gamma, "amplify": mlp.amplify}
         log.info("tune: %s", setting)
         try:
@@ -232,6 +236,7 @@ def plot_pareto(points: list[dict[str, Any]], path: Path, bound: float) -> None:
     for p in points:
         s = p["setting"]
         label = f"{s['sparsity']:g}/{steer_label(s['steer'])}"
+        label += f" l{s['steer_layers']:g}" if s.get("steer_layers", 1.0) != 1.0 else ""
         label += "".join(f" {k[0]}{s[k]:g}" for k, base in (("gamma", 0), ("amplify", 1)) if s.get(k, base) != base)
         ax.annotate(label, (p["max_perplexity_ratio"], p["min_shift"]), fontsize=7)
         if p.get("chosen"):
@@ -239,7 +244,7 @@ def plot_pareto(points: list[dict[str, Any]], path: Path, bound: float) -> None:
     ax.axvline(bound, color="black", linestyle=":", linewidth=0.8)
     ax.set_xlabel("worst persona's perplexity / dense (validation)")
     ax.set_ylabel("weaker persona's paired shift (nats/token)")
-    ax.set_title("tune grid (labels: sparsity/steer, g = gamma, a = amplify)")
+    ax.set_title("tune grid (labels: sparsity/steer, l = steer layers, g = gamma, a = amplify)")
     ax.legend()
     save_png(fig, path)
 
@@ -249,7 +254,7 @@ def tune_markdown(report: dict[str, Any]) -> str:
     rows = []
     for p in report["grid"]:
         s = p["setting"]
-        cells = [f"{s['sparsity']:g}", steer_label(s["steer"]), s["compensate"]]
+        cells = [f"{s['sparsity']:g}", steer_label(s["steer"]), f"{s.get('steer_layers', 1.0):g}", s["compensate"]]
         cells += [f"{s.get('gamma', 0.0):g}", f"{s.get('amplify', 1.0):g}"]
         if "error" in p:
             rows.append([*cells, "–", "–", *(["–", "–"] if with_replies else []), p["error"][:60]])
@@ -267,7 +272,16 @@ def tune_markdown(report: dict[str, Any]) -> str:
         if with_replies:
             figures += [f"{p['reply_gap']:+.3f}", f"{p['max_repeated_4grams_over_dense']:+.3f}"]
         rows.append([*cells, *figures, mark])
-    header = ["sparsity", "steer", "compensate", "gamma", "amplify", "weaker shift (val)", "worst ppl ratio (val)"]
+    header = [
+        "sparsity",
+        "steer",
+        "steer layers",
+        "compensate",
+        "gamma",
+        "amplify",
+        "weaker shift (val)",
+        "worst ppl ratio (val)",
+    ]
     if with_replies:
         header += ["reply gap (val)", "worst repeated 4-grams - dense (val)"]
     header.append("")

@@ -78,6 +78,10 @@ def test_steering_bias_is_the_mean_mlp_output_difference() -> None:
     assert_close(v, expected, 1e-10, "W (mu+ - mu-) vs mean down_proj output difference")
     assert_close(steering_bias(down, pos, neg, 1.5), 1.5 * expected, 1e-10, "alpha scales the bias")
     assert_close(steering_bias(down, neg, pos, 1.0), -expected, 1e-10, "swapping the pair negates it")
+    first = steering_bias(down, pos, neg, 1.0, layers=0.5)  # 2 layers: only the first carries it
+    assert_close(first[0], expected[0], 1e-10, "a steered layer keeps its bias")
+    assert first[1].abs().max() == 0.0 and expected[1].abs().max() > 1e-3
+    assert steering_bias(down, pos, neg, 1.0, layers=0.01)[0].abs().max() > 0  # at least one layer is steered
 
 
 def test_compensation_keeps_the_first_layers_mean_output() -> None:
@@ -177,7 +181,12 @@ def test_run_with_steering_verifies_hf_and_onnx(tmp_path: Path, tiny_llama_dir: 
     recipe = write_recipe(
         tmp_path,
         tiny_llama_dir,
-        method={"score": "contrastive-wanda", "phi": "relu", "steer": {"introvert": 1.5, "extravert": 0.5}},
+        method={
+            "score": "contrastive-wanda",
+            "phi": "relu",
+            "steer": {"introvert": 1.5, "extravert": 0.5},
+            "steer_layers": 0.5,
+        },
         prune={"mlp": {"sparsity": 0.25, "compensate": "personas"}},
         output={"formats": ["hf", "onnx"]},
     )
@@ -187,6 +196,7 @@ def test_run_with_steering_verifies_hf_and_onnx(tmp_path: Path, tiny_llama_dir: 
         report = json.loads((out / persona / "report.json").read_text())
         assert report["status"] == "passed", report["verification"]
         assert report["method"]["steer"] == {"introvert": 1.5, "extravert": 0.5}
+        assert report["method"]["steer_layers"] == 0.5
         assert report["prune"]["mlp"]["compensate"] == "personas"
         assert report["verification"]["onnx"]["passed"]
         assert json.loads((out / persona / "hf" / "config.json").read_text())["mlp_bias"] is True

@@ -123,14 +123,27 @@ def test_grid_covers_every_combination(tmp_path: Path, tiny_llama_dir: Path) -> 
     validation = write_pair_data(tmp_path / "val-pairs.jsonl", n=8, seed=7)
     recipe = load_recipe(
         _recipe(
-            tmp_path, tiny_llama_dir, validation, compensate=["none", "personas"], gamma=[0.0, 0.5], amplify=[1.0, 2.0]
+            tmp_path,
+            tiny_llama_dir,
+            validation,
+            compensate=["none", "personas"],
+            gamma=[0.0, 0.5],
+            amplify=[1.0, 2.0],
+            steer_layers=[1.0, 0.5],
         )
     )
     settings = {
-        (r.prune.mlp.sparsity, r.method.steer, r.prune.mlp.compensate, r.prune.mlp.gamma, r.prune.mlp.amplify)  # type: ignore[union-attr]
+        (
+            r.prune.mlp.sparsity,  # type: ignore[union-attr]
+            r.method.steer,
+            r.method.steer_layers,
+            r.prune.mlp.compensate,  # type: ignore[union-attr]
+            r.prune.mlp.gamma,  # type: ignore[union-attr]
+            r.prune.mlp.amplify,  # type: ignore[union-attr]
+        )
         for r in grid(recipe)
     }
-    assert len(settings) == 32 and (0.25, 1.0, "personas", 0.5, 2.0) in settings
+    assert len(settings) == 64 and (0.25, 1.0, 0.5, "personas", 0.5, 2.0) in settings
 
 
 # -- the tune section and --reuse-stats, checked before a model loads --
