@@ -156,6 +156,8 @@ class TuneSpec(Strict):
     sparsity: Annotated[list[Fraction], Field(min_length=1)]  # MLP sparsities
     steer: Annotated[list[Alpha | dict[str, Alpha]], Field(min_length=1)] = [0.0]  # as method.steer
     steer_layers: Annotated[list[Annotated[float, Field(gt=0.0, le=1.0)]], Field(min_length=1)] = [1.0]
+    # also try each persona's own best alpha among points that differ only in `steer` (steer as a mapping)
+    steer_per_persona: bool = False
     compensate: Annotated[list[Literal["none", "personas", "persona"]], Field(min_length=1)] = ["none"]
     gamma: Annotated[list[Fraction], Field(min_length=1)] = [0.0]  # MLP soft-mask factors (0 = removal)
     amplify: Annotated[list[Annotated[float, Field(ge=1.0, le=4.0)]], Field(min_length=1)] = [1.0]

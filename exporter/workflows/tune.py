@@ -168,6 +168,12 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         points.append({"setting": setting, **figures})
         candidates.append((r, masks))
     scored = [p for p in points if "error" not in p]  # aligned with candidates
+    if spec.steer_per_persona:
+        bounds = (spec.max_perplexity_ratio, max_repeated, spec.require_removal)
+        for point, candidate in per_persona_steering(scored, candidates, *bounds):
+            points.append(point)
+            scored.append(point)
+            candidates.append(candidate)
     feasible = [i for i, p in enumerate(scored) if p["feasible"]]
     if not feasible:
         raise RecipeError(
@@ -187,7 +193,13 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         "recipe": recipe.name,
         "selection": "largest paired shift of the weaker persona on the validation items, every persona's "
         f"perplexity <= {spec.max_perplexity_ratio}x dense"
-        + (f" and its replies' repeated 4-grams <= dense + {max_repeated}" if validation.replies is not None else ""),
+        + (f" and its replies' repeated 4-grams <= dense + {max_repeated}" if validation.replies is not None else "")
+        + (
+            "; each persona's steering strength chosen on its own (its largest shift within the bounds, the other "
+            "settings equal)"
+            if spec.steer_per_persona
+            else ""
+        ),
         "max_perplexity_ratio": spec.max_perplexity_ratio,
         "max_repeated_4grams_over_dense": max_repeated if validation.replies is not None else None,
         "validation_splits": val_items.splits,
@@ -204,6 +216,60 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         plot_pareto(scored, stage / "pareto.png", spec.max_perplexity_ratio)
         (stage / "report.md").write_text(tune_markdown(report))
     return report
+
+
+def _within(figures: dict[str, Any], max_ppl: float, max_repeated: float) -> bool:
+    return figures["perplexity_ratio"] <= max_ppl and figures.get("repeated_4grams_over_dense", 0.0) <= max_repeated
+
+
+def per_persona_steering(
+    scored: list[dict[str, Any]],
+    candidates: list[tuple[Recipe, dict[str, PersonaMask]]],
+    max_ppl: float,
+    max_repeated: float,
+    require_removal: bool,
+) -> list[tuple[dict[str, Any], tuple[Recipe, dict[str, PersonaMask]]]]:
+    """Points whose steering strength is chosen per persona. A persona's export depends only on its own alpha
+    (its mask and its bias), so among grid points that differ only in a single-number `steer`, each persona takes
+    the alpha of its largest shift within the bounds; the point combines those exports (steer as a mapping)."""
+    groups: dict[str, list[int]] = {}
+    for i, scored_point in enumerate(scored):
+        if not isinstance(scored_point["setting"]["steer"], dict):
+            rest = {k: v for k, v in scored_point["setting"].items() if k != "steer"}
+            groups.setdefault(repr(sorted(rest.items())), []).append(i)
+    out = []
+    for members in groups.values():
+        personas = scored[members[0]]["personas"]
+        pick = {}
+        for p in personas:
+            ok = [i for i in members if _within(scored[i]["personas"][p], max_ppl, max_repeated)]
+            if ok:
+                pick[p] = max(ok, key=lambda i: scored[i]["personas"][p]["shift"])
+        if len(pick) != len(personas) or len({scored[i]["setting"]["steer"] for i in pick.values()}) == 1:
+            continue  # a persona has no point within the bounds, or one number already serves every persona
+        steer = {p: scored[i]["setting"]["steer"] for p, i in pick.items()}
+        per = {p: scored[i]["personas"][p] for p, i in pick.items()}
+        first = scored[members[0]]
+        point: dict[str, Any] = {
+            "setting": first["setting"] | {"steer": steer},
+            "combined_from": {p: scored[i]["setting"]["steer"] for p, i in pick.items()},
+            "personas": per,
+            "min_shift": min(v["shift"] for v in per.values()),
+            "max_perplexity_ratio": max(v["perplexity_ratio"] for v in per.values()),
+            "removes": first["removes"],
+            "feasible": first["removes"] or not require_removal,  # within the bounds by construction
+        }
+        if all("reply_score" in v for v in per.values()):
+            # each export's score is toward its own persona, so a pair's gap is the sum of the two (mean over
+            # prompts: the per-prompt gap averaged)
+            point["reply_gap"] = sum(v["reply_score"] for v in per.values())
+            point["prompt_only_reply_gap"] = first["prompt_only_reply_gap"]
+            point["max_repeated_4grams_over_dense"] = max(v["repeated_4grams_over_dense"] for v in per.values())
+        recipe = candidates[members[0]][0]
+        method = recipe.method.model_copy(update={"steer": steer})
+        masks = {p: candidates[i][1][p] for p, i in pick.items()}
+        out.append((point, (recipe.model_copy(update={"method": method}), masks)))
+    return out
 
 
 def steer_label(steer: float | dict[str, float]) -> str:

@@ -76,6 +76,7 @@ def _with_replies(tmp_path: Path, recipe: Path, max_repeated: float) -> Path:
     data = yaml.safe_load(recipe.read_text())
     data["tune"]["validation"]["replies"] = {"path": str(prompts), "max_new_tokens": 12}
     data["tune"]["validation"]["acceptance"] = {"max_repeated_4grams_over_dense": max_repeated}
+    data["tune"]["steer_per_persona"] = True
     recipe.write_text(yaml.safe_dump(data))
     return recipe
 
@@ -235,3 +236,53 @@ def test_tune_refuses_a_corrupt_reuse_stats_file_before_loading(
     (old / "stats" / "introvert.json").write_text("{}")
     argv = ["tune", str(recipe), "--out", str(tmp_path / "out"), "--reuse-stats", str(old)]
     expect(argv, OutputError, "--reuse-stats", capsys)
+
+
+def _point(steer: float, shifts: dict[str, float], ppl: dict[str, float], repeats: float = 0.0) -> dict[str, Any]:
+    setting = {"sparsity": 0.01, "steer": steer, "steer_layers": 1.0, "compensate": "none", "gamma": 0.0}
+    per = {
+        p: {
+            "shift": shifts[p],
+            "perplexity_ratio": ppl[p],
+            "reply_score": shifts[p] / 10,
+            "repeated_4grams_over_dense": repeats,
+        }
+        for p in shifts
+    }
+    return {"setting": setting, "personas": per, "removes": True, "feasible": True, "prompt_only_reply_gap": 0.01}
+
+
+def test_steering_strength_is_chosen_per_persona_within_the_bounds() -> None:
+    from exporter.workflows.tune import per_persona_steering
+
+    scored = [
+        _point(1.0, {"a": 0.30, "b": 0.15}, {"a": 1.08, "b": 1.05}),
+        _point(1.5, {"a": 0.40, "b": 0.22}, {"a": 1.20, "b": 1.10}),  # a over the perplexity bound here
+        _point(2.0, {"a": 0.50, "b": 0.28}, {"a": 1.30, "b": 1.12}, repeats=0.2),  # both repeat too much
+    ]
+    scored.append(
+        _point(1.0, {"a": 0.1, "b": 0.1}, {"a": 1.0, "b": 1.0})
+        | {"setting": {**scored[0]["setting"], "sparsity": 0.02}}
+    )
+    candidates = [(load_recipe_stub(i), {"a": f"mask-a{i}", "b": f"mask-b{i}"}) for i in range(len(scored))]
+    out = per_persona_steering(scored, candidates, 1.15, 0.05, True)  # type: ignore[arg-type]
+    assert len(out) == 1  # the 0.02 group has a single alpha: nothing to combine
+    point, (recipe, masks) = out[0]
+    assert point["setting"]["steer"] == {"a": 1.0, "b": 1.5} and point["min_shift"] == 0.22
+    assert point["max_perplexity_ratio"] == 1.10 and point["feasible"]
+    assert masks == {"a": "mask-a0", "b": "mask-b1"} and recipe.method.steer == {"a": 1.0, "b": 1.5}
+    assert point["reply_gap"] == pytest.approx(0.030 + 0.022)
+
+
+def load_recipe_stub(i: int) -> Any:
+    from exporter.recipe.schema import MethodSpec
+
+    class Stub:
+        method = MethodSpec(score="contrastive-wanda", steer=1.0)
+
+        def model_copy(self, update: dict[str, Any]) -> Any:
+            new = Stub()
+            new.method = update["method"]
+            return new
+
+    return Stub()
