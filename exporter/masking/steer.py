@@ -84,7 +84,7 @@ def with_biases(
         steering = None
         if (alpha := method.alpha(name)) > 0:
             assert partner is not None, "steering needs a pair (checked by the recipe)"
-            steering = steering_bias(down, stats[name], partner, alpha, method.steer_layers)
+            steering = steering_bias(down, stats[name], partner, alpha, method.depth(name))
             steering = steering.to(storage).to(torch.float64)
             bias += steering
         compensate = prune.mlp.compensate if prune.mlp is not None else "none"

@@ -8,7 +8,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,6 +63,7 @@ class PersonaSpec(Strict):
 
 
 Alpha = Annotated[float, Field(ge=0.0, le=10.0)]
+Depth = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
 class MethodSpec(Strict):
@@ -76,7 +77,7 @@ class MethodSpec(Strict):
     steer: Alpha | dict[str, Alpha] = 0.0
     # the first fraction of the decoder layers that carry the steering bias (1 = every layer); the last layers'
     # share moves the persona least per unit of perplexity and makes replies repeat themselves most
-    steer_layers: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
+    steer_layers: Depth | dict[str, Depth] = 1.0  # as steer: one value, or one per persona (left out: 1)
 
     @property
     def contrastive(self) -> bool:
@@ -84,6 +85,11 @@ class MethodSpec(Strict):
 
     def alpha(self, persona: str) -> float:
         return self.steer.get(persona, 0.0) if isinstance(self.steer, dict) else self.steer
+
+    def depth(self, persona: str) -> float:
+        """The fraction of the first layers that carry `persona`'s steering bias."""
+        d = self.steer_layers
+        return d.get(persona, 1.0) if isinstance(d, dict) else d
 
     @property
     def steers(self) -> bool:
@@ -155,8 +161,9 @@ class TuneSpec(Strict):
 
     sparsity: Annotated[list[Fraction], Field(min_length=1)]  # MLP sparsities
     steer: Annotated[list[Alpha | dict[str, Alpha]], Field(min_length=1)] = [0.0]  # as method.steer
-    steer_layers: Annotated[list[Annotated[float, Field(gt=0.0, le=1.0)]], Field(min_length=1)] = [1.0]
-    # also try each persona's own best alpha among points that differ only in `steer` (steer as a mapping)
+    steer_layers: Annotated[list[Depth | dict[str, Depth]], Field(min_length=1)] = [1.0]
+    # also try each persona's own best steering (alpha and layers) among points that differ only in `steer` and
+    # `steer_layers` (both as mappings)
     steer_per_persona: bool = False
     compensate: Annotated[list[Literal["none", "personas", "persona"]], Field(min_length=1)] = ["none"]
     gamma: Annotated[list[Fraction], Field(min_length=1)] = [0.0]  # MLP soft-mask factors (0 = removal)
@@ -261,15 +268,16 @@ def semantic_problems(r: Recipe) -> list[str]:
                     f"personas.{name}: method.score {r.method.score!r} needs every persona in an opposing "
                     "pair; add it to 'pairs' or use 'wanda'/'sparse'"
                 )
-    steers = [("method.steer", r.method)]
-    steers += (
-        [(f"tune.steer.{i}", r.method.model_copy(update={"steer": v})) for i, v in enumerate(r.tune.steer)]
-        if r.tune
-        else []
-    )
-    for where, method in steers:
-        if isinstance(method.steer, dict) and (unknown := sorted(set(method.steer) - set(r.personas))):
+    mappings: list[tuple[str, Any]] = [("method.steer", r.method.steer), ("method.steer_layers", r.method.steer_layers)]
+    if r.tune is not None:
+        mappings += [(f"tune.steer.{i}", v) for i, v in enumerate(r.tune.steer)]
+        mappings += [(f"tune.steer_layers.{i}", v) for i, v in enumerate(r.tune.steer_layers)]
+    for where, value in mappings:
+        if isinstance(value, dict) and (unknown := sorted(set(value) - set(r.personas))):
             problems.append(f"{where}: unknown persona(s) {unknown}; known personas: {sorted(r.personas)}")
+    steers = [("method.steer", r.method)]
+    steers += [(w, r.method.model_copy(update={"steer": v})) for w, v in mappings if w.startswith("tune.steer.")]
+    for where, method in steers:
         problems += [
             f"personas.{name}: {where} steers toward a persona and away from its opposite; add {name!r} to "
             f"'pairs' or set its {where} to 0"

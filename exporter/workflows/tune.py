@@ -195,8 +195,8 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         f"perplexity <= {spec.max_perplexity_ratio}x dense"
         + (f" and its replies' repeated 4-grams <= dense + {max_repeated}" if validation.replies is not None else "")
         + (
-            "; each persona's steering strength chosen on its own (its largest shift within the bounds, the other "
-            "settings equal)"
+            "; each persona's steering (alpha, layers) chosen on its own (its largest shift within the bounds, "
+            "the other settings equal)"
             if spec.steer_per_persona
             else ""
         ),
@@ -218,6 +218,9 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     return report
 
 
+STEERING = ("steer", "steer_layers")  # the settings a persona can take on its own
+
+
 def _within(figures: dict[str, Any], max_ppl: float, max_repeated: float) -> bool:
     return figures["perplexity_ratio"] <= max_ppl and figures.get("repeated_4grams_over_dense", 0.0) <= max_repeated
 
@@ -229,13 +232,14 @@ def per_persona_steering(
     max_repeated: float,
     require_removal: bool,
 ) -> list[tuple[dict[str, Any], tuple[Recipe, dict[str, PersonaMask]]]]:
-    """Points whose steering strength is chosen per persona. A persona's export depends only on its own alpha
-    (its mask and its bias), so among grid points that differ only in a single-number `steer`, each persona takes
-    the alpha of its largest shift within the bounds; the point combines those exports (steer as a mapping)."""
+    """Points whose steering is chosen per persona. A persona's export depends only on its own steering (its
+    mask and its bias), so among grid points that differ only in single-number `steer` / `steer_layers`, each
+    persona takes the point of its largest shift within the bounds; the new point combines those exports
+    (`steer` and `steer_layers` as mappings)."""
     groups: dict[str, list[int]] = {}
     for i, scored_point in enumerate(scored):
-        if not isinstance(scored_point["setting"]["steer"], dict):
-            rest = {k: v for k, v in scored_point["setting"].items() if k != "steer"}
+        if not any(isinstance(scored_point["setting"][k], dict) for k in STEERING):
+            rest = {k: v for k, v in scored_point["setting"].items() if k not in STEERING}
             groups.setdefault(repr(sorted(rest.items())), []).append(i)
     out = []
     for members in groups.values():
@@ -245,14 +249,14 @@ def per_persona_steering(
             ok = [i for i in members if _within(scored[i]["personas"][p], max_ppl, max_repeated)]
             if ok:
                 pick[p] = max(ok, key=lambda i: scored[i]["personas"][p]["shift"])
-        if len(pick) != len(personas) or len({scored[i]["setting"]["steer"] for i in pick.values()}) == 1:
-            continue  # a persona has no point within the bounds, or one number already serves every persona
-        steer = {p: scored[i]["setting"]["steer"] for p, i in pick.items()}
+        if len(pick) != len(personas) or len(set(pick.values())) == 1:
+            continue  # a persona has no point within the bounds, or one point already serves every persona
+        steering = {k: {p: scored[i]["setting"][k] for p, i in pick.items()} for k in STEERING}
         per = {p: scored[i]["personas"][p] for p, i in pick.items()}
         first = scored[members[0]]
         point: dict[str, Any] = {
-            "setting": first["setting"] | {"steer": steer},
-            "combined_from": {p: scored[i]["setting"]["steer"] for p, i in pick.items()},
+            "setting": first["setting"] | steering,
+            "combined": True,
             "personas": per,
             "min_shift": min(v["shift"] for v in per.values()),
             "max_perplexity_ratio": max(v["perplexity_ratio"] for v in per.values()),
@@ -266,15 +270,15 @@ def per_persona_steering(
             point["prompt_only_reply_gap"] = first["prompt_only_reply_gap"]
             point["max_repeated_4grams_over_dense"] = max(v["repeated_4grams_over_dense"] for v in per.values())
         recipe = candidates[members[0]][0]
-        method = recipe.method.model_copy(update={"steer": steer})
+        method = recipe.method.model_copy(update=steering)
         masks = {p: candidates[i][1][p] for p, i in pick.items()}
         out.append((point, (recipe.model_copy(update={"method": method}), masks)))
     return out
 
 
-def steer_label(steer: float | dict[str, float]) -> str:
+def steer_label(value: float | dict[str, float]) -> str:
     """1.5, or per persona 'introvert 1.5, extravert 1'."""
-    return ", ".join(f"{p} {a:g}" for p, a in steer.items()) if isinstance(steer, dict) else f"{steer:g}"
+    return ", ".join(f"{p} {a:g}" for p, a in value.items()) if isinstance(value, dict) else f"{value:g}"
 
 
 def _front(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -302,7 +306,7 @@ def plot_pareto(points: list[dict[str, Any]], path: Path, bound: float) -> None:
     for p in points:
         s = p["setting"]
         label = f"{s['sparsity']:g}/{steer_label(s['steer'])}"
-        label += f" l{s['steer_layers']:g}" if s.get("steer_layers", 1.0) != 1.0 else ""
+        label += f" l{steer_label(s['steer_layers'])}" if s.get("steer_layers", 1.0) != 1.0 else ""
         label += "".join(f" {k[0]}{s[k]:g}" for k, base in (("gamma", 0), ("amplify", 1)) if s.get(k, base) != base)
         ax.annotate(label, (p["max_perplexity_ratio"], p["min_shift"]), fontsize=7)
         if p.get("chosen"):
@@ -320,7 +324,12 @@ def tune_markdown(report: dict[str, Any]) -> str:
     rows = []
     for p in report["grid"]:
         s = p["setting"]
-        cells = [f"{s['sparsity']:g}", steer_label(s["steer"]), f"{s.get('steer_layers', 1.0):g}", s["compensate"]]
+        cells = [
+            f"{s['sparsity']:g}",
+            steer_label(s["steer"]),
+            steer_label(s.get("steer_layers", 1.0)),
+            s["compensate"],
+        ]
         cells += [f"{s.get('gamma', 0.0):g}", f"{s.get('amplify', 1.0):g}"]
         if "error" in p:
             rows.append([*cells, "–", "–", *(["–", "–"] if with_replies else []), p["error"][:60]])

@@ -165,6 +165,10 @@ def test_steering_strength_per_persona() -> None:
     assert both["q"].steering is not None
     assert_close(both["q"].steering, steering_bias(down, neg, pos, 0.5), 1e-12, "q's own alpha, toward q")
     assert_close(both["p"].mlp_bias, biased(1.5)["p"].mlp_bias, 0.0, "a mapping and a number agree for p")
+    method = MethodSpec(score="contrastive-wanda", steer=1.0, steer_layers={"p": 0.5})
+    masks = {n: compute_mask(n, method, prune, a, b, col) for n, a, b in (("p", pos, neg), ("q", neg, pos))}
+    layered = with_biases(_Pair(method, prune), masks, {"p": pos, "q": neg}, dense, adapter, torch.float64)
+    assert layered["p"].steering[1].abs().max() == 0.0 and layered["q"].steering[1].abs().max() > 0  # type: ignore[index]
 
 
 def test_architectures_without_an_mlp_bias_are_refused() -> None:

@@ -269,8 +269,10 @@ def test_steering_strength_is_chosen_per_persona_within_the_bounds() -> None:
     assert len(out) == 1  # the 0.02 group has a single alpha: nothing to combine
     point, (recipe, masks) = out[0]
     assert point["setting"]["steer"] == {"a": 1.0, "b": 1.5} and point["min_shift"] == 0.22
+    assert point["setting"]["steer_layers"] == {"a": 1.0, "b": 1.0}
     assert point["max_perplexity_ratio"] == 1.10 and point["feasible"]
     assert masks == {"a": "mask-a0", "b": "mask-b1"} and recipe.method.steer == {"a": 1.0, "b": 1.5}
+    assert recipe.method.depth("b") == 1.0
     assert point["reply_gap"] == pytest.approx(0.030 + 0.022)
 
 
