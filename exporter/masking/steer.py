@@ -22,12 +22,7 @@ import torch
 from exporter.masking.masks import PersonaMask, soften
 from exporter.masking.stats import Statistics
 from exporter.model.adapters import Adapter
-from exporter.recipe.schema import MethodSpec, PruneSpec, Recipe
-
-
-def steered_layers(n_layers: int, fraction: float) -> int:
-    """How many of the first layers carry the steering bias (at least one)."""
-    return max(1, round(fraction * n_layers))
+from exporter.recipe.schema import MethodSpec, PruneSpec, Recipe, steered_layers
 
 
 def steering_bias(

@@ -11,6 +11,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from exporter.recipe.formats import FOLDERS
+from exporter.recipe.schema import steered_layers
 from exporter.reports.markdown import evaluation_markdown, md_table
 from exporter.reports.persona import BaseModelInfo, PersonaReport
 
@@ -92,6 +93,18 @@ def _removed(report: PersonaReport) -> str:
     lines = ["## What was removed, and how", "", how + "."]
     if prune.mlp:
         lines.append(f"MLP: {prune.mlp.sparsity:.0%} of the intermediate neurons of every layer.")
+    if (alpha := method.alpha(report.persona)) > 0:
+        n = len(report.removed_per_layer["mlp"])
+        lines.append(
+            f"Steering: a constant bias toward this persona in the `down_proj` biases of the first "
+            f"{steered_layers(n, method.depth(report.persona))} of {n} layers ({alpha:g} x the mean MLP-output "
+            f"difference between this persona's and `{report.partner}`'s calibration answers; `mlp_bias: true`)."
+        )
+    if prune.mlp and prune.mlp.compensate != "none":
+        lines.append(
+            f"Compensation: the removed neurons' mean output ({prune.mlp.compensate} calibration data) is kept as a "
+            "`down_proj` bias."
+        )
     if prune.attention:
         att = prune.attention
         lines.append(f"Attention: {att.sparsity:.0%} of the {att.unit} units of every layer.")

@@ -63,6 +63,13 @@ class PersonaSpec(Strict):
 
 
 Alpha = Annotated[float, Field(ge=0.0, le=10.0)]
+
+
+def steered_layers(n_layers: int, fraction: float) -> int:
+    """How many of the first layers carry a steering bias (`method.steer_layers`; at least one)."""
+    return max(1, round(fraction * n_layers))
+
+
 Depth = Annotated[float, Field(gt=0.0, le=1.0)]
 
 

@@ -582,6 +582,10 @@ def test_card_shows_the_evaluation_as_persona_export_eval_writes_it() -> None:
     text = render_card(PersonaReport.model_validate(report), ctx).text
     assert "## Persona evaluation: introvert (vs extravert)" in text
     assert "| mask-only | 0.01M (25.0%) | – | +0.250 [+0.100, +0.400] |" in text
+    assert "Steering:" not in text  # this report's method has none
+    report["method"] |= {"steer": {"introvert": 1.25}, "steer_layers": {"introvert": 0.5}}
+    steered = render_card(PersonaReport.model_validate(report), ctx).text
+    assert "in the `down_proj` biases of the first 1 of 2 layers (1.25 x the mean MLP-output difference" in steered
     report["evaluation"] = {"rows": "not a list of conditions", "accuracy": 0.9}  # another layout
     assert "| rows | not a list of conditions |" in render_card(PersonaReport.model_validate(report), ctx).text
 
