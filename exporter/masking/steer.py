@@ -22,7 +22,7 @@ import torch
 from exporter.masking.masks import PersonaMask, soften
 from exporter.masking.stats import Statistics
 from exporter.model.adapters import Adapter
-from exporter.recipe.schema import MethodSpec, PruneSpec, Recipe, steered_layers
+from exporter.recipe.schema import PruneSpec, Recipe, mlp_biases, steered_layers
 
 
 def steering_bias(
@@ -50,10 +50,6 @@ def compensation_mean(mode: str, own: Statistics, partner: Statistics | None) ->
     return (own.mlp_mean() + partner.mlp_mean()) / 2
 
 
-def needs_bias(method: MethodSpec, prune: PruneSpec) -> bool:
-    return method.steers or (prune.mlp is not None and prune.mlp.compensate != "none")
-
-
 def with_biases(
     recipe: Recipe,
     masks: dict[str, PersonaMask],
@@ -68,7 +64,7 @@ def with_biases(
     replaces the recipe's (a sweep). Masks are returned unchanged when the recipe asks for none of these."""
     method, prune = recipe.method, prune or recipe.prune
     masks = soften(recipe, masks, str(storage).removeprefix("torch."), prune)
-    if not needs_bias(method, prune):
+    if not mlp_biases(method, prune):
         return masks
     adapter.check_mlp_bias(model.config.model_type, "method.steer / prune.mlp.compensate")
     down = [adapter.mlp_out(layer).weight.detach() for layer in adapter.layers(model)]
@@ -84,10 +80,13 @@ def with_biases(
             bias += steering
         compensate = prune.mlp.compensate if prune.mlp is not None else "none"
         mlp_scale, _ = mask.channel_scales()
+        compensated = False
         if compensate != "none" and mlp_scale is not None:
             lost = (1.0 - mlp_scale).clamp_min(0.0)  # amplified units take nothing away
             bias += compensation_bias(down, lost, compensation_mean(compensate, stats[name], partner))
-        # a persona with neither keeps its mask as it is (no bias in its export)
-        biased = steering is not None or (compensate != "none" and mlp_scale is not None)
-        out[name] = replace(mask, mlp_bias=bias.to(storage).to(torch.float64), steering=steering) if biased else mask
+            compensated = True
+        if steering is None and not compensated:
+            out[name] = mask  # neither: its export carries no bias
+            continue
+        out[name] = replace(mask, mlp_bias=bias.to(storage).to(torch.float64), steering=steering)
     return out

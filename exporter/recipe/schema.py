@@ -126,6 +126,11 @@ class PruneSpec(Strict):
     attention: AttentionPrune | None = None
 
 
+def mlp_biases(method: MethodSpec, prune: PruneSpec) -> bool:
+    """Whether the exports carry down_proj biases: a steering bias or bias compensation."""
+    return method.steers or (prune.mlp is not None and prune.mlp.compensate != "none")
+
+
 class CalibrationSpec(Strict):
     batch_size: Annotated[int, Field(ge=1)] = 8
     tokens: Literal["response", "all"] = "response"
@@ -299,9 +304,7 @@ def semantic_problems(r: Recipe) -> list[str]:
                 "use a contrastive-* method.score or set amplify to 1"
             )
     soft = any(s is not None and (s.gamma > 0 or s.amplify > 1) for s in units.values())
-    if (r.method.steers or soft or (r.prune.mlp is not None and r.prune.mlp.compensate != "none")) and (
-        r.model.max_memory is not None
-    ):
+    if (soft or mlp_biases(r.method, r.prune)) and (r.model.max_memory is not None):
         problems.append(
             "model.max_memory: method.steer, prune.*.gamma, prune.*.amplify and prune.mlp.compensate need the "
             "whole model in memory; remove max_memory or set them to their defaults"
@@ -326,9 +329,7 @@ def semantic_problems(r: Recipe) -> list[str]:
             problems.append(f"output.formats: {quantized!r} is quantized from the fp32 ONNX export; add 'onnx'")
     if "hf" not in r.output.formats:
         problems.append("output.formats: 'hf' is required (every other format is made from it)")
-    if "gguf" in r.output.formats and (
-        r.method.steers or (r.prune.mlp is not None and r.prune.mlp.compensate != "none")
-    ):
+    if "gguf" in r.output.formats and mlp_biases(r.method, r.prune):
         problems.append(
             "output.formats: 'gguf' cannot carry the down_proj biases of method.steer or prune.mlp.compensate "
             "(a llama GGUF has no key for them and transformers' GGUF loader drops them); remove 'gguf', or set "

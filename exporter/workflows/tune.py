@@ -151,8 +151,7 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
             replies = evaluate_replies(*args, cache=reply_cache)
         figures = _point_figures(evals, replies)
         removes = figures["removes"] = mlp.sparsity > 0 and mlp.gamma == 0  # gamma > 0 keeps every unit
-        within = figures["max_perplexity_ratio"] <= spec.max_perplexity_ratio
-        within &= figures.get("max_repeated_4grams_over_dense", 0.0) <= max_repeated
+        within = all(_within(v, spec.max_perplexity_ratio, max_repeated) for v in figures["personas"].values())
         figures["feasible"] = within and (removes or not spec.require_removal)
         log.info(
             "tune: %s weaker shift %+.3f, worst perplexity %.3fx%s%s",
