@@ -6,7 +6,7 @@ import re
 
 from tests.helpers import REPO
 
-ORDER = ["errors", "io", "inputs", "recipe", "reports", "model", "runtime", "publish", "masking", "export", "verify"]
+ORDER = ["errors", "io", "inputs", "quiet", "recipe", "reports", "model", "runtime", "publish", "masking", "export", "verify"]
 ORDER += ["evaluation", "workflows", "cli"]
 
 
