@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -257,20 +258,29 @@ def evaluate_masks(
     adapter: Adapter,
     masks: dict[str, PersonaMask],
     stats: dict[str, Statistics] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every persona's evaluation (its report.json `evaluation`), baselines on the same items. `stats`: the
-    personas' calibration statistics, which spare the Wanda baseline a second pass over the calibration data."""
+    personas' calibration statistics, which spare the Wanda baseline a second pass over the calibration data.
+    `timings` receives the seconds of each part (baselines, scores, replies)."""
+    seconds = timings if timings is not None else {}
+    t = time.perf_counter()
     ev = Evaluator(model, tokenizer, adapter, spec, items)
     norms = {}
     if "wanda" in spec.baselines:
         norms = {p: wanda_norms(recipe, model, tokenizer, adapter, p, (stats or {}).get(p)) for p in masks}
     conds = conditions(ev, masks, norms)
+    seconds["eval_baselines"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
     prompts = {p: system_prompt(recipe, spec, p) for p in recipe.personas}
     raw = score_conditions(ev, conds, prompts)
+    seconds["eval_scores"] = round(time.perf_counter() - t, 3)
     replies: dict[str, dict[str, Any]] = {}
     if spec.replies is not None and items.reply_prompts:
+        t = time.perf_counter()
         opposite = {p: q for p in masks if (q := recipe.partner(p))}
         replies = evaluate_replies(model, tokenizer, adapter, spec, items.reply_prompts, masks, prompts, opposite)
+        seconds["eval_replies"] = round(time.perf_counter() - t, 3)
     n_dense = dense_parameters(model)
     return {p: persona_evaluation(recipe, spec, items, raw, p, masks[p], n_dense, replies.get(p)) for p in masks}
 
@@ -310,8 +320,9 @@ def evaluate_into(
     masks: dict[str, PersonaMask],
     reports: dict[str, PersonaReport],
     stats: dict[str, Statistics] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> None:
     """The run's eval stage: evaluate every persona of the loaded model `m`, write reports into `folder`."""
     assert recipe.eval is not None
-    evaluations = evaluate_masks(recipe, recipe.eval, items, m.model, m.tokenizer, m.adapter, masks, stats)
+    evaluations = evaluate_masks(recipe, recipe.eval, items, m.model, m.tokenizer, m.adapter, masks, stats, timings)
     write_run_reports(folder, recipe.name, evaluations, reports)
