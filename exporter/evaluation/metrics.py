@@ -90,20 +90,22 @@ def _padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Ten
 
 @dataclass(frozen=True)
 class _Group:
-    """Sequences that share a prompt: `prefix` runs once, each answer continues from its KV cache."""
+    """Sequences that share a prompt: `prefix` runs once, each distinct answer continues from its KV cache."""
 
     prefix: list[int]
-    answers: list[list[int]]
-    index: list[int]  # positions of the sequences in the caller's list
+    answers: list[list[int]]  # distinct
+    index: list[list[int]]  # per answer, the positions of the sequences in the caller's list that end with it
 
 
 def _groups(seqs: list[Scored]) -> list[_Group]:
-    """Sequences grouped by prompt, shortest first (less padding in a batch)."""
-    by_prefix: dict[tuple[int, ...], list[int]] = {}
+    """Sequences grouped by prompt, shortest first (less padding in a batch). An answer that occurs more than
+    once after the same prompt (the same reply under two conditions) is scored once: equal sequences get
+    equal figures whatever batch they would have landed in."""
+    by_prefix: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
     for i, s in enumerate(seqs):
-        by_prefix.setdefault(tuple(s.ids[: s.start]), []).append(i)
-    groups = [_Group(list(p), [seqs[i].ids[seqs[i].start :] for i in idx], idx) for p, idx in by_prefix.items()]
-    return sorted(groups, key=lambda g: (len(g.prefix) + max(map(len, g.answers)), g.index[0]))
+        by_prefix.setdefault(tuple(s.ids[: s.start]), {}).setdefault(tuple(s.ids[s.start :]), []).append(i)
+    groups = [_Group(list(p), [list(a) for a in d], list(d.values())) for p, d in by_prefix.items()]
+    return sorted(groups, key=lambda g: (len(g.prefix) + max(map(len, g.answers)), g.index[0][0]))
 
 
 Chunk = list[tuple[_Group, list[int]]]  # (group, which of its answers): one batch
@@ -166,15 +168,17 @@ def sequence_logliks(
     """Mean per-token log-likelihood of each sequence's scored tokens, (len(seqs),) float64.
 
     Sequences with the same prompt (the two answers of a pair, statements after one prompt, replies to one
-    prompt) share one forward pass of the prompt through the KV cache; batches of `batch_size` answers,
-    length-sorted. `progress(n)` is called after every batch with the number of sequences it scored.
+    prompt) share one forward pass of the prompt through the KV cache, and equal sequences are scored once;
+    batches of `batch_size` distinct answers, length-sorted. `progress(n)` is called after every batch with the number of sequences it scored.
     """
     out = np.zeros(len(seqs))
     with (intervention or nullcontext)():
         for chunk in _chunks(_groups(seqs), batch_size):
-            out[[g.index[a] for g, take in chunk for a in take]] = _score_chunk(model, chunk, pad_id)
+            where = [g.index[a] for g, take in chunk for a in take]
+            for positions, value in zip(where, _score_chunk(model, chunk, pad_id), strict=True):
+                out[positions] = value
             if progress is not None:
-                progress(sum(len(take) for _, take in chunk))
+                progress(sum(map(len, where)))
     return out
 
 
