@@ -58,7 +58,7 @@ def write_random_model(folder: Path, size: str) -> int:
         num_key_value_heads=SIZES[size]["num_attention_heads"] // 4,
         vocab_size=32000,
         tie_word_embeddings=True,
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
     )
     shapes = {k: v.shape for k, v in empty_model(config).state_dict().items() if k != "lm_head.weight"}
     gen = torch.Generator().manual_seed(0)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from exporter import __version__
 from exporter.errors import PersonaExportError
 
 if TYPE_CHECKING:
@@ -75,7 +75,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     summary = run(recipe, Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats, use_cache=not args.no_cache)
+    from exporter.reports.markdown import verdict
+
     print(summary_table(summary["reports"]))
+    print("\n" + "\n".join(verdict(summary["reports"], Path(args.out))))
     for report in summary["reports"].values():
         for line in quality_lines(report):
             print(f"{report.persona}: {line}")
@@ -102,24 +105,54 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from exporter.runtime.runner import Runner
+CUT = " [... cut at --max-new-tokens {n}]"
 
-    runner = Runner(Path(args.persona_dir), args.backend)
-    for piece in runner.stream([{"role": "user", "content": args.prompt}], args.max_new_tokens):
+
+def _sampling(args: argparse.Namespace) -> Any:
+    from exporter.runtime.runner import Sampling
+
+    return Sampling(args.temperature, args.top_p, args.repetition_penalty, args.seed)
+
+
+def _reply(runner: Any, messages: list[dict[str, str]], args: argparse.Namespace) -> str:
+    """Stream one reply to stdout; mark it when it was cut at --max-new-tokens."""
+    pieces = []
+    for piece in runner.stream(messages, args.max_new_tokens, _sampling(args)):
         print(piece, end="", flush=True)
-    print()
+        pieces.append(piece)
+    print(CUT.format(n=args.max_new_tokens) if runner.truncated else "")
+    return "".join(pieces)
+
+
+def _runners(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    from exporter.runtime.runner import Runner, base_model_runner
+
+    persona = Path(args.persona_dir)
+    runners = [(persona.name, Runner(persona, args.backend))]
+    if args.base:  # side by side: the dense model the persona was cut from
+        runners.append(("base", base_model_runner(persona.parent)))
+    return runners
+
+
+def _start(args: argparse.Namespace) -> list[dict[str, str]]:
+    return [{"role": "system", "content": args.system}] if args.system else []
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    messages = [*_start(args), {"role": "user", "content": args.prompt}]
+    runners = _runners(args)
+    for name, runner in runners:
+        if len(runners) > 1:
+            print(f"{name}> ", end="", flush=True)
+        _reply(runner, messages, args)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from exporter.runtime.runner import Runner
-
-    runner = Runner(Path(args.persona_dir), args.backend)
-    messages: list[dict[str, str]] = []
-    print(
-        f"chatting with {Path(args.persona_dir).name} ({args.backend}); an empty line or Ctrl-D ends", file=sys.stderr
-    )
+    runners = _runners(args)
+    history = {name: _start(args) for name, _ in runners}  # with --base each model keeps its own conversation
+    names = " and ".join(n for n, _ in runners)
+    print(f"chatting with {names} ({args.backend}); an empty line or Ctrl-D ends", file=sys.stderr)
     while True:
         try:
             line = input("you> ").strip()
@@ -127,14 +160,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
             break
         if not line:
             break
-        messages.append({"role": "user", "content": line})
-        reply = []
-        print("bot> ", end="", flush=True)
-        for piece in runner.stream(messages, args.max_new_tokens):
-            print(piece, end="", flush=True)
-            reply.append(piece)
-        print()
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        for name, runner in runners:
+            messages = history[name]
+            messages.append({"role": "user", "content": line})
+            print("bot> " if len(runners) == 1 else f"{name}> ", end="", flush=True)
+            messages.append({"role": "assistant", "content": _reply(runner, messages, args)})
     return 0
 
 
@@ -196,20 +226,62 @@ def positive_int(text: str) -> int:
     return value
 
 
+DESCRIPTION = """Find persona subnetworks in a causal language model and export each one as a smaller,
+standalone model (Hugging Face safetensors, ONNX, GGUF), proven equal to the masked model."""
+EXAMPLES = """examples:
+  persona-export run recipes/smollm2-introvert-extravert.yaml --out runs/demo
+  persona-export run recipes/smollm2-introvert-extravert.yaml --out runs/s5 prune.mlp.sparsity=0.05
+  persona-export generate runs/demo/extravert --prompt "Plan my Saturday." --base
+  persona-export chat runs/demo/introvert --backend torch --temperature 0.7
+  persona-export eval runs/demo
+
+-q/--quiet and -v/--verbose may come before or after the command."""
+
+
+def _verbosity(p: argparse.ArgumentParser, top: bool) -> None:
+    """-q/-v on the main parser and on every command; a command's copy only sets them when given."""
+    default: Any = False if top else argparse.SUPPRESS
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", default=default, help="only errors and the final table")
+    group.add_argument("-v", "--verbose", action="store_true", default=default, help="everything, libraries' too")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool) or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _command(sub: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
+    """A command with the help formatter and its own -q/-v."""
+    p: argparse.ArgumentParser = sub.add_parser(name, formatter_class=_Help, **kw)
+    _verbosity(p, top=False)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="persona-export", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="persona-export",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _verbosity(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def overrides(p: argparse.ArgumentParser) -> None:
         p.add_argument("set", nargs="*", metavar="KEY.PATH=VALUE", help="recipe overrides, e.g. prune.mlp.sparsity=0.1")
 
-    p = sub.add_parser("validate", help="check a recipe and its data files without loading a model")
+    p = _command(sub, "validate", help="check a recipe and its data files without loading a model")
     p.add_argument("recipe")
     overrides(p)
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("run", help="calibrate, mask, prune, export and verify every persona of a recipe")
+    p = _command(sub, "run", help="calibrate, mask, prune, export and verify every persona of a recipe")
     p.add_argument("recipe")
     p.add_argument("--out", required=True, help="run folder to create (refused if it exists)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -218,25 +290,33 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(p)
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("export", help="add an export format to an existing persona of a run")
+    p = _command(sub, "export", help="add an export format to an existing persona of a run")
     p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA")
     p.add_argument("--format", choices=EXPORT_FORMATS, required=True, help="formats already there are reused")
     p.add_argument("--overwrite", action="store_true", help="replace this format's folder if it exists")
     p.set_defaults(func=cmd_export)
 
     for name, func, text in (
-        ("generate", cmd_generate, "generate a reply to one prompt (greedy, streamed)"),
+        ("generate", cmd_generate, "generate a reply to one prompt (streamed; greedy unless --temperature)"),
         ("chat", cmd_chat, "chat with a persona export in the terminal"),
     ):
-        p = sub.add_parser(name, help=text)
+        p = _command(sub, name, help=text)
         p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA")
         if name == "generate":
             p.add_argument("--prompt", required=True)
-        p.add_argument("--backend", choices=BACKENDS, default="onnx")
-        p.add_argument("--max-new-tokens", type=positive_int, default=128, help="at least 1 (default 128)")
+        p.add_argument("--backend", choices=BACKENDS, default="onnx", help="runtime and format of the export")
+        p.add_argument(
+            "--max-new-tokens", type=positive_int, default=128, help="at least 1; a reply cut here is marked"
+        )
+        p.add_argument("--system", metavar="TEXT", help="a system prompt")
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+        p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeated tokens")
+        p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+        p.add_argument("--base", action="store_true", help="also run the run's dense base model (torch), side by side")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("push", help="publish a verified persona export to the Hugging Face Hub")
+    p = _command(sub, "push", help="publish a verified persona export to the Hugging Face Hub")
     p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA", help="a persona folder of a run")
     p.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="model repo (created when missing)")
     p.add_argument("--private", action="store_true", help="create the repo private")
@@ -256,12 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the files and sizes to upload; send nothing")
     p.set_defaults(func=cmd_push)
 
-    p = sub.add_parser("eval", help="evaluate a run's persona masks against baselines (report.md/json)")
+    p = _command(sub, "eval", help="evaluate a run's persona masks against baselines (report.md/json)")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--recipe", help="take the eval section from this recipe instead of the run's own")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("sweep", help="evaluate a recipe's masks at several sparsities (table and plot)")
+    p = _command(sub, "sweep", help="evaluate a recipe's masks at several sparsities (table and plot)")
     p.add_argument("recipe")
     p.add_argument("--sparsity", required=True, help="comma-separated values, e.g. 0.01,0.02,0.05,0.1")
     p.add_argument("--unit", choices=["mlp", "attention"], default="mlp", help="which sparsity to vary")
@@ -271,8 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     overrides(p)
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser(
-        "tune", help="search the recipe's tune grid on validation items, report the chosen setting on test items"
+    p = _command(
+        sub, "tune", help="search the recipe's tune grid on validation items, report the chosen setting on test items"
     )
     p.add_argument("recipe")
     p.add_argument("--out", required=True, help="folder to create for report.md, report.json, pareto.png, recipe.yaml")
@@ -301,9 +381,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def dispatch(argv: list[str] | None = None) -> int:
     """Run a command; the project's errors propagate (main() turns them into messages and exit codes)."""
     args = parse(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
-    for noisy in ("transformers", "optimum", "huggingface_hub", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    from exporter.quiet import set_verbosity
+
+    set_verbosity("quiet" if args.quiet else "verbose" if args.verbose else "normal")
     return int(args.func(args))
 
 

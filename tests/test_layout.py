@@ -6,8 +6,8 @@ import re
 
 from tests.helpers import REPO
 
-ORDER = ["errors", "io", "inputs", "recipe", "reports", "model", "runtime", "publish", "masking", "export", "verify"]
-ORDER += ["evaluation", "workflows", "cli"]
+ORDER = ["errors", "io", "inputs", "quiet", "recipe", "reports", "model", "runtime", "publish", "masking"]
+ORDER += ["export", "verify", "evaluation", "workflows", "cli"]
 
 
 def test_a_package_imports_only_from_those_before_it() -> None:

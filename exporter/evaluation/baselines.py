@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +20,7 @@ from exporter.export.prune import layer_plan, planned_linear
 from exporter.masking.calibrate import Batch
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
-from exporter.model.hooks import pre_hooks
+from exporter.model.hooks import decoder_linears, linear_input_squares
 
 
 def _random_keep(keep: torch.Tensor, n: int, groups: int, gen: torch.Generator) -> torch.Tensor:
@@ -92,32 +91,14 @@ def removed_parameters(model: nn.Module, adapter: Adapter, mask: PersonaMask) ->
     return out
 
 
-def decoder_linears(model: nn.Module, adapter: Adapter) -> list[dict[str, nn.Linear]]:
-    """Every Linear of each decoder layer, by its name inside the layer."""
-    return [
-        {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
-        for layer in adapter.layers(model)
-    ]
-
-
 @torch.inference_mode()
 def input_norms(model: nn.Module, adapter: Adapter, work: Iterable[Batch]) -> list[dict[str, torch.Tensor]]:
     """||X_j||_2 of every decoder Linear's input channels over the counted tokens of `work` (fp64); `work` is
     calibration batches as `exporter.masking.calibrate.batches` makes them."""
-    linears = decoder_linears(model, adapter)
-    sq = [{n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in d.items()} for d in linears]
     current: dict[str, torch.Tensor] = {}
-
-    def make(layer: int, name: str) -> Any:
-        def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].to(torch.float32) * current["w"].unsqueeze(-1)  # (batch, seq, in), uncounted tokens zeroed
-            sq[layer][name] += x.square().sum((0, 1), dtype=torch.float64)
-
-        return hook
-
-    with pre_hooks([(m, make(i, n)) for i, d in enumerate(linears) for n, m in d.items()]):
+    with linear_input_squares(model, adapter, lambda: current["w"]) as sq:
         for ids, attn, weight in work:
-            current["w"] = weight.to(torch.float32)
+            current["w"] = weight
             adapter.base(model)(input_ids=ids, attention_mask=attn, use_cache=False)
     return [{n: v.sqrt() for n, v in d.items()} for d in sq]
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -35,7 +37,9 @@ from exporter.export.prune import count_parameters
 from exporter.masking.calibrate import batches
 from exporter.masking.data import select_samples, tokenize
 from exporter.masking.masks import PersonaMask
+from exporter.masking.stats import Statistics
 from exporter.model.adapters import Adapter
+from exporter.quiet import progress
 from exporter.recipe.eval import EvalSpec, eval_problems
 from exporter.recipe.schema import Recipe
 from exporter.reports.markdown import write_run_reports
@@ -92,21 +96,34 @@ class Evaluator:
             self._encoded[system] = seqs
         return self._encoded[system]
 
-    def answers(self, intervention: Intervention | None, system: str | None) -> dict[str, np.ndarray]:
-        """Mean per-token log-likelihood of every answer: {"paired:<persona>": (N,), "statements": (M,)}."""
-        return {
-            key: sequence_logliks(
-                self.model,
-                seqs,
-                pad_id=self.pad_id,
-                batch_size=self.spec.batch_size,
-                intervention=intervention,
-            )
-            for key, seqs in self._sequences(system).items()
-        }
+    def answers(
+        self, intervention: Intervention | None, system: str | None, progress: Callable[[int], Any] | None = None
+    ) -> dict[str, np.ndarray]:
+        """Mean per-token log-likelihood of every answer: {"paired:<persona>": (N,), "statements": (M,)}.
 
-    def neutral(self, interventions: dict[str, Intervention | None]) -> dict[str, dict[str, float]]:
-        return neutral_scores(self.model, self.windows, interventions) if self.windows else {}
+        All answers are scored in one call, so the answers of a pair share their prompt's forward pass."""
+        seqs = self._sequences(system)
+        scores = sequence_logliks(
+            self.model,
+            [s for group in seqs.values() for s in group],
+            pad_id=self.pad_id,
+            batch_size=self.spec.batch_size,
+            intervention=intervention,
+            progress=progress,
+        )
+        out, at = {}, 0
+        for key, group in seqs.items():
+            out[key] = scores[at : at + len(group)]
+            at += len(group)
+        return out
+
+    def n_answers(self, system: str | None) -> int:
+        return sum(len(v) for v in self._sequences(system).values())
+
+    def neutral(
+        self, interventions: dict[str, Intervention | None], progress: Callable[[int], Any] | None = None
+    ) -> dict[str, dict[str, float]]:
+        return neutral_scores(self.model, self.windows, interventions, progress) if self.windows else {}
 
 
 def mask_intervention(model: nn.Module, adapter: Adapter, mask: PersonaMask) -> Intervention:
@@ -127,9 +144,19 @@ class WeightCondition:
 
 
 def wanda_norms(
-    recipe: Recipe, model: nn.Module, tokenizer: Any, adapter: Adapter, persona: str
+    recipe: Recipe,
+    model: nn.Module,
+    tokenizer: Any,
+    adapter: Adapter,
+    persona: str,
+    stats: Statistics | None = None,
 ) -> list[dict[str, Any]]:
-    """Wanda's activation norms from a calibration pass over the persona's calibration samples."""
+    """Wanda's activation norms over the persona's calibration samples: from its calibration statistics when
+    they hold them (`in_sq`, the same sums over the same batches), else from a calibration pass."""
+    linears = baselines.decoder_linears(model, adapter)
+    if stats is not None and stats.in_sq and all(n in stats.in_sq for n in linears[0]):
+        return [{n: stats.in_sq[n][i].sqrt() for n in d} for i, d in enumerate(linears)]
+    log.info("%s: a calibration pass for the Wanda baseline's norms (the statistics do not hold them)", persona)
     cal = recipe.personas[persona].calibration
     samples = [tokenize(tokenizer, s, cal) for s in select_samples(cal)]
     work = batches(
@@ -179,18 +206,19 @@ def score_conditions(
     """
     raw: dict[str, Any] = dict(done or {})
     todo = {k: c.intervention for k, c in conds.items() if "neutral" not in raw.get(k, {})}
-    if todo:
-        for key, figures in ev.neutral(todo).items():
-            raw.setdefault(key, {})["neutral"] = figures
+    if todo and ev.windows:
+        with progress(len(ev.windows), f"eval neutral text ({len(todo)} conditions)", "window") as bar:
+            for key, figures in ev.neutral(todo, bar.update).items():
+                raw.setdefault(key, {})["neutral"] = figures
     for key, cond in conds.items():
         for persona in [None, *cond.prompts]:
             name = key if persona is None else f"{key}+prompt:{persona}"
             if "answers" in raw.get(name, {}):
                 continue
-            log.info("eval: scoring %s", name)
             system = None if persona is None else system_prompts[persona]
             entry = raw.setdefault(name, {})
-            entry["answers"] = ev.answers(cond.intervention, system)
+            with progress(ev.n_answers(system), f"eval {name}", "answer") as bar:
+                entry["answers"] = ev.answers(cond.intervention, system, bar.update)
             entry["removed"] = cond.removed
     for key, cond in conds.items():
         raw[key]["removed"] = cond.removed
@@ -229,19 +257,30 @@ def evaluate_masks(
     tokenizer: Any,
     adapter: Adapter,
     masks: dict[str, PersonaMask],
+    stats: dict[str, Statistics] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Every persona's evaluation (its report.json `evaluation`), baselines on the same items."""
+    """Every persona's evaluation (its report.json `evaluation`), baselines on the same items. `stats`: the
+    personas' calibration statistics, which spare the Wanda baseline a second pass over the calibration data.
+    `timings` receives the seconds of each part (baselines, scores, replies)."""
+    seconds = timings if timings is not None else {}
+    t = time.perf_counter()
     ev = Evaluator(model, tokenizer, adapter, spec, items)
     norms = {}
     if "wanda" in spec.baselines:
-        norms = {p: wanda_norms(recipe, model, tokenizer, adapter, p) for p in masks}
+        norms = {p: wanda_norms(recipe, model, tokenizer, adapter, p, (stats or {}).get(p)) for p in masks}
     conds = conditions(ev, masks, norms)
+    seconds["eval_baselines"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
     prompts = {p: system_prompt(recipe, spec, p) for p in recipe.personas}
     raw = score_conditions(ev, conds, prompts)
+    seconds["eval_scores"] = round(time.perf_counter() - t, 3)
     replies: dict[str, dict[str, Any]] = {}
     if spec.replies is not None and items.reply_prompts:
+        t = time.perf_counter()
         opposite = {p: q for p in masks if (q := recipe.partner(p))}
         replies = evaluate_replies(model, tokenizer, adapter, spec, items.reply_prompts, masks, prompts, opposite)
+        seconds["eval_replies"] = round(time.perf_counter() - t, 3)
     n_dense = dense_parameters(model)
     return {p: persona_evaluation(recipe, spec, items, raw, p, masks[p], n_dense, replies.get(p)) for p in masks}
 
@@ -280,8 +319,10 @@ def evaluate_into(
     m: Any,
     masks: dict[str, PersonaMask],
     reports: dict[str, PersonaReport],
+    stats: dict[str, Statistics] | None = None,
+    timings: dict[str, float] | None = None,
 ) -> None:
     """The run's eval stage: evaluate every persona of the loaded model `m`, write reports into `folder`."""
     assert recipe.eval is not None
-    evaluations = evaluate_masks(recipe, recipe.eval, items, m.model, m.tokenizer, m.adapter, masks)
+    evaluations = evaluate_masks(recipe, recipe.eval, items, m.model, m.tokenizer, m.adapter, masks, stats, timings)
     write_run_reports(folder, recipe.name, evaluations, reports)

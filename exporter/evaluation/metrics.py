@@ -51,12 +51,6 @@ def encode_answer(
     return Scored(ids, start)
 
 
-def _batches(seqs: list[Scored], batch_size: int) -> Iterator[list[int]]:
-    order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i].ids), i))  # less padding
-    for k in range(0, len(order), batch_size):
-        yield order[k : k + batch_size]
-
-
 def _wide(x: torch.Tensor) -> torch.Tensor:
     """fp32 at least (fp16 sums overflow); a float64 model stays float64."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
@@ -77,60 +71,88 @@ def _log_probs(
     return torch.log_softmax(_wide(logits), dim=-1)
 
 
-def _plain(model: nn.Module, seqs: list[Scored], pad_id: int) -> np.ndarray:
-    """One right-padded batch of whole sequences."""
-    width = max(len(s.ids) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    score = torch.zeros((len(seqs), width), dtype=torch.bool)  # target tokens that count
-    for r, s in enumerate(seqs):
-        ids[r, : len(s.ids)] = torch.tensor(s.ids)
-        attn[r, : len(s.ids)] = 1
-        score[r, s.start : len(s.ids)] = True
-    rows, cols = score.nonzero(as_tuple=True)
-    lp = _log_probs(model, ids, attn, rows, cols - 1)  # position t-1 predicts token t
-    token_ll = lp.gather(1, ids[rows, cols].unsqueeze(1)).squeeze(1).double()
-    sums = torch.zeros(len(seqs), dtype=torch.float64).index_add_(0, rows, token_ll)
-    return (sums / score.sum(1).double()).numpy()
+def _token_ll(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log P(target | hidden state) per row, float64: (n,) from hidden (n, d) and targets (n,)."""
+    lp = torch.log_softmax(_wide(head(hidden)), dim=-1)
+    return lp.gather(1, targets.unsqueeze(1)).squeeze(1).double()
 
 
-def _after_prefix(
-    model: nn.Module, prefix: list[int], answers: list[list[int]], pad_id: int, batch_size: int
-) -> np.ndarray:
-    """Answers that share one prompt: the prompt runs once, its KV cache serves every answer batch."""
+def _padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded (ids, attention mask), each (len(rows), longest)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)] = torch.tensor(r)
+        attn[i, : len(r)] = 1
+    return ids, attn
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Sequences that share a prompt: `prefix` runs once, each distinct answer continues from its KV cache."""
+
+    prefix: list[int]
+    answers: list[list[int]]  # distinct
+    index: list[list[int]]  # per answer, the positions of the sequences in the caller's list that end with it
+
+
+def _groups(seqs: list[Scored]) -> list[_Group]:
+    """Sequences grouped by prompt, shortest first (less padding in a batch). An answer that occurs more than
+    once after the same prompt (the same reply under two conditions) is scored once: equal sequences get
+    equal figures whatever batch they would have landed in."""
+    by_prefix: dict[tuple[int, ...], dict[tuple[int, ...], list[int]]] = {}
+    for i, s in enumerate(seqs):
+        by_prefix.setdefault(tuple(s.ids[: s.start]), {}).setdefault(tuple(s.ids[s.start :]), []).append(i)
+    groups = [_Group(list(p), [list(a) for a in d], list(d.values())) for p, d in by_prefix.items()]
+    return sorted(groups, key=lambda g: (len(g.prefix) + max(map(len, g.answers)), g.index[0][0]))
+
+
+Chunk = list[tuple[_Group, list[int]]]  # (group, which of its answers): one batch
+
+
+def _chunks(groups: list[_Group], batch_size: int) -> Iterator[Chunk]:
+    """Batches of at most `batch_size` answers; a group's prompt runs once per batch it appears in."""
+    batch: Chunk = []
+    rows = 0
+    for g in groups:
+        todo = list(range(len(g.answers)))
+        while todo:
+            take = todo[: batch_size - rows]
+            batch.append((g, take))
+            rows += len(take)
+            todo = todo[len(take) :]
+            if rows == batch_size:
+                yield batch
+                batch, rows = [], 0
+    if batch:
+        yield batch
+
+
+def _score_chunk(model: nn.Module, chunk: Chunk, pad_id: int) -> np.ndarray:
+    """Mean log-likelihood of each answer in the chunk (in chunk order): the prompts run as one padded batch,
+    then every answer as one padded batch continuing from its prompt's KV cache."""
     decoder, head = _parts(model)
-    first = decoder(input_ids=torch.tensor([prefix]), use_cache=True)
-    legacy = first.past_key_values.to_legacy_cache()  # per layer (k, v): (1, kv_heads, P, head_dim)
-    lp0 = torch.log_softmax(_wide(head(first.last_hidden_state[0, -1])), dim=-1)  # predicts answer token 0
-    out = np.zeros(len(answers))
-    n = len(prefix)
-    for k in range(0, len(answers), batch_size):
-        chunk = answers[k : k + batch_size]
-        width = max(len(ans) for ans in chunk)
-        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-        attn = torch.ones((len(chunk), n + width), dtype=torch.long)
-        for r, ans in enumerate(chunk):
-            ids[r, : len(ans)] = torch.tensor(ans)
-            attn[r, n + len(ans) :] = 0
-        past: Any = tuple(
-            (key.expand(len(chunk), -1, -1, -1), val.expand(len(chunk), -1, -1, -1)) for key, val in legacy
-        )
-        cache = DynamicCache.from_legacy_cache(past)
-        hidden = decoder(
-            input_ids=ids,
-            attention_mask=attn,
-            position_ids=(n + torch.arange(width)).expand(len(chunk), -1),
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state
-        score = attn[:, n + 1 :].bool()  # answer token t (t >= 1) predicted at answer position t - 1
-        rows, cols = score.nonzero(as_tuple=True)
-        lp = torch.log_softmax(_wide(head(hidden[rows, cols])), dim=-1)
-        token_ll = lp.gather(1, ids[rows, cols + 1].unsqueeze(1)).squeeze(1).double()
-        sums = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, rows, token_ll)
-        sums += lp0[ids[:, 0]].double()
-        out[k : k + len(chunk)] = (sums / torch.tensor([len(ans) for ans in chunk], dtype=torch.float64)).numpy()
-    return out
+    pre_ids, pre_attn = _padded([g.prefix for g, _ in chunk], pad_id)
+    first = decoder(input_ids=pre_ids, attention_mask=pre_attn, position_ids=position_ids(pre_attn), use_cache=True)
+    legacy = first.past_key_values.to_legacy_cache()  # per layer (k, v): (prompts, kv_heads, P, head_dim)
+    pre_len = pre_attn.sum(1)
+    last = first.last_hidden_state[torch.arange(len(chunk)), pre_len - 1]  # predicts each answer's first token
+    owner = torch.tensor([c for c, (_, take) in enumerate(chunk) for _ in take])  # answer row -> its prompt
+    ids, ans_attn = _padded([g.answers[a] for g, take in chunk for a in take], pad_id)
+    past: Any = tuple((k[owner], v[owner]) for k, v in legacy)
+    hidden = decoder(
+        input_ids=ids,
+        attention_mask=torch.cat([pre_attn[owner], ans_attn], 1),  # a prompt's padding sits before its answer
+        position_ids=pre_len[owner].unsqueeze(1) + torch.arange(ids.shape[1]),
+        past_key_values=DynamicCache.from_legacy_cache(past),
+        use_cache=True,
+    ).last_hidden_state
+    rows, cols = ans_attn[:, 1:].nonzero(as_tuple=True)  # answer token t >= 1, predicted at position t - 1
+    sums = torch.zeros(len(owner), dtype=torch.float64)
+    sums.index_add_(0, rows, _token_ll(head, hidden[rows, cols], ids[rows, cols + 1]))
+    sums += _token_ll(head, last[owner], ids[:, 0])
+    return (sums / ans_attn.sum(1).double()).numpy()
 
 
 @torch.inference_mode()
@@ -141,25 +163,22 @@ def sequence_logliks(
     pad_id: int,
     batch_size: int = 8,
     intervention: Intervention | None = None,
+    progress: Callable[[int], Any] | None = None,
 ) -> np.ndarray:
     """Mean per-token log-likelihood of each sequence's scored tokens, (len(seqs),) float64.
 
-    Sequences with the same prompt (the two answers of a pair, statements after one prompt) share one
-    forward pass of the prompt through the KV cache; the others run as length-sorted padded batches.
+    Sequences with the same prompt (the two answers of a pair, statements after one prompt, replies to one
+    prompt) share one forward pass of the prompt through the KV cache, and equal sequences are scored once;
+    batches of `batch_size` distinct answers, length-sorted. `progress(n)` is called after every batch with the number of sequences it scored.
     """
     out = np.zeros(len(seqs))
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, s in enumerate(seqs):
-        groups.setdefault(tuple(s.ids[: s.start]), []).append(i)
-    single = [idx[0] for idx in groups.values() if len(idx) == 1]
     with (intervention or nullcontext)():
-        for prefix, idx in groups.items():
-            if len(idx) > 1:
-                answers = [seqs[i].ids[seqs[i].start :] for i in idx]
-                out[idx] = _after_prefix(model, list(prefix), answers, pad_id, batch_size)
-        for batch in _batches([seqs[i] for i in single], batch_size):
-            idx = [single[b] for b in batch]
-            out[idx] = _plain(model, [seqs[i] for i in idx], pad_id)
+        for chunk in _chunks(_groups(seqs), batch_size):
+            where = [g.index[a] for g, take in chunk for a in take]
+            for positions, value in zip(where, _score_chunk(model, chunk, pad_id), strict=True):
+                out[positions] = value
+            if progress is not None:
+                progress(sum(map(len, where)))
     return out
 
 
@@ -193,12 +212,15 @@ def neutral_windows(
 
 @torch.inference_mode()
 def neutral_scores(
-    model: nn.Module, windows: list[list[int]], interventions: dict[str, Intervention | None]
+    model: nn.Module,
+    windows: list[list[int]],
+    interventions: dict[str, Intervention | None],
+    progress: Callable[[int], Any] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Per intervention: perplexity, mean NLL, mean KL(P_dense || Q) over every window token after the first.
 
     The dense forward runs once per window and serves as P for all interventions (window by window, so
-    only one window's distributions are held in memory).
+    only one window's distributions are held in memory). `progress(1)` is called after every window.
     """
     nll = dict.fromkeys(interventions, 0.0)
     kl = dict.fromkeys(interventions, 0.0)
@@ -209,7 +231,8 @@ def neutral_scores(
         rows = torch.zeros(len(w) - 1, dtype=torch.long)
         cols = torch.arange(len(w) - 1)
         targets = ids[0, 1:].unsqueeze(1)
-        dense = _log_probs(model, ids, attn, rows, cols)
+        dense = _log_probs(model, ids, attn, rows, cols)  # (tokens, vocab)
+        p = dense.exp()
         for name, intervention in interventions.items():
             if intervention is None:
                 lq = dense
@@ -217,8 +240,10 @@ def neutral_scores(
                 with intervention():
                     lq = _log_probs(model, ids, attn, rows, cols)
             nll[name] -= float(lq.gather(1, targets).double().sum())
-            kl[name] += float((dense.exp() * (dense - lq)).sum(-1).clamp_min(0.0).double().sum())
+            kl[name] += float((p * (dense - lq)).sum(-1).clamp_min(0.0).double().sum())
         count += len(w) - 1
+        if progress is not None:
+            progress(1)
     return {
         name: {
             "perplexity": float(np.exp(nll[name] / count)),

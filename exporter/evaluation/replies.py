@@ -10,6 +10,7 @@ distinct-2 (distinct bigrams / bigrams), each averaged over replies.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -22,6 +23,7 @@ from torch import nn
 from exporter.evaluation.metrics import Intervention, Scored, mean_ci, sequence_logliks
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
+from exporter.quiet import progress
 from exporter.recipe.eval import EvalSpec
 from exporter.runtime.chat import end_of_turn_id, reply_prefix
 from exporter.verify.hf import greedy, left_padded, masked
@@ -47,8 +49,10 @@ def greedy_replies(
     intervention: Intervention | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    progress: Callable[[int], Any] | None = None,
 ) -> Replies:
-    """Greedy replies, left-padded batches through `generate`; each stops at the end-of-turn token."""
+    """Greedy replies, left-padded batches through `generate`; each stops at the end-of-turn token.
+    `progress(n)` is called after every batch with its number of replies."""
     stop = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens: list[list[int]] = []
@@ -61,24 +65,45 @@ def greedy_replies(
                 ended = stop in row
                 tokens.append(row[: row.index(stop)] if ended else row)
                 cut.append(not ended)
+            if progress is not None:
+                progress(len(rows))
     return Replies(list(prompts), tokens, cut)
+
+
+def reply_logliks(
+    model: nn.Module,
+    tokenizer: Any,
+    replies: dict[str, Replies],
+    systems: list[str],
+    *,
+    batch_size: int = 8,
+    progress: Callable[[int], Any] | None = None,
+) -> dict[tuple[str, str], np.ndarray]:
+    """Dense mean per-token log-likelihood of every reply under every system prompt, {(key, system): (n,)},
+    NaN for empty replies. One call: the replies of all conditions to one prompt share its prompt pass."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    seqs: list[Scored] = []
+    where: list[tuple[str, str, int]] = []
+    for system in systems:
+        for key, r in replies.items():
+            for i, tokens in enumerate(r.tokens):
+                if tokens:
+                    head = reply_prefix(tokenizer, r.prompts[i], system)
+                    seqs.append(Scored(head + tokens, len(head)))
+                    where.append((key, system, i))
+    ll = sequence_logliks(model, seqs, pad_id=pad, batch_size=batch_size, progress=progress) if seqs else np.zeros(0)
+    out = {(key, system): np.full(len(r.tokens), np.nan) for system in systems for key, r in replies.items()}
+    for (key, system, i), value in zip(where, ll, strict=True):
+        out[key, system][i] = value
+    return out
 
 
 def persona_scores(
     model: nn.Module, tokenizer: Any, replies: Replies, system_for: str, system_against: str, *, batch_size: int = 8
 ) -> np.ndarray:
     """Per reply: loglik under `system_for` minus under `system_against` (dense model), NaN for empty replies."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    keep = [i for i, t in enumerate(replies.tokens) if t]
-    seqs: list[Scored] = []
-    for system in (system_for, system_against):
-        for i in keep:
-            head = reply_prefix(tokenizer, replies.prompts[i], system)
-            seqs.append(Scored(head + replies.tokens[i], len(head)))
-    ll = sequence_logliks(model, seqs, pad_id=pad, batch_size=batch_size)
-    out = np.full(len(replies.tokens), np.nan)
-    out[keep] = ll[: len(keep)] - ll[len(keep) :]
-    return out
+    ll = reply_logliks(model, tokenizer, {"": replies}, [system_for, system_against], batch_size=batch_size)
+    return ll["", system_for] - ll["", system_against]
 
 
 def repeated_ngrams(tokens: list[int], n: int = 4) -> float:
@@ -125,35 +150,41 @@ def evaluate_replies(
     assert rs is not None, "evaluate_replies needs an eval.replies section"
     boot = {"n": spec.bootstrap, "seed": spec.seed}
 
-    def gen(system: str | None = None, mask: PersonaMask | None = None) -> Replies:
-        intervention = partial(masked, model, adapter, mask) if mask is not None else None
-        return greedy_replies(
-            model,
-            tokenizer,
-            prompts,
-            system=system,
-            intervention=intervention,
-            max_new_tokens=rs.max_new_tokens,
-            batch_size=rs.batch_size,
-        )
-
-    cache = {} if cache is None else cache
-    if "dense" not in cache:
-        cache["dense"] = gen()
-    replies = {"dense": cache["dense"]}
+    todo: dict[str, tuple[str | None, PersonaMask | None]] = {"dense": (None, None)}
     for p, mask in masks.items():
-        if f"prompt:{p}" not in cache:
-            cache[f"prompt:{p}"] = gen(system=systems[p])
-        replies[f"prompt:{p}"] = cache[f"prompt:{p}"]
-        replies[f"mask:{p}"] = gen(mask=mask)
+        todo[f"prompt:{p}"] = (systems[p], None)
+        todo[f"mask:{p}"] = (None, mask)
         if mask.steering is not None and "steering" in spec.baselines:
-            replies[f"steer:{p}"] = gen(mask=steering_only(mask))
-    out: dict[str, dict[str, Any]] = {}
-    for p in masks:
-        q = opposite.get(p)
-        if q is None or q not in masks:
+            todo[f"steer:{p}"] = (None, steering_only(mask))
+    cache = {} if cache is None else cache
+    replies: dict[str, Replies] = {}
+    for key, (system, condition) in todo.items():
+        if key in cache:
+            replies[key] = cache[key]
             continue
-        scores = {c: persona_scores(model, tokenizer, r, systems[p], systems[q]) for c, r in replies.items()}
+        with progress(len(prompts), f"eval replies {key}", "reply") as bar:
+            replies[key] = greedy_replies(
+                model,
+                tokenizer,
+                prompts,
+                system=system,
+                intervention=partial(masked, model, adapter, condition) if condition is not None else None,
+                max_new_tokens=rs.max_new_tokens,
+                batch_size=rs.batch_size,
+                progress=bar.update,
+            )
+        if condition is None:  # dense, or dense with a system prompt: the same in every call
+            cache[key] = replies[key]
+    pairs = {p: q for p in masks if (q := opposite.get(p)) is not None and q in masks}
+    scored = sorted({systems[p] for pair in pairs.items() for p in pair})
+    ll = {}
+    if pairs:
+        total = len(scored) * sum(1 for r in replies.values() for t in r.tokens if t)
+        with progress(total, "eval reply scores", "reply") as bar:
+            ll = reply_logliks(model, tokenizer, replies, scored, progress=bar.update)
+    out: dict[str, dict[str, Any]] = {}
+    for p, q in pairs.items():
+        scores = {c: ll[c, systems[p]] - ll[c, systems[q]] for c in replies}
         labels = {"dense": "dense", f"prompt:{p}": "prompt-only", f"mask:{p}": "export", f"mask:{q}": f"export of {q}"}
         labels[f"steer:{p}"] = "steering-only"
         conditions = {

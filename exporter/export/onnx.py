@@ -12,6 +12,7 @@ import onnx
 
 from exporter.errors import OnnxExportError, OnnxModelError
 from exporter.io import staged
+from exporter.quiet import onnx_export_noise
 from exporter.runtime.onnx import ONNX_FILE, read_export
 
 log = logging.getLogger(__name__)
@@ -43,15 +44,16 @@ def export_onnx(hf_dir: Path, out_dir: Path) -> Path:
     with staged(out_dir) as stage:
         try:
             # do_validation=False: optimum only warns on a mismatch; verify_onnx is the parity check.
-            main_export(
-                str(hf_dir),
-                output=stage,
-                task=TASK,
-                device="cpu",
-                library_name="transformers",
-                do_validation=False,
-                local_files_only=True,
-            )
+            with onnx_export_noise():
+                main_export(
+                    str(hf_dir),
+                    output=stage,
+                    task=TASK,
+                    device="cpu",
+                    library_name="transformers",
+                    do_validation=False,
+                    local_files_only=True,
+                )
         except Exception as e:
             raise OnnxExportError(f"optimum could not export {str(hf_dir)!r} ({TASK}): {e}") from e
         carry_files(hf_dir, stage)

@@ -142,7 +142,7 @@ def prune_checkpoint(
 
     config = AutoConfig.from_pretrained(source_dir)
     adapter.update_config(config, mask.pruned_geometry())
-    config.torch_dtype = dtype
+    config.dtype = dtype
     config.save_pretrained(out_dir)
     if (source_dir / "generation_config.json").is_file():
         shutil.copyfile(source_dir / "generation_config.json", out_dir / "generation_config.json")

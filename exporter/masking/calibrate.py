@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from exporter.masking.data import TokenizedSample, collate
 from exporter.masking.stats import Statistics
 from exporter.model.adapters import Adapter
-from exporter.model.hooks import capture_unit_inputs
+from exporter.model.hooks import capture_unit_inputs, linear_input_squares
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # right-padded input_ids, attention_mask, counted tokens
 
@@ -35,7 +35,8 @@ def calibrate(
     response_only: bool,
     desc: str = "calibrate",
 ) -> Statistics:
-    """Statistics over `samples`. Runs the decoder body only: the LM head's logits are not needed."""
+    """Statistics over `samples`, with every decoder Linear's input channel squares (the Wanda baseline's
+    norms, so evaluation needs no second pass). Runs the decoder body only: the LM head's logits are not needed."""
     geometry = adapter.geometry(model.config)
     stats = Statistics.empty(geometry)
     current: dict[str, Any] = {}
@@ -45,7 +46,10 @@ def calibrate(
 
     body = adapter.base(model)
     n_batches = -(-len(samples) // batch_size)
-    with capture_unit_inputs(model, adapter, on_input, {"mlp", "attn"}):
+    with (
+        capture_unit_inputs(model, adapter, on_input, {"mlp", "attn"}),
+        linear_input_squares(model, adapter, lambda: current["weight"]) as in_sq,
+    ):
         for ids, attn, weight in tqdm(
             batches(samples, batch_size, pad_id, response_only), total=n_batches, desc=desc, leave=False
         ):
@@ -53,4 +57,5 @@ def calibrate(
             body(input_ids=ids, attention_mask=attn, use_cache=False)
             stats.n_samples += ids.shape[0]
             stats.n_tokens += int(weight.sum())
+    stats.in_sq = {name: torch.stack([layer[name] for layer in in_sq]) for name in in_sq[0]}
     return stats

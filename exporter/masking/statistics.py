@@ -25,7 +25,9 @@ from exporter.recipe.schema import PersonaSpec, Recipe
 from exporter.reports.provenance import Timer, versions
 
 log = logging.getLogger(__name__)
-STATS_FORMAT = 3  # bump when the statistic's definition changes: saved statistics become stale
+# bump when the statistic's definition or what is kept changes: saved statistics become stale
+# (4: the decoder Linears' input channel squares, `in_sq`, kept for the Wanda baseline)
+STATS_FORMAT = 4
 
 
 def stats_key(recipe: Recipe, persona: PersonaSpec, model_sha: str, data_sha: str) -> str:
@@ -63,7 +65,13 @@ def persona_statistics(
             if info.get("key") == key:
                 log.info("%s: reusing statistics from %s", name, saved)
                 return stats, info
-            log.info("%s: saved statistics in %s are stale (model, data or settings changed)", name, saved)
+            log.info(
+                "%s: saved statistics in %s are stale (model, data, settings or the statistics format %d changed); "
+                "recalibrating",
+                name,
+                saved,
+                STATS_FORMAT,
+            )
     if use_cache and (cached := cache.load_cached(key)) is not None:
         log.info("%s: reusing cached statistics %s", name, key[:12])
         return cached

@@ -7,6 +7,8 @@ This is length-invariant (an L2 norm over tokens would favour the persona with l
 Kept: sum_x s_u, sum_x s_u^2 (mean and variance across samples, for the contrastive z-score), and per channel
 the sums over counted tokens of h_j^2 (the diagonal of E[h h^T], for the "sparse" score) and, for MLP
 neurons, of h_j (the mean activation E[h_j], for steering and bias compensation: exporter/masking/steer.py).
+Whole-model calibration also keeps, for every Linear of the decoder layers, the sum over counted tokens of
+each input channel squared (`in_sq`, the Wanda baseline's ||X_j||^2); layer-by-layer calibration does not.
 Unit kinds: "mlp" (neurons), "head" (query heads), "group" (KV groups).
 """
 
@@ -37,6 +39,7 @@ class Statistics:
     sumsq: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (layers, units)
     chan_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # "mlp"/"attn" -> (layers, channels)
     chan_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # "mlp" -> (layers, intermediate)
+    in_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # Linear name in a layer -> (layers, in_features)
 
     @classmethod
     def empty(cls, g: Geometry) -> Statistics:
@@ -92,6 +95,7 @@ class Statistics:
         tensors |= {f"sumsq.{k}": v for k, v in self.sumsq.items()}
         tensors |= {f"chan_sq.{k}": v for k, v in self.chan_sq.items()}
         tensors |= {f"chan_sum.{k}": v for k, v in self.chan_sum.items()}
+        tensors |= {f"in_sq.{k}": v for k, v in self.in_sq.items()}
         meta = {"n_samples": str(self.n_samples), "n_tokens": str(self.n_tokens)}
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
         info = {
@@ -114,8 +118,9 @@ class Statistics:
             for kind, v in d.items()
         }
         tensors = load_file(str(path))
-        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        if shapes != expected:
+        shapes = {k: tuple(v.shape) for k, v in tensors.items() if not k.startswith("in_sq.")}
+        optional = [tuple(v.shape) for k, v in tensors.items() if k.startswith("in_sq.")]
+        if shapes != expected or any(len(shape) != 2 or shape[0] != s.geometry.layers for shape in optional):
             raise ValueError(
                 f"{path} holds {sorted(shapes)} with shapes that do not fit its geometry, expected "
                 f"{sorted(expected)} (an older format?)"

@@ -29,6 +29,42 @@ def pre_hooks(pairs: list[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[Non
             h.remove()
 
 
+def decoder_linears(model: nn.Module, adapter: Adapter) -> list[dict[str, nn.Linear]]:
+    """Every Linear of each decoder layer, by its name inside the layer."""
+    return [
+        {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+        for layer in adapter.layers(model)
+    ]
+
+
+@contextmanager
+def linear_input_squares(
+    model: nn.Module, adapter: Adapter, weight: Callable[[], torch.Tensor]
+) -> Iterator[list[dict[str, torch.Tensor]]]:
+    """Per layer and decoder Linear, the running sum of each input channel squared over the tokens that count
+    (`weight()`: (batch, seq), 0 for the others), float64 from fp32: (in_features,). Linears fed the same
+    tensor (q/k/v, gate/up) share one computation (the same expression on the same tensor)."""
+    linears = decoder_linears(model, adapter)
+    sq = [{n: torch.zeros(m.in_features, dtype=torch.float64) for n, m in d.items()} for d in linears]
+    last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # layer -> (input, its channel sums)
+
+    def make(layer: int, name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0]
+            if layer not in last or last[layer][0] is not x:
+                counted = x.to(torch.float32) * weight().to(torch.float32).unsqueeze(-1)  # (batch, seq, in)
+                last[layer] = (x, counted.square().sum((0, 1), dtype=torch.float64))
+            sq[layer][name] += last[layer][1]
+
+        return hook
+
+    try:
+        with pre_hooks([(m, make(i, n)) for i, d in enumerate(linears) for n, m in d.items()]):
+            yield sq
+    finally:
+        last.clear()
+
+
 @contextmanager
 def capture_unit_inputs(model: nn.Module, adapter: Adapter, callback: Capture, kinds: set[str]) -> Iterator[None]:
     """Call `callback(layer_index, kind, x)` with x = (batch, seq, channels) for kind in {"mlp", "attn"}."""

@@ -47,7 +47,7 @@ def empty_model(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False):
-        return AutoModelForCausalLM.from_config(config, torch_dtype=dtype).eval()
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
 
 
 def load_weights(module: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype, where: str) -> None:

@@ -11,7 +11,7 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from exporter.errors import ModelSourceError, PersonaExportError, UnsupportedMod
 from exporter.inputs import folder_problem, path_kind, read_json_object
 from exporter.model.adapters import Adapter, adapter_for
 from exporter.model.tokenizer import export_tokenizer
+from exporter.quiet import gguf_tokenizer_noise, progress
 from exporter.recipe.schema import ModelSpec, Recipe
 
 log = logging.getLogger(__name__)
@@ -174,12 +175,13 @@ def load(
         kwargs["gguf_file"] = resolved.gguf_file
     placed = placement(max_memory, offload_dir) if max_memory is not None and offload_dir is not None else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(resolved.folder, **kwargs)
+        with gguf_tokenizer_noise() if resolved.gguf_file else nullcontext():
+            tokenizer = AutoTokenizer.from_pretrained(resolved.folder, **kwargs)
         model = load_exact(
             resolved.folder,
             "the model",
             ModelSourceError,
-            torch_dtype=dtype,
+            dtype=dtype,
             use_safetensors=None if resolved.gguf_file else True,
             **placed,
             **kwargs,
@@ -233,10 +235,14 @@ def load_model(recipe: Recipe, offload_dir: Path | None = None) -> Loaded:
     accelerate within that budget with the rest offloaded to `offload_dir`."""
     resolved = resolve(recipe.model)
     budget = recipe.model.max_memory if offload_dir is not None else None
-    model, tokenizer = load(resolved, recipe.model.trust_remote_code, max_memory=budget, offload_dir=offload_dir)
-    adapter = adapter_for(model.config)
-    digest = file_digest(resolved.files)
-    shipped = export_tokenizer(resolved.folder, resolved.gguf_file, tokenizer)
+    with progress(3, "load model") as bar:  # weights (a GGUF file with its own bar), their hash, the tokenizer
+        model, tokenizer = load(resolved, recipe.model.trust_remote_code, max_memory=budget, offload_dir=offload_dir)
+        bar.update()
+        adapter = adapter_for(model.config)
+        digest = file_digest(resolved.files)
+        bar.update()
+        shipped = export_tokenizer(resolved.folder, resolved.gguf_file, tokenizer)
+        bar.update()
     return Loaded(model, tokenizer, adapter, resolved, digest, budget, offload_dir if budget else None, shipped)
 
 

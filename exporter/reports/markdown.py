@@ -185,8 +185,39 @@ def persona_markdown(report: PersonaReport, plot: str | None = None) -> str:
     return "\n".join(head) + (evaluation_markdown(report.persona, ev, plot) if ev else "No evaluation.\n")
 
 
-def run_markdown(name: str, evaluations: dict[str, dict[str, Any]], plot: str | None) -> str:
+def _mark(ok: bool) -> str:
+    return "✓" if ok else "✗"
+
+
+def verdict(reports: dict[str, PersonaReport], where: Path | None = None) -> list[str]:
+    """One line per persona: exports proven exact, persona effect against the acceptance bar (the checks it
+    misses), the cost in size and perplexity, and (given the run folder) where its report is."""
+    lines = []
+    for name, r in reports.items():
+        acc = (r.evaluation or {}).get("acceptance")
+        if acc:
+            missed = [k for k, ok in acc["checks"].items() if not ok]
+            effect = f"{_mark(acc['passed'])} (shift {acc['shift']:+.3f} nats/token"
+            effect += f"; misses: {', '.join(missed)})" if missed else "; every check of the bar met)"
+        else:
+            effect = "not evaluated"
+        cost = f"parameters x{r.parameters.ratio:.3f}"
+        if acc and acc.get("perplexity_ratio"):
+            cost += f", perplexity x{acc['perplexity_ratio']:.2f}"
+        line = f"{name}: exports proven exact {_mark(r.passed)} | persona effect {effect} | {cost}"
+        if where is not None:
+            report = where / name / ("report.md" if (where / name / "report.md").is_file() else "report.json")
+            line += f" | report: {report}"
+        lines.append(line)
+    return lines
+
+
+def run_markdown(
+    name: str, evaluations: dict[str, dict[str, Any]], plot: str | None, reports: dict[str, PersonaReport] | None = None
+) -> str:
     lines = [f"# {name}: persona evaluation", ""]
+    if reports:
+        lines += ["## Verdict", "", *(f"- {v}" for v in verdict(reports)), ""]
     rows = []
     for persona, ev in evaluations.items():
         acc = ev.get("acceptance") or {}
@@ -276,4 +307,4 @@ def write_run_reports(
         write_atomic(folder / persona / "report.md", persona_markdown(report, "eval.png"))
     plot_run(evaluations, folder / "eval.png")
     write_json(folder / "report.json", {"recipe": name, "evaluation": evaluations})
-    write_atomic(folder / "report.md", run_markdown(name, evaluations, "eval.png"))
+    write_atomic(folder / "report.md", run_markdown(name, evaluations, "eval.png", reports))

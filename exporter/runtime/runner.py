@@ -1,8 +1,11 @@
-"""Running a persona export: greedy generation with streaming, on onnxruntime or torch, CPU."""
+"""Running a persona export (or the run's dense base model): generation with streaming, on onnxruntime or
+torch, CPU. Greedy by default; temperature / top-p sampling, a repetition penalty and a seed on request."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +33,57 @@ def _tokenizer(folder: Path, vocab_size: int) -> Any:
     return tok
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """temperature 0 = greedy; repetition_penalty as in transformers (>1 discourages tokens already present)."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+
+    def chooser(self) -> Callable[[np.ndarray, list[int]], int]:
+        """choose(logits (vocab,), tokens so far) -> the next token; seeded once per reply."""
+        rng = np.random.default_rng(self.seed)
+
+        def choose(logits: np.ndarray, seen: list[int]) -> int:
+            x = logits.astype(np.float64)
+            if self.repetition_penalty != 1.0 and seen:
+                idx = np.unique(seen)
+                x[idx] = np.where(x[idx] > 0, x[idx] / self.repetition_penalty, x[idx] * self.repetition_penalty)
+            if self.temperature <= 0:
+                return int(x.argmax())
+            p = np.exp((x - x.max()) / self.temperature)
+            p /= p.sum()
+            order = np.argsort(-p, kind="stable")
+            keep = order[: int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1]  # smallest set >= top_p
+            return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
+
+        return choose
+
+
+def base_model_runner(run_dir: Path) -> Runner:
+    """The run's dense base model as the run loaded it (a GGUF source de-quantized to fp32), on torch, with
+    the tokenizer the exports ship."""
+    from exporter.model.sources import load_model
+    from exporter.recipe.load import parse_recipe
+
+    path = run_dir / "recipe.json"
+    if not path.is_file():
+        raise ExportFolderError(f"{run_dir} is not a run folder (no recipe.json); pass RUN_DIR/PERSONA of a `run`")
+    m = load_model(parse_recipe(json.loads(path.read_text(encoding="utf-8")), run_dir, str(path)))
+    return Runner.__new__(Runner)._torch(m.model, m.export_tokenizer)
+
+
 class Runner:
-    """Streams the reply to a chat, token by token (greedy)."""
+    """Streams the reply to a chat, token by token."""
+
+    backend: str
+    truncated: bool = False  # the last reply was cut at max_new_tokens
+
+    def _torch(self, model: Any, tokenizer: Any) -> Runner:
+        self.backend, self.model, self.tokenizer, self.eos = "torch", model, tokenizer, tokenizer.eos_token_id
+        return self
 
     def __init__(self, persona_dir: Path, backend: str = "onnx") -> None:
         read_report(persona_dir)
@@ -52,17 +104,20 @@ class Runner:
             from exporter.model.sources import load_exact
 
             folder = persona_dir / "hf"
-            self.model = load_exact(folder, "the export", ExportFolderError, torch_dtype=torch.float32).eval()
+            self.model = load_exact(folder, "the export", ExportFolderError, dtype=torch.float32).eval()
             self.tokenizer = _tokenizer(folder, self.model.config.vocab_size)
         self.eos = self.tokenizer.eos_token_id
 
-    def _next_tokens(self, ids: list[int], max_new_tokens: int) -> Iterator[int]:
+    def _next_tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
+        choose = sampling.chooser()
+        seen = list(ids)
         if self.backend != "torch":
             x = np.array([ids], dtype=np.int64)
             mask = np.ones_like(x)
             logits, past = self.onnx.forward(x, mask)
             for _ in range(max_new_tokens):
-                token = int(logits[0, -1].argmax())
+                token = choose(logits[0, -1], seen)
+                seen.append(token)
                 yield token
                 mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
                 logits, past = self.onnx.forward(np.array([[token]], dtype=np.int64), mask, past)
@@ -70,16 +125,23 @@ class Runner:
         with torch.inference_mode():
             out = self.model(input_ids=torch.tensor([ids]), use_cache=True)
             for _ in range(max_new_tokens):
-                token = int(out.logits[0, -1].argmax())
+                token = choose(out.logits[0, -1].float().numpy(), seen)
+                seen.append(token)
                 yield token
                 out = self.model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
 
-    def stream(self, messages: list[dict[str, str]], max_new_tokens: int = 128) -> Iterator[str]:
-        """Text pieces of the greedy reply, as they are decoded."""
+    def stream(
+        self, messages: list[dict[str, str]], max_new_tokens: int = 128, sampling: Sampling | None = None
+    ) -> Iterator[str]:
+        """Text pieces of the reply, as they are decoded (greedy unless `sampling` says otherwise);
+        afterwards `truncated` tells whether it was cut at `max_new_tokens`."""
         produced: list[int] = []
         shown = ""
-        for token in self._next_tokens(prompt_ids(self.tokenizer, messages), max_new_tokens):
+        self.truncated = True
+        ids = prompt_ids(self.tokenizer, messages)
+        for token in self._next_tokens(ids, max_new_tokens, sampling or Sampling()):
             if token == self.eos:
+                self.truncated = False
                 break
             produced.append(token)
             text = self.tokenizer.decode(produced, skip_special_tokens=True)

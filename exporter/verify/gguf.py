@@ -41,7 +41,7 @@ def verify_gguf(
     limits = spec.onnx_thresholds
     results: dict[str, Any] = {}
     for qtype, name in files.items():
-        model = AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=name, torch_dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(out_dir, gguf_file=name, dtype=torch.float32).eval()
         with masked(reference_fp32, adapter, mask):
             worst, mean = logit_difference(reference_fp32, model, prompts.all())
             ref_tokens = greedy(reference_fp32, ids, attn, spec.greedy_tokens, pad_id)

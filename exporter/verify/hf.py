@@ -18,6 +18,7 @@ from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.model.hooks import apply_channel_masks
 from exporter.model.sources import Loaded
+from exporter.quiet import progress
 from exporter.runtime.chat import messages, position_ids, prompt_ids
 
 DEFAULT_PROMPTS = [
@@ -165,17 +166,19 @@ def verify_export(
     from exporter.model.sources import load_exact
 
     figures: dict[str, Any] = {"thresholds": {"fp64_max_abs": fp64_max_abs, "greedy_tokens": greedy_tokens}}
-    for dtype, name in ((torch.float64, "fp64"), (torch.float32, "fp32")):
-        if dtype not in references:
-            continue
-        export = load_exact(
-            export_dir, "the export", ExportFolderError, torch_dtype=dtype, **(load_kwargs or {})
-        ).eval()
+    checks = [(d, n) for d, n in ((torch.float64, "fp64"), (torch.float32, "fp32")) if d in references]
+    bar = progress(4 * len(checks), f"verify {Path(export_dir).parent.name}")  # load, logits, 2 greedy runs per dtype
+    for dtype, name in checks:
+        export = load_exact(export_dir, "the export", ExportFolderError, dtype=dtype, **(load_kwargs or {})).eval()
+        bar.update()
         ref = references[dtype]
         with masked(ref, adapter, mask):
             worst, mean = logit_difference(ref, export, prompts.all())
+            bar.update()
             ref_tokens = greedy(ref, *prompts.batch, greedy_tokens, pad_id)
+            bar.update()
         exp_tokens = greedy(export, *prompts.batch, greedy_tokens, pad_id)
+        bar.update()
         rows = zip(ref_tokens.tolist(), exp_tokens.tolist(), strict=True)  # (batch, n) each
         div = min((d for a, b in rows if (d := first_divergence(a, b)) is not None), default=None)
         figures[name] = {
@@ -185,6 +188,7 @@ def verify_export(
             "greedy_first_divergence": div,
         }
         del export
+    bar.close()
     if "fp64" in figures:
         fp64 = figures["fp64"]
         figures["passed"] = bool(fp64["max_abs_logit_diff"] <= fp64_max_abs and fp64["greedy_identical"])

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from exporter.quiet import progress
 from exporter.recipe.schema import VerifySpec
 from exporter.runtime.chat import position_ids
 from exporter.runtime.onnx import ONNX_FILE, OnnxCausalLM
@@ -68,6 +69,7 @@ def verify_onnx(
     model = OnnxCausalLM.from_dir(onnx_dir)
     worst, total, count = 0.0, 0.0, 0
     divergences: list[dict[str, Any]] = []  # first differing step of each row that differs
+    bar = progress(len(batches), f"verify ONNX {Path(onnx_dir).parent.name}", "prompt")
     for index, (ids, mask) in enumerate(batches):
         steps = max(greedy_tokens - 1, decode_steps)
         ref_prefill, ref_steps, ref_tokens = reference_steps(reference, ids, mask, steps)
@@ -86,6 +88,8 @@ def verify_onnx(
                 logits = ref_prefill[row, -1] if step == 0 else ref_steps[step - 1][row]
                 margin = float(logits[want[step]] - logits[tokens[step]])
             divergences.append({"batch": index, "row": row, "step": step, "reference_margin": margin})
+        bar.update()
+    bar.close()
     mean = total / max(count, 1)
     ties = [
         d["reference_margin"] is not None and d["reference_margin"] <= limits["max_abs_logit_diff"] for d in divergences

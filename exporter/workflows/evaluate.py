@@ -10,6 +10,7 @@ from exporter.evaluation.conditions import evaluate_masks, prepare
 from exporter.inputs import folder_problem, read_json_object
 from exporter.io import check_target, link_copy, staged
 from exporter.masking.masks import load_mask
+from exporter.masking.stats import UNREADABLE, Statistics
 from exporter.model.sources import load_model
 from exporter.recipe.load import load_recipe, parse_recipe
 from exporter.reports.markdown import write_run_reports
@@ -40,12 +41,25 @@ def evaluate_run_dir(run_dir: Path, recipe_path: str | None = None) -> dict[str,
     except ExportFolderError as exc:
         raise OutputError(f"{exc}; or {fix}") from None
     masks = {p: load_mask(run_dir / p / "masks.safetensors") for p in recipe.personas}
+    stats = saved_statistics(run_dir, list(recipe.personas))
     check_target(run_dir, overwrite=True)  # the run folder can be written, before the model loads
     m = load_model(recipe)
     if run_info.get("model_sha256") != m.model_sha256:
         raise OutputError(f"{run_dir}: the run was made from another model file than the recipe now loads")
-    evaluations = evaluate_masks(recipe, spec, items, m.model, m.tokenizer, m.adapter, masks)
+    evaluations = evaluate_masks(recipe, spec, items, m.model, m.tokenizer, m.adapter, masks, stats)
     with staged(run_dir, overwrite=True) as stage:  # every report changes in one step, or none
         link_copy(run_dir, stage)
         write_run_reports(stage, recipe.name, evaluations, reports)
     return evaluations
+
+
+def saved_statistics(run_dir: Path, personas: list[str]) -> dict[str, Statistics]:
+    """The run's own calibration statistics where they can be read (they spare the Wanda baseline a pass over
+    the calibration data); a persona whose file is missing or unreadable gets that pass instead."""
+    out = {}
+    for p in personas:
+        try:
+            out[p] = Statistics.load(run_dir / "stats" / f"{p}.safetensors")[0]
+        except UNREADABLE:
+            continue
+    return out

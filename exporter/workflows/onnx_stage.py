@@ -15,6 +15,7 @@ from exporter.export.onnx import export_onnx
 from exporter.export.quantize import quantize_weights
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
+from exporter.quiet import progress
 from exporter.recipe.formats import QUANT_FORMATS
 from exporter.recipe.schema import VerifySpec
 from exporter.verify.hf import PromptSet, masked
@@ -47,7 +48,9 @@ def onnx_stage(
         assert reference_fp32 is not None and adapter is not None, "fp32 ONNX is verified against the reference"
         t = time.perf_counter()
         log.info("%s: exporting ONNX", folder.name)
-        export_onnx(folder / "hf", folder / "onnx")
+        with progress(1, f"export ONNX {folder.name}") as bar:  # one opaque optimum call: the bar shows the time
+            export_onnx(folder / "hf", folder / "onnx")
+            bar.update()
         timings["export_onnx"] = round(time.perf_counter() - t, 3)
 
         t = time.perf_counter()

@@ -161,7 +161,9 @@ def export_persona(
             onnx["gguf"] = gguf_stage(
                 folder, reference, m.adapter, mask, prompts, recipe.verify, tokenizer, neutral, onnx_timings
             )
-    timings = {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")} | onnx_timings
+    for stage_name, seconds in onnx_timings.items():  # run.json's timings list the ONNX and GGUF stages too
+        timer.stages[f"{stage_name}.{name}"] = seconds
+    timings = {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")}
     report = persona_report(recipe, name, m, mask, stats_info, written, {"hf": figures, **onnx}, timings, warnings)
     write_report(folder, report)
     if not figures["passed"]:

@@ -65,7 +65,7 @@ def run(
             }
             if eval_items is not None:
                 t = time.perf_counter()
-                evaluate_into(stage, recipe, eval_items, m, masks, reports)
+                evaluate_into(stage, recipe, eval_items, m, masks, reports, stats, timer.stages)
                 timer.add("eval", t)
             summary = {
                 "recipe": recipe.name,

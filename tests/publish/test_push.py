@@ -434,6 +434,7 @@ def test_a_saved_login_is_used(hub: FakeHub, persona: Path, monkeypatch: pytest.
     assert results[0].commit_url and set(hub.auth_headers) == {f"Bearer {TOKEN}"}
 
 
+@pytest.mark.subprocess
 def test_a_fresh_process_honours_hf_endpoint(hub: FakeHub, persona: Path, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     cmd = [sys.executable, "-m", "exporter", "push", str(persona), "--repo-id", REPO]

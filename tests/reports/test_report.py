@@ -40,6 +40,7 @@ def test_reports_that_cannot_be_read_are_refused(tmp_path: Path, change: dict, m
         load_report(tmp_path / "report.json")
 
 
+@pytest.mark.subprocess
 def test_importing_the_pipeline_leaves_matplotlib_alone() -> None:
     import subprocess
     import sys

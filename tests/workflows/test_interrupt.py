@@ -61,6 +61,7 @@ def kill_at(proc: subprocess.Popen, marker: str, sig: int) -> str:
     ],
     ids=["sigint-calibration", "sigterm-export", "sigkill-calibration", "sigkill-verification"],
 )
+@pytest.mark.subprocess
 def test_killed_run_leaves_nothing_visible_and_a_rerun_completes(
     tmp_path: Path, tiny_llama_dir: Path, sig: int, marker: str
 ) -> None:

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from exporter.cli import dispatch, main
+from exporter.cli import CUT, dispatch, main
 from exporter.errors import ExportFolderError, OnnxModelError, OutputError
 from exporter.runtime.chat import prompt_ids
-from exporter.runtime.runner import Runner
+from exporter.runtime.runner import Runner, Sampling
 from tests.helpers import REPO, expect, snapshot, tiny_model, tiny_tokenizer, write_recipe
 from tests.publish.test_push import make_persona
 
@@ -62,17 +62,43 @@ def test_generate_is_the_same_on_both_backends(onnx_run: Path, capsys: pytest.Ca
     assert texts["onnx"] == texts["torch"]
     onnx, torch_ = Runner(onnx_run / "introvert", "onnx"), Runner(onnx_run / "introvert", "torch")
     ids = prompt_ids(onnx.tokenizer, [{"role": "user", "content": "plan a trip"}])
-    tokens = list(onnx._next_tokens(ids, 12))
-    assert len(tokens) == 12 and tokens == list(torch_._next_tokens(ids, 12))
+    tokens = list(onnx._next_tokens(ids, 12, Sampling()))
+    assert len(tokens) == 12 and tokens == list(torch_._next_tokens(ids, 12, Sampling()))
 
 
+def test_sampling_system_prompt_cut_marker_and_base_side_by_side(
+    onnx_run: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    persona = str(onnx_run / "introvert")
+    sample = ["--temperature", "1.5", "--top-p", "0.95", "--repetition-penalty", "1.3", "--max-new-tokens", "10"]
+    outs = []
+    for seed in ("1", "1", "2"):
+        assert main(["generate", persona, "--prompt", "plan a trip", *sample, "--seed", seed]) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] == outs[1] and outs[0] != outs[2]  # seeded
+    runner = Runner(Path(persona), "torch")
+    user = [{"role": "user", "content": "plan a trip"}]
+    greedy = "".join(runner.stream(user, 10))
+    cut = runner.truncated
+    with_system = prompt_ids(runner.tokenizer, [{"role": "system", "content": "be brief"}, *user])
+    assert runner.tokenizer.decode(with_system).count("be brief") == 1  # the system prompt reaches the prompt
+    assert main(["generate", persona, "--prompt", "plan a trip", "--max-new-tokens", "10", "--backend", "torch"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(greedy) and out.rstrip().endswith(CUT.format(n=10).strip()) == cut
+    # --base: the dense model side by side, loaded from the run's recipe (here the same tiny model)
+    assert main(["generate", persona, "--prompt", "plan a trip", "--max-new-tokens", "10", "--base"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("introvert> ") and "\nbase> " in out
+
+
+@pytest.mark.subprocess
 def test_chat_streams_and_keeps_the_conversation(onnx_run: Path) -> None:
     cmd = [sys.executable, "-m", "exporter", "chat", str(onnx_run / "extravert"), "--max-new-tokens", "8"]
     done = subprocess.run(cmd, input="hello\nand then?\n\n", capture_output=True, text=True, cwd=REPO, check=True)
     assert done.stdout.count("you> ") == 3 and done.stdout.count("bot> ") == 2
     runner = Runner(onnx_run / "extravert", "onnx")
     first = "".join(runner.stream([{"role": "user", "content": "hello"}], 8))
-    assert f"bot> {first}\n" in done.stdout
+    assert f"bot> {first}" in done.stdout
 
 
 def test_export_adds_onnx_to_an_existing_run(onnx_run: Path, tmp_path: Path) -> None:
@@ -121,7 +147,7 @@ def test_export_adds_a_quantized_format_without_rebuilding_the_others(
         assert main(["generate", str(folder), "--prompt", "plan a trip", "--backend", backend]) == 0
         runner = Runner(folder, backend)
         assert runner.onnx.session._model_path.endswith(f"ort-{backend[5:]}/model.onnx")
-        assert len(list(runner._next_tokens(ids, 12))) == 12
+        assert len(list(runner._next_tokens(ids, 12, Sampling()))) == 12
 
 
 def test_bad_folders_are_clear_errors(onnx_run: Path, tmp_path: Path) -> None:
@@ -195,6 +221,7 @@ def test_export_overwrite_is_staged_and_an_interruption_keeps_the_verified_onnx(
     ("fmt", "marker"),
     [("onnx", "verifying ONNX"), ("onnx-int8", "quantizing ONNX weights"), ("gguf", "verifying GGUF")],
 )
+@pytest.mark.subprocess
 def test_export_overwrite_killed_by_sigterm_leaves_the_persona_as_it_was(
     onnx_run: Path, tmp_path: Path, fmt: str, marker: str
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,9 @@ def test_run_writes_verified_smaller_exports(recipe: Path, tmp_path: Path, capsy
     assert main(["run", str(recipe), "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "introvert" in table and "passed" in table
+    for persona in ("introvert", "extravert"):  # the verdict block: one line per persona, with its report
+        assert f"{persona}: exports proven exact ✓ | persona effect not evaluated" in table
+        assert f"report: {out / persona / 'report.json'}" in table
     run = json.loads((out / "run.json").read_text())
     assert run["personas"] == {"introvert": "passed", "extravert": "passed"}
     assert {p.name for p in out.iterdir()} == {"introvert", "extravert", "stats", "run.json", "recipe.json"}
@@ -61,6 +65,10 @@ def test_run_writes_verified_smaller_exports(recipe: Path, tmp_path: Path, capsy
         masks = load_file(str(folder / "masks.safetensors"))
         assert masks["mlp_keep"].dtype == torch.int64 and masks["mlp_keep"].shape == (2, 72)
         assert (out / "stats" / f"{persona}.safetensors").is_file()
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in (folder / "hf" / "model.safetensors", folder / "masks.safetensors", folder / "report.json"):
+            assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f"{f.name}: {oct(f.stat().st_mode)}"  # others read
     removed_i = json.loads((out / "introvert" / "report.json").read_text())["removed_per_layer"]
     removed_e = json.loads((out / "extravert" / "report.json").read_text())["removed_per_layer"]
     for kind in ("mlp", "group"):
@@ -131,3 +139,27 @@ def test_validate_does_not_load_a_model(recipe: Path, capsys, monkeypatch) -> No
     assert "16 calibration samples" in capsys.readouterr().out
     assert main(["validate", str(recipe), "pairs=[[extravert, nobody]]"]) == 2
     assert "unknown persona 'nobody'" in capsys.readouterr().err
+
+
+def test_verbosity_before_or_after_the_command_version_and_help_defaults(
+    recipe: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from exporter import __version__
+    from exporter.cli import parse
+
+    for argv in (["-v", "validate", str(recipe)], ["validate", str(recipe), "-v"]):
+        args = parse(argv)
+        assert args.verbose and not args.quiet
+    assert parse(["validate", str(recipe), "--quiet"]).quiet and not parse(["validate", str(recipe)]).verbose
+    with pytest.raises(SystemExit):
+        parse(["validate", str(recipe), "-q", "-v"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"persona-export {__version__}"
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    assert "examples:" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        parse(["generate", "--help"])
+    assert "(default: onnx)" in capsys.readouterr().out

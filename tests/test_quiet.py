@@ -1,0 +1,50 @@
+"""Known third-party notices are muted where they arise, by their text only; verbosity levels."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import pytest
+import torch.jit
+
+from exporter.quiet import TIED_INITIALIZERS, muted, onnx_export_noise, set_verbosity
+
+
+def test_only_the_known_message_is_muted_and_only_inside_the_block(caplog: pytest.LogCaptureFixture) -> None:
+    log = logging.getLogger(TIED_INITIALIZERS[0])
+    with caplog.at_level(logging.WARNING, logger=TIED_INITIALIZERS[0]):
+        with muted(*TIED_INITIALIZERS, follow_up=True):
+            log.warning(TIED_INITIALIZERS[1] + " for the tied weights:")
+            log.warning("\tmodel.embed_tokens.weight: {'onnx::MatMul_123'}")
+            log.warning("a new warning of the same library")
+        log.warning(TIED_INITIALIZERS[1] + " again, outside the block")
+    assert [r.getMessage() for r in caplog.records] == [
+        "a new warning of the same library",
+        TIED_INITIALIZERS[1] + " again, outside the block",
+    ]
+
+
+def test_onnx_export_mutes_tracer_warnings_but_not_others() -> None:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with onnx_export_noise():
+            warnings.warn("converting a tensor to a Python boolean", torch.jit.TracerWarning, stacklevel=1)
+            warnings.warn("something else", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["something else"]
+
+
+def test_quiet_hides_progress_bars_and_info(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"):
+        monkeypatch.setenv(name, "")  # restored (removed) afterwards, whatever set_verbosity writes
+    loggers = [logging.getLogger(n) for n in ("", "transformers", "optimum", "huggingface_hub", "httpx", "urllib3")]
+    levels = [log.level for log in loggers]
+    try:
+        set_verbosity("quiet")
+        assert os.environ["TQDM_DISABLE"] == "1" and logging.getLogger().level == logging.ERROR
+        set_verbosity("verbose")
+        assert logging.getLogger().level == logging.DEBUG and logging.getLogger("transformers").level == logging.INFO
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
