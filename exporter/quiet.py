@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -70,9 +71,14 @@ def onnx_export_noise() -> Iterator[None]:
 LEVELS = ("quiet", "normal", "verbose")
 
 
-def set_verbosity(level: str) -> None:
+def set_verbosity(level: str, terminal: bool | None = None) -> None:
     """ "quiet": errors only, no progress bars; "normal": our INFO lines and third-party warnings (the known
-    ones are muted where they arise); "verbose": everything, third-party INFO and our DEBUG included."""
+    ones are muted where they arise); "verbose": everything, third-party INFO and our DEBUG included.
+
+    Progress bars need a terminal (`terminal`, default: whether stderr is one): written to a file or a pipe,
+    every redraw of a bar becomes text, megabytes of it in a long run, so there only "verbose" keeps them."""
+    if terminal is None:
+        terminal = sys.stderr.isatty()
     ours = {"quiet": logging.ERROR, "normal": logging.INFO, "verbose": logging.DEBUG}[level]
     logging.basicConfig(level=ours, format="%(levelname)s %(message)s")
     logging.getLogger().setLevel(ours)
@@ -82,13 +88,13 @@ def set_verbosity(level: str) -> None:
         logging.getLogger(name).setLevel(theirs.upper())
     for name in ("httpx", "urllib3"):  # a line per HTTP request otherwise
         logging.getLogger(name).setLevel(logging.DEBUG if level == "verbose" else logging.WARNING)
-    if level == "quiet":
+    if level == "quiet" or (level == "normal" and not terminal):
         os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it for every bar that does not pass `disable`
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
 def progress(total: int, desc: str, unit: str = "step") -> Any:
-    """A tqdm bar with items done out of `total` (hidden by -q through TQDM_DISABLE)."""
+    """A tqdm bar with items done out of `total` (hidden through TQDM_DISABLE by -q, and off a terminal)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, leave=False)

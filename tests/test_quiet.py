@@ -41,10 +41,28 @@ def test_quiet_hides_progress_bars_and_info(monkeypatch: pytest.MonkeyPatch) -> 
     loggers = [logging.getLogger(n) for n in ("", "transformers", "optimum", "huggingface_hub", "httpx", "urllib3")]
     levels = [log.level for log in loggers]
     try:
-        set_verbosity("quiet")
+        set_verbosity("normal", terminal=True)
+        assert os.environ["TQDM_DISABLE"] == "" and logging.getLogger().level == logging.INFO
+        set_verbosity("quiet", terminal=True)
         assert os.environ["TQDM_DISABLE"] == "1" and logging.getLogger().level == logging.ERROR
         set_verbosity("verbose")
         assert logging.getLogger().level == logging.DEBUG and logging.getLogger("transformers").level == logging.INFO
+    finally:
+        for log, level in zip(loggers, levels, strict=True):
+            log.setLevel(level)
+
+
+def test_bars_are_off_when_stderr_is_a_file_and_verbose_keeps_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bar's redraws written to a log file become megabytes of text; -v asks for everything, bars included."""
+    for name in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"):
+        monkeypatch.setenv(name, "")
+    loggers = [logging.getLogger(n) for n in ("", "transformers", "optimum", "huggingface_hub", "httpx", "urllib3")]
+    levels = [log.level for log in loggers]
+    try:
+        set_verbosity("verbose", terminal=False)
+        assert os.environ["TQDM_DISABLE"] == ""
+        set_verbosity("normal", terminal=False)
+        assert os.environ["TQDM_DISABLE"] == "1" and os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
     finally:
         for log, level in zip(loggers, levels, strict=True):
             log.setLevel(level)
