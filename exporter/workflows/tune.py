@@ -366,6 +366,7 @@ def tune_markdown(report: dict[str, Any]) -> str:
             f"Prompt-only reply gap on the same prompts (dense model): {chosen['prompt_only_reply_gap']:+.3f}.",
             "",
         ]
+    lines += _persona_tables(report)
     lines += ["![pareto](pareto.png)", "", f"## The chosen setting on the test items: {report['chosen']}", ""]
     for persona, ev in report["test"].items():
         acc = ev.get("acceptance") or {}
@@ -374,3 +375,40 @@ def tune_markdown(report: dict[str, Any]) -> str:
         if row is not None and "paired" in row:
             lines.append(f"- {persona}: shift {row['paired']['shift']['mean']:+.3f} nats/token; {checks}")
     return "\n".join(lines) + "\n"
+
+
+def _for_persona(setting: dict[str, Any], persona: str) -> dict[str, Any]:
+    """The setting as one persona's export sees it (per-persona steering resolved to its own value)."""
+    return {k: v.get(persona, 0.0 if k == "steer" else 1.0) if isinstance(v, dict) else v for k, v in setting.items()}
+
+
+def _persona_tables(report: dict[str, Any]) -> list[str]:
+    """One table per persona: its own figures at every grid point, the point its export was taken from marked."""
+    points = [p for p in report["grid"] if "error" not in p and not p.get("combined")]
+    chosen = next((p for p in report["grid"] if p.get("chosen")), None)
+    if not points:
+        return []
+    with_replies = all("reply_score" in v for p in points for v in p["personas"].values())
+    bound = report.get("max_repeated_4grams_over_dense")
+    lines = ["## Each persona at each grid point (validation)", ""]
+    for persona in points[0]["personas"]:
+        rows = []
+        for p in points:
+            v, s = p["personas"][persona], p["setting"]
+            reasons = []
+            if v["perplexity_ratio"] > report["max_perplexity_ratio"]:
+                reasons.append("over the perplexity bound")
+            if bound is not None and v.get("repeated_4grams_over_dense", 0.0) > bound:
+                reasons.append("repeats itself more than the bound")
+            taken = chosen is not None and _for_persona(chosen["setting"], persona) == _for_persona(s, persona)
+            cells = [f"{s['sparsity']:g}", steer_label(s["steer"]), steer_label(s.get("steer_layers", 1.0))]
+            cells += [s["compensate"], f"{s.get('gamma', 0.0):g}", f"{s.get('amplify', 1.0):g}"]
+            cells += [f"{v['shift']:+.3f}", f"{v['perplexity_ratio']:.3f}"]
+            if with_replies:
+                cells += [f"{v['reply_score']:+.3f}", f"{v['repeated_4grams_over_dense']:+.3f}"]
+            rows.append([*cells, "**chosen**" if taken else "; ".join(reasons)])
+        header = ["sparsity", "steer", "steer layers", "compensate", "gamma", "amplify", "shift", "ppl ratio"]
+        if with_replies:
+            header += ["reply score", "repeated 4-grams - dense"]
+        lines += [f"### {persona}", "", md_table([*header, ""], rows), ""]
+    return lines

@@ -97,7 +97,16 @@ def test_tune_scores_validation_replies_and_bounds_their_repetition(tmp_path: Pa
     # without steering or removal (the reference point) an export's replies are the dense model's
     bare = next(p for p in report["grid"] if p["setting"]["sparsity"] == 0 and p["setting"]["steer"] == 0)
     assert bare["max_repeated_4grams_over_dense"] == 0.0 and bare["reply_gap"] == 0.0
-    assert "reply gap (val)" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "reply gap (val)" in md
+    # one table per persona: its own figures at every grid point, the point its export came from marked once
+    chosen = next(p for p in report["grid"] if p.get("chosen"))
+    for persona in ("introvert", "extravert"):
+        table = md.split(f"### {persona}\n")[1].split("###")[0].split("![pareto]")[0]
+        rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+        assert len(rows) == sum(not p.get("combined") for p in report["grid"])
+        marked = [row for row in rows if "**chosen**" in row]
+        assert len(marked) == 1 and f"{chosen['personas'][persona]['shift']:+.3f}" in marked[0]
     # the test split is scored without the validation prompts
     assert "val-prompts.txt" not in json.dumps(report["test"])
 
