@@ -16,6 +16,7 @@ LEGACY_TOKENIZER = ("transformers.models.llama.tokenization_llama_fast", "You ar
 TORCH_DTYPE = "`torch_dtype` is deprecated!"  # optimum's own use; this project passes `dtype`
 TORCH_DTYPE_LOGGERS = ("transformers.modeling_utils", "transformers.configuration_utils")
 TIED_INITIALIZERS = ("optimum", "Found different candidate ONNX initializers")
+ADVANCED_INDEXING = "Exporting aten::index operator of advanced indexing"  # a regex prefix, as warnings matches it
 
 
 class _Drop(logging.Filter):
@@ -54,14 +55,17 @@ def gguf_tokenizer_noise() -> Iterator[None]:
 
 @contextmanager
 def onnx_export_noise() -> Iterator[None]:
-    """optimum's export: torch's tracer warnings about Python values in the graph (the exported graph is
-    proven against the masked model afterwards), the tied embedding's duplicate-initializer notice, and its
-    own use of the deprecated `torch_dtype`."""
+    """optimum's export: torch's tracer warnings about Python values in the graph and its note on advanced
+    indexing (the exported graph is proven against the masked model afterwards), the tied embedding's
+    duplicate-initializer notice, and its own use of the deprecated `torch_dtype`."""
     import torch.jit
 
     with ExitStack() as stack:
         stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # the TorchScript exporter's note that advanced indexing becomes Gather & co. and would be wrong for
+        # negative indices: the exported graph is compared with the masked model after every export
+        warnings.filterwarnings("ignore", message=ADVANCED_INDEXING, category=UserWarning)
         stack.enter_context(muted(*TIED_INITIALIZERS, follow_up=True))
         for name in TORCH_DTYPE_LOGGERS:
             stack.enter_context(muted(name, TORCH_DTYPE))

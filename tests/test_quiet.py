@@ -9,7 +9,7 @@ import warnings
 import pytest
 import torch.jit
 
-from exporter.quiet import TIED_INITIALIZERS, muted, onnx_export_noise, set_verbosity
+from exporter.quiet import ADVANCED_INDEXING, TIED_INITIALIZERS, muted, onnx_export_noise, set_verbosity
 
 
 def test_only_the_known_message_is_muted_and_only_inside_the_block(caplog: pytest.LogCaptureFixture) -> None:
@@ -31,6 +31,7 @@ def test_onnx_export_mutes_tracer_warnings_but_not_others() -> None:
         warnings.simplefilter("always")
         with onnx_export_noise():
             warnings.warn("converting a tensor to a Python boolean", torch.jit.TracerWarning, stacklevel=1)
+            warnings.warn(ADVANCED_INDEXING + " in opset 18 is achieved by ...", UserWarning, stacklevel=1)
             warnings.warn("something else", UserWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["something else"]
 
