@@ -98,7 +98,11 @@ def set_verbosity(level: str, terminal: bool | None = None) -> None:
 
 
 def progress(total: int, desc: str, unit: str = "step") -> Any:
-    """A tqdm bar with items done out of `total` (hidden through TQDM_DISABLE by -q, and off a terminal)."""
+    """A tqdm bar with items done out of `total` (hidden through TQDM_DISABLE by -q, and off a terminal, where
+    the stage gets an INFO line instead)."""
     from tqdm.auto import tqdm
+
+    if not sys.stderr.isatty():
+        logging.getLogger("exporter").info("%s (%d %ss)", desc, total, unit)
 
     return tqdm(total=total, desc=desc, unit=unit, leave=False)

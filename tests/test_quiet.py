@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 import pytest
@@ -67,3 +68,12 @@ def test_bars_are_off_when_stderr_is_a_file_and_verbose_keeps_them(monkeypatch: 
     finally:
         for log, level in zip(loggers, levels, strict=True):
             log.setLevel(level)
+
+
+def test_off_a_terminal_each_bar_leaves_one_stage_line(caplog: pytest.LogCaptureFixture) -> None:
+    from exporter.quiet import progress
+
+    assert not sys.stderr.isatty()  # pytest captures stderr
+    with caplog.at_level(logging.INFO), progress(5, "eval mask:introvert", "answer") as bar:
+        bar.update(5)
+    assert [r.getMessage() for r in caplog.records] == ["eval mask:introvert (5 answers)"]
