@@ -97,12 +97,12 @@ def set_verbosity(level: str, terminal: bool | None = None) -> None:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
 
 
-def progress(total: int, desc: str, unit: str = "step") -> Any:
-    """A tqdm bar with items done out of `total` (hidden through TQDM_DISABLE by -q, and off a terminal, where
-    the stage gets an INFO line instead)."""
+def progress(total: int, desc: str, unit: str = "step", iterable: Any = None) -> Any:
+    """A tqdm bar with items done out of `total`, over `iterable` if given (hidden through TQDM_DISABLE by -q,
+    and off a terminal, where the stage gets an INFO line instead)."""
     from tqdm.auto import tqdm
 
     if not sys.stderr.isatty():
-        logging.getLogger("exporter").info("%s (%d %ss)", desc, total, unit)
-
-    return tqdm(total=total, desc=desc, unit=unit, leave=False)
+        plural = {"reply": "replies", "batch": "batches"}.get(unit, unit + "s")
+        logging.getLogger("exporter").info("%s (%d %s)", desc, total, plural)
+    return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False)

@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from exporter.masking.data import TokenizedSample, collate
 from exporter.masking.stats import Statistics
 from exporter.model.adapters import Adapter
 from exporter.model.hooks import capture_unit_inputs, linear_input_squares
+from exporter.quiet import progress
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # right-padded input_ids, attention_mask, counted tokens
 
@@ -50,8 +50,8 @@ def calibrate(
         capture_unit_inputs(model, adapter, on_input, {"mlp", "attn"}),
         linear_input_squares(model, adapter, lambda: current["weight"]) as in_sq,
     ):
-        for ids, attn, weight in tqdm(
-            batches(samples, batch_size, pad_id, response_only), total=n_batches, desc=desc, leave=False
+        for ids, attn, weight in progress(
+            n_batches, desc, "batch", batches(samples, batch_size, pad_id, response_only)
         ):
             current["weight"] = weight
             body(input_ids=ids, attention_mask=attn, use_cache=False)

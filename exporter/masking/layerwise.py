@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from exporter.masking.calibrate import batches
 from exporter.masking.data import TokenizedSample
@@ -20,6 +19,7 @@ from exporter.model.adapters import Adapter
 from exporter.model.checkpoint import SourceCheckpoint
 from exporter.model.hooks import capture_unit_inputs
 from exporter.model.layer_by_layer import empty_model, load_weights, record_layer_calls, release
+from exporter.quiet import progress
 
 
 @torch.inference_mode()
@@ -59,7 +59,7 @@ def calibrate_layerwise(
         stats.add(layer, part, x, current["weight"])
 
     with capture_unit_inputs(model, adapter, on_input, {"mlp", "attn"}):
-        for i, layer in enumerate(tqdm(layers, desc=desc, leave=False)):
+        for i, layer in enumerate(progress(len(layers), desc, "layer", layers)):
             load_weights(layer, source.with_prefix(f"{prefix}.{i}."), dtype, f"{prefix}.{i}")
             for b, (_, _, weight) in enumerate(work):
                 current["weight"] = weight

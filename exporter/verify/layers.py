@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.model.checkpoint import SourceCheckpoint
 from exporter.model.layer_by_layer import empty_model, load_weights, record_layer_calls, release
+from exporter.quiet import progress
 from exporter.runtime.chat import position_ids
 from exporter.verify.hf import PromptSet, masked
 
@@ -70,7 +70,7 @@ def verify_layers(
     per_layer: list[float] = []
     with masked(dense, adapter, mask):
         pairs = zip(adapter.layers(dense), adapter.layers(pruned), strict=True)
-        for i, (ref, cand) in enumerate(tqdm(pairs, total=mask.geometry.layers, desc="verify layers", leave=False)):
+        for i, (ref, cand) in enumerate(progress(mask.geometry.layers, "verify layers", "layer", pairs)):
             where = f"{prefix}.{i}"
             load_weights(ref, _rounded(source.with_prefix(f"{where}."), storage), torch.float64, f"source {where}")
             load_weights(cand, export.with_prefix(f"{where}."), torch.float64, f"export {where}")
