@@ -7,7 +7,8 @@ point has the largest paired shift of its weaker persona among the points whose 
 `max_perplexity_ratio` x dense perplexity (and the replies' repetition bound). Only that point is evaluated on
 the recipe's `eval` section, with every baseline, and the two sets of items must not share a prompt or an
 answer: tune never reports on what it chose on. Writes report.json, report.md, pareto.png and the chosen
-recipe.yaml.
+recipe.yaml; when no point is within the bounds, the grid's figures (report.json, report.md, pareto.png) and an
+error.
 """
 
 from __future__ import annotations
@@ -174,23 +175,8 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
             scored.append(point)
             candidates.append(candidate)
     feasible = [i for i, p in enumerate(scored) if p["feasible"]]
-    if not feasible:
-        raise RecipeError(
-            f"tune: no point of the grid keeps perplexity within {spec.max_perplexity_ratio}x dense"
-            + (f" and repeated 4-grams within dense + {max_repeated}" if validation.replies is not None else "")
-            + " on the validation items"
-            + (" while removing units" if spec.require_removal else "")
-            + "; add smaller sparsities or steering strengths"
-        )
-    best = max(feasible, key=lambda i: scored[i]["min_shift"])
-    scored[best]["chosen"] = True
-    chosen, masks = candidates[best]
-    log.info("tune: chosen %s; evaluating it on the test items", scored[best]["setting"])
-    test = evaluate_masks(chosen, recipe.eval, test_items, m.model, m.tokenizer, m.adapter, masks)
-    final = chosen.model_copy(update={"tune": None})
-    report = {
-        "recipe": recipe.name,
-        "selection": "largest paired shift of the weaker persona on the validation items, every persona's "
+    selection = (
+        "largest paired shift of the weaker persona on the validation items, every persona's "
         f"perplexity <= {spec.max_perplexity_ratio}x dense"
         + (f" and its replies' repeated 4-grams <= dense + {max_repeated}" if validation.replies is not None else "")
         + (
@@ -198,14 +184,38 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
             "the other settings equal)"
             if spec.steer_per_persona
             else ""
-        ),
+        )
+    )
+    report: dict[str, Any] = {
+        "recipe": recipe.name,
+        "selection": selection,
         "max_perplexity_ratio": spec.max_perplexity_ratio,
         "max_repeated_4grams_over_dense": max_repeated if validation.replies is not None else None,
         "validation_splits": val_items.splits,
         "grid": points,
-        "chosen": scored[best]["setting"],
-        "test": test,
+        "chosen": None,
+        "test": None,
     }
+    if not feasible:
+        # the grid's figures are what tells the user where to search next: written, then the error
+        with staged(out, overwrite) as stage:
+            write_json(stage / "report.json", report)
+            plot_pareto(scored, stage / "pareto.png", spec.max_perplexity_ratio)
+            (stage / "report.md").write_text(tune_markdown(report))
+        raise RecipeError(
+            f"tune: no point of the grid keeps perplexity within {spec.max_perplexity_ratio}x dense"
+            + (f" and repeated 4-grams within dense + {max_repeated}" if validation.replies is not None else "")
+            + " on the validation items"
+            + (" while removing units" if spec.require_removal else "")
+            + f"; each point's figures are in {out}/report.md; add smaller sparsities or steering strengths"
+        )
+    best = max(feasible, key=lambda i: scored[i]["min_shift"])
+    scored[best]["chosen"] = True
+    chosen, masks = candidates[best]
+    log.info("tune: chosen %s; evaluating it on the test items", scored[best]["setting"])
+    report["test"] = evaluate_masks(chosen, recipe.eval, test_items, m.model, m.tokenizer, m.adapter, masks)
+    report["chosen"] = scored[best]["setting"]
+    final = chosen.model_copy(update={"tune": None})
     with staged(out, overwrite) as stage:
         write_json(stage / "report.json", report)
         (stage / "recipe.yaml").write_text(
@@ -361,13 +371,17 @@ def tune_markdown(report: dict[str, Any]) -> str:
     header.append("")
     lines = [f"# tune: {report['recipe']}", "", f"Selection: {report['selection']}.", "", md_table(header, rows), ""]
     if with_replies:
-        chosen = next(p for p in report["grid"] if p.get("chosen"))
+        first = next(p for p in report["grid"] if "prompt_only_reply_gap" in p)
         lines += [
-            f"Prompt-only reply gap on the same prompts (dense model): {chosen['prompt_only_reply_gap']:+.3f}.",
+            f"Prompt-only reply gap on the same prompts (dense model): {first['prompt_only_reply_gap']:+.3f}.",
             "",
         ]
     lines += _persona_tables(report)
-    lines += ["![pareto](pareto.png)", "", f"## The chosen setting on the test items: {report['chosen']}", ""]
+    lines += ["![pareto](pareto.png)", ""]
+    if report["chosen"] is None:
+        lines.append("**No point is within the bounds**, so nothing was chosen or evaluated on the test items.")
+        return "\n".join(lines) + "\n"
+    lines += [f"## The chosen setting on the test items: {report['chosen']}", ""]
     for persona, ev in report["test"].items():
         acc = ev.get("acceptance") or {}
         checks = "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in acc.get("checks", {}).items())

@@ -110,13 +110,18 @@ def test_tune_scores_validation_replies_and_bounds_their_repetition(tmp_path: Pa
     # the test split is scored without the validation prompts
     assert "val-prompts.txt" not in json.dumps(report["test"])
 
-    # a bound that no point can meet (below dense) leaves nothing to choose, and says why
+    # a bound that no point can meet (below dense) leaves nothing to choose, and says why; the grid's figures,
+    # which cost the run its time, are written all the same, and nothing is evaluated on the test items
     strict = _with_replies(tmp_path, recipe, max_repeated=-0.5)
-    with pytest.raises(RecipeError, match=r"repeated 4-grams within dense \+ -0.5"):
+    with pytest.raises(RecipeError, match=r"repeated 4-grams within dense \+ -0.5.*strict/report.md"):
         from exporter.workflows.tune import tune
 
         tune(load_recipe(strict), tmp_path / "strict")
-    assert not (tmp_path / "strict").exists()
+    kept = json.loads((tmp_path / "strict" / "report.json").read_text())
+    assert kept["chosen"] is None and kept["test"] is None
+    assert [p["setting"] for p in kept["grid"]] == [p["setting"] for p in report["grid"] if not p.get("combined")]
+    assert "No point is within the bounds" in (tmp_path / "strict" / "report.md").read_text()
+    assert not (tmp_path / "strict" / "recipe.yaml").exists()
 
 
 def test_tune_refuses_validation_items_that_are_reported(tmp_path: Path, tiny_llama_dir: Path) -> None:
