@@ -40,7 +40,7 @@ from exporter.masking.masks import PersonaMask, compute_masks
 from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.masking.steer import with_biases
 from exporter.model.sources import load_model
-from exporter.recipe.schema import Recipe
+from exporter.recipe.schema import MethodSpec, Recipe
 from exporter.reports.markdown import md_table, save_png
 from exporter.reports.provenance import Timer
 from exporter.workflows.sweep import with_sparsity
@@ -175,8 +175,9 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
             scored.append(point)
             candidates.append(candidate)
     feasible = [i for i, p in enumerate(scored) if p["feasible"]]
-    selection = (
-        "largest paired shift of the weaker persona on the validation items, every persona's "
+    report: dict[str, Any] = {
+        "recipe": recipe.name,
+        "selection": "largest paired shift of the weaker persona on the validation items, every persona's "
         f"perplexity <= {spec.max_perplexity_ratio}x dense"
         + (f" and its replies' repeated 4-grams <= dense + {max_repeated}" if validation.replies is not None else "")
         + (
@@ -184,11 +185,7 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
             "the other settings equal)"
             if spec.steer_per_persona
             else ""
-        )
-    )
-    report: dict[str, Any] = {
-        "recipe": recipe.name,
-        "selection": selection,
+        ),
         "max_perplexity_ratio": spec.max_perplexity_ratio,
         "max_repeated_4grams_over_dense": max_repeated if validation.replies is not None else None,
         "validation_splits": val_items.splits,
@@ -196,12 +193,25 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         "chosen": None,
         "test": None,
     }
+    recipe_yaml = None
+    if feasible:
+        best = max(feasible, key=lambda i: scored[i]["min_shift"])
+        scored[best]["chosen"] = True
+        chosen, masks = candidates[best]
+        log.info("tune: chosen %s; evaluating it on the test items", scored[best]["setting"])
+        report["test"] = evaluate_masks(chosen, recipe.eval, test_items, m.model, m.tokenizer, m.adapter, masks)
+        report["chosen"] = scored[best]["setting"]
+        final = chosen.model_copy(update={"tune": None})
+        recipe_yaml = f"# chosen by `persona-export tune` on the validation items: {report['chosen']}\n"
+        recipe_yaml += yaml.safe_dump(final.model_dump(mode="json", exclude_none=True), sort_keys=False)
+    # without a feasible point the grid's figures are still written: they tell the user where to search next
+    with staged(out, overwrite) as stage:
+        write_json(stage / "report.json", report)
+        if recipe_yaml is not None:
+            (stage / "recipe.yaml").write_text(recipe_yaml)
+        plot_pareto(scored, stage / "pareto.png", spec.max_perplexity_ratio)
+        (stage / "report.md").write_text(tune_markdown(report))
     if not feasible:
-        # the grid's figures are what tells the user where to search next: written, then the error
-        with staged(out, overwrite) as stage:
-            write_json(stage / "report.json", report)
-            plot_pareto(scored, stage / "pareto.png", spec.max_perplexity_ratio)
-            (stage / "report.md").write_text(tune_markdown(report))
         raise RecipeError(
             f"tune: no point of the grid keeps perplexity within {spec.max_perplexity_ratio}x dense"
             + (f" and repeated 4-grams within dense + {max_repeated}" if validation.replies is not None else "")
@@ -209,21 +219,6 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
             + (" while removing units" if spec.require_removal else "")
             + f"; each point's figures are in {out}/report.md; add smaller sparsities or steering strengths"
         )
-    best = max(feasible, key=lambda i: scored[i]["min_shift"])
-    scored[best]["chosen"] = True
-    chosen, masks = candidates[best]
-    log.info("tune: chosen %s; evaluating it on the test items", scored[best]["setting"])
-    report["test"] = evaluate_masks(chosen, recipe.eval, test_items, m.model, m.tokenizer, m.adapter, masks)
-    report["chosen"] = scored[best]["setting"]
-    final = chosen.model_copy(update={"tune": None})
-    with staged(out, overwrite) as stage:
-        write_json(stage / "report.json", report)
-        (stage / "recipe.yaml").write_text(
-            f"# chosen by `persona-export tune` on the validation items: {scored[best]['setting']}\n"
-            + yaml.safe_dump(final.model_dump(mode="json", exclude_none=True), sort_keys=False)
-        )
-        plot_pareto(scored, stage / "pareto.png", spec.max_perplexity_ratio)
-        (stage / "report.md").write_text(tune_markdown(report))
     return report
 
 
@@ -332,23 +327,11 @@ def tune_markdown(report: dict[str, Any]) -> str:
     with_replies = any("reply_gap" in p for p in report["grid"])
     rows = []
     for p in report["grid"]:
-        s = p["setting"]
-        cells = [
-            f"{s['sparsity']:g}",
-            steer_label(s["steer"]),
-            steer_label(s.get("steer_layers", 1.0)),
-            s["compensate"],
-        ]
-        cells += [f"{s.get('gamma', 0.0):g}", f"{s.get('amplify', 1.0):g}"]
+        cells = _setting_cells(p["setting"])
         if "error" in p:
             rows.append([*cells, "–", "–", *(["–", "–"] if with_replies else []), p["error"][:60]])
             continue
-        reasons = []
-        if p["max_perplexity_ratio"] > report["max_perplexity_ratio"]:
-            reasons.append("over the perplexity bound")
-        bound = report.get("max_repeated_4grams_over_dense")
-        if bound is not None and p.get("max_repeated_4grams_over_dense", 0.0) > bound:
-            reasons.append("repeats itself more than the bound")
+        reasons = _outside(report, p["max_perplexity_ratio"], p.get("max_repeated_4grams_over_dense", 0.0))
         mark = "**chosen**" if p.get("chosen") else "; ".join(reasons)
         if not p["removes"] and not mark:
             mark = "reference (removes nothing)"
@@ -356,16 +339,7 @@ def tune_markdown(report: dict[str, Any]) -> str:
         if with_replies:
             figures += [f"{p['reply_gap']:+.3f}", f"{p['max_repeated_4grams_over_dense']:+.3f}"]
         rows.append([*cells, *figures, mark])
-    header = [
-        "sparsity",
-        "steer",
-        "steer layers",
-        "compensate",
-        "gamma",
-        "amplify",
-        "weaker shift (val)",
-        "worst ppl ratio (val)",
-    ]
+    header = [*SETTING_HEADER, "weaker shift (val)", "worst ppl ratio (val)"]
     if with_replies:
         header += ["reply gap (val)", "worst repeated 4-grams - dense (val)"]
     header.append("")
@@ -391,9 +365,31 @@ def tune_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+SETTING_HEADER = ["sparsity", "steer", "steer layers", "compensate", "gamma", "amplify"]
+
+
+def _setting_cells(s: dict[str, Any]) -> list[str]:
+    """A grid point's setting as the cells under SETTING_HEADER."""
+    cells = [f"{s['sparsity']:g}", steer_label(s["steer"]), steer_label(s.get("steer_layers", 1.0)), s["compensate"]]
+    return [*cells, f"{s.get('gamma', 0.0):g}", f"{s.get('amplify', 1.0):g}"]
+
+
+def _outside(report: dict[str, Any], perplexity_ratio: float, repeated_over_dense: float) -> list[str]:
+    """Which of the tune's bounds these figures break (the test `_within` applies when choosing)."""
+    reasons = []
+    if perplexity_ratio > report["max_perplexity_ratio"]:
+        reasons.append("over the perplexity bound")
+    bound = report.get("max_repeated_4grams_over_dense")
+    if bound is not None and repeated_over_dense > bound:
+        reasons.append("repeats itself more than the bound")
+    return reasons
+
+
 def _for_persona(setting: dict[str, Any], persona: str) -> dict[str, Any]:
-    """The setting as one persona's export sees it (per-persona steering resolved to its own value)."""
-    return {k: v.get(persona, 0.0 if k == "steer" else 1.0) if isinstance(v, dict) else v for k, v in setting.items()}
+    """The setting as one persona's export sees it: its own steering (alpha, depth), by the recipe's rules for a
+    persona left out of a per-persona mapping."""
+    method = MethodSpec.model_construct(steer=setting["steer"], steer_layers=setting.get("steer_layers", 1.0))
+    return setting | {"steer": method.alpha(persona), "steer_layers": method.depth(persona)}
 
 
 def _persona_tables(report: dict[str, Any]) -> list[str]:
@@ -403,25 +399,18 @@ def _persona_tables(report: dict[str, Any]) -> list[str]:
     if not points:
         return []
     with_replies = all("reply_score" in v for p in points for v in p["personas"].values())
-    bound = report.get("max_repeated_4grams_over_dense")
     lines = ["## Each persona at each grid point (validation)", ""]
     for persona in points[0]["personas"]:
         rows = []
         for p in points:
             v, s = p["personas"][persona], p["setting"]
-            reasons = []
-            if v["perplexity_ratio"] > report["max_perplexity_ratio"]:
-                reasons.append("over the perplexity bound")
-            if bound is not None and v.get("repeated_4grams_over_dense", 0.0) > bound:
-                reasons.append("repeats itself more than the bound")
+            reasons = _outside(report, v["perplexity_ratio"], v.get("repeated_4grams_over_dense", 0.0))
             taken = chosen is not None and _for_persona(chosen["setting"], persona) == _for_persona(s, persona)
-            cells = [f"{s['sparsity']:g}", steer_label(s["steer"]), steer_label(s.get("steer_layers", 1.0))]
-            cells += [s["compensate"], f"{s.get('gamma', 0.0):g}", f"{s.get('amplify', 1.0):g}"]
-            cells += [f"{v['shift']:+.3f}", f"{v['perplexity_ratio']:.3f}"]
+            cells = [*_setting_cells(s), f"{v['shift']:+.3f}", f"{v['perplexity_ratio']:.3f}"]
             if with_replies:
                 cells += [f"{v['reply_score']:+.3f}", f"{v['repeated_4grams_over_dense']:+.3f}"]
             rows.append([*cells, "**chosen**" if taken else "; ".join(reasons)])
-        header = ["sparsity", "steer", "steer layers", "compensate", "gamma", "amplify", "shift", "ppl ratio"]
+        header = [*SETTING_HEADER, "shift", "ppl ratio"]
         if with_replies:
             header += ["reply score", "repeated 4-grams - dense"]
         lines += [f"### {persona}", "", md_table([*header, ""], rows), ""]
