@@ -103,6 +103,6 @@ def progress(total: int, desc: str, unit: str = "step", iterable: Any = None) ->
     from tqdm.auto import tqdm
 
     if not sys.stderr.isatty():
-        plural = {"reply": "replies", "batch": "batches"}.get(unit, unit + "s")
-        logging.getLogger("exporter").info("%s (%d %s)", desc, total, plural)
+        units = unit if total == 1 else {"reply": "replies", "batch": "batches"}.get(unit, unit + "s")
+        logging.getLogger("exporter").info("%s (%d %s)", desc, total, units)
     return tqdm(iterable, total=total, desc=desc, unit=unit, leave=False)

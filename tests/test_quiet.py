@@ -74,6 +74,12 @@ def test_off_a_terminal_each_bar_leaves_one_stage_line(caplog: pytest.LogCapture
     from exporter.quiet import progress
 
     assert not sys.stderr.isatty()  # pytest captures stderr
-    with caplog.at_level(logging.INFO), progress(5, "eval mask:introvert", "answer") as bar:
-        bar.update(5)
-    assert [r.getMessage() for r in caplog.records] == ["eval mask:introvert (5 answers)"]
+    with caplog.at_level(logging.INFO):
+        with progress(5, "eval mask:introvert", "answer") as bar:
+            bar.update(5)
+        with progress(1, "export ONNX introvert") as bar:
+            bar.update(1)
+    assert [r.getMessage() for r in caplog.records] == [
+        "eval mask:introvert (5 answers)",
+        "export ONNX introvert (1 step)",
+    ]
