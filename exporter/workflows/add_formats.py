@@ -25,13 +25,16 @@ from exporter.recipe.schema import Recipe
 from exporter.reports.persona import SCHEMA_VERSION, Check, PersonaReport, read_report, write_report
 from exporter.workflows.validate import format_problems
 
-NEEDS_REFERENCE = ("onnx", "gguf")  # verified against the masked reference model
+NEEDS_REFERENCE = ("onnx", "gguf", "onnx-genai")  # verified against the masked reference model
 RERUN = "re-run `persona-export run`"
 
 
-def add_formats(folder: Path, formats: list[str], overwrite: bool = False) -> PersonaReport:
+def add_formats(
+    folder: Path, formats: list[str], overwrite: bool = False, genai_precision: str | None = None
+) -> PersonaReport:
     """Add `formats` to an existing persona. A requested format that exists is refused unless `overwrite`;
-    a folder without a passed verification is rebuilt.
+    a folder without a passed verification is rebuilt. `genai_precision` overrides the recipe's
+    output.genai_precision for `onnx-genai`.
 
     The model loads as the run that made the persona loaded it (within model.max_memory, offload included).
     """
@@ -78,6 +81,9 @@ def add_formats(folder: Path, formats: list[str], overwrite: bool = False) -> Pe
     timings: dict[str, float] = {}
     with staged(folder, overwrite=True) as stage:
         link_copy(folder, stage, skip={FOLDERS[n] for n in todo})
+        if genai_precision is not None:
+            output = recipe.output.model_copy(update={"genai_precision": genai_precision})
+            recipe = recipe.model_copy(update={"output": output})
         results = _build(stage, report, todo, recipe, timings)
         for name in replaced:
             verification.pop(name, None)
@@ -99,6 +105,7 @@ def _build(
     from exporter.masking.masks import load_mask
     from exporter.model.sources import open_model
     from exporter.verify.hf import build_prompts, references
+    from exporter.workflows.genai_stage import genai_stage
     from exporter.workflows.gguf_stage import gguf_stage
     from exporter.workflows.onnx_stage import onnx_stage
 
@@ -123,5 +130,19 @@ def _build(
             shipped = AutoTokenizer.from_pretrained(folder / "hf")
             results["gguf"] = gguf_stage(
                 folder, reference, m.adapter, mask, prompts, recipe.verify, shipped, neutral, timings
+            )
+        if "onnx-genai" in todo:
+            shipped = AutoTokenizer.from_pretrained(folder / "hf")
+            results["onnx-genai"] = genai_stage(
+                folder,
+                recipe.output.genai_precision,
+                reference,
+                m.adapter,
+                mask,
+                prompts,
+                recipe.verify,
+                shipped,
+                neutral,
+                timings,
             )
         return results

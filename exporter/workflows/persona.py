@@ -34,6 +34,7 @@ from exporter.reports.persona import (
 from exporter.reports.provenance import Timer, versions
 from exporter.verify.hf import PromptSet, verify_export
 from exporter.verify.layers import verify_layers
+from exporter.workflows.genai_stage import genai_stage
 from exporter.workflows.gguf_stage import gguf_stage
 from exporter.workflows.onnx_stage import onnx_stage
 
@@ -160,6 +161,19 @@ def export_persona(
             tokenizer = m.export_tokenizer
             onnx["gguf"] = gguf_stage(
                 folder, reference, m.adapter, mask, prompts, recipe.verify, tokenizer, neutral, onnx_timings
+            )
+        if "onnx-genai" in formats:
+            onnx["onnx-genai"] = genai_stage(
+                folder,
+                recipe.output.genai_precision,
+                reference,
+                m.adapter,
+                mask,
+                prompts,
+                recipe.verify,
+                m.export_tokenizer,
+                neutral,
+                onnx_timings,
             )
     for stage_name, seconds in onnx_timings.items():  # run.json's timings list the ONNX and GGUF stages too
         timer.stages[f"{stage_name}.{name}"] = seconds

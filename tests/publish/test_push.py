@@ -334,6 +334,29 @@ def test_gguf_goes_to_its_subfolder_with_a_llama_cpp_snippet(hub: FakeHub, perso
     assert "(`model-f16.gguf`, `model-q8_0.gguf`)" in card.text
 
 
+def test_genai_folder_goes_to_its_subfolder_with_a_genai_snippet_and_respects_its_floor(
+    hub: FakeHub, persona: Path
+) -> None:
+    (persona / "genai").mkdir()
+    for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"):
+        (persona / "genai" / name).write_bytes(os.urandom(500))
+    report = json.loads((persona / "report.json").read_text())
+    figures = {"precision": "int4", "top1_agreement": 0.7, "ppl_ratio": 1.3, "below_floor": True, "passed": True}
+    report["verification"]["onnx-genai"] = figures
+    (persona / "report.json").write_text(json.dumps(report))
+
+    assert run_cli(str(persona), "--repo-id", REPO) == 0  # below its floor: left out
+    assert not any(p.startswith("genai/") for p in hub.files(REPO))
+    assert run_cli(str(persona), "--repo-id", REPO + "-low", "--below-floor") == 0
+    files = hub.files(REPO + "-low")
+    assert {p: d for p, d in files.items() if p != "README.md"} == local_tree(persona, "genai")
+    card = card_of(files)
+    assert "onnxruntime-genai" in card.data.tags and "ORTModelForCausalLM" not in card.text
+    assert f'snapshot_download("{REPO}-low", allow_patterns=["genai/*"]) + "/genai"' in card.text
+    assert "int4 weights: top-1 next-token agreement 70.0 %, perplexity x1.300" in card.text
+    assert "(below its quality floor)" in card.text
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [

@@ -1,0 +1,111 @@
+"""onnxruntime-genai folders (`onnx-genai`) on tiny llamas: built by onnxruntime-genai's model builder from
+the proven checkpoint, run by onnxruntime-genai itself, against the masked reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporter.cli import main
+from exporter.errors import OnnxExportError
+from exporter.export.genai import build_genai
+from tests.helpers import tiny_model, tiny_tokenizer, write_recipe
+
+STEERED = {"score": "contrastive-wanda", "steer": 1.5}  # down_proj biases in the checkpoint
+
+
+@pytest.fixture(scope="module")
+def genai_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A steered tiny run with a third of the KV groups and a quarter of the neurons removed, exported as an
+    fp32 genai folder (the parity target)."""
+    tmp = tmp_path_factory.mktemp("genai-run")
+    model_dir = tmp / "tiny"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    recipe = write_recipe(
+        tmp, model_dir, method=STEERED, output={"formats": ["hf", "onnx-genai"], "genai_precision": "fp32"}
+    )
+    assert main(["run", str(recipe), "--out", str(tmp / "run")]) == 0
+    return tmp / "run"
+
+
+@pytest.mark.parametrize("persona", ["introvert", "extravert"])
+def test_fp32_genai_folder_is_proven_against_the_masked_model(genai_run: Path, persona: str) -> None:
+    folder = genai_run / persona
+    report = json.loads((folder / "report.json").read_text())
+    genai = report["verification"]["onnx-genai"]
+    assert report["status"] == "passed" and genai["passed"] and genai["parity_target"], genai
+    assert genai["max_abs_logit_diff"] <= 1e-2 and genai["mean_abs_logit_diff"] <= 1e-3
+    assert genai["max_abs_logit_diff"] > 0  # computed by another graph, not read back from the reference
+    assert genai["greedy_identical"] and genai["tokenizer_ids_equal"] and genai["decode_round_trip"]
+    hf_config = json.loads((folder / "hf" / "config.json").read_text())
+    assert hf_config["mlp_bias"] is True and hf_config["num_key_value_heads"] < 2  # steered and head-pruned
+    config = json.loads((folder / "genai" / "genai_config.json").read_text())["model"]
+    assert config["decoder"]["num_key_value_heads"] == hf_config["num_key_value_heads"]
+    assert config["decoder"]["head_size"] == 16 != hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    ends = config["eos_token_id"] if isinstance(config["eos_token_id"], list) else [config["eos_token_id"]]
+    assert 1 in genai["eos_token_id"] and genai["eos_token_id"] == ends  # the tokenizer's <|end|> among them
+    assert report["timings_s"]["export_genai"] > 0 and report["timings_s"]["verify_genai"] > 0
+
+
+def test_generation_stops_at_the_tokenizers_eos(genai_run: Path) -> None:
+    """genai_config.json declares the shipped tokenizer's eos: a greedy reply that reaches it ends there, in
+    onnxruntime-genai as in transformers."""
+    import onnxruntime_genai as og
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = genai_run / "introvert" / "genai"
+    config_file = folder / "genai_config.json"
+    config = json.loads(config_file.read_text())
+    hf = AutoModelForCausalLM.from_pretrained(genai_run / "introvert" / "hf").eval()
+    prompt = [5, 60, 70, 80, 90, 100, 7]
+    with torch.no_grad():
+        first = int(hf(torch.tensor([prompt])).logits[0, -1].argmax())
+    config["model"]["eos_token_id"] = [1, first]  # the first greedy token now ends the turn
+    config_file.write_text(json.dumps(config))
+    model = og.Model(str(folder))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(prompt, dtype=np.int32))
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    assert tokens == [first]
+
+
+def test_int4_and_int8_are_measured_against_their_floors(genai_run: Path) -> None:
+    """`export --format onnx-genai --precision` rebuilds the folder with MatMulNBits weights; the quality is
+    measured against the masked model, the steering bias kept."""
+    import onnx
+
+    folder = genai_run / "extravert"
+    for precision, bits in (("int8", 8), ("int4", 4)):
+        argv = ["export", str(folder), "--format", "onnx-genai", "--precision", precision, "--overwrite"]
+        assert main(argv) == 0
+        genai = json.loads((folder / "report.json").read_text())["verification"]["onnx-genai"]
+        assert genai["passed"] and genai["bits"] == bits and not genai["parity_target"], genai
+        assert genai["top1_agreement"] >= 0.5 and 0.5 < genai["ppl_ratio"] < 2, genai
+        assert isinstance(genai["below_floor"], bool) and genai["floor"]["top1_agreement"] in (0.97, 0.90)
+        graph = onnx.load(folder / "genai" / "model.onnx", load_external_data=False).graph
+        ops = {n.op_type for n in graph.node}
+        assert "MatMulNBits" in ops and "GroupQueryAttention" in ops
+        assert any("down_proj" in i.name and "bias" in i.name for i in graph.initializer)
+
+
+def test_builder_failure_names_the_folder_and_writes_nothing(tmp_path: Path) -> None:
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["NoSuch"]}))
+    with pytest.raises(OnnxExportError, match=r"onnxruntime-genai's builder could not build .*hf"):
+        build_genai(tmp_path / "hf", tmp_path / "genai", "fp32")
+    assert not (tmp_path / "genai").exists() and list(tmp_path.iterdir()) == [tmp_path / "hf"]
+
+
+def test_an_unknown_precision_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(OnnxExportError, match="precision 'int3' is not one of int4, int8, fp32"):
+        build_genai(tmp_path, tmp_path / "genai", "int3")
