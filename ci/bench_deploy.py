@@ -1,6 +1,7 @@
 """CPU deployment benchmark (printed, not asserted): decode tokens/s and prefill latency of every ONNX format,
-dense against a persona export, in one run; plus llama.cpp on the dense Q4_1 GGUF when llama-cpp-python is
-importable (here, or in the interpreter given by --llama-python).
+dense against a persona export, in one run; the persona's onnxruntime-genai folder at int4, int8 and fp32
+(each made and measured by `persona-export export --format onnx-genai --precision P`); plus llama.cpp on the
+dense Q4_1 GGUF when llama-cpp-python is importable (here, or in the interpreter given by --llama-python).
 
 Every model gets the same chat prompt and decodes 64 greedy tokens (end of turn ignored) on `--threads`
 threads; figures are medians of `--repeats` rounds that interleave the models, so drift on a shared machine
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ RECIPE = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
 PROMPT = "Describe your ideal weekend, and say what makes it restful or exciting for you, in a few sentences."
 NEW_TOKENS = 64
 FORMATS = ("onnx", "onnx-int8", "onnx-int4")
+GENAI = ("int4", "int8", "fp32")
 LLAMA_CHILD = """
 import sys, time, json
 import numpy as np
@@ -67,6 +70,45 @@ def decode(model: OnnxCausalLM, ids: np.ndarray) -> tuple[float, float]:
         mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
         logits, past = model.forward(token[:, None], mask, past)
     return NEW_TOKENS / (time.perf_counter() - t), prefill
+
+
+class Genai:
+    """An onnxruntime-genai folder, timed like the others (its own generator, KV cache and greedy search)."""
+
+    def __init__(self, folder: Path, threads: int) -> None:
+        import onnxruntime_genai as og
+
+        self.og = og
+        config = og.Config(str(folder))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.model = og.Model(config)
+
+    def decode(self, ids: np.ndarray) -> tuple[float, float]:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(max_length=ids.shape[1] + NEW_TOKENS + 1, min_length=ids.shape[1] + NEW_TOKENS)
+        generator = self.og.Generator(self.model, params)
+        t = time.perf_counter()
+        generator.append_tokens(ids[0].astype(np.int32))
+        prefill = time.perf_counter() - t
+        t = time.perf_counter()
+        for _ in range(NEW_TOKENS):
+            generator.generate_next_token()
+        return NEW_TOKENS / (time.perf_counter() - t), prefill
+
+
+def genai_variants(persona: Path, tmp: Path) -> dict[str, tuple[Path, dict]]:
+    """{precision: (folder, figures)}: the persona's genai/ rebuilt at each precision, kept in `tmp`."""
+    import shutil
+
+    from exporter.workflows.add_formats import add_formats
+
+    out = {}
+    for precision in GENAI:
+        report = add_formats(persona, ["onnx-genai"], overwrite=True, genai_precision=precision)
+        figures = report.verification["onnx-genai"].figures
+        shutil.copytree(persona / FOLDERS["onnx-genai"], tmp / f"genai-{precision}")
+        out[precision] = (tmp / f"genai-{precision}", figures)
+    return out
 
 
 def build(tmp: Path) -> tuple[Path, Path]:
@@ -107,13 +149,15 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--llama-python", default=sys.executable, help="interpreter with llama-cpp-python")
+    parser.add_argument("--no-genai", action="store_true", help="leave out onnxruntime-genai (it rewrites genai/)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         dense, persona = (args.dense, args.persona) if args.persona and args.dense else build(Path(tmp))
-        return bench(dense, persona, args)
+        genai = genai_variants(persona, Path(tmp)) if not args.no_genai else {}
+        return bench(dense, persona, genai, args)
 
 
-def bench(dense: Path, persona: Path, args: argparse.Namespace) -> int:
+def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(persona / "hf")
@@ -125,16 +169,23 @@ def bench(dense: Path, persona: Path, args: argparse.Namespace) -> int:
         for fmt in FORMATS
         if (folder / FOLDERS[fmt]).is_dir()
     }
+    runners: dict[tuple[str, str], Callable[[np.ndarray], tuple[float, float]]] = {
+        k: (lambda ids, m=m: decode(m, ids)) for k, m in models.items()
+    }
+    quality = {("persona", f): report["verification"].get(f, {}) for f in FORMATS}
+    for precision, (folder, figures) in genai.items():
+        runners[("persona", f"onnxruntime-genai {precision}")] = Genai(folder, args.threads).decode
+        quality[("persona", f"onnxruntime-genai {precision}")] = figures
     gguf = gguf_file()
     probe = [args.llama_python, "-c", "import llama_cpp"]
     has_llama = gguf is not None and subprocess.run(probe, capture_output=True).returncode == 0
-    rates: dict[tuple[str, str], list[float]] = {k: [] for k in models}
-    prefills: dict[tuple[str, str], list[float]] = {k: [] for k in models}
-    for model in models.values():  # warm-up
-        decode(model, ids)
+    rates: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
+    prefills: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
+    for runner in runners.values():  # warm-up
+        runner(ids)
     for _ in range(args.repeats):
-        for key, model in models.items():
-            rate, prefill = decode(model, ids)
+        for key, runner in runners.items():
+            rate, prefill = runner(ids)
             rates[key].append(rate)
             prefills[key].append(prefill)
         if has_llama:
@@ -151,22 +202,26 @@ def bench(dense: Path, persona: Path, args: argparse.Namespace) -> int:
         f"\n## CPU decode, {ids.shape[1]}-token chat prompt, {NEW_TOKENS} greedy tokens, {args.threads} threads, "
         f"median of {args.repeats} interleaved rounds (load average {load:.1f} on {os.cpu_count()} cores)"
     )
-    print(f"{'model':8s} {'format':22s} {'tok/s':>7s} {'prefill ms':>10s} {'x dense fp32':>12s} {'quality':>30s}")
+    print(f"{'model':8s} {'format':26s} {'tok/s':>7s} {'prefill ms':>10s} {'x dense fp32':>12s} {'quality':>34s}")
     base = statistics.median(rates[("dense", "onnx")])
     for (who, fmt), values in rates.items():
-        q = report["verification"].get(fmt, {}) if who == "persona" else {}
-        quality = ""
+        q = quality.get((who, fmt), {})
+        measured = ""
         if "top1_agreement" in q:
-            quality = f"top-1 {100 * q['top1_agreement']:.1f} %, ppl x{q['ppl_ratio']:.3f}"
-            quality += " BELOW FLOOR" if q["below_floor"] else ""
+            measured = f"top-1 {100 * q['top1_agreement']:.1f} %, ppl x{q['ppl_ratio']:.3f}"
+            measured += " BELOW FLOOR" if q["below_floor"] else ""
+        elif q.get("parity_target") and "max_abs_logit_diff" in q:
+            measured = f"proven, max|dlogit| {q['max_abs_logit_diff']:.1e}"
         rate = statistics.median(values)
         prefill = 1000 * statistics.median(prefills[(who, fmt)])
-        print(f"{who:8s} {fmt:22s} {rate:7.1f} {prefill:10.1f} {rate / base:12.2f} {quality:>30s}")
-    within = [
-        (statistics.median(rates[("persona", f)]), f)
-        for f in FORMATS
-        if ("persona", f) in rates and (f == "onnx" or not report["verification"].get(f, {}).get("below_floor", True))
-    ]
+        print(f"{who:8s} {fmt:26s} {rate:7.1f} {prefill:10.1f} {rate / base:12.2f} {measured:>34s}")
+
+    def usable(key: tuple[str, str]) -> bool:
+        """A persona format that is proven (fp32) or measured within its quality floor."""
+        q = quality.get(key, {})
+        return key == ("persona", "onnx") or q.get("parity_target") is True or q.get("below_floor") is False
+
+    within = [(statistics.median(v), key[1]) for key, v in rates.items() if key[0] == "persona" and usable(key)]
     best_rate, best = max(within)
     if has_llama:
         llama = statistics.median(rates[("dense", "llama.cpp Q4_1 GGUF")])

@@ -70,34 +70,39 @@ def build_genai(hf_dir: Path, out_dir: Path, precision: str = "int4") -> dict[st
 
 
 def _end_ids(folder: Path, hf_dir: Path) -> list[int]:
-    """Add the checkpoint tokenizer's eos id to `genai_config.json`'s eos ids; the resulting ids."""
+    """Add the checkpoint tokenizer's eos id to `genai_config.json`'s eos ids (and give it a pad id when the
+    checkpoint declares none, which onnxruntime-genai refuses); the resulting eos ids."""
     path = folder / CONFIG_FILE
     config = json.loads(path.read_text())
     declared = config["model"].get("eos_token_id")
     ids = list(declared) if isinstance(declared, list) else [] if declared is None else [declared]
+    ids = [i for i in ids if 0 <= i < config["model"]["vocab_size"]]  # onnxruntime-genai refuses others
     tokenizer_config = hf_dir / "tokenizer_config.json"
-    if tokenizer_config.is_file():
-        eos = _token_id(json.loads(tokenizer_config.read_text()), hf_dir)
-        if eos is not None and eos not in ids:
-            ids.append(eos)
+    special = json.loads(tokenizer_config.read_text()) if tokenizer_config.is_file() else {}
+    eos = _token_id(special, "eos_token", hf_dir)
+    if eos is not None and eos not in ids:
+        ids.append(eos)
     config["model"]["eos_token_id"] = ids[0] if len(ids) == 1 else ids
+    if config["model"].get("pad_token_id") is None:
+        pad = _token_id(special, "pad_token", hf_dir)
+        config["model"]["pad_token_id"] = pad if pad is not None else ids[0] if ids else 0
     write_json(path, config)
     return ids
 
 
-def _token_id(tokenizer_config: dict[str, Any], hf_dir: Path) -> int | None:
-    """The id of the tokenizer's eos token, read from its files (no tokenizer is loaded)."""
-    eos = tokenizer_config.get("eos_token")
-    eos = eos.get("content") if isinstance(eos, dict) else eos
-    if not isinstance(eos, str):
+def _token_id(tokenizer_config: dict[str, Any], key: str, hf_dir: Path) -> int | None:
+    """The id of the tokenizer's `key` token (eos_token, pad_token), read from its files (no tokenizer is
+    loaded)."""
+    token = tokenizer_config.get(key)
+    token = token.get("content") if isinstance(token, dict) else token
+    if not isinstance(token, str):
         return None
-    for entry in tokenizer_config.get("added_tokens_decoder", {}).items():
-        index, token = entry
-        if isinstance(token, dict) and token.get("content") == eos:
+    for index, added in tokenizer_config.get("added_tokens_decoder", {}).items():
+        if isinstance(added, dict) and added.get("content") == token:
             return int(index)
     tokenizer_json = hf_dir / "tokenizer.json"
     if tokenizer_json.is_file():
         vocab = json.loads(tokenizer_json.read_text()).get("model", {}).get("vocab", {})
-        if isinstance(vocab, dict) and eos in vocab:
-            return int(vocab[eos])
+        if isinstance(vocab, dict) and token in vocab:
+            return int(vocab[token])
     return None

@@ -70,8 +70,8 @@ class Sizes(Record):
 
 
 class Check(BaseModel):
-    """One verification result ("hf", "onnx", "onnx-int8", "onnx-int4", "gguf"): figures that differ by
-    format, and `passed`.
+    """One verification result ("hf", "onnx", "onnx-int8", "onnx-int4", "gguf", "onnx-genai"): figures that
+    differ by format, and `passed`.
 
     The figures are kept as written, in their order; a result without a boolean `passed` never counts as
     passed. `below_floor` (quantized formats), which decides what is pushed, must be a boolean too.
