@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from exporter.reports.persona import PersonaReport
 
 EXPORT_FORMATS = ["onnx", "onnx-int8", "onnx-int4", "gguf", "onnx-genai"]
-BACKENDS = ["onnx", "onnx-int8", "onnx-int4", "torch"]
+BACKENDS = ["onnx", "onnx-int8", "onnx-int4", "onnx-genai", "torch"]
 
 
 def _table(rows: list[list[str]]) -> str:

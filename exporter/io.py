@@ -71,6 +71,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def shown_name(folder: Path) -> str:
+    """The name of `folder` as the user knows it: a staging folder (`.NAME.partial-XXXX`) shows as NAME."""
+    name = Path(folder).name
+    if name.startswith(".") and ".partial-" in name:
+        return name[1 : name.rindex(".partial-")]
+    return name
+
+
 def remove_stale_stages(out: Path) -> list[Path]:
     """Remove staging folders of `out` left by killed runs (their owner process is gone)."""
     removed = []

@@ -67,3 +67,11 @@ def test_an_os_error_elsewhere_is_not_called_an_output_problem(tmp_path: Path) -
     with pytest.raises(OSError) as err, staged(tmp_path / "out"):
         raise OSError(errno.EIO, "Input/output error", "/somewhere/else/model.safetensors")
     assert not isinstance(err.value, OutputError) and not (tmp_path / "out").exists()
+
+
+def test_a_staging_folder_shows_under_the_name_it_will_have(tmp_path: Path) -> None:
+    from exporter.io import shown_name, staged
+
+    with staged(tmp_path / "extravert.v2") as stage:
+        assert stage.name != "extravert.v2" and shown_name(stage) == "extravert.v2"
+    assert shown_name(tmp_path / "extravert.v2") == "extravert.v2" and shown_name(Path(".hidden")) == ".hidden"

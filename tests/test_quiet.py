@@ -40,11 +40,15 @@ def test_onnx_export_mutes_tracer_warnings_but_not_others() -> None:
 def test_quiet_hides_progress_bars_and_info(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"):
         monkeypatch.setenv(name, "")  # restored (removed) afterwards, whatever set_verbosity writes
-    loggers = [logging.getLogger(n) for n in ("", "transformers", "optimum", "huggingface_hub", "httpx", "urllib3")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("", "transformers", "optimum", "huggingface_hub", "matplotlib", "httpx", "urllib3")
+    ]
     levels = [log.level for log in loggers]
     try:
         set_verbosity("normal", terminal=True)
         assert os.environ["TQDM_DISABLE"] == "" and logging.getLogger().level == logging.INFO
+        assert logging.getLogger("matplotlib").level == logging.WARNING  # its font-cache INFO line
         set_verbosity("quiet", terminal=True)
         assert os.environ["TQDM_DISABLE"] == "1" and logging.getLogger().level == logging.ERROR
         set_verbosity("verbose")
@@ -58,7 +62,10 @@ def test_bars_are_off_when_stderr_is_a_file_and_verbose_keeps_them(monkeypatch: 
     """A bar's redraws written to a log file become megabytes of text; -v asks for everything, bars included."""
     for name in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_VERBOSITY"):
         monkeypatch.setenv(name, "")
-    loggers = [logging.getLogger(n) for n in ("", "transformers", "optimum", "huggingface_hub", "httpx", "urllib3")]
+    loggers = [
+        logging.getLogger(n)
+        for n in ("", "transformers", "optimum", "huggingface_hub", "matplotlib", "httpx", "urllib3")
+    ]
     levels = [log.level for log in loggers]
     try:
         set_verbosity("verbose", terminal=False)

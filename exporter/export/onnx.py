@@ -58,7 +58,7 @@ def export_onnx(hf_dir: Path, out_dir: Path) -> Path:
             raise OnnxExportError(f"optimum could not export {str(hf_dir)!r} ({TASK}): {e}") from e
         carry_files(hf_dir, stage)
         _check_cache_inputs(stage)
-    log.info("exported %s to ONNX in %.1f s", hf_dir, time.perf_counter() - start)
+    log.debug("exported %s to ONNX in %.1f s", hf_dir, time.perf_counter() - start)
     return out_dir
 
 

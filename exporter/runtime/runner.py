@@ -1,5 +1,6 @@
-"""Running a persona export (or the run's dense base model): generation with streaming, on onnxruntime or
-torch, CPU. Greedy by default; temperature / top-p sampling, a repetition penalty and a seed on request."""
+"""Running a persona export (or the run's dense base model): generation with streaming, on onnxruntime,
+onnxruntime-genai or torch, CPU. Greedy by default; temperature / top-p sampling, a repetition penalty and a
+seed on request."""
 
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ def _tokenizer(folder: Path, vocab_size: int) -> Any:
             "belong together; re-export the persona"
         )
     return tok
+
+
+def _format_folder(persona_dir: Path, backend: str) -> Path:
+    folder = persona_dir / FOLDERS[backend]
+    if not folder.is_dir():
+        raise OnnxModelError(
+            f"{persona_dir} has no {FOLDERS[backend]}/ folder; add it with `persona-export export "
+            f"{persona_dir} --format {backend}`, or use --backend torch"
+        )
+    return folder
 
 
 @dataclass(frozen=True)
@@ -88,15 +99,17 @@ class Runner:
     def __init__(self, persona_dir: Path, backend: str = "onnx") -> None:
         read_report(persona_dir)
         self.backend = backend
-        if backend != "torch":  # "onnx" or a quantized ONNX format
+        if backend == "onnx-genai":
+            import onnxruntime_genai as og
+
+            folder = _format_folder(persona_dir, backend)
+            config = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
+            self.og, self.genai = og, og.Model(str(folder))
+            self.tokenizer = _tokenizer(folder, config["vocab_size"])
+        elif backend != "torch":  # "onnx" or a quantized ONNX format
             from exporter.runtime.onnx import OnnxCausalLM, read_export
 
-            folder = persona_dir / FOLDERS[backend]
-            if not folder.is_dir():
-                raise OnnxModelError(
-                    f"{persona_dir} has no {FOLDERS[backend]}/ folder; add it with `persona-export export "
-                    f"{persona_dir} --format {backend}`, or use --backend torch"
-                )
+            folder = _format_folder(persona_dir, backend)
             config, _ = read_export(folder)
             self.onnx = OnnxCausalLM.from_dir(folder)
             self.tokenizer = _tokenizer(folder, config["vocab_size"])
@@ -111,6 +124,18 @@ class Runner:
     def _next_tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
         choose = sampling.chooser()
         seen = list(ids)
+        if self.backend == "onnx-genai":  # onnxruntime-genai's cache; our choice of the next token
+            params = self.og.GeneratorParams(self.genai)
+            params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+            generator = self.og.Generator(self.genai, params)
+            generator.append_tokens(np.asarray(ids, dtype=np.int32))
+            for step in range(max_new_tokens):
+                token = choose(np.asarray(generator.get_logits())[0, -1], seen)
+                seen.append(token)
+                yield token
+                if step + 1 < max_new_tokens:
+                    generator.append_tokens(np.asarray([token], dtype=np.int32))
+            return
         if self.backend != "torch":
             x = np.array([ids], dtype=np.int64)
             mask = np.ones_like(x)

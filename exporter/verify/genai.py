@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from exporter.export.genai import BITS
+from exporter.io import shown_name
 from exporter.quiet import progress
 from exporter.recipe.formats import QUANT_FORMATS
 from exporter.recipe.schema import VerifySpec
@@ -72,7 +73,7 @@ def verify_genai(
     figures |= _tokenizer_checks(model, tokenizer, eos_ids)
     worst, total, count = 0.0, 0.0, 0
     divergences: list[dict[str, Any]] = []
-    bar = progress(len(prompts.singles), f"verify onnx-genai {Path(out_dir).parent.name}", "prompt")
+    bar = progress(len(prompts.singles), f"verify onnx-genai {shown_name(Path(out_dir).parent)}", "prompt")
     for index, (ids, attn) in enumerate(prompts.singles):
         ref_prefill, ref_steps, ref_tokens = reference_steps(reference_fp32, ids, attn, spec.greedy_tokens - 1)
         prefill, steps, tokens = model.run(ids[0].tolist(), spec.greedy_tokens)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from exporter.io import shown_name
 from exporter.quiet import progress
 from exporter.recipe.schema import VerifySpec
 from exporter.runtime.chat import position_ids
@@ -69,7 +70,7 @@ def verify_onnx(
     model = OnnxCausalLM.from_dir(onnx_dir)
     worst, total, count = 0.0, 0.0, 0
     divergences: list[dict[str, Any]] = []  # first differing step of each row that differs
-    bar = progress(len(batches), f"verify ONNX {Path(onnx_dir).parent.name}", "prompt")
+    bar = progress(len(batches), f"verify ONNX {shown_name(Path(onnx_dir).parent)}", "prompt")
     for index, (ids, mask) in enumerate(batches):
         steps = max(greedy_tokens - 1, decode_steps)
         ref_prefill, ref_steps, ref_tokens = reference_steps(reference, ids, mask, steps)

@@ -12,6 +12,7 @@ from typing import Any
 from torch import nn
 
 from exporter.export.genai import build_genai
+from exporter.io import shown_name
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.recipe.formats import FOLDERS
@@ -37,20 +38,20 @@ def genai_stage(
 ) -> dict[str, Any]:
     """Write `genai/` next to `folder/hf` and verify it; the report entry for `onnx-genai`."""
     t = time.perf_counter()
-    log.info("%s: building the onnxruntime-genai folder (%s)", folder.name, precision)
+    log.info("%s: building the onnxruntime-genai folder (%s)", shown_name(folder), precision)
     out = folder / FOLDERS["onnx-genai"]
     built = build_genai(folder / "hf", out, precision)
     timings["export_genai"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    log.info("%s: verifying the onnxruntime-genai folder against the masked model", folder.name)
+    log.info("%s: verifying the onnxruntime-genai folder against the masked model", shown_name(folder))
     with masked(reference_fp32, adapter, mask):
         figures = verify_genai(reference_fp32, out, precision, built["eos_token_id"], prompts, spec, tokenizer, neutral)
     timings["verify_genai"] = round(time.perf_counter() - t, 3)
     figures["folder"] = FOLDERS["onnx-genai"]
     if "below_floor" in figures:
-        log.info("%s: %s", folder.name, describe(f"onnx-genai {precision}", figures))
+        log.info("%s: %s", shown_name(folder), describe(f"onnx-genai {precision}", figures))
     if not figures["passed"]:
-        log.error("%s: onnx-genai does not match the masked model: %s", folder.name, _failed(figures))
+        log.error("%s: onnx-genai does not match the masked model: %s", shown_name(folder), _failed(figures))
     return figures
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from torch import nn
 
 from exporter.export.gguf import GGUF_TYPES, export_gguf
+from exporter.io import shown_name
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.recipe.formats import FOLDERS
@@ -34,12 +35,12 @@ def gguf_stage(
 ) -> dict[str, Any]:
     """Write `gguf/` next to `folder/hf` and verify it; the report entry {"passed", "F16": ..., "Q8_0": ...}."""
     t = time.perf_counter()
-    log.info("%s: writing GGUF (%s)", folder.name, ", ".join(GGUF_TYPES))
+    log.info("%s: writing GGUF (%s)", shown_name(folder), ", ".join(GGUF_TYPES))
     out = folder / FOLDERS["gguf"]
     files = export_gguf(folder / "hf", out)
     timings["export_gguf"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    log.info("%s: verifying GGUF through transformers' GGUF loader against the masked model", folder.name)
+    log.info("%s: verifying GGUF through transformers' GGUF loader against the masked model", shown_name(folder))
     figures = verify_gguf(reference_fp32, adapter, mask, out, files, prompts, spec, tokenizer, neutral)
     timings["verify_gguf"] = round(time.perf_counter() - t, 3)
     return {"passed": figures["F16"]["passed"], **figures}

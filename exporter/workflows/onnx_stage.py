@@ -13,6 +13,7 @@ from torch import nn
 
 from exporter.export.onnx import export_onnx
 from exporter.export.quantize import quantize_weights
+from exporter.io import shown_name
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.quiet import progress
@@ -47,14 +48,14 @@ def onnx_stage(
     if "onnx" in formats:
         assert reference_fp32 is not None and adapter is not None, "fp32 ONNX is verified against the reference"
         t = time.perf_counter()
-        log.info("%s: exporting ONNX", folder.name)
-        with progress(1, f"export ONNX {folder.name}") as bar:  # one opaque optimum call: the bar shows the time
+        log.info("%s: exporting ONNX", shown_name(folder))
+        with progress(1, f"export ONNX {shown_name(folder)}") as bar:  # one opaque optimum call: the bar shows the time
             export_onnx(folder / "hf", folder / "onnx")
             bar.update()
         timings["export_onnx"] = round(time.perf_counter() - t, 3)
 
         t = time.perf_counter()
-        log.info("%s: verifying ONNX against the masked model (prefill, 3 cached steps, greedy)", folder.name)
+        log.info("%s: verifying ONNX against the masked model (prefill, 3 cached steps, greedy)", shown_name(folder))
         with masked(reference_fp32, adapter, mask):
             results["onnx"] = verify_onnx(
                 reference_fp32, folder / "onnx", prompts.all(), spec.greedy_tokens, 3, thresholds=spec.onnx_thresholds
@@ -64,15 +65,15 @@ def onnx_stage(
 
     for name in (n for n in formats if n in QUANT_FORMATS):
         if not fp32_passed:
-            log.error("%s: %s is made from the proven fp32 ONNX export only; skipped", folder.name, name)
+            log.error("%s: %s is made from the proven fp32 ONNX export only; skipped", shown_name(folder), name)
             continue
         fmt = QUANT_FORMATS[name]
         t = time.perf_counter()
-        log.info("%s: quantizing ONNX weights to %d bits (MatMulNBits)", folder.name, fmt.bits)
+        log.info("%s: quantizing ONNX weights to %d bits (MatMulNBits)", shown_name(folder), fmt.bits)
         quantize_weights(folder / "onnx", folder / fmt.folder, fmt.bits, accuracy_level=fmt.accuracy_level)
         figures = judge(compare_quantized(folder / "onnx", folder / fmt.folder, prompts.all(), neutral), fmt.floor)
         # Not a parity target: made from the proven fp32 export; below its floor it is not pushed by default.
         results[name] = {**figures, "folder": fmt.folder, "bits": fmt.bits, "parity_target": False, "passed": True}
         timings[f"quantize_{name}"] = round(time.perf_counter() - t, 3)
-        log.info("%s: %s", folder.name, describe(name, figures))
+        log.info("%s: %s", shown_name(folder), describe(name, figures))
     return results

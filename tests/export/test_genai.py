@@ -79,6 +79,36 @@ def test_generation_stops_at_the_tokenizers_eos(genai_run: Path) -> None:
     assert tokens == [first]
 
 
+def test_runner_streams_the_genai_folder_as_torch_runs_the_checkpoint(genai_run: Path) -> None:
+    """`generate`/`chat --backend onnx-genai`: the fp32 folder gives torch's tokens, greedy and sampled with a
+    seed and a repetition penalty; a cut reply says so."""
+    from exporter.runtime.runner import Runner, Sampling
+
+    folder = genai_run / "extravert"  # fp32 here (the int4/int8 test below rebuilds it)
+    genai, torch_ = Runner(folder, "onnx-genai"), Runner(folder, "torch")
+    ids = [5, 60, 70, 80, 90, 100, 7]
+    sampled = Sampling(temperature=0.8, top_p=0.9, repetition_penalty=1.3, seed=3)
+    for sampling in (Sampling(), sampled):
+        want = list(torch_._next_tokens(ids, 12, sampling))
+        assert list(genai._next_tokens(ids, 12, sampling)) == want
+    assert len(set(want)) > 1  # the sampled reply is not one token repeated: every step's logits mattered
+    messages = [{"role": "user", "content": "plan a trip"}]
+    assert "".join(genai.stream(messages, 6)) == "".join(torch_.stream(messages, 6))
+    assert genai.truncated == torch_.truncated
+
+
+def test_runner_names_the_missing_genai_folder(genai_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from exporter.errors import OnnxModelError
+    from exporter.runtime.runner import Runner
+
+    persona = tmp_path / "introvert"
+    shutil.copytree(genai_run / "introvert", persona, ignore=shutil.ignore_patterns("genai"))
+    with pytest.raises(OnnxModelError, match="--format onnx-genai"):
+        Runner(persona, "onnx-genai")
+
+
 def test_int4_and_int8_are_measured_against_their_floors(genai_run: Path) -> None:
     """`export --format onnx-genai --precision` rebuilds the folder with MatMulNBits weights; the quality is
     measured against the masked model, the steering bias kept."""

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -154,40 +155,56 @@ def test_generation_stops_at_the_end_of_turn(demo_run: Path) -> None:
         assert list(runner._next_tokens(ids[0].tolist(), len(reply), Sampling()))[-1] == tok.eos_token_id
 
 
-def test_head_pruned_genai_folder_matches_the_masked_model_and_ends_its_turn(demo_run: Path) -> None:
+def test_head_pruned_genai_folder_matches_the_masked_model(demo_run: Path) -> None:
     """onnxruntime-genai's builder on a real head-pruned, steered checkpoint: fp32 proven against the masked
-    model as onnxruntime-genai runs it, its tokenizer equal to the shipped one, and a reply that ends at
-    <|im_end|> with the text transformers gives."""
-    import numpy as np
-    import onnxruntime_genai as og
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder = demo_run / "introvert"
+    model as onnxruntime-genai runs it, its tokenizer equal to the shipped one, the pruned geometry declared."""
+    folder = demo_run / "extravert"
     cmd = [sys.executable, "-m", "exporter", "export", str(folder), "--format", "onnx-genai", "--precision", "fp32"]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert ".partial" not in done.stdout + done.stderr  # logs name the folder the user gets, not its staging
     genai = json.loads((folder / "report.json").read_text())["verification"]["onnx-genai"]
     assert genai["passed"] and genai["parity_target"] and genai["max_abs_logit_diff"] <= 1e-2, genai
     assert genai["tokenizer_ids_equal"] and genai["decode_round_trip"] and genai["eos_token_id"] == [2]
     config = json.loads((folder / "genai" / "genai_config.json").read_text())["model"]["decoder"]
     assert (config["num_key_value_heads"], config["num_attention_heads"], config["head_size"]) == (2, 6, 64)
 
-    tok = AutoTokenizer.from_pretrained(folder / "hf")
+
+def test_genai_reply_ends_its_turn_with_the_text_transformers_gives(real_model: Any, tmp_path: Path) -> None:
+    """The embedded model built as an fp32 genai folder answers a short question as transformers does: the
+    same greedy tokens, <|im_end|> generated and generation stopped there, the same decoded text."""
+    import numpy as np
+    import onnxruntime_genai as og
+    import torch
+
+    from exporter.export.genai import build_genai
+
+    tok = real_model.export_tokenizer
+    real_model.model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    build_genai(tmp_path / "hf", tmp_path / "genai", "fp32")
+
     ids = tok.apply_chat_template([{"role": "user", "content": SHORT}], add_generation_prompt=True)
-    model = AutoModelForCausalLM.from_pretrained(folder / "hf")
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=48, do_sample=False)
+        out = real_model.model.generate(
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=48,
+            do_sample=False,
+            pad_token_id=tok.eos_token_id,
+        )
     want = out[0, len(ids) :].tolist()
-    assert want[-1] == tok.eos_token_id and len(want) < 48, tok.decode(want)
-    genai_model = og.Model(str(folder / "genai"))
+    assert want[-1] == tok.eos_token_id and len(want) > 1, tok.decode(want)  # a reply, then the end of the turn
+
+    genai_model = og.Model(str(tmp_path / "genai"))
     params = og.GeneratorParams(genai_model)
     params.set_search_options(max_length=len(ids) + 48, do_sample=False)
     generator = og.Generator(genai_model, params)
     generator.append_tokens(np.asarray(ids, dtype=np.int32))
+    got = []
     while not generator.is_done():
         generator.generate_next_token()
-    got = generator.get_sequence(0)[len(ids) :].tolist()
-    assert got == want, (tok.decode(got), tok.decode(want))
-    text = og.Tokenizer(genai_model).decode(np.asarray(got, dtype=np.int32))
-    assert text == tok.decode(want, skip_special_tokens=True)
+        got.append(int(generator.get_next_tokens()[0]))
+    assert got == want, (tok.decode(got), tok.decode(want))  # <|im_end|> generated, and generation ended there
+    text = og.Tokenizer(genai_model).decode(np.asarray(got[:-1], dtype=np.int32))
+    assert text == tok.decode(want[:-1]) and text.strip(), text
