@@ -279,3 +279,14 @@ def find_leaks(items: EvalItems, calib: CalibrationIndex) -> list[dict[str, Any]
         if where:
             leaks.append({"source": "neutral", "index": k, "calibration": where})
     return leaks
+
+
+def persona_pairs(recipe: Recipe, persona: str) -> list[tuple[str, str, str]]:
+    """(prompt, the persona's answer, its partner's answer) for each held-out pair the evaluation scores
+    (`eval.paired`, the same selection); empty without paired items, a partner or both personas' answers."""
+    spec = recipe.eval.paired if recipe.eval else None
+    partner = recipe.partner(persona)
+    if spec is None or partner is None or not {persona, partner} <= set(spec.responses):
+        return []
+    items, _ = read_paired(spec, CalibrationIndex({n: p.calibration for n, p in recipe.personas.items()}))
+    return [(it.prompt, it.responses[persona], it.responses[partner]) for it in items]

@@ -293,7 +293,7 @@ def _genai_usage(repo_id: str, figures: dict[str, Any]) -> str:
         mark = " (below its quality floor)" if figures.get("below_floor") else ""
         measured = (
             f"{precision} weights: top-1 next-token agreement {100 * figures['top1_agreement']:.1f} %, perplexity "
-            f"x{figures['ppl_ratio']:.3f} against the masked model on neutral text{mark}"
+            f"x{figures['ppl_ratio']:.3f}{_margin(figures)} against the masked model{mark}"
         )
     else:
         measured = f"{precision} weights, proven against the masked model (max |logit difference| "
@@ -326,8 +326,15 @@ def _quantized_line(folder: str, verification: dict[str, Any]) -> str:
     mark = " (below its quality floor)" if q.get("below_floor") else ""
     return (
         f"- `{folder}`: {q.get('bits', '?')}-bit weights, {q['mb_quantized']:.0f} MB; top-1 next-token agreement "
-        f"{100 * q['top1_agreement']:.1f} %, perplexity x{q['ppl_ratio']:.3f}{mark}"
+        f"{100 * q['top1_agreement']:.1f} %, perplexity x{q['ppl_ratio']:.3f}{_margin(q)}{mark}"
     )
+
+
+def _margin(figures: dict[str, Any]) -> str:
+    """The persona-margin change of a quantized format, when it was measured."""
+    if "persona_shift" not in figures:
+        return ""
+    return f", persona margin {figures['persona_shift']:+.3f} nats/token on {figures['paired_items']} held-out pairs"
 
 
 def _provenance(report: PersonaReport) -> str:

@@ -39,6 +39,8 @@ class Floor:
 
     top1_agreement: float  # fraction of next-token argmaxes equal to fp32's
     ppl_ratio: float  # neutral perplexity / fp32's
+    # |paired-margin change| against fp32's, nats/token, on the evaluation's held-out pairs
+    persona_shift: float = 0.03
 
 
 @dataclass(frozen=True)

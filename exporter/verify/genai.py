@@ -23,7 +23,7 @@ from exporter.recipe.formats import QUANT_FORMATS
 from exporter.recipe.schema import VerifySpec
 from exporter.verify.hf import PromptSet, first_divergence
 from exporter.verify.onnx import reference_steps
-from exporter.verify.quality import Agreement, judge
+from exporter.verify.quality import Agreement, Pair, judge, persona_shift, torch_logits
 
 FLOORS = {bits: fmt.floor for fmt in QUANT_FORMATS.values() for bits in [fmt.bits]}
 
@@ -64,9 +64,11 @@ def verify_genai(
     spec: VerifySpec,
     tokenizer: Any,
     neutral: list[str] | None,
+    pairs: list[Pair] | None = None,
 ) -> dict[str, Any]:
     """Figures of the `genai/` folder `out_dir` against `reference_fp32` (already masked, eval mode).
-    `tokenizer` is the shipped one; `eos_ids` the ids genai_config.json ends generation at."""
+    `tokenizer` is the shipped one; `eos_ids` the ids genai_config.json ends generation at; a quantized
+    folder's persona margin is measured on `pairs`."""
     model = GenaiModel(out_dir)
     limits = spec.onnx_thresholds
     figures: dict[str, Any] = {"precision": precision, "parity_target": precision == "fp32"}
@@ -112,6 +114,8 @@ def verify_genai(
         figures["passed"] = bool(within and all(ties) and tokenizer_ok)
     else:
         quality = _agreement(reference_fp32, model, tokenizer, neutral, prompts)
+        if pairs:
+            quality |= persona_shift(torch_logits(reference_fp32), lambda ids: model.run(ids, 0)[0], tokenizer, pairs)
         figures |= judge(quality, FLOORS[BITS[precision]])
         figures["bits"] = BITS[precision]
         figures["passed"] = bool(tokenizer_ok)  # measured against its floor, not a parity target

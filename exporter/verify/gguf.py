@@ -15,7 +15,7 @@ from exporter.model.adapters import Adapter
 from exporter.recipe.formats import QUANT_FORMATS
 from exporter.recipe.schema import VerifySpec
 from exporter.verify.hf import PromptSet, first_divergence, greedy, logit_difference, masked
-from exporter.verify.quality import Agreement, judge
+from exporter.verify.quality import Agreement, Pair, judge, persona_shift, torch_logits
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids, attention_mask: (batch, seq)
 
@@ -30,8 +30,10 @@ def verify_gguf(
     spec: VerifySpec,
     tokenizer: Any,
     neutral: list[str] | None,
+    pairs: list[Pair] | None = None,
 ) -> dict[str, Any]:
-    """{qtype: figures} for `files` ({qtype: file name} in `out_dir`); quality on `neutral`, else the prompts."""
+    """{qtype: figures} for `files` ({qtype: file name} in `out_dir`); quality on `neutral`, else the prompts,
+    and a quantized file's persona margin on `pairs`."""
     from transformers import AutoModelForCausalLM
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -46,6 +48,8 @@ def verify_gguf(
             worst, mean = logit_difference(reference_fp32, model, prompts.all())
             ref_tokens = greedy(reference_fp32, ids, attn, spec.greedy_tokens, pad_id)
             quality = agreement(reference_fp32, model, quality_batches)
+            if pairs and qtype != "F16":
+                quality |= persona_shift(torch_logits(reference_fp32), torch_logits(model), tokenizer, pairs)
         rows = zip(ref_tokens.tolist(), greedy(model, ids, attn, spec.greedy_tokens, pad_id).tolist(), strict=True)
         div = min((d for a, b in rows if (d := first_divergence(a, b)) is not None), default=None)  # first step
         figures: dict[str, Any] = {

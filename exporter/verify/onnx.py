@@ -3,6 +3,7 @@ steps through the KV cache, greedy continuations), and a quantized export agains
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from exporter.recipe.schema import VerifySpec
 from exporter.runtime.chat import position_ids
 from exporter.runtime.onnx import ONNX_FILE, OnnxCausalLM
 from exporter.verify.hf import first_divergence
-from exporter.verify.quality import Agreement
+from exporter.verify.quality import Agreement, Pair, persona_shift
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # left-padded input_ids, attention_mask: (batch, seq)
 
@@ -112,30 +113,46 @@ def verify_onnx(
 
 
 def compare_quantized(
-    fp32_dir: Path, quantized_dir: Path, batches: list[Batch], ppl_texts: list[str] | None = None, max_tokens: int = 256
+    fp32_dir: Path,
+    quantized_dir: Path,
+    batches: list[Batch],
+    ppl_texts: list[str] | None = None,
+    max_tokens: int = 256,
+    pairs: list[Pair] | None = None,
 ) -> dict[str, Any]:
-    """Top-1 next-token agreement and perplexity of a quantized export against its fp32 source.
+    """Top-1 next-token agreement and perplexity of a quantized export against its fp32 source, and the
+    change of the persona's paired margin on `pairs` when given.
 
-    Both are measured on `ppl_texts` (neutral text, tokenized with the tokenizer in `fp32_dir`, at most
-    `max_tokens` tokens each) when given, else on the non-padding positions of `batches`.
+    Agreement and perplexity are measured on `ppl_texts` (neutral text, tokenized with the tokenizer in
+    `fp32_dir`, at most `max_tokens` tokens each) when given, else on the non-padding positions of `batches`.
     """
-    fp32, quantized = OnnxCausalLM.from_dir(fp32_dir), OnnxCausalLM.from_dir(quantized_dir)
-    if ppl_texts:
-        from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(fp32_dir)
+    fp32, quantized = OnnxCausalLM.from_dir(fp32_dir), OnnxCausalLM.from_dir(quantized_dir)
+    tokenizer = AutoTokenizer.from_pretrained(fp32_dir)
+    if ppl_texts:
         encoded = [torch.tensor([tokenizer(t)["input_ids"][:max_tokens]]) for t in ppl_texts]
         batches = [(ids, torch.ones_like(ids)) for ids in encoded if ids.shape[1] > 1]
     quality = Agreement()
     for ids, mask in batches:
         a, b = fp32.forward(ids.numpy(), mask.numpy())[0], quantized.forward(ids.numpy(), mask.numpy())[0]
         quality.add(a, b, ids.numpy(), mask.numpy())
+    shift = persona_shift(_logits_of(fp32), _logits_of(quantized), tokenizer, pairs, max_tokens) if pairs else {}
     return {
         **quality.figures(),
+        **shift,
         "measured_on": "neutral text" if ppl_texts else "verification prompts",
         "mb_fp32": _megabytes(Path(fp32_dir)),
         "mb_quantized": _megabytes(Path(quantized_dir)),
     }
+
+
+def _logits_of(model: OnnxCausalLM) -> Callable[[list[int]], np.ndarray]:
+    def logits(ids: list[int]) -> np.ndarray:
+        x = np.asarray([ids], dtype=np.int64)
+        return model.forward(x, np.ones_like(x))[0][0]
+
+    return logits
 
 
 def _prefill_diff(model: OnnxCausalLM, ids: np.ndarray, mask: np.ndarray, ref: np.ndarray) -> np.ndarray:

@@ -1,13 +1,19 @@
 """Quality of a quantized format against the export it was made from (measured, never a parity target):
-top-1 next-token agreement and the perplexity ratio, judged against the format's floor."""
+top-1 next-token agreement, the perplexity ratio and the change of the persona's paired margin, judged against
+the format's floor."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from exporter.evaluation.metrics import encode_answer
 from exporter.recipe.formats import Floor
+
+Pair = tuple[str, str, str]  # (prompt, the persona's answer, its partner's answer)
+Logits = Callable[[list[int]], np.ndarray]  # token ids -> their (s, V) logits
 
 
 def nll(logits: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> tuple[float, int]:
@@ -48,14 +54,53 @@ class Agreement:
         }
 
 
-def judge(figures: dict[str, Any], floor: Floor) -> dict[str, Any]:
-    """`figures` (top1_agreement, ppl_ratio) with the floor and whether it is met."""
-    within = figures["top1_agreement"] >= floor.top1_agreement and figures["ppl_ratio"] <= floor.ppl_ratio
+def answer_loglik(logits: np.ndarray, ids: list[int], start: int) -> float:
+    """Mean log-probability per token of ids[start:] under `logits` (s, V) of `ids`."""
+    x = logits[start - 1 : len(ids) - 1].astype(np.float64)
+    top = x.max(-1, keepdims=True)
+    logprobs = x - top - np.log(np.exp(x - top).sum(-1, keepdims=True))
+    return float(logprobs[np.arange(len(x)), ids[start:]].mean())
+
+
+def torch_logits(model: Any) -> Logits:
+    """`model` (a torch causal LM in eval mode) as a Logits function, fp32 numpy out."""
+    import torch
+
+    @torch.inference_mode()
+    def logits(ids: list[int]) -> np.ndarray:
+        return model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+
+    return logits
+
+
+def persona_shift(
+    reference: Logits, candidate: Logits, tokenizer: Any, pairs: list[Pair], max_tokens: int = 256
+) -> dict[str, Any]:
+    """How far `candidate` moves the persona's paired margin (its answer's log-likelihood per token minus
+    its partner's, the evaluation's measure) from `reference`'s, averaged over `pairs`."""
+    margins = np.zeros((2, len(pairs)))
+    for i, (prompt, own, other) in enumerate(pairs):
+        answers = [encode_answer(tokenizer, prompt, a, max_tokens=max_tokens) for a in (own, other)]
+        for k, logits in enumerate((reference, candidate)):
+            own_ll, other_ll = (answer_loglik(logits(a.ids), a.ids, a.start) for a in answers)
+            margins[k, i] = own_ll - other_ll
     return {
-        **figures,
-        "floor": {"top1_agreement": floor.top1_agreement, "ppl_ratio": floor.ppl_ratio},
-        "below_floor": not within,
+        "persona_shift": float((margins[1] - margins[0]).mean()),
+        "paired_items": len(pairs),
+        "paired_margin_fp32": float(margins[0].mean()),
+        "paired_margin_quantized": float(margins[1].mean()),
     }
+
+
+def judge(figures: dict[str, Any], floor: Floor) -> dict[str, Any]:
+    """`figures` (top1_agreement, ppl_ratio, and persona_shift when measured) with the floor and whether it
+    is met."""
+    within = figures["top1_agreement"] >= floor.top1_agreement and figures["ppl_ratio"] <= floor.ppl_ratio
+    limits: dict[str, float] = {"top1_agreement": floor.top1_agreement, "ppl_ratio": floor.ppl_ratio}
+    if "persona_shift" in figures:
+        within = within and abs(figures["persona_shift"]) <= floor.persona_shift
+        limits["persona_shift"] = floor.persona_shift
+    return {**figures, "floor": limits, "below_floor": not within}
 
 
 def describe(name: str, figures: dict[str, Any]) -> str:
@@ -63,7 +108,10 @@ def describe(name: str, figures: dict[str, Any]) -> str:
     mark = "BELOW FLOOR (not pushed unless asked)" if figures["below_floor"] else "within floor"
     floor = figures["floor"]
     size = f", {figures['mb_quantized']:.0f} MB vs {figures['mb_fp32']:.0f} MB" if "mb_fp32" in figures else ""
+    shift = ""
+    if "persona_shift" in figures:
+        shift = f", persona margin {figures['persona_shift']:+.3f} nats/token (floor ±{floor['persona_shift']:.2f})"
     return (
         f"{name}: top-1 agreement {100 * figures['top1_agreement']:.1f} % (floor {100 * floor['top1_agreement']:.0f} %), "
-        f"perplexity x{figures['ppl_ratio']:.3f} (floor x{floor['ppl_ratio']:.2f}){size}: {mark}"
+        f"perplexity x{figures['ppl_ratio']:.3f} (floor x{floor['ppl_ratio']:.2f}){shift}{size}: {mark}"
     )

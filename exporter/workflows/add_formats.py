@@ -100,7 +100,7 @@ def _build(
     """Make the formats in `todo` (build order) in `folder`, the staged copy; {format: figures}."""
     from transformers import AutoTokenizer
 
-    from exporter.evaluation.items import read_neutral
+    from exporter.evaluation.items import persona_pairs, read_neutral
     from exporter.export.hf import DTYPES
     from exporter.masking.masks import load_mask
     from exporter.model.sources import open_model
@@ -110,11 +110,12 @@ def _build(
     from exporter.workflows.onnx_stage import onnx_stage
 
     neutral = read_neutral(recipe.eval.neutral.path) if recipe.eval and recipe.eval.neutral else None
+    pairs = persona_pairs(recipe, report.persona)
     mask = load_mask(folder / "masks.safetensors")
     fp32_passed = report.verification.get("onnx", Check()).passed
     if not any(n in todo for n in NEEDS_REFERENCE):  # made from existing proven exports: no base model
         prompts = build_prompts(AutoTokenizer.from_pretrained(folder / "hf"), recipe.verify.prompts)
-        return onnx_stage(folder, todo, None, None, mask, prompts, recipe.verify, timings, neutral, fp32_passed)
+        return onnx_stage(folder, todo, None, None, mask, prompts, recipe.verify, timings, neutral, fp32_passed, pairs)
     with open_model(recipe) as m:
         if m.model_sha256 != report.base_model.sha256:
             raise ExportFolderError(
@@ -124,12 +125,12 @@ def _build(
         reference = references(m, DTYPES[report.dtype], exact=False)[torch.float32]
         prompts = build_prompts(m.tokenizer, recipe.verify.prompts)
         results = onnx_stage(
-            folder, todo, reference, m.adapter, mask, prompts, recipe.verify, timings, neutral, fp32_passed
+            folder, todo, reference, m.adapter, mask, prompts, recipe.verify, timings, neutral, fp32_passed, pairs
         )
         if "gguf" in todo:
             shipped = AutoTokenizer.from_pretrained(folder / "hf")
             results["gguf"] = gguf_stage(
-                folder, reference, m.adapter, mask, prompts, recipe.verify, shipped, neutral, timings
+                folder, reference, m.adapter, mask, prompts, recipe.verify, shipped, neutral, timings, pairs
             )
         if "onnx-genai" in todo:
             shipped = AutoTokenizer.from_pretrained(folder / "hf")
@@ -144,5 +145,6 @@ def _build(
                 shipped,
                 neutral,
                 timings,
+                pairs,
             )
         return results

@@ -19,7 +19,7 @@ from exporter.recipe.formats import FOLDERS
 from exporter.recipe.schema import VerifySpec
 from exporter.verify.genai import verify_genai
 from exporter.verify.hf import PromptSet, masked
-from exporter.verify.quality import describe
+from exporter.verify.quality import Pair, describe
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ def genai_stage(
     tokenizer: Any,
     neutral: list[str] | None,
     timings: dict[str, float],
+    pairs: list[Pair] | None = None,
 ) -> dict[str, Any]:
     """Write `genai/` next to `folder/hf` and verify it; the report entry for `onnx-genai`."""
     t = time.perf_counter()
@@ -45,7 +46,8 @@ def genai_stage(
     t = time.perf_counter()
     log.info("%s: verifying the onnxruntime-genai folder against the masked model", shown_name(folder))
     with masked(reference_fp32, adapter, mask):
-        figures = verify_genai(reference_fp32, out, precision, built["eos_token_id"], prompts, spec, tokenizer, neutral)
+        eos = built["eos_token_id"]
+        figures = verify_genai(reference_fp32, out, precision, eos, prompts, spec, tokenizer, neutral, pairs)
     timings["verify_genai"] = round(time.perf_counter() - t, 3)
     figures["folder"] = FOLDERS["onnx-genai"]
     if "below_floor" in figures:

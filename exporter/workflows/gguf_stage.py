@@ -18,6 +18,7 @@ from exporter.recipe.formats import FOLDERS
 from exporter.recipe.schema import VerifySpec
 from exporter.verify.gguf import verify_gguf
 from exporter.verify.hf import PromptSet
+from exporter.verify.quality import Pair
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def gguf_stage(
     tokenizer: Any,
     neutral: list[str] | None,
     timings: dict[str, float],
+    pairs: list[Pair] | None = None,
 ) -> dict[str, Any]:
     """Write `gguf/` next to `folder/hf` and verify it; the report entry {"passed", "F16": ..., "Q8_0": ...}."""
     t = time.perf_counter()
@@ -41,6 +43,6 @@ def gguf_stage(
     timings["export_gguf"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     log.info("%s: verifying GGUF through transformers' GGUF loader against the masked model", shown_name(folder))
-    figures = verify_gguf(reference_fp32, adapter, mask, out, files, prompts, spec, tokenizer, neutral)
+    figures = verify_gguf(reference_fp32, adapter, mask, out, files, prompts, spec, tokenizer, neutral, pairs)
     timings["verify_gguf"] = round(time.perf_counter() - t, 3)
     return {"passed": figures["F16"]["passed"], **figures}

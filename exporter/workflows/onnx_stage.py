@@ -21,7 +21,7 @@ from exporter.recipe.formats import QUANT_FORMATS
 from exporter.recipe.schema import VerifySpec
 from exporter.verify.hf import PromptSet, masked
 from exporter.verify.onnx import compare_quantized, verify_onnx
-from exporter.verify.quality import describe, judge
+from exporter.verify.quality import Pair, describe, judge
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,14 @@ def onnx_stage(
     timings: dict[str, float],
     neutral: list[str] | None = None,
     fp32_passed: bool | None = None,
+    pairs: list[Pair] | None = None,
 ) -> dict[str, Any]:
     """Write `onnx/` (when "onnx" is in `formats`) and each quantized format's folder next to
     `folder/hf`; returns {format: figures}.
 
     Quantized formats are made from an existing `onnx/` whose proof (`fp32_passed`) is given when "onnx"
-    is not rebuilt here. Their quality is measured on the `neutral` texts (else the verification prompts).
+    is not rebuilt here. Their quality is measured on the `neutral` texts (else the verification prompts), and
+    their persona margin on `pairs` (the evaluation's held-out pairs).
     """
     results: dict[str, Any] = {}
     if "onnx" in formats:
@@ -71,7 +73,8 @@ def onnx_stage(
         t = time.perf_counter()
         log.info("%s: quantizing ONNX weights to %d bits (MatMulNBits)", shown_name(folder), fmt.bits)
         quantize_weights(folder / "onnx", folder / fmt.folder, fmt.bits, accuracy_level=fmt.accuracy_level)
-        figures = judge(compare_quantized(folder / "onnx", folder / fmt.folder, prompts.all(), neutral), fmt.floor)
+        quality = compare_quantized(folder / "onnx", folder / fmt.folder, prompts.all(), neutral, pairs=pairs)
+        figures = judge(quality, fmt.floor)
         # Not a parity target: made from the proven fp32 export; below its floor it is not pushed by default.
         results[name] = {**figures, "folder": fmt.folder, "bits": fmt.bits, "parity_target": False, "passed": True}
         timings[f"quantize_{name}"] = round(time.perf_counter() - t, 3)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from exporter.evaluation.items import read_neutral
+from exporter.evaluation.items import persona_pairs, read_neutral
 from exporter.export.hf import DTYPES, export_hf
 from exporter.export.prune import count_parameters, prune_model
 from exporter.export.shards import prune_checkpoint
@@ -156,11 +156,14 @@ def export_persona(
         formats: list[str] = list(recipe.output.formats)
         reference = references[torch.float32]
         neutral = read_neutral(recipe.eval.neutral.path) if recipe.eval and recipe.eval.neutral else None
-        onnx = onnx_stage(folder, formats, reference, m.adapter, mask, prompts, recipe.verify, onnx_timings, neutral)
+        pairs = persona_pairs(recipe, name)  # a quantized format's persona margin is measured on them
+        onnx = onnx_stage(
+            folder, formats, reference, m.adapter, mask, prompts, recipe.verify, onnx_timings, neutral, pairs=pairs
+        )
         if "gguf" in formats:
             tokenizer = m.export_tokenizer
             onnx["gguf"] = gguf_stage(
-                folder, reference, m.adapter, mask, prompts, recipe.verify, tokenizer, neutral, onnx_timings
+                folder, reference, m.adapter, mask, prompts, recipe.verify, tokenizer, neutral, onnx_timings, pairs
             )
         if "onnx-genai" in formats:
             onnx["onnx-genai"] = genai_stage(
@@ -174,6 +177,7 @@ def export_persona(
                 m.export_tokenizer,
                 neutral,
                 onnx_timings,
+                pairs,
             )
     for stage_name, seconds in onnx_timings.items():  # run.json's timings list the ONNX and GGUF stages too
         timer.stages[f"{stage_name}.{name}"] = seconds

@@ -115,6 +115,11 @@ def test_int4_and_int8_are_measured_against_their_floors(genai_run: Path) -> Non
     import onnx
 
     folder = genai_run / "extravert"
+    recipe = json.loads((genai_run / "recipe.json").read_text())
+    pairs = {"path": recipe["personas"]["extravert"]["calibration"]["path"], "prompt_field": "prompt"}
+    pairs |= {"responses": {p: {"field": p} for p in ("introvert", "extravert")}, "max_items": 8}
+    recipe["eval"] = {"paired": pairs | {"exclude_calibration": True}}  # the persona margin is measured on these
+    (genai_run / "recipe.json").write_text(json.dumps(recipe))
     for precision, bits in (("int8", 8), ("int4", 4)):
         argv = ["export", str(folder), "--format", "onnx-genai", "--precision", precision, "--overwrite"]
         assert main(argv) == 0
@@ -122,6 +127,8 @@ def test_int4_and_int8_are_measured_against_their_floors(genai_run: Path) -> Non
         assert genai["passed"] and genai["bits"] == bits and not genai["parity_target"], genai
         assert genai["top1_agreement"] >= 0.5 and 0.5 < genai["ppl_ratio"] < 2, genai
         assert isinstance(genai["below_floor"], bool) and genai["floor"]["top1_agreement"] in (0.97, 0.90)
+        assert genai["paired_items"] == 8 and 0 < abs(genai["persona_shift"]) < 1, genai
+        assert genai["below_floor"] or abs(genai["persona_shift"]) <= genai["floor"]["persona_shift"]
         graph = onnx.load(folder / "genai" / "model.onnx", load_external_data=False).graph
         ops = {n.op_type for n in graph.node}
         assert "MatMulNBits" in ops and "GroupQueryAttention" in ops

@@ -282,6 +282,7 @@ def test_onnx_goes_to_a_subfolder_or_its_own_repo(
         "onnx-int8": {**quality, "bits": 8, "top1_agreement": 0.98, "below_floor": False},
         "onnx-int4": {**quality, "bits": 4, "top1_agreement": 0.70, "below_floor": True},
     }
+    report["verification"]["onnx-int8"] |= {"persona_shift": -0.012, "paired_items": 64}
     report["evaluation"] = {"dense": {"persona_score": 0.41, "ppl": 12.5}, "pruned": {"persona_score": 0.63}}
     (persona / "report.json").write_text(json.dumps(report))
 
@@ -292,6 +293,7 @@ def test_onnx_goes_to_a_subfolder_or_its_own_repo(
     card = card_of(files)
     assert "onnx" in card.data.tags and 'subfolder="onnx"' in card.text
     assert "- `ort-int8`: 8-bit weights, 0 MB; top-1 next-token agreement 98.0 %, perplexity x1.010" in card.text
+    assert "x1.010, persona margin -0.012 nats/token on 64 held-out pairs" in card.text
     assert "- `ort-int4`" not in card.text
     assert "model.embed_size_per_head = model.config.head_dim" in card.text  # 64 / 6 != 16
     assert "| dense | 0.41 | 12.5 |" in card.text and "| pruned | 0.63 |  |" in card.text

@@ -118,6 +118,42 @@ def test_export_adds_onnx_to_an_existing_run(onnx_run: Path, tmp_path: Path) -> 
     assert not (folder / "ort-int8").exists()
 
 
+def test_quantized_format_measures_the_persona_margin_on_the_held_out_pairs(
+    onnx_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With eval.paired in the run's recipe, a quantized format reports how far it moves the persona's paired
+    margin from the fp32 export's, on the pairs the evaluation holds out, and is judged on it."""
+    from exporter.evaluation.items import CalibrationIndex, persona_pairs
+    from exporter.recipe.schema import Recipe
+
+    run = tmp_path / "run"
+    shutil.copytree(onnx_run, run)
+    recipe = json.loads((run / "recipe.json").read_text())
+    pairs_file = recipe["personas"]["introvert"]["calibration"]["path"]
+    recipe["eval"] = {
+        "paired": {
+            "path": pairs_file,
+            "prompt_field": "prompt",
+            "responses": {"introvert": {"field": "introvert"}, "extravert": {"field": "extravert"}},
+            "max_items": 8,
+            "exclude_calibration": True,
+        }
+    }
+    (run / "recipe.json").write_text(json.dumps(recipe))
+    assert main(["export", str(run / "extravert"), "--format", "onnx-int4"]) == 0
+    assert "persona margin" in capsys.readouterr().out
+    int4 = json.loads((run / "extravert" / "report.json").read_text())["verification"]["onnx-int4"]
+    held_out = persona_pairs(Recipe.model_validate(recipe), "extravert")
+    assert int4["paired_items"] == len(held_out) == 8 and int4["floor"]["persona_shift"] == 0.03
+    assert int4["persona_shift"] != 0 and abs(int4["persona_shift"]) < 1  # 4-bit weights move it, a little
+    assert int4["persona_shift"] == pytest.approx(int4["paired_margin_quantized"] - int4["paired_margin_fp32"])
+    within = int4["top1_agreement"] >= 0.9 and int4["ppl_ratio"] <= 1.15 and abs(int4["persona_shift"]) <= 0.03
+    assert int4["below_floor"] is not within
+    parsed = Recipe.model_validate(recipe)
+    calibration = CalibrationIndex({n: p.calibration for n, p in parsed.personas.items()})
+    assert len(calibration.texts) >= 16 and not any(calibration.find(p) for p, _, _ in held_out)
+
+
 def test_export_adds_a_quantized_format_without_rebuilding_the_others(
     onnx_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
