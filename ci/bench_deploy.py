@@ -118,10 +118,10 @@ def build(tmp: Path) -> tuple[Path, Path]:
     from exporter.model.sources import load_model
     from exporter.recipe.formats import QUANT_FORMATS
     from exporter.recipe.load import load_recipe
+    from exporter.workflows.add_formats import add_formats
     from exporter.workflows.run import run
 
-    formats = "output.formats=[hf, " + ", ".join(FORMATS) + "]"
-    recipe = load_recipe(RECIPE, ["eval=null", formats])
+    recipe = load_recipe(RECIPE, ["eval=null", "output.formats=[hf, onnx]"])
     m = load_model(recipe)
     dense = tmp / "dense"
     m.model.save_pretrained(dense / "hf")
@@ -130,8 +130,14 @@ def build(tmp: Path) -> tuple[Path, Path]:
     for fmt in QUANT_FORMATS.values():
         quantize_weights(dense / "onnx", dense / fmt.folder, fmt.bits, accuracy_level=fmt.accuracy_level)
     del m
-    run(recipe, tmp / "run")
-    return dense, tmp / "run" / "extravert"
+    run(recipe, tmp / "run")  # without the evaluation (minutes); its neutral text and pairs are added below
+    recipe_file = tmp / "run" / "recipe.json"
+    saved = json.loads(recipe_file.read_text())
+    saved["eval"] = load_recipe(RECIPE).model_dump(mode="json")["eval"]
+    recipe_file.write_text(json.dumps(saved))
+    persona = tmp / "run" / "extravert"
+    add_formats(persona, list(QUANT_FORMATS))  # quality on neutral text and the held-out pairs, as a run has it
+    return dense, persona
 
 
 def gguf_file() -> Path | None:
@@ -202,19 +208,20 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
         f"\n## CPU decode, {ids.shape[1]}-token chat prompt, {NEW_TOKENS} greedy tokens, {args.threads} threads, "
         f"median of {args.repeats} interleaved rounds (load average {load:.1f} on {os.cpu_count()} cores)"
     )
-    print(f"{'model':8s} {'format':26s} {'tok/s':>7s} {'prefill ms':>10s} {'x dense fp32':>12s} {'quality':>34s}")
+    print(f"{'model':8s} {'format':26s} {'tok/s':>7s} {'prefill ms':>10s} {'x dense fp32':>12s} {'quality':>48s}")
     base = statistics.median(rates[("dense", "onnx")])
     for (who, fmt), values in rates.items():
         q = quality.get((who, fmt), {})
         measured = ""
         if "top1_agreement" in q:
             measured = f"top-1 {100 * q['top1_agreement']:.1f} %, ppl x{q['ppl_ratio']:.3f}"
+            measured += f", margin {q['persona_shift']:+.3f}" if "persona_shift" in q else ""
             measured += " BELOW FLOOR" if q["below_floor"] else ""
         elif q.get("parity_target") and "max_abs_logit_diff" in q:
             measured = f"proven, max|dlogit| {q['max_abs_logit_diff']:.1e}"
         rate = statistics.median(values)
         prefill = 1000 * statistics.median(prefills[(who, fmt)])
-        print(f"{who:8s} {fmt:26s} {rate:7.1f} {prefill:10.1f} {rate / base:12.2f} {measured:>34s}")
+        print(f"{who:8s} {fmt:26s} {rate:7.1f} {prefill:10.1f} {rate / base:12.2f} {measured:>48s}")
 
     def usable(key: tuple[str, str]) -> bool:
         """A persona format that is proven (fp32) or measured within its quality floor."""

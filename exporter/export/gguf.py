@@ -170,7 +170,7 @@ def export_gguf(hf_dir: Path, out_dir: Path, qtypes: tuple[str, ...] = GGUF_TYPE
             writer.write_tensors_to_file()
             writer.close()
             written[qtype] = file_name(qtype)
-    log.info("wrote GGUF %s to %s", ", ".join(qtypes), out_dir)
+    log.debug("wrote GGUF %s to %s", ", ".join(qtypes), out_dir)
     return written
 
 

@@ -59,7 +59,7 @@ def quantize_weights(
             quantized, stage / ONNX_FILE, save_as_external_data=large, location=f"{ONNX_FILE}_data" if large else None
         )
         carry_files(onnx_dir, stage, ("config.json", *CARRIED_FILES))
-    log.info("quantized %s to %d-bit MatMulNBits in %.1f s", onnx_dir, bits, time.perf_counter() - start)
+    log.debug("quantized %s to %d-bit MatMulNBits in %.1f s", onnx_dir, bits, time.perf_counter() - start)
     return out_dir
 
 
