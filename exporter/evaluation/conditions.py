@@ -26,7 +26,6 @@ from exporter.evaluation.items import EvalItems, load_items
 from exporter.evaluation.metrics import (
     Intervention,
     Scored,
-    encode_answer,
     neutral_scores,
     neutral_windows,
     sequence_logliks,
@@ -44,6 +43,7 @@ from exporter.recipe.eval import EvalSpec, eval_problems
 from exporter.recipe.schema import Recipe
 from exporter.reports.markdown import write_run_reports
 from exporter.reports.persona import PersonaReport
+from exporter.runtime.chat import encode_answer
 from exporter.verify.hf import masked
 
 log = logging.getLogger(__name__)

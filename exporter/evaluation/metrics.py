@@ -22,33 +22,9 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from exporter.errors import CalibrationDataError
-from exporter.runtime.chat import encode_reply, position_ids
+from exporter.runtime.chat import Scored, position_ids
 
 Intervention = Callable[[], AbstractContextManager[Any]]
-
-
-@dataclass(frozen=True)
-class Scored:
-    """A token sequence whose tokens [start, len) are scored."""
-
-    ids: list[int]
-    start: int
-
-
-def encode_answer(
-    tokenizer: Any, prompt: str | None, answer: str, *, system: str | None = None, max_tokens: int = 256
-) -> Scored:
-    """Prompt (+ system prompt) and answer as one chat; the answer's content tokens are scored (not the
-    template's end-of-turn tokens)."""
-    ids, n_prefix = encode_reply(tokenizer, prompt, answer, system, end_of_turn=False)
-    start = max(n_prefix, 1)  # the first token of a sequence has no prediction
-    ids = ids[:max_tokens]
-    if len(ids) <= start:
-        raise CalibrationDataError(
-            f"a prompt fills all {max_tokens} tokens (eval.max_tokens), leaving no answer token; raise max_tokens"
-        )
-    return Scored(ids, start)
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ verification prompts) and `reply_prefix` (the evaluation, which scores what foll
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from exporter.errors import CalibrationDataError
@@ -110,3 +111,26 @@ def position_ids(attention_mask: Mask) -> Mask:
     pos = attention_mask.cumsum(-1) - 1  # type: ignore[attr-defined]
     pos[attention_mask == 0] = 1
     return pos  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A token sequence whose tokens [start, len) are scored."""
+
+    ids: list[int]
+    start: int
+
+
+def encode_answer(
+    tokenizer: Any, prompt: str | None, answer: str, *, system: str | None = None, max_tokens: int = 256
+) -> Scored:
+    """Prompt (+ system prompt) and answer as one chat; the answer's content tokens are scored (not the
+    template's end-of-turn tokens)."""
+    ids, n_prefix = encode_reply(tokenizer, prompt, answer, system, end_of_turn=False)
+    start = max(n_prefix, 1)  # the first token of a sequence has no prediction
+    ids = ids[:max_tokens]
+    if len(ids) <= start:
+        raise CalibrationDataError(
+            f"a prompt fills all {max_tokens} tokens (eval.max_tokens), leaving no answer token; raise max_tokens"
+        )
+    return Scored(ids, start)

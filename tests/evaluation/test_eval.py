@@ -18,7 +18,6 @@ from exporter.evaluation.conditions import evaluate_masks, prepare
 from exporter.evaluation.items import EvalDataError
 from exporter.evaluation.metrics import (
     contrast_ci,
-    encode_answer,
     mean_ci,
     neutral_scores,
     neutral_windows,
@@ -33,6 +32,7 @@ from exporter.model.adapters import adapter_for
 from exporter.recipe.eval import EvalSpec
 from exporter.recipe.load import load_recipe
 from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
+from exporter.runtime.chat import encode_answer
 from exporter.verify.hf import masked
 from tests.helpers import (
     NEUTRAL,
