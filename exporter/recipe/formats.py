@@ -66,3 +66,6 @@ QUANT_FORMATS = {
     "onnx-int8": QuantFormat("onnx-int8", 8, Floor(0.97, 1.05), accuracy_level=1),
     "onnx-int4": QuantFormat("onnx-int4", 4, Floor(0.90, 1.15), accuracy_level=4),
 }
+
+# formats with a quantized file whose quality (and persona margin) is measured: GGUF's Q8_0, genai below fp32
+MEASURED_FORMATS = {*QUANT_FORMATS, "gguf", "onnx-genai"}

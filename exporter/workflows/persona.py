@@ -19,6 +19,7 @@ from exporter.io import folder_bytes
 from exporter.masking.masks import PersonaMask
 from exporter.model.checkpoint import checkpoint_parameters
 from exporter.model.sources import Loaded
+from exporter.recipe.formats import MEASURED_FORMATS
 from exporter.recipe.schema import Recipe
 from exporter.reports.persona import (
     BaseModelInfo,
@@ -156,7 +157,8 @@ def export_persona(
         formats: list[str] = list(recipe.output.formats)
         reference = references[torch.float32]
         neutral = read_neutral(recipe.eval.neutral.path) if recipe.eval and recipe.eval.neutral else None
-        pairs = persona_pairs(recipe, name)  # a quantized format's persona margin is measured on them
+        # a quantized format's persona margin is measured on them; read only when such a format is made
+        pairs = persona_pairs(recipe, name) if MEASURED_FORMATS & set(formats) else None
         onnx = onnx_stage(
             folder, formats, reference, m.adapter, mask, prompts, recipe.verify, onnx_timings, neutral, pairs=pairs
         )
