@@ -229,17 +229,17 @@ def compute_mask(
 ) -> PersonaMask:
     g = stats.geometry
     mlp_keep = head_keep = group_keep = None
-    if prune.mlp is not None and prune.mlp.sparsity > 0:
-        k = removal_count(g.intermediate, prune.mlp.sparsity, prune.mlp.round_to, "MLP neurons")
+    if prune.mlp is not None and (s := prune.mlp.fraction(persona)) > 0:
+        k = removal_count(g.intermediate, s, prune.mlp.round_to, "MLP neurons")
         mlp_keep = _unit_keep("mlp", k, method, stats, partner, col_sq, 1)
-    if prune.attention is not None and prune.attention.sparsity > 0:
+    if prune.attention is not None and (s := prune.attention.fraction(persona)) > 0:
         if prune.attention.unit == "kv-group":
-            k = removal_count(g.kv_heads, prune.attention.sparsity, 1, "KV groups")
+            k = removal_count(g.kv_heads, s, 1, "KV groups")
             group_keep = _unit_keep("group", k, method, stats, partner, col_sq, 1)
             per_group = torch.arange(g.group_size)
             head_keep = (group_keep.unsqueeze(-1) * g.group_size + per_group).flatten(1)
         else:
-            k = removal_count(g.group_size, prune.attention.sparsity, 1, "query heads per KV group")
+            k = removal_count(g.group_size, s, 1, "query heads per KV group")
             head_keep = _unit_keep("head", k, method, stats, partner, col_sq, g.kv_heads)
             group_keep = torch.arange(g.kv_heads).expand(g.layers, -1).clone()
     return PersonaMask(persona, g, mlp_keep, head_keep, group_keep)

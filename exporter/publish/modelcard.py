@@ -93,7 +93,7 @@ def _removed(report: PersonaReport) -> str:
         how += f", against the `{report.partner}` persona"
     lines = ["## What was removed, and how", "", how + "."]
     if prune.mlp:
-        lines.append(f"MLP: {prune.mlp.sparsity:.0%} of the intermediate neurons of every layer.")
+        lines.append(f"MLP: {prune.mlp.fraction(report.persona):.0%} of the intermediate neurons of every layer.")
     if (alpha := method.alpha(report.persona)) > 0:
         n = len(report.removed_per_layer["mlp"])
         lines.append(
@@ -108,7 +108,7 @@ def _removed(report: PersonaReport) -> str:
         )
     if prune.attention:
         att = prune.attention
-        lines.append(f"Attention: {att.sparsity:.0%} of the {att.unit} units of every layer.")
+        lines.append(f"Attention: {att.fraction(report.persona):.0%} of the {att.unit} units of every layer.")
     dense, pruned = report.geometry.dense, report.geometry.pruned
     rows = [["unit", "per layer, dense -> pruned", "layers", "removed in total"]]
     for kind, removed in report.removed_per_layer.items():

@@ -22,6 +22,31 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in loc) or "<top level>"
 
 
+def _branch(part: Any) -> str | None:
+    """Which side of a 'one value, or a mapping per persona' setting a location part names, if it is one."""
+    if not isinstance(part, str):
+        return None
+    if part.startswith("dict["):
+        return "mapping"
+    return "value" if part in ("float", "constrained-float", "int", "constrained-int") else None
+
+
+def _relevant(errors: list[Any]) -> list[Any]:
+    """Errors of the branch the user wrote: a number given where one value or a per-persona mapping is
+    accepted is judged as a value, a mapping as a mapping; the branch's name leaves the location."""
+    out = []
+    for err in errors:
+        loc = tuple(err["loc"])
+        branch = next(((i, b) for i, part in enumerate(loc) if (b := _branch(part))), None)
+        if branch is not None:
+            i, side = branch
+            if side != ("mapping" if isinstance(err.get("input"), dict) or len(loc) > i + 1 else "value"):
+                continue
+            err = {**err, "loc": loc[:i] + loc[i + 1 :]}
+        out.append(err)
+    return out
+
+
 def override_value(item: str, raw: str) -> Any:
     """An override's value, read as YAML data (no tags, no duplicate keys); errors name the override."""
     try:
@@ -131,7 +156,7 @@ def parse_recipe(data: Any, base: Path, source: str = "<recipe>") -> Recipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         lines = []
-        for err in exc.errors():
+        for err in _relevant(exc.errors()):
             lines.append(f"  {_loc(err['loc'])}: {_schema_message(err)}")
         raise RecipeError(f"{source}: {len(lines)} problem(s):\n" + "\n".join(lines)) from None
     problems = semantic_problems(recipe)

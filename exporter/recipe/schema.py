@@ -23,6 +23,15 @@ EMBEDDED_MODELS = ("smollm2-135m-instruct",)
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
+def per_persona(value: float | dict[str, float], persona: str, default: float) -> float:
+    """A setting given once for every persona, or as a mapping per persona (a persona left out: `default`)."""
+    return value.get(persona, default) if isinstance(value, dict) else value
+
+
+def values(value: float | dict[str, float]) -> list[float]:
+    return list(value.values()) if isinstance(value, dict) else [value]
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -91,20 +100,32 @@ class MethodSpec(Strict):
         return self.score.startswith("contrastive-")
 
     def alpha(self, persona: str) -> float:
-        return self.steer.get(persona, 0.0) if isinstance(self.steer, dict) else self.steer
+        return per_persona(self.steer, persona, 0.0)
 
     def depth(self, persona: str) -> float:
         """The fraction of the first layers that carry `persona`'s steering bias."""
-        d = self.steer_layers
-        return d.get(persona, 1.0) if isinstance(d, dict) else d
+        return per_persona(self.steer_layers, persona, 1.0)
 
     @property
     def steers(self) -> bool:
-        return any(a > 0 for a in (self.steer.values() if isinstance(self.steer, dict) else [self.steer]))
+        return any(a > 0 for a in values(self.steer))
 
 
-class MlpPrune(Strict):
-    sparsity: Fraction
+class Units(Strict):
+    # the fraction of the units of every layer that a persona's mask selects: one value, or one per persona
+    # ({introvert: 0.01, extravert: 0.02}; a persona left out: 0, it removes none of these units)
+    sparsity: Fraction | dict[str, Fraction]
+
+    def fraction(self, persona: str) -> float:
+        return per_persona(self.sparsity, persona, 0.0)
+
+    @property
+    def prunes(self) -> bool:
+        """Whether some persona's mask selects some of these units."""
+        return any(s > 0 for s in values(self.sparsity))
+
+
+class MlpPrune(Units):
     round_to: Annotated[int, Field(ge=1)] = 1
     # removed neurons' mean output kept as a down_proj bias (FLAP): mean over both personas' data or the own
     compensate: Literal["none", "personas", "persona"] = "none"
@@ -114,9 +135,8 @@ class MlpPrune(Strict):
     amplify: Annotated[float, Field(ge=1.0, le=4.0)] = 1.0
 
 
-class AttentionPrune(Strict):
+class AttentionPrune(Units):
     unit: Literal["kv-group", "query-head"]
-    sparsity: Fraction
     gamma: Fraction = 0.0  # as for MLP neurons, on the o_proj columns of the selected heads
     amplify: Annotated[float, Field(ge=1.0, le=4.0)] = 1.0
 
@@ -173,12 +193,12 @@ class TuneSpec(Strict):
     with every persona's neutral perplexity at most `max_perplexity_ratio` x dense (and, by default, some units
     removed)."""
 
-    sparsity: Annotated[list[Fraction], Field(min_length=1)]  # MLP sparsities
+    sparsity: Annotated[list[Fraction | dict[str, Fraction]], Field(min_length=1)]  # MLP sparsities, as prune.mlp
     steer: Annotated[list[Alpha | dict[str, Alpha]], Field(min_length=1)] = [0.0]  # as method.steer
     steer_layers: Annotated[list[Depth | dict[str, Depth]], Field(min_length=1)] = [1.0]
-    # also try each persona's own best steering (alpha and layers) among points that differ only in `steer` and
-    # `steer_layers` (both as mappings)
-    steer_per_persona: bool = False
+    # also let each persona take its own best sparsity, steering alpha and steered layers among points that
+    # differ only in those (`sparsity`, `steer` and `steer_layers` then mappings per persona)
+    per_persona: bool = False
     compensate: Annotated[list[Literal["none", "personas", "persona"]], Field(min_length=1)] = ["none"]
     gamma: Annotated[list[Fraction], Field(min_length=1)] = [0.0]  # MLP soft-mask factors (0 = removal)
     amplify: Annotated[list[Annotated[float, Field(ge=1.0, le=4.0)]], Field(min_length=1)] = [1.0]
@@ -283,7 +303,11 @@ def semantic_problems(r: Recipe) -> list[str]:
                     "pair; add it to 'pairs' or use 'wanda'/'sparse'"
                 )
     mappings: list[tuple[str, Any]] = [("method.steer", r.method.steer), ("method.steer_layers", r.method.steer_layers)]
+    mappings += [
+        (f"prune.{k}.sparsity", u.sparsity) for k, u in (("mlp", r.prune.mlp), ("attention", r.prune.attention)) if u
+    ]
     if r.tune is not None:
+        mappings += [(f"tune.sparsity.{i}", v) for i, v in enumerate(r.tune.sparsity)]
         mappings += [(f"tune.steer.{i}", v) for i, v in enumerate(r.tune.steer)]
         mappings += [(f"tune.steer_layers.{i}", v) for i, v in enumerate(r.tune.steer_layers)]
     for where, value in mappings:
@@ -313,7 +337,7 @@ def semantic_problems(r: Recipe) -> list[str]:
         )
     if r.prune.mlp is None and r.prune.attention is None:
         problems.append("prune: name at least one unit kind to prune ('mlp' and/or 'attention')")
-    elif not r.method.steers and all(p.sparsity == 0 for p in (r.prune.mlp, r.prune.attention) if p is not None):
+    elif not r.method.steers and not any(p.prunes for p in (r.prune.mlp, r.prune.attention) if p is not None):
         problems.append(
             "prune: every sparsity is 0 and method.steer is 0, so each persona export would be the unpruned "
             "model; give 'prune.mlp.sparsity' (or attention) a value above 0, or set method.steer"

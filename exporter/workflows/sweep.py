@@ -68,14 +68,14 @@ def check_sweep(recipe: Recipe, sparsities: list[float], unit: str) -> None:
     if not sparsities:
         raise RecipeError("sweep: no sparsity given; pass e.g. --sparsity 0.01,0.02,0.05")
     other = recipe.prune.attention if unit == "mlp" else recipe.prune.mlp
-    if 0.0 in sparsities and (other is None or other.sparsity == 0) and not recipe.method.steers:
+    if 0.0 in sparsities and (other is None or not other.prunes) and not recipe.method.steers:
         raise RecipeError(
             "--sparsity: 0 with no other unit pruned and no steering removes nothing (the dense model is already "
             "the baseline of every point); leave 0 out"
         )
 
 
-def with_sparsity(prune: PruneSpec, unit: str, sparsity: float) -> PruneSpec:
+def with_sparsity(prune: PruneSpec, unit: str, sparsity: float | dict[str, float]) -> PruneSpec:
     """The recipe's prune section with the MLP (or attention) sparsity replaced."""
     if unit == "mlp":
         mlp = prune.mlp.model_copy(update={"sparsity": sparsity}) if prune.mlp else MlpPrune(sparsity=sparsity)

@@ -40,7 +40,7 @@ from exporter.masking.masks import PersonaMask, compute_masks
 from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.masking.steer import with_biases
 from exporter.model.sources import load_model
-from exporter.recipe.schema import MethodSpec, Recipe
+from exporter.recipe.schema import MethodSpec, Recipe, per_persona
 from exporter.reports.markdown import md_table, save_png
 from exporter.reports.provenance import Timer
 from exporter.workflows.sweep import with_sparsity
@@ -151,7 +151,8 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
             args = (m.model, m.tokenizer, m.adapter, validation, val_items.reply_prompts, masks, systems, opposite)
             replies = evaluate_replies(*args, cache=reply_cache)
         figures = _point_figures(evals, replies)
-        removes = figures["removes"] = mlp.sparsity > 0 and mlp.gamma == 0  # gamma > 0 keeps every unit
+        # every persona removes units (gamma > 0 keeps every unit)
+        removes = figures["removes"] = all(mlp.fraction(p) > 0 for p in masks) and mlp.gamma == 0
         within = all(_within(v, spec.max_perplexity_ratio, max_repeated) for v in figures["personas"].values())
         figures["feasible"] = within and (removes or not spec.require_removal)
         log.info(
@@ -168,9 +169,9 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         points.append({"setting": setting, **figures})
         candidates.append((r, masks))
     scored = [p for p in points if "error" not in p]  # aligned with candidates
-    if spec.steer_per_persona:
+    if spec.per_persona:
         bounds = (spec.max_perplexity_ratio, max_repeated, spec.require_removal)
-        for point, candidate in per_persona_steering(scored, candidates, *bounds):
+        for point, candidate in per_persona_settings(scored, candidates, *bounds):
             points.append(point)
             scored.append(point)
             candidates.append(candidate)
@@ -181,9 +182,9 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         f"perplexity <= {spec.max_perplexity_ratio}x dense"
         + (f" and its replies' repeated 4-grams <= dense + {max_repeated}" if validation.replies is not None else "")
         + (
-            "; each persona's steering (alpha, layers) chosen on its own (its largest shift within the bounds, "
-            "the other settings equal)"
-            if spec.steer_per_persona
+            "; each persona's sparsity and steering (alpha, layers) chosen on its own (its largest shift within "
+            "the bounds, the other settings equal)"
+            if spec.per_persona
             else ""
         ),
         "max_perplexity_ratio": spec.max_perplexity_ratio,
@@ -222,28 +223,32 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     return report
 
 
-STEERING = ("steer", "steer_layers")  # the settings a persona can take on its own
+OWN = ("sparsity", "steer", "steer_layers")  # the settings a persona can take on its own
 
 
 def _within(figures: dict[str, Any], max_ppl: float, max_repeated: float) -> bool:
     return figures["perplexity_ratio"] <= max_ppl and figures.get("repeated_4grams_over_dense", 0.0) <= max_repeated
 
 
-def per_persona_steering(
+def per_persona_settings(
     scored: list[dict[str, Any]],
     candidates: list[tuple[Recipe, dict[str, PersonaMask]]],
     max_ppl: float,
     max_repeated: float,
     require_removal: bool,
 ) -> list[tuple[dict[str, Any], tuple[Recipe, dict[str, PersonaMask]]]]:
-    """Points whose steering is chosen per persona. A persona's export depends only on its own steering (its
-    mask and its bias), so among grid points that differ only in single-number `steer` / `steer_layers`, each
-    persona takes the point of its largest shift within the bounds; the new point combines those exports
-    (`steer` and `steer_layers` as mappings)."""
+    """Points whose sparsity and steering are chosen per persona. A persona's export depends only on its own
+    sparsity (its mask scores its units against its partner's statistics, whatever the partner removes) and its
+    own steering, so among grid points that differ only in single-number `sparsity` / `steer` / `steer_layers`,
+    each persona takes the point of its largest shift within the bounds; the new point combines those exports
+    (the three as mappings). With amplify > 1 a persona's export also depends on its partner's mask, so its
+    sparsity stays common there."""
     groups: dict[str, list[int]] = {}
     for i, scored_point in enumerate(scored):
-        if not any(isinstance(scored_point["setting"][k], dict) for k in STEERING):
-            rest = {k: v for k, v in scored_point["setting"].items() if k not in STEERING}
+        setting = scored_point["setting"]
+        own = OWN if setting["amplify"] == 1 else OWN[1:]
+        if not any(isinstance(setting[k], dict) for k in OWN):
+            rest = {k: v for k, v in setting.items() if k not in own}
             groups.setdefault(repr(sorted(rest.items())), []).append(i)
     out = []
     for members in groups.values():
@@ -255,17 +260,19 @@ def per_persona_steering(
                 pick[p] = max(ok, key=lambda i: scored[i]["personas"][p]["shift"])
         if len(pick) != len(personas) or len(set(pick.values())) == 1:
             continue  # a persona has no point within the bounds, or one point already serves every persona
-        steering = {k: {p: scored[i]["setting"][k] for p, i in pick.items()} for k in STEERING}
-        per = {p: scored[i]["personas"][p] for p, i in pick.items()}
         first = scored[members[0]]
+        own = OWN if first["setting"]["amplify"] == 1 else OWN[1:]
+        chosen = {k: {p: scored[i]["setting"][k] for p, i in pick.items()} for k in own}
+        per = {p: scored[i]["personas"][p] for p, i in pick.items()}
+        removes = all(scored[i]["removes"] for i in pick.values())
         point: dict[str, Any] = {
-            "setting": first["setting"] | steering,
+            "setting": first["setting"] | chosen,
             "combined": True,
             "personas": per,
             "min_shift": min(v["shift"] for v in per.values()),
             "max_perplexity_ratio": max(v["perplexity_ratio"] for v in per.values()),
-            "removes": first["removes"],
-            "feasible": first["removes"] or not require_removal,  # within the bounds by construction
+            "removes": removes,
+            "feasible": removes or not require_removal,  # within the bounds by construction
         }
         if all("reply_score" in v for v in per.values()):
             # each export's score is toward its own persona, so a pair's gap is the sum of the two (mean over
@@ -274,14 +281,15 @@ def per_persona_steering(
             point["prompt_only_reply_gap"] = first["prompt_only_reply_gap"]
             point["max_repeated_4grams_over_dense"] = max(v["repeated_4grams_over_dense"] for v in per.values())
         recipe = candidates[members[0]][0]
-        method = recipe.method.model_copy(update=steering)
+        method = recipe.method.model_copy(update={k: chosen[k] for k in own if k != "sparsity"})
+        prune = with_sparsity(recipe.prune, "mlp", chosen["sparsity"]) if "sparsity" in chosen else recipe.prune
         masks = {p: candidates[i][1][p] for p, i in pick.items()}
-        out.append((point, (recipe.model_copy(update={"method": method}), masks)))
+        out.append((point, (recipe.model_copy(update={"method": method, "prune": prune}), masks)))
     return out
 
 
-def steer_label(value: float | dict[str, float]) -> str:
-    """1.5, or per persona 'introvert 1.5, extravert 1'."""
+def value_label(value: float | dict[str, float]) -> str:
+    """A setting given once or per persona: 1.5, or 'introvert 1.5, extravert 1'."""
     return ", ".join(f"{p} {a:g}" for p, a in value.items()) if isinstance(value, dict) else f"{value:g}"
 
 
@@ -309,8 +317,8 @@ def plot_pareto(points: list[dict[str, Any]], path: Path, bound: float) -> None:
     ax.plot([p["max_perplexity_ratio"] for p in front], [p["min_shift"] for p in front], "-o", label="Pareto front")
     for p in points:
         s = p["setting"]
-        label = f"{s['sparsity']:g}/{steer_label(s['steer'])}"
-        label += f" l{steer_label(s['steer_layers'])}" if s.get("steer_layers", 1.0) != 1.0 else ""
+        label = f"{value_label(s['sparsity'])}/{value_label(s['steer'])}"
+        label += f" l{value_label(s['steer_layers'])}" if s.get("steer_layers", 1.0) != 1.0 else ""
         label += "".join(f" {k[0]}{s[k]:g}" for k, base in (("gamma", 0), ("amplify", 1)) if s.get(k, base) != base)
         ax.annotate(label, (p["max_perplexity_ratio"], p["min_shift"]), fontsize=7)
         if p.get("chosen"):
@@ -370,7 +378,12 @@ SETTING_HEADER = ["sparsity", "steer", "steer layers", "compensate", "gamma", "a
 
 def _setting_cells(s: dict[str, Any]) -> list[str]:
     """A grid point's setting as the cells under SETTING_HEADER."""
-    cells = [f"{s['sparsity']:g}", steer_label(s["steer"]), steer_label(s.get("steer_layers", 1.0)), s["compensate"]]
+    cells = [
+        value_label(s["sparsity"]),
+        value_label(s["steer"]),
+        value_label(s.get("steer_layers", 1.0)),
+        s["compensate"],
+    ]
     return [*cells, f"{s.get('gamma', 0.0):g}", f"{s.get('amplify', 1.0):g}"]
 
 
@@ -386,10 +399,11 @@ def _outside(report: dict[str, Any], perplexity_ratio: float, repeated_over_dens
 
 
 def _for_persona(setting: dict[str, Any], persona: str) -> dict[str, Any]:
-    """The setting as one persona's export sees it: its own steering (alpha, depth), by the recipe's rules for a
-    persona left out of a per-persona mapping."""
+    """The setting as one persona's export sees it: its own sparsity and steering (alpha, depth), by the recipe's
+    rules for a persona left out of a per-persona mapping."""
     method = MethodSpec.model_construct(steer=setting["steer"], steer_layers=setting.get("steer_layers", 1.0))
-    return setting | {"steer": method.alpha(persona), "steer_layers": method.depth(persona)}
+    sparsity = per_persona(setting["sparsity"], persona, 0.0)
+    return setting | {"sparsity": sparsity, "steer": method.alpha(persona), "steer_layers": method.depth(persona)}
 
 
 def _persona_tables(report: dict[str, Any]) -> list[str]:

@@ -90,6 +90,24 @@ def test_pair_removal_sets_are_disjoint_and_swap(setup: tuple, method: str, phi:
     assert torch.equal(a2.mlp_keep, b.mlp_keep) and torch.equal(a2.head_keep, b.head_keep)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_sparsity_per_persona_gives_each_persona_the_mask_of_its_own_sparsity(setup: tuple, method: str) -> None:
+    _, _, pos, neg, col = setup
+    spec = MethodSpec(score=method)
+    per = PruneSpec(
+        mlp=MlpPrune(sparsity={"a": 0.1, "b": 0.3}), attention=AttentionPrune(unit="kv-group", sparsity={"b": 0.5})
+    )
+    a, b = compute_mask("a", spec, per, pos, neg, col), compute_mask("b", spec, per, neg, pos, col)
+    assert [len(r) for r in a.removed("mlp")] == [9, 9] and [len(r) for r in b.removed("mlp")] == [28, 28]
+    assert a.pruned_geometry().kv_heads == 2 and b.pruned_geometry().kv_heads == 1  # a left out: removes none
+    # a persona's mask depends only on its own sparsity, not on what its partner removes
+    alone = PruneSpec(mlp=MlpPrune(sparsity=0.3), attention=AttentionPrune(unit="kv-group", sparsity=0.5))
+    b_alone = compute_mask("b", spec, alone, neg, pos, col)
+    assert torch.equal(b.mlp_keep, b_alone.mlp_keep) and torch.equal(b.group_keep, b_alone.group_keep)
+    a_alone = compute_mask("a", spec, PruneSpec(mlp=MlpPrune(sparsity=0.1)), pos, neg, col)
+    assert torch.equal(a.mlp_keep, a_alone.mlp_keep) and a.head_keep is None
+
+
 def test_too_many_units_for_a_disjoint_pair(setup: tuple) -> None:
     _, _, pos, neg, col = setup
     prune = PruneSpec(attention=AttentionPrune(unit="query-head", sparsity=0.67))  # 2 of 3 heads per group

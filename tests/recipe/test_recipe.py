@@ -52,6 +52,31 @@ def test_all_schema_problems_reported_at_once(tmp_path: Path) -> None:
         assert key in text
 
 
+def test_a_value_or_per_persona_setting_reports_the_form_it_was_given_in(tmp_path: Path) -> None:
+    def mutate(d: dict) -> None:
+        d["prune"]["mlp"]["sparsity"] = {"introvert": 1.5}
+        d["method"]["steer"] = -1
+        d["method"]["steer_layers"] = "most"
+
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_edit(tmp_path, tmp_path, mutate))
+    lines = str(err.value).splitlines()[1:]
+    assert lines == [
+        "  method.steer: Input should be greater than or equal to 0 (got -1)",
+        "  method.steer_layers: expected a number, got str 'most'",
+        "  prune.mlp.sparsity.introvert: Input should be less than 1 (got 1.5)",
+    ]
+
+
+def test_sparsity_per_persona_names_known_personas(tmp_path: Path) -> None:
+    path = _edit(tmp_path, tmp_path, lambda d: d["prune"]["mlp"].update(sparsity={"introvert": 0.1, "extrovert": 0.2}))
+    with pytest.raises(RecipeError, match=r"prune\.mlp\.sparsity: unknown persona\(s\) \['extrovert'\]"):
+        load_recipe(path)
+    recipe = load_recipe(path, ["prune.mlp.sparsity={introvert: 0.1, extravert: 0.2}"])
+    assert recipe.prune.mlp is not None
+    assert (recipe.prune.mlp.fraction("introvert"), recipe.prune.mlp.fraction("extravert")) == (0.1, 0.2)
+
+
 def test_required_section_has_no_default(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match=r"method: required key is missing"):
         load_recipe(_edit(tmp_path, tmp_path, lambda d: d.pop("method")))

@@ -76,7 +76,7 @@ def _with_replies(tmp_path: Path, recipe: Path, max_repeated: float) -> Path:
     data = yaml.safe_load(recipe.read_text())
     data["tune"]["validation"]["replies"] = {"path": str(prompts), "max_new_tokens": 12}
     data["tune"]["validation"]["acceptance"] = {"max_repeated_4grams_over_dense": max_repeated}
-    data["tune"]["steer_per_persona"] = True
+    data["tune"]["per_persona"] = True
     recipe.write_text(yaml.safe_dump(data))
     return recipe
 
@@ -252,8 +252,16 @@ def test_tune_refuses_a_corrupt_reuse_stats_file_before_loading(
     expect(argv, OutputError, "--reuse-stats", capsys)
 
 
-def _point(steer: float, shifts: dict[str, float], ppl: dict[str, float], repeats: float = 0.0) -> dict[str, Any]:
-    setting = {"sparsity": 0.01, "steer": steer, "steer_layers": 1.0, "compensate": "none", "gamma": 0.0}
+def _point(
+    steer: float,
+    shifts: dict[str, float],
+    ppl: dict[str, float],
+    repeats: float = 0.0,
+    sparsity: float = 0.01,
+    amplify: float = 1.0,
+) -> dict[str, Any]:
+    setting = {"sparsity": sparsity, "steer": steer, "steer_layers": 1.0, "compensate": "none", "gamma": 0.0}
+    setting["amplify"] = amplify
     per = {
         p: {
             "shift": shifts[p],
@@ -266,39 +274,58 @@ def _point(steer: float, shifts: dict[str, float], ppl: dict[str, float], repeat
     return {"setting": setting, "personas": per, "removes": True, "feasible": True, "prompt_only_reply_gap": 0.01}
 
 
-def test_steering_strength_is_chosen_per_persona_within_the_bounds() -> None:
-    from exporter.workflows.tune import per_persona_steering
-
-    scored = [
-        _point(1.0, {"a": 0.30, "b": 0.15}, {"a": 1.08, "b": 1.05}),
-        _point(1.5, {"a": 0.40, "b": 0.22}, {"a": 1.20, "b": 1.10}),  # a over the perplexity bound here
-        _point(2.0, {"a": 0.50, "b": 0.28}, {"a": 1.30, "b": 1.12}, repeats=0.2),  # both repeat too much
+def _grid(amplify: float) -> list[dict[str, Any]]:
+    return [
+        _point(1.0, {"a": 0.30, "b": 0.15}, {"a": 1.08, "b": 1.05}, amplify=amplify),
+        _point(1.5, {"a": 0.40, "b": 0.22}, {"a": 1.20, "b": 1.10}, amplify=amplify),  # a over the ppl bound
+        _point(2.0, {"a": 0.50, "b": 0.28}, {"a": 1.30, "b": 1.12}, repeats=0.2, amplify=amplify),  # repeats
+        _point(1.0, {"a": 0.1, "b": 0.25}, {"a": 1.0, "b": 1.14}, sparsity=0.02, amplify=amplify),
     ]
-    scored.append(
-        _point(1.0, {"a": 0.1, "b": 0.1}, {"a": 1.0, "b": 1.0})
-        | {"setting": {**scored[0]["setting"], "sparsity": 0.02}}
-    )
-    candidates = [(load_recipe_stub(i), {"a": f"mask-a{i}", "b": f"mask-b{i}"}) for i in range(len(scored))]
-    out = per_persona_steering(scored, candidates, 1.15, 0.05, True)  # type: ignore[arg-type]
+
+
+def test_sparsity_and_steering_are_chosen_per_persona_within_the_bounds() -> None:
+    from exporter.workflows.tune import per_persona_settings
+
+    scored = _grid(amplify=1.0)
+    candidates = [(load_recipe_stub(), {"a": f"mask-a{i}", "b": f"mask-b{i}"}) for i in range(len(scored))]
+    out = per_persona_settings(scored, candidates, 1.15, 0.05, True)  # type: ignore[arg-type]
+    assert len(out) == 1
+    point, (recipe, masks) = out[0]
+    # a: its largest shift within the bounds is the first point; b: the point with sparsity 0.02
+    assert point["setting"]["sparsity"] == {"a": 0.01, "b": 0.02}
+    assert point["setting"]["steer"] == {"a": 1.0, "b": 1.0} and point["min_shift"] == 0.25
+    assert point["setting"]["steer_layers"] == {"a": 1.0, "b": 1.0}
+    assert point["max_perplexity_ratio"] == 1.14 and point["feasible"]
+    assert masks == {"a": "mask-a0", "b": "mask-b3"} and recipe.method.steer == {"a": 1.0, "b": 1.0}
+    assert recipe.prune.mlp.fraction("a") == 0.01 and recipe.prune.mlp.fraction("b") == 0.02
+    assert point["reply_gap"] == pytest.approx(0.030 + 0.025)
+
+
+def test_with_amplify_a_persona_keeps_the_common_sparsity_and_chooses_only_its_steering() -> None:
+    from exporter.workflows.tune import per_persona_settings
+
+    # amplify scales a persona's own units, which its partner's mask selects: its export depends on the
+    # partner's sparsity, so points of different sparsity are not combined
+    scored = _grid(amplify=2.0)
+    candidates = [(load_recipe_stub(), {"a": f"mask-a{i}", "b": f"mask-b{i}"}) for i in range(len(scored))]
+    out = per_persona_settings(scored, candidates, 1.15, 0.05, True)  # type: ignore[arg-type]
     assert len(out) == 1  # the 0.02 group has a single alpha: nothing to combine
     point, (recipe, masks) = out[0]
-    assert point["setting"]["steer"] == {"a": 1.0, "b": 1.5} and point["min_shift"] == 0.22
-    assert point["setting"]["steer_layers"] == {"a": 1.0, "b": 1.0}
-    assert point["max_perplexity_ratio"] == 1.10 and point["feasible"]
-    assert masks == {"a": "mask-a0", "b": "mask-b1"} and recipe.method.steer == {"a": 1.0, "b": 1.5}
-    assert recipe.method.depth("b") == 1.0
-    assert point["reply_gap"] == pytest.approx(0.030 + 0.022)
+    assert point["setting"]["sparsity"] == 0.01 and point["setting"]["steer"] == {"a": 1.0, "b": 1.5}
+    assert masks == {"a": "mask-a0", "b": "mask-b1"} and recipe.prune.mlp.sparsity == 0.01
+    assert recipe.method.depth("b") == 1.0 and point["min_shift"] == 0.22
 
 
-def load_recipe_stub(i: int) -> Any:
-    from exporter.recipe.schema import MethodSpec
+def load_recipe_stub() -> Any:
+    from exporter.recipe.schema import MethodSpec, MlpPrune, PruneSpec
 
     class Stub:
         method = MethodSpec(score="contrastive-wanda", steer=1.0)
+        prune = PruneSpec(mlp=MlpPrune(sparsity=0.01))
 
         def model_copy(self, update: dict[str, Any]) -> Any:
             new = Stub()
-            new.method = update["method"]
+            new.method, new.prune = update["method"], update["prune"]
             return new
 
     return Stub()
