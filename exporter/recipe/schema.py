@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from exporter.recipe.eval import EvalSpec, eval_problems
 from exporter.recipe.push import PushSpec
@@ -198,7 +198,8 @@ class TuneSpec(Strict):
     steer_layers: Annotated[list[Depth | dict[str, Depth]], Field(min_length=1)] = [1.0]
     # also let each persona take its own best sparsity, steering alpha and steered layers among points that
     # differ only in those (`sparsity`, `steer` and `steer_layers` then mappings per persona)
-    per_persona: bool = False
+    # (recipes and run folders of earlier releases call it steer_per_persona)
+    per_persona: bool = Field(False, validation_alias=AliasChoices("per_persona", "steer_per_persona"))
     compensate: Annotated[list[Literal["none", "personas", "persona"]], Field(min_length=1)] = ["none"]
     gamma: Annotated[list[Fraction], Field(min_length=1)] = [0.0]  # MLP soft-mask factors (0 = removal)
     amplify: Annotated[list[Annotated[float, Field(ge=1.0, le=4.0)]], Field(min_length=1)] = [1.0]

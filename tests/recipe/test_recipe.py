@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,20 @@ def test_sparsity_per_persona_names_known_personas(tmp_path: Path) -> None:
     recipe = load_recipe(path, ["prune.mlp.sparsity={introvert: 0.1, extravert: 0.2}"])
     assert recipe.prune.mlp is not None
     assert (recipe.prune.mlp.fraction("introvert"), recipe.prune.mlp.fraction("extravert")) == (0.1, 0.2)
+
+
+def test_a_run_folder_of_an_earlier_release_still_reads_its_tune_flag(tmp_path: Path) -> None:
+    # run folders keep their recipe.json; earlier releases named tune.per_persona steer_per_persona
+    shipped = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
+    data = yaml.safe_load(shipped.read_text())
+    assert data["tune"].pop("per_persona") is True
+    data["tune"]["steer_per_persona"] = True
+    text = yaml.safe_dump(data).replace("path: data/", f"path: {shipped.parent}/data/")  # its data, from tmp
+    assert "data/" in text and "path: data/" not in text
+    (tmp_path / "old.yaml").write_text(text)
+    recipe = load_recipe(tmp_path / "old.yaml")
+    assert recipe.tune is not None and recipe.tune.per_persona is True
+    assert "steer_per_persona" not in json.dumps(recipe.model_dump(mode="json"))
 
 
 def test_required_section_has_no_default(tmp_path: Path) -> None:
