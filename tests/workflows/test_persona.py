@@ -11,6 +11,8 @@ import torch
 import yaml
 
 from exporter.cli import main
+from exporter.publish.modelcard import _removed
+from exporter.reports.persona import load_report
 from tests.helpers import write_recipe
 
 
@@ -49,3 +51,18 @@ def test_nothing_removed_counts_soft_masks_as_a_change(soft: dict[str, float], w
     }
     mask = PersonaMask("introvert", g, torch.arange(16).repeat(2, 1), None, None, **scales)
     assert bool(nothing_removed(mask)) == warned
+
+
+def test_each_persona_exports_at_its_own_sparsity(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    sparsity = {"introvert": 0.1, "extravert": 0.25}
+    recipe = write_recipe(tmp_path, tiny_llama_dir, prune={"mlp": {"sparsity": sparsity}})
+    out = tmp_path / "out"
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    for persona, fraction in sparsity.items():
+        config = json.loads((out / persona / "hf" / "config.json").read_text())
+        dense = json.loads((tiny_llama_dir / "config.json").read_text())["intermediate_size"]
+        assert config["intermediate_size"] == dense - int(fraction * dense)
+        report = json.loads((out / persona / "report.json").read_text())
+        assert report["status"] == "passed" and report["prune"]["mlp"]["sparsity"] == sparsity
+        card = _removed(load_report(out / persona / "report.json"))
+        assert f"MLP: {fraction:.0%} of the intermediate neurons" in card
