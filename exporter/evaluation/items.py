@@ -13,6 +13,7 @@ import hashlib
 import logging
 import random
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 from exporter.errors import CalibrationDataError
 from exporter.masking.data import field_problem, read_records, read_samples, select_samples
 from exporter.recipe.eval import EvalSpec, PairedSpec, RepliesSpec, StatementsSpec
+from exporter.recipe.formats import MEASURED_FORMATS
 from exporter.recipe.schema import DataSpec, Recipe, infer_format
 
 log = logging.getLogger(__name__)
@@ -290,3 +292,13 @@ def persona_pairs(recipe: Recipe, persona: str) -> list[tuple[str, str, str]]:
         return []
     items, _ = read_paired(spec, CalibrationIndex({n: p.calibration for n, p in recipe.personas.items()}))
     return [(it.prompt, it.responses[persona], it.responses[partner]) for it in items]
+
+
+def quality_texts(
+    recipe: Recipe, persona: str, formats: Iterable[str]
+) -> tuple[list[str] | None, list[tuple[str, str, str]] | None]:
+    """What a quantized format's quality is measured on: the evaluation's neutral text (None without one) and the
+    persona's held-out pairs, read only when one of `formats` is measured (else None)."""
+    neutral = read_neutral(recipe.eval.neutral.path) if recipe.eval and recipe.eval.neutral else None
+    pairs = persona_pairs(recipe, persona) if MEASURED_FORMATS & set(formats) else None
+    return neutral, pairs

@@ -20,7 +20,7 @@ from exporter.errors import ExportFolderError, GgufExportError, OutputError
 from exporter.export.gguf import MLP_BIAS_FIX
 from exporter.inputs import read_json_object
 from exporter.io import check_target, link_copy, staged
-from exporter.recipe.formats import FOLDERS, MEASURED_FORMATS, with_sources
+from exporter.recipe.formats import FOLDERS, with_sources
 from exporter.recipe.schema import Recipe
 from exporter.reports.persona import SCHEMA_VERSION, Check, PersonaReport, read_report, write_report
 from exporter.workflows.validate import format_problems
@@ -100,7 +100,7 @@ def _build(
     """Make the formats in `todo` (build order) in `folder`, the staged copy; {format: figures}."""
     from transformers import AutoTokenizer
 
-    from exporter.evaluation.items import persona_pairs, read_neutral
+    from exporter.evaluation.items import quality_texts
     from exporter.export.hf import DTYPES
     from exporter.masking.masks import load_mask
     from exporter.model.sources import open_model
@@ -109,8 +109,7 @@ def _build(
     from exporter.workflows.gguf_stage import gguf_stage
     from exporter.workflows.onnx_stage import onnx_stage
 
-    neutral = read_neutral(recipe.eval.neutral.path) if recipe.eval and recipe.eval.neutral else None
-    pairs = persona_pairs(recipe, report.persona) if MEASURED_FORMATS & set(todo) else None
+    neutral, pairs = quality_texts(recipe, report.persona, todo)
     mask = load_mask(folder / "masks.safetensors")
     fp32_passed = report.verification.get("onnx", Check()).passed
     if not any(n in todo for n in NEEDS_REFERENCE):  # made from existing proven exports: no base model

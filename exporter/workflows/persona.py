@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from exporter.evaluation.items import persona_pairs, read_neutral
+from exporter.evaluation.items import quality_texts
 from exporter.export.hf import DTYPES, export_hf
 from exporter.export.prune import count_parameters, prune_model
 from exporter.export.shards import prune_checkpoint
@@ -19,7 +19,6 @@ from exporter.io import folder_bytes
 from exporter.masking.masks import PersonaMask
 from exporter.model.checkpoint import checkpoint_parameters
 from exporter.model.sources import Loaded
-from exporter.recipe.formats import MEASURED_FORMATS
 from exporter.recipe.schema import Recipe
 from exporter.reports.persona import (
     BaseModelInfo,
@@ -156,9 +155,7 @@ def export_persona(
     if figures["passed"]:  # ONNX is made from the proven checkpoint only
         formats: list[str] = list(recipe.output.formats)
         reference = references[torch.float32]
-        neutral = read_neutral(recipe.eval.neutral.path) if recipe.eval and recipe.eval.neutral else None
-        # a quantized format's persona margin is measured on them; read only when such a format is made
-        pairs = persona_pairs(recipe, name) if MEASURED_FORMATS & set(formats) else None
+        neutral, pairs = quality_texts(recipe, name, formats)
         onnx = onnx_stage(
             folder, formats, reference, m.adapter, mask, prompts, recipe.verify, onnx_timings, neutral, pairs=pairs
         )

@@ -226,6 +226,12 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
 OWN = ("sparsity", "steer", "steer_layers")  # the settings a persona can take on its own
 
 
+def _own(setting: dict[str, Any]) -> tuple[str, ...]:
+    """The settings a persona takes on its own at this point: with amplify > 1 its export also depends on its
+    partner's mask, so its sparsity stays common."""
+    return OWN if setting["amplify"] == 1 else OWN[1:]
+
+
 def _within(figures: dict[str, Any], max_ppl: float, max_repeated: float) -> bool:
     return figures["perplexity_ratio"] <= max_ppl and figures.get("repeated_4grams_over_dense", 0.0) <= max_repeated
 
@@ -246,9 +252,8 @@ def per_persona_settings(
     groups: dict[str, list[int]] = {}
     for i, scored_point in enumerate(scored):
         setting = scored_point["setting"]
-        own = OWN if setting["amplify"] == 1 else OWN[1:]
         if not any(isinstance(setting[k], dict) for k in OWN):
-            rest = {k: v for k, v in setting.items() if k not in own}
+            rest = {k: v for k, v in setting.items() if k not in _own(setting)}
             groups.setdefault(repr(sorted(rest.items())), []).append(i)
     out = []
     for members in groups.values():
@@ -261,7 +266,7 @@ def per_persona_settings(
         if len(pick) != len(personas) or len(set(pick.values())) == 1:
             continue  # a persona has no point within the bounds, or one point already serves every persona
         first = scored[members[0]]
-        own = OWN if first["setting"]["amplify"] == 1 else OWN[1:]
+        own = _own(first["setting"])
         chosen = {k: {p: scored[i]["setting"][k] for p, i in pick.items()} for k in own}
         per = {p: scored[i]["personas"][p] for p, i in pick.items()}
         removes = all(scored[i]["removes"] for i in pick.values())
