@@ -1,7 +1,9 @@
 """CPU deployment benchmark (printed, not asserted): decode tokens/s and prefill latency of every ONNX format,
 dense against a persona export, in one run; the persona's onnxruntime-genai folder at int4, int8 and fp32
 (each made and measured by `persona-export export --format onnx-genai --precision P`); plus llama.cpp on the
-dense Q4_1 GGUF when llama-cpp-python is importable (here, or in the interpreter given by --llama-python).
+dense Q4_1 GGUF and on the persona's `gguf/` files when llama-cpp-python is importable (here, or in the
+interpreter given by --llama-python). llama.cpp's greedy tokens on each persona file are compared with the fp32
+ONNX export's: the first step where they differ is printed (none: llama.cpp computes what was proven).
 
 Every model gets the same chat prompt and decodes 64 greedy tokens (end of turn ignored) on `--threads`
 threads; figures are medians of `--repeats` rounds that interleave the models, so drift on a shared machine
@@ -54,8 +56,54 @@ for _ in range(int(sys.argv[5])):
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         llm.eval([token])
     out.append((new / (time.perf_counter() - t), prefill))
-print(json.dumps(out))
+print(json.dumps({"runs": out, "tokens": [int(t) for t in llm.eval_tokens][len(ids):]}))
 """
+
+LLAMA_ARGMAX = """
+import sys, json
+import numpy as np
+from llama_cpp import Llama
+path, threads, ids = sys.argv[1], int(sys.argv[2]), [int(t) for t in sys.argv[3].split(",")]
+llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, logits_all=True, verbose=False)
+llm.eval(ids)
+print(json.dumps(np.asarray(llm.scores[: len(ids)]).argmax(-1).tolist()))
+"""
+AGREEMENT_TOKENS = 512  # neutral-text positions on which llama.cpp's next-token argmax is compared
+
+
+def neutral_ids(tok: object) -> np.ndarray:
+    """The first AGREEMENT_TOKENS tokens of the demo's neutral test text."""
+    text = (REPO / "recipes" / "data" / "neutral-corpus.txt").read_text(encoding="utf-8")
+    return np.array([tok(text)["input_ids"][:AGREEMENT_TOKENS]])  # type: ignore[operator]
+
+
+def llama_cpp_agreement(python: str, path: Path, ids: np.ndarray, reference: np.ndarray, threads: int) -> float:
+    """Fraction of positions of `ids` where llama.cpp's next-token argmax on `path` equals `reference`'s."""
+    child = [python, "-c", LLAMA_ARGMAX, str(path), str(threads), ",".join(map(str, ids[0]))]
+    argmax = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout)
+    return float(np.mean(np.array(argmax) == reference))
+
+
+def greedy_tokens(model: OnnxCausalLM, ids: np.ndarray) -> list[int]:
+    """The NEW_TOKENS greedy tokens after `ids` (end of turn ignored), as the benchmark decodes them."""
+    mask = np.ones_like(ids)
+    logits, past = model.forward(ids, mask)
+    tokens = []
+    for _ in range(NEW_TOKENS):
+        token = logits[:, -1].argmax(-1)
+        tokens.append(int(token[0]))
+        mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
+        logits, past = model.forward(token[:, None], mask, past)
+    return tokens
+
+
+def llama_cpp(python: str, path: Path, ids: np.ndarray, threads: int) -> tuple[float, float, list[int]]:
+    """(decode tok/s, prefill seconds, greedy tokens) of llama.cpp on one GGUF file, in a child process."""
+    child = [python, "-c", LLAMA_CHILD, str(path), str(threads), ",".join(map(str, ids[0])), str(NEW_TOKENS), "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = json.loads(subprocess.run(child, capture_output=True, text=True, check=True, env=env).stdout)
+    rate, prefill = out["runs"][-1]  # the first of the two is its warm-up
+    return rate, prefill, out["tokens"]
 
 
 def decode(model: OnnxCausalLM, ids: np.ndarray) -> tuple[float, float]:
@@ -136,7 +184,7 @@ def build(tmp: Path) -> tuple[Path, Path]:
     saved["eval"] = load_recipe(RECIPE).model_dump(mode="json")["eval"]
     recipe_file.write_text(json.dumps(saved))
     persona = tmp / "run" / "extravert"
-    add_formats(persona, list(QUANT_FORMATS))  # quality on neutral text and the held-out pairs, as a run has it
+    add_formats(persona, [*QUANT_FORMATS, "gguf"])  # quality on neutral text and the held-out pairs, as a run has it
     return dense, persona
 
 
@@ -185,6 +233,21 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
     gguf = gguf_file()
     probe = [args.llama_python, "-c", "import llama_cpp"]
     has_llama = gguf is not None and subprocess.run(probe, capture_output=True).returncode == 0
+    files: dict[tuple[str, str], Path] = {("dense", "llama.cpp Q4_1 GGUF"): gguf} if gguf else {}
+    for qtype, figures in report["verification"].get("gguf", {}).items():
+        if isinstance(figures, dict) and "file" in figures:
+            files[("persona", f"llama.cpp {qtype} GGUF")] = persona / FOLDERS["gguf"] / figures["file"]
+            quality[("persona", f"llama.cpp {qtype} GGUF")] = figures
+    reference = greedy_tokens(models[("persona", "onnx")], ids) if ("persona", "onnx") in models else None
+    divergence: dict[tuple[str, str], str] = {}
+    if has_llama:  # llama.cpp's own next-token agreement with the fp32 ONNX export of the same model
+        text = neutral_ids(tok)
+        for key, path in files.items():
+            fp32 = models.get((key[0], "onnx"))
+            if fp32 is not None:
+                argmax = fp32.forward(text, np.ones_like(text))[0][0].argmax(-1)
+                agree = llama_cpp_agreement(args.llama_python, path, text, argmax, args.threads)
+                divergence[key] = f"top-1 {100 * agree:.1f} % vs its fp32 ONNX"
     rates: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
     prefills: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
     for runner in runners.values():  # warm-up
@@ -194,14 +257,14 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
             rate, prefill = runner(ids)
             rates[key].append(rate)
             prefills[key].append(prefill)
-        if has_llama:
-            child = [args.llama_python, "-c", LLAMA_CHILD, str(gguf), str(args.threads)]
-            child += [",".join(map(str, ids[0])), str(NEW_TOKENS), "2"]
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            runs = json.loads(subprocess.run(child, capture_output=True, text=True, check=True, env=env).stdout)
-            rate, prefill = runs[-1]  # the first of the two is its warm-up
-            rates.setdefault(("dense", "llama.cpp Q4_1 GGUF"), []).append(rate)
-            prefills.setdefault(("dense", "llama.cpp Q4_1 GGUF"), []).append(prefill)
+        for key, path in files.items() if has_llama else ():
+            rate, prefill, tokens = llama_cpp(args.llama_python, path, ids, args.threads)
+            rates.setdefault(key, []).append(rate)
+            prefills.setdefault(key, []).append(prefill)
+            if key[0] == "persona" and reference is not None and "greedy" not in divergence.get(key, ""):
+                step = next((i for i, (a, b) in enumerate(zip(tokens, reference, strict=True)) if a != b), None)
+                greedy = "greedy = fp32 ONNX" if step is None else f"greedy differs at step {step}"
+                divergence[key] = f"{divergence.get(key, '')}, {greedy}".lstrip(", ")
 
     load = os.getloadavg()[0]
     print(
@@ -219,6 +282,7 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
             measured += " BELOW FLOOR" if q["below_floor"] else ""
         elif q.get("parity_target") and "max_abs_logit_diff" in q:
             measured = f"proven, max|dlogit| {q['max_abs_logit_diff']:.1e}"
+        measured += f"; llama.cpp {divergence[(who, fmt)]}" if (who, fmt) in divergence else ""
         rate = statistics.median(values)
         prefill = 1000 * statistics.median(prefills[(who, fmt)])
         print(f"{who:8s} {fmt:26s} {rate:7.1f} {prefill:10.1f} {rate / base:12.2f} {measured:>48s}")
@@ -226,7 +290,9 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
     def usable(key: tuple[str, str]) -> bool:
         """A persona format that is proven (fp32) or measured within its quality floor."""
         q = quality.get(key, {})
-        return key == ("persona", "onnx") or q.get("parity_target") is True or q.get("below_floor") is False
+        if q.get("parity_target") is True:
+            return q.get("passed") is True
+        return key == ("persona", "onnx") or q.get("below_floor") is False
 
     within = [(statistics.median(v), key[1]) for key, v in rates.items() if key[0] == "persona" and usable(key)]
     best_rate, best = max(within)

@@ -406,12 +406,6 @@ RECIPE_CASES = [  # problems of the recipe alone: loading it fails, nothing else
     ),
     Case("formats-without-hf", RecipeError, "'hf' is required", overrides=("output.formats=[onnx]",)),
     Case("int8-without-onnx", RecipeError, "add 'onnx'", overrides=("output.formats=[hf, onnx-int8]",)),
-    Case(
-        "gguf-with-steering",
-        RecipeError,
-        "'gguf' cannot carry the down_proj biases",
-        overrides=("output.formats=[hf, gguf]", "method.steer=1.0"),
-    ),
     Case("int4-without-onnx", RecipeError, "'onnx-int4' is quantized", overrides=("output.formats=[hf, onnx-int4]",)),
     Case("bad-override", RecipeError, "expected KEY.PATH=VALUE", overrides=("=3",)),
     Case("override-unknown-key", RecipeError, "prune.mlp.sparsty: unknown key", overrides=("prune.mlp.sparsty=0.1",)),

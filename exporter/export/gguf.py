@@ -1,15 +1,24 @@
 """GGUF export (`gguf` format): the proven `hf/` checkpoint as llama.cpp files, written with the `gguf`
-package: F16 and Q8_0 weights, the tokenizer (GPT-2 style BPE: tokens, types, merges, special ids) and the
-chat template in its metadata. Verification: exporter/verify/gguf.py.
+package: F16, Q8_0 and Q4_1 weights, the MLP biases (a persona's steering or compensation bias on down_proj),
+the tokenizer (GPT-2 style BPE: tokens, types, merges, special ids) and the chat template in its metadata.
+Verification: exporter/verify/gguf.py.
+
+The Q4_1 file stores each matrix in the first block type that holds its values exactly (Q4_1, then Q8_0). For
+a checkpoint de-quantized from a Q4_1 GGUF (the embedded SmolLM2) that gives back the source file's bits for
+every matrix that removal left in whole 32-value blocks: q/k/v, o_proj (a removed head is two whole blocks),
+gate/up (removed neurons are whole rows) and the Q8_0 token embedding. A matrix that no block type holds
+exactly (down_proj once neurons are removed: its rows lose values inside blocks) is quantized to Q4_1 when its
+rows split into blocks and stored F16 when they do not, as llama.cpp's own converter does.
 
 Only `llama` checkpoints (SmolLM2 and its persona exports, with removed heads or neurons, soft-mask scaled
-columns) without MLP biases are written: see `MLP_BIAS_FIX`.
+columns, MLP biases) without attention biases are written: see `BIAS_FIX`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +30,8 @@ from exporter.io import staged
 
 log = logging.getLogger(__name__)
 
-GGUF_TYPES = ("F16", "Q8_0")
+GGUF_TYPES = ("F16", "Q8_0", "Q4_1")
+BLOCK = 32  # values per block of Q8_0 and Q4_1
 LAYER = {  # transformers name inside model.layers.N -> llama.cpp name inside blk.N
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -32,6 +42,9 @@ LAYER = {  # transformers name inside model.layers.N -> llama.cpp name inside bl
     "mlp.gate_proj.weight": "ffn_gate.weight",
     "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
+    "mlp.gate_proj.bias": "ffn_gate.bias",
+    "mlp.up_proj.bias": "ffn_up.bias",
+    "mlp.down_proj.bias": "ffn_down.bias",
 }
 GLOBAL = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -40,23 +53,19 @@ GLOBAL = {
 }
 
 
-# A llama GGUF has no metadata key saying that its Linear layers have biases. llama.cpp reads `ffn_*.bias`
-# tensors as optional, but transformers' GGUF loader (the verification below, and `gguf_file=` for users)
-# builds the model from the metadata and silently drops them: on a tiny steered llama the F16 file loaded with
-# max |logit difference| 1.1 against the checkpoint (1e-4 with the biases in). Such a file cannot be proven.
-MLP_BIAS_FIX = (
-    "leave 'gguf' out of output.formats for this persona, or export it without a steering or compensation "
-    "bias (method.steer: 0, prune.mlp.compensate: none); the onnx formats carry the biases"
-)
+# llama.cpp reads `ffn_{gate,up,down}.bias` of a llama file as optional tensors and adds them; transformers'
+# GGUF loader builds the model from the metadata, which has no key for biases, and drops them (on a tiny steered
+# llama the F16 file loaded with max |logit difference| 1.1 against the checkpoint). The verification puts them
+# back from the file (exporter/verify/gguf.py). Attention biases are refused: nothing here makes them for llama.
+BIAS_FIX = "leave 'gguf' out of output.formats for this model; the onnx formats carry attention biases"
 
 
 def check_no_biases(config: dict[str, Any], hf_dir: Path) -> None:
-    """Refuse a checkpoint with Linear biases (a persona's steering or compensation bias on down_proj)."""
-    biased = [key for key in ("mlp_bias", "attention_bias") if config.get(key)]
-    if biased:
+    """Refuse a checkpoint with attention biases."""
+    if config.get("attention_bias"):
         raise GgufExportError(
-            f"GGUF export: {hf_dir} has {' and '.join(biased)} true (a steering or compensation bias on "
-            f"down_proj), which a llama GGUF file cannot declare and transformers' GGUF loader drops; {MLP_BIAS_FIX}"
+            f"GGUF export: {hf_dir} has attention_bias true (biases on q/k/v/o_proj), which this exporter does "
+            f"not write; {BIAS_FIX}"
         )
 
 
@@ -108,11 +117,26 @@ def _tokenizer_fields(hf_dir: Path) -> dict[str, Any]:
     }
 
 
-def export_gguf(hf_dir: Path, out_dir: Path, qtypes: tuple[str, ...] = GGUF_TYPES) -> dict[str, str]:
-    """Write one GGUF file per type in `qtypes` into `out_dir` (must not exist); {type: file name}.
+@dataclass(frozen=True)
+class GgufFile:
+    name: str  # file name inside the gguf/ folder
+    stored: dict[str, int]  # block type -> number of matrices stored in it
+    lossy: int  # matrices quantized with a rounding error (F16 rounding not counted)
 
-    A matrix whose rows do not split into Q8_0's 32-value blocks (e.g. down_proj after removing 30 of 1536
-    neurons) is stored F16 in the Q8_0 file, as llama.cpp's own converter does.
+    @property
+    def exact(self) -> bool:
+        """Every matrix is held exactly by its block type or stored F16: a parity target like the F16 file."""
+        return self.lossy == 0
+
+
+FILE_TYPES = {"F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_1": "MOSTLY_Q4_1"}
+
+
+def export_gguf(hf_dir: Path, out_dir: Path, qtypes: tuple[str, ...] = GGUF_TYPES) -> dict[str, GgufFile]:
+    """Write one GGUF file per type in `qtypes` into `out_dir` (must not exist); {type: what was written}.
+
+    A matrix whose rows do not split into 32-value blocks (e.g. down_proj after removing 30 of 1536 neurons) is
+    stored F16 in a quantized file, as llama.cpp's own converter does.
     """
     import gguf
 
@@ -130,10 +154,9 @@ def export_gguf(hf_dir: Path, out_dir: Path, qtypes: tuple[str, ...] = GGUF_TYPE
     written = {}
     with staged(out_dir) as stage:
         for qtype in qtypes:
-            kind = getattr(gguf.GGMLQuantizationType, qtype)
             writer = gguf.GGUFWriter(stage / file_name(qtype), "llama")
             writer.add_name(hf_dir.parent.name or "persona")
-            writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if qtype == "F16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+            writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[qtype]))
             writer.add_context_length(config["max_position_embeddings"])
             writer.add_embedding_length(config["hidden_size"])
             writer.add_block_count(config["num_hidden_layers"])
@@ -157,21 +180,44 @@ def export_gguf(hf_dir: Path, out_dir: Path, qtypes: tuple[str, ...] = GGUF_TYPE
             writer.add_add_bos_token(tok["add_bos"])
             if tok["chat_template"]:
                 writer.add_chat_template(tok["chat_template"])
+            stored: dict[str, int] = {}
+            lossy = 0
             for name, value in weights.items():
                 writer_name, data = _tensor(name, value.astype(np.float32), heads, kv_heads)
-                if data.ndim == 1:  # norms stay F32
+                if data.ndim == 1:  # norms and biases stay F32
+                    if name.endswith(".bias") and not data.any():
+                        continue  # an absent bias is zero to llama.cpp
                     writer.add_tensor(writer_name, data)
-                elif kind == gguf.GGMLQuantizationType.Q8_0 and data.shape[-1] % 32 == 0:
-                    writer.add_tensor(writer_name, gguf.quants.quantize(data, kind), raw_dtype=kind)
-                else:
+                    continue
+                kind, blocks, exact = _encode(data, qtype)
+                stored[kind] = stored.get(kind, 0) + 1
+                lossy += not exact
+                if blocks is None:
                     writer.add_tensor(writer_name, data.astype(np.float16))
+                else:
+                    writer.add_tensor(writer_name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
             writer.close()
-            written[qtype] = file_name(qtype)
+            written[qtype] = GgufFile(file_name(qtype), dict(sorted(stored.items())), lossy)
     log.debug("wrote GGUF %s to %s", ", ".join(qtypes), out_dir)
     return written
+
+
+def _encode(data: np.ndarray, qtype: str) -> tuple[str, np.ndarray | None, bool]:
+    """(block type, its bytes, whether it holds `data` exactly) for one matrix of a `qtype` file. F16 counts as
+    exact: its rounding is what the F16 parity covers."""
+    from gguf import GGMLQuantizationType, quants
+
+    if qtype == "F16" or data.shape[-1] % BLOCK:
+        return "F16", None, True
+    tried = {}
+    for kind in ["Q4_1", "Q8_0"] if qtype == "Q4_1" else [qtype]:
+        tried[kind] = quants.quantize(data, getattr(GGMLQuantizationType, kind))
+        if np.array_equal(quants.dequantize(tried[kind], getattr(GGMLQuantizationType, kind)), data):
+            return kind, tried[kind], True
+    return qtype, tried[qtype], False
 
 
 def _tensor(name: str, value: np.ndarray, heads: int, kv_heads: int) -> tuple[str, np.ndarray]:

@@ -271,7 +271,10 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
             )
     if gguf:
         files = {k: v for k, v in verification.get("gguf", {}).items() if isinstance(v, dict) and "file" in v}
-        name = files.get("Q8_0", files.get("F16", {})).get("file", "model-f16.gguf")
+        usable = [
+            q for q in ("Q4_1", "Q8_0") if q in files and files[q].get("passed") and not files[q].get("below_floor")
+        ]
+        name = files[usable[0]]["file"] if usable else files.get("F16", {}).get("file", "model-f16.gguf")
         listed = ", ".join(f"`{v['file']}`" for v in files.values())
         parts.append(
             "With llama.cpp (through llama-cpp-python: `pip install llama-cpp-python`), from the "

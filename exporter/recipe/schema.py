@@ -356,12 +356,6 @@ def semantic_problems(r: Recipe) -> list[str]:
             problems.append(f"output.formats: {quantized!r} is quantized from the fp32 ONNX export; add 'onnx'")
     if "hf" not in r.output.formats:
         problems.append("output.formats: 'hf' is required (every other format is made from it)")
-    if "gguf" in r.output.formats and mlp_biases(r.method, r.prune):
-        problems.append(
-            "output.formats: 'gguf' cannot carry the down_proj biases of method.steer or prune.mlp.compensate "
-            "(a llama GGUF has no key for them and transformers' GGUF loader drops them); remove 'gguf', or set "
-            "method.steer to 0 and prune.mlp.compensate to none"
-        )
     return problems
 
 

@@ -17,7 +17,7 @@ import torch
 from pydantic import ValidationError
 
 from exporter.errors import ExportFolderError, GgufExportError, OutputError
-from exporter.export.gguf import MLP_BIAS_FIX
+from exporter.export.gguf import BIAS_FIX
 from exporter.inputs import read_json_object
 from exporter.io import check_target, link_copy, staged
 from exporter.recipe.formats import FOLDERS, with_sources
@@ -74,7 +74,7 @@ def add_formats(
         ) from None
     config_file = folder / "hf" / "config.json"
     config = read_json_object(config_file, ExportFolderError, RERUN)
-    problems = format_problems(todo, config, config_file, MLP_BIAS_FIX)
+    problems = format_problems(todo, config, config_file, BIAS_FIX)
     if problems:  # refused before the model is loaded
         raise GgufExportError("; ".join(problems))
     check_target(folder, overwrite=True)  # the run folder can be written, before the model loads

@@ -25,7 +25,7 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, 
     return model, root / "hf", Path(export_gguf(root / "hf", root / "gguf") and root / "gguf")
 
 
-@pytest.mark.parametrize(("qtype", "atol"), [("F16", 1e-2), ("Q8_0", 5e-2)])
+@pytest.mark.parametrize(("qtype", "atol"), [("F16", 1e-2), ("Q8_0", 5e-2), ("Q4_1", 0.5)])
 def test_gguf_reads_back_as_the_same_model(
     written: tuple[torch.nn.Module, Path, Path], qtype: str, atol: float
 ) -> None:
@@ -57,9 +57,72 @@ def test_gguf_reads_back_as_the_same_model(
     )
 
 
-def test_q8_0_file_is_smaller(written: tuple[torch.nn.Module, Path, Path]) -> None:
+def test_quantized_files_are_smaller(written: tuple[torch.nn.Module, Path, Path]) -> None:
     _, _, out = written
-    assert (out / "model-q8_0.gguf").stat().st_size < 0.7 * (out / "model-f16.gguf").stat().st_size
+    f16, q8, q4 = (out / f"model-{t}.gguf" for t in ("f16", "q8_0", "q4_1"))
+    assert q8.stat().st_size < 0.7 * f16.stat().st_size
+    assert q4.stat().st_size < 0.8 * q8.stat().st_size
+
+
+def _q4_1_valued(model: torch.nn.Module) -> None:
+    """Round every matrix to Q4_1 values, as a checkpoint de-quantized from a Q4_1 GGUF holds."""
+    from gguf import GGMLQuantizationType, quants
+
+    kind = GGMLQuantizationType.Q4_1
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                blocks = quants.quantize(p.numpy(), kind)
+                p.copy_(torch.from_numpy(quants.dequantize(blocks, kind)))
+
+
+def test_q4_1_file_holds_q4_1_weights_exactly_and_requantizes_columns_cut_from_blocks(tmp_path: Path) -> None:
+    """A checkpoint de-quantized from Q4_1 is written back as the same Q4_1 blocks (no matrix re-quantized, so
+    its file is a parity target); once down_proj loses columns inside its blocks, that matrix alone is
+    re-quantized (lossy), and a row length that no longer splits into blocks is stored F16."""
+    from gguf import GGMLQuantizationType, GGUFReader, quants
+
+    from exporter.verify.gguf import load_gguf
+
+    model = tiny_model("llama")
+    _q4_1_valued(model)
+    tok = tiny_tokenizer()
+    tok.bos_token = "<|system|>"
+    model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    files = export_gguf(tmp_path / "hf", tmp_path / "gguf", ("Q4_1",))
+    q4 = files["Q4_1"]
+    assert q4.exact and q4.stored == {"Q4_1": 1 + 2 * 7}, q4  # the embedding (LM head tied), 2 layers x 7
+    reader = GGUFReader(tmp_path / "gguf" / q4.name)
+    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert embedding.tensor_type == GGMLQuantizationType.Q4_1
+    values = quants.dequantize(embedding.data, embedding.tensor_type)
+    assert torch.equal(torch.from_numpy(values), model.model.embed_tokens.weight.detach())
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, load_gguf(tmp_path / "gguf" / q4.name)(ids).logits, atol=1e-5)
+
+    # neurons removed (start, count): whole blocks of down_proj's columns / 32 inside blocks / 8 inside a block
+    for start, count, stored, lossy in (
+        (0, 32, {"Q4_1": 15}, 0),
+        (16, 32, {"Q4_1": 15}, 2),
+        (4, 8, {"F16": 2, "Q4_1": 13}, 0),
+    ):
+        pruned = tiny_model("llama")
+        _q4_1_valued(pruned)
+        width = pruned.config.intermediate_size
+        keep = torch.tensor([i for i in range(width) if not start <= i < start + count])
+        with torch.no_grad():
+            for layer in pruned.model.layers:
+                for lin in (layer.mlp.gate_proj, layer.mlp.up_proj):
+                    lin.weight = torch.nn.Parameter(lin.weight[keep])
+                layer.mlp.down_proj.weight = torch.nn.Parameter(layer.mlp.down_proj.weight[:, keep])
+        pruned.config.intermediate_size = width - count
+        folder = tmp_path / f"cut{start}-{count}"
+        pruned.save_pretrained(folder / "hf")
+        tok.save_pretrained(folder / "hf")
+        q4 = export_gguf(folder / "hf", folder / "gguf", ("Q4_1",))["Q4_1"]
+        assert (q4.stored, q4.lossy) == (stored, lossy), (start, count, q4)
 
 
 def test_other_architectures_are_refused(tmp_path: Path) -> None:
@@ -70,16 +133,46 @@ def test_other_architectures_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "gguf").exists()
 
 
-def test_a_checkpoint_with_mlp_biases_is_refused_naming_the_fix(tmp_path: Path) -> None:
-    """A steering or compensation bias (config.mlp_bias) has no key in a llama GGUF and transformers' GGUF
-    loader drops it, so such a file could not be proven: refused before anything is written."""
+def test_mlp_biases_are_written_and_read_back(tmp_path: Path) -> None:
+    """A steering or compensation bias (config.mlp_bias) is written as `ffn_*.bias` tensors, which llama.cpp
+    adds; transformers' GGUF loader drops them, and `load_gguf` puts them back from the file."""
+    from gguf import GGUFReader
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    from exporter.verify.gguf import load_gguf
+
+    config = tiny_model("llama").config
+    config.mlp_bias = True
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.bias.normal_(0, 0.5)
+            layer.mlp.up_proj.bias.normal_(0, 0.5)
+            layer.mlp.gate_proj.bias.zero_()  # zero biases are left out of the file
+    model.save_pretrained(tmp_path / "hf")
+    tok = tiny_tokenizer()
+    tok.bos_token = "<|system|>"
+    tok.save_pretrained(tmp_path / "hf")
+    name = export_gguf(tmp_path / "hf", tmp_path / "gguf", ("F16",))["F16"].name
+    biases = sorted(t.name for t in GGUFReader(tmp_path / "gguf" / name).tensors if t.name.endswith(".bias"))
+    assert biases == [f"blk.{i}.{part}.bias" for i in range(2) for part in ("ffn_down", "ffn_up")]
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        restored = load_gguf(tmp_path / "gguf" / name)(ids).logits
+        dropped = AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file=name)(ids).logits
+    assert (restored - expected).abs().max() <= 1e-2
+    assert (dropped - expected).abs().max() > 0.1  # the biases matter, and the stock loader loses them
+
+
+def test_a_checkpoint_with_attention_biases_is_refused_naming_the_fix(tmp_path: Path) -> None:
     from transformers import LlamaForCausalLM
 
-    dense = tiny_model("llama")
-    config = dense.config
-    config.mlp_bias = True
+    config = tiny_model("llama").config
+    config.attention_bias = True
     LlamaForCausalLM(config).save_pretrained(tmp_path / "hf")
     tiny_tokenizer().save_pretrained(tmp_path / "hf")
-    with pytest.raises(GgufExportError, match=r"mlp_bias true.*leave 'gguf' out.*method\.steer: 0"):
+    with pytest.raises(GgufExportError, match=r"attention_bias true.*leave 'gguf' out"):
         export_gguf(tmp_path / "hf", tmp_path / "gguf")
     assert not (tmp_path / "gguf").exists()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from exporter.cli import dispatch, main
-from exporter.errors import GgufExportError, UnsupportedModelError
+from exporter.errors import UnsupportedModelError
 from exporter.export.prune import prune_model
 from exporter.masking.calibrate import calibrate
 from exporter.masking.masks import compute_mask
@@ -241,10 +241,12 @@ def test_eval_reports_steering_removal_and_replies(tmp_path: Path, tiny_llama_di
     assert gaps[0] == pytest.approx(gaps[1], abs=1e-9)
 
 
-def test_steered_soft_persona_quantizes_with_its_biases_and_refuses_gguf(tmp_path: Path, tiny_llama_dir: Path) -> None:
+def test_steered_soft_persona_quantizes_with_its_biases_and_writes_a_proven_gguf(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
     """A steering bias (down_proj biases) and a soft mask (scaled columns) survive weight-only quantization:
-    the biases stay fp32 Adds after MatMulNBits, and the quality is measured against the fp32 export. GGUF
-    is refused for such a persona."""
+    the biases stay fp32 Adds after MatMulNBits, and the quality is measured against the fp32 export. The GGUF
+    files carry the biases too: the F16 file is proven against the masked reference with them read back."""
     import onnx
 
     recipe = write_recipe(
@@ -270,7 +272,7 @@ def test_steered_soft_persona_quantizes_with_its_biases_and_refuses_gguf(tmp_pat
         assert not [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in weights]
         biases = [w for w in weights if "down_proj.bias" in w]
         assert len(biases) == 2, sorted(weights)
-    # a GGUF file cannot carry the biases: refused, naming the fix, before the model is loaded
-    with pytest.raises(GgufExportError, match=r"leave 'gguf' out of output\.formats.*method\.steer: 0"):
-        dispatch(["export", str(folder), "--format", "gguf"])
-    assert not (folder / "gguf").exists()
+    assert dispatch(["export", str(folder), "--format", "gguf"]) == 0
+    gguf = json.loads((folder / "report.json").read_text())["verification"]["gguf"]
+    assert gguf["passed"] and gguf["F16"]["greedy_identical"] and gguf["F16"]["max_abs_logit_diff"] <= 1e-2, gguf
+    assert gguf["Q4_1"]["stored"] and "below_floor" in gguf["Q4_1"], gguf

@@ -336,6 +336,28 @@ def test_gguf_goes_to_its_subfolder_with_a_llama_cpp_snippet(hub: FakeHub, perso
     assert "(`model-f16.gguf`, `model-q8_0.gguf`)" in card.text
 
 
+@pytest.mark.parametrize(
+    ("q4", "snippet"),
+    [({"passed": True, "parity_target": True}, "q4_1"), ({"passed": True, "below_floor": True}, "q8_0")],
+)
+def test_the_llama_cpp_snippet_takes_the_q4_1_file_when_it_is_proven_or_within_its_floor(
+    hub: FakeHub, persona: Path, q4: dict[str, object], snippet: str
+) -> None:
+    (persona / "gguf").mkdir()
+    for name in ("model-f16.gguf", "model-q8_0.gguf", "model-q4_1.gguf"):
+        (persona / "gguf" / name).write_bytes(os.urandom(2000))
+    report = json.loads((persona / "report.json").read_text())
+    report["verification"]["gguf"] = {
+        "passed": True,
+        "F16": {"file": "model-f16.gguf", "passed": True},
+        "Q8_0": {"file": "model-q8_0.gguf", "below_floor": False, "passed": True},
+        "Q4_1": {"file": "model-q4_1.gguf", **q4},
+    }
+    (persona / "report.json").write_text(json.dumps(report))
+    assert run_cli(str(persona), "--repo-id", REPO) == 0
+    assert f'filename="gguf/model-{snippet}.gguf"' in card_of(hub.files(REPO)).text
+
+
 def test_genai_folder_goes_to_its_subfolder_with_a_genai_snippet_and_respects_its_floor(
     hub: FakeHub, persona: Path
 ) -> None:

@@ -309,7 +309,11 @@ def test_export_adds_a_verified_gguf(onnx_run: Path, tmp_path: Path) -> None:
     assert gguf["passed"] and gguf["F16"]["passed"] and gguf["F16"]["greedy_identical"]
     assert gguf["F16"]["max_abs_logit_diff"] <= 1e-2 and gguf["F16"]["max_abs_logit_diff"] > 0
     assert 0 < gguf["Q8_0"]["top1_agreement"] <= 1 and "below_floor" in gguf["Q8_0"]
-    assert sorted(p.name for p in (folder / "gguf").iterdir()) == ["model-f16.gguf", "model-q8_0.gguf"]
+    assert sorted(p.name for p in (folder / "gguf").iterdir()) == [
+        "model-f16.gguf",
+        "model-q4_1.gguf",
+        "model-q8_0.gguf",
+    ]
     assert not (folder / "onnx").exists()  # gguf is made from hf/ alone
 
 

@@ -155,10 +155,13 @@ VALIDATE_CASES: list[tuple[str, Edit, type[PersonaExportError], str]] = [
         "eval.max_tokens: 1000",
     ),
     (
-        "gguf-of-a-model-with-biases",
-        lambda d, t: (_set_config(t / "tiny-llama", mlp_bias=True), d.update(output={"formats": ["hf", "gguf"]})),
+        "gguf-of-a-model-with-attention-biases",
+        lambda d, t: (
+            _set_config(t / "tiny-llama", attention_bias=True),
+            d.update(output={"formats": ["hf", "gguf"]}),
+        ),
         RecipeError,
-        "output.formats: GGUF export: ",
+        "has attention_bias true (biases on q/k/v/o_proj",
     ),
 ]
 
