@@ -8,7 +8,12 @@ a checkpoint de-quantized from a Q4_1 GGUF (the embedded SmolLM2) that gives bac
 every matrix that removal left in whole 32-value blocks: q/k/v, o_proj (a removed head is two whole blocks),
 gate/up (removed neurons are whole rows) and the Q8_0 token embedding. A matrix that no block type holds
 exactly (down_proj once neurons are removed: its rows lose values inside blocks) is quantized to Q4_1 when its
-rows split into blocks and stored F16 when they do not, as llama.cpp's own converter does.
+rows split into blocks and stored F16 when they do not, as llama.cpp's own converter does. Given the dense
+model's down_proj (`DenseMlp`), the quantized files instead put the removed neurons back when the kept width
+does not split into blocks: their gate and up rows are zeros, so their activation is exactly silu(0) * 0 = 0,
+and their down_proj columns are the dense model's, so every down_proj block is the source's again and the
+file computes what the checkpoint computes. Such a file has the dense MLP width (its size and speed are the
+dense file's); the F16 file keeps the pruned width.
 
 Only `llama` checkpoints (SmolLM2 and its persona exports, with removed heads or neurons, soft-mask scaled
 columns, MLP biases) without attention biases are written: see `BIAS_FIX`.
@@ -118,10 +123,19 @@ def _tokenizer_fields(hf_dir: Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
+class DenseMlp:
+    """Where a pruned checkpoint's MLP neurons sit in the dense model, and the dense down_proj weights."""
+
+    keep: np.ndarray  # (layers, kept) sorted dense indices of the kept neurons
+    down: list[np.ndarray]  # per layer (hidden, dense width) float32
+
+
+@dataclass(frozen=True)
 class GgufFile:
     name: str  # file name inside the gguf/ folder
     stored: dict[str, int]  # block type -> number of matrices stored in it
     lossy: int  # matrices quantized with a rounding error (F16 rounding not counted)
+    restored: int = 0  # removed neurons per layer put back as zero-gated rows (see DenseMlp)
 
     @property
     def exact(self) -> bool:
@@ -132,11 +146,14 @@ class GgufFile:
 FILE_TYPES = {"F16": "MOSTLY_F16", "Q8_0": "MOSTLY_Q8_0", "Q4_1": "MOSTLY_Q4_1"}
 
 
-def export_gguf(hf_dir: Path, out_dir: Path, qtypes: tuple[str, ...] = GGUF_TYPES) -> dict[str, GgufFile]:
+def export_gguf(
+    hf_dir: Path, out_dir: Path, qtypes: tuple[str, ...] = GGUF_TYPES, dense: DenseMlp | None = None
+) -> dict[str, GgufFile]:
     """Write one GGUF file per type in `qtypes` into `out_dir` (must not exist); {type: what was written}.
 
     A matrix whose rows do not split into 32-value blocks (e.g. down_proj after removing 30 of 1536 neurons) is
-    stored F16 in a quantized file, as llama.cpp's own converter does.
+    stored F16 in a quantized file, as llama.cpp's own converter does, unless `dense` lets the file put the
+    removed neurons back (see the module docstring).
     """
     import gguf
 
@@ -152,15 +169,21 @@ def export_gguf(hf_dir: Path, out_dir: Path, qtypes: tuple[str, ...] = GGUF_TYPE
     heads, kv_heads = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     written = {}
+    width = config["intermediate_size"]
+    restore = dense is not None and width % BLOCK != 0 and dense.keep.shape[1] == width
     with staged(out_dir) as stage:
         for qtype in qtypes:
+            tensors, ffn = weights, width
+            if restore and qtype != "F16":
+                assert dense is not None
+                tensors, ffn = _with_dense_width(weights, dense), dense.down[0].shape[1]
             writer = gguf.GGUFWriter(stage / file_name(qtype), "llama")
             writer.add_name(hf_dir.parent.name or "persona")
             writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[qtype]))
             writer.add_context_length(config["max_position_embeddings"])
             writer.add_embedding_length(config["hidden_size"])
             writer.add_block_count(config["num_hidden_layers"])
-            writer.add_feed_forward_length(config["intermediate_size"])
+            writer.add_feed_forward_length(ffn)
             writer.add_head_count(heads)
             writer.add_head_count_kv(kv_heads)
             writer.add_key_length(head_dim)
@@ -182,7 +205,7 @@ def export_gguf(hf_dir: Path, out_dir: Path, qtypes: tuple[str, ...] = GGUF_TYPE
                 writer.add_chat_template(tok["chat_template"])
             stored: dict[str, int] = {}
             lossy = 0
-            for name, value in weights.items():
+            for name, value in tensors.items():
                 writer_name, data = _tensor(name, value.astype(np.float32), heads, kv_heads)
                 if data.ndim == 1:  # norms and biases stay F32
                     if name.endswith(".bias") and not data.any():
@@ -200,9 +223,29 @@ def export_gguf(hf_dir: Path, out_dir: Path, qtypes: tuple[str, ...] = GGUF_TYPE
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
             writer.close()
-            written[qtype] = GgufFile(file_name(qtype), dict(sorted(stored.items())), lossy)
+            written[qtype] = GgufFile(file_name(qtype), dict(sorted(stored.items())), lossy, ffn - width)
     log.debug("wrote GGUF %s to %s", ", ".join(qtypes), out_dir)
     return written
+
+
+def _with_dense_width(weights: dict[str, np.ndarray], dense: DenseMlp) -> dict[str, np.ndarray]:
+    """The checkpoint's tensors with each layer's MLP at the dense width: removed neurons as zero gate/up rows
+    (and zero gate/up biases) and the dense model's down_proj columns."""
+    out = dict(weights)
+    for i, keep in enumerate(dense.keep):
+        width = dense.down[i].shape[1]
+        prefix = f"model.layers.{i}.mlp."
+        for part in ("gate_proj", "up_proj"):
+            for kind in ("weight", "bias"):
+                if (key := f"{prefix}{part}.{kind}") in weights:
+                    value = weights[key]
+                    full = np.zeros((width, *value.shape[1:]), dtype=value.dtype)
+                    full[keep] = value
+                    out[key] = full
+        down = dense.down[i].astype(weights[f"{prefix}down_proj.weight"].dtype)  # a copy
+        down[:, keep] = weights[f"{prefix}down_proj.weight"]
+        out[f"{prefix}down_proj.weight"] = down
+    return out
 
 
 def _encode(data: np.ndarray, qtype: str) -> tuple[str, np.ndarray | None, bool]:

@@ -59,6 +59,7 @@ def verify_gguf(
         figures: dict[str, Any] = {
             "file": file.name,
             "stored": file.stored,
+            "restored_neurons_per_layer": file.restored,
             "parity_target": file.exact,
             "max_abs_logit_diff": worst,
             "mean_abs_logit_diff": mean,

@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from exporter.export.gguf import GGUF_TYPES, export_gguf
+from exporter.export.gguf import GGUF_TYPES, DenseMlp, export_gguf
 from exporter.io import shown_name
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
@@ -39,10 +39,21 @@ def gguf_stage(
     t = time.perf_counter()
     log.info("%s: writing GGUF (%s)", shown_name(folder), ", ".join(GGUF_TYPES))
     out = folder / FOLDERS["gguf"]
-    files = export_gguf(folder / "hf", out)
+    files = export_gguf(folder / "hf", out, dense=dense_mlp(reference_fp32, adapter, mask))
     timings["export_gguf"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     log.info("%s: verifying GGUF through transformers' GGUF loader against the masked model", shown_name(folder))
     figures = verify_gguf(reference_fp32, adapter, mask, out, files, prompts, spec, tokenizer, neutral, pairs)
     timings["verify_gguf"] = round(time.perf_counter() - t, 3)
     return {"passed": figures["F16"]["passed"], **figures}
+
+
+def dense_mlp(model: nn.Module, adapter: Adapter, mask: PersonaMask) -> DenseMlp | None:
+    """The dense down_proj weights and the kept neurons, for quantized GGUF files whose pruned MLP width does not
+    split into blocks; None when no neuron is removed or the weights are not in memory (offloaded)."""
+    if mask.mlp_keep is None:
+        return None
+    down = [adapter.mlp_out(layer).weight for layer in adapter.layers(model)]
+    if any(w.device.type == "meta" for w in down):
+        return None
+    return DenseMlp(mask.mlp_keep.numpy(), [w.detach().float().numpy() for w in down])

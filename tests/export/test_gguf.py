@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from exporter.errors import GgufExportError
-from exporter.export.gguf import export_gguf
+from exporter.export.gguf import DenseMlp, export_gguf
 from exporter.model.tokenizer import faithful_tokenizer, gguf_metadata
 from tests.helpers import tiny_model, tiny_tokenizer
 
@@ -123,6 +124,19 @@ def test_q4_1_file_holds_q4_1_weights_exactly_and_requantizes_columns_cut_from_b
         tok.save_pretrained(folder / "hf")
         q4 = export_gguf(folder / "hf", folder / "gguf", ("Q4_1",))["Q4_1"]
         assert (q4.stored, q4.lossy) == (stored, lossy), (start, count, q4)
+
+    # 8 neurons removed inside a block, the dense down_proj given: the quantized files put them back as
+    # zero-gated neurons, every block is the source's again, and the file computes what the pruned model does
+    dense = DenseMlp(
+        np.stack([keep.numpy()] * 2), [layer.mlp.down_proj.weight.detach().numpy() for layer in model.model.layers]
+    )
+    files = export_gguf(folder / "hf", tmp_path / "restored", ("F16", "Q4_1"), dense=dense)
+    assert (files["Q4_1"].stored, files["Q4_1"].lossy, files["Q4_1"].restored) == ({"Q4_1": 15}, 0, 8)
+    assert files["F16"].restored == 0  # F16 keeps the pruned width
+    restored = load_gguf(tmp_path / "restored" / files["Q4_1"].name)
+    assert restored.config.intermediate_size == 96
+    with torch.no_grad():
+        assert torch.allclose(pruned(ids).logits, restored(ids).logits, atol=1e-5)
 
 
 def test_other_architectures_are_refused(tmp_path: Path) -> None:
