@@ -21,7 +21,7 @@ from exporter.model.adapters import Adapter
 from exporter.recipe.formats import QUANT_FORMATS
 from exporter.recipe.schema import VerifySpec
 from exporter.verify.hf import PromptSet, first_divergence, greedy, logit_difference, masked
-from exporter.verify.quality import Agreement, Pair, judge, persona_shift, torch_logits
+from exporter.verify.quality import Agreement, Logits, Pair, judge, persona_shift, torch_logits
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids, attention_mask: (batch, seq)
 
@@ -46,14 +46,19 @@ def verify_gguf(
     ids, attn = prompts.batch  # left-padded (batch, seq)
     limits = spec.onnx_thresholds
     results: dict[str, Any] = {}
+    with torch.inference_mode(), masked(reference_fp32, adapter, mask):  # the reference's outputs, once for all files
+        ref_tokens = greedy(reference_fp32, ids, attn, spec.greedy_tokens, pad_id)
+        ref_quality = [reference_fp32(input_ids=i, attention_mask=a).logits.float().numpy() for i, a in quality_batches]
+    ref_logits = remembered(torch_logits(reference_fp32))
     for qtype, file in files.items():
         model = load_gguf(out_dir / file.name)
         with masked(reference_fp32, adapter, mask):
             worst, mean = logit_difference(reference_fp32, model, prompts.all())
-            ref_tokens = greedy(reference_fp32, ids, attn, spec.greedy_tokens, pad_id)
-            quality = agreement(reference_fp32, model, quality_batches)
             if pairs and qtype != "F16":
-                quality |= persona_shift(torch_logits(reference_fp32), torch_logits(model), tokenizer, pairs)
+                shift = persona_shift(ref_logits, torch_logits(model), tokenizer, pairs)
+        quality = agreement(ref_quality, model, quality_batches)
+        if pairs and qtype != "F16":
+            quality |= shift
         rows = zip(ref_tokens.tolist(), greedy(model, ids, attn, spec.greedy_tokens, pad_id).tolist(), strict=True)
         div = min((d for a, b in rows if (d := first_divergence(a, b)) is not None), default=None)  # first step
         figures: dict[str, Any] = {
@@ -97,11 +102,23 @@ def load_gguf(path: Path) -> nn.Module:
 
 
 @torch.inference_mode()
-def agreement(reference: nn.Module, model: nn.Module, batches: list[Batch]) -> dict[str, Any]:
-    """Top-1 agreement and perplexity ratio of `model` against `reference` (torch, fp32)."""
+def agreement(reference: list[np.ndarray], model: nn.Module, batches: list[Batch]) -> dict[str, Any]:
+    """Top-1 agreement and perplexity ratio of `model` against the reference's logits on `batches`."""
     quality = Agreement()
-    for ids, attn in batches:
-        a = reference(input_ids=ids, attention_mask=attn).logits.float().numpy()
+    for a, (ids, attn) in zip(reference, batches, strict=True):
         b = model(input_ids=ids, attention_mask=attn).logits.float().numpy()
         quality.add(a, b, ids.numpy(), attn.numpy())
     return quality.figures()
+
+
+def remembered(logits: Logits) -> Logits:
+    """`logits` computed once per token sequence (the reference's, shared by every file)."""
+    seen: dict[tuple[int, ...], np.ndarray] = {}
+
+    def cached(ids: list[int]) -> np.ndarray:
+        key = tuple(ids)
+        if key not in seen:
+            seen[key] = logits(ids)
+        return seen[key]
+
+    return cached
