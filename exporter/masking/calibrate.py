@@ -11,7 +11,7 @@ from torch import nn
 from exporter.masking.data import TokenizedSample, collate
 from exporter.masking.stats import Statistics
 from exporter.model.adapters import Adapter
-from exporter.model.hooks import capture_unit_inputs, linear_input_squares
+from exporter.model.hooks import capture_layer_outputs, capture_unit_inputs, linear_input_squares
 from exporter.quiet import progress
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # right-padded input_ids, attention_mask, counted tokens
@@ -48,6 +48,7 @@ def calibrate(
     n_batches = -(-len(samples) // batch_size)
     with (
         capture_unit_inputs(model, adapter, on_input, {"mlp", "attn"}),
+        capture_layer_outputs(model, adapter, lambda i, h: stats.add_residual(i, h, current["weight"])),
         linear_input_squares(model, adapter, lambda: current["weight"]) as in_sq,
     ):
         for ids, attn, weight in progress(

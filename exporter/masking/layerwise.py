@@ -64,7 +64,9 @@ def calibrate_layerwise(
             for b, (_, _, weight) in enumerate(work):
                 current["weight"] = weight
                 _, args, kwargs = calls[b][i]
-                hidden[b] = layer(hidden[b], *args, **kwargs)
+                out = layer(hidden[b], *args, **kwargs)
+                hidden[b] = out[0] if isinstance(out, tuple) else out
+                stats.add_residual(i, hidden[b], weight)
             release(layer)
     for ids, _, weight in work:
         stats.n_samples += ids.shape[0]

@@ -26,8 +26,9 @@ from exporter.reports.provenance import Timer, versions
 
 log = logging.getLogger(__name__)
 # bump when the statistic's definition or what is kept changes: saved statistics become stale
-# (4: the decoder Linears' input channel squares, `in_sq`, kept for the Wanda baseline)
-STATS_FORMAT = 4
+# (4: the decoder Linears' input channel squares, `in_sq`, kept for the Wanda baseline; 5: each decoder
+# layer's mean output hidden state, `chan_sum.resid`, for residual steering)
+STATS_FORMAT = 5
 
 
 def stats_key(recipe: Recipe, persona: PersonaSpec, model_sha: str, data_sha: str) -> str:
@@ -54,7 +55,9 @@ def persona_statistics(
     key = stats_key(recipe, spec, m.model_sha256, data_sha)
     if reuse is not None:
         saved = reuse / "stats" / f"{name}.safetensors"
-        if saved.is_file():
+        # an unreadable manifest is loaded to say why; another key is stale without reading the tensors (an
+        # older statistics format need not load)
+        if saved.is_file() and _saved_key(saved) in (None, key):
             try:
                 stats, info = Statistics.load(saved)
             except UNREADABLE as exc:
@@ -62,9 +65,9 @@ def persona_statistics(
                     f"--reuse-stats: {saved} cannot be read ({type(exc).__name__}: {exc}); delete it to recalibrate "
                     "that persona, or run without --reuse-stats"
                 ) from None
-            if info.get("key") == key:
-                log.info("%s: reusing statistics from %s", name, saved)
-                return stats, info
+            log.info("%s: reusing statistics from %s", name, saved)
+            return stats, info
+        if saved.is_file():
             log.info(
                 "%s: saved statistics in %s are stale (model, data, settings or the statistics format %d changed); "
                 "recalibrating",
@@ -101,6 +104,14 @@ def persona_statistics(
     if use_cache:
         cache.store(key, stats, info)
     return stats, info
+
+
+def _saved_key(saved: Path) -> str | None:
+    """The key in a saved statistics manifest (None when it cannot be read: loading then says why)."""
+    try:
+        return json.loads(saved.with_suffix(".json").read_text(encoding="utf-8")).get("key")  # type: ignore[no-any-return]
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def column_norms(m: Loaded) -> dict[str, torch.Tensor]:

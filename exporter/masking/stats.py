@@ -6,7 +6,9 @@ over the sample's counted tokens t (persona response by default, never padding):
 This is length-invariant (an L2 norm over tokens would favour the persona with longer answers).
 Kept: sum_x s_u, sum_x s_u^2 (mean and variance across samples, for the contrastive z-score), and per channel
 the sums over counted tokens of h_j^2 (the diagonal of E[h h^T], for the "sparse" score) and, for MLP
-neurons, of h_j (the mean activation E[h_j], for steering and bias compensation: exporter/masking/steer.py).
+neurons, of h_j (the mean activation E[h_j], for steering and bias compensation: exporter/masking/steer.py),
+and per decoder layer the sum over counted tokens of its output hidden state (the residual stream, for
+`method.steer_vector: residual`).
 Whole-model calibration also keeps, for every Linear of the decoder layers, the sum over counted tokens of
 each input channel squared (`in_sq`, the Wanda baseline's ||X_j||^2); layer-by-layer calibration does not.
 Unit kinds: "mlp" (neurons), "head" (query heads), "group" (KV groups).
@@ -38,7 +40,9 @@ class Statistics:
     sum: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (layers, units)
     sumsq: dict[str, torch.Tensor] = field(default_factory=dict)  # kind -> (layers, units)
     chan_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # "mlp"/"attn" -> (layers, channels)
-    chan_sum: dict[str, torch.Tensor] = field(default_factory=dict)  # "mlp" -> (layers, intermediate)
+    chan_sum: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # "mlp": (layers, intermediate); "resid": (layers, hidden)
     in_sq: dict[str, torch.Tensor] = field(default_factory=dict)  # Linear name in a layer -> (layers, in_features)
 
     @classmethod
@@ -49,7 +53,8 @@ class Statistics:
             s.sumsq[kind] = torch.zeros_like(s.sum[kind])
         for part, width in (("mlp", g.intermediate), ("attn", g.heads * g.head_dim)):
             s.chan_sq[part] = torch.zeros(g.layers, width, dtype=torch.float64)
-        s.chan_sum["mlp"] = torch.zeros(g.layers, g.intermediate, dtype=torch.float64)  # steering only reads MLP
+        s.chan_sum["mlp"] = torch.zeros(g.layers, g.intermediate, dtype=torch.float64)
+        s.chan_sum["resid"] = torch.zeros(g.layers, g.hidden, dtype=torch.float64)
         return s
 
     def mean(self, kind: str) -> torch.Tensor:
@@ -68,6 +73,15 @@ class Statistics:
     def mlp_mean(self) -> torch.Tensor:
         """E_tokens[h_j] of each down_proj input channel over the counted tokens. (layers, intermediate)"""
         return self.chan_sum["mlp"] / max(self.n_tokens, 1)
+
+    def resid_mean(self) -> torch.Tensor:
+        """E_tokens of each decoder layer's output hidden state over the counted tokens. (layers, hidden)"""
+        return self.chan_sum["resid"] / max(self.n_tokens, 1)
+
+    def add_residual(self, layer: int, hidden: torch.Tensor, weight: torch.Tensor) -> None:
+        """hidden: (batch, seq, hidden) a decoder layer's output; weight: (batch, seq) bool, tokens that count."""
+        w = weight.to(torch.float32).unsqueeze(-1)
+        self.chan_sum["resid"][layer] += (hidden.to(torch.float32) * w).sum((0, 1), dtype=torch.float64)
 
     def add(self, layer: int, part: str, x: torch.Tensor, weight: torch.Tensor) -> None:
         """x: (batch, seq, channels) unit inputs; weight: (batch, seq) bool, tokens that count."""

@@ -5,6 +5,9 @@ section 6). With mu_p[l] = E[h] the mean `down_proj` input of persona p over its
 (exporter/masking/stats.py) and W[l] the dense `down_proj` weight (hidden, intermediate):
   steering      alpha * W[l] (mu_p[l] - mu_q[l])      the mean MLP-output difference between p and its partner q,
                                                        in the first `method.steer_layers` fraction of the layers
+  (residual)    alpha * (r_p[k] - r_q[k]) at layer k   with `method.steer_vector: residual`: the mean difference of
+                                                       the residual stream after layer k, the last steered layer,
+                                                       added there once (r: each layer's mean output hidden state)
   compensation  W[l] ((1 - s[l]) * mu[l])             s = what each unit is multiplied by (0 removed, gamma
                                                        soft-masked, 1 kept): the mean contribution the mask
                                                        takes away, so removal shifts no mean (FLAP)
@@ -26,13 +29,24 @@ from exporter.recipe.schema import PruneSpec, Recipe, mlp_biases, steered_layers
 
 
 def steering_bias(
-    down: list[torch.Tensor], own: Statistics, partner: Statistics, alpha: float, layers: float = 1.0
+    down: list[torch.Tensor],
+    own: Statistics,
+    partner: Statistics,
+    alpha: float,
+    layers: float = 1.0,
+    vector: str = "mlp",
 ) -> torch.Tensor:
-    """alpha * W[l] (mu_own - mu_partner) per layer: (layers, hidden) float64; zero from layer
-    `steered_layers(len(down), layers)` on."""
+    """(layers, hidden) float64. "mlp": alpha * W[l] (mu_own - mu_partner) per layer, zero from layer
+    `steered_layers(len(down), layers)` on; "residual": alpha * (r_own - r_partner) of the last steered layer, in
+    that layer only."""
+    steered = steered_layers(len(down), layers)
+    if vector == "residual":
+        bias = torch.zeros(len(down), down[0].shape[0], dtype=torch.float64)
+        bias[steered - 1] = alpha * (own.resid_mean()[steered - 1] - partner.resid_mean()[steered - 1])
+        return bias
     delta = own.mlp_mean() - partner.mlp_mean()  # (layers, intermediate)
     bias = alpha * torch.stack([w.to(torch.float64) @ delta[i] for i, w in enumerate(down)])
-    bias[steered_layers(len(down), layers) :] = 0.0
+    bias[steered:] = 0.0
     return bias
 
 
@@ -75,7 +89,7 @@ def with_biases(
         steering = None
         if (alpha := method.alpha(name)) > 0:
             assert partner is not None, "steering needs a pair (checked by the recipe)"
-            steering = steering_bias(down, stats[name], partner, alpha, method.depth(name))
+            steering = steering_bias(down, stats[name], partner, alpha, method.depth(name), method.vector(name))
             steering = steering.to(storage).to(torch.float64)
             bias += steering
         compensate = prune.mlp.compensate if prune.mlp is not None else "none"

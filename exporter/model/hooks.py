@@ -86,6 +86,26 @@ def capture_unit_inputs(model: nn.Module, adapter: Adapter, callback: Capture, k
 
 
 @contextmanager
+def capture_layer_outputs(
+    model: nn.Module, adapter: Adapter, callback: Callable[[int, torch.Tensor], None]
+) -> Iterator[None]:
+    """Call `callback(layer_index, hidden)` with each decoder layer's output hidden state (batch, seq, hidden)."""
+
+    def make(i: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            callback(i, output[0] if isinstance(output, tuple) else output)
+
+        return hook
+
+    handles = [layer.register_forward_hook(make(i)) for i, layer in enumerate(adapter.layers(model))]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def apply_channel_masks(
     model: nn.Module,
     adapter: Adapter,

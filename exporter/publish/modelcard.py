@@ -96,10 +96,14 @@ def _removed(report: PersonaReport) -> str:
         lines.append(f"MLP: {prune.mlp.fraction(report.persona):.0%} of the intermediate neurons of every layer.")
     if (alpha := method.alpha(report.persona)) > 0:
         n = len(report.removed_per_layer["mlp"])
+        k = steered_layers(n, method.depth(report.persona))
+        if method.vector(report.persona) == "residual":
+            where, what = f"the `down_proj` bias of layer {k - 1} (of 0-{n - 1})", "residual-stream"
+        else:
+            where, what = f"the `down_proj` biases of the first {k} of {n} layers", "MLP-output"
         lines.append(
-            f"Steering: a constant bias toward this persona in the `down_proj` biases of the first "
-            f"{steered_layers(n, method.depth(report.persona))} of {n} layers ({alpha:g} x the mean MLP-output "
-            f"difference between this persona's and `{report.partner}`'s calibration answers; `mlp_bias: true`)."
+            f"Steering: a constant bias toward this persona in {where} ({alpha:g} x the mean {what} difference "
+            f"between this persona's and `{report.partner}`'s calibration answers; `mlp_bias: true`)."
         )
     if prune.mlp and prune.mlp.compensate != "none":
         lines.append(

@@ -8,7 +8,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
@@ -23,12 +23,15 @@ EMBEDDED_MODELS = ("smollm2-135m-instruct",)
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
-def per_persona(value: float | dict[str, float], persona: str, default: float) -> float:
+T = TypeVar("T")
+
+
+def per_persona(value: T | dict[str, T], persona: str, default: T) -> T:
     """A setting given once for every persona, or as a mapping per persona (a persona left out: `default`)."""
     return value.get(persona, default) if isinstance(value, dict) else value
 
 
-def values(value: float | dict[str, float]) -> list[float]:
+def values(value: T | dict[str, T]) -> list[T]:
     return list(value.values()) if isinstance(value, dict) else [value]
 
 
@@ -80,6 +83,7 @@ def steered_layers(n_layers: int, fraction: float) -> int:
 
 
 Depth = Annotated[float, Field(gt=0.0, le=1.0)]
+SteerVector = Literal["mlp", "residual"]
 
 
 class MethodSpec(Strict):
@@ -94,6 +98,10 @@ class MethodSpec(Strict):
     # the first fraction of the decoder layers that carry the steering bias (1 = every layer); the last layers'
     # share moves the persona least per unit of perplexity and makes replies repeat themselves most
     steer_layers: Depth | dict[str, Depth] = 1.0  # as steer: one value, or one per persona (left out: 1)
+    # what the steering bias is: "mlp", each steered layer's mean MLP-output difference added in that layer;
+    # "residual", the mean residual-stream difference after the last steered layer, added there once (what the
+    # first `steer_layers` of the layers build up, without steering any layer after them)
+    steer_vector: SteerVector | dict[str, SteerVector] = "mlp"  # one value, or one per persona (left out: mlp)
 
     @property
     def contrastive(self) -> bool:
@@ -105,6 +113,10 @@ class MethodSpec(Strict):
     def depth(self, persona: str) -> float:
         """The fraction of the first layers that carry `persona`'s steering bias."""
         return per_persona(self.steer_layers, persona, 1.0)
+
+    def vector(self, persona: str) -> SteerVector:
+        default: SteerVector = "mlp"
+        return per_persona(self.steer_vector, persona, default)
 
     @property
     def steers(self) -> bool:
@@ -304,6 +316,7 @@ def semantic_problems(r: Recipe) -> list[str]:
                     "pair; add it to 'pairs' or use 'wanda'/'sparse'"
                 )
     mappings: list[tuple[str, Any]] = [("method.steer", r.method.steer), ("method.steer_layers", r.method.steer_layers)]
+    mappings += [("method.steer_vector", r.method.steer_vector)]
     mappings += [
         (f"prune.{k}.sparsity", u.sparsity) for k, u in (("mlp", r.prune.mlp), ("attention", r.prune.attention)) if u
     ]

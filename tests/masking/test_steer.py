@@ -84,6 +84,33 @@ def test_steering_bias_is_the_mean_mlp_output_difference() -> None:
     assert steering_bias(down, pos, neg, 1.0, layers=0.01)[0].abs().max() > 0  # at least one layer is steered
 
 
+def test_residual_steering_is_the_mean_residual_difference_after_the_last_steered_layer() -> None:
+    """`steer_vector: residual`: alpha x the mean difference of the hidden state after layer k (the last steered
+    layer; hidden_states[k + 1] in transformers' numbering), in layer k's bias only."""
+    from exporter.masking.calibrate import batches
+
+    model = tiny_model("llama").double()
+    adapter, pos, neg = _stats(model)
+    down = [adapter.mlp_out(layer).weight for layer in adapter.layers(model)]
+    means = []
+    for which, lo_hi in ((1, (10, 160)), (2, (160, 320))):
+        total, count = torch.zeros(2, model.config.hidden_size, dtype=torch.float64), 0
+        with torch.no_grad():
+            for ids, attn, weight in batches(samples(which, lo_hi), 5, 0, True):
+                hidden = model(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states
+                w = weight.double().unsqueeze(-1)
+                total += torch.stack([(hidden[k + 1] * w).sum((0, 1)) for k in range(2)])
+                count += int(weight.sum())
+        means.append(total / count)
+    expected = means[0] - means[1]
+    for layers, k in ((0.5, 0), (1.0, 1)):
+        v = steering_bias(down, pos, neg, 2.0, layers=layers, vector="residual")
+        # the last layer's output in hidden_states is after the final norm: compare the layer before it only
+        if k == 0:
+            assert_close(v[0], 2.0 * expected[0], 1e-6, "alpha x the mean residual difference after layer 0 (fp32 sums)")
+        assert v[k].abs().max() > 1e-3 and v[1 - k].abs().max() == 0.0, (layers, k)
+
+
 def test_compensation_keeps_the_first_layers_mean_output() -> None:
     """Layer 0 sees unchanged inputs, so with the persona's own mean its mean MLP output is exactly kept."""
     dense = tiny_model("llama").double()
@@ -190,6 +217,7 @@ def test_run_with_steering_verifies_hf_and_onnx(tmp_path: Path, tiny_llama_dir: 
             "phi": "relu",
             "steer": {"introvert": 1.5, "extravert": 0.5},
             "steer_layers": 0.5,
+            "steer_vector": {"extravert": "residual"},
         },
         prune={"mlp": {"sparsity": 0.25, "compensate": "personas"}},
         output={"formats": ["hf", "onnx"]},
@@ -201,6 +229,7 @@ def test_run_with_steering_verifies_hf_and_onnx(tmp_path: Path, tiny_llama_dir: 
         assert report["status"] == "passed", report["verification"]
         assert report["method"]["steer"] == {"introvert": 1.5, "extravert": 0.5}
         assert report["method"]["steer_layers"] == 0.5
+        assert report["method"]["steer_vector"] == {"extravert": "residual"}
         assert report["prune"]["mlp"]["compensate"] == "personas"
         assert report["verification"]["onnx"]["passed"]
         assert json.loads((out / persona / "hf" / "config.json").read_text())["mlp_bias"] is True

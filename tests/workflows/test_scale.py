@@ -25,6 +25,9 @@ def assert_same_statistics(a: Statistics, b: Statistics) -> None:
         torch.testing.assert_close(a.sumsq[kind], b.sumsq[kind], rtol=1e-5, atol=1e-7, msg=f"sumsq.{kind}")
     for part in ("mlp", "attn"):
         torch.testing.assert_close(a.chan_sq[part], b.chan_sq[part], rtol=1e-5, atol=1e-7, msg=f"chan_sq.{part}")
+    for part in ("mlp", "resid"):  # the means steering reads
+        torch.testing.assert_close(a.chan_sum[part], b.chan_sum[part], rtol=1e-5, atol=1e-6, msg=f"chan_sum.{part}")
+    assert a.chan_sum["resid"].abs().max() > 0
 
 
 @pytest.mark.parametrize("model_type", sorted(TINY_MODELS))
