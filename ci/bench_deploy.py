@@ -51,12 +51,15 @@ out = []
 for _ in range(int(sys.argv[5])):
     llm.reset()
     t = time.perf_counter(); llm.eval(ids); prefill = time.perf_counter() - t
+    tokens = []
     t = time.perf_counter()
     for _ in range(new):
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        # the last position's logits (llm.scores holds them only with logits_all)
+        token = int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+        tokens.append(token)
         llm.eval([token])
     out.append((new / (time.perf_counter() - t), prefill))
-print(json.dumps({"runs": out, "tokens": [int(t) for t in llm.eval_tokens][len(ids):]}))
+print(json.dumps({"runs": out, "tokens": tokens}))
 """
 
 LLAMA_ARGMAX = """
@@ -252,12 +255,13 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
     prefills: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
     for runner in runners.values():  # warm-up
         runner(ids)
-    for _ in range(args.repeats):
+    for round_ in range(args.repeats):
         for key, runner in runners.items():
             rate, prefill = runner(ids)
             rates[key].append(rate)
             prefills[key].append(prefill)
-        for key, path in files.items() if has_llama else ():
+        order = list(files.items()) if has_llama else []
+        for key, path in order[round_ % max(len(order), 1) :] + order[: round_ % max(len(order), 1)]:  # rotated
             rate, prefill, tokens = llama_cpp(args.llama_python, path, ids, args.threads)
             rates.setdefault(key, []).append(rate)
             prefills.setdefault(key, []).append(prefill)
