@@ -88,7 +88,7 @@ def set_verbosity(level: str, terminal: bool | None = None) -> None:
     logging.getLogger().setLevel(ours)
     theirs = {"quiet": "error", "normal": "warning", "verbose": "info"}[level]
     os.environ["TRANSFORMERS_VERBOSITY"] = theirs  # transformers and optimum read it when they set up logging
-    for name in ("transformers", "optimum", "huggingface_hub", "matplotlib"):
+    for name in ("transformers", "optimum", "huggingface_hub", "matplotlib", "gguf"):  # gguf: a line per file written
         logging.getLogger(name).setLevel(theirs.upper())
     for name in ("httpx", "urllib3"):  # a line per HTTP request otherwise
         logging.getLogger(name).setLevel(logging.DEBUG if level == "verbose" else logging.WARNING)

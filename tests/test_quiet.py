@@ -42,13 +42,14 @@ def test_quiet_hides_progress_bars_and_info(monkeypatch: pytest.MonkeyPatch) -> 
         monkeypatch.setenv(name, "")  # restored (removed) afterwards, whatever set_verbosity writes
     loggers = [
         logging.getLogger(n)
-        for n in ("", "transformers", "optimum", "huggingface_hub", "matplotlib", "httpx", "urllib3")
+        for n in ("", "transformers", "optimum", "huggingface_hub", "matplotlib", "gguf", "httpx", "urllib3")
     ]
     levels = [log.level for log in loggers]
     try:
         set_verbosity("normal", terminal=True)
         assert os.environ["TQDM_DISABLE"] == "" and logging.getLogger().level == logging.INFO
         assert logging.getLogger("matplotlib").level == logging.WARNING  # its font-cache INFO line
+        assert logging.getLogger("gguf").level == logging.WARNING  # a line per GGUF file written
         set_verbosity("quiet", terminal=True)
         assert os.environ["TQDM_DISABLE"] == "1" and logging.getLogger().level == logging.ERROR
         set_verbosity("verbose")
@@ -64,7 +65,7 @@ def test_bars_are_off_when_stderr_is_a_file_and_verbose_keeps_them(monkeypatch: 
         monkeypatch.setenv(name, "")
     loggers = [
         logging.getLogger(n)
-        for n in ("", "transformers", "optimum", "huggingface_hub", "matplotlib", "httpx", "urllib3")
+        for n in ("", "transformers", "optimum", "huggingface_hub", "matplotlib", "gguf", "httpx", "urllib3")
     ]
     levels = [log.level for log in loggers]
     try:
