@@ -134,12 +134,12 @@ class DenseMlp:
 class GgufFile:
     name: str  # file name inside the gguf/ folder
     stored: dict[str, int]  # block type -> number of matrices stored in it
-    lossy: int  # matrices quantized with a rounding error (F16 rounding not counted)
+    lossy: int  # matrices stored with a rounding error (F16 included)
     restored: int = 0  # removed neurons per layer put back as zero-gated rows (see DenseMlp)
 
     @property
     def exact(self) -> bool:
-        """Every matrix is held exactly by its block type or stored F16: a parity target like the F16 file."""
+        """Every matrix is held exactly by its block type: the file computes what the checkpoint computes."""
         return self.lossy == 0
 
 
@@ -249,12 +249,12 @@ def _with_dense_width(weights: dict[str, np.ndarray], dense: DenseMlp) -> dict[s
 
 
 def _encode(data: np.ndarray, qtype: str) -> tuple[str, np.ndarray | None, bool]:
-    """(block type, its bytes, whether it holds `data` exactly) for one matrix of a `qtype` file. F16 counts as
-    exact: its rounding is what the F16 parity covers."""
+    """(block type, its bytes or None for F16, whether it holds `data` exactly) for one matrix of a `qtype`
+    file."""
     from gguf import GGMLQuantizationType, quants
 
     if qtype == "F16" or data.shape[-1] % BLOCK:
-        return "F16", None, True
+        return "F16", None, bool(np.array_equal(data.astype(np.float16).astype(data.dtype), data))
     tried = {}
     for kind in ["Q4_1", "Q8_0"] if qtype == "Q4_1" else [qtype]:
         tried[kind] = quants.quantize(data, getattr(GGMLQuantizationType, kind))

@@ -2,9 +2,12 @@
 the masked fp32 reference. The loader drops Linear biases (a llama GGUF has no metadata key for them), so the
 file's `ffn_*.bias` tensors are read with the `gguf` package and put back, as llama.cpp adds them.
 
-F16, and a Q4_1 file whose every matrix its block type holds exactly (exporter/export/gguf.py), are parity
-targets with the ONNX tolerances (logits, greedy continuations); Q8_0, and a Q4_1 file with re-quantized
-matrices, are measured (top-1 agreement, perplexity ratio, persona margin) against the 8-bit / 4-bit floor."""
+A file whose every matrix its block type holds exactly (exporter/export/gguf.py: the Q4_1 file of a model
+de-quantized from Q4_1, an F16 file of fp16-valued weights) is a parity target with the ONNX tolerances
+(logits, greedy continuations); any other file is measured (top-1 agreement, perplexity ratio, persona margin)
+against the 8-bit floor (F16, Q8_0) or the 4-bit floor (Q4_1). On the embedded SmolLM2 the F16 file rounds the
+de-quantized Q4_1 values (max |logit difference| 0.04 on the demo's extravert, above the fp32 tolerance 0.01),
+so it is measured; its Q4_1 file computes the checkpoint's logits exactly."""
 
 from __future__ import annotations
 
@@ -54,10 +57,10 @@ def verify_gguf(
         model = load_gguf(out_dir / file.name)
         with masked(reference_fp32, adapter, mask):
             worst, mean = logit_difference(reference_fp32, model, prompts.all())
-            if pairs and qtype != "F16":
+            if pairs and not file.exact:
                 shift = persona_shift(ref_logits, torch_logits(model), tokenizer, pairs)
         quality = agreement(ref_quality, model, quality_batches)
-        if pairs and qtype != "F16":
+        if pairs and not file.exact:
             quality |= shift
         rows = zip(ref_tokens.tolist(), greedy(model, ids, attn, spec.greedy_tokens, pad_id).tolist(), strict=True)
         div = min((d for a, b in rows if (d := first_divergence(a, b)) is not None), default=None)  # first step
@@ -72,8 +75,7 @@ def verify_gguf(
             "greedy_first_divergence": div,
             "mb": (out_dir / file.name).stat().st_size / 1e6,
         }
-        if qtype != "F16":
-            figures |= judge(quality, QUANT_FORMATS["onnx-int8" if qtype == "Q8_0" else "onnx-int4"].floor)
+        figures |= judge(quality, QUANT_FORMATS["onnx-int4" if qtype == "Q4_1" else "onnx-int8"].floor)
         if file.exact:
             figures["thresholds"] = limits
             within = worst <= limits["max_abs_logit_diff"] and mean <= limits["mean_abs_logit_diff"]

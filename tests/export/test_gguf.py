@@ -104,10 +104,11 @@ def test_q4_1_file_holds_q4_1_weights_exactly_and_requantizes_columns_cut_from_b
         assert torch.allclose(model(ids).logits, load_gguf(tmp_path / "gguf" / q4.name)(ids).logits, atol=1e-5)
 
     # neurons removed (start, count): whole blocks of down_proj's columns / 32 inside blocks / 8 inside a block
+    # (rows of 88 values: F16, which rounds Q4_1 values, so those two matrices are not held exactly either)
     for start, count, stored, lossy in (
         (0, 32, {"Q4_1": 15}, 0),
         (16, 32, {"Q4_1": 15}, 2),
-        (4, 8, {"F16": 2, "Q4_1": 13}, 0),
+        (4, 8, {"F16": 2, "Q4_1": 13}, 2),
     ):
         pruned = tiny_model("llama")
         _q4_1_valued(pruned)

@@ -107,7 +107,9 @@ def test_residual_steering_is_the_mean_residual_difference_after_the_last_steere
         v = steering_bias(down, pos, neg, 2.0, layers=layers, vector="residual")
         # the last layer's output in hidden_states is after the final norm: compare the layer before it only
         if k == 0:
-            assert_close(v[0], 2.0 * expected[0], 1e-6, "alpha x the mean residual difference after layer 0 (fp32 sums)")
+            assert_close(
+                v[0], 2.0 * expected[0], 1e-6, "alpha x the mean residual difference after layer 0 (fp32 sums)"
+            )
         assert v[k].abs().max() > 1e-3 and v[1 - k].abs().max() == 0.0, (layers, k)
 
 
