@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from exporter.cli import main
 from exporter.errors import OutputError
 from exporter.masking import cache
+from exporter.masking.statistics import STATS_FORMAT
 from exporter.masking.stats import Statistics
 from tests.helpers import expect, write_recipe
 
@@ -109,5 +110,5 @@ def test_statistics_of_the_previous_format_are_stale_and_read_without_wanda_norm
     assert older.in_sq == {} and torch.equal(older.chan_sq["mlp"], stats.chan_sq["mlp"])
     with caplog.at_level(logging.INFO):
         assert main(["run", str(recipe), "--out", str(tmp_path / "b"), "--reuse-stats", str(tmp_path / "a")]) == 0
-    assert "introvert: saved statistics" in caplog.text and "statistics format 4 changed" in caplog.text
+    assert "introvert: saved statistics" in caplog.text and f"statistics format {STATS_FORMAT} changed" in caplog.text
     assert Statistics.load(tmp_path / "b" / "stats" / "introvert.safetensors")[0].in_sq

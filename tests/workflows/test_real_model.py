@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.helpers import REPO, smollm2_available
 
@@ -29,8 +28,11 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "personas.introvert.calibration.max_samples=24",
         "personas.extravert.calibration.max_samples=24",
         "prune.attention={unit: kv-group, sparsity: 0.34}",
-        # steering in every layer: with 24 samples and a third of the KV groups gone, the extravert's partial-depth
-        # steering makes this damaged model end its turn at once, and the generation tests need text to compare
+        # MLP-output steering at alpha 1.375 in every layer for both: with 24 samples and a third of the KV groups
+        # gone, the extravert's shipped steering (residual after layer 12, or partial depth before) makes this
+        # damaged model end its turn at once, and the generation tests need text to compare
+        "method.steer=1.375",
+        "method.steer_vector=mlp",
         "method.steer_layers=1.0",
         "eval=null",
         "output.formats=[hf]",
@@ -54,9 +56,9 @@ def test_demo_exports_are_exact_and_smaller(demo_run: Path, persona: str) -> Non
     assert (pruned["heads"], pruned["kv_heads"], pruned["head_dim"]) == (6, 2, 64)
     assert pruned["intermediate"] == 1536 - 15  # floor(0.01 * 1536) neurons in every layer
     assert all(len(r) == 15 for r in report["removed_per_layer"]["mlp"])
-    # the shipped setting's steering bias is in the checkpoint, and the proof covers it
-    assert report["method"]["steer"] == yaml.safe_load(RECIPE.read_text())["method"]["steer"]
-    assert report["method"]["steer_layers"] == 1.0  # the fixture's override
+    # the fixture's steering bias is in the checkpoint, and the proof covers it
+    assert (report["method"]["steer"], report["method"]["steer_vector"]) == (1.375, "mlp")  # the fixture's override
+    assert report["method"]["steer_layers"] == 1.0
     assert json.loads((demo_run / persona / "hf" / "config.json").read_text())["mlp_bias"] is True
     ratio = report["parameters"]["pruned"] / report["parameters"]["dense"]
     assert abs(report["bytes"]["ratio"] - ratio) < 1e-3  # bytes fall in proportion to parameters
