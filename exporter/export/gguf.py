@@ -171,12 +171,14 @@ def export_gguf(
     written = {}
     width = config["intermediate_size"]
     restore = dense is not None and width % BLOCK != 0 and dense.keep.shape[1] == width
+    widened: dict[str, np.ndarray] = {}
     with staged(out_dir) as stage:
         for qtype in qtypes:
             tensors, ffn = weights, width
             if restore and qtype != "F16":
                 assert dense is not None
-                tensors, ffn = _with_dense_width(weights, dense), dense.down[0].shape[1]
+                widened = widened or _with_dense_width(weights, dense)  # once for every quantized file
+                tensors, ffn = widened, dense.down[0].shape[1]
             writer = gguf.GGUFWriter(stage / file_name(qtype), "llama")
             writer.add_name(hf_dir.parent.name or "persona")
             writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[qtype]))
