@@ -77,6 +77,7 @@ class PersonaExport:
     report: PersonaReport
     config: dict[str, Any]
     onnx_folders: tuple[str, ...]
+    left_out: tuple[str, ...] = ()  # files inside those folders that are not pushed (GGUF files below the floor)
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,24 @@ def load_export(folder: Path, onnx: OnnxMode = "same-repo", below_floor: bool = 
     low = [n for n in present if report.verification[n].figures.get("below_floor")]
     if low and not below_floor:
         log.warning("not pushing %s: measured below the quality floor (see report.json; --below-floor pushes it)", low)
+    left_out = () if below_floor or "gguf" not in present else _low_gguf_files(report)
+    if left_out:
+        log.warning("not pushing %s: measured below the quality floor (see report.json; --below-floor pushes it)",
+                    list(left_out))  # fmt: skip
+    gguf_files = {f"{FOLDERS['gguf']}/{p.name}" for p in (folder / FOLDERS["gguf"]).glob("*.gguf")}
+    low += ["gguf"] if left_out and gguf_files <= set(left_out) else []  # nothing of the folder would be pushed
     folders = tuple(FOLDERS[n] for n in present if below_floor or n not in low)
-    return PersonaExport(folder, report, config, folders)
+    return PersonaExport(folder, report, config, folders, left_out)
+
+
+def _low_gguf_files(report: PersonaReport) -> tuple[str, ...]:
+    """The GGUF files (repo paths) measured below their quality floor: one folder holds every quant type."""
+    files = report.verification["gguf"].figures
+    return tuple(
+        f"{FOLDERS['gguf']}/{f['file']}"
+        for f in files.values()
+        if isinstance(f, dict) and isinstance(f.get("file"), str) and f.get("below_floor") is True
+    )
 
 
 def inside_only(folder: Path, names: tuple[str, ...]) -> list[Path]:
@@ -234,6 +251,7 @@ def stage(export: PersonaExport, options: PushOptions, dest: Path) -> list[tuple
         revision=None if options.revision in (None, "main") else options.revision,
         chat_template=(main / "chat_template.jinja").is_file() or _has_chat_template(main),
         head_dim_fix=_head_dim_differs(export.config),
+        left_out=export.left_out,
     )
     uploads = [(options.repo_id, main)]
     if onnx_repo:
@@ -241,7 +259,7 @@ def stage(export: PersonaExport, options: PushOptions, dest: Path) -> list[tuple
     for repo_id, folder in uploads:
         if repo_id == onnx_repo or same:
             for name in export.onnx_folders:
-                _link_tree(export.folder / name, folder / name)
+                _link_tree(export.folder / name, folder / name, skip=export.left_out)
         card_ctx = ctx if repo_id == options.repo_id else replace(ctx, repo_id=repo_id, onnx_repo_id=None)
         card_ctx = replace(card_ctx, onnx_folders=export.onnx_folders) if repo_id == onnx_repo else card_ctx
         folder.mkdir(parents=True, exist_ok=True)
@@ -402,12 +420,15 @@ def _has_chat_template(folder: Path) -> bool:
         return False
 
 
-def _link_tree(src: Path, dst: Path) -> None:
+def _link_tree(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
     """Hard-link (or copy, across file systems) the regular files of `src` into `dst`, links never followed;
-    README.md is left out (it is generated), and so are hidden files."""
+    README.md is left out (it is generated), and so are hidden files and the paths in `skip` (relative to
+    `src`'s parent, as in the repo)."""
     for path in inside_only(src.parent, (src.name,)):
         rel = path.relative_to(src)
         if rel.name == "README.md" or any(p.startswith(".") for p in rel.parts):
+            continue
+        if path.relative_to(src.parent).as_posix() in skip:
             continue
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)

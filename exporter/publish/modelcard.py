@@ -33,6 +33,7 @@ class CardContext:
     revision: str | None = None
     chat_template: bool = True
     head_dim_fix: bool = False  # head_dim != hidden_size / num_attention_heads (heads were removed)
+    left_out: tuple[str, ...] = ()  # repo paths inside those subfolders that are not pushed (below their floor)
 
 
 def render_card(report: PersonaReport, ctx: CardContext) -> ModelCard:
@@ -274,7 +275,11 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
                 "`embed_size_per_head` line sets it from the config."
             )
     if gguf:
-        files = {k: v for k, v in verification.get("gguf", {}).items() if isinstance(v, dict) and "file" in v}
+        files = {
+            k: v
+            for k, v in verification.get("gguf", {}).items()
+            if isinstance(v, dict) and "file" in v and f"{FOLDERS['gguf']}/{v['file']}" not in ctx.left_out
+        }
         usable = [
             q for q in ("Q4_1", "Q8_0") if q in files and files[q].get("passed") and not files[q].get("below_floor")
         ]

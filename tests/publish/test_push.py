@@ -358,6 +358,36 @@ def test_the_llama_cpp_snippet_takes_the_q4_1_file_when_it_is_proven_or_within_i
     assert f'filename="gguf/model-{snippet}.gguf"' in card_of(hub.files(REPO)).text
 
 
+def test_a_gguf_file_below_its_floor_is_left_out_of_the_push_and_the_card(hub: FakeHub, persona: Path) -> None:
+    (persona / "gguf").mkdir()
+    for name in ("model-f16.gguf", "model-q8_0.gguf", "model-q4_1.gguf"):
+        (persona / "gguf" / name).write_bytes(os.urandom(2000))
+    report = json.loads((persona / "report.json").read_text())
+    report["verification"]["gguf"] = {
+        "passed": True,
+        "F16": {"file": "model-f16.gguf", "passed": True, "below_floor": False},
+        "Q8_0": {"file": "model-q8_0.gguf", "below_floor": False, "passed": True},
+        "Q4_1": {"file": "model-q4_1.gguf", "below_floor": True, "passed": True},
+    }
+    (persona / "report.json").write_text(json.dumps(report))
+
+    assert run_cli(str(persona), "--repo-id", REPO) == 0
+    files = hub.files(REPO)
+    assert {p for p in files if p.startswith("gguf/")} == {"gguf/model-f16.gguf", "gguf/model-q8_0.gguf"}
+    card = card_of(files).text
+    assert "model-q4_1.gguf" not in card and 'filename="gguf/model-q8_0.gguf"' in card
+
+    assert run_cli(str(persona), "--repo-id", REPO + "-low", "--below-floor") == 0
+    assert "gguf/model-q4_1.gguf" in hub.files(REPO + "-low")
+
+    report["verification"]["gguf"]["F16"]["below_floor"] = True  # every file below: no gguf/ folder at all
+    report["verification"]["gguf"]["Q8_0"]["below_floor"] = True
+    (persona / "report.json").write_text(json.dumps(report))
+    assert run_cli(str(persona), "--repo-id", REPO + "-none") == 0
+    files = hub.files(REPO + "-none")
+    assert not any(p.startswith("gguf/") for p in files) and "gguf" not in card_of(files).data.tags
+
+
 def test_genai_folder_goes_to_its_subfolder_with_a_genai_snippet_and_respects_its_floor(
     hub: FakeHub, persona: Path
 ) -> None:
