@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from exporter.recipe.formats import FOLDERS  # noqa: E402
 from exporter.runtime.onnx import OnnxCausalLM  # noqa: E402
+from exporter.verify.hf import first_divergence  # noqa: E402
 
 RECIPE = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
 PROMPT = "Describe your ideal weekend, and say what makes it restful or exciting for you, in a few sentences."
@@ -87,19 +88,6 @@ def llama_cpp_agreement(python: str, path: Path, ids: np.ndarray, reference: np.
     return float(np.mean(np.array(argmax) == reference))
 
 
-def greedy_tokens(model: OnnxCausalLM, ids: np.ndarray) -> list[int]:
-    """The NEW_TOKENS greedy tokens after `ids` (end of turn ignored), as the benchmark decodes them."""
-    mask = np.ones_like(ids)
-    logits, past = model.forward(ids, mask)
-    tokens = []
-    for _ in range(NEW_TOKENS):
-        token = logits[:, -1].argmax(-1)
-        tokens.append(int(token[0]))
-        mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
-        logits, past = model.forward(token[:, None], mask, past)
-    return tokens
-
-
 def llama_cpp(python: str, path: Path, ids: np.ndarray, threads: int) -> tuple[float, float, list[int]]:
     """(decode tok/s, prefill seconds, greedy tokens) of llama.cpp on one GGUF file, in a child process."""
     child = [python, "-c", LLAMA_CHILD, str(path), str(threads), ",".join(map(str, ids[0])), str(NEW_TOKENS), "2"]
@@ -109,18 +97,20 @@ def llama_cpp(python: str, path: Path, ids: np.ndarray, threads: int) -> tuple[f
     return rate, prefill, out["tokens"]
 
 
-def decode(model: OnnxCausalLM, ids: np.ndarray) -> tuple[float, float]:
-    """(decode tok/s over NEW_TOKENS greedy steps, prefill seconds)."""
+def decode(model: OnnxCausalLM, ids: np.ndarray) -> tuple[float, float, list[int]]:
+    """(decode tok/s over NEW_TOKENS greedy steps, prefill seconds, the greedy tokens; end of turn ignored)."""
     mask = np.ones_like(ids)
+    tokens: list[int] = []
     t = time.perf_counter()
     logits, past = model.forward(ids, mask)
     prefill = time.perf_counter() - t
     t = time.perf_counter()
     for _ in range(NEW_TOKENS):
         token = logits[:, -1].argmax(-1)
+        tokens.append(int(token[0]))
         mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
         logits, past = model.forward(token[:, None], mask, past)
-    return NEW_TOKENS / (time.perf_counter() - t), prefill
+    return NEW_TOKENS / (time.perf_counter() - t), prefill, tokens
 
 
 class Genai:
@@ -227,7 +217,7 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
         if (folder / FOLDERS[fmt]).is_dir()
     }
     runners: dict[tuple[str, str], Callable[[np.ndarray], tuple[float, float]]] = {
-        k: (lambda ids, m=m: decode(m, ids)) for k, m in models.items()
+        k: (lambda ids, m=m: decode(m, ids)[:2]) for k, m in models.items()
     }
     quality = {("persona", f): report["verification"].get(f, {}) for f in FORMATS}
     for precision, (folder, figures) in genai.items():
@@ -241,16 +231,16 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
         if isinstance(figures, dict) and "file" in figures:
             files[("persona", f"llama.cpp {qtype} GGUF")] = persona / FOLDERS["gguf"] / figures["file"]
             quality[("persona", f"llama.cpp {qtype} GGUF")] = figures
-    reference = greedy_tokens(models[("persona", "onnx")], ids) if ("persona", "onnx") in models else None
-    divergence: dict[tuple[str, str], str] = {}
-    if has_llama:  # llama.cpp's own next-token agreement with the fp32 ONNX export of the same model
+    reference = decode(models[("persona", "onnx")], ids)[2] if ("persona", "onnx") in models else None
+    agreement: dict[tuple[str, str], float] = {}  # llama.cpp's top-1 agreement with the fp32 ONNX of its model
+    llama_tokens: dict[tuple[str, str], list[int]] = {}  # llama.cpp's greedy tokens (first timed round)
+    if has_llama:
         text = neutral_ids(tok)
         for key, path in files.items():
             fp32 = models.get((key[0], "onnx"))
             if fp32 is not None:
                 argmax = fp32.forward(text, np.ones_like(text))[0][0].argmax(-1)
-                agree = llama_cpp_agreement(args.llama_python, path, text, argmax, args.threads)
-                divergence[key] = f"top-1 {100 * agree:.1f} % vs its fp32 ONNX"
+                agreement[key] = llama_cpp_agreement(args.llama_python, path, text, argmax, args.threads)
     rates: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
     prefills: dict[tuple[str, str], list[float]] = {k: [] for k in runners}
     for runner in runners.values():  # warm-up
@@ -265,10 +255,7 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
             rate, prefill, tokens = llama_cpp(args.llama_python, path, ids, args.threads)
             rates.setdefault(key, []).append(rate)
             prefills.setdefault(key, []).append(prefill)
-            if key[0] == "persona" and reference is not None and "greedy" not in divergence.get(key, ""):
-                step = next((i for i, (a, b) in enumerate(zip(tokens, reference, strict=True)) if a != b), None)
-                greedy = "greedy = fp32 ONNX" if step is None else f"greedy differs at step {step}"
-                divergence[key] = f"{divergence.get(key, '')}, {greedy}".lstrip(", ")
+            llama_tokens.setdefault(key, tokens)
 
     load = os.getloadavg()[0]
     print(
@@ -286,7 +273,11 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
             measured += " BELOW FLOOR" if q["below_floor"] else ""
         elif q.get("parity_target") and "max_abs_logit_diff" in q:
             measured = f"proven, max|dlogit| {q['max_abs_logit_diff']:.1e}"
-        measured += f"; llama.cpp {divergence[(who, fmt)]}" if (who, fmt) in divergence else ""
+        notes = [f"top-1 {100 * agreement[(who, fmt)]:.1f} % vs its fp32 ONNX"] if (who, fmt) in agreement else []
+        if who == "persona" and (who, fmt) in llama_tokens and reference is not None:
+            step = first_divergence(llama_tokens[(who, fmt)], reference)
+            notes.append("greedy = fp32 ONNX" if step is None else f"greedy differs at step {step}")
+        measured = "; ".join(filter(None, [measured, "llama.cpp " + ", ".join(notes) if notes else ""]))
         rate = statistics.median(values)
         prefill = 1000 * statistics.median(prefills[(who, fmt)])
         print(f"{who:8s} {fmt:26s} {rate:7.1f} {prefill:10.1f} {rate / base:12.2f} {measured:>48s}")
