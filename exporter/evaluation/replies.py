@@ -10,8 +10,8 @@ distinct-2 (distinct bigrams / bigrams), each averaged over replies.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -23,6 +23,7 @@ from torch import nn
 from exporter.evaluation.metrics import Intervention, Scored, mean_ci, sequence_logliks
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
+from exporter.model.hooks import per_row_channel_masks
 from exporter.quiet import progress
 from exporter.recipe.eval import EvalSpec
 from exporter.runtime.chat import end_of_turn_id, reply_prefix
@@ -68,6 +69,93 @@ def greedy_replies(
             if progress is not None:
                 progress(len(rows))
     return Replies(list(prompts), tokens, cut)
+
+
+Condition = tuple[str | None, PersonaMask | None]  # (system prompt, mask on the dense model)
+
+
+def _stackable(mask: PersonaMask | None) -> bool:
+    """A mask that per-row hooks can apply: soft scales change the weights themselves."""
+    return mask is None or (mask.mlp_scale is None and mask.attn_scale is None)
+
+
+@contextmanager
+def _per_row(model: nn.Module, adapter: Adapter, masks: list[PersonaMask | None]) -> Iterator[None]:
+    """Each batch row under its own mask (None: the dense model): 0/1 unit masks and down_proj biases."""
+    present = [m for m in masks if m is not None]
+    if not present:
+        yield
+        return
+    g = present[0].geometry
+
+    def stack(part: Callable[[PersonaMask], torch.Tensor | None], fill: float, width: int) -> torch.Tensor | None:
+        parts = [part(m) if m is not None else None for m in masks]
+        if all(p is None for p in parts):
+            return None
+        empty = torch.full((g.layers, width), fill, dtype=torch.float64)
+        return torch.stack([empty if p is None else p.to(torch.float64) for p in parts])
+
+    mlp = stack(lambda m: m.channel_masks()[0], 1.0, g.intermediate)
+    attn = stack(lambda m: m.channel_masks()[1], 1.0, g.heads * g.head_dim)
+    bias = stack(lambda m: m.mlp_bias, 0.0, g.hidden)
+    with per_row_channel_masks(model, adapter, mlp, attn, bias):
+        yield
+
+
+@torch.inference_mode()
+def condition_replies(
+    model: nn.Module,
+    tokenizer: Any,
+    adapter: Adapter,
+    prompts: list[str],
+    conditions: dict[str, Condition],
+    *,
+    max_new_tokens: int = 64,
+    batch_size: int = 64,
+    progress: Callable[[int], Any] | None = None,
+) -> dict[str, Replies]:
+    """Greedy replies to `prompts` under every condition {key: (system prompt, mask)}.
+
+    The rows of all conditions share left-padded batches (sorted by prompt length), each row under its own
+    mask and down_proj bias: one decoding step serves every condition, where a step of a small batch costs
+    almost as much as a larger one on a CPU. A mask with soft scales runs alone (`masked`: its own weights).
+    `progress(n)` is called after every batch with its number of replies."""
+    stop = end_of_turn_id(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out: dict[str, Replies] = {}
+    rows = sorted(
+        ((reply_prefix(tokenizer, p, system), key, i) for key, (system, mask) in conditions.items() if _stackable(mask)
+         for i, p in enumerate(prompts)),
+        key=lambda r: len(r[0]),
+    )  # fmt: skip
+    tokens: dict[str, list[list[int]]] = {key: [[] for _ in prompts] for _, key, _ in rows}
+    cut: dict[str, list[bool]] = {key: [False for _ in prompts] for key in tokens}
+    for k in range(0, len(rows), batch_size):
+        batch = rows[k : k + batch_size]
+        ids, attn = left_padded([prefix for prefix, _, _ in batch], pad)
+        with _per_row(model, adapter, [conditions[key][1] for _, key, _ in batch]):
+            generated = greedy(model, ids, attn, max_new_tokens, pad, stop).tolist()
+        for (_, key, i), row in zip(batch, generated, strict=True):
+            ended = stop in row
+            tokens[key][i] = row[: row.index(stop)] if ended else row
+            cut[key][i] = not ended
+        if progress is not None:
+            progress(len(batch))
+    for key, (system, mask) in conditions.items():
+        if key in tokens:
+            out[key] = Replies(list(prompts), tokens[key], cut[key])
+        else:
+            out[key] = greedy_replies(
+                model,
+                tokenizer,
+                prompts,
+                system=system,
+                intervention=partial(masked, model, adapter, mask),
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                progress=progress,
+            )
+    return out
 
 
 def reply_logliks(
@@ -150,31 +238,29 @@ def evaluate_replies(
     assert rs is not None, "evaluate_replies needs an eval.replies section"
     boot = {"n": spec.bootstrap, "seed": spec.seed}
 
-    todo: dict[str, tuple[str | None, PersonaMask | None]] = {"dense": (None, None)}
+    todo: dict[str, Condition] = {"dense": (None, None)}
     for p, mask in masks.items():
         todo[f"prompt:{p}"] = (systems[p], None)
         todo[f"mask:{p}"] = (None, mask)
         if mask.steering is not None and "steering" in spec.baselines:
             todo[f"steer:{p}"] = (None, steering_only(mask))
     cache = {} if cache is None else cache
-    replies: dict[str, Replies] = {}
-    for key, (system, condition) in todo.items():
-        if key in cache:
-            replies[key] = cache[key]
-            continue
-        with progress(len(prompts), f"eval replies {key}", "reply") as bar:
-            replies[key] = greedy_replies(
-                model,
-                tokenizer,
-                prompts,
-                system=system,
-                intervention=partial(masked, model, adapter, condition) if condition is not None else None,
-                max_new_tokens=rs.max_new_tokens,
-                batch_size=rs.batch_size,
-                progress=bar.update,
-            )
+    missing = {key: c for key, c in todo.items() if key not in cache}
+    with progress(len(prompts) * len(missing), f"eval replies ({len(missing)} conditions)", "reply") as bar:
+        made = condition_replies(
+            model,
+            tokenizer,
+            adapter,
+            prompts,
+            missing,
+            max_new_tokens=rs.max_new_tokens,
+            batch_size=rs.batch_size,
+            progress=bar.update,
+        )
+    for key, (_, condition) in missing.items():
         if condition is None:  # dense, or dense with a system prompt: the same in every call
-            cache[key] = replies[key]
+            cache[key] = made[key]
+    replies = {key: cache[key] if key in cache else made[key] for key in todo}
     pairs = {p: q for p in masks if (q := opposite.get(p)) is not None and q in masks}
     scored = sorted({systems[p] for pair in pairs.items() for p in pair})
     ll = {}

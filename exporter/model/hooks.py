@@ -135,6 +135,51 @@ def apply_channel_masks(
         yield
 
 
+@contextmanager
+def per_row_channel_masks(
+    model: nn.Module,
+    adapter: Adapter,
+    mlp: torch.Tensor | None,
+    attn: torch.Tensor | None,
+    mlp_bias: torch.Tensor | None = None,
+) -> Iterator[None]:
+    """`apply_channel_masks` with its own condition in each row of the batch: `mlp` (rows, layers,
+    intermediate) and `attn` (rows, layers, heads*head_dim) of 0/1, `mlp_bias` (rows, layers, hidden) added to
+    each row's down_proj output. The bias is added by a hook, `(x W^T) + b`, which can round differently from
+    the export's `x W^T + b` in the last bit; every forward inside must have exactly these rows, in order."""
+
+    def scale(vec: torch.Tensor) -> Callable[..., tuple[torch.Tensor]]:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+            return (args[0] * vec.to(args[0].dtype).unsqueeze(1),)
+
+        return hook
+
+    def add(vec: torch.Tensor) -> Callable[..., torch.Tensor]:
+        def hook(_module: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+            return out + vec.to(out.dtype).unsqueeze(1)
+
+        return hook
+
+    layers = list(adapter.layers(model))
+    pairs: list[tuple[nn.Module, Callable[..., Any]]] = []
+    for i, layer in enumerate(layers):
+        if mlp is not None:
+            pairs.append((adapter.mlp_out(layer), scale(mlp[:, i])))
+        if attn is not None:
+            pairs.append((adapter.attn_out(layer), scale(attn[:, i])))
+    with pre_hooks(pairs):
+        handles = (
+            [adapter.mlp_out(layer).register_forward_hook(add(mlp_bias[:, i])) for i, layer in enumerate(layers)]
+            if mlp_bias is not None
+            else []
+        )
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 def scaled_columns(weight: torch.Tensor, scale: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
     """`weight` (out, in) with input column j multiplied by scale[j]: computed in float64, rounded once to
     the export's `storage` dtype, returned in weight's dtype. The export and the reference both use this."""

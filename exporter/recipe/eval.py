@@ -72,7 +72,7 @@ class RepliesSpec(_Strict):
     max_items: Positive | None = None  # a seeded selection; all prompts when unset
     seed: int = 0
     max_new_tokens: Annotated[int, Field(ge=1, le=512)] = 64
-    batch_size: Positive = 16
+    batch_size: Positive = 64  # replies per batch, every condition together
     show: Annotated[int, Field(ge=0)] = 3  # prompts shown side by side in report.md
     exclude_calibration: bool = True
 

@@ -11,6 +11,7 @@ import json
 import math
 from collections.abc import Iterator
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,14 @@ import exporter.evaluation.conditions as conditions_module
 import exporter.evaluation.replies as replies_module
 from exporter.evaluation.conditions import evaluate_masks, prepare, wanda_norms
 from exporter.evaluation.metrics import Intervention, Scored
-from exporter.evaluation.replies import Replies
+from exporter.evaluation.replies import Condition, Replies
 from exporter.masking.calibrate import calibrate
 from exporter.masking.data import select_samples, tokenize
 from exporter.masking.masks import PersonaMask
-from exporter.model.adapters import adapter_for
+from exporter.model.adapters import Adapter, adapter_for
 from exporter.recipe.load import load_recipe
 from exporter.runtime.chat import end_of_turn_id, reply_prefix
+from exporter.verify.hf import masked
 from tests.helpers import WORDS, eval_section, tiny_model, tiny_tokenizer, write_recipe
 
 TOL = 1e-6  # the bar; float64 reaches ~1e-13
@@ -107,6 +109,30 @@ def reference_greedy(
     return Replies(list(prompts), tokens, cut)
 
 
+def reference_condition_replies(
+    model: nn.Module,
+    tokenizer: Any,
+    adapter: Adapter,
+    prompts: list[str],
+    conditions: dict[str, Condition],
+    *,
+    max_new_tokens: int = 64,
+    **_: Any,
+) -> dict[str, Replies]:
+    """Each condition on its own, through the export's reference (`masked`), one prompt at a time."""
+    return {
+        key: reference_greedy(
+            model,
+            tokenizer,
+            prompts,
+            system=system,
+            intervention=None if mask is None else partial(masked, model, adapter, mask),
+            max_new_tokens=max_new_tokens,
+        )
+        for key, (system, mask) in conditions.items()
+    }
+
+
 def leaves(x: Any, path: str = "") -> Iterator[tuple[str, Any]]:
     if isinstance(x, dict):
         for k, v in x.items():
@@ -171,7 +197,7 @@ def test_fast_evaluation_equals_the_reference_on_a_tiny_model(tmp_path: Path, mo
         (conditions_module, "sequence_logliks", reference_logliks),
         (replies_module, "sequence_logliks", reference_logliks),
         (conditions_module, "neutral_scores", reference_neutral),
-        (replies_module, "greedy_replies", reference_greedy),
+        (replies_module, "condition_replies", reference_condition_replies),
     ):
         monkeypatch.setattr(module, name, reference)
     slow = evaluate_masks(recipe, recipe.eval, items, model, tok, adapter, masks)

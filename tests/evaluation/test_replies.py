@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -12,13 +13,17 @@ import torch
 
 from exporter.evaluation.replies import (
     Replies,
+    condition_replies,
     degeneration,
     distinct,
     greedy_replies,
     persona_scores,
     repeated_ngrams,
 )
+from exporter.masking.masks import PersonaMask
+from exporter.model.adapters import adapter_for
 from exporter.runtime.chat import end_of_turn_id
+from exporter.verify.hf import masked
 from tests.helpers import WORDS, tiny_model, tiny_tokenizer
 
 SYSTEM_A, SYSTEM_B = "quiet calm alone", "loud crowd party"
@@ -103,3 +108,39 @@ def test_empty_replies_are_not_scored(planted: tuple[Any, Any]) -> None:
     replies = Replies(["a", "b"], [[], tok("quiet calm", add_special_tokens=False)["input_ids"]], [False, False])
     scores = persona_scores(model, tok, replies, SYSTEM_A, SYSTEM_B)
     assert np.isnan(scores[0]) and np.isfinite(scores[1])
+
+
+def test_conditions_decoded_together_give_each_condition_s_own_replies(planted: tuple[Any, Any]) -> None:
+    """Rows of several conditions in one batch (per-row masks and biases) reply as each condition alone does;
+    a soft-scaled mask (its own weights) is decoded apart. float64, where the batch layout cannot move a token."""
+    model, tok = planted
+    model = copy.deepcopy(model).double()
+    adapter = adapter_for(model.config)
+    g = adapter.geometry(model.config)
+    gen = torch.Generator().manual_seed(3)
+    keep = torch.stack([torch.randperm(g.intermediate, generator=gen)[: g.intermediate // 2].sort().values
+                        for _ in range(g.layers)])  # fmt: skip
+    heads = torch.stack([torch.arange(1, g.heads) for _ in range(g.layers)])
+    bias = 2.0 * torch.randn(g.layers, g.hidden, generator=gen, dtype=torch.float64)
+    conditions = {
+        "dense": (None, None),
+        "prompt": (SYSTEM_B, None),
+        "mask": (None, PersonaMask("a", g, keep, heads, None, mlp_bias=bias)),
+        "steer": (SYSTEM_A, PersonaMask("b", g, None, None, None, mlp_bias=-bias)),
+        "soft": (None, PersonaMask("c", g, keep, None, None, mlp_scale=torch.full((g.layers, g.intermediate), 0.5,
+                                                                                   dtype=torch.float64))),
+    }  # fmt: skip
+    prompts = [" ".join(random.Random(i).choices(WORDS, k=2 + i % 4)) for i in range(7)]
+    together = condition_replies(model, tok, adapter, prompts, conditions, max_new_tokens=10, batch_size=9)
+    for key, (system, mask) in conditions.items():
+        alone = greedy_replies(
+            model,
+            tok,
+            prompts,
+            system=system,
+            intervention=None if mask is None else partial(masked, model, adapter, mask),
+            max_new_tokens=10,
+        )
+        assert together[key] == alone, key
+    # the conditions differ, so the test can tell one from another
+    assert len({tuple(map(tuple, r.tokens)) for r in together.values()}) == len(conditions)
