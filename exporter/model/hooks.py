@@ -19,9 +19,12 @@ Capture = Callable[[int, str, torch.Tensor], None]
 
 
 @contextmanager
-def pre_hooks(pairs: list[tuple[nn.Module, Callable[..., Any]]]) -> Iterator[None]:
-    """Forward pre-hooks registered on each module for the duration of the block, removed however it ends."""
-    handles = [module.register_forward_pre_hook(fn) for module, fn in pairs]
+def pre_hooks(pairs: list[tuple[nn.Module, Callable[..., Any]]], *, after: bool = False) -> Iterator[None]:
+    """Forward pre-hooks (`after`: forward hooks) registered on each module for the duration of the block,
+    removed however it ends."""
+    handles = [
+        module.register_forward_hook(fn) if after else module.register_forward_pre_hook(fn) for module, fn in pairs
+    ]
     try:
         yield
     finally:
@@ -97,12 +100,29 @@ def capture_layer_outputs(
 
         return hook
 
-    handles = [layer.register_forward_hook(make(i)) for i, layer in enumerate(adapter.layers(model))]
-    try:
+    with pre_hooks([(layer, make(i)) for i, layer in enumerate(adapter.layers(model))], after=True):
         yield
-    finally:
-        for handle in handles:
-            handle.remove()
+
+
+def _unit_masks(
+    model: nn.Module, adapter: Adapter, mlp: torch.Tensor | None, attn: torch.Tensor | None
+) -> list[tuple[nn.Module, Callable[..., Any]]]:
+    """Pre-hooks multiplying each layer's unit activations (batch, seq, channels) by mlp[i] / attn[i], which
+    broadcast against them: (channels,) for the whole batch, (batch, 1, channels) for one value per row."""
+
+    def make(vec: torch.Tensor) -> Callable[..., tuple[torch.Tensor]]:
+        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+            return (args[0] * vec.to(args[0].dtype),)
+
+        return hook
+
+    pairs: list[tuple[nn.Module, Callable[..., Any]]] = []
+    for i, layer in enumerate(adapter.layers(model)):
+        if mlp is not None:
+            pairs.append((adapter.mlp_out(layer), make(mlp[i])))
+        if attn is not None:
+            pairs.append((adapter.attn_out(layer), make(attn[i])))
+    return pairs
 
 
 @contextmanager
@@ -118,19 +138,7 @@ def apply_channel_masks(
     """Zero unit activations: `mlp` (layers, intermediate) and `attn` (layers, heads*head_dim) of 0/1; add
     `mlp_bias` (layers, hidden) to every `down_proj` output, as the export's down_proj bias does; scale the
     down_proj / o_proj input columns by `scales` (mlp, attn), as the export stores them (`scaled_columns`)."""
-
-    def make(vec: torch.Tensor) -> Callable[..., tuple[torch.Tensor]]:
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
-            return (args[0] * vec.to(args[0].dtype),)
-
-        return hook
-
-    pairs: list[tuple[nn.Module, Callable[..., Any]]] = []
-    for i, layer in enumerate(adapter.layers(model)):
-        if mlp is not None:
-            pairs.append((adapter.mlp_out(layer), make(mlp[i])))
-        if attn is not None:
-            pairs.append((adapter.attn_out(layer), make(attn[i])))
+    pairs = _unit_masks(model, adapter, mlp, attn)
     with pre_hooks(pairs), _mlp_biases(model, adapter, mlp_bias), _scaled(model, adapter, scales, scale_dtype):
         yield
 
@@ -148,36 +156,22 @@ def per_row_channel_masks(
     each row's down_proj output. The bias is added by a hook, `(x W^T) + b`, which can round differently from
     the export's `x W^T + b` in the last bit; every forward inside must have exactly these rows, in order."""
 
-    def scale(vec: torch.Tensor) -> Callable[..., tuple[torch.Tensor]]:
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
-            return (args[0] * vec.to(args[0].dtype).unsqueeze(1),)
-
-        return hook
-
     def add(vec: torch.Tensor) -> Callable[..., torch.Tensor]:
         def hook(_module: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
-            return out + vec.to(out.dtype).unsqueeze(1)
+            return out + vec.to(out.dtype)
 
         return hook
 
+    def by_layer(x: torch.Tensor | None) -> torch.Tensor | None:  # (rows, layers, c) -> (layers, rows, 1, c)
+        return None if x is None else x.transpose(0, 1).unsqueeze(2)
+
+    mlp, attn, mlp_bias = by_layer(mlp), by_layer(attn), by_layer(mlp_bias)
     layers = list(adapter.layers(model))
-    pairs: list[tuple[nn.Module, Callable[..., Any]]] = []
-    for i, layer in enumerate(layers):
-        if mlp is not None:
-            pairs.append((adapter.mlp_out(layer), scale(mlp[:, i])))
-        if attn is not None:
-            pairs.append((adapter.attn_out(layer), scale(attn[:, i])))
-    with pre_hooks(pairs):
-        handles = (
-            [adapter.mlp_out(layer).register_forward_hook(add(mlp_bias[:, i])) for i, layer in enumerate(layers)]
-            if mlp_bias is not None
-            else []
-        )
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    biases: list[tuple[nn.Module, Callable[..., Any]]] = (
+        [(adapter.mlp_out(layer), add(mlp_bias[i])) for i, layer in enumerate(layers)] if mlp_bias is not None else []
+    )
+    with pre_hooks(_unit_masks(model, adapter, mlp, attn)), pre_hooks(biases, after=True):
+        yield
 
 
 def scaled_columns(weight: torch.Tensor, scale: torch.Tensor, storage: torch.dtype) -> torch.Tensor:

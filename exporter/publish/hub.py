@@ -150,12 +150,10 @@ def load_export(folder: Path, onnx: OnnxMode = "same-repo", below_floor: bool = 
     if not report.passed:  # a format that is not pushed failed: the persona's status is "failed"
         raise failed
     low = [n for n in present if report.verification[n].figures.get("below_floor")]
-    if low and not below_floor:
-        log.warning("not pushing %s: measured below the quality floor (see report.json; --below-floor pushes it)", low)
     left_out = () if below_floor or "gguf" not in present else _low_gguf_files(report)
-    if left_out:
+    if (low or left_out) and not below_floor:
         log.warning("not pushing %s: measured below the quality floor (see report.json; --below-floor pushes it)",
-                    list(left_out))  # fmt: skip
+                    low + list(left_out))  # fmt: skip
     gguf_files = {f"{FOLDERS['gguf']}/{p.name}" for p in (folder / FOLDERS["gguf"]).glob("*.gguf")}
     low += ["gguf"] if left_out and gguf_files <= set(left_out) else []  # nothing of the folder would be pushed
     folders = tuple(FOLDERS[n] for n in present if below_floor or n not in low)
