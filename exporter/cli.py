@@ -191,7 +191,7 @@ def cmd_push(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from exporter.workflows.evaluate import evaluate_run_dir
 
-    evaluate_run_dir(Path(args.run_dir), args.recipe)
+    evaluate_run_dir(Path(args.run_dir), args.recipe, args.set)
     print(f"written: {Path(args.run_dir) / 'report.md'} (and each persona's report.json, report.md)")
     return 0
 
@@ -235,7 +235,7 @@ EXAMPLES = """examples:
   persona-export run recipes/smollm2-introvert-extravert.yaml --out runs/s5 prune.mlp.sparsity=0.05
   persona-export generate runs/demo/extravert --prompt "Plan my Saturday." --base
   persona-export chat runs/demo/introvert --backend torch --temperature 0.7
-  persona-export eval runs/demo
+  persona-export eval runs/demo eval.baselines=all
 
 -q/--quiet and -v/--verbose may come before or after the command."""
 
@@ -346,6 +346,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "eval", help="evaluate a run's persona masks against baselines (report.md/json)")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--recipe", help="take the eval section from this recipe instead of the run's own")
+    p.add_argument(
+        "set",
+        nargs="*",
+        metavar="eval.KEY=VALUE",
+        help="eval-section overrides, e.g. eval.baselines=all (every ablation)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = _command(sub, "sweep", help="evaluate a recipe's masks at several sparsities (table and plot)")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Positive = Annotated[int, Field(ge=1)]
 Baseline = Literal["prompt", "mask-prompt", "random", "wanda", "steering", "removal"]
@@ -92,7 +92,7 @@ class EvalSpec(_Strict):
     neutral: NeutralSpec | None = None
     replies: RepliesSpec | None = None
     system_prompts: dict[str, str] = {}  # persona -> prompt-only baseline prompt (default: from description)
-    baselines: list[Baseline] = list(BASELINES)
+    baselines: list[Baseline] = list(BASELINES)  # or "all"; the verdict needs only prompt and random
     random_seeds: Annotated[int, Field(ge=3)] = 3
     bootstrap: Annotated[int, Field(ge=100)] = 1000
     seed: int = 0
@@ -100,6 +100,15 @@ class EvalSpec(_Strict):
     max_tokens: Annotated[int, Field(ge=16)] = 256  # per scored sequence (prompt + answer)
     on_leak: Literal["error", "flag"] = "error"
     acceptance: AcceptanceSpec = AcceptanceSpec()
+
+    @field_validator("baselines", mode="before")
+    @classmethod
+    def _all(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value != "all":
+                raise ValueError(f"expected 'all' or a list of {list(BASELINES)} (or []), got {value!r}")
+            return list(BASELINES)
+        return value
 
 
 def eval_problems(spec: EvalSpec, personas: list[str]) -> list[str]:

@@ -12,26 +12,37 @@ from exporter.io import check_target, link_copy, staged
 from exporter.masking.masks import load_mask
 from exporter.masking.stats import UNREADABLE, Statistics
 from exporter.model.sources import load_model
-from exporter.recipe.load import load_recipe, parse_recipe
+from exporter.recipe.load import apply_overrides, load_recipe, parse_recipe
 from exporter.reports.markdown import write_run_reports
 from exporter.reports.persona import read_report
 
 
-def evaluate_run_dir(run_dir: Path, recipe_path: str | None = None) -> dict[str, dict[str, Any]]:
-    """Evaluate the masks of a finished run; the eval section comes from `recipe_path` or the run's recipe.
+def evaluate_run_dir(
+    run_dir: Path, recipe_path: str | None = None, overrides: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Evaluate the masks of a finished run; the eval section comes from `recipe_path` or the run's recipe,
+    with `overrides` (eval.KEY=VALUE only, e.g. eval.baselines=all) applied to it.
 
     Calibration data (for the leak check and the Wanda baseline) always come from the run's own recipe.
     """
+    overrides = overrides or []
+    for item in overrides:
+        if not item.startswith("eval."):
+            raise RecipeError(
+                f"override {item!r}: `eval` takes overrides of the eval section only (eval.KEY=VALUE, e.g. "
+                "eval.baselines=all); the masks were made by the run's recipe"
+            )
     fix = "pass the --out folder of a `run` (or re-run it)"
     problem = folder_problem(run_dir)
     if problem is not None:
         raise OutputError(f"{problem}; {fix}")
     if not (run_dir / "recipe.json").exists():
         raise OutputError(f"{str(run_dir)!r} is not a run folder (no recipe.json); {fix}")
+    data = read_json_object(run_dir / "recipe.json", OutputError, fix)
     recipe = parse_recipe(
-        read_json_object(run_dir / "recipe.json", OutputError, fix), run_dir, str(run_dir / "recipe.json")
+        data if recipe_path else apply_overrides(data, overrides), run_dir, str(run_dir / "recipe.json")
     )
-    spec = load_recipe(recipe_path).eval if recipe_path else recipe.eval
+    spec = load_recipe(recipe_path, overrides).eval if recipe_path else recipe.eval
     if spec is None:
         raise RecipeError(f"{recipe_path or run_dir / 'recipe.json'}: no eval section; add one or pass --recipe")
     items = prepare(recipe, spec)

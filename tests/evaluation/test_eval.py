@@ -29,7 +29,7 @@ from exporter.masking.data import select_samples
 from exporter.masking.masks import PersonaMask, compute_mask
 from exporter.masking.scoring import column_sq_norms
 from exporter.model.adapters import adapter_for
-from exporter.recipe.eval import EvalSpec
+from exporter.recipe.eval import BASELINES, EvalSpec
 from exporter.recipe.load import load_recipe
 from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
 from exporter.runtime.chat import encode_answer
@@ -257,6 +257,11 @@ def test_eval_section_is_strict(tmp_path: Path) -> None:
     recipe = tiny_recipe(tmp_path)
     assert Path(recipe.eval.neutral.path).is_absolute() and Path(recipe.eval.paired.path).is_file()
     assert EvalSpec().random_seeds >= 3
+    assert EvalSpec(baselines="all").baselines == EvalSpec().baselines == list(BASELINES)
+    with pytest.raises(
+        RecipeError, match=r"eval\.baselines: expected 'all' or a list of \['prompt'.*got 'everything'$"
+    ):
+        tiny_recipe(tmp_path, baselines="everything")
 
 
 # -- baselines ---------------------------------------------------------------------------------------------
@@ -354,6 +359,11 @@ def test_run_eval_and_sweep_write_reports(tiny_llama_dir: Path, tmp_path: Path) 
     before = json.loads((run / "report.json").read_text())
     assert main(["eval", str(run)]) == 0
     assert json.loads((run / "report.json").read_text()) == before  # deterministic
+    assert main(["eval", str(run), "eval.baselines=[]", "eval.bootstrap=200"]) == 0  # eval-section overrides
+    ev = json.loads((run / "introvert" / "report.json").read_text())["evaluation"]
+    assert [r["condition"] for r in ev["rows"]] == ["dense", "mask-only"] and ev["eval_spec"]["bootstrap"] == 200
+    assert main(["eval", str(run), "eval.baselines=all"]) == 0  # "all": every baseline, as the default list
+    assert json.loads((run / "report.json").read_text()) == before
     other = tmp_path / "other"
     other.mkdir()
     neutral_only = {"neutral": {"path": str(tmp_path / "neutral.txt"), "window": 16}, "baselines": ["random"]}

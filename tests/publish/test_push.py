@@ -545,7 +545,7 @@ def test_recipe_push_section_errors_name_their_key(tmp_path: Path) -> None:
     data["push"] = {"repo_id": "bad id {persona}", "privat": True}
     with pytest.raises(RecipeError) as info:
         parse_recipe(data, tmp_path)
-    assert "push.repo_id: Value error, 'bad id persona' is not of the form OWNER/NAME" in str(info.value)
+    assert "push.repo_id: 'bad id persona' is not of the form OWNER/NAME" in str(info.value)
     assert "push.privat: unknown key" in str(info.value)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from exporter.errors import OutputError
+from exporter.errors import OutputError, RecipeError
 from exporter.recipe.load import load_recipe, parse_recipe
 from tests.helpers import edited_recipe, expect, with_eval
 
@@ -45,3 +45,13 @@ def test_eval_refuses_run_files_that_are_not_json_objects(
         (run / name).write_bytes(content)
     text = expect(["eval", str(run)], OutputError, name.split("/")[-1], capsys)
     assert "pass the --out folder of a `run`" in text
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_eval_takes_overrides_of_the_eval_section_only(
+    tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    text = expect(["eval", str(run), "eval.baselines=all", "prune.mlp.sparsity=0.5"], RecipeError, "prune.mlp", capsys)
+    assert "overrides of the eval section only" in text and "the masks were made by the run's recipe" in text
