@@ -4,6 +4,7 @@ or (with `model.max_memory`) placed by accelerate within a CPU budget (`Loaded`,
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -230,12 +231,41 @@ class Loaded:
         return dict(Counter(getattr(self.model, "hf_device_map", {}).values())) if self.bounded else {}
 
 
+@contextmanager
+def gguf_read_once() -> Iterator[None]:
+    """Within the block, each GGUF file is parsed once: transformers parses it again for the config, the
+    tokenizer and the weights, and rebuilds gguf's tensor-name map for every module, which together took
+    most of the embedded model's load time. Readers are read-only memory maps; the name map is not mutated."""
+    try:
+        import gguf
+    except ImportError:  # no GGUF source can be loaded either
+        yield
+        return
+    real: dict[str, Any] = {"GGUFReader": gguf.GGUFReader, "get_tensor_name_map": gguf.get_tensor_name_map}
+    readers: dict[tuple[str, str], Any] = {}
+
+    def shared(path: str | os.PathLike[str], mode: Any = "r") -> Any:
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = real["GGUFReader"](path, mode)
+        return readers[key]
+
+    patched = {"GGUFReader": shared, "get_tensor_name_map": functools.cache(real["get_tensor_name_map"])}
+    for name, value in patched.items():
+        setattr(gguf, name, value)
+    try:
+        yield
+    finally:
+        for name, value in real.items():
+            setattr(gguf, name, value)
+
+
 def load_model(recipe: Recipe, offload_dir: Path | None = None) -> Loaded:
     """The model, whole in memory; or, given `offload_dir` and a recipe with model.max_memory, placed by
     accelerate within that budget with the rest offloaded to `offload_dir`."""
     resolved = resolve(recipe.model)
     budget = recipe.model.max_memory if offload_dir is not None else None
-    with progress(3, "load model") as bar:  # weights (a GGUF file with its own bar), their hash, the tokenizer
+    with progress(3, "load model") as bar, gguf_read_once():  # weights (a GGUF file with its own bar), hash, tokenizer
         model, tokenizer = load(resolved, recipe.model.trust_remote_code, max_memory=budget, offload_dir=offload_dir)
         bar.update()
         adapter = adapter_for(model.config)

@@ -21,6 +21,7 @@ from torch import nn
 from exporter.export.gguf import LAYER, GgufFile
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
+from exporter.model.sources import gguf_read_once
 from exporter.recipe.formats import QUANT_FORMATS
 from exporter.recipe.schema import VerifySpec
 from exporter.verify.hf import PromptSet, first_divergence, greedy, logit_difference, masked
@@ -92,10 +93,12 @@ def load_gguf(path: Path) -> nn.Module:
     import gguf
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    with gguf_read_once():  # one parse of the file for transformers' config, weights and the biases below
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+        tensors = gguf.GGUFReader(path).tensors
     names = {f"blk.{i}.{LAYER[f'mlp.{part}.bias']}": (i, part) for i in range(model.config.num_hidden_layers)
              for part in ("gate_proj", "up_proj", "down_proj")}  # fmt: skip
-    for tensor in gguf.GGUFReader(path).tensors:
+    for tensor in tensors:
         if tensor.name in names:
             i, part = names[tensor.name]
             linear = getattr(model.model.layers[i].mlp, part)

@@ -191,3 +191,43 @@ def test_a_checkpoint_with_attention_biases_is_refused_naming_the_fix(tmp_path: 
     with pytest.raises(GgufExportError, match=r"attention_bias true.*leave 'gguf' out"):
         export_gguf(tmp_path / "hf", tmp_path / "gguf")
     assert not (tmp_path / "gguf").exists()
+
+
+def test_gguf_read_once_parses_a_file_once_for_config_weights_and_tokenizer(
+    written: tuple[torch.nn.Module, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers parses a GGUF file again for the config, the weights and the tokenizer; within
+    `gguf_read_once` every reader of the file is the first one, and what loads is the same."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from exporter.model.sources import gguf_read_once
+
+    _, _, out = written
+    name = "model-q8_0.gguf"
+    parsed: list[str] = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, path: str, *args: object) -> None:
+            parsed.append(str(path))
+            super().__init__(path, *args)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    real_map = gguf.get_tensor_name_map
+
+    def load() -> tuple[dict[str, torch.Tensor], list[int], dict]:
+        model = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(out, gguf_file=name)
+        return model.state_dict(), tok("quiet party 42")["input_ids"], gguf_metadata(out / name)
+
+    plain = load()
+    assert len(parsed) >= 4  # config, weights, tokenizer, metadata
+    parsed.clear()
+    with gguf_read_once():
+        once = load()
+    assert len(parsed) == 1
+    assert plain[0].keys() == once[0].keys() and all(torch.equal(plain[0][k], once[0][k]) for k in plain[0])
+    assert plain[1:] == once[1:]
+    with pytest.raises(RuntimeError), gguf_read_once():
+        raise RuntimeError("a load that fails")
+    assert gguf.GGUFReader is Counting and gguf.get_tensor_name_map is real_map  # restored, also after an error
