@@ -145,7 +145,7 @@ def _schema_message(err: Any) -> str:
             elif isinstance(value, str) and math.isfinite(number):
                 hint = f"; write a whole number in plain digits (e.g. 96): YAML reads {value} as text, not a number"
         return f"expected {_EXPECTED[kind]}, got {type(value).__name__} {value!r}{hint}"
-    if kind == "value_error":  # a validator's own message, which names the value
+    if kind == "value_error" and "error" in err.get("ctx", {}):  # a validator's own message, naming the value
         return str(err["ctx"]["error"])
     return f"{err['msg']} (got {value!r})"
 
