@@ -84,7 +84,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{report.persona}: {line}")
     first = Path(args.out) / next(iter(summary["reports"]))
     files = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in first.iterdir()))
-    print(f"\nwritten: {args.out}  (per persona: {files})")
+    run_files = ", ".join(n for n in ("report.md", "report.json", "eval.png") if (Path(args.out) / n).is_file())
+    print(f"\nwritten: {args.out}  ({run_files + '; ' if run_files else ''}per persona: {files})")
     failed = [n for n, s in summary["personas"].items() if s != "passed"]
     if failed:
         print(f"error: verification failed for {', '.join(failed)}; see report.json", file=sys.stderr)

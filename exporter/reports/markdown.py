@@ -115,7 +115,7 @@ def evaluation_markdown(persona: str, ev: dict[str, Any], plot: str | None = Non
             "(positive: the mask moves the model further toward the persona than the system prompt does)."
         )
     if ev.get("replies"):
-        lines += ["", *replies_markdown(ev["replies"])]
+        lines += ["", *replies_markdown(persona, ev["replies"])]
     if plot:
         lines += ["", f"![evaluation]({plot})"]
     lines += ["", "Definitions:", *(f"- {k}: {v}" for k, v in ev["definitions"].items())]
@@ -126,7 +126,7 @@ def _quote(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|") or "(empty)"
 
 
-def replies_markdown(r: dict[str, Any]) -> list[str]:
+def replies_markdown(persona: str, r: dict[str, Any]) -> list[str]:
     """The reply metric: scores and degeneration per condition, the gaps, and replies side by side."""
     rows = [
         [
@@ -158,7 +158,7 @@ def replies_markdown(r: dict[str, Any]) -> list[str]:
                 ["model", "reply"],
                 [
                     ["dense", _quote(ex["dense"])],
-                    ["dense + system prompt", _quote(ex["prompt_only"])],
+                    [f"dense + {persona} system prompt", _quote(ex["prompt_only"])],
                     ["this persona's export", _quote(ex["export"])],
                     [f"{r['opposite']}'s export", _quote(ex["opposite_export"])],
                 ],
@@ -218,32 +218,33 @@ def run_markdown(
     lines = [f"# {name}: persona evaluation", ""]
     if reports:
         lines += ["## Verdict", "", *(f"- {v}" for v in verdict(reports)), ""]
+    conds = {
+        "mask-only": "mask-only shift",
+        "prompt-only": "prompt-only shift",
+        "mask+prompt": "mask+prompt shift",
+        "random mask": "random shift",
+        "wanda unstructured": "wanda shift",
+    }
+    shifts = {
+        persona: {r["condition"].split(" (")[0]: r.get("paired", {}).get("shift") for r in ev["rows"]}
+        for persona, ev in evaluations.items()
+    }
+    # a baseline the recipe's eval.baselines left out has no column (eval.baselines=all adds every one)
+    shown = [c for c in conds if any(by.get(c) is not None for by in shifts.values())]
     rows = []
     for persona, ev in evaluations.items():
         acc = ev.get("acceptance") or {}
         mvp = (ev.get("mask_vs_prompt") or {}).get("mask_minus_prompt")
-        by = {r["condition"].split(" (")[0]: r.get("paired", {}).get("shift") for r in ev["rows"]}
-        conds = ("mask-only", "prompt-only", "mask+prompt", "random mask", "wanda unstructured")
         rows.append(
             [
                 persona,
-                *(fmt_ci(by.get(c)) for c in conds),
+                *(fmt_ci(shifts[persona].get(c)) for c in shown),
                 fmt_ci(mvp),
                 f"{acc['perplexity_ratio']:.2f}x" if acc.get("perplexity_ratio") else "–",
                 ("PASSED" if acc["passed"] else "FAILED") if acc else "–",
             ]
         )
-    header = [
-        "persona",
-        "mask-only shift",
-        "prompt-only shift",
-        "mask+prompt shift",
-        "random shift",
-        "wanda shift",
-        "mask - prompt",
-        "perplexity (mask)",
-        "acceptance",
-    ]
+    header = ["persona", *(conds[c] for c in shown), "mask - prompt", "perplexity (mask)", "acceptance"]
     lines += [
         "Paired-margin shift toward each persona relative to the dense model (nats/token, 95% CI).",
         "",

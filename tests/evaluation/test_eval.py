@@ -345,11 +345,12 @@ def test_wanda_mask_removes_as_many_weights_row_wise(masked_model: tuple) -> Non
 # -- commands ----------------------------------------------------------------------------------------------
 
 
-def test_run_eval_and_sweep_write_reports(tiny_llama_dir: Path, tmp_path: Path) -> None:
+def test_run_eval_and_sweep_write_reports(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from exporter.cli import main
 
     recipe = write_recipe(tmp_path, tiny_llama_dir, eval=eval_section(tmp_path))
     assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 0
+    assert "(report.md, report.json, eval.png; per persona: eval.png, hf/," in capsys.readouterr().out
     run = tmp_path / "run"
     for p in ("introvert", "extravert"):
         report = json.loads((run / p / "report.json").read_text())
@@ -362,8 +363,12 @@ def test_run_eval_and_sweep_write_reports(tiny_llama_dir: Path, tmp_path: Path) 
     assert main(["eval", str(run), "eval.baselines=[]", "eval.bootstrap=200"]) == 0  # eval-section overrides
     ev = json.loads((run / "introvert" / "report.json").read_text())["evaluation"]
     assert [r["condition"] for r in ev["rows"]] == ["dense", "mask-only"] and ev["eval_spec"]["bootstrap"] == 200
+    header = (run / "report.md").read_text().split("| persona |")[1].split("\n")[0]
+    assert "mask-only shift" in header and "wanda shift" not in header  # no column for a baseline left out
     assert main(["eval", str(run), "eval.baselines=all"]) == 0  # "all": every baseline, as the default list
     assert json.loads((run / "report.json").read_text()) == before
+    header = (run / "report.md").read_text().split("| persona |")[1].split("\n")[0]
+    assert all(f"{c} shift" in header for c in ("prompt-only", "mask+prompt", "random", "wanda"))
     other = tmp_path / "other"
     other.mkdir()
     neutral_only = {"neutral": {"path": str(tmp_path / "neutral.txt"), "window": 16}, "baselines": ["random"]}

@@ -144,3 +144,21 @@ def test_conditions_decoded_together_give_each_condition_s_own_replies(planted: 
         assert together[key] == alone, key
     # the conditions differ, so the test can tell one from another
     assert len({tuple(map(tuple, r.tokens)) for r in together.values()}) == len(conditions)
+
+
+def test_side_by_side_replies_name_the_system_prompt_s_persona() -> None:
+    from exporter.reports.markdown import replies_markdown
+
+    ci = {"mean": 0.01, "ci95": [0.0, 0.02]}
+    figures = {"score": ci, "degeneration": {"repeated_4grams": 0.0, "distinct_2": 1.0, "cut_at_max_tokens": 0.0}}
+    example = {"prompt": "Plans?", "dense": "a", "prompt_only": "b", "export": "c", "opposite_export": "d"}
+    r = {
+        "prompts": 1,
+        "max_new_tokens": 8,
+        "opposite": "introvert",
+        "gap": {"export": ci},
+        "conditions": {"dense": figures},
+        "examples": [example],
+    }
+    text = "\n".join(replies_markdown("extravert", r))
+    assert "| dense + extravert system prompt | b |" in text and "| introvert's export | d |" in text
