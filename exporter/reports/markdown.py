@@ -177,12 +177,23 @@ def persona_markdown(report: PersonaReport, plot: str | None = None) -> str:
         "",
         f"- Base model: {report.base_model.name}; method {report.method.score}; "
         f"prune {json.dumps(report.prune.model_dump(mode='json'))}.",
-        f"- Parameters: {p.dense / 1e6:.2f}M -> {p.pruned / 1e6:.2f}M ({p.ratio:.3f}).",
+        f"- Parameters: {p.dense / 1e6:.2f}M -> {p.pruned / 1e6:.2f}M ({p.ratio:.3f}){_added(report)}.",
         f"- Verification: {report.status} (fp64 max |dlogit| {hf['fp64']['max_abs_logit_diff']:.1e}).",
         "",
     ]
     ev = report.evaluation
     return "\n".join(head) + (evaluation_markdown(report.persona, ev, plot) if ev else "No evaluation.\n")
+
+
+def _added(report: PersonaReport) -> str:
+    """Where the export adds parameters (MLP biases that carry a steering or compensation bias), the removed
+    and added counts, so that they square with the evaluation table's parameters removed."""
+    row = next((r for r in (report.evaluation or {}).get("rows", []) if r["condition"] == "mask-only"), None)
+    if row is None:
+        return ""
+    p, removed = report.parameters, row["parameters_removed"]
+    added = p.pruned - (p.dense - removed)
+    return f": {removed / 1e6:.2f}M removed, {added / 1e6:.2f}M of MLP biases added" if added > 0 else ""
 
 
 def _mark(ok: bool) -> str:

@@ -348,7 +348,8 @@ def test_wanda_mask_removes_as_many_weights_row_wise(masked_model: tuple) -> Non
 def test_run_eval_and_sweep_write_reports(tiny_llama_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from exporter.cli import main
 
-    recipe = write_recipe(tmp_path, tiny_llama_dir, eval=eval_section(tmp_path))
+    method = {"score": "contrastive-wanda", "steer": 1.0}  # a steering bias: the exports gain MLP biases
+    recipe = write_recipe(tmp_path, tiny_llama_dir, eval=eval_section(tmp_path), method=method)
     assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) == 0
     assert "(report.md, report.json, eval.png; per persona: eval.png, hf/," in capsys.readouterr().out
     run = tmp_path / "run"
@@ -356,6 +357,13 @@ def test_run_eval_and_sweep_write_reports(tiny_llama_dir: Path, tmp_path: Path, 
         report = json.loads((run / p / "report.json").read_text())
         assert report["evaluation"]["splits"]["paired"]["selected"] == 8
         assert "mask-only" in (run / p / "report.md").read_text() and (run / p / "eval.png").stat().st_size > 0
+        removed = next(r for r in report["evaluation"]["rows"] if r["condition"] == "mask-only")["parameters_removed"]
+        added = report["parameters"]["pruned"] - report["parameters"]["dense"] + removed
+        assert (
+            added > 0
+            and f"{removed / 1e6:.2f}M removed, {added / 1e6:.2f}M of MLP biases added"
+            in (run / p / "report.md").read_text()
+        )
     assert "acceptance" in (run / "report.md").read_text()
     before = json.loads((run / "report.json").read_text())
     assert main(["eval", str(run)]) == 0
