@@ -28,6 +28,7 @@ from exporter.evaluation.metrics import (
     Scored,
     neutral_scores,
     neutral_windows,
+    scoring_work,
     sequence_logliks,
 )
 from exporter.evaluation.replies import evaluate_replies, steering_only
@@ -119,6 +120,10 @@ class Evaluator:
 
     def n_answers(self, system: str | None) -> int:
         return sum(len(v) for v in self._sequences(system).values())
+
+    def answer_work(self, system: str | None) -> tuple[int, int]:
+        """The least work of scoring every answer: (tokens through the decoder, rows through the LM head)."""
+        return scoring_work([s for group in self._sequences(system).values() for s in group])
 
     def neutral(
         self, interventions: dict[str, Intervention | None], progress: Callable[[int], Any] | None = None

@@ -84,6 +84,15 @@ def _groups(seqs: list[Scored]) -> list[_Group]:
     return sorted(groups, key=lambda g: (len(g.prefix) + max(map(len, g.answers)), g.index[0][0]))
 
 
+def scoring_work(seqs: list[Scored]) -> tuple[int, int]:
+    """The least work of scoring `seqs`: (tokens through the decoder, rows through the LM head). Each distinct
+    prompt runs once (twice when split over two batches), each distinct answer after it once, and the head runs
+    at every answer token."""
+    groups = _groups(seqs)
+    answers = sum(len(a) for g in groups for a in g.answers)
+    return sum(len(g.prefix) for g in groups) + answers, answers
+
+
 Chunk = list[tuple[_Group, list[int]]]  # (group, which of its answers): one batch
 
 

@@ -23,7 +23,7 @@ from torch import nn
 import exporter.evaluation.conditions as conditions_module
 import exporter.evaluation.replies as replies_module
 from exporter.evaluation.conditions import evaluate_masks, prepare, wanda_norms
-from exporter.evaluation.metrics import Intervention, Scored
+from exporter.evaluation.metrics import Intervention, Scored, scoring_work, sequence_logliks
 from exporter.evaluation.replies import Condition, Replies
 from exporter.masking.calibrate import calibrate
 from exporter.masking.data import select_samples, tokenize
@@ -222,3 +222,29 @@ def test_wanda_norms_from_calibration_equal_a_separate_pass(tmp_path: Path) -> N
         kept = wanda_norms(recipe, model, tok, adapter, p, stats)
         again = wanda_norms(recipe, model, tok, adapter, p)
         assert all(torch.equal(a[n], b[n]) for a, b in zip(kept, again, strict=True) for n in a)
+
+
+def test_scoring_work_counts_what_the_scoring_passes_through_the_model() -> None:
+    """Two prompts, each with two answers of equal length (no padding), one answer repeated: the decoder sees
+    each prompt once and each distinct answer once, the head one row per distinct answer token."""
+    model = tiny_model("llama")
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12]]
+    answers = [[20, 21, 22], [23, 24, 25]]
+    seqs = [Scored(p + a, len(p)) for p in prompts for a in answers]
+    seqs.append(seqs[0])  # scored once
+    seen = {"decoder": 0, "head": 0}
+
+    def count(part: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = kwargs.get("input_ids") if part == "decoder" else args[0]
+        seen[part] += int(x.numel() if part == "decoder" else x.shape[0])
+
+    hooks = [
+        model.get_decoder().register_forward_pre_hook(partial(count, "decoder"), with_kwargs=True),
+        model.get_output_embeddings().register_forward_pre_hook(partial(count, "head"), with_kwargs=True),
+    ]
+    try:
+        sequence_logliks(model, seqs, pad_id=0, batch_size=8)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert scoring_work(seqs) == (seen["decoder"], seen["head"]) == (8 + 12, 12)
