@@ -150,6 +150,11 @@ def _schema_message(err: Any) -> str:
     return f"{err['msg']} (got {value!r})"
 
 
+def described(source: str, overrides: list[str] | None) -> str:
+    """How errors name a recipe: its file, and the overrides applied to it (a problem may come from either)."""
+    return f"{source} with {' '.join(overrides)}" if overrides else source
+
+
 def parse_recipe(data: Any, base: Path, source: str = "<recipe>") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping at the top level, got {type(data).__name__}")
@@ -183,4 +188,4 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError(f"cannot read the recipe {path} ({exc.strerror})") from None
     if isinstance(data, dict):
         data = apply_overrides(data, overrides or [])
-    return parse_recipe(data, path.parent.resolve(), source=str(path))
+    return parse_recipe(data, path.parent.resolve(), source=described(str(path), overrides))

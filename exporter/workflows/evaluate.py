@@ -12,7 +12,7 @@ from exporter.io import check_target, link_copy, staged
 from exporter.masking.masks import load_mask
 from exporter.masking.stats import UNREADABLE, Statistics
 from exporter.model.sources import load_model
-from exporter.recipe.load import apply_overrides, load_recipe, parse_recipe
+from exporter.recipe.load import apply_overrides, described, load_recipe, parse_recipe
 from exporter.reports.markdown import write_run_reports
 from exporter.reports.persona import read_report
 
@@ -39,9 +39,11 @@ def evaluate_run_dir(
     if not (run_dir / "recipe.json").exists():
         raise OutputError(f"{str(run_dir)!r} is not a run folder (no recipe.json); {fix}")
     data = read_json_object(run_dir / "recipe.json", OutputError, fix)
-    recipe = parse_recipe(
-        data if recipe_path else apply_overrides(data, overrides), run_dir, str(run_dir / "recipe.json")
-    )
+    own = str(run_dir / "recipe.json")
+    if recipe_path:
+        recipe = parse_recipe(data, run_dir, own)
+    else:
+        recipe = parse_recipe(apply_overrides(data, overrides), run_dir, described(own, overrides))
     spec = load_recipe(recipe_path, overrides).eval if recipe_path else recipe.eval
     if spec is None:
         raise RecipeError(f"{recipe_path or run_dir / 'recipe.json'}: no eval section; add one or pass --recipe")

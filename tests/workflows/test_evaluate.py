@@ -55,3 +55,15 @@ def test_eval_takes_overrides_of_the_eval_section_only(
     run.mkdir()
     text = expect(["eval", str(run), "eval.baselines=all", "prune.mlp.sparsity=0.5"], RecipeError, "prune.mlp", capsys)
     assert "overrides of the eval section only" in text and "the masks were made by the run's recipe" in text
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_an_override_that_breaks_the_eval_section_is_named(
+    tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = load_recipe(edited_recipe(tmp_path, tiny_llama_dir, with_eval()))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json")))
+    text = expect(["eval", str(run), "eval.random_seeds=-1"], RecipeError, "eval.random_seeds", capsys)
+    assert "recipe.json with eval.random_seeds=-1: 1 problem(s)" in text, text
