@@ -59,12 +59,16 @@ def quality_lines(report: PersonaReport) -> list[str]:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from exporter.recipe.load import load_recipe
-    from exporter.workflows.validate import validate
+    from exporter.workflows.validate import item_lines, tune_validation, validate
 
     recipe = load_recipe(args.recipe, args.set)
     checked = validate(recipe)
     for name, persona in recipe.personas.items():
         print(f"  {name}: {checked.samples[name]} calibration samples from {persona.calibration.path}")
+    if recipe.eval is not None and checked.items is not None:
+        print("\n".join(item_lines("eval", recipe.eval, checked.items)))
+    if recipe.tune is not None and checked.tune_items is not None:
+        print("\n".join(item_lines("tune", tune_validation(recipe.tune), checked.tune_items)))
     print(f"{args.recipe}: valid (recipe sha256 {recipe.digest()[:12]})")
     return 0
 

@@ -27,6 +27,18 @@ from exporter.recipe.schema import Recipe, TuneSpec
 class Validated:
     samples: dict[str, int]  # persona -> calibration samples selected
     items: EvalItems | None  # the eval section's items, read and checked; None without an eval section
+    tune_items: EvalItems | None = None  # the tune section's validation items, likewise
+
+
+def item_lines(label: str, spec: EvalSpec, items: EvalItems) -> list[str]:
+    """What an evaluation reads, one line per source: counts selected and the file they come from."""
+    parts = [
+        (spec.paired, len(items.paired), "paired items"),
+        (spec.statements, len(items.statements), "statements"),
+        (spec.replies, len(items.reply_prompts), "reply prompts"),
+        (spec.neutral, len(items.neutral), "neutral paragraphs"),
+    ]
+    return [f"  {label}: {n} {what} from {source.path}" for source, n, what in parts if source is not None]
 
 
 def validate(recipe: Recipe, reuse: Path | None = None) -> Validated:
@@ -36,8 +48,7 @@ def validate(recipe: Recipe, reuse: Path | None = None) -> Validated:
 
     samples = {name: len(select_samples(p.calibration)) for name, p in recipe.personas.items()}
     items = prepare(recipe) if recipe.eval else None
-    if recipe.tune is not None:
-        prepare(recipe, tune_validation(recipe.tune))  # the files the tune grid is ranked on
+    tune_items = prepare(recipe, tune_validation(recipe.tune)) if recipe.tune else None  # what tune ranks on
     if recipe.model.path is not None:
         sources.resolve(recipe.model)  # config.json, weights present, architecture: no weights are read
         config = sources.read_config(Path(recipe.model.path))
@@ -49,7 +60,7 @@ def validate(recipe: Recipe, reuse: Path | None = None) -> Validated:
         sources.resolve(recipe.model)
     if reuse is not None:
         check_reuse(recipe, reuse)
-    return Validated(samples, items)
+    return Validated(samples, items, tune_items)
 
 
 BASE_FIX = "leave 'gguf' out of output.formats (the onnx formats carry Linear biases)"

@@ -191,7 +191,20 @@ def test_validate_refuses_what_run_refuses(
 
 def test_validate_accepts_the_tiny_recipe(tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["validate", str(write_recipe(tmp_path, tiny_llama_dir))]) == 0
-    assert "valid" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "valid" in out and "eval:" not in out
+
+
+def test_validate_lists_what_the_evaluation_reads(
+    tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    (tmp_path / "p.txt").write_text(PROMPTS)
+    replies = {"path": str(tmp_path / "p.txt"), "max_new_tokens": 8}
+    recipe = edited_recipe(tmp_path, tiny_llama_dir, with_eval(replies=replies))
+    assert main(["validate", str(recipe)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert f"  eval: 3 reply prompts from {tmp_path / 'p.txt'}" in lines, lines
+    assert f"  eval: 2 neutral paragraphs from {tmp_path / 'neutral.txt'}" in lines, lines
 
 
 def test_a_sparsity_of_zero_with_steering_is_a_steering_only_export(tmp_path: Path, tiny_llama_dir: Path) -> None:
