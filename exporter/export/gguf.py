@@ -1,7 +1,8 @@
 """GGUF export (`gguf` format): the proven `hf/` checkpoint as llama.cpp files, written with the `gguf`
 package: F16, Q8_0 and Q4_1 weights, the MLP biases (a persona's steering or compensation bias on down_proj),
-the tokenizer (GPT-2 style BPE: tokens, types, merges, special ids) and the chat template in its metadata.
-Verification: exporter/verify/gguf.py.
+the tokenizer (GPT-2 style BPE: tokens, types, merges, special ids), the chat template and the checkpoint's
+shipped decoding (`general.sampling.*`: greedy and its repetition penalty, which llama.cpp's llama-cli and
+llama-server apply unless given the matching flag) in its metadata. Verification: exporter/verify/gguf.py.
 
 The Q4_1 file stores each matrix in the first block type that holds its values exactly (Q4_1, then Q8_0). For
 a checkpoint de-quantized from a Q4_1 GGUF (the embedded SmolLM2) that gives back the source file's bits for
@@ -32,6 +33,7 @@ from safetensors.numpy import load_file
 
 from exporter.errors import GgufExportError
 from exporter.io import staged
+from exporter.recipe.generation import gguf_sampling, shipped_penalty
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +165,7 @@ def export_gguf(
         raise GgufExportError(f"GGUF export supports llama checkpoints; {hf_dir} is {config.get('model_type')!r}")
     check_no_biases(config, hf_dir)
     tok = _tokenizer_fields(hf_dir)
+    sampling = gguf_sampling(shipped_penalty(hf_dir), config["max_position_embeddings"])
     weights: dict[str, np.ndarray] = {}
     for shard in sorted(hf_dir.glob("*.safetensors")):
         weights.update(load_file(shard))
@@ -205,6 +208,8 @@ def export_gguf(
             writer.add_add_bos_token(tok["add_bos"])
             if tok["chat_template"]:
                 writer.add_chat_template(tok["chat_template"])
+            for key, value in sampling.items():
+                getattr(writer, f"add_sampling_{key}")(value)
             stored: dict[str, int] = {}
             lossy = 0
             for name, value in tensors.items():

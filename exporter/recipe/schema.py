@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from exporter.recipe.eval import EvalSpec, eval_problems
+from exporter.recipe.generation import GenerationSpec
 from exporter.recipe.push import PushSpec
 
 # used with fullmatch: `$` would also accept a trailing newline
@@ -174,6 +175,8 @@ class OutputSpec(Strict):
     # onnx-genai: the weights' precision in onnxruntime-genai's builder (int4 / int8 MatMulNBits, or fp32)
     genai_precision: Literal["int4", "int8", "fp32"] = "int4"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # auto: the source checkpoint's
+    # decoding defaults written into every format (exporter/recipe/generation.py); default plain greedy
+    generation: GenerationSpec = GenerationSpec()
 
     def resolved(self, source_dtype: str | None) -> OutputSpec:
         """`auto` replaced by the source's dtype (float32 when the source names none or another one)."""

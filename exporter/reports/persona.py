@@ -16,12 +16,14 @@ from pydantic_core import PydanticCustomError
 from exporter.errors import ExportFolderError
 from exporter.inputs import read_json_object
 from exporter.io import write_json
+from exporter.recipe.generation import GenerationSpec
 from exporter.recipe.schema import MethodSpec, PruneSpec
 
 # 2: `warnings`; 3: verification of the weight-only formats (onnx-int8 in ort-int8/, onnx-int4 in ort-int4/,
-# with folder, bits, floor and below_floor) and gguf. An older report reads as it was written: its "onnx-int8"
-# describes a folder onnx-int8/ that nothing reads any more, and `export --format` rewrites it in this layout.
-SCHEMA_VERSION = 3
+# with folder, bits, floor and below_floor) and gguf; 4: `generation`, the decoding the formats ship. An older
+# report reads as it was written: its "onnx-int8" describes a folder onnx-int8/ that nothing reads any more, and
+# `export --format` rewrites it in this layout; without `generation` its exports ship plain greedy decoding.
+SCHEMA_VERSION = 4
 FILE = "report.json"
 
 
@@ -116,6 +118,7 @@ class PersonaReport(Record):
     parameters: Parameters
     bytes: Sizes
     dtype: str
+    generation: GenerationSpec = GenerationSpec()  # the decoding every format of the export ships
     loading: dict[str, Any]  # {"whole": true}, or the memory budget and accelerate's placement
     verification: dict[str, Check]
     timings_s: dict[str, float]

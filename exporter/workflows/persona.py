@@ -12,14 +12,14 @@ from typing import Any
 import torch
 
 from exporter.evaluation.items import quality_texts
-from exporter.export.hf import DTYPES, export_hf
+from exporter.export.hf import DTYPES, export_hf, ship_generation
 from exporter.export.prune import count_parameters, prune_model
 from exporter.export.shards import prune_checkpoint
 from exporter.io import folder_bytes
 from exporter.masking.masks import PersonaMask
 from exporter.model.checkpoint import checkpoint_parameters
 from exporter.model.sources import Loaded
-from exporter.recipe.schema import Recipe
+from exporter.recipe.schema import OutputSpec, Recipe
 from exporter.reports.persona import (
     BaseModelInfo,
     CalibrationInfo,
@@ -72,19 +72,22 @@ def nothing_removed(mask: PersonaMask) -> list[str]:
     ]
 
 
-def write_checkpoint(m: Loaded, mask: PersonaMask, out: Path, dtype: str, timer: Timer, name: str) -> Written:
-    """Prune and save: shard by shard from the source checkpoint when the model is not whole in memory."""
+def write_checkpoint(m: Loaded, mask: PersonaMask, out: Path, output: OutputSpec, timer: Timer, name: str) -> Written:
+    """Prune and save: shard by shard from the source checkpoint when the model is not whole in memory. The
+    checkpoint ships the recipe's decoding defaults (output.generation)."""
     t = time.perf_counter()
     if m.bounded:
         files = prune_checkpoint(
-            m.resolved.folder, m.adapter, mask, out, dtype=DTYPES[dtype], tokenizer=m.export_tokenizer
+            m.resolved.folder, m.adapter, mask, out, dtype=DTYPES[output.dtype], tokenizer=m.export_tokenizer
         )
+        ship_generation(out, output.generation)
         timer.add(f"export_hf.{name}", t)
         return Written(out, files, checkpoint_parameters(m.resolved.folder), checkpoint_parameters(out))
     pruned = prune_model(copy.deepcopy(m.model), m.adapter, mask)
     timer.add(f"prune.{name}", t)
     t = time.perf_counter()
-    files = export_hf(pruned, m.export_tokenizer, out, dtype)
+    files = export_hf(pruned, m.export_tokenizer, out, output.dtype)
+    ship_generation(out, output.generation)
     timer.add(f"export_hf.{name}", t)
     return Written(out, files, count_parameters(m.model), count_parameters(pruned))
 
@@ -142,7 +145,7 @@ def export_persona(
     mask.save(folder / "masks.safetensors", mask_manifest)
 
     log.info("%s: removing %s and exporting", name, describe(mask))
-    written = write_checkpoint(m, mask, folder / "hf", recipe.output.dtype, timer, name)
+    written = write_checkpoint(m, mask, folder / "hf", recipe.output, timer, name)
     t = time.perf_counter()
     log.info("%s: verifying the export against the masked model (float64 and fp32)", name)
     figures = verify_checkpoint(recipe, m, mask, folder / "hf", references, prompts, name)
@@ -240,6 +243,7 @@ def persona_report(
             ratio=weights_bytes / (dense_params * element),
         ),
         dtype=recipe.output.dtype,
+        generation=recipe.output.generation,
         loading={"max_memory": m.max_memory, "device_map": m.device_map()} if m.bounded else {"whole": True},
         verification={k: Check(**v) for k, v in verification.items()},
         timings_s=timings,

@@ -58,14 +58,16 @@ def test_report_warnings_are_part_of_the_schema() -> None:
 
 
 def test_an_older_report_reads_as_written_and_is_rewritten_in_this_layout(tmp_path: Path) -> None:
-    """Schema 3 added the weight-only formats and gguf to `verification`; a schema 1 or 2 report still reads
-    (`warnings` defaults to none), its old "onnx-int8" entry kept as a record of what was checked."""
+    """Schema 3 added the weight-only formats and gguf to `verification`, schema 4 the shipped decoding
+    (`generation`); a schema 1, 2 or 3 report still reads (`warnings` defaults to none, `generation` to plain
+    greedy, which is what those exports ship), its old "onnx-int8" entry kept as a record of what was checked."""
     data = make_report("introvert") | {"schema_version": 2}
     data["verification"]["onnx-int8"] = {"max_abs_logit_diff": 0.2, "passed": True}
-    for version in (1, 2):
-        old = {k: v for k, v in data.items() if k != "warnings"} | {"schema_version": version}
+    for version in (1, 2, 3):
+        old = {k: v for k, v in data.items() if k not in ("warnings", "generation")} | {"schema_version": version}
         (tmp_path / "report.json").write_text(json.dumps(old))
         report = load_report(tmp_path / "report.json")
         assert report.schema_version == version and report.warnings == [] and report.passed
         assert report.verification["onnx-int8"].figures == data["verification"]["onnx-int8"]
-    assert SCHEMA_VERSION == 3
+        assert report.generation.greedy
+    assert SCHEMA_VERSION == 4
