@@ -251,6 +251,9 @@ DEFINITIONS = {
     "removal-only": "the export's mask without its down_proj bias",
     "reply_score": "dense model: mean per-token log-likelihood of a greedy reply under the persona's system prompt "
     "minus under the opposite persona's; reply gap: the persona's export minus the opposite export, per prompt",
+    "shipped_replies": "the same replies decoded as the exports ship (output.generation): greedy with a repetition "
+    "penalty on every token already in the reply's context, prompt included; the acceptance bar reads the greedy "
+    "replies (they measure the model; the penalty removes nearly all repetition from every condition)",
 }
 
 
@@ -284,7 +287,9 @@ def evaluate_masks(
     if spec.replies is not None and items.reply_prompts:
         t = time.perf_counter()
         opposite = {p: q for p in masks if (q := recipe.partner(p))}
-        replies = evaluate_replies(model, tokenizer, adapter, spec, items.reply_prompts, masks, prompts, opposite)
+        shipped = recipe.output.generation.repetition_penalty
+        args = (model, tokenizer, adapter, spec, items.reply_prompts, masks, prompts, opposite)
+        replies = evaluate_replies(*args, shipped=shipped)
         seconds["eval_replies"] = round(time.perf_counter() - t, 3)
     n_dense = dense_parameters(model)
     return {p: persona_evaluation(recipe, spec, items, raw, p, masks[p], n_dense, replies.get(p)) for p in masks}

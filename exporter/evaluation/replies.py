@@ -1,11 +1,13 @@
-"""The replies themselves: greedy replies to everyday prompts, scored for persona by the dense model.
+"""The replies themselves: greedy replies to everyday prompts, scored for persona by the dense model; with a
+shipped repetition penalty (output.generation), a second set of replies decoded under it, reported beside.
 
 A reply's persona score (no judge model): the dense model's mean per-token log-likelihood of the reply's
 tokens after the prompt under persona p's system prompt, minus that under the opposite persona's system
 prompt. Positive = the reply reads more like p. The tokens scored are the ones the model generated, up to and
 excluding the chat template's end-of-turn token (the same "answer tokens" as every other likelihood here).
 Degeneration: the fraction of a reply's 4-grams that repeat an earlier 4-gram of the same reply, and
-distinct-2 (distinct bigrams / bigrams), each averaged over replies.
+distinct-2 (distinct bigrams / bigrams), each averaged over replies. The penalty counts each row's own tokens,
+prompt included, never its padding (exporter/runtime/penalty.py): a reply does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ def greedy_replies(
     intervention: Intervention | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    repetition_penalty: float = 1.0,
     progress: Callable[[int], Any] | None = None,
 ) -> Replies:
-    """Greedy replies, left-padded batches through `generate`; each stops at the end-of-turn token.
-    `progress(n)` is called after every batch with its number of replies."""
+    """Greedy replies (under `repetition_penalty`), left-padded batches through `generate`; each stops at the
+    end-of-turn token. `progress(n)` is called after every batch with its number of replies."""
     stop = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens: list[list[int]] = []
@@ -62,7 +65,7 @@ def greedy_replies(
         for k in range(0, len(prompts), batch_size):
             rows = [reply_prefix(tokenizer, p, system) for p in prompts[k : k + batch_size]]
             ids, attn = left_padded(rows, pad)
-            for row in greedy(model, ids, attn, max_new_tokens, pad, stop).tolist():
+            for row in greedy(model, ids, attn, max_new_tokens, pad, stop, repetition_penalty).tolist():
                 ended = stop in row
                 tokens.append(row[: row.index(stop)] if ended else row)
                 cut.append(not ended)
@@ -112,9 +115,10 @@ def condition_replies(
     *,
     max_new_tokens: int = 64,
     batch_size: int = 64,
+    repetition_penalty: float = 1.0,
     progress: Callable[[int], Any] | None = None,
 ) -> dict[str, Replies]:
-    """Greedy replies to `prompts` under every condition {key: (system prompt, mask)}.
+    """Greedy replies (under `repetition_penalty`) to `prompts` under every condition {key: (system prompt, mask)}.
 
     The rows of all conditions share left-padded batches (sorted by prompt length), each row under its own
     mask and down_proj bias: one decoding step serves every condition, where a step of a small batch costs
@@ -134,7 +138,7 @@ def condition_replies(
         batch = rows[k : k + batch_size]
         ids, attn = left_padded([prefix for prefix, _, _ in batch], pad)
         with _per_row(model, adapter, [conditions[key][1] for _, key, _ in batch]):
-            generated = greedy(model, ids, attn, max_new_tokens, pad, stop).tolist()
+            generated = greedy(model, ids, attn, max_new_tokens, pad, stop, repetition_penalty).tolist()
         for (_, key, i), row in zip(batch, generated, strict=True):
             ended = stop in row
             tokens[key][i] = row[: row.index(stop)] if ended else row
@@ -153,6 +157,7 @@ def condition_replies(
                 intervention=partial(masked, model, adapter, mask),
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
+                repetition_penalty=repetition_penalty,
                 progress=progress,
             )
     return out
@@ -227,26 +232,49 @@ def evaluate_replies(
     systems: dict[str, str],
     opposite: dict[str, str],
     cache: dict[str, Replies] | None = None,
+    shipped: float = 1.0,
 ) -> dict[str, dict[str, Any]]:
     """Per persona p with an opposite q among `masks`: reply scores (p's system prompt against q's) of every
     condition, the export gap (p's export minus q's export, per prompt) beside the prompt-only and
     steering-only gaps, degeneration figures, and the first `show` prompts' replies side by side.
 
-    `cache` keeps replies across calls (tune's grid): "dense" and "prompt:<persona>" are generated once and
-    reused; the masks' replies are always generated anew."""
-    rs = spec.replies
-    assert rs is not None, "evaluate_replies needs an eval.replies section"
-    boot = {"n": spec.bootstrap, "seed": spec.seed}
-
+    Replies are greedy. With a `shipped` repetition penalty above 1 (output.generation), every condition is
+    decoded again under it and scored the same way, as `shipped` beside the greedy figures (which are computed
+    as without it). `cache` keeps greedy replies across calls (tune's grid): "dense" and "prompt:<persona>" are
+    generated once and reused; the masks' replies are always generated anew."""
     todo: dict[str, Condition] = {"dense": (None, None)}
     for p, mask in masks.items():
         todo[f"prompt:{p}"] = (systems[p], None)
         todo[f"mask:{p}"] = (None, mask)
         if mask.steering is not None and "steering" in spec.baselines:
             todo[f"steer:{p}"] = (None, steering_only(mask))
-    cache = {} if cache is None else cache
+    pairs = {p: q for p in masks if (q := opposite.get(p)) is not None and q in masks}
+    decode = partial(_decode, model, tokenizer, adapter, spec, prompts, todo)
+    summarise = partial(_summaries, model, tokenizer, spec, prompts, systems, pairs)
+    out = summarise(decode(1.0, {} if cache is None else cache), 1.0)
+    if shipped != 1.0:
+        under = summarise(decode(shipped, {}), shipped)
+        out = {p: {**figures, "shipped": under[p]} for p, figures in out.items()}
+    return out
+
+
+def _decode(
+    model: nn.Module,
+    tokenizer: Any,
+    adapter: Adapter,
+    spec: EvalSpec,
+    prompts: list[str],
+    todo: dict[str, Condition],
+    penalty: float,
+    cache: dict[str, Replies],
+) -> dict[str, Replies]:
+    """The replies of every condition in `todo` under `penalty`; those of dense conditions (with or without a
+    system prompt) are taken from and kept in `cache`."""
+    rs = spec.replies
+    assert rs is not None, "evaluate_replies needs an eval.replies section"
     missing = {key: c for key, c in todo.items() if key not in cache}
-    with progress(len(prompts) * len(missing), f"eval replies ({len(missing)} conditions)", "reply") as bar:
+    what = f"eval replies ({len(missing)} conditions" + (f", repetition penalty {penalty})" if penalty != 1 else ")")
+    with progress(len(prompts) * len(missing), what, "reply") as bar:
         made = condition_replies(
             model,
             tokenizer,
@@ -255,13 +283,29 @@ def evaluate_replies(
             missing,
             max_new_tokens=rs.max_new_tokens,
             batch_size=rs.batch_size,
+            repetition_penalty=penalty,
             progress=bar.update,
         )
     for key, (_, condition) in missing.items():
         if condition is None:  # dense, or dense with a system prompt: the same in every call
             cache[key] = made[key]
-    replies = {key: cache[key] if key in cache else made[key] for key in todo}
-    pairs = {p: q for p in masks if (q := opposite.get(p)) is not None and q in masks}
+    return {key: cache[key] if key in cache else made[key] for key in todo}
+
+
+def _summaries(
+    model: nn.Module,
+    tokenizer: Any,
+    spec: EvalSpec,
+    prompts: list[str],
+    systems: dict[str, str],
+    pairs: dict[str, str],
+    replies: dict[str, Replies],
+    penalty: float,
+) -> dict[str, dict[str, Any]]:
+    """One reply set's figures per persona of `pairs` (see evaluate_replies)."""
+    rs = spec.replies
+    assert rs is not None
+    boot = {"n": spec.bootstrap, "seed": spec.seed}
     scored = sorted({systems[p] for pair in pairs.items() for p in pair})
     ll = {}
     if pairs:
@@ -298,6 +342,7 @@ def evaluate_replies(
         out[p] = {
             "prompts": len(prompts),
             "max_new_tokens": rs.max_new_tokens,
+            "repetition_penalty": penalty,
             "opposite": q,
             "conditions": conditions,
             "gap": gap,
