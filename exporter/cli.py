@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 from pathlib import Path
@@ -115,16 +116,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 CUT = " [... cut at --max-new-tokens {n}]"
 
 
-def _sampling(args: argparse.Namespace) -> Any:
+def _sampling(args: argparse.Namespace, persona: Any) -> Any:
+    """The command line's sampling; without --repetition-penalty, the one the persona's format folder ships
+    (the base model runs side by side with the persona's)."""
     from exporter.runtime.runner import Sampling
 
-    return Sampling(args.temperature, args.top_p, args.repetition_penalty, args.seed)
+    penalty = persona.repetition_penalty if args.repetition_penalty is None else args.repetition_penalty
+    return Sampling(args.temperature, args.top_p, penalty, args.seed)
 
 
-def _reply(runner: Any, messages: list[dict[str, str]], args: argparse.Namespace) -> str:
+def _reply(runner: Any, messages: list[dict[str, str]], args: argparse.Namespace, sampling: Any) -> str:
     """Stream one reply to stdout; mark it when it was cut at --max-new-tokens."""
     pieces = []
-    for piece in runner.stream(messages, args.max_new_tokens, _sampling(args)):
+    for piece in runner.stream(messages, args.max_new_tokens, sampling):
         print(piece, end="", flush=True)
         pieces.append(piece)
     print(CUT.format(n=args.max_new_tokens) if runner.truncated else "")
@@ -148,18 +152,21 @@ def _start(args: argparse.Namespace) -> list[dict[str, str]]:
 def cmd_generate(args: argparse.Namespace) -> int:
     messages = [*_start(args), {"role": "user", "content": args.prompt}]
     runners = _runners(args)
+    sampling = _sampling(args, runners[0][1])
     for name, runner in runners:
         if len(runners) > 1:
             print(f"{name}> ", end="", flush=True)
-        _reply(runner, messages, args)
+        _reply(runner, messages, args, sampling)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     runners = _runners(args)
+    sampling = _sampling(args, runners[0][1])
     history = {name: _start(args) for name, _ in runners}  # with --base each model keeps its own conversation
     names = " and ".join(n for n, _ in runners)
-    print(f"chatting with {names} ({args.backend}); an empty line or Ctrl-D ends", file=sys.stderr)
+    how = f"repetition penalty {sampling.repetition_penalty:g}" if sampling.repetition_penalty != 1 else "no penalty"
+    print(f"chatting with {names} ({args.backend}, {how}); an empty line or Ctrl-D ends", file=sys.stderr)
     while True:
         try:
             line = input("you> ").strip()
@@ -171,7 +178,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = history[name]
             messages.append({"role": "user", "content": line})
             print("bot> " if len(runners) == 1 else f"{name}> ", end="", flush=True)
-            messages.append({"role": "assistant", "content": _reply(runner, messages, args)})
+            messages.append({"role": "assistant", "content": _reply(runner, messages, args, sampling)})
     return 0
 
 
@@ -230,6 +237,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give e.g. 128") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is less than 1; give the number of tokens to generate, e.g. 128")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give e.g. 1.1") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{value} is not a finite number above 0; give e.g. 1.1, or 1 for none")
     return value
 
 
@@ -309,7 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     for name, func, text in (
-        ("generate", cmd_generate, "generate a reply to one prompt (streamed; greedy unless --temperature)"),
+        (
+            "generate",
+            cmd_generate,
+            "generate a reply to one prompt (streamed; greedy with the export's repetition penalty unless "
+            "--temperature / --repetition-penalty)",
+        ),
         ("chat", cmd_chat, "chat with a persona export in the terminal"),
     ):
         p = _command(sub, name, help=text)
@@ -323,7 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--system", metavar="TEXT", help="a system prompt")
         p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
         p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
-        p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeated tokens")
+        p.add_argument(
+            "--repetition-penalty",
+            type=positive_float,
+            metavar="P",
+            help=">1 discourages tokens already in the chat, 1 = none; default: what the export ships (the "
+            "format folder's generation_config.json, genai_config.json for onnx-genai; the recipe's "
+            "output.generation), also used for --base",
+        )
         p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
         p.add_argument("--base", action="store_true", help="also run the run's dense base model (torch), side by side")
         p.set_defaults(func=func)

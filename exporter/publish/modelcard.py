@@ -11,8 +11,9 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from exporter.recipe.formats import FOLDERS
+from exporter.recipe.generation import GenerationSpec
 from exporter.recipe.schema import steered_layers
-from exporter.reports.markdown import evaluation_markdown, md_table
+from exporter.reports.markdown import decoding, evaluation_markdown, md_table
 from exporter.reports.persona import BaseModelInfo, PersonaReport
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def render_card(report: PersonaReport, ctx: CardContext) -> ModelCard:
         _calibration(report),
         _parity(report),
         _evaluation(report.persona, report.evaluation),
-        _usage(ctx, {name: check.figures for name, check in report.verification.items()}),
+        _usage(ctx, {name: check.figures for name, check in report.verification.items()}, report.generation),
         _provenance(report),
     ]
     body = "\n\n".join(s for s in sections if s)
@@ -213,8 +214,14 @@ def _evaluation(persona: str, ev: Any) -> str:
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
-def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
+def _usage(ctx: CardContext, verification: dict[str, Any], generation: GenerationSpec) -> str:
     rev = f', revision="{ctx.revision}"' if ctx.revision else ""
+    penalty = generation.repetition_penalty
+    shipped = (
+        f"  # + repetition_penalty={penalty:g} from generation_config.json; 1.0 for plain greedy"
+        if not generation.greedy
+        else ""
+    )
     chat = (
         f'messages = [{{"role": "user", "content": "{PROMPT}"}}]\n'
         "inputs = tokenizer.apply_chat_template(\n"
@@ -226,7 +233,7 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
     generate = (
         "output = model.generate(\n"
         '    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],\n'
-        "    max_new_tokens=64, do_sample=False,\n"
+        f"    max_new_tokens=64, do_sample=False,{shipped}\n"
         ")\n"
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))\n'
     )
@@ -290,15 +297,20 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
             f"`{FOLDERS['gguf']}/` folder ({listed}):\n\n```python\n"
             "from llama_cpp import Llama\n\n"
             f'llm = Llama.from_pretrained("{ctx.repo_id}", filename="{FOLDERS["gguf"]}/{name}", verbose=False)\n'
-            f'out = llm.create_chat_completion([{{"role": "user", "content": "{PROMPT}"}}], max_tokens=64)\n'
-            'print(out["choices"][0]["message"]["content"])\n```'
+            f'messages = [{{"role": "user", "content": "{PROMPT}"}}]\n'
+            f"out = llm.create_chat_completion(messages, max_tokens=64, temperature=0.0, repeat_penalty={penalty:g})\n"
+            'print(out["choices"][0]["message"]["content"])\n```\n\n'
+            f"The files' metadata carry the decoding this export ships ({decoding(penalty)}: "
+            "`general.sampling.temp`, `general.sampling.penalty_repeat`, `general.sampling.penalty_last_n`), "
+            "which llama.cpp's `llama-cli` and `llama-server` apply unless given `--temp`, `--repeat-penalty` or "
+            "`--repeat-last-n`; llama-cpp-python does not read them, so the snippet passes them."
         )
     if genai:
-        parts.append(_genai_usage(ctx.repo_id, verification.get("onnx-genai", {})))
+        parts.append(_genai_usage(ctx.repo_id, verification.get("onnx-genai", {}), penalty))
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
-def _genai_usage(repo_id: str, figures: dict[str, Any]) -> str:
+def _genai_usage(repo_id: str, figures: dict[str, Any], penalty: float) -> str:
     """How to run the `genai/` folder with onnxruntime-genai, and what was measured of it."""
     folder, precision = FOLDERS["onnx-genai"], figures.get("precision", "int4")
     if "top1_agreement" in figures:
@@ -321,7 +333,7 @@ def _genai_usage(repo_id: str, figures: dict[str, Any]) -> str:
         f'prompt = tokenizer.apply_chat_template(\'[{{"role": "user", "content": "{PROMPT}"}}]\', add_generation_prompt=True)\n'
         "ids = tokenizer.encode(prompt)\n"
         "params = og.GeneratorParams(model)\n"
-        "params.set_search_options(max_length=len(ids) + 128)  # greedy unless do_sample=True\n"
+        f"params.set_search_options(max_length=len(ids) + 128)  # genai_config.json's search: {decoding(penalty)}\n"
         "generator = og.Generator(model, params)\n"
         "generator.append_tokens(ids)\n"
         "while not generator.is_done():  # ends at the end of the turn\n"

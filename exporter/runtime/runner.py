@@ -1,6 +1,6 @@
 """Running a persona export (or the run's dense base model): generation with streaming, on onnxruntime,
-onnxruntime-genai or torch, CPU. Greedy by default; temperature / top-p sampling, a repetition penalty and a
-seed on request."""
+onnxruntime-genai or torch, CPU. Greedy with the repetition penalty the export ships (its generation_config.json
+or genai_config.json) by default; temperature / top-p sampling, another penalty and a seed on request."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import torch
 
 from exporter.errors import ExportFolderError, OnnxModelError
 from exporter.recipe.formats import FOLDERS
+from exporter.recipe.generation import shipped_penalty
 from exporter.reports.persona import read_report
 from exporter.runtime.chat import prompt_ids
+from exporter.runtime.penalty import penalise
 
 
 def _tokenizer(folder: Path, vocab_size: int) -> Any:
@@ -60,8 +62,9 @@ class Sampling:
         def choose(logits: np.ndarray, seen: list[int]) -> int:
             x = logits.astype(np.float64)
             if self.repetition_penalty != 1.0 and seen:
-                idx = np.unique(seen)
-                x[idx] = np.where(x[idx] > 0, x[idx] / self.repetition_penalty, x[idx] * self.repetition_penalty)
+                mask = np.zeros((1, x.shape[0]), dtype=bool)
+                mask[0, seen] = True
+                x = penalise(torch.from_numpy(x[None]), torch.from_numpy(mask), self.repetition_penalty)[0].numpy()
             if self.temperature <= 0:
                 return int(x.argmax())
             p = np.exp((x - x.max()) / self.temperature)
@@ -91,6 +94,7 @@ class Runner:
 
     backend: str
     truncated: bool = False  # the last reply was cut at max_new_tokens
+    repetition_penalty: float = 1.0  # what the format folder ships (the base model: none)
 
     def _torch(self, model: Any, tokenizer: Any) -> Runner:
         self.backend, self.model, self.tokenizer, self.eos = "torch", model, tokenizer, tokenizer.eos_token_id
@@ -120,13 +124,15 @@ class Runner:
             self.model = load_exact(folder, "the export", ExportFolderError, dtype=torch.float32).eval()
             self.tokenizer = _tokenizer(folder, self.model.config.vocab_size)
         self.eos = self.tokenizer.eos_token_id
+        self.repetition_penalty = shipped_penalty(folder)
 
     def _next_tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
         choose = sampling.chooser()
         seen = list(ids)
         if self.backend == "onnx-genai":  # onnxruntime-genai's cache; our choice of the next token
             params = self.og.GeneratorParams(self.genai)
-            params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+            # `choose` picks every token and applies the penalty; the search section's own is not used
+            params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False, repetition_penalty=1.0)
             generator = self.og.Generator(self.genai, params)
             generator.append_tokens(np.asarray(ids, dtype=np.int32))
             for step in range(max_new_tokens):

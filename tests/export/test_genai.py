@@ -4,6 +4,7 @@ the proven checkpoint, run by onnxruntime-genai itself, against the masked refer
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +21,13 @@ STEERED = {"score": "contrastive-wanda", "steer": 1.5}  # down_proj biases in th
 @pytest.fixture(scope="module")
 def genai_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A steered tiny run with a third of the KV groups and a quarter of the neurons removed, exported as an
-    fp32 genai folder (the parity target)."""
+    fp32 genai folder (the parity target) that ships a repetition penalty."""
     tmp = tmp_path_factory.mktemp("genai-run")
     model_dir = tmp / "tiny"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
-    recipe = write_recipe(
-        tmp, model_dir, method=STEERED, output={"formats": ["hf", "onnx-genai"], "genai_precision": "fp32"}
-    )
+    output = {"formats": ["hf", "onnx-genai"], "genai_precision": "fp32", "generation": {"repetition_penalty": 2.0}}
+    recipe = write_recipe(tmp, model_dir, method=STEERED, output=output)
     assert main(["run", str(recipe), "--out", str(tmp / "run")]) == 0
     return tmp / "run"
 
@@ -69,7 +69,7 @@ def test_generation_stops_at_the_tokenizers_eos(genai_run: Path) -> None:
     config_file.write_text(json.dumps(config))
     model = og.Model(str(folder))
     params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(prompt) + 10, do_sample=False)
+    params.set_search_options(max_length=len(prompt) + 10, do_sample=False, repetition_penalty=1.0)
     generator = og.Generator(model, params)
     generator.append_tokens(np.asarray(prompt, dtype=np.int32))
     tokens = []
@@ -77,6 +77,39 @@ def test_generation_stops_at_the_tokenizers_eos(genai_run: Path) -> None:
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
     assert tokens == [first]
+
+
+def test_onnxruntime_genai_decodes_as_the_folder_ships_and_as_the_runner_does(genai_run: Path) -> None:
+    """genai_config.json's search section carries the recipe's decoding; onnxruntime-genai's own greedy search
+    (generate_next_token, no option set) applies its penalty to the prompt's tokens and the reply's, as the
+    runner does on the checkpoint with that penalty, and as `generate` does by default."""
+    import onnxruntime_genai as og
+
+    from exporter.runtime.runner import Runner, Sampling
+
+    folder = genai_run / "introvert"
+    config = json.loads((folder / "genai" / "genai_config.json").read_text())
+    search, declared = config["search"], config["model"]["eos_token_id"]
+    assert search["do_sample"] is False and search["repetition_penalty"] == 2.0
+    runner = Runner(folder, "torch")
+    assert runner.repetition_penalty == Runner(folder, "onnx-genai").repetition_penalty == 2.0
+    penalised = partial(runner._next_tokens, max_new_tokens=12, sampling=Sampling(repetition_penalty=2.0))
+    plain = partial(runner._next_tokens, max_new_tokens=12, sampling=Sampling())
+    candidates = [[5, 60, 70, 80, 90, 100, 7], [5, 61, 90, 7], [5, 140, 150, 160, 7], [12, 40, 33]]
+    # a prompt whose reply the penalty changes (the tiny model tends to repeat the prompt's last token)
+    prompt = next(p for p in candidates if list(penalised(p)) != list(plain(p)))
+    model = og.Model(str(folder / "genai"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 12)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(prompt, dtype=np.int32))
+    tokens: list[int] = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    want = list(penalised(prompt))
+    ends = set(declared) if isinstance(declared, list) else {declared}  # onnxruntime-genai stops there
+    assert tokens == want[: next((i + 1 for i, t in enumerate(want) if t in ends), len(want))]
 
 
 def test_runner_streams_the_genai_folder_as_torch_runs_the_checkpoint(genai_run: Path) -> None:

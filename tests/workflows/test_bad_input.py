@@ -177,6 +177,20 @@ def test_bad_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture
     assert "usage: persona-export" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["0", "-1.1", "abc", "nan", "inf", ""])
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_repetition_penalty_must_be_a_number_above_0(
+    value: str, command: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    prompt = ["--prompt", "hi"] if command == "generate" else []
+    argv = [command, str(tmp_path), "--repetition-penalty", value, *prompt]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "--repetition-penalty" in err and ("above 0" in err or "is not a number" in err)
+
+
 @pytest.mark.parametrize("value", ["-1", "0", "-100", "abc", "1.5", ""])
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_max_new_tokens_must_be_positive(
