@@ -1,4 +1,4 @@
-"""The package's architecture as the README draws it: imports run one way between the subpackages."""
+"""The package's architecture as docs/architecture.md draws it: imports run one way between the subpackages."""
 
 from __future__ import annotations
 
@@ -18,14 +18,14 @@ def test_a_package_imports_only_from_those_before_it() -> None:
         here = parts[0]
         if here in ("__init__", "__main__"):
             continue
-        assert here in rank, f"exporter/{here} is not in the README's layout; add it to ORDER and the README"
+        assert here in rank, f"exporter/{here} is not in the layout; add it to ORDER and to docs/architecture.md"
         for dep in re.findall(r"^\s*from exporter\.(\w+)", path.read_text(), re.M):
             if rank[dep] > rank[here]:
                 upward.append(f"{path.relative_to(REPO)} imports exporter.{dep}")
     assert not upward, upward
 
 
-def test_the_readme_draws_every_folder() -> None:
-    readme = (REPO / "README.md").read_text()
+def test_the_architecture_page_draws_every_folder() -> None:
+    drawing = (REPO / "docs" / "architecture.md").read_text()
     folders = sorted(p.name for p in (REPO / "exporter").iterdir() if (p / "__init__.py").is_file())
-    assert folders and all(f"\n  {name}/" in readme for name in folders), folders
+    assert folders and all(f"\n  {name}/" in drawing for name in folders), folders

@@ -128,7 +128,7 @@ def _schema_message(err: Any) -> str:
     """One schema problem: unknown, missing, null, or of the wrong type, with what is expected."""
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
-        return "unknown key (misspelled? remove it or check the recipe reference in README.md)"
+        return "unknown key (misspelled? remove it or check the recipe reference in docs/recipes.md)"
     if kind == "missing":
         return "required key is missing"
     if value is None:
