@@ -107,11 +107,19 @@ def test_the_readme_links_every_docs_page() -> None:
     assert sorted(p.name for p in pages - linked) == []
 
 
-def opening_commands() -> list[str]:
-    """The commands of the README's first code block, one per line (comments dropped)."""
-    block = re.search(r"^```bash\n(.*?)^```", README.read_text(), re.M | re.S)
-    assert block, "README.md has no ```bash block"
-    return [line for line in block.group(1).splitlines() if line.strip() and not line.startswith("#")]
+def bash_lines(first_only: bool) -> list[str]:
+    """The commands of the README's ```bash blocks (or its first), one per line, comments dropped."""
+    blocks = re.findall(r"^```bash\n(.*?)^```", README.read_text(), re.M | re.S)
+    assert blocks, "README.md has no ```bash block"
+    lines = [line.split(" #")[0].strip() for b in (blocks[:1] if first_only else blocks) for line in b.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def parse_readme(argv: list[str]) -> argparse.Namespace:
+    try:
+        return parse(argv)
+    except SystemExit:
+        pytest.fail(f"the CLI refuses the README's command: persona-export {shlex.join(argv)}")
 
 
 def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -121,7 +129,7 @@ def subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentPa
 
 def test_the_opening_commands_parse_and_ci_runs_the_test_command() -> None:
     install, run, tests = [], [], []
-    for line in opening_commands():
+    for line in bash_lines(first_only=True):
         for part in (p.strip() for p in line.split("&&")):
             words = shlex.split(part)
             if words[0] == ".venv/bin/persona-export":
@@ -133,10 +141,7 @@ def test_the_opening_commands_parse_and_ci_runs_the_test_command() -> None:
     assert set(install) == {"bash ci/setup.sh"} and (REPO / "ci" / "setup.sh").is_file()
     assert run, "the README's opening commands run no persona-export command"
     for argv in run:
-        try:
-            args = parse(argv)
-        except SystemExit:
-            pytest.fail(f"the CLI refuses the README's command: persona-export {shlex.join(argv)}")
+        args = parse_readme(argv)
         assert Path(REPO / args.recipe).is_file(), args.recipe
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert tests and all(t in ci for t in tests), f"{tests} is not a line of .ci/run"
@@ -171,3 +176,13 @@ def test_the_readme_walkthrough_is_the_minimal_recipe_and_it_validates() -> None
     recipe = load_recipe(shipped)
     checked = validate(recipe)
     assert set(checked.samples) == {"introvert", "extravert"} and all(n > 0 for n in checked.samples.values())
+
+
+def test_every_command_in_the_readme_walkthroughs_parses() -> None:
+    parts = [p.strip() for line in bash_lines(first_only=False) for p in line.split("&&")]
+    commands = [shlex.split(p) for p in parts if p.startswith(".venv/bin/persona-export ")]
+    assert len(commands) >= 4, commands
+    for words in commands:
+        args = parse_readme(words[1:])
+        if getattr(args, "recipe", None):
+            assert Path(REPO / args.recipe).is_file(), args.recipe
