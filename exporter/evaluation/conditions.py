@@ -37,14 +37,14 @@ from exporter.export.prune import count_parameters
 from exporter.masking.calibrate import batches
 from exporter.masking.data import select_samples, tokenize
 from exporter.masking.masks import PersonaMask
-from exporter.masking.stats import Statistics
+from exporter.masking.statistics import Statistics
 from exporter.model.adapters import Adapter
+from exporter.model.encoding import encode_answer
 from exporter.quiet import progress
 from exporter.recipe.eval import EvalSpec, eval_problems
 from exporter.recipe.schema import Recipe
 from exporter.reports.markdown import write_run_reports
 from exporter.reports.persona import PersonaReport
-from exporter.runtime.chat import encode_answer
 from exporter.verify.hf import masked
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from exporter.runtime.chat import Scored, position_ids
+from exporter.model.encoding import Scored, position_ids
 
 Intervention = Callable[[], AbstractContextManager[Any]]
 

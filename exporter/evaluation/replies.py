@@ -23,10 +23,10 @@ from torch import nn
 from exporter.evaluation.metrics import Intervention, Scored, mean_ci, sequence_logliks
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
+from exporter.model.encoding import end_of_turn_id, reply_prefix
 from exporter.model.hooks import per_row_channel_masks
 from exporter.quiet import progress
 from exporter.recipe.eval import EvalSpec
-from exporter.runtime.chat import end_of_turn_id, reply_prefix
 from exporter.verify.hf import greedy, left_padded, masked
 
 

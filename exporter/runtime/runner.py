@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from exporter.errors import ExportFolderError, OnnxModelError
+from exporter.model.encoding import prompt_ids
 from exporter.recipe.formats import FOLDERS
 from exporter.reports.persona import read_report
-from exporter.runtime.chat import prompt_ids
 
 
 def _tokenizer(folder: Path, vocab_size: int) -> Any:

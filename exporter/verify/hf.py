@@ -16,10 +16,10 @@ from torch import nn
 from exporter.errors import ExportFolderError
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
+from exporter.model.encoding import messages, position_ids, prompt_ids
 from exporter.model.hooks import apply_channel_masks
 from exporter.model.sources import Loaded
 from exporter.quiet import progress
-from exporter.runtime.chat import messages, position_ids, prompt_ids
 
 DEFAULT_PROMPTS = [
     "Hi!",

@@ -19,9 +19,9 @@ import torch
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.model.checkpoint import SourceCheckpoint
+from exporter.model.encoding import position_ids
 from exporter.model.layer_by_layer import empty_model, load_weights, record_layer_calls, release
 from exporter.quiet import progress
-from exporter.runtime.chat import position_ids
 from exporter.verify.hf import PromptSet, masked
 
 

@@ -11,9 +11,9 @@ import numpy as np
 import torch
 
 from exporter.io import shown_name
+from exporter.model.encoding import position_ids
 from exporter.quiet import progress
 from exporter.recipe.schema import VerifySpec
-from exporter.runtime.chat import position_ids
 from exporter.runtime.onnx import ONNX_FILE, OnnxCausalLM
 from exporter.verify.hf import first_divergence
 from exporter.verify.quality import Agreement, Pair, persona_shift

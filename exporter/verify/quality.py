@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from exporter.model.encoding import encode_answer
 from exporter.recipe.formats import Floor
-from exporter.runtime.chat import encode_answer
 
 Pair = tuple[str, str, str]  # (prompt, the persona's answer, its partner's answer)
 Logits = Callable[[list[int]], np.ndarray]  # token ids -> their (s, V) logits

@@ -10,7 +10,7 @@ from exporter.evaluation.conditions import evaluate_masks, prepare
 from exporter.inputs import folder_problem, read_json_object
 from exporter.io import check_target, link_copy, staged
 from exporter.masking.masks import load_mask
-from exporter.masking.stats import UNREADABLE, Statistics
+from exporter.masking.statistics import UNREADABLE, Statistics
 from exporter.model.sources import load_model
 from exporter.recipe.load import apply_overrides, described, load_recipe, parse_recipe
 from exporter.reports.markdown import write_run_reports

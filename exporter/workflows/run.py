@@ -14,9 +14,9 @@ from typing import Any
 from exporter.evaluation.conditions import evaluate_into
 from exporter.export.hf import DTYPES
 from exporter.io import check_target, staged
+from exporter.masking.collect import column_norms, persona_statistics
 from exporter.masking.masks import compute_masks
-from exporter.masking.statistics import column_norms, persona_statistics
-from exporter.masking.stats import Statistics
+from exporter.masking.statistics import Statistics
 from exporter.masking.steer import with_biases
 from exporter.model.checkpoint import checkpoint_dtype
 from exporter.model.sources import Loaded, open_model

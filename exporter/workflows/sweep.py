@@ -22,8 +22,8 @@ from exporter.evaluation.conditions import (
     wanda_norms,
 )
 from exporter.io import check_target, staged, write_json
+from exporter.masking.collect import column_norms, persona_statistics
 from exporter.masking.masks import compute_masks
-from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.masking.steer import with_biases
 from exporter.model.sources import load_model
 from exporter.recipe.schema import AttentionPrune, MlpPrune, PruneSpec, Recipe

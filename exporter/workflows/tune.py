@@ -36,8 +36,8 @@ from exporter.evaluation.conditions import (
 from exporter.evaluation.items import EvalItems, norm
 from exporter.evaluation.replies import Replies, evaluate_replies
 from exporter.io import check_target, staged, write_json
+from exporter.masking.collect import column_norms, persona_statistics
 from exporter.masking.masks import PersonaMask, compute_masks
-from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.masking.steer import with_biases
 from exporter.model.sources import load_model
 from exporter.recipe.schema import MethodSpec, Recipe, per_persona

@@ -135,7 +135,7 @@ def check_limits(recipe: Recipe, config: dict[str, Any], prompt_tokens: int = 0)
 
 def check_reuse(recipe: Recipe, reuse: Path) -> None:
     """`--reuse-stats RUN_DIR`: a folder; each statistics file of a persona in it must be readable."""
-    from exporter.masking.stats import UNREADABLE, Statistics
+    from exporter.masking.statistics import UNREADABLE, Statistics
 
     problem = folder_problem(reuse)
     if problem is not None:

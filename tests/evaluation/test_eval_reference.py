@@ -29,8 +29,8 @@ from exporter.masking.calibrate import calibrate
 from exporter.masking.data import select_samples, tokenize
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter, adapter_for
+from exporter.model.encoding import end_of_turn_id, reply_prefix
 from exporter.recipe.load import load_recipe
-from exporter.runtime.chat import end_of_turn_id, reply_prefix
 from exporter.verify.hf import masked
 from tests.helpers import WORDS, eval_section, tiny_model, tiny_tokenizer, write_recipe
 

@@ -22,7 +22,7 @@ from exporter.evaluation.replies import (
 )
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import adapter_for
-from exporter.runtime.chat import end_of_turn_id
+from exporter.model.encoding import end_of_turn_id
 from exporter.verify.hf import masked
 from tests.helpers import WORDS, tiny_model, tiny_tokenizer
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from exporter.model.encoding import encode_answer
 from exporter.recipe.formats import QUANT_FORMATS
-from exporter.runtime.chat import encode_answer
 from exporter.verify.quality import answer_loglik, judge, persona_shift
 from tests.helpers import tiny_tokenizer
 

@@ -16,8 +16,8 @@ from exporter.export.prune import prune_model
 from exporter.masking.masks import PersonaMask, compute_mask
 from exporter.masking.scoring import column_sq_norms
 from exporter.masking.steer import with_biases
+from exporter.model.encoding import position_ids
 from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
-from exporter.runtime.chat import position_ids
 from exporter.verify.hf import masked
 from tests.helpers import assert_close, tiny_model, write_recipe
 from tests.masking.test_steer import _Pair, _stats

@@ -18,8 +18,8 @@ from exporter.masking.masks import compute_mask
 from exporter.masking.scoring import column_sq_norms
 from exporter.masking.steer import compensation_bias, compensation_mean, steering_bias, with_biases
 from exporter.model.adapters import adapter_for
+from exporter.model.encoding import position_ids
 from exporter.recipe.schema import MethodSpec, MlpPrune, PruneSpec
-from exporter.runtime.chat import position_ids
 from exporter.verify.hf import masked
 from tests.helpers import assert_close, eval_section, samples, tiny_model, write_recipe
 

@@ -12,7 +12,7 @@ import pytest
 
 from exporter.cli import CUT, dispatch, main
 from exporter.errors import ExportFolderError, OnnxModelError, OutputError
-from exporter.runtime.chat import prompt_ids
+from exporter.model.encoding import prompt_ids
 from exporter.runtime.runner import Runner, Sampling
 from tests.helpers import REPO, expect, snapshot, tiny_model, tiny_tokenizer, write_recipe
 from tests.publish.test_push import make_persona

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from exporter.masking.calibrate import calibrate
 from exporter.masking.layerwise import calibrate_layerwise, column_sq_norms_from_checkpoint
 from exporter.masking.scoring import column_sq_norms
-from exporter.masking.stats import KINDS, Statistics
+from exporter.masking.statistics import KINDS, Statistics
 from exporter.model.adapters import adapter_for
 from exporter.verify.hf import PromptSet, reference_copy
 from tests.helpers import TINY_MODELS, samples, tiny_model
