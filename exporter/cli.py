@@ -14,8 +14,11 @@ from exporter.errors import PersonaExportError
 if TYPE_CHECKING:
     from exporter.reports.persona import PersonaReport
 
-EXPORT_FORMATS = ["onnx", "onnx-int8", "onnx-int4", "gguf", "onnx-genai"]
-BACKENDS = ["onnx", "onnx-int8", "onnx-int4", "onnx-genai", "torch"]
+from exporter.recipe.formats import ADDED, FORMATS
+
+EXPORT_FORMATS = list(ADDED)  # formats made from a persona's checkpoint
+# the runtimes that run an export: onnxruntime or onnxruntime-genai on a format's folder, torch on hf/
+BACKENDS = [n for n, f in FORMATS.items() if f.family in ("onnxruntime", "onnxruntime-genai")] + ["torch"]
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -59,7 +62,8 @@ def quality_lines(report: PersonaReport) -> list[str]:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from exporter.recipe.load import load_recipe
-    from exporter.workflows.validate import item_lines, tune_validation, validate
+    from exporter.recipe.tune import tune_validation
+    from exporter.workflows.validate import item_lines, validate
 
     recipe = load_recipe(args.recipe, args.set)
     checked = validate(recipe)

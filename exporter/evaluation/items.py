@@ -21,7 +21,7 @@ from typing import Any
 from exporter.errors import CalibrationDataError
 from exporter.masking.data import field_problem, read_records, read_samples, select_samples
 from exporter.recipe.eval import EvalSpec, PairedSpec, RepliesSpec, StatementsSpec
-from exporter.recipe.formats import MEASURED_FORMATS
+from exporter.recipe.formats import FORMATS
 from exporter.recipe.schema import DataSpec, Recipe, infer_format
 
 log = logging.getLogger(__name__)
@@ -300,5 +300,5 @@ def quality_texts(
     """What a quantized format's quality is measured on: the evaluation's neutral text (None without one) and the
     persona's held-out pairs, read only when one of `formats` is measured (else None)."""
     neutral = read_neutral(recipe.eval.neutral.path) if recipe.eval and recipe.eval.neutral else None
-    pairs = persona_pairs(recipe, persona) if MEASURED_FORMATS & set(formats) else None
+    pairs = persona_pairs(recipe, persona) if any(FORMATS[f].measured for f in formats) else None
     return neutral, pairs

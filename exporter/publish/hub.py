@@ -25,18 +25,12 @@ from exporter import __version__
 from exporter.errors import ExportFolderError, HubError
 from exporter.inputs import path_kind
 from exporter.publish.modelcard import CardContext, render_card
-from exporter.recipe.formats import FOLDERS
+from exporter.recipe.formats import ADDED, FORMATS
 from exporter.recipe.push import OnnxMode, PushSpec, branch_problem, fill, onnx_repo_problem, repo_id_problem
 from exporter.reports.persona import PersonaReport, load_report
 
 log = logging.getLogger(__name__)
-ONNX_FORMATS = (
-    "onnx",
-    "onnx-int8",
-    "onnx-int4",
-    "gguf",
-    "onnx-genai",
-)  # pushed as subfolders FOLDERS[name] of the checkpoint
+ONNX_FORMATS = ADDED  # pushed as subfolders (FORMATS[name].folder) of the checkpoint, or to their own repo
 NOT_SENT = "nothing was sent"
 
 
@@ -107,7 +101,7 @@ def load_export(folder: Path, onnx: OnnxMode = "same-repo", below_floor: bool = 
     if not folder.is_dir():
         raise HubError(f"{str(folder)!r} is not a folder; pass a persona folder RUN_DIR/<persona>")
     folder = folder.resolve()  # the persona folder itself; nothing outside it is read, whatever links say
-    inside_only(folder, ("report.json", "hf", *(FOLDERS[n] for n in ONNX_FORMATS)))
+    inside_only(folder, ("report.json", "hf", *(FORMATS[n].folder for n in ONNX_FORMATS)))
     if (folder / "run.json").is_file():
         personas = sorted(p.parent.name for p in folder.glob("*/report.json"))
         raise HubError(
@@ -137,14 +131,14 @@ def load_export(folder: Path, onnx: OnnxMode = "same-repo", below_floor: bool = 
     )
     if hf.passed is not True:
         raise failed
-    present = tuple(f for f in ONNX_FORMATS if (folder / FOLDERS[f]).is_dir()) if onnx != "none" else ()
+    present = tuple(f for f in ONNX_FORMATS if (folder / FORMATS[f].folder).is_dir()) if onnx != "none" else ()
     for name in present:
         result = report.verification.get(name)
         if result is None or result.passed is not True:
             state = "is missing" if result is None else "failed"
             state = "has no passed flag" if result is not None and result.passed is None else state
             raise HubError(
-                f"{FOLDERS[name]}/ is present in {str(folder)!r} but its verification {state}; only proven "
+                f"{FORMATS[name].folder}/ is present in {str(folder)!r} but its verification {state}; only proven "
                 "exports are pushed: re-run the export, or pass --onnx none to push only the checkpoint"
             )
     if not report.passed:  # a format that is not pushed failed: the persona's status is "failed"
@@ -154,9 +148,9 @@ def load_export(folder: Path, onnx: OnnxMode = "same-repo", below_floor: bool = 
     if (low or left_out) and not below_floor:
         log.warning("not pushing %s: measured below the quality floor (see report.json; --below-floor pushes it)",
                     low + list(left_out))  # fmt: skip
-    gguf_files = {f"{FOLDERS['gguf']}/{p.name}" for p in (folder / FOLDERS["gguf"]).glob("*.gguf")}
+    gguf_files = {f"{FORMATS['gguf'].folder}/{p.name}" for p in (folder / FORMATS["gguf"].folder).glob("*.gguf")}
     low += ["gguf"] if left_out and gguf_files <= set(left_out) else []  # nothing of the folder would be pushed
-    folders = tuple(FOLDERS[n] for n in present if below_floor or n not in low)
+    folders = tuple(FORMATS[n].folder for n in present if below_floor or n not in low)
     return PersonaExport(folder, report, config, folders, left_out)
 
 
@@ -164,7 +158,7 @@ def _low_gguf_files(report: PersonaReport) -> tuple[str, ...]:
     """The GGUF files (repo paths) measured below their quality floor: one folder holds every quant type."""
     files = report.verification["gguf"].figures
     return tuple(
-        f"{FOLDERS['gguf']}/{f['file']}"
+        f"{FORMATS['gguf'].folder}/{f['file']}"
         for f in files.values()
         if isinstance(f, dict) and isinstance(f.get("file"), str) and f.get("below_floor") is True
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from exporter.recipe.formats import FOLDERS
+from exporter.recipe.formats import FORMATS, folder_format
 from exporter.recipe.schema import steered_layers
 from exporter.reports.markdown import evaluation_markdown, md_table
 from exporter.reports.persona import BaseModelInfo, PersonaReport
@@ -40,9 +40,11 @@ def render_card(report: PersonaReport, ctx: CardContext) -> ModelCard:
     """The README.md of the uploaded folder."""
     persona, base = report.persona, report.base_model
     is_onnx_repo = ctx.repo_id != ctx.hf_repo_id
-    tags = [persona, "pruned", "persona-export"] + (["onnx"] if set(ctx.onnx_folders) - {FOLDERS["gguf"]} else [])
-    tags += ["gguf"] if FOLDERS["gguf"] in ctx.onnx_folders else []
-    tags += ["onnxruntime-genai"] if FOLDERS["onnx-genai"] in ctx.onnx_folders else []
+    tags = [persona, "pruned", "persona-export"] + (
+        ["onnx"] if set(ctx.onnx_folders) - {FORMATS["gguf"].folder} else []
+    )
+    tags += ["gguf"] if FORMATS["gguf"].folder in ctx.onnx_folders else []
+    tags += ["onnxruntime-genai"] if FORMATS["onnx-genai"].folder in ctx.onnx_folders else []
     data = ModelCardData(
         base_model=hub_id(base.name),
         library_name="onnx" if is_onnx_repo else "transformers",
@@ -239,8 +241,8 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
             f"tokenizer = AutoTokenizer.from_pretrained(repo{rev})\n"
             f"model = AutoModelForCausalLM.from_pretrained(repo{rev})\n\n" + chat + generate + "```"
         )
-    gguf, genai = FOLDERS["gguf"] in ctx.onnx_folders, FOLDERS["onnx-genai"] in ctx.onnx_folders
-    onnx_folders = tuple(f for f in ctx.onnx_folders if f not in (FOLDERS["gguf"], FOLDERS["onnx-genai"]))
+    gguf, genai = FORMATS["gguf"].folder in ctx.onnx_folders, FORMATS["onnx-genai"].folder in ctx.onnx_folders
+    onnx_folders = tuple(f for f in ctx.onnx_folders if f not in (FORMATS["gguf"].folder, FORMATS["onnx-genai"].folder))
     if onnx_folders:
         folder = onnx_folders[0]
         fix = (
@@ -278,7 +280,7 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
         files = {
             k: v
             for k, v in verification.get("gguf", {}).items()
-            if isinstance(v, dict) and "file" in v and f"{FOLDERS['gguf']}/{v['file']}" not in ctx.left_out
+            if isinstance(v, dict) and "file" in v and f"{FORMATS['gguf'].folder}/{v['file']}" not in ctx.left_out
         }
         usable = [
             q for q in ("Q4_1", "Q8_0") if q in files and files[q].get("passed") and not files[q].get("below_floor")
@@ -287,9 +289,9 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
         listed = ", ".join(f"`{v['file']}`" for v in files.values())
         parts.append(
             "With llama.cpp (through llama-cpp-python: `pip install llama-cpp-python`), from the "
-            f"`{FOLDERS['gguf']}/` folder ({listed}):\n\n```python\n"
+            f"`{FORMATS['gguf'].folder}/` folder ({listed}):\n\n```python\n"
             "from llama_cpp import Llama\n\n"
-            f'llm = Llama.from_pretrained("{ctx.repo_id}", filename="{FOLDERS["gguf"]}/{name}", verbose=False)\n'
+            f'llm = Llama.from_pretrained("{ctx.repo_id}", filename="{FORMATS["gguf"].folder}/{name}", verbose=False)\n'
             f'out = llm.create_chat_completion([{{"role": "user", "content": "{PROMPT}"}}], max_tokens=64)\n'
             'print(out["choices"][0]["message"]["content"])\n```'
         )
@@ -300,7 +302,7 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
 
 def _genai_usage(repo_id: str, figures: dict[str, Any]) -> str:
     """How to run the `genai/` folder with onnxruntime-genai, and what was measured of it."""
-    folder, precision = FOLDERS["onnx-genai"], figures.get("precision", "int4")
+    folder, precision = FORMATS["onnx-genai"].folder, figures.get("precision", "int4")
     if "top1_agreement" in figures:
         mark = " (below its quality floor)" if figures.get("below_floor") else ""
         measured = (
@@ -331,7 +333,7 @@ def _genai_usage(repo_id: str, figures: dict[str, Any]) -> str:
 
 
 def _quantized_line(folder: str, verification: dict[str, Any]) -> str:
-    name = next((n for n, f in FOLDERS.items() if f == folder), folder)
+    name = folder_format(folder) or folder
     q = verification.get(name, {})
     if "top1_agreement" not in q:
         return f"- `{folder}`"

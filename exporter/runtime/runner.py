@@ -15,7 +15,7 @@ import torch
 
 from exporter.errors import ExportFolderError, OnnxModelError
 from exporter.model.encoding import prompt_ids
-from exporter.recipe.formats import FOLDERS
+from exporter.recipe.formats import FORMATS
 from exporter.reports.persona import read_report
 
 
@@ -35,10 +35,10 @@ def _tokenizer(folder: Path, vocab_size: int) -> Any:
 
 
 def _format_folder(persona_dir: Path, backend: str) -> Path:
-    folder = persona_dir / FOLDERS[backend]
+    folder = persona_dir / FORMATS[backend].folder
     if not folder.is_dir():
         raise OnnxModelError(
-            f"{persona_dir} has no {FOLDERS[backend]}/ folder; add it with `persona-export export "
+            f"{persona_dir} has no {FORMATS[backend].folder}/ folder; add it with `persona-export export "
             f"{persona_dir} --format {backend}`, or use --backend torch"
         )
     return folder

@@ -19,13 +19,11 @@ import torch
 from exporter.export.genai import BITS
 from exporter.io import shown_name
 from exporter.quiet import progress
-from exporter.recipe.formats import QUANT_FORMATS
+from exporter.recipe.formats import FLOORS
 from exporter.recipe.schema import VerifySpec
 from exporter.verify.hf import PromptSet, first_divergence
 from exporter.verify.onnx import reference_steps
 from exporter.verify.quality import Agreement, Pair, judge, persona_shift, torch_logits
-
-FLOORS = {bits: fmt.floor for fmt in QUANT_FORMATS.values() for bits in [fmt.bits]}
 
 
 class GenaiModel:

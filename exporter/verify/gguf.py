@@ -22,7 +22,7 @@ from exporter.export.gguf import LAYER, GgufFile
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.model.sources import gguf_read_once
-from exporter.recipe.formats import QUANT_FORMATS
+from exporter.recipe.formats import FLOORS
 from exporter.recipe.schema import VerifySpec
 from exporter.verify.hf import PromptSet, first_divergence, greedy, logit_difference, masked
 from exporter.verify.quality import Agreement, Logits, Pair, judge, persona_shift, torch_logits
@@ -76,7 +76,7 @@ def verify_gguf(
             "greedy_first_divergence": div,
             "mb": (out_dir / file.name).stat().st_size / 1e6,
         }
-        figures |= judge(quality, QUANT_FORMATS["onnx-int4" if qtype == "Q4_1" else "onnx-int8"].floor)
+        figures |= judge(quality, FLOORS[4 if qtype == "Q4_1" else 8])
         if file.exact:
             figures["thresholds"] = limits
             within = worst <= limits["max_abs_logit_diff"] and mean <= limits["mean_abs_logit_diff"]

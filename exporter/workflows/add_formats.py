@@ -20,10 +20,9 @@ from exporter.errors import ExportFolderError, GgufExportError, OutputError
 from exporter.export.gguf import BIAS_FIX
 from exporter.inputs import read_json_object
 from exporter.io import check_target, link_copy, staged
-from exporter.recipe.formats import FOLDERS, with_sources
+from exporter.recipe.formats import FORMATS, format_problems, with_sources
 from exporter.recipe.schema import Recipe
 from exporter.reports.persona import SCHEMA_VERSION, Check, PersonaReport, read_report, write_report
-from exporter.workflows.validate import format_problems
 
 NEEDS_REFERENCE = ("onnx", "gguf", "onnx-genai")  # verified against the masked reference model
 RERUN = "re-run `persona-export run`"
@@ -46,20 +45,20 @@ def add_formats(
         raise ExportFolderError(f"{folder}: its checkpoint is not verified; {RERUN} first")
     needed = [n for n in with_sources(formats) if n != "hf"]  # written, or read as the source of one
     for name in needed:
-        target = folder / FOLDERS[name]
+        target = folder / FORMATS[name].folder
         if target.is_symlink():
             raise OutputError(
                 f"{target} is a symlink (to {os.readlink(target)!r}); persona-export neither follows nor replaces "
                 "links in a persona folder: remove the link (or replace it with the folder itself) and retry"
             )
     for name in formats:
-        if (folder / FOLDERS[name]).exists() and not overwrite:
-            raise OutputError(f"{folder / FOLDERS[name]} exists; pass --overwrite to replace it")
-    replaced = {n for n in formats if (folder / FOLDERS[n]).exists()}  # rebuilt, its old result dropped
+        if (folder / FORMATS[name].folder).exists() and not overwrite:
+            raise OutputError(f"{folder / FORMATS[name].folder} exists; pass --overwrite to replace it")
+    replaced = {n for n in formats if (folder / FORMATS[n].folder).exists()}  # rebuilt, its old result dropped
     present = {
         n
-        for n in FOLDERS
-        if n not in replaced and (folder / FOLDERS[n]).exists() and verification.get(n, Check()).passed
+        for n in FORMATS
+        if n not in replaced and (folder / FORMATS[n].folder).exists() and verification.get(n, Check()).passed
     }
     todo = [n for n in with_sources(formats) if n not in present]  # a stale folder is rebuilt too
     recipe_file = folder.parent / "recipe.json"
@@ -80,7 +79,7 @@ def add_formats(
     check_target(folder, overwrite=True)  # the run folder can be written, before the model loads
     timings: dict[str, float] = {}
     with staged(folder, overwrite=True) as stage:
-        link_copy(folder, stage, skip={FOLDERS[n] for n in todo})
+        link_copy(folder, stage, skip={FORMATS[n].folder for n in todo})
         if genai_precision is not None:
             output = recipe.output.model_copy(update={"genai_precision": genai_precision})
             recipe = recipe.model_copy(update={"output": output})

@@ -15,7 +15,7 @@ from exporter.export.genai import build_genai
 from exporter.io import shown_name
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
-from exporter.recipe.formats import FOLDERS
+from exporter.recipe.formats import FORMATS
 from exporter.recipe.schema import VerifySpec
 from exporter.verify.genai import verify_genai
 from exporter.verify.hf import PromptSet, masked
@@ -40,7 +40,7 @@ def genai_stage(
     """Write `genai/` next to `folder/hf` and verify it; the report entry for `onnx-genai`."""
     t = time.perf_counter()
     log.info("%s: building the onnxruntime-genai folder (%s)", shown_name(folder), precision)
-    out = folder / FOLDERS["onnx-genai"]
+    out = folder / FORMATS["onnx-genai"].folder
     built = build_genai(folder / "hf", out, precision)
     timings["export_genai"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
@@ -49,7 +49,7 @@ def genai_stage(
         eos = built["eos_token_id"]
         figures = verify_genai(reference_fp32, out, precision, eos, prompts, spec, tokenizer, neutral, pairs)
     timings["verify_genai"] = round(time.perf_counter() - t, 3)
-    figures["folder"] = FOLDERS["onnx-genai"]
+    figures["folder"] = FORMATS["onnx-genai"].folder
     if "below_floor" in figures:
         log.info("%s: %s", shown_name(folder), describe(f"onnx-genai {precision}", figures))
     if not figures["passed"]:

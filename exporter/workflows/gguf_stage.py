@@ -14,7 +14,7 @@ from exporter.export.gguf import GGUF_TYPES, DenseMlp, export_gguf
 from exporter.io import shown_name
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
-from exporter.recipe.formats import FOLDERS
+from exporter.recipe.formats import FORMATS
 from exporter.recipe.schema import VerifySpec
 from exporter.verify.gguf import verify_gguf
 from exporter.verify.hf import PromptSet
@@ -39,7 +39,7 @@ def gguf_stage(
     "Q4_1": ...}: passed when every file that is a parity target meets it (measured files pass)."""
     t = time.perf_counter()
     log.info("%s: writing GGUF (%s)", shown_name(folder), ", ".join(GGUF_TYPES))
-    out = folder / FOLDERS["gguf"]
+    out = folder / FORMATS["gguf"].folder
     files = export_gguf(folder / "hf", out, dense=dense_mlp(reference_fp32, adapter, mask))
     timings["export_gguf"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()

@@ -17,7 +17,7 @@ from exporter.io import shown_name
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.quiet import progress
-from exporter.recipe.formats import QUANT_FORMATS
+from exporter.recipe.formats import FORMATS
 from exporter.recipe.schema import VerifySpec
 from exporter.verify.hf import PromptSet, masked
 from exporter.verify.onnx import compare_quantized, verify_onnx
@@ -65,18 +65,19 @@ def onnx_stage(
         timings["verify_onnx"] = round(time.perf_counter() - t, 3)
         fp32_passed = results["onnx"]["passed"]
 
-    for name in (n for n in formats if n in QUANT_FORMATS):
+    for name in (n for n in formats if FORMATS[n].quantization):
         if not fp32_passed:
             log.error("%s: %s is made from the proven fp32 ONNX export only; skipped", shown_name(folder), name)
             continue
-        fmt = QUANT_FORMATS[name]
+        fmt, q = FORMATS[name], FORMATS[name].quantization
+        assert q is not None
         t = time.perf_counter()
-        log.info("%s: quantizing ONNX weights to %d bits (MatMulNBits)", shown_name(folder), fmt.bits)
-        quantize_weights(folder / "onnx", folder / fmt.folder, fmt.bits, accuracy_level=fmt.accuracy_level)
+        log.info("%s: quantizing ONNX weights to %d bits (MatMulNBits)", shown_name(folder), q.bits)
+        quantize_weights(folder / "onnx", folder / fmt.folder, q.bits, accuracy_level=q.accuracy_level)
         quality = compare_quantized(folder / "onnx", folder / fmt.folder, prompts.all(), neutral, pairs=pairs)
-        figures = judge(quality, fmt.floor)
+        figures = judge(quality, q.floor)
         # Not a parity target: made from the proven fp32 export; below its floor it is not pushed by default.
-        results[name] = {**figures, "folder": fmt.folder, "bits": fmt.bits, "parity_target": False, "passed": True}
+        results[name] = {**figures, "folder": fmt.folder, "bits": q.bits, "parity_target": False, "passed": True}
         timings[f"quantize_{name}"] = round(time.perf_counter() - t, 3)
         log.info("%s: %s", shown_name(folder), describe(name, figures))
     return results

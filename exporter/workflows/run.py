@@ -20,11 +20,12 @@ from exporter.masking.statistics import Statistics
 from exporter.masking.steer import with_biases
 from exporter.model.checkpoint import checkpoint_dtype
 from exporter.model.sources import Loaded, open_model
+from exporter.recipe.rules import check_limits
 from exporter.recipe.schema import Recipe
 from exporter.reports.provenance import Timer, versions
 from exporter.verify.hf import build_prompts, references
 from exporter.workflows.persona import export_persona
-from exporter.workflows.validate import check_limits, validate
+from exporter.workflows.validate import validate
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from exporter.masking.collect import column_norms, persona_statistics
 from exporter.masking.masks import compute_masks
 from exporter.masking.steer import with_biases
 from exporter.model.sources import load_model
-from exporter.recipe.schema import AttentionPrune, MlpPrune, PruneSpec, Recipe
+from exporter.recipe.schema import Recipe
 from exporter.reports.provenance import Timer
 from exporter.reports.sweep import plot_sweep, sweep_markdown
 from exporter.workflows.validate import validate
@@ -75,15 +75,6 @@ def check_sweep(recipe: Recipe, sparsities: list[float], unit: str) -> None:
         )
 
 
-def with_sparsity(prune: PruneSpec, unit: str, sparsity: float | dict[str, float]) -> PruneSpec:
-    """The recipe's prune section with the MLP (or attention) sparsity replaced."""
-    if unit == "mlp":
-        mlp = prune.mlp.model_copy(update={"sparsity": sparsity}) if prune.mlp else MlpPrune(sparsity=sparsity)
-        return prune.model_copy(update={"mlp": mlp})
-    kind = prune.attention.unit if prune.attention else "kv-group"
-    return prune.model_copy(update={"attention": AttentionPrune(unit=kind, sparsity=sparsity)})
-
-
 def sweep(
     recipe: Recipe,
     sparsities: list[float],
@@ -114,7 +105,7 @@ def sweep(
     n_dense = dense_parameters(m.model)
     points: list[dict[str, Any]] = []
     for s in sparsities:
-        prune = with_sparsity(recipe.prune, unit, s)
+        prune = recipe.prune.with_sparsity(unit, s)
         log.info("sweep: %s sparsity %g", unit, s)
         try:
             masks = compute_masks(recipe, stats, col_sq, prune)

@@ -41,10 +41,10 @@ from exporter.masking.masks import PersonaMask, compute_masks
 from exporter.masking.steer import with_biases
 from exporter.model.sources import load_model
 from exporter.recipe.schema import MethodSpec, Recipe, per_persona
+from exporter.recipe.tune import tune_validation
 from exporter.reports.markdown import md_table, save_png
 from exporter.reports.provenance import Timer
-from exporter.workflows.sweep import with_sparsity
-from exporter.workflows.validate import tune_validation, validate
+from exporter.workflows.validate import validate
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def grid(recipe: Recipe) -> list[Recipe]:
     t = recipe.tune
     axes = (t.sparsity, t.steer, t.steer_layers, t.compensate, t.gamma, t.amplify)
     for s, alpha, depth, comp, gamma, amp in itertools.product(*axes):
-        prune = with_sparsity(recipe.prune, "mlp", s)
+        prune = recipe.prune.with_sparsity("mlp", s)
         assert prune.mlp is not None
         mlp = prune.mlp.model_copy(update={"compensate": comp, "gamma": gamma, "amplify": amp})
         prune = prune.model_copy(update={"mlp": mlp})
@@ -287,7 +287,7 @@ def per_persona_settings(
             point["max_repeated_4grams_over_dense"] = max(v["repeated_4grams_over_dense"] for v in per.values())
         recipe = candidates[members[0]][0]
         method = recipe.method.model_copy(update={k: chosen[k] for k in own if k != "sparsity"})
-        prune = with_sparsity(recipe.prune, "mlp", chosen["sparsity"]) if "sparsity" in chosen else recipe.prune
+        prune = recipe.prune.with_sparsity("mlp", chosen["sparsity"]) if "sparsity" in chosen else recipe.prune
         masks = {p: candidates[i][1][p] for p, i in pick.items()}
         out.append((point, (recipe.model_copy(update={"method": method, "prune": prune}), masks)))
     return out

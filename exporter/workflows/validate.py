@@ -5,14 +5,12 @@ each persona's calibration data, the eval section with its data files, the model
 weights (a `model.path` folder with a config.json object of a supported architecture), limits set by the
 model's context length, what the requested export formats need of that config.json, and a `--reuse-stats`
 folder with its statistics files. `export --format` checks a persona's hf/config.json the same way
-(`format_problems`) before it loads a model."""
+(exporter/recipe/formats.py `format_problems`) before it loads a model."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from exporter.errors import OutputError, RecipeError
 from exporter.evaluation.conditions import prepare
@@ -20,7 +18,10 @@ from exporter.evaluation.items import EvalItems
 from exporter.inputs import file_problem, folder_problem
 from exporter.masking.data import select_samples
 from exporter.recipe.eval import EvalSpec
-from exporter.recipe.schema import Recipe, TuneSpec
+from exporter.recipe.formats import BASE_FIX, format_problems
+from exporter.recipe.rules import check_limits
+from exporter.recipe.schema import Recipe
+from exporter.recipe.tune import tune_validation
 
 
 @dataclass(frozen=True)
@@ -61,76 +62,6 @@ def validate(recipe: Recipe, reuse: Path | None = None) -> Validated:
     if reuse is not None:
         check_reuse(recipe, reuse)
     return Validated(samples, items, tune_items)
-
-
-BASE_FIX = "leave 'gguf' out of output.formats (the onnx formats carry Linear biases)"
-
-
-def format_problems(formats: Sequence[str], config: dict[str, Any], config_file: Path, fix: str) -> list[str]:
-    """What the export `formats` cannot be made from, read from the config.json of the checkpoint they are
-    made from (model.path for a run, a persona's hf/ for `export`): GGUF files are written for llama
-    checkpoints without attention biases (exporter/export/gguf.py writes MLP biases only)."""
-    if "gguf" not in formats:
-        return []
-    problems = []
-    if config.get("model_type") != "llama":
-        problems.append(
-            f"GGUF export supports llama checkpoints; {config_file} is {config.get('model_type')!r}: "
-            "leave 'gguf' out of output.formats"
-        )
-    if config.get("attention_bias"):
-        problems.append(
-            f"GGUF export: {config_file} has attention_bias true (biases on q/k/v/o_proj, which the GGUF export "
-            f"does not write); {fix}"
-        )
-    return problems
-
-
-def tune_validation(spec: TuneSpec) -> EvalSpec:
-    """The tune section's validation items as an eval section: only what the grid is ranked by (paired shift,
-    perplexity and, when given, the replies' persona scores and repetition)."""
-    return spec.validation.model_copy(update={"baselines": [], "statements": None})
-
-
-def limit_problems(recipe: Recipe, config: dict[str, Any], prompt_tokens: int = 0) -> list[str]:
-    """Lengths the model cannot take: positions beyond `max_position_embeddings` are undefined (or hang)."""
-    limit = config.get("max_position_embeddings")
-    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
-        return []
-    problems = []
-    context = f"the model's context of {limit} positions (max_position_embeddings)"
-    greedy = recipe.verify.greedy_tokens
-    if greedy + max(prompt_tokens, 1) > limit:  # before loading the prompts' length is unknown: at least 1
-        room = f"the longest verification prompt takes {prompt_tokens} tokens, " if prompt_tokens else ""
-        problems.append(
-            f"verify.greedy_tokens: {greedy} tokens do not fit {context[:-1]}; {room}the prompt needs some); "
-            f"use at most {max(limit - max(prompt_tokens, 64), 1)}"
-        )
-    for name, persona in recipe.personas.items():
-        if persona.calibration.max_tokens > limit:
-            problems.append(
-                f"personas.{name}.calibration.max_tokens: {persona.calibration.max_tokens} is more than {context}; "
-                f"use at most {limit}"
-            )
-    spec = recipe.eval
-    if spec is not None and spec.max_tokens > limit:
-        problems.append(f"eval.max_tokens: {spec.max_tokens} is more than {context}; use at most {limit}")
-    if spec is not None and spec.neutral is not None and spec.neutral.window > limit:
-        problems.append(f"eval.neutral.window: {spec.neutral.window} is more than {context}; use at most {limit}")
-    if spec is not None and spec.replies is not None and spec.replies.max_new_tokens >= limit:
-        problems.append(
-            f"eval.replies.max_new_tokens: {spec.replies.max_new_tokens} replies do not fit {context}; "
-            f"use at most {max(limit - 64, 1)}"
-        )
-    return problems
-
-
-def check_limits(recipe: Recipe, config: dict[str, Any], prompt_tokens: int = 0) -> None:
-    problems = limit_problems(recipe, config, prompt_tokens)
-    if problems:
-        raise RecipeError(
-            f"{len(problems)} problem(s) with the model's limits:\n" + "\n".join(f"  {p}" for p in problems)
-        )
 
 
 def check_reuse(recipe: Recipe, reuse: Path) -> None:

@@ -23,7 +23,7 @@ from exporter.errors import OnnxExportError, OnnxModelError, OutputError
 from exporter.export.onnx import export_onnx
 from exporter.export.quantize import quantize_weights
 from exporter.model.adapters import REGISTRY
-from exporter.recipe.formats import QUANT_FORMATS
+from exporter.recipe.formats import FLOORS
 from exporter.runtime.onnx import OnnxCausalLM, load_ort_model
 from exporter.verify.onnx import compare_quantized, verify_onnx
 from exporter.verify.quality import judge
@@ -212,7 +212,7 @@ def test_weight_only_quantization_and_its_quality(export: Callable[[str], Export
     assert report["positions"] == sum(len(t.encode()) for t in ["hello there, tiny model", "quantized or not"])
     assert report["top1_agreement"] >= (0.9 if bits == 8 else 0.3), report  # an unusable model is near 1/259
     assert 0.8 < report["ppl_ratio"] < 1.25, report
-    floor = QUANT_FORMATS[f"onnx-int{bits}"].floor
+    floor = FLOORS[bits]
     assert judge({**report, "top1_agreement": floor.top1_agreement}, floor)["below_floor"] is (
         report["ppl_ratio"] > floor.ppl_ratio
     )

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from exporter.model.encoding import encode_answer
-from exporter.recipe.formats import QUANT_FORMATS
+from exporter.recipe.formats import FLOORS
 from exporter.verify.quality import answer_loglik, judge, persona_shift
 from tests.helpers import tiny_tokenizer
 
@@ -62,7 +62,7 @@ def test_persona_shift_is_zero_for_the_same_model_and_signed_for_a_planted_one()
 
 @pytest.mark.parametrize(("shift", "below"), [(0.01, False), (-0.029, False), (0.05, True), (-0.031, True)])
 def test_a_persona_margin_moved_beyond_the_floor_is_below_it(shift: float, below: bool) -> None:
-    floor = QUANT_FORMATS["onnx-int8"].floor
+    floor = FLOORS[8]
     figures = judge({"top1_agreement": 0.99, "ppl_ratio": 1.01, "persona_shift": shift}, floor)
     assert figures["below_floor"] is below and figures["floor"]["persona_shift"] == 0.03
     unmeasured = judge({"top1_agreement": 0.99, "ppl_ratio": 1.01}, floor)
