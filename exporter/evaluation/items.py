@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import CalibrationDataError
+from exporter.errors import CalibrationDataError, RecipeError
 from exporter.masking.data import field_problem, read_records, read_samples, select_samples
-from exporter.recipe.eval import EvalSpec, PairedSpec, RepliesSpec, StatementsSpec
+from exporter.recipe.eval import EvalSpec, PairedSpec, RepliesSpec, StatementsSpec, eval_problems
 from exporter.recipe.formats import FORMATS
 from exporter.recipe.schema import DataSpec, Recipe, infer_format
 
@@ -232,6 +232,17 @@ def read_reply_prompts(spec: RepliesSpec, calib: CalibrationIndex) -> tuple[list
         "line_indices": chosen,
     }
     return [lines[i] for i in chosen], split
+
+
+def prepare(recipe: Recipe, spec: EvalSpec | None = None) -> EvalItems:
+    """Check the eval section `spec` (the recipe's by default) against the recipe and read its items, before any
+    model is loaded: problems surface early."""
+    spec = spec or recipe.eval
+    assert spec is not None, "prepare() needs an eval section"
+    problems = eval_problems(spec, list(recipe.personas))
+    if problems:
+        raise RecipeError(f"{len(problems)} problem(s) in the eval section:\n" + "\n".join(f"  {p}" for p in problems))
+    return load_items(recipe, spec)
 
 
 def load_items(recipe: Recipe, spec: EvalSpec) -> EvalItems:

@@ -1,4 +1,4 @@
-"""`validate` checks what `run` checks, before any model loads (exporter/workflows/validate.py): the eval
+"""`validate` checks what `run` checks, before any model loads (exporter/stages/preflight.py): the eval
 section's cross-references and files, model.path and its config.json, lengths against the model's context, and
 the tune section; each family a table."""
 
