@@ -6,59 +6,15 @@ import argparse
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from exporter import __version__
 from exporter.errors import PersonaExportError
-
-if TYPE_CHECKING:
-    from exporter.reports.persona import PersonaReport
-
 from exporter.recipe.formats import ADDED, FORMATS
 
 EXPORT_FORMATS = list(ADDED)  # formats made from a persona's checkpoint
 # the runtimes that run an export: onnxruntime or onnxruntime-genai on a format's folder, torch on hf/
 BACKENDS = [n for n, f in FORMATS.items() if f.family in ("onnxruntime", "onnxruntime-genai")] + ["torch"]
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def summary_table(reports: dict[str, PersonaReport]) -> str:
-    from exporter.reports.checks import CheckpointCheck, OnnxCheck
-
-    head = ["persona", "status", "params dense -> pruned", "weights MB", "fp64 max|dlogit|", "fp32 max|dlogit|"]
-    rows = [[*head, "greedy", "onnx max|dlogit|"]]
-    for name, r in reports.items():
-        hf, onnx = r.check("hf", CheckpointCheck), r.check("onnx", OnnxCheck)
-        assert hf is not None, "a report always holds its checkpoint's check"
-        p, b = r.parameters, r.bytes
-        rows.append(
-            [
-                name,
-                r.status,
-                f"{p.dense / 1e6:.1f}M -> {p.pruned / 1e6:.1f}M ({p.ratio:.3f})",
-                f"{b.dense_weights / 1e6:.0f} -> {b.pruned_weights_on_disk / 1e6:.0f}",
-                f"{hf.exact_max_abs:.1e}",  # proven layer by layer: the worst layer output
-                f"{hf.fp32.max_abs_logit_diff:.1e}",
-                "identical" if hf.exact_greedy_identical else "DIFFERENT",
-                f"{onnx.max_abs_logit_diff:.1e}" if onnx else "-",
-            ]
-        )
-    return _table(rows)
-
-
-def quality_lines(report: PersonaReport) -> list[str]:
-    """The measured quality of each quantized format in a report, one line each."""
-    from exporter.reports.checks import Measured
-
-    return [
-        c.describe(n) for n, c in report.verification.items() if isinstance(c, Measured) and c.below_floor is not None
-    ]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -78,6 +34,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
     summary = run(recipe, Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats, use_cache=not args.no_cache)
     from exporter.reports.markdown import verdict
+    from exporter.reports.terminal import quality_lines, summary_table
 
     print(summary_table(summary["reports"]))
     print("\n" + "\n".join(verdict(summary["reports"], Path(args.out))))
@@ -101,6 +58,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = add_formats(
         Path(args.persona_dir), [args.format], overwrite=args.overwrite, genai_precision=args.precision
     )
+    from exporter.reports.terminal import quality_lines, summary_table
+
     print(summary_table({report.persona: report}))
     for line in quality_lines(report):
         print(line)
