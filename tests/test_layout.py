@@ -6,8 +6,8 @@ import re
 
 from tests.helpers import REPO
 
-ORDER = ["errors", "io", "inputs", "quiet", "recipe", "reports", "model", "runtime", "publish", "masking"]
-ORDER += ["export", "verify", "evaluation", "workflows", "cli"]
+ORDER = ["errors", "io", "inputs", "quiet", "recipe", "reports", "model", "masking", "folders", "runtime"]
+ORDER += ["publish", "export", "verify", "evaluation", "stages", "workflows", "cli"]
 
 
 def test_a_package_imports_only_from_those_before_it() -> None:
@@ -29,3 +29,12 @@ def test_the_architecture_page_draws_every_folder() -> None:
     drawing = (REPO / "docs" / "architecture.md").read_text()
     folders = sorted(p.name for p in (REPO / "exporter").iterdir() if (p / "__init__.py").is_file())
     assert folders and all(f"\n  {name}/" in drawing for name in folders), folders
+
+
+def test_no_workflow_imports_another() -> None:
+    """A command's workflow composes the packages below it; what two commands share lives there, not in a workflow."""
+    imports = {
+        path.name: re.findall(r"^\s*from exporter\.workflows\.(\w+)", path.read_text(), re.M)
+        for path in sorted((REPO / "exporter" / "workflows").glob("*.py"))
+    }
+    assert len(imports) > 3 and not {name: found for name, found in imports.items() if found}

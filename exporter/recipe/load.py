@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from exporter.errors import RecipeError
 from exporter.inputs import DuplicateKeyError, file_problem, load_yaml
-from exporter.recipe.schema import Recipe, semantic_problems
+from exporter.recipe.rules import semantic_problems
+from exporter.recipe.schema import Recipe
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
