@@ -12,19 +12,20 @@ import pytest
 import torch
 
 from exporter.evaluation.replies import (
+    Replier,
     Replies,
     condition_replies,
     degeneration,
     distinct,
-    evaluate_replies,
     greedy_replies,
     persona_scores,
     repeated_ngrams,
 )
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import adapter_for
-from exporter.runtime.chat import end_of_turn_id
-from exporter.runtime.penalty import RowRepetitionPenalty
+from exporter.model.encoding import end_of_turn_id
+from exporter.model.penalty import RowRepetitionPenalty
+from exporter.reports.evaluation import RepliesEvaluation
 from exporter.verify.hf import greedy, left_padded, masked
 from tests.helpers import WORDS, tiny_model, tiny_tokenizer
 
@@ -97,7 +98,7 @@ def test_degeneration_figures() -> None:
     assert repeated_ngrams([1, 2, 3, 4, 5, 6]) == 0.0 and repeated_ngrams([1, 2]) == 0.0
     assert distinct([1, 2, 1, 2, 1]) == pytest.approx(2 / 4) and distinct([5]) == 0.0
     figures = degeneration(Replies(["p", "q"], [[7, 7, 7, 7, 7], []], [True, False]))
-    assert figures == {
+    assert figures.model_dump() == {
         "repeated_4grams": pytest.approx(0.25),  # (1/2 + 0) / 2
         "distinct_2": pytest.approx(0.125),  # (1/4 + 0) / 2
         "cut_at_max_tokens": 0.5,
@@ -159,7 +160,8 @@ def test_side_by_side_replies_name_the_system_prompt_s_persona() -> None:
     from exporter.reports.markdown import replies_markdown
 
     ci = {"mean": 0.01, "ci95": [0.0, 0.02]}
-    figures = {"score": ci, "degeneration": {"repeated_4grams": 0.0, "distinct_2": 1.0, "cut_at_max_tokens": 0.0}}
+    degenerate = {"repeated_4grams": 0.0, "distinct_2": 1.0, "cut_at_max_tokens": 0.0, "empty": 0.0}
+    figures = {"score": ci, "degeneration": degenerate}
     example = {"prompt": "Plans?", "dense": "a", "prompt_only": "b", "export": "c", "opposite_export": "d"}
     r = {
         "prompts": 1,
@@ -169,7 +171,7 @@ def test_side_by_side_replies_name_the_system_prompt_s_persona() -> None:
         "conditions": {"dense": figures},
         "examples": [example],
     }
-    text = "\n".join(replies_markdown("extravert", r))
+    text = "\n".join(replies_markdown("extravert", RepliesEvaluation.model_validate(r)))
     assert "| dense + extravert system prompt | b |" in text and "| introvert's export | d |" in text
 
 
@@ -227,8 +229,8 @@ def test_the_penalty_processor_equals_transformers_on_one_row_and_skips_only_pad
 def test_the_shipped_reply_set_comes_beside_the_greedy_figures_which_stay_as_they_were(
     planted: tuple[Any, Any],
 ) -> None:
-    """evaluate_replies with a shipped penalty adds `shipped` (the same layout, decoded under the penalty) and
-    leaves every greedy figure what it is without one; the report shows both sets and the shipped replies."""
+    """With a shipped penalty the replies' evaluation adds `shipped` (the same layout, decoded under the penalty)
+    and leaves every greedy figure what it is without one; the report shows both sets and the shipped replies."""
     from exporter.recipe.eval import EvalSpec, RepliesSpec
     from exporter.reports.markdown import replies_markdown
 
@@ -239,21 +241,28 @@ def test_the_shipped_reply_set_comes_beside_the_greedy_figures_which_stay_as_the
     masks = {p: PersonaMask(p, g, keep, None, None) for p in ("a", "b")}
     spec = EvalSpec(replies=RepliesSpec(path="-", max_new_tokens=24, show=2), bootstrap=100)
     prompts = [" ".join(random.Random(i).choices(WORDS, k=3)) for i in range(5)]
-    args = (model, tok, adapter, spec, prompts, masks, {"a": SYSTEM_A, "b": SYSTEM_B}, {"a": "b", "b": "a"})
-    greedy_only = evaluate_replies(*args)
-    both = evaluate_replies(*args, shipped=1.8)
+
+    def replier() -> Replier:
+        return Replier(model, tok, adapter, spec, prompts, {"a": SYSTEM_A, "b": SYSTEM_B}, {"a": "b", "b": "a"})
+
+    greedy_only = replier().evaluate(masks)
+    both = replier().evaluate(masks, shipped=1.8)
     for p in masks:
-        shipped = both[p].pop("shipped")
-        assert both[p] == greedy_only[p] and "shipped" not in greedy_only[p]
-        assert shipped.keys() == greedy_only[p].keys() and shipped["repetition_penalty"] == 1.8
-        assert shipped["examples"] != greedy_only[p]["examples"]  # the penalty changed replies
+        shipped = both[p].shipped
+        assert shipped is not None and greedy_only[p].shipped is None
+        assert both[p].model_copy(update={"shipped": None}) == greedy_only[p]
+        assert shipped.repetition_penalty == 1.8 and greedy_only[p].repetition_penalty == 1.0
+        assert shipped.conditions.keys() == greedy_only[p].conditions.keys()
+        assert shipped.examples != greedy_only[p].examples  # the penalty changed replies
         # under a strong penalty the looping greedy replies repeat less
-        for c in shipped["conditions"]:
-            repeated = shipped["conditions"][c]["degeneration"]["repeated_4grams"]
-            assert repeated <= greedy_only[p]["conditions"][c]["degeneration"]["repeated_4grams"]
-    r = {**greedy_only["a"], "shipped": evaluate_replies(*args, shipped=1.8)["a"]["shipped"]}
+        for c, figures in shipped.conditions.items():
+            repeated = figures.degeneration.repeated_4grams
+            assert repeated <= greedy_only[p].conditions[c].degeneration.repeated_4grams
+    r = both["a"]
+    assert RepliesEvaluation.model_validate(r.model_dump(mode="json"), strict=True) == r  # report.json round trip
     text = "\n".join(replies_markdown("a", r))
     assert "### Replies as the exports ship them (greedy, repetition penalty 1.8)" in text
     assert text.count("| replies of | persona score |") == 2  # both sets' figures
-    shown = r["shipped"]["examples"][0]["export"]
+    assert r.shipped is not None
+    shown = r.shipped.examples[0].export
     assert f"| this persona's export | {' '.join(shown.split()) or '(empty)'} |" in text  # the shipped replies
