@@ -65,13 +65,19 @@ def verify_genai(
     tokenizer: Any,
     neutral: list[str] | None,
     pairs: list[Pair] | None = None,
+    *,
+    parity: bool | None = None,
+    bits: int | None = None,
 ) -> dict[str, Any]:
-    """Figures of the `genai/` folder `out_dir` against `reference_fp32` (already masked, eval mode).
-    `tokenizer` is the shipped one; `eos_ids` the ids genai_config.json ends generation at; a quantized
-    folder's persona margin is measured on `pairs`."""
+    """Figures of the genai folder `out_dir` against `reference_fp32` (already masked, eval mode).
+    `tokenizer` is the shipped one; `eos_ids` the ids genai_config.json ends generation at. The folder is a
+    parity target when `parity` (default: fp32); its quality is measured against the floor of `bits` (default:
+    the precision's bit width; `onnx-q4` folders get both), the persona margin on `pairs`."""
     model = GenaiModel(out_dir)
     limits = spec.onnx_thresholds
-    figures: dict[str, Any] = {"precision": precision, "parity_target": precision == "fp32"}
+    parity = precision == "fp32" if parity is None else parity
+    bits = BITS.get(precision) if bits is None else bits
+    figures: dict[str, Any] = {"precision": precision, "parity_target": parity}
     figures |= _tokenizer_checks(model, tokenizer, eos_ids)
     worst, total, count = 0.0, 0.0, 0
     divergences: list[dict[str, Any]] = []
@@ -104,21 +110,22 @@ def verify_genai(
         "mb": sum(f.stat().st_size for f in Path(out_dir).iterdir() if f.is_file()) / 1e6,
     }
     tokenizer_ok = figures["tokenizer_ids_equal"] and figures["decode_round_trip"] and figures["eos_declared"]
-    if precision == "fp32":
+    passed = tokenizer_ok  # a measured folder: judged against its floor, not failed
+    if parity:
         ties = [
             d["reference_margin"] is not None and d["reference_margin"] <= limits["max_abs_logit_diff"]
             for d in divergences
         ]
         within = worst <= limits["max_abs_logit_diff"] and mean <= limits["mean_abs_logit_diff"]
         figures |= {"thresholds": limits, "greedy_divergences_are_near_ties": bool(divergences) and all(ties)}
-        figures["passed"] = bool(within and all(ties) and tokenizer_ok)
-    else:
+        passed = within and all(ties) and tokenizer_ok
+    if bits is not None:
         quality = _agreement(reference_fp32, model, tokenizer, neutral, prompts)
         if pairs:
             quality |= persona_shift(torch_logits(reference_fp32), lambda ids: model.run(ids, 0)[0], tokenizer, pairs)
-        figures |= judge(quality, FLOORS[BITS[precision]])
-        figures["bits"] = BITS[precision]
-        figures["passed"] = bool(tokenizer_ok)  # measured against its floor, not a parity target
+        figures |= judge(quality, FLOORS[bits])
+        figures["bits"] = bits
+    figures["passed"] = bool(passed)
     return figures
 
 
