@@ -14,8 +14,8 @@ from exporter.errors import PersonaExportError
 if TYPE_CHECKING:
     from exporter.reports.persona import PersonaReport
 
-EXPORT_FORMATS = ["onnx", "onnx-int8", "onnx-int4", "gguf", "onnx-genai"]
-BACKENDS = ["onnx", "onnx-int8", "onnx-int4", "onnx-genai", "torch"]
+EXPORT_FORMATS = ["onnx", "onnx-int8", "onnx-int4", "gguf", "onnx-genai", "onnx-q4"]
+BACKENDS = ["onnx", "onnx-int8", "onnx-int4", "onnx-genai", "onnx-q4", "torch"]
 
 
 def _table(rows: list[list[str]]) -> str:

@@ -22,9 +22,13 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from exporter.export.q4blocks import BLOCK, AffineBlocks, Int8Blocks, hqq_blocks, q4_1_blocks, q8_0_blocks
+from exporter.export.q4blocks import BLOCK, AffineBlocks, Int8Blocks, hqq_blocks, q4_1_blocks, q8_0_blocks, rtn_blocks
 
-HEAD_MODES = ("int8", "split")  # how a Q8_0 matrix is stored: 8-bit MatMulNBits, or two 4-bit halves
+HEAD_MODES = ("int8", "split")
+FALLBACKS = {
+    "hqq": hqq_blocks,
+    "rtn": rtn_blocks,
+}  # 4-bit blocks of a matrix without exact blocks  # how a Q8_0 matrix is stored: 8-bit MatMulNBits, or two 4-bit halves
 
 
 @dataclass
@@ -54,7 +58,7 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
 
 def matrix_blocks(rows: np.ndarray, fallback: str | None) -> AffineBlocks | Int8Blocks | None:
     """The blocks a (N, K) matrix is stored in: its exact Q4_1 blocks, else its exact Q8_0 blocks, else
-    `fallback` ("hqq") 4-bit blocks, else None (kept fp32; also when K is not a multiple of 32)."""
+    `fallback` ("hqq", "rtn") 4-bit blocks, else None (kept fp32; also when K is not a multiple of 32)."""
     if rows.shape[1] % BLOCK:
         return None
     found = q4_1_blocks(rows)
@@ -63,7 +67,9 @@ def matrix_blocks(rows: np.ndarray, fallback: str | None) -> AffineBlocks | Int8
     found8 = q8_0_blocks(rows)
     if found8 is not None:
         return found8
-    return hqq_blocks(rows) if fallback == "hqq" else None
+    if fallback is None:
+        return None
+    return FALLBACKS[fallback](rows)
 
 
 class _Graph:
@@ -73,20 +79,25 @@ class _Graph:
         self.graph = graph
         self.nodes: list[onnx.NodeProto] = []
         self.sums: dict[str, str] = {}  # input name -> its block sums' name
-        self.indicators: dict[int, str] = {}  # K -> name of the (K, K / 32) 0/1 matrix
+        self.shapes: dict[int, str] = {}  # K -> name of the shape (0, 0, K / 32, 32)
 
     def add_init(self, array: np.ndarray, name: str) -> str:
         self.graph.initializer.append(numpy_helper.from_array(array, name))
         return name
 
     def block_sums(self, x: str, k: int) -> str:
-        """(..., K / 32) sums of each 32-value block of `x`, one MatMul on a 0/1 matrix shared per K."""
+        """(batch, seq, K / 32) sums of each 32-value block of `x` (batch, seq, K): Reshape + ReduceSum, once per
+        input (cheaper per call than a MatMul on a 0/1 matrix: the nodes are tiny and many)."""
         if x not in self.sums:
-            if k not in self.indicators:
-                indicator = np.kron(np.eye(k // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), np.float32))
-                self.indicators[k] = self.add_init(indicator, f"q4.block_indicator.{k}")
-            self.sums[x] = f"{x}/q4_block_sums"
-            self.nodes.append(helper.make_node("MatMul", [x, self.indicators[k]], [self.sums[x]], name=self.sums[x]))
+            if not self.shapes:
+                self.add_init(np.array([-1], np.int64), "q4.last_axis")
+            if k not in self.shapes:
+                self.shapes[k] = self.add_init(np.array([0, 0, k // BLOCK, BLOCK], np.int64), f"q4.blocks_of.{k}")
+            blocked, self.sums[x] = f"{x}/q4_blocked", f"{x}/q4_block_sums"
+            self.nodes.append(helper.make_node("Reshape", [x, self.shapes[k]], [blocked], name=blocked))
+            self.nodes.append(
+                helper.make_node("ReduceSum", [blocked, "q4.last_axis"], [self.sums[x]], name=self.sums[x], keepdims=0)
+            )
         return self.sums[x]
 
 
@@ -102,26 +113,31 @@ def quantize_matmuls(
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     done = Rewritten()
+    found: dict[str, AffineBlocks | Int8Blocks | None] = {}  # node name -> the blocks of its weight
+    for node in graph.node:
+        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
+        if weight is not None and len(weight.dims) == 2:
+            found[node.name] = matrix_blocks(numpy_helper.to_array(weight).T.astype(np.float32), fallback)
+            blocks = found[node.name]
+            done.blocks[weight.name] = "fp32" if blocks is None else getattr(blocks, "method", "q8_0")
+    # MatMuls on one input with 4-bit blocks of the same K (gate and up) run as one MatMulNBits, then a Split
+    groups: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if isinstance(found.get(node.name), AffineBlocks):
+            groups.setdefault(node.input[0], []).append(node)
     g = _Graph(graph)
     for node in list(graph.node):
-        weight = inits.get(node.input[1]) if node.op_type == "MatMul" and len(node.input) == 2 else None
-        if weight is None or len(weight.dims) != 2:
-            g.nodes.append(node)
-            continue
-        rows = numpy_helper.to_array(weight).T.astype(np.float32)  # (N, K)
-        blocks = matrix_blocks(rows, fallback)
+        blocks = found.get(node.name)
         if blocks is None:
-            done.blocks[weight.name] = "fp32"
             g.nodes.append(node)
         elif isinstance(blocks, AffineBlocks):
-            done.blocks[weight.name] = blocks.method
-            _affine(g, node, weight.name, blocks, accuracy_level)
+            group = groups[node.input[0]]
+            if node is group[0]:
+                _affine(g, group, [b for n in group if isinstance(b := found[n.name], AffineBlocks)], accuracy_level)
         elif head == "int8":
-            done.blocks[weight.name] = "q8_0"
-            _int8(g, node, weight.name, blocks)
+            _int8(g, node, node.input[1], blocks)
         else:
-            done.blocks[weight.name] = "q8_0"
-            _split_int8(g, node, weight.name, blocks, accuracy_level)
+            _split_int8(g, node, node.input[1], blocks, accuracy_level)
     del graph.node[:]
     graph.node.extend(g.nodes)
     used = {name for n in graph.node for name in n.input}
@@ -164,11 +180,24 @@ def _add_offsets(g: _Graph, x: str, out: str, name: str, k: int, offsets: np.nda
     g.nodes.append(helper.make_node("Add", [f"{out}/q4_blocks", term], [out], name=f"{out}/q4_add"))
 
 
-def _affine(g: _Graph, node: onnx.NodeProto, name: str, blocks: AffineBlocks, level: int) -> None:
-    x, out = node.input[0], node.output[0]
-    k = blocks.q.shape[1] * BLOCK
-    _nbits(g, x, f"{out}/q4_blocks", name, pack_nibbles(blocks.q), blocks.scale, k, 4, level)
-    _add_offsets(g, x, out, name, k, blocks.offset + 8 * blocks.scale)
+def _affine(g: _Graph, nodes: list[onnx.NodeProto], blocks: list[AffineBlocks], level: int) -> None:
+    """MatMulNBits + block offsets for the MatMuls `nodes` on one input (their blocks side by side along N,
+    split again after)."""
+    x, k = nodes[0].input[0], blocks[0].q.shape[1] * BLOCK
+    if len(nodes) > 1 and any(b.q.shape[1] * BLOCK != k for b in blocks):
+        for node, one in zip(nodes, blocks, strict=True):
+            _affine(g, [node], [one], level)
+        return
+    name = "|".join(n.input[1] for n in nodes)
+    out = nodes[0].output[0] if len(nodes) == 1 else f"{nodes[0].output[0]}/q4_joined"
+    scale = np.concatenate([b.scale for b in blocks])
+    q = np.concatenate([b.q for b in blocks])
+    _nbits(g, x, f"{out}/q4_blocks", name, pack_nibbles(q), scale, k, 4, level)
+    _add_offsets(g, x, out, name, k, np.concatenate([b.offset for b in blocks]) + 8 * scale)
+    if len(nodes) > 1:
+        sizes = g.add_init(np.array([b.q.shape[0] for b in blocks], np.int64), f"{name}.q4_split")
+        outputs = [n.output[0] for n in nodes]
+        g.nodes.append(helper.make_node("Split", [out, sizes], outputs, name=f"{out}/q4_split", axis=-1))
 
 
 def _int8(g: _Graph, node: onnx.NodeProto, name: str, blocks: Int8Blocks) -> None:
@@ -214,5 +243,9 @@ def stored_weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
             if w.shape[1] == 2 * c.shape[1]:  # a Q8_0 matrix in two 4-bit halves over [x, x]
                 w = w[:, : c.shape[1]] + w[:, c.shape[1] :]
             w = w + c[..., None]
-        out[name] = w.reshape(w.shape[0], -1)
+        w = w.reshape(w.shape[0], -1)
+        sizes = inits.get(f"{name}.q4_split")  # matrices run as one MatMulNBits
+        parts = numpy_helper.to_array(sizes).tolist() if sizes is not None else [w.shape[0]]
+        for part, rows in zip(name.split("|"), np.split(w, np.cumsum(parts)[:-1]), strict=True):
+            out[part] = rows
     return out

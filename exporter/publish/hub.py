@@ -36,6 +36,7 @@ ONNX_FORMATS = (
     "onnx-int4",
     "gguf",
     "onnx-genai",
+    "onnx-q4",
 )  # pushed as subfolders FOLDERS[name] of the checkpoint
 NOT_SENT = "nothing was sent"
 

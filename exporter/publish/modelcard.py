@@ -10,7 +10,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from exporter.recipe.formats import FOLDERS
+from exporter.recipe.formats import FOLDERS, GENAI_FORMATS
 from exporter.recipe.schema import steered_layers
 from exporter.reports.markdown import evaluation_markdown, md_table
 from exporter.reports.persona import BaseModelInfo, PersonaReport
@@ -42,7 +42,7 @@ def render_card(report: PersonaReport, ctx: CardContext) -> ModelCard:
     is_onnx_repo = ctx.repo_id != ctx.hf_repo_id
     tags = [persona, "pruned", "persona-export"] + (["onnx"] if set(ctx.onnx_folders) - {FOLDERS["gguf"]} else [])
     tags += ["gguf"] if FOLDERS["gguf"] in ctx.onnx_folders else []
-    tags += ["onnxruntime-genai"] if FOLDERS["onnx-genai"] in ctx.onnx_folders else []
+    tags += ["onnxruntime-genai"] if any(FOLDERS[n] in ctx.onnx_folders for n in GENAI_FORMATS) else []
     data = ModelCardData(
         base_model=hub_id(base.name),
         library_name="onnx" if is_onnx_repo else "transformers",
@@ -239,8 +239,11 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
             f"tokenizer = AutoTokenizer.from_pretrained(repo{rev})\n"
             f"model = AutoModelForCausalLM.from_pretrained(repo{rev})\n\n" + chat + generate + "```"
         )
-    gguf, genai = FOLDERS["gguf"] in ctx.onnx_folders, FOLDERS["onnx-genai"] in ctx.onnx_folders
-    onnx_folders = tuple(f for f in ctx.onnx_folders if f not in (FOLDERS["gguf"], FOLDERS["onnx-genai"]))
+    gguf = FOLDERS["gguf"] in ctx.onnx_folders
+    genai = [name for name in GENAI_FORMATS if FOLDERS[name] in ctx.onnx_folders]
+    onnx_folders = tuple(
+        f for f in ctx.onnx_folders if f not in [FOLDERS["gguf"], *(FOLDERS[n] for n in GENAI_FORMATS)]
+    )
     if onnx_folders:
         folder = onnx_folders[0]
         fix = (
@@ -293,15 +296,15 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
             f'out = llm.create_chat_completion([{{"role": "user", "content": "{PROMPT}"}}], max_tokens=64)\n'
             'print(out["choices"][0]["message"]["content"])\n```'
         )
-    if genai:
-        parts.append(_genai_usage(ctx.repo_id, verification.get("onnx-genai", {})))
+    for name in genai:
+        parts.append(_genai_usage(ctx.repo_id, verification.get(name, {}), name))
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
-def _genai_usage(repo_id: str, figures: dict[str, Any]) -> str:
-    """How to run the `genai/` folder with onnxruntime-genai, and what was measured of it."""
-    folder, precision = FOLDERS["onnx-genai"], figures.get("precision", "int4")
-    if "top1_agreement" in figures:
+def _genai_usage(repo_id: str, figures: dict[str, Any], name: str = "onnx-genai") -> str:
+    """How to run a genai folder (`genai/`, `q4-genai/`) with onnxruntime-genai, and what was measured of it."""
+    folder, precision = FOLDERS[name], figures.get("precision", "int4")
+    if "top1_agreement" in figures and not figures.get("parity_target"):
         mark = " (below its quality floor)" if figures.get("below_floor") else ""
         measured = (
             f"{precision} weights: top-1 next-token agreement {100 * figures['top1_agreement']:.1f} %, perplexity "

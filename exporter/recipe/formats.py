@@ -16,9 +16,12 @@ FOLDERS = {
     "onnx-int4": "ort-int4",
     "gguf": "gguf",  # F16 and Q8_0 llama.cpp files, F16 proven through transformers' GGUF loader
     "onnx-genai": "genai",  # onnxruntime-genai's builder on hf/; fp32 proven, int4 / int8 measured
+    # onnxruntime-genai's graph on the checkpoint's own 4-bit blocks: proven when it holds the weights exactly
+    "onnx-q4": "q4-genai",
 }
+GENAI_FORMATS = ("onnx-genai", "onnx-q4")  # folders that onnxruntime-genai loads and runs
 # what each format is made from (built first when missing)
-SOURCES = {"onnx": "hf", "onnx-int8": "onnx", "onnx-int4": "onnx", "gguf": "hf", "onnx-genai": "hf"}
+SOURCES = {"onnx": "hf", "onnx-int8": "onnx", "onnx-int4": "onnx", "gguf": "hf", "onnx-genai": "hf", "onnx-q4": "hf"}
 
 
 def with_sources(formats: list[str]) -> list[str]:
@@ -68,4 +71,4 @@ QUANT_FORMATS = {
 }
 
 # formats with a quantized file whose quality (and persona margin) is measured: GGUF's Q8_0, genai below fp32
-MEASURED_FORMATS = {*QUANT_FORMATS, "gguf", "onnx-genai"}
+MEASURED_FORMATS = {*QUANT_FORMATS, "gguf", "onnx-genai", "onnx-q4"}

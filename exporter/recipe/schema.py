@@ -170,7 +170,7 @@ class CalibrationSpec(Strict):
 
 
 class OutputSpec(Strict):
-    formats: list[Literal["hf", "onnx", "onnx-int8", "onnx-int4", "gguf", "onnx-genai"]] = ["hf"]
+    formats: list[Literal["hf", "onnx", "onnx-int8", "onnx-int4", "gguf", "onnx-genai", "onnx-q4"]] = ["hf"]
     # onnx-genai: the weights' precision in onnxruntime-genai's builder (int4 / int8 MatMulNBits, or fp32)
     genai_precision: Literal["int4", "int8", "fp32"] = "int4"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # auto: the source checkpoint's

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from exporter.errors import ExportFolderError, OnnxModelError
-from exporter.recipe.formats import FOLDERS
+from exporter.recipe.formats import FOLDERS, GENAI_FORMATS
 from exporter.reports.persona import read_report
 from exporter.runtime.chat import prompt_ids
 
@@ -99,7 +99,7 @@ class Runner:
     def __init__(self, persona_dir: Path, backend: str = "onnx") -> None:
         read_report(persona_dir)
         self.backend = backend
-        if backend == "onnx-genai":
+        if backend in GENAI_FORMATS:
             import onnxruntime_genai as og
 
             folder = _format_folder(persona_dir, backend)
@@ -124,7 +124,7 @@ class Runner:
     def _next_tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
         choose = sampling.chooser()
         seen = list(ids)
-        if self.backend == "onnx-genai":  # onnxruntime-genai's cache; our choice of the next token
+        if self.backend in GENAI_FORMATS:  # onnxruntime-genai's cache; our choice of the next token
             params = self.og.GeneratorParams(self.genai)
             params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
             generator = self.og.Generator(self.genai, params)

@@ -25,7 +25,7 @@ from exporter.recipe.schema import Recipe
 from exporter.reports.persona import SCHEMA_VERSION, Check, PersonaReport, read_report, write_report
 from exporter.workflows.validate import format_problems
 
-NEEDS_REFERENCE = ("onnx", "gguf", "onnx-genai")  # verified against the masked reference model
+NEEDS_REFERENCE = ("onnx", "gguf", "onnx-genai", "onnx-q4")  # verified against the masked reference model
 RERUN = "re-run `persona-export run`"
 
 
@@ -108,6 +108,7 @@ def _build(
     from exporter.workflows.genai_stage import genai_stage
     from exporter.workflows.gguf_stage import gguf_stage
     from exporter.workflows.onnx_stage import onnx_stage
+    from exporter.workflows.q4_stage import q4_stage
 
     neutral, pairs = quality_texts(recipe, report.persona, todo)
     mask = load_mask(folder / "masks.safetensors")
@@ -145,5 +146,10 @@ def _build(
                 neutral,
                 timings,
                 pairs,
+            )
+        if "onnx-q4" in todo:
+            shipped = AutoTokenizer.from_pretrained(folder / "hf")
+            results["onnx-q4"] = q4_stage(
+                folder, reference, m.adapter, mask, prompts, recipe.verify, shipped, neutral, timings, pairs
             )
         return results

@@ -37,6 +37,7 @@ from exporter.verify.layers import verify_layers
 from exporter.workflows.genai_stage import genai_stage
 from exporter.workflows.gguf_stage import gguf_stage
 from exporter.workflows.onnx_stage import onnx_stage
+from exporter.workflows.q4_stage import q4_stage
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,19 @@ def export_persona(
             onnx["onnx-genai"] = genai_stage(
                 folder,
                 recipe.output.genai_precision,
+                reference,
+                m.adapter,
+                mask,
+                prompts,
+                recipe.verify,
+                m.export_tokenizer,
+                neutral,
+                onnx_timings,
+                pairs,
+            )
+        if "onnx-q4" in formats:
+            onnx["onnx-q4"] = q4_stage(
+                folder,
                 reference,
                 m.adapter,
                 mask,
