@@ -150,6 +150,16 @@ def _build(
         if "onnx-q4" in todo:
             shipped = AutoTokenizer.from_pretrained(folder / "hf")
             results["onnx-q4"] = q4_stage(
-                folder, reference, m.adapter, mask, prompts, recipe.verify, shipped, neutral, timings, pairs
+                folder,
+                recipe.output.q4_activations,
+                reference,
+                m.adapter,
+                mask,
+                prompts,
+                recipe.verify,
+                shipped,
+                neutral,
+                timings,
+                pairs,
             )
         return results

@@ -182,6 +182,7 @@ def export_persona(
         if "onnx-q4" in formats:
             onnx["onnx-q4"] = q4_stage(
                 folder,
+                recipe.output.q4_activations,
                 reference,
                 m.adapter,
                 mask,

@@ -3,7 +3,7 @@ own Q4_1 / Q8_0 blocks where the checkpoint has them, HQQ blocks elsewhere) from
 verify it, run by onnxruntime-genai, against the masked reference.
 
 A folder whose every quantized matrix holds the checkpoint's weights exactly, run with fp32 activations
-(accuracy_level 1), is a parity target with the ONNX tolerances (failing it fails the persona); any other is
+(output.q4_activations: fp32, MatMulNBits accuracy_level 1), is a parity target with the ONNX tolerances (failing it fails the persona); any other is
 measured against the 4-bit floor. Its quality figures are measured either way."""
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ from exporter.workflows.gguf_stage import dense_mlp
 
 log = logging.getLogger(__name__)
 
-ACCURACY_LEVEL = 1  # MatMulNBits with fp32 activations: the parity target (4: int8 activations, measured)
+ACCURACY_LEVELS = {"fp32": 1, "int8": 4}  # output.q4_activations -> MatMulNBits accuracy_level
 
 
 def q4_stage(
     folder: Path,
+    activations: str,
     reference_fp32: nn.Module,
     adapter: Adapter,
     mask: PersonaMask,
@@ -43,15 +44,17 @@ def q4_stage(
     timings: dict[str, float],
     pairs: list[Pair] | None = None,
 ) -> dict[str, Any]:
-    """Write `q4-genai/` next to `folder/hf` and verify it; the report entry for `onnx-q4`."""
+    """Write `q4-genai/` next to `folder/hf` with `activations` ("int8", "fp32": output.q4_activations) and
+    verify it; the report entry for `onnx-q4`."""
     t = time.perf_counter()
     log.info("%s: building the 4-bit onnxruntime-genai folder from the checkpoint's blocks", shown_name(folder))
     out = folder / FOLDERS["onnx-q4"]
-    built = build_q4_genai(folder / "hf", out, dense_mlp(reference_fp32, adapter, mask), ACCURACY_LEVEL)
+    level = ACCURACY_LEVELS[activations]
+    built = build_q4_genai(folder / "hf", out, dense_mlp(reference_fp32, adapter, mask), level)
     timings["export_q4"] = round(time.perf_counter() - t, 3)
     # every quantized matrix read back bit for bit (a matrix without whole blocks stays an exact fp32 MatMul)
     exact = built["weights_exact"] == built["weights_quantized"] and "hqq" not in built["blocks"]
-    parity = exact and ACCURACY_LEVEL == 1
+    parity = exact and level == 1
     t = time.perf_counter()
     log.info("%s: verifying the 4-bit folder against the masked model", shown_name(folder))
     with masked(reference_fp32, adapter, mask):
@@ -70,6 +73,7 @@ def q4_stage(
         )
     timings["verify_q4"] = round(time.perf_counter() - t, 3)
     figures |= {k: built[k] for k in ("blocks", "weights_exact", "weights_quantized", "restored", "accuracy_level")}
+    figures["activations"] = activations
     figures["folder"] = FOLDERS["onnx-q4"]
     log.info("%s: %s", shown_name(folder), describe("onnx-q4", figures))
     if not figures["passed"]:

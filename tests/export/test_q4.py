@@ -126,7 +126,7 @@ def q4_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("q4-run")
     q4_exact_llama().save_pretrained(tmp / "tiny")
     tiny_tokenizer().save_pretrained(tmp / "tiny")
-    recipe = write_recipe(tmp, tmp / "tiny", output={"formats": ["hf", "onnx-q4"]})
+    recipe = write_recipe(tmp, tmp / "tiny", output={"formats": ["hf", "onnx-q4"], "q4_activations": "fp32"})
     assert main(["run", str(recipe), "--out", str(tmp / "run")]) == 0
     return tmp / "run"
 
@@ -140,6 +140,7 @@ def test_q4_folder_of_a_q4_model_holds_its_blocks_and_is_proven(q4_run: Path, pe
     # KV group (48 values: not whole blocks) and stays fp32
     assert q4["blocks"] == {"fp32": 2, "q4_1": 8, "q8_0": 1}, q4["blocks"]
     assert q4["weights_exact"] == q4["weights_quantized"] == 9 and q4["restored"] == 24
+    assert q4["activations"] == "fp32" and q4["accuracy_level"] == 1
     assert 0 < q4["max_abs_logit_diff"] <= 1e-2 and q4["greedy_identical"] and q4["top1_agreement"] == 1.0
     genai_config = json.loads((q4_run / persona / "q4-genai" / "genai_config.json").read_text())
     assert genai_config["model"]["decoder"]["num_key_value_heads"] == 1
@@ -167,3 +168,21 @@ def test_q4_folder_of_a_model_without_blocks_holds_hqq_blocks_and_is_measured(tm
     assert figures["passed"] and not figures["parity_target"] and figures["bits"] == 4
     assert figures["max_abs_logit_diff"] > 1e-3  # 4-bit weights: measured, not exact
     assert figures["top1_agreement"] >= 0.5 and figures["ppl_ratio"] < 1.5, figures
+
+
+def test_int8_activations_keep_the_exact_blocks(tmp_path: Path) -> None:
+    """accuracy_level 4 (output.q4_activations: int8) changes the kernel's activations, not the stored blocks."""
+    import onnx
+    from onnx import helper
+
+    from exporter.export.genai import build_q4_genai
+
+    q4_exact_llama().save_pretrained(tmp_path / "hf")
+    tiny_tokenizer().save_pretrained(tmp_path / "hf")
+    built = build_q4_genai(tmp_path / "hf", tmp_path / "q4", accuracy_level=4)
+    assert built["blocks"] == {"q4_1": 10, "q8_0": 1} and built["weights_exact"] == built["weights_quantized"] == 11
+    model = onnx.load(tmp_path / "q4" / "model.onnx")
+    nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    levels = {helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "accuracy_level"}
+    bits = sorted(helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "bits")
+    assert levels == {4} and bits == [4] * 6 + [8]  # 2 layers: qkv, o, gate|up, down; the Q8_0 head at 8 bits
