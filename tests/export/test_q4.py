@@ -185,4 +185,4 @@ def test_int8_activations_keep_the_exact_blocks(tmp_path: Path) -> None:
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     levels = {helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "accuracy_level"}
     bits = sorted(helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "bits")
-    assert levels == {4} and bits == [4] * 6 + [8]  # 2 layers: qkv, o, gate|up, down; the Q8_0 head at 8 bits
+    assert levels == {4} and bits == [4] * 8 + [8]  # 2 layers: qkv, o, gate|up, down; the Q8_0 head at 8 bits
