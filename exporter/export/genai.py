@@ -30,7 +30,7 @@ from exporter.runtime.onnx import ONNX_FILE
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("int4", "int8", "fp32")
-BITS = {"int4": 4, "int8": 8}
+BITS = {"int4": 4, "int8": 8, "q4": 4}  # measured precisions (q4: onnx-q4) -> the floor that applies
 CONFIG_FILE = "genai_config.json"
 # 0.15.2 names a tied LM head's 8-bit weight `_Q4` when the embedding shares it (the model then fails to
 # load): int8 keeps its own embedding. int4 shares one 4-bit matrix (GatherBlockQuantized) as the builder does.
@@ -122,8 +122,8 @@ def build_q4_genai(
 
     With `dense` (the dense model's MLP) and exact Q4_1 blocks in every dense down_proj, the removed neurons
     are put back as zero-gated neurons, as the GGUF writer does, so that every down_proj block is the source's;
-    the folder then has the dense MLP width. Returns {"files", "mb", "eos_token_id", "blocks", "restored",
-    "accuracy_level"}.
+    the folder then has the dense MLP width. Returns {"files", "mb", "eos_token_id", "stored"}: "stored" holds how
+    the matrices are stored, as exporter/reports/checks.py `Q4Check` reports it.
     """
     import onnx
     from onnx import numpy_helper
@@ -156,11 +156,13 @@ def build_q4_genai(
         "files": files,
         "mb": mb,
         "eos_token_id": built["eos_token_id"],
-        "blocks": done.count(),
-        "weights_exact": int(exact),  # matrices whose stored blocks give the checkpoint's weights bit for bit
-        "weights_quantized": len(stored),
-        "restored": restored,
-        "accuracy_level": accuracy_level,
+        "stored": {
+            "blocks": done.count(),
+            "weights_exact": int(exact),  # matrices whose stored blocks give the checkpoint's weights bit for bit
+            "weights_quantized": len(stored),
+            "restored_neurons_per_layer": restored,
+            "accuracy_level": accuracy_level,
+        },
     }
 
 

@@ -6,7 +6,7 @@ A 4-bit affine block w = d * q + m is stored as symmetric `MatMulNBits` blocks (
 S(x) (..., K / 32) sums each 32-value block of the input and C (K / 32, N) holds the offsets. `MatMulNBits` also
 takes float zero points (-m / d) and computes the same values, but onnxruntime 1.32's CPU kernel then packs
 nothing and de-quantizes the whole matrix on every call: SmolLM2's 30 gate/down_proj pairs, one token, took
-345 ms against 44.6 ms as fp32 MatMuls and 24.6 ms with the offsets (one busy sitting). An integer zero point
+345 ms against 44.6 ms as fp32 MatMuls and 24.6 ms with the offsets (one run on a busy machine). An integer zero point
 per block cannot hold Q4_1's m. MatMuls on one input (gate and up) run as one MatMulNBits and a Split.
 
 A Q8_0 matrix (SmolLM2's tied LM head) is stored as 8-bit `MatMulNBits` (q + 128 with the default zero point

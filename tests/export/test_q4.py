@@ -15,7 +15,8 @@ import torch
 from exporter.cli import main
 from exporter.export.q4blocks import hqq_blocks, q4_1_blocks, q8_0_blocks, rtn_blocks
 from exporter.export.q4onnx import pack_nibbles, quantize_matmuls, stored_weights, unpack_nibbles
-from tests.helpers import tiny_model, tiny_tokenizer, write_recipe
+from exporter.reports.checks import Q4Check
+from tests.helpers import q4_check, tiny_model, tiny_tokenizer, write_recipe
 
 
 def as_gguf(w: np.ndarray, kind: str) -> np.ndarray:
@@ -139,11 +140,22 @@ def test_q4_folder_of_a_q4_model_holds_its_blocks_and_is_proven(q4_run: Path, pe
     # q/k/v, gate/up and (widened) down_proj in Q4_1, the LM head in Q8_0; o_proj lost half its inputs with the
     # KV group (48 values: not whole blocks) and stays fp32
     assert q4["blocks"] == {"fp32": 2, "q4_1": 8, "q8_0": 1}, q4["blocks"]
-    assert q4["weights_exact"] == q4["weights_quantized"] == 9 and q4["restored"] == 24
+    assert q4["weights_exact"] == q4["weights_quantized"] == 9 and q4["restored_neurons_per_layer"] == 24
     assert q4["activations"] == "fp32" and q4["accuracy_level"] == 1
     assert 0 < q4["max_abs_logit_diff"] <= 1e-2 and q4["greedy_identical"] and q4["top1_agreement"] == 1.0
     genai_config = json.loads((q4_run / persona / "q4-genai" / "genai_config.json").read_text())
     assert genai_config["model"]["decoder"]["num_key_value_heads"] == 1
+
+
+def test_generate_runs_the_q4_folder_in_onnxruntime_genai(q4_run: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--backend onnx-q4` runs q4-genai/ through onnxruntime-genai's generator; holding the checkpoint's blocks
+    with fp32 activations, its greedy reply is the checkpoint's."""
+    texts = {}
+    for backend in ("onnx-q4", "torch"):
+        argv = ["generate", str(q4_run / "introvert"), "--prompt", "plan a trip", "--max-new-tokens", "12"]
+        assert main([*argv, "--backend", backend]) == 0
+        texts[backend] = capsys.readouterr().out
+    assert texts["onnx-q4"].strip() and texts["onnx-q4"] == texts["torch"], texts
 
 
 def test_q4_folder_of_a_model_without_blocks_holds_hqq_blocks_and_is_measured(tmp_path: Path) -> None:
@@ -152,22 +164,24 @@ def test_q4_folder_of_a_model_without_blocks_holds_hqq_blocks_and_is_measured(tm
     from exporter.export.genai import build_q4_genai
     from exporter.recipe.schema import VerifySpec
     from exporter.verify.genai import verify_genai
-    from exporter.verify.hf import build_prompts
+    from exporter.verify.hf import Probes, build_prompts
 
     model = tiny_model("llama")
     model.save_pretrained(tmp_path / "hf")
     tiny_tokenizer().save_pretrained(tmp_path / "hf")
     built = build_q4_genai(tmp_path / "hf", tmp_path / "q4")
-    assert built["blocks"] == {"hqq": 11} and built["weights_exact"] == 0 and built["restored"] == 0, built
+    stored = built["stored"]
+    assert stored["blocks"] == {"hqq": 11} and stored["weights_exact"] == 0, stored
+    assert stored["restored_neurons_per_layer"] == 0 and stored["accuracy_level"] == 1, stored
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    spec = VerifySpec(greedy_tokens=4)
-    prompts = build_prompts(tokenizer)
-    figures = verify_genai(
-        model, tmp_path / "q4", "q4", built["eos_token_id"], prompts, spec, tokenizer, None, None, parity=False, bits=4
-    )
-    assert figures["passed"] and not figures["parity_target"] and figures["bits"] == 4
-    assert figures["max_abs_logit_diff"] > 1e-3  # 4-bit weights: measured, not exact
-    assert figures["top1_agreement"] >= 0.5 and figures["ppl_ratio"] < 1.5, figures
+    probes = Probes(build_prompts(tokenizer), VerifySpec(greedy_tokens=4), tokenizer)
+    check = verify_genai(model, tmp_path / "q4", "q4", "q4", built["eos_token_id"], probes, stored)
+    assert isinstance(check, Q4Check) and check.activations == "fp32"
+    # fp32 activations, but HQQ blocks: measured against the 4-bit floor, not a parity target
+    assert check.passed and not check.parity_target and check.bits == 4 and check.thresholds is None
+    assert check.max_abs_logit_diff > 1e-3  # 4-bit weights: measured, not exact
+    assert check.top1_agreement is not None and check.top1_agreement >= 0.5, check
+    assert check.ppl_ratio is not None and check.ppl_ratio < 1.5, check
 
 
 def test_int8_activations_keep_the_exact_blocks(tmp_path: Path) -> None:
@@ -180,9 +194,57 @@ def test_int8_activations_keep_the_exact_blocks(tmp_path: Path) -> None:
     q4_exact_llama().save_pretrained(tmp_path / "hf")
     tiny_tokenizer().save_pretrained(tmp_path / "hf")
     built = build_q4_genai(tmp_path / "hf", tmp_path / "q4", accuracy_level=4)
-    assert built["blocks"] == {"q4_1": 10, "q8_0": 1} and built["weights_exact"] == built["weights_quantized"] == 11
+    stored = built["stored"]
+    assert stored["blocks"] == {"q4_1": 10, "q8_0": 1} and stored["weights_exact"] == stored["weights_quantized"] == 11
     model = onnx.load(tmp_path / "q4" / "model.onnx")
     nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     levels = {helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "accuracy_level"}
     bits = sorted(helper.get_attribute_value(a) for n in nbits for a in n.attribute if a.name == "bits")
     assert levels == {4} and bits == [4] * 8 + [8]  # 2 layers: qkv, o, gate|up, down; the Q8_0 head at 8 bits
+
+
+@pytest.mark.parametrize(
+    ("stored", "level", "parity"),
+    [
+        ({"q4_1": 8, "q8_0": 1, "fp32": 2}, 1, True),  # exact blocks, fp32 activations: computes the checkpoint
+        ({"q4_1": 8, "q8_0": 1, "fp32": 2}, 4, False),  # int8 activations
+        ({"q4_1": 8, "hqq": 1}, 1, False),  # a matrix without exact blocks
+    ],
+)
+def test_a_q4_check_is_a_parity_target_only_when_it_computes_the_checkpoint(
+    stored: dict[str, int], level: int, parity: bool
+) -> None:
+    """report.json's onnx-q4 entry: parity target, activations and verdict computed from the stored figures
+    (those written are not read back); a parity target outside the ONNX tolerances fails, a measured one does not."""
+    figures = q4_check(stored, level) | {"parity_target": not parity, "passed": False}  # neither is read back
+    check = Q4Check.model_validate(figures, strict=True)
+    assert check.parity_target is parity and check.activations == ("fp32" if level == 1 else "int8")
+    assert check.passed and check.below_floor is False
+    far = Q4Check.model_validate(figures | {"max_abs_logit_diff": 0.5}, strict=True)
+    assert far.passed is not parity  # only a parity target is held to the tolerances
+    dumped = check.model_dump()
+    assert dumped["parity_target"] is parity and dumped["passed"] and list(dumped)[-1] == "passed"
+
+
+@pytest.mark.slow
+def test_q4_folder_of_the_embedded_model_holds_its_source_blocks_and_is_proven(real_model: Any, tmp_path: Path) -> None:
+    """SmolLM2-135M, whose weights are its GGUF file's Q4_1 / Q8_0 blocks de-quantized: every matrix is stored
+    in its own blocks, read back bit for bit, and with fp32 activations the folder computes what the checkpoint
+    computes (a parity target, proven as onnxruntime-genai runs it)."""
+    from exporter.export.genai import build_q4_genai
+    from exporter.recipe.schema import VerifySpec
+    from exporter.verify.genai import verify_genai
+    from exporter.verify.hf import Probes, build_prompts
+
+    tok = real_model.export_tokenizer
+    real_model.model.save_pretrained(tmp_path / "hf")
+    tok.save_pretrained(tmp_path / "hf")
+    built = build_q4_genai(tmp_path / "hf", tmp_path / "q4")
+    stored = built["stored"]
+    # 30 layers of qkv (one packed MatMul), o, gate, up, down in Q4_1 and the tied LM head in Q8_0
+    assert stored["blocks"] == {"q4_1": 150, "q8_0": 1}, stored
+    assert stored["weights_exact"] == stored["weights_quantized"] == 151, stored
+    probes = Probes(build_prompts(tok), VerifySpec(greedy_tokens=8), tok)
+    check = verify_genai(real_model.model, tmp_path / "q4", "q4-genai", "q4", built["eos_token_id"], probes, stored)
+    assert check.parity_target and check.passed, check.failures()
+    assert check.max_abs_logit_diff <= 1e-2 and check.below_floor is False, check
