@@ -32,13 +32,13 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from exporter.errors import GgufExportError
+from exporter.export.q4blocks import BLOCK, DenseMlp, exact_blocks, with_dense_width
 from exporter.io import staged
 from exporter.recipe.generation import gguf_sampling, shipped_penalty
 
 log = logging.getLogger(__name__)
 
 GGUF_TYPES = ("F16", "Q8_0", "Q4_1")
-BLOCK = 32  # values per block of Q8_0 and Q4_1
 LAYER = {  # transformers name inside model.layers.N -> llama.cpp name inside blk.N
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -125,14 +125,6 @@ def _tokenizer_fields(hf_dir: Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class DenseMlp:
-    """Where a pruned checkpoint's MLP neurons sit in the dense model, and the dense down_proj weights."""
-
-    keep: np.ndarray  # (layers, kept) sorted dense indices of the kept neurons
-    down: list[np.ndarray]  # per layer (hidden, dense width) float32
-
-
-@dataclass(frozen=True)
 class GgufFile:
     name: str  # file name inside the gguf/ folder
     stored: dict[str, int]  # block type -> number of matrices stored in it
@@ -165,7 +157,7 @@ def export_gguf(
         raise GgufExportError(f"GGUF export supports llama checkpoints; {hf_dir} is {config.get('model_type')!r}")
     check_no_biases(config, hf_dir)
     tok = _tokenizer_fields(hf_dir)
-    tok["sampling"] = gguf_sampling(shipped_penalty(hf_dir), config["max_position_embeddings"])
+    sampling = gguf_sampling(shipped_penalty(hf_dir), config["max_position_embeddings"])
     weights: dict[str, np.ndarray] = {}
     for shard in sorted(hf_dir.glob("*.safetensors")):
         weights.update(load_file(shard))
@@ -180,12 +172,12 @@ def export_gguf(
             tensors, ffn = weights, width
             if restore and qtype != "F16":
                 assert dense is not None
-                widened = widened or _with_dense_width(weights, dense)  # once for every quantized file
+                widened = widened or with_dense_width(weights, dense)  # once for every quantized file
                 tensors, ffn = widened, dense.down[0].shape[1]
             writer = gguf.GGUFWriter(stage / file_name(qtype), "llama")
             writer.add_name(hf_dir.parent.name or "persona")
             writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[qtype]))
-            _write_metadata(writer, config, tok, ffn, head_dim)
+            _write_metadata(writer, config, tok, ffn, head_dim, sampling)
             stored, lossy = _write_tensors(writer, tensors, qtype, heads, kv_heads)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -196,9 +188,11 @@ def export_gguf(
     return written
 
 
-def _write_metadata(writer: Any, config: dict[str, Any], tok: dict[str, Any], ffn: int, head_dim: int) -> None:
-    """The llama architecture's keys (MLP width `ffn`), the tokenizer's and the shipped decoding's, as llama.cpp
-    reads them."""
+def _write_metadata(
+    writer: Any, config: dict[str, Any], tok: dict[str, Any], ffn: int, head_dim: int, sampling: dict[str, Any]
+) -> None:
+    """The llama architecture's keys (MLP width `ffn`), the tokenizer's and the shipped decoding's (`sampling`,
+    exporter/recipe/generation.py `gguf_sampling`), as llama.cpp reads them."""
     heads = config["num_attention_heads"]
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -223,7 +217,7 @@ def _write_metadata(writer: Any, config: dict[str, Any], tok: dict[str, Any], ff
     writer.add_add_bos_token(tok["add_bos"])
     if tok["chat_template"]:
         writer.add_chat_template(tok["chat_template"])
-    for key, value in tok["sampling"].items():
+    for key, value in sampling.items():
         getattr(writer, f"add_sampling_{key}")(value)
 
 
@@ -253,37 +247,15 @@ def _write_tensors(
     return stored, lossy
 
 
-def _with_dense_width(weights: dict[str, np.ndarray], dense: DenseMlp) -> dict[str, np.ndarray]:
-    """The checkpoint's tensors with each layer's MLP at the dense width: removed neurons as zero gate/up rows
-    (and zero gate/up biases) and the dense model's down_proj columns."""
-    out = dict(weights)
-    for i, keep in enumerate(dense.keep):
-        width = dense.down[i].shape[1]
-        prefix = f"model.layers.{i}.mlp."
-        for part in ("gate_proj", "up_proj"):
-            for kind in ("weight", "bias"):
-                if (key := f"{prefix}{part}.{kind}") in weights:
-                    value = weights[key]
-                    full = np.zeros((width, *value.shape[1:]), dtype=value.dtype)
-                    full[keep] = value
-                    out[key] = full
-        down = dense.down[i].astype(weights[f"{prefix}down_proj.weight"].dtype)  # a copy
-        down[:, keep] = weights[f"{prefix}down_proj.weight"]
-        out[f"{prefix}down_proj.weight"] = down
-    return out
-
-
 def _encode(data: np.ndarray, qtype: str) -> tuple[str, np.ndarray | None, bool]:
     """(block type, its bytes or None for F16, whether it holds `data` exactly) for one matrix of a `qtype`
     file."""
-    from gguf import GGMLQuantizationType, quants
-
     if qtype == "F16" or data.shape[-1] % BLOCK:
         return "F16", None, bool(np.array_equal(data.astype(np.float16).astype(data.dtype), data))
     tried = {}
     for kind in ["Q4_1", "Q8_0"] if qtype == "Q4_1" else [qtype]:
-        tried[kind] = quants.quantize(data, getattr(GGMLQuantizationType, kind))
-        if np.array_equal(quants.dequantize(tried[kind], getattr(GGMLQuantizationType, kind)), data):
+        tried[kind], exact = exact_blocks(data, kind)
+        if exact:
             return kind, tried[kind], True
     return qtype, tried[qtype], False
 

@@ -92,6 +92,7 @@ class Runner:
     backend: str
     truncated: bool = False  # the last reply was cut at max_new_tokens
     repetition_penalty: float = 1.0  # what the format folder ships (the base model: none)
+    genai_loop: bool = False  # an onnxruntime-genai folder (its generator and KV cache)
 
     def _torch(self, model: Any, tokenizer: Any) -> Runner:
         self.backend, self.model, self.tokenizer, self.eos = "torch", model, tokenizer, tokenizer.eos_token_id
@@ -100,7 +101,8 @@ class Runner:
     def __init__(self, persona_dir: Path, backend: str = "onnx") -> None:
         PersonaFolder(persona_dir).report()  # a persona export, or a clear refusal
         self.backend = backend
-        if backend == "onnx-genai":
+        self.genai_loop = backend != "torch" and FORMATS[backend].family == "onnxruntime-genai"
+        if self.genai_loop:
             import onnxruntime_genai as og
 
             folder = _format_folder(persona_dir, backend)
@@ -128,7 +130,7 @@ class Runner:
         `stream` does)."""
         choose = sampling.chooser()
         seen = list(ids)
-        if self.backend == "onnx-genai":  # onnxruntime-genai's cache; our choice of the next token
+        if self.genai_loop:  # onnxruntime-genai's cache; our choice of the next token
             params = self.og.GeneratorParams(self.genai)
             # `choose` picks every token and applies the penalty; the search section's own is not used
             params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False, repetition_penalty=1.0)
