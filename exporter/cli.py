@@ -63,8 +63,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.set)
     checked = validate(recipe)
-    for name, persona in recipe.personas.items():
+    for name, persona in recipe.poles.items():
         print(f"  {name}: {checked.samples[name]} calibration samples from {persona.calibration.path}")
+    for name, mix in recipe.composites.items():
+        parts = ", ".join(f"{p} {w:g}" for p, w in mix.mix.items())
+        print(f"  {name}: a composite of {parts} (no calibration of its own)")
+    if recipe.output.personas is not None:
+        print(f"  exported: {', '.join(recipe.exported)} (output.personas)")
     if recipe.eval is not None and checked.items is not None:
         print("\n".join(item_lines("eval", recipe.eval, checked.items)))
     if recipe.tune is not None and checked.tune_items is not None:

@@ -65,7 +65,7 @@ def prepare(recipe: Recipe, spec: EvalSpec | None = None) -> EvalItems:
 
 
 def system_prompt(recipe: Recipe, spec: EvalSpec, persona: str) -> str:
-    desc = recipe.personas[persona].description
+    desc = recipe.description(persona)
     return spec.system_prompts.get(persona) or f"Answer as a person with this personality: {desc}"
 
 
@@ -162,7 +162,7 @@ def wanda_norms(
     if stats is not None and stats.in_sq and all(n in stats.in_sq for n in linears[0]):
         return [{n: stats.in_sq[n][i].sqrt() for n in d} for i, d in enumerate(linears)]
     log.info("%s: a calibration pass for the Wanda baseline's norms (the statistics do not hold them)", persona)
-    cal = recipe.personas[persona].calibration
+    cal = recipe.poles[persona].calibration
     samples = [tokenize(tokenizer, s, cal) for s in select_samples(cal)]
     work = batches(
         samples, recipe.calibration.batch_size, tokenizer.pad_token_id, recipe.calibration.tokens == "response"
@@ -273,7 +273,9 @@ def evaluate_masks(
     ev = Evaluator(model, tokenizer, adapter, spec, items)
     norms = {}
     if "wanda" in spec.baselines:
-        norms = {p: wanda_norms(recipe, model, tokenizer, adapter, p, (stats or {}).get(p)) for p in masks}
+        # a composite has no calibration data of its own: no Wanda mask of its data either
+        poles = [p for p in masks if p in recipe.poles]
+        norms = {p: wanda_norms(recipe, model, tokenizer, adapter, p, (stats or {}).get(p)) for p in poles}
     conds = conditions(ev, masks, norms)
     seconds["eval_baselines"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()

@@ -48,8 +48,8 @@ def stats_key(recipe: Recipe, persona: PersonaSpec, model_sha: str, data_sha: st
 def persona_statistics(
     recipe: Recipe, name: str, m: Loaded, reuse: Path | None, timer: Timer, use_cache: bool = True
 ) -> tuple[Statistics, dict[str, Any]]:
-    """Calibrate one persona, or reuse statistics saved by an earlier run when their key still matches."""
-    spec = recipe.personas[name]
+    """Calibrate one pole, or reuse statistics saved by an earlier run when their key still matches."""
+    spec = recipe.poles[name]
     samples = select_samples(spec.calibration)
     data_sha = samples_digest(samples)
     key = stats_key(recipe, spec, m.model_sha256, data_sha)

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from exporter.errors import RecipeError
 from exporter.inputs import DuplicateKeyError, file_problem, load_yaml
-from exporter.recipe.schema import Recipe, semantic_problems
+from exporter.recipe.schema import PERSONA_KINDS, Recipe, semantic_problems
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -37,6 +37,9 @@ def _relevant(errors: list[Any]) -> list[Any]:
     out = []
     for err in errors:
         loc = tuple(err["loc"])
+        if len(loc) > 2 and loc[0] == "personas" and loc[2] in PERSONA_KINDS:  # pole or composite: the entry says
+            loc = loc[:2] + loc[3:]
+            err = {**err, "loc": loc}
         branch = next(((i, b) for i, part in enumerate(loc) if (b := _branch(part))), None)
         if branch is not None:
             i, side = branch

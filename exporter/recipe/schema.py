@@ -1,5 +1,6 @@
 """The recipe's typed schema: frozen models that reject unknown keys, and the rules that span fields
-(`semantic_problems`). Reading YAML, overrides and relative paths: exporter/recipe/load.py.
+(`semantic_problems`). Reading YAML, overrides and relative paths: exporter/recipe/load.py. Composite personas
+(`personas.<name>.mix`): exporter/recipe/composites.py.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Discriminator, Field, Tag
 
+from exporter.recipe.composites import MixSpec, composite_problems, mix_description
 from exporter.recipe.eval import EvalSpec, eval_problems
 from exporter.recipe.push import PushSpec
 
 # used with fullmatch: `$` would also accept a trailing newline
-SAFE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 EMBEDDED_MODELS = ("smollm2-135m-instruct",)
 
@@ -70,8 +72,24 @@ class DataSpec(Strict):
 
 
 class PersonaSpec(Strict):
+    """A pole: a persona calibrated on its own data."""
+
     description: str
     calibration: DataSpec
+
+
+def _persona_kind(value: Any) -> str:
+    """Which kind of persona a recipe entry is: a composite names `mix`, anything else is read as a pole."""
+    if isinstance(value, dict):
+        return "composite" if "mix" in value else "pole"
+    return "composite" if isinstance(value, MixSpec) else "pole"
+
+
+# the tags name the branch in pydantic's error locations; exporter/recipe/load.py leaves them out
+PERSONA_KINDS = ("pole", "composite")
+AnyPersona = Annotated[
+    Annotated[PersonaSpec, Tag("pole")] | Annotated[MixSpec, Tag("composite")], Discriminator(_persona_kind)
+]
 
 
 Alpha = Annotated[float, Field(ge=0.0, le=10.0)]
@@ -102,6 +120,10 @@ class MethodSpec(Strict):
     # "residual", the mean residual-stream difference after the last steered layer, added there once (what the
     # first `steer_layers` of the layers build up, without steering any layer after them)
     steer_vector: SteerVector | dict[str, SteerVector] = "mlp"  # one value, or one per persona (left out: mlp)
+    # each pair's steering vector made orthogonal, per layer, to the other pairs' directions of the same kind
+    # (exporter/masking/axes.py), so that steering one axis does not move the others along theirs; with one
+    # pair nothing changes
+    steer_orthogonal: bool = False
 
     @property
     def contrastive(self) -> bool:
@@ -174,6 +196,9 @@ class OutputSpec(Strict):
     # onnx-genai: the weights' precision in onnxruntime-genai's builder (int4 / int8 MatMulNBits, or fp32)
     genai_precision: Literal["int4", "int8", "fp32"] = "int4"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # auto: the source checkpoint's
+    # the personas a run exports (default: all); the others are still calibrated and masked when an exported
+    # composite mixes them
+    personas: list[str] | None = None
 
     def resolved(self, source_dtype: str | None) -> OutputSpec:
         """`auto` replaced by the source's dtype (float32 when the source names none or another one)."""
@@ -225,7 +250,7 @@ class TuneSpec(Strict):
 class Recipe(Strict):
     name: str
     model: ModelSpec
-    personas: dict[str, PersonaSpec]
+    personas: dict[str, AnyPersona]
     pairs: list[tuple[str, str]] = []
     method: MethodSpec
     prune: PruneSpec
@@ -235,6 +260,27 @@ class Recipe(Strict):
     eval: EvalSpec | None = None
     push: PushSpec | None = None
     tune: TuneSpec | None = None
+
+    @property
+    def poles(self) -> dict[str, PersonaSpec]:
+        """The personas calibrated on their own data."""
+        return {n: p for n, p in self.personas.items() if isinstance(p, PersonaSpec)}
+
+    @property
+    def composites(self) -> dict[str, MixSpec]:
+        """The personas mixed from poles (`mix`)."""
+        return {n: p for n, p in self.personas.items() if isinstance(p, MixSpec)}
+
+    @property
+    def exported(self) -> list[str]:
+        """The personas a run exports: `output.personas`, else every persona, in the recipe's order."""
+        return list(self.personas) if self.output.personas is None else list(self.output.personas)
+
+    def description(self, persona: str) -> str:
+        spec = self.personas[persona]
+        if isinstance(spec, MixSpec):
+            return mix_description(spec, {n: p.description for n, p in self.poles.items()})
+        return spec.description
 
     def partner(self, persona: str) -> str | None:
         for a, b in self.pairs:
@@ -280,13 +326,20 @@ def semantic_problems(r: Recipe) -> list[str]:
             )
     if not r.personas:
         problems.append("personas: at least one persona is required")
-    for name, p in r.personas.items():
-        where = f"personas.{name}"
+    folded: dict[str, str] = {}
+    for name in r.personas:
         if not SAFE_NAME.fullmatch(name):
             problems.append(
-                f"{where}: {name!r} is not a safe folder name; use lowercase letters, digits, '-' or '_' "
+                f"personas.{name}: {name!r} is not a safe folder name; use letters, digits, '-' or '_' "
                 "(at most 64 characters, starting with a letter or digit)"
             )
+        elif (other := folded.setdefault(name.lower(), name)) != name:
+            problems.append(
+                f"personas.{name}: {name!r} and {other!r} differ only in case, so their folders would be one on "
+                "case-insensitive file systems; rename one"
+            )
+    for name, p in r.poles.items():
+        where = f"personas.{name}"
         cal = p.calibration
         fmt = cal.format or infer_format(cal.path)
         if fmt is None:
@@ -309,7 +362,7 @@ def semantic_problems(r: Recipe) -> list[str]:
         if a == b:
             problems.append(f"pairs.{i}: a persona cannot oppose itself ({a!r})")
     if r.method.contrastive:
-        for name in r.personas:
+        for name in r.poles:
             if name not in seen:
                 problems.append(
                     f"personas.{name}: method.score {r.method.score!r} needs every persona in an opposing "
@@ -327,13 +380,17 @@ def semantic_problems(r: Recipe) -> list[str]:
     for where, value in mappings:
         if isinstance(value, dict) and (unknown := sorted(set(value) - set(r.personas))):
             problems.append(f"{where}: unknown persona(s) {unknown}; known personas: {sorted(r.personas)}")
+        if isinstance(value, dict) and (mixed := sorted(set(value) & set(r.composites))):
+            problems.append(
+                f"{where}: {mixed} are composites, which take each part's own setting; set it on their parts"
+            )
     steers = [("method.steer", r.method)]
     steers += [(w, r.method.model_copy(update={"steer": v})) for w, v in mappings if w.startswith("tune.steer.")]
     for where, method in steers:
         problems += [
             f"personas.{name}: {where} steers toward a persona and away from its opposite; add {name!r} to "
             f"'pairs' or set its {where} to 0"
-            for name in r.personas
+            for name in r.poles
             if method.alpha(name) > 0 and name not in seen
         ]
     units = {"mlp": r.prune.mlp, "attention": r.prune.attention}
@@ -349,6 +406,15 @@ def semantic_problems(r: Recipe) -> list[str]:
             "model.max_memory: method.steer, prune.*.gamma, prune.*.amplify and prune.mlp.compensate need the "
             "whole model in memory; remove max_memory or set them to their defaults"
         )
+    problems += composite_problems(r)
+    if r.output.personas is not None:
+        if not r.output.personas:
+            problems.append("output.personas: an empty list exports nothing; name personas, or remove the key (all)")
+        for i, name in enumerate(r.output.personas):
+            if name not in r.personas:
+                problems.append(f"output.personas.{i}: unknown persona {name!r}; known personas: {list(r.personas)}")
+            elif r.output.personas.index(name) != i:
+                problems.append(f"output.personas.{i}: {name!r} is already listed")
     if r.prune.mlp is None and r.prune.attention is None:
         problems.append("prune: name at least one unit kind to prune ('mlp' and/or 'attention')")
     elif not r.method.steers and not any(p.prunes for p in (r.prune.mlp, r.prune.attention) if p is not None):

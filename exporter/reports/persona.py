@@ -21,7 +21,8 @@ from exporter.recipe.schema import MethodSpec, PruneSpec
 # 2: `warnings`; 3: verification of the weight-only formats (onnx-int8 in ort-int8/, onnx-int4 in ort-int4/,
 # with folder, bits, floor and below_floor) and gguf. An older report reads as it was written: its "onnx-int8"
 # describes a folder onnx-int8/ that nothing reads any more, and `export --format` rewrites it in this layout.
-SCHEMA_VERSION = 3
+# 4: composite personas: `calibration` null and `mix`, the parts with their weights, partners and calibration.
+SCHEMA_VERSION = 4
 FILE = "report.json"
 
 
@@ -49,6 +50,14 @@ class CalibrationInfo(Record):
     data_sha256: str
     statistic: str
     tokens: str
+
+
+class MixPart(Record):
+    """One part of a composite persona: its weight, the pole it is scored and steered against, its data."""
+
+    weight: float
+    partner: str
+    calibration: CalibrationInfo
 
 
 class Geometries(Record):
@@ -110,7 +119,8 @@ class PersonaReport(Record):
     recipe: RecipeRef
     method: MethodSpec
     prune: PruneSpec
-    calibration: CalibrationInfo
+    calibration: CalibrationInfo | None  # None for a composite: each part's is in `mix`
+    mix: dict[str, MixPart] | None = None  # a composite's parts (exporter/masking/mix.py)
     geometry: Geometries
     removed_per_layer: dict[str, list[list[int]]]  # unit kind -> per layer, the removed unit indices
     parameters: Parameters

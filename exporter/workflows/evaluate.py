@@ -50,11 +50,11 @@ def evaluate_run_dir(
     items = prepare(recipe, spec)
     run_info = read_json_object(run_dir / "run.json", OutputError, fix)  # every file is read before the model
     try:
-        reports = {p: read_report(run_dir / p) for p in recipe.personas}
+        reports = {p: read_report(run_dir / p) for p in recipe.exported}
     except ExportFolderError as exc:
         raise OutputError(f"{exc}; or {fix}") from None
-    masks = {p: load_mask(run_dir / p / "masks.safetensors") for p in recipe.personas}
-    stats = saved_statistics(run_dir, list(recipe.personas))
+    masks = {p: load_mask(run_dir / p / "masks.safetensors") for p in recipe.exported}
+    stats = saved_statistics(run_dir, [p for p in recipe.exported if p in recipe.poles])
     check_target(run_dir, overwrite=True)  # the run folder can be written, before the model loads
     m = load_model(recipe)
     if run_info.get("model_sha256") != m.model_sha256:

@@ -15,6 +15,7 @@ from exporter.evaluation.conditions import evaluate_into
 from exporter.export.hf import DTYPES
 from exporter.io import check_target, staged
 from exporter.masking.masks import compute_masks
+from exporter.masking.mix import composite_masks
 from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.masking.stats import Statistics
 from exporter.masking.steer import with_biases
@@ -55,13 +56,17 @@ def run(
         with staged(out, overwrite) as stage:
             stats, infos = statistics_into(stage, recipe, m, reuse, timer, use_cache)
             t = time.perf_counter()
-            masks = compute_masks(recipe, stats, column_norms(m))
-            masks = with_biases(recipe, masks, stats, m.model, m.adapter, DTYPES[recipe.output.dtype])
+            col_sq = column_norms(m)
+            # every pole's mask (the ingredients of composites), the exported composites' masks
+            masks = compute_masks(recipe, stats, col_sq) | composite_masks(recipe, stats, col_sq, recipe.exported)
+            storage = DTYPES[recipe.output.dtype]
+            masks = with_biases(recipe, masks, stats, m.model, m.adapter, storage)
+            masks = {name: masks[name] for name in recipe.exported}
             timer.add("score", t)
             refs = references(m, DTYPES[recipe.output.dtype], exact=not recipe.verify.layerwise)
             reports = {
-                name: export_persona(recipe, name, m, masks[name], infos[name], refs, prompts, stage, timer)
-                for name in recipe.personas
+                name: export_persona(recipe, name, m, masks[name], infos, refs, prompts, stage, timer)
+                for name in recipe.exported
             }
             if eval_items is not None:
                 t = time.perf_counter()
@@ -89,11 +94,12 @@ def run(
 def statistics_into(
     stage: Path, recipe: Recipe, m: Loaded, reuse: Path | None, timer: Timer, use_cache: bool
 ) -> tuple[dict[str, Statistics], dict[str, dict[str, Any]]]:
-    """Every persona's statistics, saved to `stage/stats`, and their manifests with sample and token counts."""
+    """Every pole's statistics (exported or mixed into an exported composite), saved to `stage/stats`, and their
+    manifests with sample and token counts."""
     (stage / "stats").mkdir()
     all_stats: dict[str, Statistics] = {}
     infos: dict[str, dict[str, Any]] = {}
-    for name in recipe.personas:
+    for name in recipe.poles:
         stats, info = persona_statistics(recipe, name, m, reuse, timer, use_cache)
         stats.save(stage / "stats" / f"{name}.safetensors", info)
         all_stats[name] = stats

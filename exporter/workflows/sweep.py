@@ -102,14 +102,15 @@ def sweep(
     check_target(out, overwrite)
     m = load_model(recipe)
     timer = Timer()
-    stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.personas}
+    # the poles: a composite follows from its parts' settings
+    stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.poles}
     col_sq = column_norms(m)
     ev = Evaluator(m.model, m.tokenizer, m.adapter, spec, items)
     norms = {}
     if "wanda" in spec.baselines:
-        norms = {p: wanda_norms(recipe, m.model, m.tokenizer, m.adapter, p, stats[p]) for p in recipe.personas}
-    prompts = {p: system_prompt(recipe, spec, p) for p in recipe.personas}
-    dense = WeightCondition(None, 0, sorted(recipe.personas) if "prompt" in spec.baselines else [])
+        norms = {p: wanda_norms(recipe, m.model, m.tokenizer, m.adapter, p, stats[p]) for p in recipe.poles}
+    prompts = {p: system_prompt(recipe, spec, p) for p in recipe.poles}
+    dense = WeightCondition(None, 0, sorted(recipe.poles) if "prompt" in spec.baselines else [])
     done = score_conditions(ev, {"dense": dense}, prompts)
     n_dense = dense_parameters(m.model)
     points: list[dict[str, Any]] = []

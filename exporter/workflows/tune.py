@@ -121,12 +121,13 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     check_disjoint_splits(val_items, test_items)
     m = load_model(recipe)
     timer = Timer()
-    stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.personas}
+    # the poles: a composite follows from its parts' settings
+    stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.poles}
     col_sq = column_norms(m)
     ev = Evaluator(m.model, m.tokenizer, m.adapter, validation, val_items)
     done = score_conditions(ev, {"dense": WeightCondition(None, 0)}, {})
-    systems = {p: system_prompt(recipe, validation, p) for p in recipe.personas}
-    opposite = {p: q for p in recipe.personas if (q := recipe.partner(p))}
+    systems = {p: system_prompt(recipe, validation, p) for p in recipe.poles}
+    opposite = {p: q for p in recipe.poles if (q := recipe.partner(p))}
     reply_cache: dict[str, Replies] = {}  # dense and prompt-only replies, generated once
     max_repeated = validation.acceptance.max_repeated_4grams_over_dense
     n_dense = dense_parameters(m.model)

@@ -25,7 +25,7 @@ from exporter.recipe.schema import Recipe, TuneSpec
 
 @dataclass(frozen=True)
 class Validated:
-    samples: dict[str, int]  # persona -> calibration samples selected
+    samples: dict[str, int]  # pole -> calibration samples selected
     items: EvalItems | None  # the eval section's items, read and checked; None without an eval section
     tune_items: EvalItems | None = None  # the tune section's validation items, likewise
 
@@ -46,7 +46,7 @@ def validate(recipe: Recipe, reuse: Path | None = None) -> Validated:
     loaded. Nothing is loaded or written."""
     from exporter.model import sources
 
-    samples = {name: len(select_samples(p.calibration)) for name, p in recipe.personas.items()}
+    samples = {name: len(select_samples(p.calibration)) for name, p in recipe.poles.items()}
     items = prepare(recipe) if recipe.eval else None
     tune_items = prepare(recipe, tune_validation(recipe.tune)) if recipe.tune else None  # what tune ranks on
     if recipe.model.path is not None:
@@ -106,7 +106,7 @@ def limit_problems(recipe: Recipe, config: dict[str, Any], prompt_tokens: int = 
             f"verify.greedy_tokens: {greedy} tokens do not fit {context[:-1]}; {room}the prompt needs some); "
             f"use at most {max(limit - max(prompt_tokens, 64), 1)}"
         )
-    for name, persona in recipe.personas.items():
+    for name, persona in recipe.poles.items():
         if persona.calibration.max_tokens > limit:
             problems.append(
                 f"personas.{name}.calibration.max_tokens: {persona.calibration.max_tokens} is more than {context}; "
@@ -140,7 +140,7 @@ def check_reuse(recipe: Recipe, reuse: Path) -> None:
     problem = folder_problem(reuse)
     if problem is not None:
         raise OutputError(f"--reuse-stats: {problem}; pass the --out folder of an earlier run")
-    for name in recipe.personas:
+    for name in recipe.poles:
         saved = reuse / "stats" / f"{name}.safetensors"
         if saved.exists() or saved.is_symlink():
             for path in (saved, saved.with_suffix(".json")):

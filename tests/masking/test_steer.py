@@ -25,10 +25,12 @@ from tests.helpers import assert_close, eval_section, samples, tiny_model, write
 
 
 class _Pair:
-    """The two recipe fields with_biases reads, for personas "p" and "q" opposing each other."""
+    """The recipe fields with_biases reads, for personas "p" and "q" opposing each other."""
 
     def __init__(self, method: MethodSpec, prune: PruneSpec) -> None:
         self.method, self.prune = method, prune
+        self.pairs = [("p", "q")]
+        self.composites: dict[str, Any] = {}
 
     def partner(self, name: str) -> str:
         return {"p": "q", "q": "p"}[name]
