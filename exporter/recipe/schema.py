@@ -400,12 +400,6 @@ def semantic_problems(r: Recipe) -> list[str]:
                 f"prune.{kind}.amplify: a persona's own units are those its partner's contrastive mask selects; "
                 "use a contrastive-* method.score or set amplify to 1"
             )
-    soft = any(s is not None and (s.gamma > 0 or s.amplify > 1) for s in units.values())
-    if (soft or mlp_biases(r.method, r.prune)) and (r.model.max_memory is not None):
-        problems.append(
-            "model.max_memory: method.steer, prune.*.gamma, prune.*.amplify and prune.mlp.compensate need the "
-            "whole model in memory; remove max_memory or set them to their defaults"
-        )
     problems += composite_problems(r)
     if r.output.personas is not None:
         if not r.output.personas:

@@ -16,7 +16,7 @@ from exporter.export.hf import DTYPES
 from exporter.io import check_target, staged
 from exporter.masking.masks import compute_masks
 from exporter.masking.mix import composite_masks
-from exporter.masking.statistics import column_norms, persona_statistics
+from exporter.masking.statistics import column_norms, down_weights, persona_statistics
 from exporter.masking.stats import Statistics
 from exporter.masking.steer import with_biases
 from exporter.model.checkpoint import checkpoint_dtype
@@ -60,7 +60,7 @@ def run(
             # every pole's mask (the ingredients of composites), the exported composites' masks
             masks = compute_masks(recipe, stats, col_sq) | composite_masks(recipe, stats, col_sq, recipe.exported)
             storage = DTYPES[recipe.output.dtype]
-            masks = with_biases(recipe, masks, stats, m.model, m.adapter, storage)
+            masks = with_biases(recipe, masks, stats, m.model, m.adapter, storage, down=down_weights(m))
             masks = {name: masks[name] for name in recipe.exported}
             timer.add("score", t)
             refs = references(m, DTYPES[recipe.output.dtype], exact=not recipe.verify.layerwise)

@@ -234,6 +234,66 @@ def test_layer_by_layer_verification_proves_parity_and_finds_the_broken_layer(mo
     assert not bad["passed"] and bad["outside_layers_differ"] == ["model.norm.weight"]
 
 
+def _biased_soft_mask(dense, storage: torch.dtype):  # type: ignore[no-untyped-def]
+    """The contrastive mask with a soft MLP mask (gamma 0.5) and a steering + compensation down_proj bias."""
+    from exporter.masking.steer import with_biases
+    from exporter.recipe.schema import MethodSpec, MlpPrune, PruneSpec
+    from tests.masking.test_steer import _Pair, _stats
+
+    adapter, pos, neg = _stats(dense)
+    method = MethodSpec(score="contrastive-wanda", steer=1.5)
+    prune = PruneSpec(mlp=MlpPrune(sparsity=0.25, compensate="personas", gamma=0.5))
+    from exporter.masking.masks import compute_mask
+    from exporter.masking.scoring import column_sq_norms
+
+    col = column_sq_norms(dense, adapter)
+    masks = {"p": compute_mask("p", method, prune, pos, neg, col), "q": compute_mask("q", method, prune, neg, pos, col)}
+    mask = with_biases(_Pair(method, prune), masks, {"p": pos, "q": neg}, dense, adapter, storage)["p"]
+    assert mask.mlp_bias is not None and mask.mlp_scale is not None
+    return adapter, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shard_by_shard_export_and_layer_proof_carry_biases_and_scaled_columns(
+    dtype: torch.dtype, tmp_path: Path
+) -> None:
+    """A persona's down_proj bias (zero gate/up biases, config mlp_bias) and soft-mask column scales: written
+    shard by shard exactly as the in-memory export writes them, and proven layer by layer."""
+    from dataclasses import replace
+
+    from exporter.export.hf import export_hf
+    from exporter.export.prune import prune_model
+    from exporter.export.shards import prune_checkpoint
+    from exporter.model.checkpoint import SourceCheckpoint
+    from exporter.verify.layers import verify_layers
+    from tests.helpers import tiny_tokenizer
+
+    dense = tiny_model("llama")
+    dense.save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    adapter, mask = _biased_soft_mask(dense, dtype)
+    export_hf(prune_model(copy.deepcopy(dense), adapter, mask), tiny_tokenizer(), tmp_path / "memory", str(dtype)[6:])
+    prune_checkpoint(tmp_path / "src", adapter, mask, tmp_path / "shards", dtype=dtype, max_shard_bytes=60_000)
+    expected = load_file(str(tmp_path / "memory" / "model.safetensors"))
+    got = SourceCheckpoint(tmp_path / "shards")
+    assert set(got.weight_map) == set(expected) and "model.layers.1.mlp.up_proj.bias" in expected
+    for name, tensor in got.load(sorted(expected)).items():
+        assert tensor.dtype == dtype and torch.equal(tensor, expected[name]), name
+    import json
+
+    assert json.loads((tmp_path / "shards" / "config.json").read_text())["mlp_bias"] is True
+
+    check = dict(storage=dtype, max_abs=1e-9)
+    good = verify_layers(tmp_path / "src", tmp_path / "shards", adapter, mask, _prompt_set(), **check)
+    assert good["passed"] and good["max_abs_layer_output_diff"] < 1e-12, good
+    for without in (replace(mask, mlp_bias=None), replace(mask, mlp_scale=None)):  # each part is checked
+        assert not verify_layers(tmp_path / "src", tmp_path / "shards", adapter, without, _prompt_set(), **check)[
+            "passed"
+        ]
+    _rewrite(tmp_path / "shards", "model.layers.1.mlp.down_proj.bias", lambda t: t + 1e-3)
+    bad = verify_layers(tmp_path / "src", tmp_path / "shards", adapter, mask, _prompt_set(), **check)
+    assert not bad["passed"] and bad["worst_layer"] == 1 and bad["per_layer_max_abs"][0] < 1e-12
+
+
 def test_layer_by_layer_verification_of_a_bf16_export(tmp_path: Path) -> None:
     """Storage rounding is part of the reference, as in the whole-model check."""
     from exporter.export.shards import prune_checkpoint
@@ -249,26 +309,61 @@ def test_layer_by_layer_verification_of_a_bf16_export(tmp_path: Path) -> None:
     assert not fp32["passed"] and fp32["outside_layers_differ"]
 
 
-def test_bounded_memory_run_equals_the_whole_model_run(tmp_path: Path) -> None:
+STEERED = {
+    "score": "contrastive-wanda",
+    "steer": {"introvert": 1.5, "extravert": 2.0},
+    "steer_vector": {"extravert": "residual"},  # the introvert's is an MLP-output vector
+    "steer_layers": {"extravert": 0.5},
+}
+BOUNDED_CASES = {  # recipe sections beside model and verify, and the personas exported
+    "removal": ({}, ("introvert", "extravert")),
+    # steering (both vector kinds), compensation and a soft MLP mask: down_proj biases and scaled columns
+    "steered-soft": (
+        {
+            "method": STEERED,
+            "prune": {
+                "mlp": {"sparsity": 0.25, "compensate": "personas", "gamma": 0.5},
+                "attention": {"unit": "kv-group", "sparsity": 0.5},
+            },
+        },
+        ("introvert", "extravert"),
+    ),
+    # composites of two pairs, steered with both vector kinds, exported beside one pole
+    "composite": (
+        {
+            "method": {**STEERED, "steer": {**STEERED["steer"], "thinking": 1.0}, "steer_orthogonal": True},
+            "output": {"personas": ["IT", "mostly-E", "extravert"]},
+        },
+        ("IT", "mostly-E", "extravert"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BOUNDED_CASES))
+def test_bounded_memory_run_equals_the_whole_model_run(case: str, tmp_path: Path) -> None:
     """model.max_memory: accelerate keeps the decoder layers on disk; calibration, scoring, pruning and the
-    float64 proof read the checkpoint; the exports are bit-identical to those of a run with the model whole."""
+    float64 proof read the checkpoint; the exports are bit-identical to those of a run with the model whole,
+    with steering biases, compensation, soft masks and composites too."""
     import json
 
     from safetensors import safe_open
 
     from exporter.cli import main
-    from tests.helpers import tiny_tokenizer, write_recipe
+    from tests.helpers import tiny_tokenizer, write_mix_recipe, write_recipe
 
+    sections, personas = BOUNDED_CASES[case]
     src = tmp_path / "llama"
     tiny_model("llama").save_pretrained(src, max_shard_size="100KB")
     tiny_tokenizer().save_pretrained(src)
     runs = {}
     for kind, model in (("whole", {"path": str(src)}), ("bounded", {"path": str(src), "max_memory": 300_000})):
         (tmp_path / kind).mkdir()
-        recipe = write_recipe(tmp_path / kind, src, model=model, verify={"greedy_tokens": 4})
+        write = write_mix_recipe if case == "composite" else write_recipe
+        recipe = write(tmp_path / kind, src, model=model, verify={"greedy_tokens": 4}, **sections)
         assert main(["run", str(recipe), "--out", str(tmp_path / kind / "run"), "--no-cache"]) == 0
         runs[kind] = tmp_path / kind / "run"
-    for persona in ("introvert", "extravert"):
+    assert sorted(p.parent.name for p in runs["bounded"].glob("*/report.json")) == sorted(personas)
+    for persona in personas:
         whole, bounded = (json.loads((runs[k] / persona / "report.json").read_text()) for k in ("whole", "bounded"))
         assert bounded["status"] == "passed" and bounded["loading"]["device_map"].get("disk", 0) >= 1
         assert bounded["verification"]["hf"]["fp64_layers"]["passed"] and "fp64" not in bounded["verification"]["hf"]
@@ -281,6 +376,10 @@ def test_bounded_memory_run_equals_the_whole_model_run(tmp_path: Path) -> None:
             assert sorted(f.keys()) == sorted(a)
             for name in a:
                 assert torch.equal(f.get_tensor(name), a[name]), name
+        configs = [json.loads((runs[k] / persona / "hf" / "config.json").read_text()) for k in ("whole", "bounded")]
+        assert configs[0] == configs[1]
+        if case != "removal":  # the settings under test are in the export
+            assert configs[1]["mlp_bias"] is True and "model.layers.0.mlp.gate_proj.bias" in a
     recipe_json = json.loads((runs["bounded"] / "recipe.json").read_text())
     assert recipe_json["calibration"]["layerwise"] and recipe_json["verify"]["layerwise"]
 
