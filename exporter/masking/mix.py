@@ -22,7 +22,7 @@ import torch
 
 from exporter.errors import MaskError
 from exporter.masking.masks import WHAT, Order, PersonaMask, keep_indices, mask_from_keep, removals, unit_order
-from exporter.masking.stats import Statistics
+from exporter.masking.statistics import Statistics
 from exporter.recipe.composites import MixSpec, ordered_parts
 from exporter.recipe.schema import PruneSpec, Recipe
 

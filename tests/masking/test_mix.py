@@ -18,7 +18,8 @@ from exporter.masking.mix import composite_masks, merged, mixed_keep, quota
 from exporter.masking.scoring import column_sq_norms
 from exporter.masking.steer import compensation_bias, mlp_outputs, pole_steering, with_biases
 from exporter.model.adapters import adapter_for
-from exporter.recipe.schema import Recipe, semantic_problems
+from exporter.recipe.rules import semantic_problems
+from exporter.recipe.schema import Recipe
 from tests.helpers import assert_close, samples, tiny_model
 
 POLES = ("introvert", "extravert", "thinking", "feeling")

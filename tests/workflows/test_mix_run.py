@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from exporter.cli import main
 from exporter.publish.modelcard import CardContext, render_card
+from exporter.reports.checks import CheckpointCheck
 from exporter.reports.persona import read_report
 from tests.helpers import eval_section, write_mix_recipe
 
@@ -50,8 +51,9 @@ def test_run_exports_the_requested_personas_composites_proven_exact(
         "thinking": (1.0, "feeling"),
     }
     assert it.description == "the introvert side the thinking side"  # derived from the parts
-    fp64 = it.verification["hf"].figures["fp64"]
-    assert fp64["max_abs_logit_diff"] < 1e-10 and fp64["greedy_identical"]
+    hf = it.verification["hf"]
+    assert isinstance(hf, CheckpointCheck) and hf.fp64 is not None
+    assert hf.fp64.max_abs_logit_diff < 1e-10 and hf.fp64.greedy_identical
     assert [len(r) for r in it.removed_per_layer["mlp"]] == [18, 18]  # 9 + 9 neurons of 96 in every layer
     config = json.loads((out / "IT" / "hf" / "config.json").read_text())
     assert config["mlp_bias"] is True and config["intermediate_size"] == 96 - 18
@@ -65,10 +67,10 @@ def test_run_exports_the_requested_personas_composites_proven_exact(
 
     # evaluation covers the exported personas: paired rows for the pole, perplexity for every one
     ev = it.evaluation
-    assert ev is not None and all("paired" not in r for r in ev["rows"])
-    assert any(r["condition"] == "mask-only" and "neutral" in r for r in ev["rows"])
+    assert ev is not None and all(r.paired is None for r in ev.rows)
+    assert any(r.condition == "mask-only" and r.neutral is not None for r in ev.rows)
     pole = read_report(out / "introvert").evaluation
-    assert pole is not None and any("paired" in r for r in pole["rows"])
+    assert pole is not None and any(r.paired is not None for r in pole.rows)
     assert main(["eval", str(out)]) == 0  # `eval RUN_DIR` reads the exported personas' folders only
 
     card = render_card(it, CardContext("org/it", "org/it", ())).text

@@ -1,29 +1,26 @@
-"""One persona of a run: its mask saved, the pruned checkpoint written and proven, ONNX and GGUF added, report.json."""
+"""One persona of a run: its mask saved, its checkpoint written and proven, the other export formats added by
+their stages, report.json written."""
 
 from __future__ import annotations
 
-import copy
 import logging
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from exporter.evaluation.items import quality_texts
-from exporter.export.hf import DTYPES, export_hf
-from exporter.export.prune import count_parameters, prune_model
-from exporter.export.shards import prune_checkpoint
+from exporter.export.hf import DTYPES
 from exporter.io import folder_bytes
 from exporter.masking.masks import PersonaMask
-from exporter.model.checkpoint import checkpoint_parameters
 from exporter.model.sources import Loaded
+from exporter.recipe.formats import with_sources
 from exporter.recipe.schema import Recipe
+from exporter.reports.checks import Check
 from exporter.reports.persona import (
     BaseModelInfo,
     CalibrationInfo,
-    Check,
     Geometries,
     MixPart,
     Parameters,
@@ -33,23 +30,12 @@ from exporter.reports.persona import (
     write_report,
 )
 from exporter.reports.provenance import Timer, versions
-from exporter.verify.hf import PromptSet, verify_export
-from exporter.verify.layers import verify_layers
-from exporter.workflows.genai_stage import genai_stage
-from exporter.workflows.gguf_stage import gguf_stage
-from exporter.workflows.onnx_stage import onnx_stage
+from exporter.stages.base import StageInputs
+from exporter.stages.build import build_formats
+from exporter.stages.checkpoint import Written, verify_checkpoint, write_checkpoint
+from exporter.verify.hf import Probes, PromptSet
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Written:
-    """A pruned checkpoint on disk: its files' sizes and the parameter counts before and after."""
-
-    folder: Path
-    files: dict[str, int]  # file name -> bytes
-    dense_params: int
-    pruned_params: int
 
 
 def describe(mask: PersonaMask) -> str:
@@ -73,71 +59,19 @@ def nothing_removed(mask: PersonaMask) -> list[str]:
     ]
 
 
-def write_checkpoint(m: Loaded, mask: PersonaMask, out: Path, dtype: str, timer: Timer, name: str) -> Written:
-    """Prune and save: shard by shard from the source checkpoint when the model is not whole in memory."""
-    t = time.perf_counter()
-    if m.bounded:
-        files = prune_checkpoint(
-            m.resolved.folder, m.adapter, mask, out, dtype=DTYPES[dtype], tokenizer=m.export_tokenizer
-        )
-        timer.add(f"export_hf.{name}", t)
-        return Written(out, files, checkpoint_parameters(m.resolved.folder), checkpoint_parameters(out))
-    pruned = prune_model(copy.deepcopy(m.model), m.adapter, mask)
-    timer.add(f"prune.{name}", t)
-    t = time.perf_counter()
-    files = export_hf(pruned, m.export_tokenizer, out, dtype)
-    timer.add(f"export_hf.{name}", t)
-    return Written(out, files, count_parameters(m.model), count_parameters(pruned))
-
-
-def verify_checkpoint(
-    recipe: Recipe,
-    m: Loaded,
-    mask: PersonaMask,
-    hf_dir: Path,
-    references: dict[torch.dtype, Any],
-    prompts: PromptSet,
-    name: str,
-) -> dict[str, Any]:
-    """The export against the masked model: end to end (float64 and/or fp32), and layer by layer if asked."""
-    figures = verify_export(
-        references,
-        m.adapter,
-        mask,
-        hf_dir,
-        prompts,
-        pad_id=m.tokenizer.pad_token_id,
-        greedy_tokens=recipe.verify.greedy_tokens,
-        fp64_max_abs=recipe.verify.fp64_max_abs,
-        load_kwargs=m.placement(name),
-    )
-    if recipe.verify.layerwise:
-        figures["fp64_layers"] = verify_layers(
-            m.resolved.folder,
-            hf_dir,
-            m.adapter,
-            mask,
-            prompts,
-            storage=DTYPES[recipe.output.dtype],
-            max_abs=recipe.verify.fp64_max_abs,
-        )
-        figures["passed"] = figures["fp64_layers"]["passed"]
-    return figures
-
-
 def export_persona(
     recipe: Recipe,
     name: str,
     m: Loaded,
     mask: PersonaMask,
     infos: dict[str, dict[str, Any]],
-    references: dict[torch.dtype, Any],
+    references: dict[torch.dtype, nn.Module],
     prompts: PromptSet,
     stage: Path,
     timer: Timer,
 ) -> PersonaReport:
-    """Write `stage/<name>` (masks, hf/, onnx/ when asked, report.json); returns the report. `infos`: every
-    pole's calibration manifest (a composite's mask comes from its parts' statistics)."""
+    """Write `stage/<name>` (masks, hf/, the other formats asked for, report.json); returns the report.
+    `infos`: every pole's calibration manifest (a composite's mask comes from its parts' statistics)."""
     folder = stage / name
     folder.mkdir()
     mask_manifest: dict[str, Any] = {"recipe_sha256": recipe.digest(), "model_sha256": m.model_sha256}
@@ -149,52 +83,36 @@ def export_persona(
 
     log.info("%s: removing %s and exporting", name, describe(mask))
     written = write_checkpoint(m, mask, folder / "hf", recipe.output.dtype, timer, name)
-    t = time.perf_counter()
     log.info("%s: verifying the export against the masked model (float64 and fp32)", name)
-    figures = verify_checkpoint(recipe, m, mask, folder / "hf", references, prompts, name)
-    timer.add(f"verify_hf.{name}", t)
+    with timer.timed(f"verify_hf.{name}"):
+        hf = verify_checkpoint(recipe, m, mask, folder / "hf", references, prompts, name)
     warnings = nothing_removed(mask)
     for warning in warnings:
         log.warning("%s: NOTHING WAS REMOVED: %s", name, warning)
-    onnx_timings: dict[str, float] = {}
-    onnx: dict[str, Any] = {}
-    if figures["passed"]:  # ONNX is made from the proven checkpoint only
-        formats: list[str] = list(recipe.output.formats)
-        reference = references[torch.float32]
-        neutral, pairs = quality_texts(recipe, name, formats)
-        onnx = onnx_stage(
-            folder, formats, reference, m.adapter, mask, prompts, recipe.verify, onnx_timings, neutral, pairs=pairs
+    timings = Timer()
+    formats: dict[str, Check] = {}
+    if hf.passed:  # the other formats are made from the proven checkpoint only
+        todo = [n for n in with_sources(recipe.output.formats) if n != "hf"]
+        neutral, pairs = quality_texts(recipe, name, todo)
+        inputs = StageInputs(
+            folder=folder,
+            mask=mask,
+            probes=Probes(prompts, recipe.verify, m.export_tokenizer, neutral, pairs),
+            reference=references[torch.float32],
+            adapter=m.adapter,
+            genai_precision=recipe.output.genai_precision,
+            timer=timings,
         )
-        if "gguf" in formats:
-            tokenizer = m.export_tokenizer
-            onnx["gguf"] = gguf_stage(
-                folder, reference, m.adapter, mask, prompts, recipe.verify, tokenizer, neutral, onnx_timings, pairs
-            )
-        if "onnx-genai" in formats:
-            onnx["onnx-genai"] = genai_stage(
-                folder,
-                recipe.output.genai_precision,
-                reference,
-                m.adapter,
-                mask,
-                prompts,
-                recipe.verify,
-                m.export_tokenizer,
-                neutral,
-                onnx_timings,
-                pairs,
-            )
-    for stage_name, seconds in onnx_timings.items():  # run.json's timings list the ONNX and GGUF stages too
-        timer.stages[f"{stage_name}.{name}"] = seconds
-    timings = {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")}
-    report = persona_report(recipe, name, m, mask, infos, written, {"hf": figures, **onnx}, timings, warnings)
+        formats = build_formats(inputs, todo, {"hf": hf})
+    for step, seconds in timings.stages.items():  # run.json's timings list the format stages too
+        timer.stages[f"{step}.{name}"] = seconds
+    own = {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")}
+    report = persona_report(recipe, name, m, mask, infos, written, {"hf": hf, **formats}, own, warnings)
     write_report(folder, report)
-    if not figures["passed"]:
-        log.error(
-            "%s: the export does not match the masked model: %s", name, figures.get("fp64_layers", figures.get("fp64"))
-        )
+    if not hf.passed:
+        log.error("%s: the export does not match the masked model: %s", name, hf.fp64_layers or hf.fp64)
     elif not report.passed:
-        failed = {k: v for k, v in onnx.items() if not v["passed"]}
+        failed = {k: v for k, v in formats.items() if not v.passed}
         log.error("%s: an export format does not match the masked model: %s", name, failed)
     return report
 
@@ -217,7 +135,7 @@ def persona_report(
     mask: PersonaMask,
     infos: dict[str, dict[str, Any]],
     written: Written,
-    verification: dict[str, Any],
+    verification: dict[str, Check],
     timings: dict[str, float],
     warnings: list[str],
 ) -> PersonaReport:
@@ -257,7 +175,7 @@ def persona_report(
         ),
         dtype=recipe.output.dtype,
         loading={"max_memory": m.max_memory, "device_map": m.device_map()} if m.bounded else {"whole": True},
-        verification={k: Check(**v) for k, v in verification.items()},
+        verification=verification,
         timings_s=timings,
         versions=versions(),
         warnings=warnings,
