@@ -1,9 +1,11 @@
 """Atomic outputs: a run is written into a hidden staging folder next to the target, then renamed; single
-files are written next to their target, then renamed (`write_atomic`, `write_json`)."""
+files are written next to their target, then renamed (`write_atomic`, `write_json`). `--overwrite` replaces only
+a folder the project wrote (`Product`): a run folder with its run.json, a sweep or tune folder with its report."""
 
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -11,6 +13,7 @@ import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +23,51 @@ OWNER = ".owner-pid"
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
-def check_target(out: Path, overwrite: bool) -> None:
-    """Fail early, before any work, if `out` cannot be written."""
+@dataclass(frozen=True)
+class Product:
+    """What a command writes as its output folder: a folder holding `manifest`, a JSON object with `key`."""
+
+    what: str  # "a run folder"
+    manifest: str  # "run.json"
+    key: str  # a top-level key every version of that manifest holds
+
+    def problem(self, folder: Path) -> str | None:
+        """Why `folder` is not such a folder (what it lacks), or None."""
+        manifest = folder / self.manifest
+        if manifest.is_symlink() or not manifest.is_file():
+            kind = "a symlink" if manifest.is_symlink() else "nothing" if not manifest.exists() else "not a file"
+            return f"its {self.manifest} is {kind}" if kind != "nothing" else f"it has no {self.manifest}"
+        try:
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return f"its {self.manifest} is not readable JSON"
+        if not isinstance(data, dict) or self.key not in data:
+            return f"its {self.manifest} is not the manifest of {self.what} (no {self.key!r})"
+        return None
+
+
+RUN_FOLDER = Product("a run folder", "run.json", "personas")
+SWEEP_FOLDER = Product("a sweep folder", "report.json", "points")
+TUNE_FOLDER = Product("a tune folder", "report.json", "grid")
+
+
+def check_target(out: Path, overwrite: bool, product: Product | None = None) -> None:
+    """Fail early, before any work, if `out` cannot be written; with `overwrite`, if `out` is not a `product`
+    that an earlier command wrote (anything else is never replaced)."""
+    if out.is_symlink():
+        raise OutputError(
+            f"output {str(out)!r} is a symlink (to {os.readlink(out)!r}); links are neither followed nor replaced: "
+            "pass the folder itself or choose another --out"
+        )
     if out.exists() and not overwrite:
         raise OutputError(f"output folder {str(out)!r} exists; pass --overwrite to replace it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {str(out)!r} exists and is not a folder; remove it or choose another --out")
+    if out.exists() and product is not None and (problem := product.problem(out)) is not None:
+        raise OutputError(
+            f"--overwrite replaces only {product.what} that persona-export wrote, and {str(out)!r} is not one "
+            f"({problem}); move it away or choose another --out. Nothing was changed."
+        )
     ancestor = out.absolute().parent
     while not ancestor.exists():  # nothing is created here: a failed check leaves no trace
         ancestor = ancestor.parent
@@ -82,7 +124,7 @@ def shown_name(folder: Path) -> str:
 def remove_stale_stages(out: Path) -> list[Path]:
     """Remove staging folders of `out` left by killed runs (their owner process is gone)."""
     removed = []
-    for stage in out.parent.glob(f".{out.name}.partial-*"):
+    for stage in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
         owner = stage / OWNER
         try:
             pid = int(owner.read_text())
@@ -95,13 +137,14 @@ def remove_stale_stages(out: Path) -> list[Path]:
 
 
 @contextmanager
-def staged(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a staging folder; on success it replaces `out` in one rename, on error it is removed.
+def staged(out: Path, overwrite: bool = False, product: Product | None = None) -> Iterator[Path]:
+    """Yield a staging folder; on success it replaces `out` in one rename, on error it is removed. With
+    `overwrite`, an existing `out` is replaced only when it is a `product` (check_target).
 
     A run killed with SIGKILL leaves its hidden staging folder behind; the next run for the same `out`
     removes it.
     """
-    check_target(out, overwrite)
+    check_target(out, overwrite, product)
     created = _make_parent(out)
     remove_stale_stages(out)
     try:

@@ -23,7 +23,7 @@ PATH_KINDS: dict[str, tuple[Callable[[Path], Path], str]] = {
         "is a symlink loop, not a regular file",
     ),
     "broken-symlink": (lambda t: (t / "dangling").symlink_to(t / "gone") or t / "dangling", "is a broken symlink"),
-    "missing": (lambda t: t / "none.jsonl", "does not exist"),
+    "missing": (lambda t: t / "none.jsonl", "file not found: {target}"),  # a data file; a recipe: "does not exist"
 }
 
 
@@ -45,4 +45,8 @@ def test_paths_that_are_not_files_say_what_they_are(
 
     recipe = edited_recipe(tmp_path, tiny_llama_dir, edit)
     error = {"calibration": CalibrationDataError, "eval": EvalDataError, "recipe": RecipeError}[used_as]
+    if kind == "missing" and used_as == "recipe":
+        message = "does not exist"
+    key = {"calibration": "personas.introvert.calibration.path: ", "eval": "eval.paired.path: "}.get(used_as, "")
+    message = key + message.format(target=target) if kind == "missing" else message
     expect(["validate", str(target if used_as == "recipe" else recipe)], error, message, capsys)

@@ -120,7 +120,8 @@ def read_paired(spec: PairedSpec, calib: CalibrationIndex) -> tuple[list[PairedI
     paths: dict[str, str] = {}
     for name, src in spec.responses.items():
         paths[name] = src.path or spec.path or ""
-        per_persona[name] = _read(paths[name], spec.format, f"eval.paired.responses.{name}")
+        key = f"eval.paired.responses.{name}.path" if src.path else "eval.paired.path"
+        per_persona[name] = _read(paths[name], spec.format, key)
     sizes = {len(r) for r in per_persona.values()}
     if len(sizes) != 1:
         raise EvalDataError(f"eval.paired: the response files hold different numbers of records ({sizes})")
@@ -169,7 +170,7 @@ def _item_leak(item: PairedItem, calib: CalibrationIndex) -> str | None:
 
 
 def read_statements(spec: StatementsSpec, calib: CalibrationIndex) -> tuple[list[Statement], dict[str, Any]]:
-    records = _read(spec.path, spec.format, "eval.statements")
+    records = _read(spec.path, spec.format, "eval.statements.path")
     wanted = set(spec.labels.values())
     by_label: dict[str, list[Statement]] = {label: [] for label in wanted}
     excluded = 0
@@ -208,17 +209,17 @@ def read_statements(spec: StatementsSpec, calib: CalibrationIndex) -> tuple[list
 def read_neutral(path: str) -> list[str]:
     spec = DataSpec(path=path, format="text", max_samples=1)
     try:
-        return [s.response for s in read_samples(spec)]
+        return [s.response for s in read_samples(spec, "eval.neutral.path")]
     except CalibrationDataError as exc:
-        raise EvalDataError(f"eval.neutral: {exc}") from None
+        raise EvalDataError(str(exc)) from None
 
 
 def read_reply_prompts(spec: RepliesSpec, calib: CalibrationIndex) -> tuple[list[str], dict[str, Any]]:
     """One prompt per non-blank line; calibration prompts are dropped when held out, then a seeded selection."""
     try:
-        samples = read_samples(DataSpec(path=spec.path, format="text", max_samples=1))
+        samples = read_samples(DataSpec(path=spec.path, format="text", max_samples=1), "eval.replies.path")
     except CalibrationDataError as exc:
-        raise EvalDataError(f"eval.replies: {exc}") from None
+        raise EvalDataError(str(exc)) from None
     lines = [t.strip() for s in samples for t in s.response.splitlines() if t.strip()]
     candidates = [i for i, t in enumerate(lines) if not (spec.exclude_calibration and calib.find(t))]
     n = spec.max_items or len(candidates)

@@ -4,8 +4,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -245,9 +243,10 @@ class Recipe(Strict):
         return None
 
     def digest(self) -> str:
-        """sha256 of the validated recipe (paths already resolved), stable across key order."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
+        """The recipe's hash: exporter/recipe/paths.py `recipe_sha256` says what it covers."""
+        from exporter.recipe.paths import recipe_sha256
+
+        return recipe_sha256(self)
 
 
 def semantic_problems(r: Recipe) -> list[str]:

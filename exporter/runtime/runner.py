@@ -1,12 +1,10 @@
 """Running a persona export (or the run's dense base model): generation with streaming, on onnxruntime,
-onnxruntime-genai or torch, CPU. Greedy by default; temperature / top-p sampling, a repetition penalty and a
-seed on request."""
+onnxruntime-genai or torch, CPU. Greedy by default; sampling as `Sampling` (exporter/runtime/sampling.py) says."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +15,7 @@ from exporter.errors import ExportFolderError, OnnxModelError
 from exporter.recipe.formats import FOLDERS
 from exporter.reports.persona import read_report
 from exporter.runtime.chat import prompt_ids
+from exporter.runtime.sampling import Sampling
 
 
 def _tokenizer(folder: Path, vocab_size: int) -> Any:
@@ -42,35 +41,6 @@ def _format_folder(persona_dir: Path, backend: str) -> Path:
             f"{persona_dir} --format {backend}`, or use --backend torch"
         )
     return folder
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """temperature 0 = greedy; repetition_penalty as in transformers (>1 discourages tokens already present)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-
-    def chooser(self) -> Callable[[np.ndarray, list[int]], int]:
-        """choose(logits (vocab,), tokens so far) -> the next token; seeded once per reply."""
-        rng = np.random.default_rng(self.seed)
-
-        def choose(logits: np.ndarray, seen: list[int]) -> int:
-            x = logits.astype(np.float64)
-            if self.repetition_penalty != 1.0 and seen:
-                idx = np.unique(seen)
-                x[idx] = np.where(x[idx] > 0, x[idx] / self.repetition_penalty, x[idx] * self.repetition_penalty)
-            if self.temperature <= 0:
-                return int(x.argmax())
-            p = np.exp((x - x.max()) / self.temperature)
-            p /= p.sum()
-            order = np.argsort(-p, kind="stable")
-            keep = order[: int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1]  # smallest set >= top_p
-            return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
-
-        return choose
 
 
 def base_model_runner(run_dir: Path) -> Runner:

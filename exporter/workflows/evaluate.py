@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporter.errors import ExportFolderError, OutputError, RecipeError
-from exporter.evaluation.conditions import evaluate_masks, prepare
 from exporter.inputs import folder_problem, read_json_object
 from exporter.io import check_target, link_copy, staged
-from exporter.masking.masks import load_mask
-from exporter.masking.stats import UNREADABLE, Statistics
-from exporter.model.sources import load_model
 from exporter.recipe.load import apply_overrides, described, load_recipe, parse_recipe
 from exporter.reports.markdown import write_run_reports
 from exporter.reports.persona import read_report
+
+if TYPE_CHECKING:
+    from exporter.masking.stats import Statistics
 
 
 def evaluate_run_dir(
@@ -47,6 +46,11 @@ def evaluate_run_dir(
     spec = load_recipe(recipe_path, overrides).eval if recipe_path else recipe.eval
     if spec is None:
         raise RecipeError(f"{recipe_path or run_dir / 'recipe.json'}: no eval section; add one or pass --recipe")
+    # torch and the model code are imported once the recipe and its overrides were read: bad YAML is refused at once
+    from exporter.evaluation.conditions import evaluate_masks, prepare
+    from exporter.masking.masks import load_mask
+    from exporter.model.sources import load_model
+
     items = prepare(recipe, spec)
     run_info = read_json_object(run_dir / "run.json", OutputError, fix)  # every file is read before the model
     try:
@@ -69,6 +73,8 @@ def evaluate_run_dir(
 def saved_statistics(run_dir: Path, personas: list[str]) -> dict[str, Statistics]:
     """The run's own calibration statistics where they can be read (they spare the Wanda baseline a pass over
     the calibration data); a persona whose file is missing or unreadable gets that pass instead."""
+    from exporter.masking.stats import UNREADABLE, Statistics
+
     out = {}
     for p in personas:
         try:

@@ -46,7 +46,10 @@ def validate(recipe: Recipe, reuse: Path | None = None) -> Validated:
     loaded. Nothing is loaded or written."""
     from exporter.model import sources
 
-    samples = {name: len(select_samples(p.calibration)) for name, p in recipe.personas.items()}
+    samples = {
+        name: len(select_samples(p.calibration, f"personas.{name}.calibration.path"))
+        for name, p in recipe.personas.items()
+    }
     items = prepare(recipe) if recipe.eval else None
     tune_items = prepare(recipe, tune_validation(recipe.tune)) if recipe.tune else None  # what tune ranks on
     if recipe.model.path is not None:

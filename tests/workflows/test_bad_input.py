@@ -57,7 +57,12 @@ CASES = [
     # a recipe problem through the CLI (the others: tests/recipe/test_recipe.py, without the CLI)
     Case("unknown-top-key", RecipeError, "outptu: unknown key", lambda d, t: d.update(outptu={})),
     # calibration data
-    Case("data-missing", CalibrationDataError, "does not exist", lambda d, t: cal(d, path=str(t / "none.jsonl"))),
+    Case(
+        "data-missing",
+        CalibrationDataError,
+        "personas.introvert.calibration.path: file not found: ",
+        lambda d, t: cal(d, path=str(t / "none.jsonl")),
+    ),
     Case("data-empty", CalibrationDataError, "holds no records", lambda d, t: cal(d, path=data_file(t, "e.jsonl", ""))),
     Case(
         "data-bad-line",
