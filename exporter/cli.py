@@ -70,7 +70,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print("\n".join(item_lines("eval", recipe.eval, checked.items)))
     if recipe.tune is not None and checked.tune_items is not None:
         print("\n".join(item_lines("tune", tune_validation(recipe.tune), checked.tune_items)))
-    print(f"{args.recipe}: valid (recipe sha256 {recipe.digest()[:12]})")
+    print(f"{args.recipe}: valid (recipe sha256 {recipe.digest()})")
     return 0
 
 

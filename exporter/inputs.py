@@ -69,13 +69,21 @@ def folder_problem(path: str | Path) -> str | None:
     return _kind_problem(path, "a folder", "a folder")
 
 
+MAX_JSON_BYTES = 1 << 28  # a manifest, config or report: far less; a larger file is not what it claims to be
+
+
 def read_json_object(path: Path, error: type[PersonaExportError], fix: str) -> dict[str, Any]:
-    """A JSON object read from a regular file; anything else raises `error` naming the file and `fix`."""
+    """A JSON object read from a regular file of at most MAX_JSON_BYTES; anything else raises `error` naming the
+    file and `fix`."""
     problem = file_problem(path)
     if problem is not None:
         raise error(f"{problem}; {fix}")
     try:
+        if (size := os.stat(path).st_size) > MAX_JSON_BYTES:
+            raise error(f"{path} holds {size} bytes, more than a JSON file here can be ({MAX_JSON_BYTES}); {fix}")
         data = json.loads(path.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise error(f"{path} is JSON nested too deeply to read; {fix}") from None
     except UnicodeDecodeError:
         raise error(f"{path} is not UTF-8 text; {fix}") from None
     except json.JSONDecodeError as exc:

@@ -42,7 +42,9 @@ def read_records(
     prefix = f"{where}: " if where else ""
     problem = file_problem(path)
     if problem is not None and path_kind(path) == "nothing":
-        raise error(f"{prefix}file not found: {path}; check the path (a relative path is read from the recipe's folder)")
+        raise error(
+            f"{prefix}file not found: {path}; check the path (a relative path is read from the recipe's folder)"
+        )
     if problem is not None:
         raise error(f"{prefix}data file {problem}; check the 'path' in the recipe")
     try:

@@ -120,7 +120,7 @@ def load_export(folder: Path, onnx: OnnxMode = "same-repo", below_floor: bool = 
         config = json.loads((folder / "hf" / "config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise HubError(f"{str(folder)!r} has no hf/config.json: not a complete persona export") from None
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise HubError(f"cannot read the export in {str(folder)!r}: {e}; re-run the export") from None
     if not any((folder / "hf").glob("*.safetensors")):
         raise HubError(f"{str(folder / 'hf')!r} holds no *.safetensors weights: not a complete export")

@@ -87,7 +87,7 @@ def read_export(onnx_dir: Path) -> tuple[dict[str, Any], KvLayout]:
         )
     try:
         config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise OnnxModelError(f"cannot read {str(config_path)!r}: {e}") from e
     return config, KvLayout.from_config(config)
 

@@ -3,7 +3,6 @@ onnxruntime-genai or torch, CPU. Greedy by default; sampling as `Sampling` (expo
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import numpy as np
 import torch
 
 from exporter.errors import ExportFolderError, OnnxModelError
+from exporter.inputs import read_json_object
 from exporter.recipe.formats import FOLDERS
 from exporter.reports.persona import read_report
 from exporter.runtime.chat import prompt_ids
@@ -52,7 +52,8 @@ def base_model_runner(run_dir: Path) -> Runner:
     path = run_dir / "recipe.json"
     if not path.is_file():
         raise ExportFolderError(f"{run_dir} is not a run folder (no recipe.json); pass RUN_DIR/PERSONA of a `run`")
-    m = load_model(parse_recipe(json.loads(path.read_text(encoding="utf-8")), run_dir, str(path)))
+    data = read_json_object(path, ExportFolderError, "pass RUN_DIR/PERSONA of a `run`, or re-run it")
+    m = load_model(parse_recipe(data, run_dir, str(path)))
     return Runner.__new__(Runner)._torch(m.model, m.export_tokenizer)
 
 
@@ -73,7 +74,10 @@ class Runner:
             import onnxruntime_genai as og
 
             folder = _format_folder(persona_dir, backend)
-            config = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
+            fix = f"re-export it: persona-export export {persona_dir} --format onnx-genai --overwrite"
+            config = read_json_object(folder / "genai_config.json", OnnxModelError, fix).get("model")
+            if not isinstance(config, dict) or not isinstance(config.get("vocab_size"), int):
+                raise OnnxModelError(f"{folder / 'genai_config.json'} has no model.vocab_size; {fix}")
             self.og, self.genai = og, og.Model(str(folder))
             self.tokenizer = _tokenizer(folder, config["vocab_size"])
         elif backend != "torch":  # "onnx" or a quantized ONNX format

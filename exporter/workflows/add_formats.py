@@ -62,6 +62,12 @@ def add_formats(
         if n not in replaced and (folder / FOLDERS[n]).exists() and verification.get(n, Check()).passed
     }
     todo = [n for n in with_sources(formats) if n not in present]  # a stale folder is rebuilt too
+    for name in todo:  # a folder is replaced only when report.json records it as this project's export
+        if (folder / FOLDERS[name]).exists() and name not in verification:
+            raise OutputError(
+                f"{folder / FOLDERS[name]} exists but report.json records no {name} export: persona-export did not "
+                "write it, and replaces only the format folders its report records; move it away and retry"
+            )
     recipe_file = folder.parent / "recipe.json"
     if not recipe_file.exists():
         raise ExportFolderError(f"{recipe_file} is missing: the persona must sit in the run folder that made it")

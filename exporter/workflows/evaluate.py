@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from exporter.errors import ExportFolderError, OutputError, RecipeError
 from exporter.inputs import folder_problem, read_json_object
-from exporter.io import check_target, link_copy, staged
+from exporter.io import RUN_FOLDER, check_target, link_copy, staged
 from exporter.recipe.load import apply_overrides, described, load_recipe, parse_recipe
 from exporter.reports.markdown import write_run_reports
 from exporter.reports.persona import read_report
@@ -32,6 +32,8 @@ def evaluate_run_dir(
                 "eval.baselines=all); the masks were made by the run's recipe"
             )
     fix = "pass the --out folder of a `run` (or re-run it)"
+    if run_dir.is_symlink():
+        raise OutputError(f"{str(run_dir)!r} is a symlink; pass the run folder itself ({run_dir.resolve()})")
     problem = folder_problem(run_dir)
     if problem is not None:
         raise OutputError(f"{problem}; {fix}")
@@ -59,12 +61,12 @@ def evaluate_run_dir(
         raise OutputError(f"{exc}; or {fix}") from None
     masks = {p: load_mask(run_dir / p / "masks.safetensors") for p in recipe.personas}
     stats = saved_statistics(run_dir, list(recipe.personas))
-    check_target(run_dir, overwrite=True)  # the run folder can be written, before the model loads
+    check_target(run_dir, True, RUN_FOLDER)  # the run folder can be written, before the model loads
     m = load_model(recipe)
     if run_info.get("model_sha256") != m.model_sha256:
         raise OutputError(f"{run_dir}: the run was made from another model file than the recipe now loads")
     evaluations = evaluate_masks(recipe, spec, items, m.model, m.tokenizer, m.adapter, masks, stats)
-    with staged(run_dir, overwrite=True) as stage:  # every report changes in one step, or none
+    with staged(run_dir, True, RUN_FOLDER) as stage:  # every report changes in one step, or none
         link_copy(run_dir, stage)
         write_run_reports(stage, recipe.name, evaluations, reports)
     return evaluations

@@ -126,6 +126,7 @@ def verify_checkpoint(
 
 def export_persona(
     recipe: Recipe,
+    recipe_sha: str,
     name: str,
     m: Loaded,
     mask: PersonaMask,
@@ -135,10 +136,11 @@ def export_persona(
     stage: Path,
     timer: Timer,
 ) -> PersonaReport:
-    """Write `stage/<name>` (masks, hf/, onnx/ when asked, report.json); returns the report."""
+    """Write `stage/<name>` (masks, hf/, onnx/ when asked, report.json); returns the report. `recipe_sha` is the
+    recipe's hash as validated (Recipe.digest), recorded in the manifests."""
     folder = stage / name
     folder.mkdir()
-    mask_manifest = {"recipe_sha256": recipe.digest(), "model_sha256": m.model_sha256, "stats_key": stats_info["key"]}
+    mask_manifest = {"recipe_sha256": recipe_sha, "model_sha256": m.model_sha256, "stats_key": stats_info["key"]}
     mask.save(folder / "masks.safetensors", mask_manifest)
 
     log.info("%s: removing %s and exporting", name, describe(mask))
@@ -181,7 +183,8 @@ def export_persona(
     for stage_name, seconds in onnx_timings.items():  # run.json's timings list the ONNX and GGUF stages too
         timer.stages[f"{stage_name}.{name}"] = seconds
     timings = {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")}
-    report = persona_report(recipe, name, m, mask, stats_info, written, {"hf": figures, **onnx}, timings, warnings)
+    verification = {"hf": figures, **onnx}
+    report = persona_report(recipe, recipe_sha, name, m, mask, stats_info, written, verification, timings, warnings)
     write_report(folder, report)
     if not figures["passed"]:
         log.error(
@@ -195,6 +198,7 @@ def export_persona(
 
 def persona_report(
     recipe: Recipe,
+    recipe_sha: str,
     name: str,
     m: Loaded,
     mask: PersonaMask,
@@ -219,7 +223,7 @@ def persona_report(
             model_type=m.model.config.model_type,
             weights=f"GGUF file {gguf}, de-quantized to float32 by transformers" if gguf else "safetensors",
         ),
-        recipe=RecipeRef(name=recipe.name, sha256=recipe.digest()),
+        recipe=RecipeRef(name=recipe.name, sha256=recipe_sha),
         method=recipe.method,
         prune=recipe.prune,
         calibration=CalibrationInfo(

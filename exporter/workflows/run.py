@@ -13,7 +13,7 @@ from typing import Any
 
 from exporter.evaluation.conditions import evaluate_into
 from exporter.export.hf import DTYPES
-from exporter.io import check_target, staged
+from exporter.io import RUN_FOLDER, staged
 from exporter.masking.masks import compute_masks
 from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.masking.stats import Statistics
@@ -24,7 +24,7 @@ from exporter.recipe.schema import Recipe
 from exporter.reports.provenance import Timer, versions
 from exporter.verify.hf import build_prompts, references
 from exporter.workflows.persona import export_persona
-from exporter.workflows.validate import check_limits, validate
+from exporter.workflows.validate import check_limits, check_output, validate
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,8 @@ def run(
 ) -> dict[str, Any]:
     """Run the whole pipeline into `out` (atomically). Returns the run summary (also in run.json)."""
     eval_items = validate(recipe, reuse).items  # what `persona-export validate` checks, before the model loads
-    check_target(out, overwrite)
+    check_output(recipe, out, overwrite, RUN_FOLDER)
+    recipe_sha = recipe.digest()  # the recipe as validated: before `auto` and a memory budget are resolved below
     if recipe.model.max_memory is not None:
         # bounded memory: the float64 proof is layer by layer, calibration reads one layer at a time
         recipe = recipe.model_copy(
@@ -52,7 +53,7 @@ def run(
         timer.add("load", t)
         prompts = build_prompts(m.tokenizer, recipe.verify.prompts)
         check_limits(recipe, m.model.config.to_dict(), max(len(ids[0]) for ids, _ in prompts.singles))
-        with staged(out, overwrite) as stage:
+        with staged(out, overwrite, RUN_FOLDER) as stage:
             stats, infos = statistics_into(stage, recipe, m, reuse, timer, use_cache)
             t = time.perf_counter()
             masks = compute_masks(recipe, stats, column_norms(m))
@@ -60,7 +61,7 @@ def run(
             timer.add("score", t)
             refs = references(m, DTYPES[recipe.output.dtype], exact=not recipe.verify.layerwise)
             reports = {
-                name: export_persona(recipe, name, m, masks[name], infos[name], refs, prompts, stage, timer)
+                name: export_persona(recipe, recipe_sha, name, m, masks[name], infos[name], refs, prompts, stage, timer)
                 for name in recipe.personas
             }
             if eval_items is not None:
@@ -69,7 +70,7 @@ def run(
                 timer.add("eval", t)
             summary = {
                 "recipe": recipe.name,
-                "recipe_sha256": recipe.digest(),
+                "recipe_sha256": recipe_sha,
                 "base_model": m.resolved.base_model,
                 "model_sha256": m.model_sha256,
                 "personas": {n: r.status for n, r in reports.items()},

@@ -21,7 +21,7 @@ from exporter.evaluation.conditions import (
     system_prompt,
     wanda_norms,
 )
-from exporter.io import check_target, staged, write_json
+from exporter.io import SWEEP_FOLDER, staged, write_json
 from exporter.masking.masks import compute_masks
 from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.masking.steer import with_biases
@@ -29,7 +29,7 @@ from exporter.model.sources import load_model
 from exporter.recipe.schema import AttentionPrune, MlpPrune, PruneSpec, Recipe
 from exporter.reports.provenance import Timer
 from exporter.reports.sweep import plot_sweep, sweep_markdown
-from exporter.workflows.validate import validate
+from exporter.workflows.validate import check_output, validate
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def sweep(
     assert spec is not None
     items = validate(recipe, reuse).items  # what `persona-export validate` checks
     assert items is not None  # the recipe has an eval section
-    check_target(out, overwrite)
+    check_output(recipe, out, overwrite, SWEEP_FOLDER)
     m = load_model(recipe)
     timer = Timer()
     stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.personas}
@@ -125,7 +125,7 @@ def sweep(
         raw = score_conditions(ev, conditions(ev, masks, norms), prompts, done=done)
         evals = {p: persona_evaluation(recipe, spec, items, raw, p, masks[p], n_dense) for p in masks}
         points.append({"sparsity": s, "unit": unit, "prune": prune.model_dump(mode="json"), "personas": evals})
-    with staged(out, overwrite) as stage:
+    with staged(out, overwrite, SWEEP_FOLDER) as stage:
         write_json(
             stage / "report.json",
             {

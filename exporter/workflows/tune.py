@@ -35,7 +35,7 @@ from exporter.evaluation.conditions import (
 )
 from exporter.evaluation.items import EvalItems, norm
 from exporter.evaluation.replies import Replies, evaluate_replies
-from exporter.io import check_target, staged, write_json
+from exporter.io import TUNE_FOLDER, staged, write_json
 from exporter.masking.masks import PersonaMask, compute_masks
 from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.masking.steer import with_biases
@@ -44,7 +44,7 @@ from exporter.recipe.schema import MethodSpec, Recipe, per_persona
 from exporter.reports.markdown import md_table, save_png
 from exporter.reports.provenance import Timer
 from exporter.workflows.sweep import with_sparsity
-from exporter.workflows.validate import tune_validation, validate
+from exporter.workflows.validate import check_output, tune_validation, validate
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     if spec.validation.paired is None or spec.validation.neutral is None:
         raise RecipeError("tune.validation: give 'paired' and 'neutral' (the shift and the perplexity it ranks by)")
     validate(recipe, reuse)  # what `persona-export validate` checks, before the model loads
-    check_target(out, overwrite)
+    check_output(recipe, out, overwrite, TUNE_FOLDER)
     validation = tune_validation(spec)
     val_items, test_items = prepare(recipe, validation), prepare(recipe, recipe.eval)
     check_disjoint_splits(val_items, test_items)
@@ -206,7 +206,7 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         recipe_yaml = f"# chosen by `persona-export tune` on the validation items: {report['chosen']}\n"
         recipe_yaml += yaml.safe_dump(final.model_dump(mode="json", exclude_none=True), sort_keys=False)
     # without a feasible point the grid's figures are still written: they tell the user where to search next
-    with staged(out, overwrite) as stage:
+    with staged(out, overwrite, TUNE_FOLDER) as stage:
         write_json(stage / "report.json", report)
         if recipe_yaml is not None:
             (stage / "recipe.yaml").write_text(recipe_yaml)

@@ -58,7 +58,7 @@ def test_bad_files(tmp_path: Path, content: str, name: str, message: str) -> Non
 
 
 def test_missing_file_and_too_few_samples(tmp_path: Path) -> None:
-    with pytest.raises(CalibrationDataError, match="file not found: .*none.jsonl"):
+    with pytest.raises(CalibrationDataError, match=r"file not found: .*none\.jsonl"):
         read_samples(spec(tmp_path / "none.jsonl"))
     (tmp_path / "d.jsonl").write_text('{"q": "x", "a": "y"}\n')
     with pytest.raises(CalibrationDataError, match="max_samples is 2 but the file holds 1"):

@@ -94,7 +94,13 @@ def test_existing_output_is_refused_then_overwritten(recipe: Path, tmp_path: Pat
     (out / "keep.txt").write_text("mine")
     assert main(["run", str(recipe), "--out", str(out)]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["run", str(recipe), "--out", str(out), "--overwrite"]) == 2  # not a run folder: never replaced
+    assert "--overwrite replaces only a run folder that persona-export wrote" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    (out / "keep.txt").write_text("left in the run folder")
     assert main(["run", str(recipe), "--out", str(out), "--overwrite"]) == 0
     assert (out / "run.json").is_file() and not (out / "keep.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]
