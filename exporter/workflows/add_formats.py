@@ -20,9 +20,11 @@ from exporter.errors import ExportFolderError, GgufExportError, OutputError
 from exporter.export.gguf import BIAS_FIX
 from exporter.inputs import read_json_object
 from exporter.io import check_target, link_copy, staged
+from exporter.model.checkpoint import stored_parameters
 from exporter.recipe.formats import FOLDERS, with_sources
 from exporter.recipe.schema import Recipe
 from exporter.reports.persona import SCHEMA_VERSION, Check, PersonaReport, read_report, write_report
+from exporter.workflows.space import check_space, persona_bytes
 from exporter.workflows.validate import format_problems
 
 NEEDS_REFERENCE = ("onnx", "gguf", "onnx-genai")  # verified against the masked reference model
@@ -84,6 +86,10 @@ def add_formats(
     if problems:  # refused before the model is loaded
         raise GgufExportError("; ".join(problems))
     check_target(folder, overwrite=True)  # the run folder can be written, before the model loads
+    params = stored_parameters(sorted((folder / "hf").glob("*.safetensors")))
+    new = [n for n in todo if n != "hf"]
+    size = persona_bytes(new, report.dtype, genai_precision or recipe.output.genai_precision, params)
+    check_space({folder.parent: (size, f"{folder.name}: {', '.join(new)}")})
     timings: dict[str, float] = {}
     with staged(folder, overwrite=True) as stage:
         link_copy(folder, stage, skip={FOLDERS[n] for n in todo})

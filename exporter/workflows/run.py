@@ -19,11 +19,12 @@ from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.masking.stats import Statistics
 from exporter.masking.steer import with_biases
 from exporter.model.checkpoint import checkpoint_dtype
-from exporter.model.sources import Loaded, open_model
+from exporter.model.sources import Loaded, open_model, parameter_count
 from exporter.recipe.schema import Recipe
 from exporter.reports.provenance import Timer, versions
 from exporter.verify.hf import build_prompts, references
 from exporter.workflows.persona import export_persona
+from exporter.workflows.space import check_run_space
 from exporter.workflows.validate import check_limits, check_output, validate
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,15 @@ def run(
                 "verify": recipe.verify.model_copy(update={"layerwise": True}),
             }
         )
+    params = parameter_count(recipe.model)
+    if params is not None:  # before the model loads; a Hub model's size is known once it is downloaded
+        check_run_space(recipe, out, params)
     timer = Timer()
     t = time.perf_counter()
     log.info("loading the model (%s)", recipe.model.embedded or recipe.model.path or recipe.model.hub)
     with open_model(recipe) as m:
+        if params is None:
+            check_run_space(recipe, out, sum(p.numel() for p in m.model.parameters()))
         if recipe.output.dtype == "auto":  # the source checkpoint's dtype
             recipe = recipe.model_copy(update={"output": recipe.output.resolved(checkpoint_dtype(m.resolved.folder))})
         timer.add("load", t)
