@@ -131,3 +131,24 @@ def test_every_yaml_command_refuses_a_bomb_before_loading_torch(tmp_path: Path, 
     assert done.stdout.strip() == "[2, 2, 2, 2, 2] False", done.stdout + done.stderr
     assert done.stderr.count(f"{bomb}: line 6: the aliases here expand") == 4 and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "folder",
+    ["\u202emalicious\u202c \u05e2\u05d1\u05e8\u05d9\u05ea \U0001f4c1", "caf\udce9"],
+    ids=["rtl-emoji", "not-utf8-bytes"],
+)
+@pytest.mark.usefixtures("no_model_load")
+def test_unusual_but_valid_paths_work_and_print(
+    folder: str, tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Right-to-left marks, emoji and bytes that are not UTF-8 in a folder name: the recipe and its data load,
+    and the paths print (escaped where they are not text) instead of crashing the output."""
+    from exporter.cli import main
+
+    where = tmp_path / folder
+    where.mkdir()
+    recipe = write_recipe(where, tiny_llama_dir)
+    assert main(["validate", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "valid (recipe sha256 " in out and ("\\udce9" in out if "\udce9" in folder else folder in out)

@@ -46,7 +46,7 @@ def _size(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def check_space(needs: dict[Path, tuple[int, str]]) -> None:
+def check_space(needs: dict[Path, tuple[int, str]], fix: str = "free some space or choose another --out") -> None:
     """`needs`: folder -> (bytes that will be written there, what they are). Folders on one file system add up;
     a file system with less free space than its sum refuses the command before anything is written."""
     by_device: dict[int, list[tuple[Path, int, str]]] = {}
@@ -61,8 +61,8 @@ def check_space(needs: dict[Path, tuple[int, str]]) -> None:
         if total > free:
             parts = "; ".join(f"{_size(size)} under {str(folder)!r} ({what})" for folder, size, what in entries)
             raise OutputError(
-                f"not enough disk space: about {_size(total)} needed ({parts}), {_size(free)} free there; free "
-                "some space or choose another --out (or another TMPDIR for the offload folder). Nothing was written."
+                f"not enough disk space: about {_size(total)} needed ({parts}), {_size(free)} free there; {fix}. "
+                "Nothing was written."
             )
 
 
@@ -75,6 +75,8 @@ def check_run_space(recipe: Recipe, out: Path, params: int) -> None:
     stats = statistics_bytes(params)
     needs = {out.parent: (n * (each + stats), f"{n} persona(s) x {', '.join(formats)}: {_size(each)} each, "
                           f"statistics {_size(stats)} each")}  # fmt: skip
+    fix = "free some space or choose another --out"
     if recipe.model.max_memory is not None:
         needs[Path(tempfile.gettempdir())] = (params * 4, "the offload folder: the model at fp32")
-    check_space(needs)
+        fix += " (and TMPDIR for the offload folder)"
+    check_space(needs, fix)

@@ -194,3 +194,11 @@ def sources_adapter(model: Any) -> Any:
     from exporter.model.adapters import adapter_for
 
     return adapter_for(model.config)
+
+
+@pytest.mark.slow
+def test_the_embedded_parameter_count_is_the_loaded_models(real_model: Any) -> None:
+    """The disk-space estimate takes the embedded model's size from EMBEDDED_PARAMETERS, before loading it."""
+    from exporter.model.sources import EMBEDDED_PARAMETERS
+
+    assert sum(p.numel() for p in real_model.model.parameters()) == EMBEDDED_PARAMETERS["smollm2-135m-instruct"]

@@ -150,6 +150,23 @@ CASES = [
         "cannot load the model",
         lambda d, t: d.update(model={"path": model_dir(t, "corrupt-weights")}),
     ),
+    Case(
+        "persona-name-slash",
+        RecipeError,
+        "'a/b' is not a safe folder name",
+        lambda d, t: (
+            d["personas"].update({"a/b": d["personas"].pop("introvert")}) or d.update(pairs=[["extravert", "a/b"]])
+        ),
+    ),
+    Case(
+        "persona-name-absolute",
+        RecipeError,
+        "'/tmp/x' is not a safe folder name",
+        lambda d, t: (
+            d["personas"].update({"/tmp/x": d["personas"].pop("introvert")})
+            or d.update(pairs=[["extravert", "/tmp/x"]])
+        ),
+    ),
     # masks that cannot be made as asked
     Case(
         "disjoint-impossible",
@@ -198,18 +215,6 @@ def test_bad_command_lines_exit_2(argv: list[str], capsys: pytest.CaptureFixture
         main(argv)
     assert exit_.value.code == 2
     assert "usage: persona-export" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("value", ["-1", "0", "-100", "abc", "1.5", ""])
-@pytest.mark.parametrize("command", ["generate", "chat"])
-def test_max_new_tokens_must_be_positive(
-    value: str, command: str, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    argv = [command, str(tmp_path), "--max-new-tokens", value] + (["--prompt", "hi"] if command == "generate" else [])
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    assert exit_.value.code == 2
-    assert "--max-new-tokens" in capsys.readouterr().err
 
 
 # -- every command: a command line built in tmp_path (tiny: a tiny Llama folder), the exit code and the message;
@@ -420,6 +425,38 @@ LINES = [
         "is an impossible path (it holds a NUL byte)",
     ),
     Line("argument-nul", lambda t, m: ["run", recipe_file(t, m), "--out", "o\0ut"], "an argument holds a NUL byte"),
+    # generate / chat settings outside their ranges: usage errors naming the range
+    *(
+        Line(
+            f"{c}-{option[2:]}-{value or 'empty'}",
+            lambda t, m, c=c, o=option, v=value: [c, str(t), o, v, *(["--prompt", "hi"] if c == "generate" else [])],
+            f"argument {option}: {message}",
+        )
+        for c in ("generate", "chat")
+        for option, value, message in [
+            ("--temperature", "-1", "-1 is outside the valid range: 0 (greedy) or more"),
+            ("--temperature", "nan", "nan is outside the valid range: 0 (greedy) or more"),
+            ("--temperature", "abc", "'abc' is not a number; give 0 (greedy) or more"),
+            ("--repetition-penalty", "0", "0 is outside the valid range: above 0: 1 is none, above 1 discourages"),
+            ("--repetition-penalty", "-2", "-2 is outside the valid range: above 0"),
+            ("--top-p", "0", "0 is outside the valid range: above 0 and at most 1"),
+            ("--top-p", "1.5", "1.5 is outside the valid range: above 0 and at most 1"),
+            ("--top-p", "-0.1", "-0.1 is outside the valid range: above 0 and at most 1"),
+            ("--max-new-tokens", "0", "0 is outside the valid range: 1 or more"),
+            ("--max-new-tokens", "-100", "-100 is outside the valid range: 1 or more"),
+            ("--max-new-tokens", "1.5", "'1.5' is not a whole number; give 1 or more"),
+            ("--max-new-tokens", "", "'' is not a whole number; give 1 or more"),
+            ("--seed", "-1", "-1 is outside the valid range: a whole number, 0 or more"),
+        ]
+    ),
+    *(
+        Line(
+            f"generate-prompt-{name}",
+            lambda t, m, p=prompt: ["generate", str(t), "--prompt", p],
+            "argument --prompt: the prompt is empty",
+        )
+        for name, prompt in [("empty", ""), ("spaces", "   "), ("newlines", "\n\t\n")]
+    ),
     *(
         Line(
             f"{c}-path-missing", lambda t, m, c=c, x=extra: [c, str(t / "nothing"), *x], "'{t}/nothing' does not exist"
@@ -541,3 +578,13 @@ def test_bad_command_line(line: Line, tmp_path: Path, tiny_llama_dir: Path, caps
     assert snapshot(tmp_path) == before
     assert sorted(p.name for p in (REPO / "recipes" / "data").iterdir()) == repo_before
     assert not (REPO / "exporter" / f"run-{tmp_path.name}").exists()
+
+
+@pytest.mark.parametrize(
+    "setting", [{"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.01}, {"repetition_penalty": 0.0}, {"seed": -3}]
+)
+def test_sampling_refuses_settings_outside_their_ranges(setting: dict[str, float]) -> None:
+    from exporter.runtime.sampling import Sampling
+
+    with pytest.raises(ValueError, match=f"{next(iter(setting))}: .* is outside the valid range"):
+        Sampling(**setting)  # type: ignore[arg-type]
