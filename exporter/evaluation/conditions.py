@@ -56,12 +56,13 @@ def check_spec(recipe: Recipe, spec: EvalSpec) -> None:
         raise RecipeError(f"{len(problems)} problem(s) in the eval section:\n" + "\n".join(f"  {p}" for p in problems))
 
 
-def prepare(recipe: Recipe, spec: EvalSpec | None = None) -> EvalItems:
-    """Validate the eval section and read its items (before any model is loaded: problems surface early)."""
+def prepare(recipe: Recipe, spec: EvalSpec | None = None, section: str = "eval") -> EvalItems:
+    """Validate the eval section and read its items (before any model is loaded: problems surface early);
+    `section` is where the recipe holds `spec` (eval, or tune.validation), as errors name its files."""
     spec = spec or recipe.eval
     assert spec is not None, "prepare() needs an eval section"
     check_spec(recipe, spec)
-    return load_items(recipe, spec)
+    return load_items(recipe, spec, section)
 
 
 def system_prompt(recipe: Recipe, spec: EvalSpec, persona: str) -> str:

@@ -54,7 +54,7 @@ def validate(recipe: Recipe, reuse: Path | None = None) -> Validated:
         for name, p in recipe.personas.items()
     }
     items = prepare(recipe) if recipe.eval else None
-    tune_items = prepare(recipe, tune_validation(recipe.tune)) if recipe.tune else None  # what tune ranks on
+    tune_items = prepare(recipe, tune_validation(recipe.tune), "tune.validation") if recipe.tune else None
     if recipe.model.path is not None:
         sources.resolve(recipe.model)  # config.json, weights present, architecture: no weights are read
         config = sources.read_config(Path(recipe.model.path))

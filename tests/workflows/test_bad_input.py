@@ -417,6 +417,21 @@ LINES = [
         "personas.extravert.calibration.path: file not found: ",
     ),
     Line(
+        "tune-validation-file-missing-names-key",
+        lambda t, m: [
+            "validate",
+            recipe_file(
+                t,
+                m,
+                edit=lambda d: d.update(
+                    eval=eval_section(t),
+                    tune={"sparsity": [0.1], "validation": eval_section(t, neutral={"path": "no.txt"})},
+                ),
+            ),
+        ],
+        "tune.validation.neutral.path: file not found: ",
+    ),
+    Line(
         "data-path-nul",
         lambda t, m: [
             "validate",
