@@ -72,6 +72,25 @@ def folder_problem(path: str | Path) -> str | None:
 MAX_JSON_BYTES = 1 << 28  # a manifest, config or report: far less; a larger file is not what it claims to be
 
 
+def special_entries(folder: Path) -> list[str]:
+    """The entries of `folder` (not recursive) that are neither regular files nor folders after links: named
+    pipes, devices, sockets, broken links and link loops, each said as what it is. Reading one blocks or fails
+    inside a library (a named pipe named tokenizer.json waits forever for a writer)."""
+    found = []
+    for entry in sorted(folder.iterdir()):
+        kind = path_kind(entry)
+        if kind not in ("a file", "a folder"):
+            found.append(f"{entry.name!r} is {kind}")
+    return found
+
+
+def check_folder_files(folder: Path, error: type[PersonaExportError], fix: str) -> None:
+    """Raise `error` naming every special entry of `folder` (special_entries), before a library opens one."""
+    found = special_entries(folder)
+    if found:
+        raise error(f"{folder} holds {'; '.join(found)}: a model folder holds regular files only; {fix}")
+
+
 def read_json_object(path: Path, error: type[PersonaExportError], fix: str) -> dict[str, Any]:
     """A JSON object read from a regular file of at most MAX_JSON_BYTES; anything else raises `error` naming the
     file and `fix`."""

@@ -34,6 +34,9 @@ class TokenizedSample:
     response_start: int  # index of the first response token
 
 
+MAX_DATA_BYTES = 1 << 30  # read whole into memory: calibration and evaluation take a few thousand records
+
+
 def read_records(
     path: Path, fmt: str, error: type[CalibrationDataError] = CalibrationDataError, where: str = ""
 ) -> list[Any]:
@@ -47,6 +50,8 @@ def read_records(
         )
     if problem is not None:
         raise error(f"{prefix}data file {problem}; check the 'path' in the recipe")
+    if (size := path.stat().st_size) > MAX_DATA_BYTES:
+        raise error(f"{prefix}{path} holds {size} bytes; data files are read whole, at most {MAX_DATA_BYTES} (1 GiB)")
     try:
         return _parse(path, path.read_text(encoding="utf-8-sig"), fmt)  # a spreadsheet's UTF-8 starts with a BOM
     except CalibrationDataError as exc:

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from exporter.errors import ModelSourceError, PersonaExportError, UnsupportedModelError
-from exporter.inputs import folder_problem, path_kind, read_json_object
+from exporter.inputs import check_folder_files, folder_problem, path_kind, read_json_object
 from exporter.model.adapters import Adapter, adapter_for
 from exporter.model.tokenizer import export_tokenizer
 from exporter.quiet import gguf_tokenizer_noise, progress
@@ -143,6 +143,7 @@ def check_sizes(
     those sizes first)."""
     from exporter.model.checkpoint import size_problem
 
+    check_folder_files(folder, error, CHECKPOINT_FIX)
     try:
         problem = size_problem(config, weights)
     except (OSError, SafetensorError) as exc:

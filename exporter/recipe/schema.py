@@ -4,13 +4,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from exporter.recipe.eval import EvalSpec, eval_problems
+from exporter.recipe.eval import EvalSpec, Seed, eval_problems
 from exporter.recipe.push import PushSpec
 
 # used with fullmatch: `$` would also accept a trailing newline
@@ -64,7 +65,7 @@ class DataSpec(Strict):
     system_prompt: str | None = None
     max_samples: Annotated[int, Field(ge=1)]
     max_tokens: Annotated[int, Field(ge=8)] = 256
-    seed: int = 0
+    seed: Seed = 0
 
 
 class PersonaSpec(Strict):
@@ -197,6 +198,9 @@ class VerifySpec(Strict):
         return {"max_abs_logit_diff": self.onnx_max_abs, "mean_abs_logit_diff": self.onnx_mean_abs}
 
 
+MAX_TUNE_POINTS = 1000
+
+
 class TuneSpec(Strict):
     """`persona-export tune`: a grid searched on the `validation` items; the best setting is then reported on
     the recipe's `eval` items, which no choice looked at. Best = the largest paired shift of the weaker persona
@@ -218,6 +222,17 @@ class TuneSpec(Strict):
     # with sparsity 0 or gamma > 0 are still scored, as references of the Pareto plot
     require_removal: bool = True
     validation: EvalSpec
+
+    @model_validator(mode="after")
+    def _bounded(self) -> TuneSpec:
+        axes = (self.sparsity, self.steer, self.steer_layers, self.compensate, self.gamma, self.amplify)
+        points = math.prod(len(axis) for axis in axes)
+        if points > MAX_TUNE_POINTS:
+            raise ValueError(
+                f"the grid has {points} points (the product of its lists' lengths); each is evaluated, so at most "
+                f"{MAX_TUNE_POINTS}: shorten the lists"
+            )
+        return self
 
 
 class Recipe(Strict):

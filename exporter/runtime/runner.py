@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from exporter.errors import ExportFolderError, OnnxModelError
-from exporter.inputs import read_json_object
+from exporter.inputs import check_folder_files, read_json_object
 from exporter.recipe.formats import FOLDERS
 from exporter.reports.persona import read_report
 from exporter.runtime.chat import prompt_ids
@@ -21,6 +21,7 @@ from exporter.runtime.sampling import Sampling
 def _tokenizer(folder: Path, vocab_size: int) -> Any:
     from transformers import AutoTokenizer
 
+    check_folder_files(folder, ExportFolderError, "re-export the persona")
     try:
         tok = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:

@@ -21,6 +21,7 @@ from exporter.export.gguf import BIAS_FIX
 from exporter.inputs import read_json_object
 from exporter.io import check_target, link_copy, staged
 from exporter.model.checkpoint import stored_parameters
+from exporter.model.sources import check_sizes
 from exporter.recipe.formats import FOLDERS, with_sources
 from exporter.recipe.schema import Recipe
 from exporter.reports.persona import SCHEMA_VERSION, Check, PersonaReport, read_report, write_report
@@ -86,7 +87,9 @@ def add_formats(
     if problems:  # refused before the model is loaded
         raise GgufExportError("; ".join(problems))
     check_target(folder, overwrite=True)  # the run folder can be written, before the model loads
-    params = stored_parameters(sorted((folder / "hf").glob("*.safetensors")))
+    weights = tuple(sorted((folder / "hf").glob("*.safetensors")))
+    check_sizes("the export", folder / "hf", config, weights, ExportFolderError)  # readable headers, sane sizes
+    params = stored_parameters(weights)
     new = [n for n in todo if n != "hf"]
     size = persona_bytes(new, report.dtype, genai_precision or recipe.output.genai_precision, params)
     check_space({folder.parent: (size, f"{folder.name}: {', '.join(new)}")})

@@ -225,3 +225,16 @@ def expect_valid(recipe: Path, capsys: pytest.CaptureFixture) -> bool:
 
     code = main(["validate", str(recipe)])
     return code == 0 and "valid" in capsys.readouterr().out
+
+
+def test_a_data_file_larger_than_read_whole_is_refused_from_its_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exporter.masking import data
+
+    monkeypatch.setattr(data, "MAX_DATA_BYTES", 100)
+    (tmp_path / "big.jsonl").write_text('{"q": "x", "a": "y"}\n' * 10)
+    with pytest.raises(
+        CalibrationDataError, match=r"big\.jsonl holds 210 bytes; data files are read whole, at most 100"
+    ):
+        read_samples(spec(tmp_path / "big.jsonl"))

@@ -4,6 +4,7 @@ exits non-zero through the CLI, and leaves the output location exactly as it was
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
 from collections.abc import Callable
@@ -165,6 +166,28 @@ CASES = [
         lambda d, t: (
             d["personas"].update({"/tmp/x": d["personas"].pop("introvert")})
             or d.update(pairs=[["extravert", "/tmp/x"]])
+        ),
+    ),
+    # values that would take hours or all memory, or that a random generator refuses
+    Case(
+        "eval-seed-negative",
+        RecipeError,
+        "eval.seed: Input should be greater than or equal to 0 (got -1)",
+        overrides=("eval={neutral: {path: n.txt}, seed: -1}",),
+    ),
+    Case(
+        "eval-bootstrap-huge",
+        RecipeError,
+        "eval.bootstrap: Input should be less than or equal to 100000 (got 1000000000)",
+        overrides=("eval={neutral: {path: n.txt}, bootstrap: 1000000000}",),
+    ),
+    Case(
+        "tune-grid-huge",
+        RecipeError,
+        "tune: the grid has 1331 points (the product of its lists' lengths); each is evaluated, so at most 1000",
+        overrides=(
+            "tune={sparsity: [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,0.01,0.02], steer: [0,1,2,3,4,5,6,7,8,9,10], "
+            "steer_layers: [0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9,1.0,0.05], validation: {}}",
         ),
     ),
     # masks that cannot be made as asked
@@ -342,6 +365,12 @@ def huge_header(folder: Path) -> None:
     """A safetensors file whose header claims a 10^12-element tensor it does not hold."""
     header = json.dumps({"w": {"dtype": "F32", "shape": [1000000, 1000000], "data_offsets": [0, 4 * 10**12]}}).encode()
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 64)
+
+
+def fifo_tokenizer(folder: Path) -> None:
+    """A named pipe where the tokenizer should be: opening it would wait forever for a writer."""
+    (folder / "tokenizer.json").unlink()
+    os.mkfifo(folder / "tokenizer.json")
 
 
 def set_config(folder: Path, **sizes: Any) -> None:
@@ -569,6 +598,7 @@ LINES = [
                 "num_hidden_layers is -2; sizes are positive",
             ),
             ("config-text-size", lambda f: set_config(f, intermediate_size="big"), "intermediate_size is 'big'"),
+            ("tokenizer-is-a-fifo", fifo_tokenizer, "'tokenizer.json' is a named pipe (FIFO)"),
         ]
     ),
 ]
