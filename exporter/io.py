@@ -290,5 +290,21 @@ def link_copy(src: Path, dst: Path, skip: set[str] | frozenset[str] = frozenset(
             link(str(entry), str(dst / entry.name))
 
 
+def refuse_links(folder: Path, fix: str) -> None:
+    """Raise OutputError naming the symlinks under `folder` (links not followed). A folder that is copied into a
+    staging folder and written again must hold none: a file written through a link would land outside it."""
+    links = [
+        f"{Path(root, name)} -> {os.readlink(Path(root, name))!r}"
+        for root, dirs, files in os.walk(folder, followlinks=False)
+        for name in sorted(dirs + files)
+        if Path(root, name).is_symlink()
+    ]
+    if links:
+        raise OutputError(
+            f"{folder} holds {len(links)} symlink(s) ({'; '.join(links[:5])}); persona-export neither follows nor "
+            f"copies links in the folders it rewrites: {fix}. Nothing was changed."
+        )
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

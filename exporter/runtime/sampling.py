@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported when a reply is sampled: the command line reads RANGES without it
+    import numpy as np
 
 # setting -> (lowest, whether the lowest itself is valid, highest or None, the range in words)
 RANGES = {
@@ -41,6 +43,8 @@ class Sampling:
 
     def chooser(self) -> Callable[[np.ndarray, list[int]], int]:
         """choose(logits (vocab,), tokens so far) -> the next token; seeded once per reply."""
+        import numpy as np
+
         rng = np.random.default_rng(self.seed)
 
         def choose(logits: np.ndarray, seen: list[int]) -> int:

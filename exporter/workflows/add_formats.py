@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from exporter.errors import ExportFolderError, GgufExportError, OutputError
 from exporter.export.gguf import BIAS_FIX
 from exporter.inputs import read_json_object
-from exporter.io import check_target, link_copy, staged
+from exporter.io import check_target, link_copy, refuse_links, staged
 from exporter.model.checkpoint import stored_parameters
 from exporter.model.sources import check_sizes
 from exporter.recipe.formats import FOLDERS, with_sources
@@ -55,6 +55,7 @@ def add_formats(
                 f"{target} is a symlink (to {os.readlink(target)!r}); persona-export neither follows nor replaces "
                 "links in a persona folder: remove the link (or replace it with the folder itself) and retry"
             )
+    refuse_links(folder, "replace each link with the file itself")  # the persona's folder is copied and rewritten
     for name in formats:
         if (folder / FOLDERS[name]).exists() and not overwrite:
             raise OutputError(f"{folder / FOLDERS[name]} exists; pass --overwrite to replace it")

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from exporter.errors import ExportFolderError, OutputError, RecipeError
 from exporter.inputs import folder_problem, read_json_object
-from exporter.io import RUN_FOLDER, check_target, link_copy, staged
+from exporter.io import RUN_FOLDER, check_target, link_copy, refuse_links, staged
 from exporter.recipe.load import apply_overrides, described, load_recipe, parse_recipe
 from exporter.reports.markdown import write_run_reports
 from exporter.reports.persona import read_report
@@ -39,6 +39,7 @@ def evaluate_run_dir(
         raise OutputError(f"{problem}; {fix}")
     if not (run_dir / "recipe.json").exists():
         raise OutputError(f"{str(run_dir)!r} is not a run folder (no recipe.json); {fix}")
+    refuse_links(run_dir, "replace each link with the file itself")  # eval rewrites the run's reports
     data = read_json_object(run_dir / "recipe.json", OutputError, fix)
     own = str(run_dir / "recipe.json")
     if recipe_path:

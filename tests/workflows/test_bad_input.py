@@ -356,6 +356,13 @@ def move_data_into_run(t: Path, d: dict[str, Any]) -> None:
     d["personas"]["introvert"]["calibration"]["path"] = str(run / "pairs.jsonl")
 
 
+def link_inside(t: Path, m: Path, command: str) -> list[str]:
+    """A run whose persona's report.md links to a file of the user's: eval and export rewrite what they copy."""
+    (t / "outside.txt").write_text("the user's")
+    persona = persona_folder(t, m, lambda p: (p / "report.md").symlink_to(t / "outside.txt"))
+    return [str(Path(persona).parent)] if command == "eval" else [persona, "--format", "onnx"]
+
+
 def truncate_weights(folder: Path) -> None:
     weights = folder / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
@@ -578,6 +585,14 @@ LINES = [
             "--overwrite",
         ],
         "onnx exists but report.json records no onnx export: persona-export did not write it",
+    ),
+    *(
+        Line(
+            f"{c}-link-to-outside-inside",
+            lambda t, m, c=c: [c, *link_inside(t, m, c)],
+            "holds 1 symlink(s) (",
+        )
+        for c in ("eval", "export")
     ),
     Line(
         "eval-symlinked-run-folder",
