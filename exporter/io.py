@@ -38,6 +38,8 @@ class Product:
             kind = "a symlink" if manifest.is_symlink() else "nothing" if not manifest.exists() else "not a file"
             return f"its {self.manifest} is {kind}" if kind != "nothing" else f"it has no {self.manifest}"
         try:
+            if manifest.stat().st_size > 1 << 26:  # a manifest is a few kilobytes
+                return f"its {self.manifest} is far larger than a manifest"
             data = json.loads(manifest.read_text(encoding="utf-8"))
         except (OSError, ValueError, RecursionError):
             return f"its {self.manifest} is not readable JSON"
