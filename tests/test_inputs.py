@@ -17,7 +17,7 @@ from exporter import inputs
 from exporter.errors import CalibrationDataError, RecipeError
 from exporter.evaluation.items import EvalDataError
 from tests.helpers import REPO, edited_recipe, expect, point_eval_at, write_recipe
-from tests.workflows.test_bad_input import YAML_FILES, alias_bomb
+from tests.workflows.test_bad_input import YAML_FILES, alias_bomb, persona_folder
 
 PATH_KINDS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "folder": (lambda t: (t / "adir").mkdir() or t / "adir", "is a folder, not a regular file"),
@@ -120,6 +120,7 @@ def test_every_yaml_command_refuses_a_bomb_before_loading_torch(tmp_path: Path, 
         ["run", str(bomb), "--out", out],
         ["tune", str(bomb), "--out", out],
         ["sweep", str(bomb), "--sparsity", "0.1", "--out", out],
+        ["eval", str(Path(persona_folder(tmp_path, tiny_llama_dir)).parent), "--recipe", str(bomb)],
         ["run", str(recipe), "--out", out, "pairs=&a [*a]"],
     ]
     script = (
@@ -128,8 +129,8 @@ def test_every_yaml_command_refuses_a_bomb_before_loading_torch(tmp_path: Path, 
         "print(codes, 'torch' in sys.modules)\n"
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert done.stdout.strip() == "[2, 2, 2, 2, 2] False", done.stdout + done.stderr
-    assert done.stderr.count(f"{bomb}: line 6: the aliases here expand") == 4 and "Traceback" not in done.stderr
+    assert done.stdout.strip() == "[2, 2, 2, 2, 2, 2] False", done.stdout + done.stderr
+    assert done.stderr.count(f"{bomb}: line 6: the aliases here expand") == 5 and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()
 
 
