@@ -7,70 +7,24 @@ import signal
 import sys
 import traceback
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from exporter import __version__
 from exporter.errors import PersonaExportError
+from exporter.recipe.formats import ADDED, FORMATS
 
-if TYPE_CHECKING:
-    from exporter.reports.persona import PersonaReport
-
-EXPORT_FORMATS = ["onnx", "onnx-int8", "onnx-int4", "gguf", "onnx-genai"]
-BACKENDS = ["onnx", "onnx-int8", "onnx-int4", "onnx-genai", "torch"]
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def summary_table(reports: dict[str, PersonaReport]) -> str:
-    head = ["persona", "status", "params dense -> pruned", "weights MB", "fp64 max|dlogit|", "fp32 max|dlogit|"]
-    rows = [[*head, "greedy", "onnx max|dlogit|"]]
-    for name, r in reports.items():
-        hf = r.verification["hf"].figures
-        p, b = r.parameters, r.bytes
-        exact = hf.get("fp64") or {  # proven layer by layer: the worst layer output, no fp64 greedy run
-            "max_abs_logit_diff": hf["fp64_layers"]["max_abs_layer_output_diff"],
-            "greedy_identical": hf["fp32"]["greedy_identical"],
-        }
-        rows.append(
-            [
-                name,
-                r.status,
-                f"{p.dense / 1e6:.1f}M -> {p.pruned / 1e6:.1f}M ({p.ratio:.3f})",
-                f"{b.dense_weights / 1e6:.0f} -> {b.pruned_weights_on_disk / 1e6:.0f}",
-                f"{exact['max_abs_logit_diff']:.1e}",
-                f"{hf['fp32']['max_abs_logit_diff']:.1e}",
-                "identical" if exact["greedy_identical"] else "DIFFERENT",
-                f"{r.verification['onnx'].figures['max_abs_logit_diff']:.1e}" if "onnx" in r.verification else "-",
-            ]
-        )
-    return _table(rows)
-
-
-def quality_lines(report: PersonaReport) -> list[str]:
-    """The measured quality of each quantized format in a report, one line each."""
-    from exporter.verify.quality import describe
-
-    return [describe(n, c.figures) for n, c in report.verification.items() if "below_floor" in c.figures]
+EXPORT_FORMATS = list(ADDED)  # formats made from a persona's checkpoint
+# the runtimes that run an export: onnxruntime or onnxruntime-genai on a format's folder, torch on hf/
+BACKENDS = [n for n, f in FORMATS.items() if f.family in ("onnxruntime", "onnxruntime-genai")] + ["torch"]
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from exporter.recipe.load import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)  # before the heavy imports: a bad recipe is refused at once
-    from exporter.workflows.validate import item_lines, tune_validation, validate
+    from exporter.workflows.validate import validate_recipe
 
-    checked = validate(recipe)
-    for name, persona in recipe.personas.items():
-        print(f"  {name}: {checked.samples[name]} calibration samples from {persona.calibration.path}")
-    if recipe.eval is not None and checked.items is not None:
-        print("\n".join(item_lines("eval", recipe.eval, checked.items)))
-    if recipe.tune is not None and checked.tune_items is not None:
-        print("\n".join(item_lines("tune", tune_validation(recipe.tune), checked.tune_items)))
+    print("\n".join(validate_recipe(recipe)))
     print(f"{args.recipe}: valid (recipe sha256 {recipe.digest()})")
     return 0
 
@@ -83,6 +37,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     summary = run(recipe, Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats, use_cache=not args.no_cache)
     from exporter.reports.markdown import verdict
+    from exporter.reports.terminal import quality_lines, summary_table
 
     print(summary_table(summary["reports"]))
     print("\n" + "\n".join(verdict(summary["reports"], Path(args.out))))
@@ -106,6 +61,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = add_formats(
         Path(args.persona_dir), [args.format], overwrite=args.overwrite, genai_precision=args.precision
     )
+    from exporter.reports.terminal import quality_lines, summary_table
+
     print(summary_table({report.persona: report}))
     for line in quality_lines(report):
         print(line)
@@ -217,7 +174,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from exporter.workflows.tune import tune
 
     report = tune(recipe, Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats)
-    print(f"chosen on the validation items: {report['chosen']}")
+    chosen = report.chosen.model_dump() if report.chosen else None
+    print(f"chosen on the validation items: {chosen}")
     print(f"written: {Path(args.out) / 'report.md'} (test figures), report.json, pareto.png, recipe.yaml")
     return 0
 
@@ -310,34 +268,29 @@ def _command(sub: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="persona-export",
-        description=DESCRIPTION,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    _verbosity(parser, top=True)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("set", nargs="*", metavar="KEY.PATH=VALUE", help="recipe overrides, e.g. prune.mlp.sparsity=0.1")
 
-    def overrides(p: argparse.ArgumentParser) -> None:
-        p.add_argument("set", nargs="*", metavar="KEY.PATH=VALUE", help="recipe overrides, e.g. prune.mlp.sparsity=0.1")
 
+def _add_validate(sub: Any) -> None:
     p = _command(sub, "validate", help="check a recipe and its data files without loading a model")
     p.add_argument("recipe")
-    overrides(p)
+    _overrides(p)
     p.set_defaults(func=cmd_validate)
 
+
+def _add_run(sub: Any) -> None:
     p = _command(sub, "run", help="calibrate, mask, prune, export and verify every persona of a recipe")
     p.add_argument("recipe")
     p.add_argument("--out", required=True, help="run folder to create (refused if it exists)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--reuse-stats", type=Path, metavar="RUN_DIR", help="reuse still-valid statistics of an earlier run")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
-    overrides(p)
+    _overrides(p)
     p.set_defaults(func=cmd_run)
 
+
+def _add_export(sub: Any) -> None:
     p = _command(sub, "export", help="add an export format to an existing persona of a run")
     p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA")
     p.add_argument("--format", choices=EXPORT_FORMATS, required=True, help="formats already there are reused")
@@ -349,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
+
+def _add_generation(sub: Any) -> None:
+    """`generate` and `chat`: the same runtime and sampling options."""
     for name, func, text in (
         ("generate", cmd_generate, "generate a reply to one prompt (streamed; greedy unless --temperature)"),
         ("chat", cmd_chat, "chat with a persona export in the terminal"),
@@ -379,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--base", action="store_true", help="also run the run's dense base model (torch), side by side")
         p.set_defaults(func=func)
 
+
+def _add_push(sub: Any) -> None:
     p = _command(sub, "push", help="publish a verified persona export to the Hugging Face Hub")
     p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA", help="a persona folder of a run")
     p.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="model repo (created when missing)")
@@ -399,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the files and sizes to upload; send nothing")
     p.set_defaults(func=cmd_push)
 
+
+def _add_eval(sub: Any) -> None:
     p = _command(
         sub,
         "eval",
@@ -415,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_eval)
 
+
+def _add_sweep(sub: Any) -> None:
     p = _command(sub, "sweep", help="evaluate a recipe's masks at several sparsities (table and plot)")
     p.add_argument("recipe")
     p.add_argument("--sparsity", required=True, help="comma-separated values, e.g. 0.01,0.02,0.05,0.1")
@@ -422,9 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to create for report.md, report.json, sweep.png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.add_argument("--reuse-stats", type=Path, metavar="RUN_DIR", help="reuse valid statistics of a run")
-    overrides(p)
+    _overrides(p)
     p.set_defaults(func=cmd_sweep)
 
+
+def _add_tune(sub: Any) -> None:
     p = _command(
         sub, "tune", help="search the recipe's tune grid on validation items, report the chosen setting on test items"
     )
@@ -432,8 +396,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to create for report.md, report.json, pareto.png, recipe.yaml")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.add_argument("--reuse-stats", type=Path, metavar="RUN_DIR", help="reuse valid statistics of a run")
-    overrides(p)
+    _overrides(p)
     p.set_defaults(func=cmd_tune)
+
+
+COMMANDS = (_add_validate, _add_run, _add_export, _add_generation, _add_push, _add_eval, _add_sweep, _add_tune)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="persona-export",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _verbosity(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

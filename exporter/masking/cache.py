@@ -16,7 +16,7 @@ from typing import Any
 
 from safetensors import SafetensorError
 
-from exporter.masking.stats import UNREADABLE, Statistics
+from exporter.masking.statistics import UNREADABLE, Statistics
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ValidationError
 from exporter.errors import RecipeError
 from exporter.inputs import DuplicateKeyError, YamlLimitError, file_problem, load_yaml, read_yaml_file
 from exporter.recipe.paths import file_keys, get_key, set_key
-from exporter.recipe.schema import Recipe, semantic_problems
+from exporter.recipe.rules import semantic_problems
+from exporter.recipe.schema import Recipe
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -139,7 +140,7 @@ def _unknown_key(loc: tuple[Any, ...]) -> str:
     match = difflib.get_close_matches(str(loc[-1]), allowed_keys(loc[:-1]), n=1, cutoff=0.6)
     if match:
         return f"unknown key; did you mean `{match[0]}`?"
-    return "unknown key (misspelled? remove it or check the recipe reference in README.md)"
+    return "unknown key (misspelled? remove it or check the recipe reference in docs/recipes.md)"
 
 
 def _schema_message(err: Any) -> str:

@@ -39,7 +39,7 @@ import onnxruntime as ort
 
 from exporter.errors import OnnxModelError
 from exporter.inputs import check_folder_files
-from exporter.runtime.chat import position_ids
+from exporter.model.encoding import position_ids
 
 if TYPE_CHECKING:
     from optimum.onnxruntime import ORTModelForCausalLM

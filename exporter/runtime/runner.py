@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from exporter.errors import ExportFolderError, OnnxModelError
+from exporter.folders.run_folder import PersonaFolder, RunFolder
 from exporter.inputs import check_folder_files, read_json_object
-from exporter.recipe.formats import FOLDERS
-from exporter.reports.persona import read_report
-from exporter.runtime.chat import prompt_ids
+from exporter.model.encoding import prompt_ids
+from exporter.recipe.formats import FORMATS
 from exporter.runtime.sampling import Sampling
 
 
@@ -35,10 +35,10 @@ def _tokenizer(folder: Path, vocab_size: int) -> Any:
 
 
 def _format_folder(persona_dir: Path, backend: str) -> Path:
-    folder = persona_dir / FOLDERS[backend]
+    folder = persona_dir / FORMATS[backend].folder
     if not folder.is_dir():
         raise OnnxModelError(
-            f"{persona_dir} has no {FOLDERS[backend]}/ folder; add it with `persona-export export "
+            f"{persona_dir} has no {FORMATS[backend].folder}/ folder; add it with `persona-export export "
             f"{persona_dir} --format {backend}`, or use --backend torch"
         )
     return folder
@@ -48,13 +48,9 @@ def base_model_runner(run_dir: Path) -> Runner:
     """The run's dense base model as the run loaded it (a GGUF source de-quantized to fp32), on torch, with
     the tokenizer the exports ship."""
     from exporter.model.sources import load_model
-    from exporter.recipe.load import parse_recipe
 
-    path = run_dir / "recipe.json"
-    if not path.is_file():
-        raise ExportFolderError(f"{run_dir} is not a run folder (no recipe.json); pass RUN_DIR/PERSONA of a `run`")
-    data = read_json_object(path, ExportFolderError, "pass RUN_DIR/PERSONA of a `run`, or re-run it")
-    m = load_model(parse_recipe(data, run_dir, str(path)))
+    recipe = RunFolder(run_dir, ExportFolderError, "pass RUN_DIR/PERSONA of a `run`").recipe()
+    m = load_model(recipe)
     return Runner.__new__(Runner)._torch(m.model, m.export_tokenizer)
 
 
@@ -69,7 +65,7 @@ class Runner:
         return self
 
     def __init__(self, persona_dir: Path, backend: str = "onnx") -> None:
-        read_report(persona_dir)
+        PersonaFolder(persona_dir).report()  # a persona export, or a clear refusal
         self.backend = backend
         if backend == "onnx-genai":
             import onnxruntime_genai as og
@@ -96,7 +92,9 @@ class Runner:
             self.tokenizer = _tokenizer(folder, self.model.config.vocab_size)
         self.eos = self.tokenizer.eos_token_id
 
-    def _next_tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
+    def next_tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
+        """The `max_new_tokens` tokens after the prompt `ids`, one at a time (an end of turn does not stop them:
+        `stream` does)."""
         choose = sampling.chooser()
         seen = list(ids)
         if self.backend == "onnx-genai":  # onnxruntime-genai's cache; our choice of the next token
@@ -139,7 +137,7 @@ class Runner:
         shown = ""
         self.truncated = True
         ids = prompt_ids(self.tokenizer, messages)
-        for token in self._next_tokens(ids, max_new_tokens, sampling or Sampling()):
+        for token in self.next_tokens(ids, max_new_tokens, sampling or Sampling()):
             if token == self.eos:
                 self.truncated = False
                 break

@@ -11,23 +11,36 @@ import time
 from pathlib import Path
 from typing import Any
 
-from exporter.evaluation.conditions import evaluate_into
+from exporter.evaluation.scorer import evaluate_into
 from exporter.export.hf import DTYPES
 from exporter.io import RUN_FOLDER, staged
+from exporter.masking.collect import column_norms, persona_statistics
 from exporter.masking.masks import compute_masks
-from exporter.masking.statistics import column_norms, persona_statistics
-from exporter.masking.stats import Statistics
+from exporter.masking.statistics import Statistics
 from exporter.masking.steer import with_biases
 from exporter.model.checkpoint import checkpoint_dtype
 from exporter.model.sources import Loaded, open_model, parameter_count
+from exporter.recipe.rules import check_limits
 from exporter.recipe.schema import Recipe
 from exporter.reports.provenance import Timer, versions
+from exporter.stages.persona import export_persona
+from exporter.stages.preflight import check_output, validate
+from exporter.stages.space import check_run_space
 from exporter.verify.hf import build_prompts, references
-from exporter.workflows.persona import export_persona
-from exporter.workflows.space import check_run_space
-from exporter.workflows.validate import check_limits, check_output, validate
 
 log = logging.getLogger(__name__)
+
+
+def bounded(recipe: Recipe) -> Recipe:
+    """With a memory budget the float64 proof is layer by layer and calibration reads one layer at a time."""
+    if recipe.model.max_memory is None:
+        return recipe
+    return recipe.model_copy(
+        update={
+            "calibration": recipe.calibration.model_copy(update={"layerwise": True}),
+            "verify": recipe.verify.model_copy(update={"layerwise": True}),
+        }
+    )
 
 
 def run(
@@ -37,14 +50,7 @@ def run(
     eval_items = validate(recipe, reuse).items  # what `persona-export validate` checks, before the model loads
     check_output(recipe, out, overwrite, RUN_FOLDER)
     recipe_sha = recipe.digest()  # the recipe as validated: before `auto` and a memory budget are resolved below
-    if recipe.model.max_memory is not None:
-        # bounded memory: the float64 proof is layer by layer, calibration reads one layer at a time
-        recipe = recipe.model_copy(
-            update={
-                "calibration": recipe.calibration.model_copy(update={"layerwise": True}),
-                "verify": recipe.verify.model_copy(update={"layerwise": True}),
-            }
-        )
+    recipe = bounded(recipe)
     params = parameter_count(recipe.model)
     if params is not None:  # before the model loads; a Hub model's size is known once it is downloaded
         check_run_space(recipe, out, params)
@@ -72,7 +78,7 @@ def run(
             }
             if eval_items is not None:
                 t = time.perf_counter()
-                evaluate_into(stage, recipe, eval_items, m, masks, reports, stats, timer.stages)
+                reports = evaluate_into(stage, recipe, eval_items, m, masks, reports, stats, timer.stages)
                 timer.add("eval", t)
             summary = {
                 "recipe": recipe.name,

@@ -7,14 +7,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from exporter.cli import main
 from exporter.export import hf as export_hf
-from tests.helpers import REPO, write_recipe
+from tests.helpers import REPO, kill_at, write_recipe
 
 
 def visible(folder: Path) -> list[str]:
@@ -34,21 +33,6 @@ def start(recipe: Path, out: Path) -> subprocess.Popen:
         # default so that the child behaves as under a terminal's Ctrl-C
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-
-
-def kill_at(proc: subprocess.Popen, marker: str, sig: int) -> str:
-    """Send `sig` once `marker` appears on the run's stderr; returns what it printed."""
-    seen = []
-    deadline = time.monotonic() + 120
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        seen.append(line)
-        if marker in line:
-            proc.send_signal(sig)
-            break
-        assert time.monotonic() < deadline, "marker never appeared:\n" + "".join(seen)
-    _, rest = proc.communicate(timeout=120)
-    return "".join(seen) + rest
 
 
 @pytest.mark.parametrize(
@@ -96,7 +80,7 @@ def test_disk_full_during_export_is_a_clear_error(tmp_path: Path, tiny_llama_dir
         raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
 
     monkeypatch.setattr(export_hf, "export_hf", full)
-    monkeypatch.setattr("exporter.workflows.persona.export_hf", full)
+    monkeypatch.setattr("exporter.stages.checkpoint.export_hf", full)
     recipe = write_recipe(tmp_path, tiny_llama_dir)
     out = tmp_path / "runs" / "demo"
     assert main(["run", str(recipe), "--out", str(out)]) == 2
@@ -146,10 +130,10 @@ def test_ctrl_c_during_generate_says_the_reply_was_cut(
 
 
 def _need(recipe: Path) -> int:
-    """What `run` estimates for the tiny recipe (exporter/workflows/space.py): 2 personas, hf at fp32."""
+    """What `run` estimates for the tiny recipe (exporter/stages/space.py): 2 personas, hf at fp32."""
     from exporter.model.checkpoint import stored_parameters
     from exporter.recipe.load import load_recipe
-    from exporter.workflows.space import persona_bytes, statistics_bytes
+    from exporter.stages.space import persona_bytes, statistics_bytes
 
     r = load_recipe(recipe)
     assert r.model.path is not None
@@ -164,7 +148,7 @@ def test_too_little_free_space_is_refused_before_loading(
 ) -> None:  # type: ignore[no-untyped-def]
     from exporter.cli import dispatch
     from exporter.errors import OutputError
-    from exporter.workflows import space
+    from exporter.stages import space
 
     recipe = write_recipe(tmp_path, tiny_llama_dir)
     need = _need(recipe)
@@ -196,7 +180,7 @@ def test_export_checks_free_space_for_the_formats_it_adds(
     tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:  # type: ignore[no-untyped-def]
     from exporter.errors import OutputError
-    from exporter.workflows import space
+    from exporter.stages import space
     from tests.helpers import expect, snapshot
     from tests.workflows.test_bad_input import persona_folder
 
@@ -223,7 +207,7 @@ def _stats_full(*args, **kwargs):  # type: ignore[no-untyped-def]
     ("target", "writer"),
     [
         ("transformers.modeling_utils.safe_save_file", _safetensors_full),
-        ("exporter.masking.stats.Statistics.save", _stats_full),
+        ("exporter.masking.statistics.Statistics.save", _stats_full),
     ],
     ids=["checkpoint-safetensors", "statistics"],
 )
