@@ -28,7 +28,7 @@ from exporter.recipe.schema import Recipe
 from exporter.reports.checks import Check
 from exporter.reports.persona import PersonaReport, write_report
 from exporter.reports.provenance import Timer
-from exporter.stages.space import check_space, persona_bytes
+from exporter.stages.space import check_space, persona_bytes, working_bytes
 
 
 def add_formats(
@@ -60,7 +60,9 @@ def add_formats(
     weights = tuple(sorted((folder / "hf").glob("*.safetensors")))
     check_sizes("the export", folder / "hf", config, weights, ExportFolderError)  # readable headers, sane sizes
     new = [n for n in todo if n != "hf"]
-    size = persona_bytes(new, report.dtype, recipe.output.genai_precision, stored_parameters(weights))
+    params = stored_parameters(weights)
+    size = persona_bytes(new, report.dtype, recipe.output.genai_precision, params)
+    size += working_bytes(new, report.dtype, params)
     check_space({folder.parent: (size, f"{folder.name}: {', '.join(new)}")})
     timer = Timer()
     with staged(folder, overwrite=True) as stage:
