@@ -1,12 +1,9 @@
 """Running a persona export (or the run's dense base model): generation with streaming, on onnxruntime,
-onnxruntime-genai or torch, CPU. Greedy by default; temperature / top-p sampling, a repetition penalty and a
-seed on request."""
+onnxruntime-genai or torch, CPU. Greedy by default; sampling as `Sampling` (exporter/runtime/sampling.py) says."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +12,16 @@ import torch
 
 from exporter.errors import ExportFolderError, OnnxModelError
 from exporter.folders.run_folder import PersonaFolder, RunFolder
+from exporter.inputs import check_folder_files, read_json_object
 from exporter.model.encoding import prompt_ids
 from exporter.recipe.formats import FORMATS
+from exporter.runtime.sampling import Sampling
 
 
 def _tokenizer(folder: Path, vocab_size: int) -> Any:
     from transformers import AutoTokenizer
 
+    check_folder_files(folder, ExportFolderError, "re-export the persona")
     try:
         tok = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
@@ -44,35 +44,6 @@ def _format_folder(persona_dir: Path, backend: str) -> Path:
     return folder
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """temperature 0 = greedy; repetition_penalty as in transformers (>1 discourages tokens already present)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-
-    def chooser(self) -> Callable[[np.ndarray, list[int]], int]:
-        """choose(logits (vocab,), tokens so far) -> the next token; seeded once per reply."""
-        rng = np.random.default_rng(self.seed)
-
-        def choose(logits: np.ndarray, seen: list[int]) -> int:
-            x = logits.astype(np.float64)
-            if self.repetition_penalty != 1.0 and seen:
-                idx = np.unique(seen)
-                x[idx] = np.where(x[idx] > 0, x[idx] / self.repetition_penalty, x[idx] * self.repetition_penalty)
-            if self.temperature <= 0:
-                return int(x.argmax())
-            p = np.exp((x - x.max()) / self.temperature)
-            p /= p.sum()
-            order = np.argsort(-p, kind="stable")
-            keep = order[: int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1]  # smallest set >= top_p
-            return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
-
-        return choose
-
-
 def base_model_runner(run_dir: Path) -> Runner:
     """The run's dense base model as the run loaded it (a GGUF source de-quantized to fp32), on torch, with
     the tokenizer the exports ship."""
@@ -88,6 +59,7 @@ class Runner:
 
     backend: str
     truncated: bool = False  # the last reply was cut at max_new_tokens
+    genai_loop: bool = False  # an onnxruntime-genai folder (its generator and KV cache)
 
     def _torch(self, model: Any, tokenizer: Any) -> Runner:
         self.backend, self.model, self.tokenizer, self.eos = "torch", model, tokenizer, tokenizer.eos_token_id
@@ -96,11 +68,15 @@ class Runner:
     def __init__(self, persona_dir: Path, backend: str = "onnx") -> None:
         PersonaFolder(persona_dir).report()  # a persona export, or a clear refusal
         self.backend = backend
-        if backend == "onnx-genai":
+        self.genai_loop = backend != "torch" and FORMATS[backend].family == "onnxruntime-genai"
+        if self.genai_loop:
             import onnxruntime_genai as og
 
             folder = _format_folder(persona_dir, backend)
-            config = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
+            fix = f"re-export it: persona-export export {persona_dir} --format onnx-genai --overwrite"
+            config = read_json_object(folder / "genai_config.json", OnnxModelError, fix).get("model")
+            if not isinstance(config, dict) or not isinstance(config.get("vocab_size"), int):
+                raise OnnxModelError(f"{folder / 'genai_config.json'} has no model.vocab_size; {fix}")
             self.og, self.genai = og, og.Model(str(folder))
             self.tokenizer = _tokenizer(folder, config["vocab_size"])
         elif backend != "torch":  # "onnx" or a quantized ONNX format
@@ -123,7 +99,7 @@ class Runner:
         `stream` does)."""
         choose = sampling.chooser()
         seen = list(ids)
-        if self.backend == "onnx-genai":  # onnxruntime-genai's cache; our choice of the next token
+        if self.genai_loop:  # onnxruntime-genai's cache; our choice of the next token
             params = self.og.GeneratorParams(self.genai)
             params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
             generator = self.og.Generator(self.genai, params)

@@ -61,6 +61,7 @@ def nothing_removed(mask: PersonaMask) -> list[str]:
 
 def export_persona(
     recipe: Recipe,
+    recipe_sha: str,
     name: str,
     m: Loaded,
     mask: PersonaMask,
@@ -71,10 +72,11 @@ def export_persona(
     timer: Timer,
 ) -> PersonaReport:
     """Write `stage/<name>` (masks, hf/, the other formats asked for, report.json); returns the report.
-    `infos`: every pole's calibration manifest (a composite's mask comes from its parts' statistics)."""
+    `recipe_sha` is the recipe's hash as validated (Recipe.digest), recorded in the manifests; `infos`: every
+    pole's calibration manifest (a composite's mask comes from its parts' statistics)."""
     folder = stage / name
     folder.mkdir()
-    mask_manifest: dict[str, Any] = {"recipe_sha256": recipe.digest(), "model_sha256": m.model_sha256}
+    mask_manifest: dict[str, Any] = {"recipe_sha256": recipe_sha, "model_sha256": m.model_sha256}
     if name in recipe.composites:
         mask_manifest["stats_keys"] = {p: infos[p]["key"] for p in recipe.composites[name].mix}
     else:
@@ -101,13 +103,15 @@ def export_persona(
             reference=references[torch.float32],
             adapter=m.adapter,
             genai_precision=recipe.output.genai_precision,
+            q4_activations=recipe.output.q4_activations,
             timer=timings,
         )
         formats = build_formats(inputs, todo, {"hf": hf})
     for step, seconds in timings.stages.items():  # run.json's timings list the format stages too
         timer.stages[f"{step}.{name}"] = seconds
     own = {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")}
-    report = persona_report(recipe, name, m, mask, infos, written, {"hf": hf, **formats}, own, warnings)
+    verification = {"hf": hf, **formats}
+    report = persona_report(recipe, recipe_sha, name, m, mask, infos, written, verification, own, warnings)
     write_report(folder, report)
     if not hf.passed:
         log.error("%s: the export does not match the masked model: %s", name, hf.fp64_layers or hf.fp64)
@@ -130,6 +134,7 @@ def calibration_info(recipe: Recipe, pole: str, info: dict[str, Any]) -> Calibra
 
 def persona_report(
     recipe: Recipe,
+    recipe_sha: str,
     name: str,
     m: Loaded,
     mask: PersonaMask,
@@ -159,7 +164,7 @@ def persona_report(
             model_type=m.model.config.model_type,
             weights=f"GGUF file {gguf}, de-quantized to float32 by transformers" if gguf else "safetensors",
         ),
-        recipe=RecipeRef(name=recipe.name, sha256=recipe.digest()),
+        recipe=RecipeRef(name=recipe.name, sha256=recipe_sha),
         method=recipe.method,
         prune=recipe.prune,
         calibration=None if mix else calibration_info(recipe, name, infos[name]),
