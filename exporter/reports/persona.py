@@ -16,7 +16,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, computed_field, fie
 from pydantic_core import PydanticCustomError
 
 from exporter.errors import ExportFolderError
-from exporter.inputs import read_json_object
+from exporter.inputs import folder_problem, read_json_object
 from exporter.io import write_json
 from exporter.recipe.formats import FORMATS
 from exporter.recipe.generation import GenerationSpec
@@ -28,9 +28,10 @@ from exporter.reports.record import Record
 log = logging.getLogger(__name__)
 # 2: `warnings`; 3: verification of the weight-only formats (onnx-int8 in ort-int8/, onnx-int4 in ort-int4/,
 # with folder, bits, floor and below_floor) and gguf; 4: each check a typed record of its format's kind whose
-# verdicts (`passed`, `below_floor`) are computed from its figures, not read back; 5: `generation`, the decoding
+# verdicts (`passed`, `below_floor`) are computed from its figures, not read back; 5: composite personas,
+# `calibration` null and `mix`, the parts with their weights, partners and calibration; 6: `generation`, the decoding
 # the formats ship (a report without it: its exports ship plain greedy decoding).
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 FILE = "report.json"
 C = TypeVar("C", bound=Check)
 
@@ -55,6 +56,14 @@ class CalibrationInfo(Record):
     data_sha256: str
     statistic: str
     tokens: str
+
+
+class MixPart(Record):
+    """One part of a composite persona: its weight, the pole it is scored and steered against, its data."""
+
+    weight: float
+    partner: str
+    calibration: CalibrationInfo
 
 
 class Geometries(Record):
@@ -84,7 +93,8 @@ class PersonaReport(Record):
     recipe: RecipeRef
     method: MethodSpec
     prune: PruneSpec
-    calibration: CalibrationInfo
+    calibration: CalibrationInfo | None  # None for a composite: each part's is in `mix`
+    mix: dict[str, MixPart] | None = None  # a composite's parts (exporter/masking/mix.py)
     geometry: Geometries
     removed_per_layer: dict[str, list[list[int]]]  # unit kind -> per layer, the removed unit indices
     parameters: Parameters
@@ -209,7 +219,11 @@ def schema_problems(exc: ValidationError) -> list[str]:
 def read_report(folder: Path) -> PersonaReport:
     """The report of the persona export in `folder`; refuses folders that are not persona exports."""
     report = folder / FILE
-    if not folder.is_dir() or not report.is_file() or not (folder / "hf" / "config.json").is_file():
+    if (problem := folder_problem(folder)) is not None:
+        raise ExportFolderError(
+            f"{problem}; pass a persona folder of a run, RUN_DIR/<persona>, e.g. runs/demo/introvert"
+        )
+    if not report.is_file() or not (folder / "hf" / "config.json").is_file():
         raise ExportFolderError(
             f"{str(folder)!r} is not a persona export (expected report.json and hf/config.json); pass "
             "RUN_DIR/<persona>, e.g. runs/demo/introvert"

@@ -13,18 +13,20 @@ from typing import Any
 
 from exporter.evaluation.scorer import evaluate_into
 from exporter.export.hf import DTYPES
-from exporter.io import check_target, staged
-from exporter.masking.collect import column_norms, persona_statistics
+from exporter.io import RUN_FOLDER, staged
+from exporter.masking.collect import column_norms, down_weights, persona_statistics
 from exporter.masking.masks import compute_masks
+from exporter.masking.mix import composite_masks
 from exporter.masking.statistics import Statistics
 from exporter.masking.steer import with_biases
 from exporter.model.checkpoint import checkpoint_dtype
-from exporter.model.sources import Loaded, open_model
+from exporter.model.sources import Loaded, open_model, parameter_count
 from exporter.recipe.rules import check_limits
 from exporter.recipe.schema import Recipe
 from exporter.reports.provenance import Timer, versions
 from exporter.stages.persona import export_persona
-from exporter.stages.preflight import validate
+from exporter.stages.preflight import check_output, validate
+from exporter.stages.space import check_run_space
 from exporter.verify.hf import build_prompts, references
 
 log = logging.getLogger(__name__)
@@ -47,27 +49,37 @@ def run(
 ) -> dict[str, Any]:
     """Run the whole pipeline into `out` (atomically). Returns the run summary (also in run.json)."""
     eval_items = validate(recipe, reuse).items  # what `persona-export validate` checks, before the model loads
-    check_target(out, overwrite)
+    check_output(recipe, out, overwrite, RUN_FOLDER)
+    recipe_sha = recipe.digest()  # the recipe as validated: before `auto` and a memory budget are resolved below
     recipe = bounded(recipe)
+    params = parameter_count(recipe.model)
+    if params is not None:  # before the model loads; a Hub model's size is known once it is downloaded
+        check_run_space(recipe, out, params)
     timer = Timer()
     t = time.perf_counter()
     log.info("loading the model (%s)", recipe.model.embedded or recipe.model.path or recipe.model.hub)
     with open_model(recipe) as m:
+        if params is None:
+            check_run_space(recipe, out, sum(p.numel() for p in m.model.parameters()))
         if recipe.output.dtype == "auto":  # the source checkpoint's dtype
             recipe = recipe.model_copy(update={"output": recipe.output.resolved(checkpoint_dtype(m.resolved.folder))})
         timer.add("load", t)
         prompts = build_prompts(m.tokenizer, recipe.verify.prompts)
         check_limits(recipe, m.model.config.to_dict(), max(len(ids[0]) for ids, _ in prompts.singles))
-        with staged(out, overwrite) as stage:
+        with staged(out, overwrite, RUN_FOLDER) as stage:
             stats, infos = statistics_into(stage, recipe, m, reuse, timer, use_cache)
             t = time.perf_counter()
-            masks = compute_masks(recipe, stats, column_norms(m))
-            masks = with_biases(recipe, masks, stats, m.model, m.adapter, DTYPES[recipe.output.dtype])
+            col_sq = column_norms(m)
+            # every pole's mask (the ingredients of composites), the exported composites' masks
+            masks = compute_masks(recipe, stats, col_sq) | composite_masks(recipe, stats, col_sq, recipe.exported)
+            storage = DTYPES[recipe.output.dtype]
+            masks = with_biases(recipe, masks, stats, m.model, m.adapter, storage, down=down_weights(m))
+            masks = {name: masks[name] for name in recipe.exported}
             timer.add("score", t)
             refs = references(m, DTYPES[recipe.output.dtype], exact=not recipe.verify.layerwise)
             reports = {
-                name: export_persona(recipe, name, m, masks[name], infos[name], refs, prompts, stage, timer)
-                for name in recipe.personas
+                name: export_persona(recipe, recipe_sha, name, m, masks[name], infos, refs, prompts, stage, timer)
+                for name in recipe.exported
             }
             if eval_items is not None:
                 t = time.perf_counter()
@@ -75,7 +87,7 @@ def run(
                 timer.add("eval", t)
             summary = {
                 "recipe": recipe.name,
-                "recipe_sha256": recipe.digest(),
+                "recipe_sha256": recipe_sha,
                 "base_model": m.resolved.base_model,
                 "model_sha256": m.model_sha256,
                 "personas": {n: r.status for n, r in reports.items()},
@@ -95,11 +107,12 @@ def run(
 def statistics_into(
     stage: Path, recipe: Recipe, m: Loaded, reuse: Path | None, timer: Timer, use_cache: bool
 ) -> tuple[dict[str, Statistics], dict[str, dict[str, Any]]]:
-    """Every persona's statistics, saved to `stage/stats`, and their manifests with sample and token counts."""
+    """Every pole's statistics (exported or mixed into an exported composite), saved to `stage/stats`, and their
+    manifests with sample and token counts."""
     (stage / "stats").mkdir()
     all_stats: dict[str, Statistics] = {}
     infos: dict[str, dict[str, Any]] = {}
-    for name in recipe.personas:
+    for name in recipe.poles:
         stats, info = persona_statistics(recipe, name, m, reuse, timer, use_cache)
         stats.save(stage / "stats" / f"{name}.safetensors", info)
         all_stats[name] = stats

@@ -85,13 +85,14 @@ def test_importing_the_pipeline_leaves_matplotlib_alone() -> None:
 
 
 def test_an_older_report_reads_and_is_rewritten_in_this_layout(tmp_path: Path) -> None:
-    """Schema 3 and 4 reports read as they are (each check in the layout it has had since); schemas 1 and 2 also
-    lack `warnings`, and their "onnx-int8" entry describes an onnx-int8/ folder of dynamic int8 weights that
-    nothing reads: it is left out. Before schema 5 a report has no `generation`: its exports ship plain greedy
-    decoding. Written again, a report takes this schema's number."""
+    """Schema 3 and 4 reports read as they are (each check in the layout it has had since; 5 adds a composite's
+    `mix`, absent from a pole's report); schemas 1 and 2 also lack `warnings`, and their "onnx-int8" entry
+    describes an onnx-int8/ folder of dynamic int8 weights that nothing reads: it is left out. Before schema 6 a
+    report has no `generation`: its exports ship plain greedy decoding. Written again, a report takes this
+    schema's number."""
     data = make_report("introvert", onnx=onnx_check())
     old_int8 = {"max_abs_logit_diff": 0.2, "top1_agreement": 0.9, "parity_target": False, "passed": True}
-    for version in (1, 2, 3, 4):
+    for version in (1, 2, 3, 4, 5):
         dropped = ("generation",) if version >= 3 else ("generation", "warnings")
         old = {k: v for k, v in data.items() if k not in dropped} | {"schema_version": version}
         if version < 3:
@@ -102,5 +103,5 @@ def test_an_older_report_reads_and_is_rewritten_in_this_layout(tmp_path: Path) -
         assert list(report.verification) == ["hf", "onnx"] and report.generation.greedy
         write_report(tmp_path, report)
         written = json.loads((tmp_path / "report.json").read_text())
-        assert written["schema_version"] == SCHEMA_VERSION == 5
+        assert written["schema_version"] == SCHEMA_VERSION == 6
         assert written["generation"] == {"repetition_penalty": 1.0}
