@@ -75,17 +75,20 @@ def cmd_export(args: argparse.Namespace) -> int:
 CUT = " [... cut at --max-new-tokens {n}]"
 
 
-def _sampling(args: argparse.Namespace) -> Any:
+def _sampling(args: argparse.Namespace, persona: Any) -> Any:
+    """The command line's sampling; without --repetition-penalty, the one the persona's format folder ships
+    (the base model runs side by side with the persona's)."""
     from exporter.runtime.sampling import Sampling
 
-    return Sampling(args.temperature, args.top_p, args.repetition_penalty, args.seed)
+    penalty = persona.repetition_penalty if args.repetition_penalty is None else args.repetition_penalty
+    return Sampling(args.temperature, args.top_p, penalty, args.seed)
 
 
-def _reply(runner: Any, messages: list[dict[str, str]], args: argparse.Namespace) -> str:
+def _reply(runner: Any, messages: list[dict[str, str]], args: argparse.Namespace, sampling: Any) -> str:
     """Stream one reply to stdout; mark it when it was cut at --max-new-tokens (or by Ctrl-C)."""
     pieces = []
     try:
-        for piece in runner.stream(messages, args.max_new_tokens, _sampling(args)):
+        for piece in runner.stream(messages, args.max_new_tokens, sampling):
             print(piece, end="", flush=True)
             pieces.append(piece)
     except KeyboardInterrupt as exc:
@@ -114,18 +117,21 @@ def _start(args: argparse.Namespace) -> list[dict[str, str]]:
 def cmd_generate(args: argparse.Namespace) -> int:
     messages = [*_start(args), {"role": "user", "content": args.prompt}]
     runners = _runners(args)
+    sampling = _sampling(args, runners[0][1])
     for name, runner in runners:
         if len(runners) > 1:
             print(f"{name}> ", end="", flush=True)
-        _reply(runner, messages, args)
+        _reply(runner, messages, args, sampling)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     runners = _runners(args)
+    sampling = _sampling(args, runners[0][1])
     history = {name: _start(args) for name, _ in runners}  # with --base each model keeps its own conversation
     names = " and ".join(n for n, _ in runners)
-    print(f"chatting with {names} ({args.backend}); an empty line or Ctrl-D ends", file=sys.stderr)
+    how = f"repetition penalty {sampling.repetition_penalty:g}" if sampling.repetition_penalty != 1 else "no penalty"
+    print(f"chatting with {names} ({args.backend}, {how}); an empty line or Ctrl-D ends", file=sys.stderr)
     while True:
         try:
             line = input("you> ").strip()
@@ -137,7 +143,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
             messages = history[name]
             messages.append({"role": "user", "content": line})
             print("bot> " if len(runners) == 1 else f"{name}> ", end="", flush=True)
-            messages.append({"role": "assistant", "content": _reply(runner, messages, args)})
+            messages.append({"role": "assistant", "content": _reply(runner, messages, args, sampling)})
     return 0
 
 
@@ -306,7 +312,12 @@ def _add_export(sub: Any) -> None:
 def _add_generation(sub: Any) -> None:
     """`generate` and `chat`: the same runtime and sampling options."""
     for name, func, text in (
-        ("generate", cmd_generate, "generate a reply to one prompt (streamed; greedy unless --temperature)"),
+        (
+            "generate",
+            cmd_generate,
+            "generate a reply to one prompt (streamed; greedy with the export's repetition penalty unless "
+            "--temperature / --repetition-penalty)",
+        ),
         ("chat", cmd_chat, "chat with a persona export in the terminal"),
     ):
         p = _command(sub, name, help=text)
@@ -328,8 +339,10 @@ def _add_generation(sub: Any) -> None:
         p.add_argument(
             "--repetition-penalty",
             type=sampling_setting("repetition_penalty"),
-            default=1.0,
-            help="> 0; 1 is none, >1 discourages repeated tokens",
+            metavar="P",
+            help="> 0; >1 discourages tokens already in the chat, 1 = none; default: what the export ships (the "
+            "format folder's generation_config.json, genai_config.json for onnx-genai; the recipe's "
+            "output.generation), also used for --base",
         )
         p.add_argument("--seed", type=sampling_setting("seed"), default=0, help="seed of the sampler; >= 0")
         p.add_argument("--base", action="store_true", help="also run the run's dense base model (torch), side by side")

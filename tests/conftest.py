@@ -75,14 +75,19 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One run on a tiny llama shared by the tests of `run`, `export`, `generate`, `chat` and the genai folder:
     a third of the KV groups and a quarter of the neurons removed (head_dim != hidden / heads afterwards), a
     steering bias (down_proj biases in the checkpoint), exported as hf, onnx, onnx-int8 and an fp32 genai folder
-    (its parity target). Tests that change it work on a copy."""
+    (its parity target), all shipping a repetition penalty of 2 (output.generation). Tests that change it work on
+    a copy."""
     from exporter.cli import main
 
     tmp = tmp_path_factory.mktemp("tiny-run")
     model_dir = tmp / "tiny"
     tiny_model("llama").save_pretrained(model_dir)
     tiny_tokenizer().save_pretrained(model_dir)
-    output = {"formats": ["hf", "onnx", "onnx-int8", "onnx-genai"], "genai_precision": "fp32"}
+    output = {
+        "formats": ["hf", "onnx", "onnx-int8", "onnx-genai"],
+        "genai_precision": "fp32",
+        "generation": {"repetition_penalty": 2.0},
+    }
     recipe = write_recipe(tmp, model_dir, method={"score": "contrastive-wanda", "steer": 1.5}, output=output)
     assert main(["run", str(recipe), "--out", str(tmp / "run")]) == 0
     return tmp / "run"

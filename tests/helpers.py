@@ -469,6 +469,24 @@ RECIPE_CASES = [  # problems of the recipe alone: loading it fails, nothing else
     Case("batch-size-zero", RecipeError, "calibration.batch_size", overrides=("calibration.batch_size=0",)),
     Case("greedy-zero", RecipeError, "verify.greedy_tokens", overrides=("verify.greedy_tokens=0",)),
     Case("dtype-unknown", RecipeError, "output.dtype", overrides=("output.dtype=int4",)),
+    Case(
+        "penalty-below-one",
+        RecipeError,
+        "output.generation.repetition_penalty",
+        overrides=("output.generation.repetition_penalty=0.9",),
+    ),
+    Case(
+        "penalty-above-two",
+        RecipeError,
+        "output.generation.repetition_penalty",
+        overrides=("output.generation.repetition_penalty=2.5",),
+    ),
+    Case(
+        "generation-unknown-key",
+        RecipeError,
+        "output.generation.temperature: unknown key",
+        overrides=("output.generation.temperature=0.7",),
+    ),
     Case("personas-list", RecipeError, "personas", lambda d, t: d.update(personas=["a", "b"])),
     # recipe meaning
     Case(

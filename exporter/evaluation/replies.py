@@ -1,11 +1,13 @@
-"""The replies themselves: greedy replies to everyday prompts, scored for persona by the dense model.
+"""The replies themselves: greedy replies to everyday prompts, scored for persona by the dense model; with a
+shipped repetition penalty (output.generation), a second set of replies decoded under it, reported beside.
 
 A reply's persona score (no judge model): the dense model's mean per-token log-likelihood of the reply's
 tokens after the prompt under persona p's system prompt, minus that under the opposite persona's system
 prompt. Positive = the reply reads more like p. The tokens scored are the ones the model generated, up to and
 excluding the chat template's end-of-turn token (the same "answer tokens" as every other likelihood here).
 Degeneration: the fraction of a reply's 4-grams that repeat an earlier 4-gram of the same reply, and
-distinct-2 (distinct bigrams / bigrams), each averaged over replies.
+distinct-2 (distinct bigrams / bigrams), each averaged over replies. The penalty counts each row's own tokens,
+prompt included, never its padding (exporter/model/penalty.py): a reply does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -52,10 +54,11 @@ def greedy_replies(
     intervention: Intervention | None = None,
     max_new_tokens: int = 64,
     batch_size: int = 16,
+    repetition_penalty: float = 1.0,
     progress: Callable[[int], Any] | None = None,
 ) -> Replies:
-    """Greedy replies, left-padded batches through `generate`; each stops at the end-of-turn token.
-    `progress(n)` is called after every batch with its number of replies."""
+    """Greedy replies (under `repetition_penalty`), left-padded batches through `generate`; each stops at the
+    end-of-turn token. `progress(n)` is called after every batch with its number of replies."""
     stop = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens: list[list[int]] = []
@@ -64,7 +67,7 @@ def greedy_replies(
         for k in range(0, len(prompts), batch_size):
             rows = [reply_prefix(tokenizer, p, system) for p in prompts[k : k + batch_size]]
             ids, attn = left_padded(rows, pad)
-            for row in greedy(model, ids, attn, max_new_tokens, pad, stop).tolist():
+            for row in greedy(model, ids, attn, max_new_tokens, pad, stop, repetition_penalty).tolist():
                 ended = stop in row
                 tokens.append(row[: row.index(stop)] if ended else row)
                 cut.append(not ended)
@@ -114,9 +117,10 @@ def condition_replies(
     *,
     max_new_tokens: int = 64,
     batch_size: int = 64,
+    repetition_penalty: float = 1.0,
     progress: Callable[[int], Any] | None = None,
 ) -> dict[str, Replies]:
-    """Greedy replies to `prompts` under every condition {key: (system prompt, mask)}.
+    """Greedy replies (under `repetition_penalty`) to `prompts` under every condition {key: (system prompt, mask)}.
 
     The rows of all conditions share left-padded batches (sorted by prompt length), each row under its own
     mask and down_proj bias: one decoding step serves every condition, where a step of a small batch costs
@@ -136,7 +140,7 @@ def condition_replies(
         batch = rows[k : k + batch_size]
         ids, attn = left_padded([prefix for prefix, _, _ in batch], pad)
         with _per_row(model, adapter, [conditions[key][1] for _, key, _ in batch]):
-            generated = greedy(model, ids, attn, max_new_tokens, pad, stop).tolist()
+            generated = greedy(model, ids, attn, max_new_tokens, pad, stop, repetition_penalty).tolist()
         for (_, key, i), row in zip(batch, generated, strict=True):
             ended = stop in row
             tokens[key][i] = row[: row.index(stop)] if ended else row
@@ -155,6 +159,7 @@ def condition_replies(
                 intervention=partial(masked, model, adapter, mask),
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
+                repetition_penalty=repetition_penalty,
                 progress=progress,
             )
     return out
@@ -234,8 +239,8 @@ def reply_conditions(masks: dict[str, PersonaMask], systems: dict[str, str], spe
 @dataclass
 class Replier:
     """Replies to one eval section's everyday prompts, scored for persona: the dense model's replies (with and
-    without each persona's system prompt) are generated once and kept for every set of masks that follows (a
-    tune grid); each set of masks gets its own."""
+    without each persona's system prompt) are generated once per repetition penalty and kept for every set of
+    masks that follows (a tune grid); each set of masks gets its own."""
 
     model: nn.Module
     tokenizer: Any
@@ -244,14 +249,17 @@ class Replier:
     prompts: list[str]
     systems: dict[str, str]  # persona -> its system prompt
     opposite: dict[str, str]  # persona -> its opposite
-    cache: dict[str, Replies] = field(default_factory=dict)
+    cache: dict[tuple[float, str], Replies] = field(default_factory=dict)  # (penalty, condition) -> replies
 
-    def generate(self, todo: dict[str, Condition]) -> dict[str, Replies]:
-        """The replies of every condition in `todo`, the dense model's from (and into) the cache."""
+    def generate(self, todo: dict[str, Condition], penalty: float = 1.0) -> dict[str, Replies]:
+        """The replies of every condition in `todo` under `penalty` (1: plain greedy), the dense model's from
+        (and into) the cache."""
         rs = self.spec.replies
         assert rs is not None, "replies need an eval.replies section"
-        missing = {key: c for key, c in todo.items() if key not in self.cache}
-        with progress(len(self.prompts) * len(missing), f"eval replies ({len(missing)} conditions)", "reply") as bar:
+        missing = {key: c for key, c in todo.items() if (penalty, key) not in self.cache}
+        under = f", repetition penalty {penalty:g}" if penalty != 1 else ""
+        what = f"eval replies ({len(missing)} conditions{under})"
+        with progress(len(self.prompts) * len(missing), what, "reply") as bar:
             made = condition_replies(
                 self.model,
                 self.tokenizer,
@@ -260,18 +268,31 @@ class Replier:
                 missing,
                 max_new_tokens=rs.max_new_tokens,
                 batch_size=rs.batch_size,
+                repetition_penalty=penalty,
                 progress=bar.update,
             )
         for key, (_, mask) in missing.items():
             if mask is None:  # dense, or dense with a system prompt: the same in every call
-                self.cache[key] = made[key]
-        return {key: self.cache[key] if key in self.cache else made[key] for key in todo}
+                self.cache[penalty, key] = made[key]
+        return {key: self.cache[penalty, key] if (penalty, key) in self.cache else made[key] for key in todo}
 
-    def evaluate(self, masks: dict[str, PersonaMask]) -> dict[str, RepliesEvaluation]:
+    def evaluate(self, masks: dict[str, PersonaMask], shipped: float = 1.0) -> dict[str, RepliesEvaluation]:
         """Per persona p with an opposite q among `masks`: reply scores (p's system prompt against q's) of every
         condition, the export gap (p's export minus q's export, per prompt) beside the prompt-only and
-        steering-only gaps, degeneration figures, and the first `show` prompts' replies side by side."""
-        replies = self.generate(reply_conditions(masks, self.systems, self.spec))
+        steering-only gaps, degeneration figures, and the first `show` prompts' replies side by side.
+
+        Replies are greedy. With a `shipped` repetition penalty above 1 (output.generation), every condition is
+        decoded again under it and scored the same way, as `shipped` beside the greedy figures (which are the
+        same as without it)."""
+        greedy = self.reply_set(masks, 1.0)
+        if shipped == 1.0:
+            return greedy
+        under = self.reply_set(masks, shipped)
+        return {p: r.model_copy(update={"shipped": under[p]}) for p, r in greedy.items()}
+
+    def reply_set(self, masks: dict[str, PersonaMask], penalty: float) -> dict[str, RepliesEvaluation]:
+        """One reply set's figures per persona (see `evaluate`), decoded under `penalty`."""
+        replies = self.generate(reply_conditions(masks, self.systems, self.spec), penalty)
         pairs = {p: q for p in masks if (q := self.opposite.get(p)) is not None and q in masks}
         scored = sorted({self.systems[p] for pair in pairs.items() for p in pair})
         ll = {}
@@ -282,12 +303,18 @@ class Replier:
         out = {}
         for p, q in pairs.items():
             scores = {c: ll[c, self.systems[p]] - ll[c, self.systems[q]] for c in replies}
-            out[p] = persona_replies(p, q, scores, replies, self.tokenizer, self.spec)
+            out[p] = persona_replies(p, q, scores, replies, self.tokenizer, self.spec, penalty)
         return out
 
 
 def persona_replies(
-    p: str, q: str, scores: dict[str, np.ndarray], replies: dict[str, Replies], tokenizer: Any, spec: EvalSpec
+    p: str,
+    q: str,
+    scores: dict[str, np.ndarray],
+    replies: dict[str, Replies],
+    tokenizer: Any,
+    spec: EvalSpec,
+    penalty: float = 1.0,
 ) -> RepliesEvaluation:
     """Persona p's reply evaluation against its opposite q, from every condition's per-reply scores."""
     rs = spec.replies
@@ -320,6 +347,7 @@ def persona_replies(
     return RepliesEvaluation(
         prompts=len(replies["dense"].prompts),
         max_new_tokens=rs.max_new_tokens,
+        repetition_penalty=penalty,
         opposite=q,
         conditions=conditions,
         gap=gap,

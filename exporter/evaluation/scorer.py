@@ -50,6 +50,9 @@ DEFINITIONS = {
     "removal-only": "the export's mask without its down_proj bias",
     "reply_score": "dense model: mean per-token log-likelihood of a greedy reply under the persona's system prompt "
     "minus under the opposite persona's; reply gap: the persona's export minus the opposite export, per prompt",
+    "shipped_replies": "the same replies decoded as the exports ship (output.generation): greedy with a repetition "
+    "penalty on every token already in the reply's context, prompt included; the acceptance bar reads the greedy "
+    "replies (they measure the model; the penalty removes nearly all repetition from every condition)",
 }
 
 
@@ -102,9 +105,11 @@ class MaskScorer:
         masks: dict[str, PersonaMask],
         *,
         replies: bool = True,
+        shipped: bool = True,
         timings: dict[str, float] | None = None,
     ) -> dict[str, PersonaEvaluation]:
-        """Every persona's evaluation for `masks`, baselines on the same items; `timings` receives the seconds of
+        """Every persona's evaluation for `masks`, baselines on the same items; with `shipped`, the replies are
+        also decoded as the exports ship them (the recipe's output.generation). `timings` receives the seconds of
         each part (baselines, scores, replies)."""
         seconds = timings if timings is not None else {}
         t = time.perf_counter()
@@ -116,7 +121,8 @@ class MaskScorer:
         answered: dict[str, RepliesEvaluation] = {}
         if replies and self.spec.replies is not None and self.items.reply_prompts:
             t = time.perf_counter()
-            answered = self.replier.evaluate(masks)
+            penalty = self.recipe.output.generation.repetition_penalty if shipped else 1.0
+            answered = self.replier.evaluate(masks, penalty)
             seconds["eval_replies"] = round(time.perf_counter() - t, 3)
         return {p: self.summary(raw, p, masks[p], answered.get(p)) for p in masks}
 

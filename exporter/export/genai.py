@@ -25,6 +25,7 @@ import numpy as np
 from exporter.errors import OnnxExportError
 from exporter.export.q4blocks import DenseMlp, q4_1_blocks, with_dense_width
 from exporter.io import staged, write_json
+from exporter.recipe.generation import decoding_fields, shipped_penalty
 from exporter.runtime.onnx import ONNX_FILE
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ def build_genai(hf_dir: Path, out_dir: Path, precision: str = "int4") -> dict[st
 
     The builder runs in a child process (its prints and memory stay there, offline). `genai_config.json`'s
     end-of-turn ids get the shipped tokenizer's eos (`<|im_end|>` for SmolLM2), so that generation stops
-    where the chat template ends a turn.
+    where the chat template ends a turn, and its `search` section the checkpoint's shipped decoding (greedy,
+    the repetition penalty of its generation_config.json).
     """
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if precision not in PRECISIONS:
@@ -67,16 +69,17 @@ def build_genai(hf_dir: Path, out_dir: Path, precision: str = "int4") -> dict[st
                 f"onnxruntime-genai's builder could not build {str(hf_dir)!r} at {precision} "
                 f"(exit code {done.returncode}): {tail}"
             )
-        eos = _end_ids(stage, hf_dir)
+        eos = _complete_config(stage, hf_dir)
         files = sorted(p.name for p in stage.iterdir() if p.is_file() and not p.name.startswith("."))
         mb = sum((stage / f).stat().st_size for f in files) / 1e6
     log.info("onnx-genai %s written in %.1f s (%.0f MB)", precision, time.perf_counter() - start, mb)
     return {"precision": precision, "files": files, "mb": mb, "eos_token_id": eos}
 
 
-def _end_ids(folder: Path, hf_dir: Path) -> list[int]:
+def _complete_config(folder: Path, hf_dir: Path) -> list[int]:
     """Add the checkpoint tokenizer's eos id to `genai_config.json`'s eos ids (and give it a pad id when the
-    checkpoint declares none, which onnxruntime-genai refuses); the resulting eos ids."""
+    checkpoint declares none, which onnxruntime-genai refuses) and the checkpoint's decoding to its `search`
+    section; the resulting eos ids."""
     path = folder / CONFIG_FILE
     config = json.loads(path.read_text())
     declared = config["model"].get("eos_token_id")
@@ -91,6 +94,7 @@ def _end_ids(folder: Path, hf_dir: Path) -> list[int]:
     if config["model"].get("pad_token_id") is None:
         pad = _token_id(special, "pad_token", hf_dir)
         config["model"]["pad_token_id"] = pad if pad is not None else ids[0] if ids else 0
+    config["search"] = {**config.get("search", {}), **decoding_fields(shipped_penalty(hf_dir))}
     write_json(path, config)
     return ids
 

@@ -1,7 +1,8 @@
 """GGUF export (`gguf` format): the proven `hf/` checkpoint as llama.cpp files, written with the `gguf`
 package: F16, Q8_0 and Q4_1 weights, the MLP biases (a persona's steering or compensation bias on down_proj),
-the tokenizer (GPT-2 style BPE: tokens, types, merges, special ids) and the chat template in its metadata.
-Verification: exporter/verify/gguf.py.
+the tokenizer (GPT-2 style BPE: tokens, types, merges, special ids), the chat template and the checkpoint's
+shipped decoding (`general.sampling.*`: greedy and its repetition penalty, which llama.cpp's llama-cli and
+llama-server apply unless given the matching flag) in its metadata. Verification: exporter/verify/gguf.py.
 
 The Q4_1 file stores each matrix in the first block type that holds its values exactly (Q4_1, then Q8_0). For
 a checkpoint de-quantized from a Q4_1 GGUF (the embedded SmolLM2) that gives back the source file's bits for
@@ -33,6 +34,7 @@ from safetensors.numpy import load_file
 from exporter.errors import GgufExportError
 from exporter.export.q4blocks import BLOCK, DenseMlp, exact_blocks, with_dense_width
 from exporter.io import staged
+from exporter.recipe.generation import gguf_sampling, shipped_penalty
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +157,7 @@ def export_gguf(
         raise GgufExportError(f"GGUF export supports llama checkpoints; {hf_dir} is {config.get('model_type')!r}")
     check_no_biases(config, hf_dir)
     tok = _tokenizer_fields(hf_dir)
+    sampling = gguf_sampling(shipped_penalty(hf_dir), config["max_position_embeddings"])
     weights: dict[str, np.ndarray] = {}
     for shard in sorted(hf_dir.glob("*.safetensors")):
         weights.update(load_file(shard))
@@ -174,7 +177,7 @@ def export_gguf(
             writer = gguf.GGUFWriter(stage / file_name(qtype), "llama")
             writer.add_name(hf_dir.parent.name or "persona")
             writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[qtype]))
-            _write_metadata(writer, config, tok, ffn, head_dim)
+            _write_metadata(writer, config, tok, ffn, head_dim, sampling)
             stored, lossy = _write_tensors(writer, tensors, qtype, heads, kv_heads)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
@@ -185,8 +188,11 @@ def export_gguf(
     return written
 
 
-def _write_metadata(writer: Any, config: dict[str, Any], tok: dict[str, Any], ffn: int, head_dim: int) -> None:
-    """The llama architecture's keys (MLP width `ffn`) and the tokenizer's, as llama.cpp reads them."""
+def _write_metadata(
+    writer: Any, config: dict[str, Any], tok: dict[str, Any], ffn: int, head_dim: int, sampling: dict[str, Any]
+) -> None:
+    """The llama architecture's keys (MLP width `ffn`), the tokenizer's and the shipped decoding's (`sampling`,
+    exporter/recipe/generation.py `gguf_sampling`), as llama.cpp reads them."""
     heads = config["num_attention_heads"]
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
@@ -211,6 +217,8 @@ def _write_metadata(writer: Any, config: dict[str, Any], tok: dict[str, Any], ff
     writer.add_add_bos_token(tok["add_bos"])
     if tok["chat_template"]:
         writer.add_chat_template(tok["chat_template"])
+    for key, value in sampling.items():
+        getattr(writer, f"add_sampling_{key}")(value)
 
 
 def _write_tensors(

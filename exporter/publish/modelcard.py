@@ -10,6 +10,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 
 from exporter.recipe.formats import FORMATS, folder_format
+from exporter.recipe.generation import GenerationSpec
 from exporter.recipe.schema import steered_layers
 from exporter.reports.checks import (
     CheckpointCheck,
@@ -21,7 +22,7 @@ from exporter.reports.checks import (
     QuantizedCheck,
 )
 from exporter.reports.evaluation import PersonaEvaluation
-from exporter.reports.markdown import evaluation_markdown, md_table
+from exporter.reports.markdown import decoding, evaluation_markdown, md_table
 from exporter.reports.persona import BaseModelInfo, PersonaReport
 
 PROMPT = "Describe your ideal weekend in a few sentences."
@@ -244,15 +245,15 @@ def _usage(ctx: CardContext, report: PersonaReport) -> str:
     """How to run what the repo holds: one section per runtime family of its folders."""
     parts = ["## Usage"]
     if ctx.repo_id == ctx.hf_repo_id:
-        parts.append(_transformers_usage(ctx))
+        parts.append(_transformers_usage(ctx, report.generation))
     names = _formats(ctx.onnx_folders)
     onnx = [n for n in names if FORMATS[n].family == "onnxruntime"]
     if onnx:
         parts += _onnx_usage(ctx, onnx, report)
     if any(FORMATS[n].family == "llama.cpp" for n in names):
-        parts.append(_gguf_usage(ctx, report.check("gguf", GgufCheck)))
+        parts.append(_gguf_usage(ctx, report.check("gguf", GgufCheck), report.generation))
     for name in (n for n in names if FORMATS[n].family == "onnxruntime-genai"):
-        parts.append(_genai_usage(ctx.repo_id, name, report.check(name, GenaiCheck)))
+        parts.append(_genai_usage(ctx.repo_id, name, report.check(name, GenaiCheck), report.generation))
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
@@ -260,8 +261,15 @@ def _revision(ctx: CardContext) -> str:
     return f', revision="{ctx.revision}"' if ctx.revision else ""
 
 
-def _chat_and_generate(ctx: CardContext) -> str:
-    """The Python lines that encode the prompt (as a chat when the tokenizer has a template) and print a reply."""
+def _chat_and_generate(ctx: CardContext, generation: GenerationSpec) -> str:
+    """The Python lines that encode the prompt (as a chat when the tokenizer has a template) and print a reply
+    decoded as the export ships (generate reads generation_config.json)."""
+    penalty = generation.repetition_penalty
+    shipped = (
+        f"  # + repetition_penalty={penalty:g} from generation_config.json; 1.0 for plain greedy"
+        if not generation.greedy
+        else ""
+    )
     chat = (
         f'messages = [{{"role": "user", "content": "{PROMPT}"}}]\n'
         "inputs = tokenizer.apply_chat_template(\n"
@@ -273,20 +281,20 @@ def _chat_and_generate(ctx: CardContext) -> str:
     return chat + (
         "output = model.generate(\n"
         '    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],\n'
-        "    max_new_tokens=64, do_sample=False,\n"
+        f"    max_new_tokens=64, do_sample=False,{shipped}\n"
         ")\n"
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))\n'
     )
 
 
-def _transformers_usage(ctx: CardContext) -> str:
+def _transformers_usage(ctx: CardContext, generation: GenerationSpec) -> str:
     rev = _revision(ctx)
     return (
         "With transformers:\n\n```python\n"
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'repo = "{ctx.hf_repo_id}"\n'
         f"tokenizer = AutoTokenizer.from_pretrained(repo{rev})\n"
-        f"model = AutoModelForCausalLM.from_pretrained(repo{rev})\n\n" + _chat_and_generate(ctx) + "```"
+        f"model = AutoModelForCausalLM.from_pretrained(repo{rev})\n\n" + _chat_and_generate(ctx, generation) + "```"
     )
 
 
@@ -307,7 +315,7 @@ def _onnx_usage(ctx: CardContext, names: list[str], report: PersonaReport) -> li
         f'model = ORTModelForCausalLM.from_pretrained(repo, subfolder="{folder}"{rev})\n'
         + fix
         + "\n"
-        + _chat_and_generate(ctx)
+        + _chat_and_generate(ctx, report.generation)
         + "```"
     ]
     quantized = [_quantized_line(n, report) for n in names[1:]]
@@ -325,8 +333,10 @@ def _onnx_usage(ctx: CardContext, names: list[str], report: PersonaReport) -> li
     return parts
 
 
-def _gguf_usage(ctx: CardContext, check: GgufCheck | None) -> str:
-    """llama-cpp-python on the best GGUF file pushed: a quantized one within its floor, else F16."""
+def _gguf_usage(ctx: CardContext, check: GgufCheck | None, generation: GenerationSpec) -> str:
+    """llama-cpp-python on the best GGUF file pushed (a quantized one within its floor, else F16), decoding as
+    the files' metadata say."""
+    penalty = generation.repetition_penalty
     folder = FORMATS["gguf"].folder
     files = {q: f for q, f in (check.files if check else {}).items() if f"{folder}/{f.file}" not in ctx.left_out}
     usable = [q for q in ("Q4_1", "Q8_0") if q in files and files[q].passed and not files[q].below_floor]
@@ -337,12 +347,17 @@ def _gguf_usage(ctx: CardContext, check: GgufCheck | None) -> str:
         f"`{folder}/` folder ({listed}):\n\n```python\n"
         "from llama_cpp import Llama\n\n"
         f'llm = Llama.from_pretrained("{ctx.repo_id}", filename="{folder}/{name}", verbose=False)\n'
-        f'out = llm.create_chat_completion([{{"role": "user", "content": "{PROMPT}"}}], max_tokens=64)\n'
-        'print(out["choices"][0]["message"]["content"])\n```'
+        f'messages = [{{"role": "user", "content": "{PROMPT}"}}]\n'
+        f"out = llm.create_chat_completion(messages, max_tokens=64, temperature=0.0, repeat_penalty={penalty:g})\n"
+        'print(out["choices"][0]["message"]["content"])\n```\n\n'
+        f"The files' metadata carry the decoding this export ships ({decoding(penalty)}: "
+        "`general.sampling.temp`, `general.sampling.penalty_repeat`, `general.sampling.penalty_last_n`), "
+        "which llama.cpp's `llama-cli` and `llama-server` apply unless given `--temp`, `--repeat-penalty` or "
+        "`--repeat-last-n`; llama-cpp-python does not read them, so the snippet passes them."
     )
 
 
-def _genai_usage(repo_id: str, name: str, check: GenaiCheck | None) -> str:
+def _genai_usage(repo_id: str, name: str, check: GenaiCheck | None, generation: GenerationSpec) -> str:
     """How to run the folder of the onnxruntime-genai format `name` (`genai/`, `q4-genai/`) with
     onnxruntime-genai, and what was measured of it."""
     folder, precision = FORMATS[name].folder, check.precision if check else "int4"
@@ -366,7 +381,8 @@ def _genai_usage(repo_id: str, name: str, check: GenaiCheck | None) -> str:
         f'prompt = tokenizer.apply_chat_template(\'[{{"role": "user", "content": "{PROMPT}"}}]\', add_generation_prompt=True)\n'
         "ids = tokenizer.encode(prompt)\n"
         "params = og.GeneratorParams(model)\n"
-        "params.set_search_options(max_length=len(ids) + 128)  # greedy unless do_sample=True\n"
+        "params.set_search_options(max_length=len(ids) + 128)  # genai_config.json's search: "
+        f"{decoding(generation.repetition_penalty)}\n"
         "generator = og.Generator(model, params)\n"
         "generator.append_tokens(ids)\n"
         "while not generator.is_done():  # ends at the end of the turn\n"

@@ -15,6 +15,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Discriminator, Field, 
 from exporter.recipe.composites import MixSpec, mix_description
 from exporter.recipe.eval import EvalSpec, Seed
 from exporter.recipe.formats import FormatName
+from exporter.recipe.generation import GenerationSpec
 from exporter.recipe.push import PushSpec
 
 # used with fullmatch: `$` would also accept a trailing newline
@@ -208,6 +209,8 @@ class OutputSpec(Strict):
     # matrix keeps exact blocks (about 1.5 x the int8 time per token on SmolLM2)
     q4_activations: Literal["int8", "fp32"] = "int8"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # auto: the source checkpoint's
+    # decoding defaults written into every format (exporter/recipe/generation.py); default plain greedy
+    generation: GenerationSpec = GenerationSpec()
     # the personas a run exports (default: all); the others are still calibrated and masked when an exported
     # composite mixes them
     personas: list[str] | None = None

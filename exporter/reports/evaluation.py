@@ -176,14 +176,18 @@ class ReplyExample(Record):
 
 class RepliesEvaluation(Record):
     """Reply scores per condition (keyed by label: dense, prompt-only, export, ...), the gaps between the
-    persona's and its opposite's models, and replies side by side."""
+    persona's and its opposite's models, and replies side by side. Greedy replies; `shipped`: the same figures
+    of the replies decoded as the exports ship them (output.generation's repetition penalty), when that is not
+    plain greedy."""
 
     prompts: int
     max_new_tokens: int
+    repetition_penalty: float = 1.0  # the decoding of these replies: greedy with this penalty (1: none)
     opposite: str
     conditions: dict[str, ReplyCondition]
     gap: dict[str, CI]
     examples: list[ReplyExample]
+    shipped: RepliesEvaluation | None = None
 
 
 class PersonaEvaluation(Record):

@@ -126,30 +126,28 @@ def _quote(text: str) -> str:
 
 
 def replies_markdown(persona: str, r: RepliesEvaluation) -> list[str]:
-    """The reply metric: scores and degeneration per condition, the gaps, and replies side by side."""
-    rows = [
-        [
-            label,
-            fmt_ci(c.score),
-            f"{c.degeneration.repeated_4grams:.3f}",
-            f"{c.degeneration.distinct_2:.3f}",
-            f"{c.degeneration.cut_at_max_tokens:.2f}",
-        ]
-        for label, c in r.conditions.items()
-    ]
-    header = ["replies of", "persona score", "repeated 4-grams", "distinct-2", "cut at max tokens"]
-    gaps = "; ".join(f"{name.replace('_', '-')} {fmt_ci(g)}" for name, g in r.gap.items())
+    """The reply metric: scores and degeneration per condition, the gaps, and replies side by side. With a
+    shipped repetition penalty, its reply set follows the greedy one, and the replies shown are its own."""
+    under = r.shipped
     lines = [
         f"### Replies ({r.prompts} everyday prompts, greedy, at most {r.max_new_tokens} tokens)",
         "",
-        f"Persona score: the dense model's log-likelihood of the reply under this persona's system prompt minus "
-        f"under {r.opposite}'s (nats/token). Gap (this persona's model minus {r.opposite}'s, per prompt): "
-        f"{gaps}.",
-        "",
-        md_table(header, rows),
+        *_reply_figures(r),
         "",
     ]
-    for ex in r.examples:
+    if under is not None:
+        lines += [
+            f"### Replies as the exports ship them ({decoding(under.repetition_penalty)})",
+            "",
+            "The same prompts decoded with the penalty the exports carry (generation_config.json and the other "
+            "formats' equivalents). The acceptance bar reads the greedy replies: they measure the model, while "
+            "the penalty removes nearly all repetition from every condition, so under it the bar could not tell "
+            "an export that loops from one that does not.",
+            "",
+            *_reply_figures(under),
+            "",
+        ]
+    for ex in (under or r).examples:
         lines += [
             f"**{_quote(ex.prompt)}**",
             "",
@@ -167,6 +165,29 @@ def replies_markdown(persona: str, r: RepliesEvaluation) -> list[str]:
     return lines
 
 
+def _reply_figures(r: RepliesEvaluation) -> list[str]:
+    """One reply set's persona scores, degeneration and gaps."""
+    rows = [
+        [
+            label,
+            fmt_ci(c.score),
+            f"{c.degeneration.repeated_4grams:.3f}",
+            f"{c.degeneration.distinct_2:.3f}",
+            f"{c.degeneration.cut_at_max_tokens:.2f}",
+        ]
+        for label, c in r.conditions.items()
+    ]
+    header = ["replies of", "persona score", "repeated 4-grams", "distinct-2", "cut at max tokens"]
+    gaps = "; ".join(f"{name.replace('_', '-')} {fmt_ci(g)}" for name, g in r.gap.items())
+    return [
+        f"Persona score: the dense model's log-likelihood of the reply under this persona's system prompt minus "
+        f"under {r.opposite}'s (nats/token). Gap (this persona's model minus {r.opposite}'s, per prompt): "
+        f"{gaps}.",
+        "",
+        md_table(header, rows),
+    ]
+
+
 def persona_markdown(report: PersonaReport, plot: str | None = None) -> str:
     p, hf = report.parameters, report.check("hf", CheckpointCheck)
     assert hf is not None, "a report always holds its checkpoint's check"
@@ -179,10 +200,16 @@ def persona_markdown(report: PersonaReport, plot: str | None = None) -> str:
         f"prune {json.dumps(report.prune.model_dump(mode='json'))}.",
         f"- Parameters: {p.dense / 1e6:.2f}M -> {p.pruned / 1e6:.2f}M ({p.ratio:.3f}){_added(report)}.",
         f"- Verification: {report.status} (fp64 max |dlogit| {hf.exact_max_abs:.1e}).",
+        f"- Decoding the exports ship: {decoding(report.generation.repetition_penalty)}.",
         "",
     ]
     ev = report.evaluation
     return "\n".join(head) + (evaluation_markdown(report.persona, ev, plot) if ev else "No evaluation.\n")
+
+
+def decoding(penalty: float) -> str:
+    """How replies are decoded under `penalty`, in words."""
+    return "greedy" + (f", repetition penalty {penalty:g}" if penalty != 1 else " (no repetition penalty)")
 
 
 def _added(report: PersonaReport) -> str:

@@ -19,6 +19,7 @@ from exporter.errors import ExportFolderError
 from exporter.inputs import folder_problem, read_json_object
 from exporter.io import write_json
 from exporter.recipe.formats import FORMATS
+from exporter.recipe.generation import GenerationSpec
 from exporter.recipe.schema import MethodSpec, PruneSpec
 from exporter.reports.checks import CHECKS, Check
 from exporter.reports.evaluation import PersonaEvaluation
@@ -28,8 +29,9 @@ log = logging.getLogger(__name__)
 # 2: `warnings`; 3: verification of the weight-only formats (onnx-int8 in ort-int8/, onnx-int4 in ort-int4/,
 # with folder, bits, floor and below_floor) and gguf; 4: each check a typed record of its format's kind whose
 # verdicts (`passed`, `below_floor`) are computed from its figures, not read back; 5: composite personas,
-# `calibration` null and `mix`, the parts with their weights, partners and calibration.
-SCHEMA_VERSION = 5
+# `calibration` null and `mix`, the parts with their weights, partners and calibration; 6: `generation`, the decoding
+# the formats ship (a report without it: its exports ship plain greedy decoding).
+SCHEMA_VERSION = 6
 FILE = "report.json"
 C = TypeVar("C", bound=Check)
 
@@ -98,6 +100,7 @@ class PersonaReport(Record):
     parameters: Parameters
     bytes: Sizes
     dtype: str
+    generation: GenerationSpec = GenerationSpec()  # the decoding every format of the export ships
     loading: dict[str, Any]  # {"whole": true}, or the memory budget and accelerate's placement
     verification: dict[str, SerializeAsAny[Check]]  # format name -> its check (exporter/reports/checks.py)
     timings_s: dict[str, float]

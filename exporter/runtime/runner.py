@@ -1,5 +1,6 @@
 """Running a persona export (or the run's dense base model): generation with streaming, on onnxruntime,
-onnxruntime-genai or torch, CPU. Greedy by default; sampling as `Sampling` (exporter/runtime/sampling.py) says."""
+onnxruntime-genai or torch, CPU. Greedy with the repetition penalty the export ships (its generation_config.json
+or genai_config.json) by default; temperature / top-p sampling, another penalty and a seed on request."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from exporter.folders.run_folder import PersonaFolder, RunFolder
 from exporter.inputs import check_folder_files, read_json_object
 from exporter.model.encoding import prompt_ids
 from exporter.recipe.formats import FORMATS
+from exporter.recipe.generation import shipped_penalty
 from exporter.runtime.sampling import Sampling
 
 
@@ -59,6 +61,7 @@ class Runner:
 
     backend: str
     truncated: bool = False  # the last reply was cut at max_new_tokens
+    repetition_penalty: float = 1.0  # what the format folder ships (the base model: none)
     genai_loop: bool = False  # an onnxruntime-genai folder (its generator and KV cache)
 
     def _torch(self, model: Any, tokenizer: Any) -> Runner:
@@ -93,6 +96,7 @@ class Runner:
             self.model = load_exact(folder, "the export", ExportFolderError, dtype=torch.float32).eval()
             self.tokenizer = _tokenizer(folder, self.model.config.vocab_size)
         self.eos = self.tokenizer.eos_token_id
+        self.repetition_penalty = shipped_penalty(folder)
 
     def next_tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
         """The `max_new_tokens` tokens after the prompt `ids`, one at a time (an end of turn does not stop them:
@@ -101,7 +105,8 @@ class Runner:
         seen = list(ids)
         if self.genai_loop:  # onnxruntime-genai's cache; our choice of the next token
             params = self.og.GeneratorParams(self.genai)
-            params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
+            # `choose` picks every token and applies the penalty; the search section's own is not used
+            params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False, repetition_penalty=1.0)
             generator = self.og.Generator(self.genai, params)
             generator.append_tokens(np.asarray(ids, dtype=np.int32))
             for step in range(max_new_tokens):

@@ -12,13 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from exporter.export.hf import DTYPES, export_hf
+from exporter.export.hf import DTYPES, export_hf, ship_generation
 from exporter.export.prune import count_parameters, prune_model
 from exporter.export.shards import prune_checkpoint
 from exporter.masking.masks import PersonaMask
 from exporter.model.checkpoint import checkpoint_parameters
 from exporter.model.sources import Loaded
-from exporter.recipe.schema import Recipe
+from exporter.recipe.schema import OutputSpec, Recipe
 from exporter.reports.checks import CheckpointCheck
 from exporter.reports.provenance import Timer
 from exporter.verify.hf import PromptSet, verify_export
@@ -35,19 +35,22 @@ class Written:
     pruned_params: int
 
 
-def write_checkpoint(m: Loaded, mask: PersonaMask, out: Path, dtype: str, timer: Timer, name: str) -> Written:
-    """Prune and save: shard by shard from the source checkpoint when the model is not whole in memory."""
+def write_checkpoint(m: Loaded, mask: PersonaMask, out: Path, output: OutputSpec, timer: Timer, name: str) -> Written:
+    """Prune and save: shard by shard from the source checkpoint when the model is not whole in memory. The
+    checkpoint ships the recipe's decoding defaults (output.generation)."""
     t = time.perf_counter()
     if m.bounded:
         files = prune_checkpoint(
-            m.resolved.folder, m.adapter, mask, out, dtype=DTYPES[dtype], tokenizer=m.export_tokenizer
+            m.resolved.folder, m.adapter, mask, out, dtype=DTYPES[output.dtype], tokenizer=m.export_tokenizer
         )
+        ship_generation(out, output.generation)
         timer.add(f"export_hf.{name}", t)
         return Written(out, files, checkpoint_parameters(m.resolved.folder), checkpoint_parameters(out))
     pruned = prune_model(copy.deepcopy(m.model), m.adapter, mask)
     timer.add(f"prune.{name}", t)
     t = time.perf_counter()
-    files = export_hf(pruned, m.export_tokenizer, out, dtype)
+    files = export_hf(pruned, m.export_tokenizer, out, output.dtype)
+    ship_generation(out, output.generation)
     timer.add(f"export_hf.{name}", t)
     return Written(out, files, count_parameters(m.model), count_parameters(pruned))
 

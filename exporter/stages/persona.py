@@ -84,7 +84,7 @@ def export_persona(
     mask.save(folder / "masks.safetensors", mask_manifest)
 
     log.info("%s: removing %s and exporting", name, describe(mask))
-    written = write_checkpoint(m, mask, folder / "hf", recipe.output.dtype, timer, name)
+    written = write_checkpoint(m, mask, folder / "hf", recipe.output, timer, name)
     log.info("%s: verifying the export against the masked model (float64 and fp32)", name)
     with timer.timed(f"verify_hf.{name}"):
         hf = verify_checkpoint(recipe, m, mask, folder / "hf", references, prompts, name)
@@ -179,6 +179,7 @@ def persona_report(
             ratio=weights_bytes / (dense_params * element),
         ),
         dtype=recipe.output.dtype,
+        generation=recipe.output.generation,
         loading={"max_memory": m.max_memory, "device_map": m.device_map()} if m.bounded else {"whole": True},
         verification=verification,
         timings_s=timings,

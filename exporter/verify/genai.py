@@ -41,7 +41,8 @@ class GenaiModel:
         """Prefill logits (s, V), the logits before each generated token, and the greedy tokens (at most
         `new_tokens`; generation ends early at an eos of genai_config.json)."""
         params = self.og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + max(new_tokens, 1), do_sample=False)
+        # plain greedy, whatever penalty the folder's search section ships: the model is proven, not the decoding
+        params.set_search_options(max_length=len(ids) + max(new_tokens, 1), do_sample=False, repetition_penalty=1.0)
         generator = self.og.Generator(self.model, params)
         generator.append_tokens(np.asarray(ids, dtype=np.int32))
         prefill = np.array(generator.get_output("logits"))[0]

@@ -18,6 +18,7 @@ from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.model.encoding import messages, position_ids, prompt_ids
 from exporter.model.hooks import ChannelMasks, apply_channel_masks
+from exporter.model.penalty import RowRepetitionPenalty
 from exporter.model.sources import Loaded
 from exporter.quiet import progress
 from exporter.recipe.schema import VerifySpec
@@ -110,10 +111,21 @@ def logit_difference(
 
 @torch.inference_mode()
 def greedy(
-    model: Any, ids: torch.Tensor, attn: torch.Tensor, n: int, pad_id: int, stop: int | None = None
+    model: Any,
+    ids: torch.Tensor,
+    attn: torch.Tensor,
+    n: int,
+    pad_id: int,
+    stop: int | None = None,
+    repetition_penalty: float = 1.0,
 ) -> torch.Tensor:
     """Greedy tokens after each row, (batch, <= n): exactly n when `stop` is None (EOS does not end a row),
-    else up to n, a row ending at `stop` (then padded with pad_id)."""
+    else up to n, a row ending at `stop` (then padded with pad_id). `repetition_penalty` penalises each row's own
+    tokens, prompt included (`RowRepetitionPenalty`); 1 is plain greedy whatever the model's generation config
+    ships."""
+    from transformers import LogitsProcessorList
+
+    penalty = [RowRepetitionPenalty(repetition_penalty, attn)] if repetition_penalty != 1.0 else []
     out = model.generate(
         input_ids=ids,
         attention_mask=attn,
@@ -125,6 +137,8 @@ def greedy(
         temperature=None,
         top_p=None,
         top_k=None,
+        repetition_penalty=1.0,  # an export's generation_config.json ships one: transformers' would count padding
+        logits_processor=LogitsProcessorList(penalty),
     )
     return out[:, ids.shape[1] :]
 

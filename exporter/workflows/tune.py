@@ -117,8 +117,8 @@ def selection(spec: TuneSpec, validation: EvalSpec) -> str:
 def score_grid(
     recipe: Recipe, scorer: MaskScorer, m: Loaded, reuse: Path | None, bounds: Bounds
 ) -> tuple[list[GridPoint | FailedPoint], list[Candidate]]:
-    """Every grid point's masks scored on the validation items (the dense model's scores and replies once);
-    the candidates (recipe and masks) of the points scored, in their order."""
+    """Every grid point's masks scored on the validation items (the dense model's scores and replies once;
+    greedy replies only, which the bounds read); the candidates (recipe and masks) of the points scored, in their order."""
     assert recipe.tune is not None
     timer = Timer()
     # the poles: a composite follows from its parts' settings
@@ -136,7 +136,7 @@ def score_grid(
         mlp = r.prune.mlp
         assert mlp is not None
         removes = all(mlp.fraction(p) > 0 for p in masks) and mlp.gamma == 0  # gamma > 0 keeps every unit
-        point = grid_point(setting, scorer.evaluate(masks), removes, bounds, recipe.tune.require_removal)
+        point = grid_point(setting, scorer.evaluate(masks, shipped=False), removes, bounds, recipe.tune.require_removal)
         log.info(
             "tune: %s weaker shift %+.3f, worst perplexity %.3fx%s%s",
             setting.model_dump(),

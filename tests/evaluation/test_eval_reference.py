@@ -1,8 +1,9 @@
 """The evaluation as it runs (batched, prompts shared through the KV cache, one dense neutral pass serving every
 condition, replies generated in batches and scored together) against a straightforward reference: every
 sequence, window and reply alone through the whole model, log-softmax of all logits, greedy decoding without a
-cache. In float64 both compute the same figures to rounding (~1e-13), so any disagreement is a bug; in fp32
-batch shapes alone move them by ~1e-7 (CPU-dependent), which is why the comparison is in float64.
+cache, the shipped repetition penalty applied to every token of the reply's own context. In float64 both compute
+the same figures to rounding (~1e-13), so any disagreement is a bug; in fp32 batch shapes alone move them by
+~1e-7 (CPU-dependent), which is why the comparison is in float64.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ def reference_greedy(
     system: str | None = None,
     intervention: Intervention | None = None,
     max_new_tokens: int = 64,
+    repetition_penalty: float = 1.0,
     **_: Any,
 ) -> Replies:
     stop = end_of_turn_id(tokenizer)
@@ -102,7 +104,10 @@ def reference_greedy(
             ids = reply_prefix(tokenizer, prompt, system)
             new: list[int] = []
             while len(new) < max_new_tokens:
-                token = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+                logits = model(torch.tensor([ids + new])).logits[0, -1].tolist()
+                for t in set(ids + new):  # CTRL's penalty on every token of the context so far
+                    logits[t] = logits[t] * repetition_penalty if logits[t] < 0 else logits[t] / repetition_penalty
+                token = max(range(len(logits)), key=logits.__getitem__)
                 if token == stop:
                     break
                 new.append(token)
@@ -119,6 +124,7 @@ def reference_condition_replies(
     conditions: dict[str, Condition],
     *,
     max_new_tokens: int = 64,
+    repetition_penalty: float = 1.0,
     **_: Any,
 ) -> dict[str, Replies]:
     """Each condition on its own, through the export's reference (`masked`), one prompt at a time."""
@@ -130,6 +136,7 @@ def reference_condition_replies(
             system=system,
             intervention=None if mask is None else partial(masked, model, adapter, mask),
             max_new_tokens=max_new_tokens,
+            repetition_penalty=repetition_penalty,
         )
         for key, (system, mask) in conditions.items()
     }
@@ -178,7 +185,8 @@ def test_fast_evaluation_equals_the_reference_on_a_tiny_model(tmp_path: Path, mo
     replies = {"path": "everyday.txt", "max_new_tokens": 6, "batch_size": 4, "show": 2, "exclude_calibration": False}
     section = eval_section(tmp_path, statements=statements, replies=replies, batch_size=3)
     section["paired"]["max_items"] = 5
-    recipe = load_recipe(write_recipe(tmp_path, folder, eval=section))
+    output = {"generation": {"repetition_penalty": 1.5}}  # replies also decoded as the exports ship them
+    recipe = load_recipe(write_recipe(tmp_path, folder, eval=section, output=output))
     assert recipe.eval is not None
     adapter = adapter_for(model.config)
     g = adapter.geometry(model.config)
@@ -213,6 +221,10 @@ def test_fast_evaluation_equals_the_reference_on_a_tiny_model(tmp_path: Path, mo
     assert numbers > 200, numbers
     reply = fast["introvert"]["replies"]
     assert {"export", "prompt-only", "steering-only"} <= set(reply["conditions"]) and reply["gap"]
+    # both reply sets, and the penalty changed some reply: the reference's penalty was compared, not skipped
+    shipped = reply["shipped"]
+    assert reply["repetition_penalty"] == 1.0 and shipped["repetition_penalty"] == 1.5
+    assert set(shipped["conditions"]) == set(reply["conditions"]) and shipped["examples"] != reply["examples"]
 
 
 def test_wanda_norms_from_calibration_equal_a_separate_pass(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from exporter.evaluation.replies import (
+    Replier,
     Replies,
     condition_replies,
     degeneration,
@@ -23,8 +24,9 @@ from exporter.evaluation.replies import (
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import adapter_for
 from exporter.model.encoding import end_of_turn_id
+from exporter.model.penalty import RowRepetitionPenalty
 from exporter.reports.evaluation import RepliesEvaluation
-from exporter.verify.hf import masked
+from exporter.verify.hf import greedy, left_padded, masked
 from tests.helpers import WORDS, tiny_model, tiny_tokenizer
 
 SYSTEM_A, SYSTEM_B = "quiet calm alone", "loud crowd party"
@@ -111,9 +113,13 @@ def test_empty_replies_are_not_scored(planted: tuple[Any, Any]) -> None:
     assert np.isnan(scores[0]) and np.isfinite(scores[1])
 
 
-def test_conditions_decoded_together_give_each_condition_s_own_replies(planted: tuple[Any, Any]) -> None:
-    """Rows of several conditions in one batch (per-row masks and biases) reply as each condition alone does;
-    a soft-scaled mask (its own weights) is decoded apart. float64, where the batch layout cannot move a token."""
+@pytest.mark.parametrize("penalty", [1.0, 1.5])
+def test_conditions_decoded_together_give_each_condition_s_own_replies(
+    planted: tuple[Any, Any], penalty: float
+) -> None:
+    """Rows of several conditions in one batch (per-row masks and biases) reply as each condition alone does,
+    plain greedy and under a repetition penalty; a soft-scaled mask (its own weights) is decoded apart. float64,
+    where the batch layout cannot move a token."""
     model, tok = planted
     model = copy.deepcopy(model).double()
     adapter = adapter_for(model.config)
@@ -132,7 +138,8 @@ def test_conditions_decoded_together_give_each_condition_s_own_replies(planted: 
                                                                                    dtype=torch.float64))),
     }  # fmt: skip
     prompts = [" ".join(random.Random(i).choices(WORDS, k=2 + i % 4)) for i in range(7)]
-    together = condition_replies(model, tok, adapter, prompts, conditions, max_new_tokens=10, batch_size=9)
+    decode = partial(condition_replies, model, tok, adapter, prompts, max_new_tokens=10, repetition_penalty=penalty)
+    together = decode(conditions, batch_size=9)
     for key, (system, mask) in conditions.items():
         alone = greedy_replies(
             model,
@@ -141,6 +148,8 @@ def test_conditions_decoded_together_give_each_condition_s_own_replies(planted: 
             system=system,
             intervention=None if mask is None else partial(masked, model, adapter, mask),
             max_new_tokens=10,
+            batch_size=1,
+            repetition_penalty=penalty,
         )
         assert together[key] == alone, key
     # the conditions differ, so the test can tell one from another
@@ -164,3 +173,96 @@ def test_side_by_side_replies_name_the_system_prompt_s_persona() -> None:
     }
     text = "\n".join(replies_markdown("extravert", RepliesEvaluation.model_validate(r)))
     assert "| dense + extravert system prompt | b |" in text and "| introvert's export | d |" in text
+
+
+def test_a_penalised_reply_is_the_same_alone_and_beside_longer_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The repetition penalty counts each row's own tokens, prompt included, never its padding: a short prompt
+    left-padded beside longer ones gets the reply it gets alone. With transformers' own processor in its place,
+    which also penalises the pad token in the padded row, that reply changes once the pad token is a token the
+    reply would say. float64, where the batch layout alone cannot move a token."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    import exporter.verify.hf as hf_module
+
+    model = tiny_model("llama").double()
+    penalty, n = 2.0, 16  # the tiny model repeats its last token: a penalty of 2 changes its replies
+    short = [5, 60, 70]
+    longer = [[5, 61, 71, 81, 91, 101, 111, 7], [5, 62, 72, 82, 92, 7]]
+
+    def single(row: list[int], pad: int = 0, p: float = penalty) -> list[int]:
+        return greedy(model, torch.tensor([row]), torch.ones(1, len(row), dtype=torch.long), n, pad, None, p)[
+            0
+        ].tolist()
+
+    alone = single(short)
+    assert alone != single(short, p=1.0)  # the penalty changes the reply
+    pad = next(t for t in alone if t not in short)  # a token the reply says, so penalising padding matters
+    ids, attn = left_padded([short, *longer], pad)
+    together = greedy(model, ids, attn, n, pad, None, penalty).tolist()
+    assert together[0] == alone
+    assert together[1:] == [single(row, pad) for row in longer]  # the longer rows get their own replies too
+    with monkeypatch.context() as m:  # transformers' processor: the same on one unpadded row, not when padded
+        m.setattr(hf_module, "RowRepetitionPenalty", lambda p, _mask: RepetitionPenaltyLogitsProcessor(p))
+        assert single(short) == alone
+        assert greedy(model, ids, attn, n, pad, None, penalty)[0].tolist() != alone
+
+
+def test_the_penalty_processor_equals_transformers_on_one_row_and_skips_only_padding() -> None:
+    """RowRepetitionPenalty on logits: an unpadded row gets transformers' scores exactly; a padded row gets
+    the scores of its tokens alone (the pad id, absent from the row, is left as it is)."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 40, generator=gen, dtype=torch.float64)
+    row = torch.tensor([[3, 9, 9, 17, 0]])
+    mask = torch.ones_like(row)
+    want = RepetitionPenaltyLogitsProcessor(1.3)(row, scores[:1].clone())
+    assert torch.equal(RowRepetitionPenalty(1.3, mask)(row, scores[:1].clone()), want)
+    padded = torch.tensor([[3, 9, 9, 17, 0], [25, 25, 3, 9, 11]])  # row 1: two pads (id 25), then 3, 9, 11
+    attn = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
+    got = RowRepetitionPenalty(1.3, attn)(padded, scores.clone())
+    alone = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([[3, 9, 11]]), scores[1:].clone())
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], alone[0])
+    assert got[1, 25] == scores[1, 25] != RepetitionPenaltyLogitsProcessor(1.3)(padded, scores.clone())[1, 25]
+
+
+def test_the_shipped_reply_set_comes_beside_the_greedy_figures_which_stay_as_they_were(
+    planted: tuple[Any, Any],
+) -> None:
+    """With a shipped penalty the replies' evaluation adds `shipped` (the same layout, decoded under the penalty)
+    and leaves every greedy figure what it is without one; the report shows both sets and the shipped replies."""
+    from exporter.recipe.eval import EvalSpec, RepliesSpec
+    from exporter.reports.markdown import replies_markdown
+
+    model, tok = planted
+    adapter = adapter_for(model.config)
+    g = adapter.geometry(model.config)
+    keep = torch.stack([torch.arange(g.intermediate // 2, g.intermediate) for _ in range(g.layers)])
+    masks = {p: PersonaMask(p, g, keep, None, None) for p in ("a", "b")}
+    spec = EvalSpec(replies=RepliesSpec(path="-", max_new_tokens=24, show=2), bootstrap=100)
+    prompts = [" ".join(random.Random(i).choices(WORDS, k=3)) for i in range(5)]
+
+    def replier() -> Replier:
+        return Replier(model, tok, adapter, spec, prompts, {"a": SYSTEM_A, "b": SYSTEM_B}, {"a": "b", "b": "a"})
+
+    greedy_only = replier().evaluate(masks)
+    both = replier().evaluate(masks, shipped=1.8)
+    for p in masks:
+        shipped = both[p].shipped
+        assert shipped is not None and greedy_only[p].shipped is None
+        assert both[p].model_copy(update={"shipped": None}) == greedy_only[p]
+        assert shipped.repetition_penalty == 1.8 and greedy_only[p].repetition_penalty == 1.0
+        assert shipped.conditions.keys() == greedy_only[p].conditions.keys()
+        assert shipped.examples != greedy_only[p].examples  # the penalty changed replies
+        # under a strong penalty the looping greedy replies repeat less
+        for c, figures in shipped.conditions.items():
+            repeated = figures.degeneration.repeated_4grams
+            assert repeated <= greedy_only[p].conditions[c].degeneration.repeated_4grams
+    r = both["a"]
+    assert RepliesEvaluation.model_validate(r.model_dump(mode="json"), strict=True) == r  # report.json round trip
+    text = "\n".join(replies_markdown("a", r))
+    assert "### Replies as the exports ship them (greedy, repetition penalty 1.8)" in text
+    assert text.count("| replies of | persona score |") == 2  # both sets' figures
+    assert r.shipped is not None
+    shown = r.shipped.examples[0].export
+    assert f"| this persona's export | {' '.join(shown.split()) or '(empty)'} |" in text  # the shipped replies

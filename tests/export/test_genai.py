@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,39 @@ def test_generation_stops_at_the_tokenizers_eos(tiny_run: Path, tmp_path: Path) 
         generator.generate_next_token()
         tokens.append(int(generator.get_next_tokens()[0]))
     assert tokens == [first]
+
+
+def test_onnxruntime_genai_decodes_as_the_folder_ships_and_as_the_runner_does(tiny_run: Path) -> None:
+    """genai_config.json's search section carries the recipe's decoding; onnxruntime-genai's own greedy search
+    (generate_next_token, no option set) applies its penalty to the prompt's tokens and the reply's, as the
+    runner does on the checkpoint with that penalty, and as `generate` does by default."""
+    import onnxruntime_genai as og
+
+    from exporter.runtime.runner import Runner, Sampling
+
+    folder = tiny_run / "introvert"
+    config = json.loads((folder / "genai" / "genai_config.json").read_text())
+    search, declared = config["search"], config["model"]["eos_token_id"]
+    assert search["do_sample"] is False and search["repetition_penalty"] == 2.0
+    runner = Runner(folder, "torch")
+    assert runner.repetition_penalty == Runner(folder, "onnx-genai").repetition_penalty == 2.0
+    penalised = partial(runner.next_tokens, max_new_tokens=12, sampling=Sampling(repetition_penalty=2.0))
+    plain = partial(runner.next_tokens, max_new_tokens=12, sampling=Sampling())
+    candidates = [[5, 60, 70, 80, 90, 100, 7], [5, 61, 90, 7], [5, 140, 150, 160, 7], [12, 40, 33]]
+    # a prompt whose reply the penalty changes (the tiny model tends to repeat the prompt's last token)
+    prompt = next(p for p in candidates if list(penalised(p)) != list(plain(p)))
+    model = og.Model(str(folder / "genai"))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + 12)
+    generator = og.Generator(model, params)
+    generator.append_tokens(np.asarray(prompt, dtype=np.int32))
+    tokens: list[int] = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    want = list(penalised(prompt))
+    ends = set(declared) if isinstance(declared, list) else {declared}  # onnxruntime-genai stops there
+    assert tokens == want[: next((i + 1 for i, t in enumerate(want) if t in ends), len(want))]
 
 
 def test_int4_and_int8_are_measured_against_their_floors(tiny_run: Path, tmp_path: Path) -> None:

@@ -189,6 +189,32 @@ def test_transformers_snippet_runs_as_written_on_the_pushed_repo(
     assert capsys.readouterr().out.endswith("\n")  # and printed the continuation
 
 
+def test_the_card_s_snippets_decode_as_the_export_ships(
+    hub: FakeHub, persona: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With a shipped repetition penalty the card says so, and its transformers snippet, run as written, decodes
+    with the checkpoint's generation_config.json: greedy with the penalty."""
+    import torch
+
+    from exporter.export.hf import ship_generation
+    from exporter.recipe.generation import GenerationSpec
+
+    ship_generation(persona / "hf", GenerationSpec(repetition_penalty=2.0))
+    report = json.loads((persona / "report.json").read_text())
+    (persona / "report.json").write_text(json.dumps(report | {"generation": {"repetition_penalty": 2.0}}))
+    assert run_cli(str(persona), "--repo-id", REPO) == 0
+    capsys.readouterr()
+    card = card_of(hub.files(REPO))
+    assert "do_sample=False,  # + repetition_penalty=2 from generation_config.json; 1.0 for plain greedy" in card.text
+    (snippet,) = run_snippets(card, hub.export(REPO, tmp_path / "download"))
+    model, inputs = snippet["model"], snippet["inputs"]
+    kw = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "max_new_tokens": 64}
+    with torch.no_grad():
+        penalised = model.generate(**kw, do_sample=False, repetition_penalty=2.0)
+        plain = model.generate(**kw, do_sample=False, repetition_penalty=1.0)
+    assert snippet["output"].tolist() == penalised.tolist() != plain.tolist()
+
+
 def test_dry_run_lists_every_file_and_sends_nothing(
     hub: FakeHub, persona: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -322,6 +348,7 @@ def test_gguf_goes_to_its_subfolder_with_a_llama_cpp_snippet(hub: FakeHub, perso
     report = json.loads((persona / "report.json").read_text())
     f16, q8 = gguf_file("model-f16.gguf"), gguf_file("model-q8_0.gguf")
     report["verification"]["gguf"] = {"passed": True, "F16": f16, "Q8_0": q8}
+    report["generation"] = {"repetition_penalty": 1.1}
     (persona / "report.json").write_text(json.dumps(report))
 
     assert run_cli(str(persona), "--repo-id", REPO) == 0
@@ -331,6 +358,9 @@ def test_gguf_goes_to_its_subfolder_with_a_llama_cpp_snippet(hub: FakeHub, perso
     assert "gguf" in card.data.tags and "onnx" not in card.data.tags and "ORTModelForCausalLM" not in card.text
     assert f'Llama.from_pretrained("{REPO}", filename="gguf/model-q8_0.gguf"' in card.text
     assert "(`model-f16.gguf`, `model-q8_0.gguf`)" in card.text
+    # the shipped decoding: llama-cpp-python does not read the files' general.sampling.* keys, so it is passed
+    assert "max_tokens=64, temperature=0.0, repeat_penalty=1.1)" in card.text
+    assert "(greedy, repetition penalty 1.1: `general.sampling.temp`" in card.text
 
 
 @pytest.mark.parametrize(

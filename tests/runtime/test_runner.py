@@ -3,10 +3,13 @@ every backend, sampling and system prompts, the dense model side by side, and fo
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,13 +49,46 @@ def test_sampling_system_prompt_cut_marker_and_base_side_by_side(
     cut = runner.truncated
     with_system = prompt_ids(runner.tokenizer, [{"role": "system", "content": "be brief"}, *user])
     assert runner.tokenizer.decode(with_system).count("be brief") == 1  # the system prompt reaches the prompt
-    assert main(["generate", persona, "--prompt", "plan a trip", "--max-new-tokens", "10", "--backend", "torch"]) == 0
+    plain = ["--max-new-tokens", "10", "--backend", "torch", "--repetition-penalty", "1"]
+    assert main(["generate", persona, "--prompt", "plan a trip", *plain]) == 0
     out = capsys.readouterr().out
     assert out.startswith(greedy) and out.rstrip().endswith(CUT.format(n=10).strip()) == cut
     # --base: the dense model side by side, loaded from the run's recipe (here the same tiny model)
     assert main(["generate", persona, "--prompt", "plan a trip", "--max-new-tokens", "10", "--base"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("introvert> ") and "\nbase> " in out
+
+
+def test_generate_uses_the_penalty_every_format_ships_unless_told_otherwise(
+    tiny_run: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recipe's output.generation reaches every format folder and report.json; `generate` and `chat` decode
+    with it by default (the --base model too), `--repetition-penalty 1` is plain greedy, and --help says where
+    the default comes from."""
+    from exporter.cli import build_parser
+    from exporter.recipe.generation import shipped_penalty
+
+    persona = tiny_run / "introvert"
+    assert [shipped_penalty(persona / f) for f in ("hf", "onnx", "ort-int8", "genai")] == [2.0] * 4
+    assert json.loads((persona / "report.json").read_text())["generation"] == {"repetition_penalty": 2.0}
+    backends = ("onnx", "onnx-int8", "onnx-genai", "torch")
+    assert [Runner(persona, b).repetition_penalty for b in backends] == [2.0] * 4
+    used: list[tuple[str, float]] = []
+
+    def stream(runner: Runner, messages: Any, max_new_tokens: int, sampling: Sampling) -> Any:
+        used.append((runner.backend, sampling.repetition_penalty))
+        return iter(["x"])
+
+    monkeypatch.setattr(Runner, "stream", stream)
+    for extra in ([], ["--repetition-penalty", "1"], ["--repetition-penalty", "1.5", "--backend", "torch"]):
+        assert main(["generate", str(persona), "--prompt", "plan a trip", *extra]) == 0
+    assert main(["generate", str(persona), "--prompt", "plan a trip", "--base"]) == 0
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\n"))
+    assert main(["chat", str(persona), "--backend", "torch"]) == 0
+    assert used == [("onnx", 2.0), ("onnx", 1.0), ("torch", 1.5), ("onnx", 2.0), ("torch", 2.0), ("torch", 2.0)]
+    assert "repetition penalty 2" in capsys.readouterr().err  # chat says how it decodes
+    sub = build_parser()._subparsers._group_actions[0].choices["generate"]  # type: ignore[union-attr]
+    assert "default: what the export ships" in " ".join(sub.format_help().split())
 
 
 @pytest.mark.subprocess

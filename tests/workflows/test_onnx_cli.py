@@ -222,6 +222,11 @@ def test_export_adds_a_verified_gguf(tiny_run: Path, tmp_path: Path) -> None:
         "model-q8_0.gguf",
     ]
     assert not (folder / "onnx").exists()  # gguf is made from hf/ alone
+    from gguf import GGUFReader
+
+    fields = GGUFReader(folder / "gguf" / "model-q8_0.gguf").fields  # and carries hf/'s shipped decoding
+    assert fields["general.sampling.penalty_repeat"].contents() == 2.0
+    assert fields["general.sampling.temp"].contents() == 0.0
 
 
 @pytest.mark.parametrize(

@@ -132,7 +132,8 @@ SHORT = "What is the capital of France? Answer with one word."
 
 def test_generation_stops_at_the_end_of_turn(demo_run: Path) -> None:
     """The exported tokenizer and generation config end a reply at <|im_end|>, in transformers and in the
-    project's runners (torch and ONNX, the latter added by the test above when run in order, else here)."""
+    project's runners (torch and ONNX, the latter added by the test above when run in order, else here), all
+    decoding as the export ships (the demo's repetition penalty, from generation_config.json)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -153,8 +154,10 @@ def test_generation_stops_at_the_end_of_turn(demo_run: Path) -> None:
         assert subprocess.run(cmd, capture_output=True, text=True, cwd=REPO).returncode == 0
     for backend in ("torch", "onnx"):
         runner = Runner(folder, backend)
-        assert "".join(runner.stream([{"role": "user", "content": SHORT}], 48)) == text
-        assert list(runner.next_tokens(ids[0].tolist(), len(reply), Sampling()))[-1] == tok.eos_token_id
+        shipped = Sampling(repetition_penalty=runner.repetition_penalty)
+        assert runner.repetition_penalty == model.generation_config.repetition_penalty == 1.1
+        assert "".join(runner.stream([{"role": "user", "content": SHORT}], 48, shipped)) == text
+        assert list(runner.next_tokens(ids[0].tolist(), len(reply), shipped))[-1] == tok.eos_token_id
 
 
 def test_head_pruned_genai_folder_matches_the_masked_model(demo_run: Path) -> None:
