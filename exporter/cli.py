@@ -15,7 +15,7 @@ if TYPE_CHECKING:
     from exporter.reports.persona import PersonaReport
 
 EXPORT_FORMATS = ["onnx", "onnx-int8", "onnx-int4", "gguf", "onnx-genai"]
-BACKENDS = ["onnx", "onnx-int8", "onnx-int4", "onnx-genai", "torch"]
+EXPORT_HELP = "a persona folder (RUN_DIR/PERSONA), one of its format folders (hf/, onnx/, genai/, ...), a folder downloaded from the Hub, or a .gguf file"
 
 
 def _table(rows: list[list[str]]) -> str:
@@ -131,13 +131,22 @@ def _reply(runner: Any, messages: list[dict[str, str]], args: argparse.Namespace
     return "".join(pieces)
 
 
+def _run_dir(path: Path) -> Path:
+    """The run folder a persona (or one of its format folders) belongs to, for --base."""
+    for folder in (path, *path.resolve().parents[:2]):
+        if (folder / "recipe.json").is_file() and (folder / "run.json").is_file():
+            return folder
+    raise PersonaExportError(f"--base runs the dense model of a run: {path} is not inside a run folder")
+
+
 def _runners(args: argparse.Namespace) -> list[tuple[str, Any]]:
     from exporter.runtime.runner import Runner, base_model_runner
 
-    persona = Path(args.persona_dir)
-    runners = [(persona.name, Runner(persona, args.backend))]
+    path = Path(args.path)
+    runner = Runner(path, args.backend)
+    runners = [(runner.name, runner)]
     if args.base:  # side by side: the dense model the persona was cut from
-        runners.append(("base", base_model_runner(persona.parent)))
+        runners.append(("base", base_model_runner(_run_dir(path))))
     return runners
 
 
@@ -155,23 +164,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_COMMANDS = ("/reset", "/exit")
+
+
+def _lines(typed: bool) -> Any:
+    """The user's lines: read with a `you> ` prompt at a terminal; piped in, each is echoed as a turn."""
+    while True:
+        try:
+            line = input("you> " if typed else "").strip()
+        except EOFError:
+            return
+        if not typed and line and line not in CHAT_COMMANDS:
+            print(f"you> {line}")
+        yield line
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     runners = _runners(args)
     history = {name: _start(args) for name, _ in runners}  # with --base each model keeps its own conversation
-    names = " and ".join(n for n, _ in runners)
-    print(f"chatting with {names} ({args.backend}); an empty line or Ctrl-D ends", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
+    names = " and ".join(f"{n} ({r.backend})" for n, r in runners)
+    print(f"chatting with {names}; /reset starts over, /exit or Ctrl-D ends", file=sys.stderr)
+    for line in _lines(sys.stdin.isatty()):
+        if line == "/exit":
             break
+        if line == "/reset":
+            history = {name: _start(args) for name, _ in runners}
+            print("(conversation reset)", file=sys.stderr)
+            continue
         if not line:
-            break
+            continue
         for name, runner in runners:
             messages = history[name]
             messages.append({"role": "user", "content": line})
             print("bot> " if len(runners) == 1 else f"{name}> ", end="", flush=True)
             messages.append({"role": "assistant", "content": _reply(runner, messages, args)})
+        print()  # a blank line between turns
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from exporter.serve.server import Limits, serve
+
+    path = Path(args.path)
+    if args.base:
+        from exporter.workflows.base_export import base_export
+
+        base_export(path, args.format or "onnx")
+    limits = Limits(args.max_batch, args.max_queue, args.max_body, args.threads)
+    serve(path, args.format, args.host, args.port, limits, args.api_key)
     return 0
 
 
@@ -233,6 +273,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number of at least 0."""
+    if text.strip() == "0":
+        return 0
+    return positive_int(text)
+
+
 DESCRIPTION = """Find persona subnetworks in a causal language model and export each one as a smaller,
 standalone model (Hugging Face safetensors, ONNX, GGUF), proven equal to the masked model."""
 EXAMPLES = """examples:
@@ -240,6 +287,7 @@ EXAMPLES = """examples:
   persona-export run recipes/smollm2-introvert-extravert.yaml --out runs/s5 prune.mlp.sparsity=0.05
   persona-export generate runs/demo/extravert --prompt "Plan my Saturday." --base
   persona-export chat runs/demo/introvert --backend torch --temperature 0.7
+  persona-export serve runs/demo --port 8000
   persona-export eval runs/demo eval.baselines=all
 
 -q/--quiet and -v/--verbose may come before or after the command."""
@@ -308,15 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
+    formats = "a format of the export: onnx, onnx-int8, onnx-int4, onnx-genai, torch (the checkpoint)"
     for name, func, text in (
         ("generate", cmd_generate, "generate a reply to one prompt (streamed; greedy unless --temperature)"),
-        ("chat", cmd_chat, "chat with a persona export in the terminal"),
+        ("chat", cmd_chat, "chat with an export in the terminal (or from piped lines); /reset, /exit"),
     ):
         p = _command(sub, name, help=text)
-        p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA")
+        p.add_argument("path", metavar="EXPORT", help=EXPORT_HELP)
         if name == "generate":
             p.add_argument("--prompt", required=True)
-        p.add_argument("--backend", choices=BACKENDS, default="onnx", help="runtime and format of the export")
+        p.add_argument("--backend", metavar="FORMAT", help=f"{formats}; default: onnx, else onnx-genai, else torch")
         p.add_argument(
             "--max-new-tokens", type=positive_int, default=128, help="at least 1; a reply cut here is marked"
         )
@@ -327,6 +376,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
         p.add_argument("--base", action="store_true", help="also run the run's dense base model (torch), side by side")
         p.set_defaults(func=func)
+
+    p = _command(
+        sub, "serve", help="serve a run's personas (or one export) with an OpenAI-compatible chat-completions API"
+    )
+    p.add_argument("path", metavar="RUN_DIR|EXPORT", help="a run folder (every persona), or " + EXPORT_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--format", metavar="FORMAT", help=f"{formats}; default: onnx, else onnx-genai, else torch")
+    p.add_argument(
+        "--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (or set PERSONA_EXPORT_API_KEY)"
+    )
+    p.add_argument(
+        "--base",
+        action="store_true",
+        help="also serve the run's dense model as 'base' (exported into RUN_DIR/base once, about a minute)",
+    )
+    p.add_argument(
+        "--max-batch", type=positive_int, default=8, help="requests decoded together; 1 serves them one by one"
+    )
+    p.add_argument("--max-queue", type=non_negative_int, default=16, help="requests waiting beyond those; more get 503")
+    p.add_argument("--max-body", type=positive_int, default=1_000_000, help="bytes of a request body; larger get 413")
+    p.add_argument("--threads", type=positive_int, help="onnxruntime threads per model (default: one per core)")
+    p.set_defaults(func=cmd_serve)
 
     p = _command(sub, "push", help="publish a verified persona export to the Hugging Face Hub")
     p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA", help="a persona folder of a run")

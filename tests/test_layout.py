@@ -6,7 +6,7 @@ import re
 
 from tests.helpers import REPO
 
-ORDER = ["errors", "io", "inputs", "quiet", "recipe", "reports", "model", "runtime", "publish", "masking"]
+ORDER = ["errors", "io", "inputs", "quiet", "recipe", "reports", "model", "runtime", "serve", "publish", "masking"]
 ORDER += ["export", "verify", "evaluation", "workflows", "cli"]
 
 

@@ -92,13 +92,25 @@ def test_sampling_system_prompt_cut_marker_and_base_side_by_side(
 
 
 @pytest.mark.subprocess
-def test_chat_streams_and_keeps_the_conversation(onnx_run: Path) -> None:
-    cmd = [sys.executable, "-m", "exporter", "chat", str(onnx_run / "extravert"), "--max-new-tokens", "8"]
-    done = subprocess.run(cmd, input="hello\nand then?\n\n", capture_output=True, text=True, cwd=REPO, check=True)
-    assert done.stdout.count("you> ") == 3 and done.stdout.count("bot> ") == 2
-    runner = Runner(onnx_run / "extravert", "onnx")
-    first = "".join(runner.stream([{"role": "user", "content": "hello"}], 8))
-    assert f"bot> {first}" in done.stdout
+def test_chat_piped_prints_clean_turns_keeps_the_conversation_and_takes_reset_and_exit(onnx_run: Path) -> None:
+    persona = onnx_run / "extravert"
+    sample = ["--temperature", "1.0", "--seed", "3", "--max-new-tokens", "8"]  # the tiny model's greedy text is empty
+    cmd = [sys.executable, "-m", "exporter", "chat", str(persona), *sample]
+    lines = "hello\n\nand then?\n/reset\nhello\n/exit\nnever read\n"
+    done = subprocess.run(cmd, input=lines, capture_output=True, text=True, cwd=REPO, check=True)
+    runner, sampling = Runner(persona, "onnx"), Sampling(temperature=1.0, seed=3)
+    expected, history = "", []
+    for line in ("hello", "and then?", None, "hello"):
+        if line is None:  # /reset
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = "".join(runner.stream(history, 8, sampling))
+        history.append({"role": "assistant", "content": reply})
+        expected += f"you> {line}\nbot> {reply}{CUT.format(n=8) if runner.truncated else ''}\n\n"
+    assert done.stdout == expected
+    assert expected.count("bot> ") == 3 and len(expected) > 60  # the replies have text
+    assert "/reset starts over" in done.stderr and "(conversation reset)" in done.stderr
 
 
 def test_export_adds_onnx_to_an_existing_run(onnx_run: Path, tmp_path: Path) -> None:
@@ -182,12 +194,14 @@ def test_export_adds_a_quantized_format_without_rebuilding_the_others(
     for backend in ("onnx-int4", "onnx-int8"):
         assert main(["generate", str(folder), "--prompt", "plan a trip", "--backend", backend]) == 0
         runner = Runner(folder, backend)
-        assert runner.onnx.session._model_path.endswith(f"ort-{backend[5:]}/model.onnx")
+        assert runner.decoder.model.session._model_path.endswith(f"ort-{backend[5:]}/model.onnx")
         assert len(list(runner._next_tokens(ids, 12, Sampling()))) == 12
 
 
 def test_bad_folders_are_clear_errors(onnx_run: Path, tmp_path: Path) -> None:
-    with pytest.raises(ExportFolderError, match="is not a persona export"):
+    with pytest.raises(
+        ExportFolderError, match=r"is a run folder \(personas: introvert, extravert\); pass one persona"
+    ):
         Runner(onnx_run, "onnx")  # the run folder, not a persona
     persona = tmp_path / "p"
     shutil.copytree(onnx_run / "introvert", persona, ignore=shutil.ignore_patterns("ort-int8"))
