@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 from pathlib import Path
@@ -211,7 +212,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         base_export(path, args.format or "onnx")
     limits = Limits(args.max_batch, args.max_queue, args.max_body, args.threads)
-    serve(path, args.format, args.host, args.port, limits, args.api_key)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn has shut down gracefully and passes the signal on
+        serve(path, args.format, args.host, args.port, limits, args.api_key)
+    print("stopped", file=sys.stderr)
     return 0
 
 

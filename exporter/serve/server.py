@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,15 @@ def load_served(name: str, found: Found, threads: int | None) -> Served:
     )
 
 
+def chosen_formats(path: Path, fmt: str | None) -> dict[str, Found]:
+    """The format of every model at `path` that `serve` would load, checked before anything is loaded."""
+    exports: dict[str, Export] = locate_models(path)
+    return {name: export.pick(fmt) for name, export in exports.items()}
+
+
 def served_models(path: Path, fmt: str | None, threads: int | None = None) -> dict[str, Served]:
     """Every model at `path` in format `fmt` (None: each one's preferred format), loaded."""
-    exports: dict[str, Export] = locate_models(path)
-    chosen = {name: export.pick(fmt) for name, export in exports.items()}  # every format checked before loading
-    return {name: load_served(name, found, threads) for name, found in chosen.items()}
+    return {name: load_served(name, found, threads) for name, found in chosen_formats(path, fmt).items()}
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -88,15 +93,17 @@ def make_server(models: dict[str, Served], limits: Limits, api_key: str | None) 
 def serve(path: Path, fmt: str | None, host: str, port: int, limits: Limits, api_key: str | None) -> None:
     """Load the models at `path` and serve them until interrupted."""
     api_key = api_key or os.environ.get("PERSONA_EXPORT_API_KEY") or None
-    sock = bind(host, port)
-    models = served_models(path, fmt, limits.threads)
-    server = make_server(models, limits, api_key)
-    shown = host if ":" not in host else f"[{host}]"
-    for name, m in models.items():
-        print(f"  {name}: {m.format} on {m.runtime}, context {m.decoder.context} tokens")
-    print(
-        f"serving {len(models)} model(s) on http://{shown}:{port}/v1 (rows decoded together: {limits.max_batch}, ",
-        end="",
-    )
-    print(f"queue: {limits.max_queue}{', API key required' if api_key else ''}); Ctrl-C stops", flush=True)
-    server.run(sockets=[sock])
+    chosen = chosen_formats(path, fmt)
+    sock = bind(host, port)  # a port in use is said before minutes of loading
+    try:
+        models = {name: load_served(name, found, limits.threads) for name, found in chosen.items()}
+        server = make_server(models, limits, api_key)
+        shown = host if ":" not in host else f"[{host}]"
+        for name, m in models.items():
+            print(f"  {name}: {m.format} on {m.runtime}, context {m.decoder.context} tokens")
+        print(f"serving {len(models)} model(s) on http://{shown}:{port}/v1 (rows decoded together: ", end="")
+        print(f"{limits.max_batch}, queue: {limits.max_queue}{', API key required' if api_key else ''}); Ctrl-C stops")
+        sys.stdout.flush()
+        server.run(sockets=[sock])
+    finally:
+        sock.close()

@@ -15,14 +15,9 @@ import pytest
 from exporter.runtime.runner import Runner, Sampling
 from exporter.serve.scheduler import Served
 from exporter.serve.server import Limits, served_models
-from tests.serve.running import fetch, running, slow_steps, tiny_run
+from tests.serve.running import fetch, running, slow_steps
 
 HELLO = [{"role": "user", "content": "plan a trip with friends"}]
-
-
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_run(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
