@@ -1,18 +1,21 @@
 """Serving benchmark (printed, not asserted): aggregate tokens/s and time to first token for 1, 4 and 8 concurrent
 clients, `persona-export serve` against llama.cpp's own server (llama-cpp-python's `llama_cpp.server`) on the
-dense Q4_1 GGUF of the embedded model, measured in one run.
+dense Q4_1 GGUF of the embedded model, measured in one run. Both serve the same model: the embedded SmolLM2
+as the project loads it (its Q4_1 weights de-quantized), exported to `onnx/` and `genai/` in fp32.
 
-Servers (each its own process, all started before the first measurement and idle while another is measured):
-  ours, `onnx/` fp32 rows decoded together (--max-batch 8): the persona, and the run's dense model as `base`;
-  ours, `onnx/` fp32 one request at a time (--max-batch 1: a queue);
-  ours, `genai/` fp32 on onnxruntime-genai (its rows stepped one after another);
-  llama.cpp on the dense Q4_1 GGUF (when --llama-python has llama-cpp-python; else left out with a note).
-Every client sends its requests one after another through the openai package, streamed, greedy, `--max-tokens`
-new tokens at most; a round measures every server at 1, 4 and 8 clients, servers in an order rotated per round;
-figures are medians over `--rounds` rounds. Tokens are counted from the streamed chunks (one per token on both).
+Servers (each its own process, all started before the first measurement, idle while another is measured):
+  ours, `onnx/` fp32, the requests' rows decoded together (--max-batch 8);
+  ours, `onnx/` fp32, one request at a time (--max-batch 1: a queue);
+  ours, `genai/` fp32 on onnxruntime-genai (one generator per request, stepped one after another);
+  ours, a persona's `onnx/` rows decoded together, with --persona;
+  llama.cpp on the dense Q4_1 GGUF (when --llama-python has llama-cpp-python[server]; else a printed note).
+Every client sends its requests one after another through the openai package, streamed, greedy, at most
+`--max-tokens` new tokens; a round measures every server at 1, 4 and 8 clients, the servers in an order
+rotated per round; figures are medians over `--rounds` rounds. Tokens are counted as streamed chunks (one per
+token in both servers).
 
-  python ci/bench_serve.py --llama-python /path/to/python   # builds the demo run (about 10 minutes) in a temp folder
-  python ci/bench_serve.py --run RUN_DIR                     # reuse a run with onnx/ and genai/ (fp32) exports
+  python ci/bench_serve.py --llama-python /path/to/python   # exports the dense model (minutes) in a temp folder
+  python ci/bench_serve.py --dense DIR                       # reuse DIR/onnx and DIR/genai (fp32)
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 RECIPE = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
-PERSONA = "extravert"
 PROMPTS = [
     "Describe your ideal weekend in detail, hour by hour.",
     "Write a short story about a lighthouse keeper who finds a letter.",
@@ -127,13 +129,20 @@ def measure(server: Server, clients: int, per_client: int, max_tokens: int) -> t
 
 
 def build(tmp: Path) -> Path:
-    """The demo run with onnx/ and genai/ fp32 exports (no evaluation), and its dense model in RUN/base."""
+    """The embedded model as the project loads it, exported to hf/, onnx/ and genai/ (fp32) in tmp/dense."""
+    from exporter.export.genai import build_genai
+    from exporter.export.hf import export_hf
+    from exporter.export.onnx import export_onnx
+    from exporter.model.sources import load_model
     from exporter.recipe.load import load_recipe
-    from exporter.workflows.run import run
 
-    recipe = load_recipe(RECIPE, ["eval=null", "output.formats=[hf, onnx, onnx-genai]", "output.genai_precision=fp32"])
-    run(recipe, tmp / "run")
-    return tmp / "run"
+    dense = tmp / "dense"
+    m = load_model(load_recipe(RECIPE, ["eval=null"]))
+    export_hf(m.model, m.export_tokenizer, dense / "hf", "float32")
+    del m
+    export_onnx(dense / "hf", dense / "onnx")
+    build_genai(dense / "hf", dense / "genai", "fp32")
+    return dense
 
 
 def gguf_file() -> Path | None:
@@ -144,23 +153,21 @@ def gguf_file() -> Path | None:
     return Path(spec.origin).parent / info["file"] if spec and spec.origin else None
 
 
-def start_servers(run: Path, args: argparse.Namespace, logs: Path) -> tuple[list[Server], list[subprocess.Popen]]:
-    from exporter.workflows.base_export import base_export
-
-    base_export(run, "onnx")
+def start_servers(dense: Path, args: argparse.Namespace, logs: Path) -> tuple[list[Server], list[subprocess.Popen]]:
     py, threads = sys.executable, str(args.threads)
     servers, procs = [], []
     ours = [
-        ("batched", [str(run), "--max-batch", "8", "--format", "onnx"], [("onnx fp32, batched", PERSONA)]),
-        ("queue", [str(run / PERSONA), "--max-batch", "1", "--format", "onnx"], [("onnx fp32, queue", PERSONA)]),
-        ("genai", [str(run / PERSONA), "--max-batch", "8", "--format", "onnx-genai"], [("genai fp32", PERSONA)]),
+        ("onnx fp32, batched", dense, ["--max-batch", "8", "--format", "onnx"]),
+        ("onnx fp32, queue", dense, ["--max-batch", "1", "--format", "onnx"]),
+        ("genai fp32", dense, ["--max-batch", "8", "--format", "onnx-genai"]),
     ]
-    ours[0][2].append(("onnx fp32, batched, dense", "base"))
-    for key, argv, served in ours:
+    if args.persona:
+        ours.append((f"{args.persona.name} onnx fp32, batched", args.persona, ["--max-batch", "8", "--format", "onnx"]))
+    for i, (name, path, options) in enumerate(ours):
         port = free_port()
-        cmd = [py, "-m", "exporter", "serve", *argv, "--port", str(port), "--threads", threads, "--max-queue", "16"]
-        procs.append(start(cmd, f"http://127.0.0.1:{port}/health", logs / f"{key}.log", args.threads))
-        servers += [Server(f"ours: {name}", model, port) for name, model in served]
+        cmd = [py, "-m", "exporter", "serve", str(path), *options, "--port", str(port), "--threads", threads]
+        procs.append(start(cmd, f"http://127.0.0.1:{port}/health", logs / f"ours-{i}.log", args.threads))
+        servers.append(Server(f"ours: {name}", path.name, port))
     gguf = gguf_file()
     probe = subprocess.run([args.llama_python, "-c", "import llama_cpp.server"], capture_output=True)
     if gguf is None or probe.returncode != 0:
@@ -175,41 +182,38 @@ def start_servers(run: Path, args: argparse.Namespace, logs: Path) -> tuple[list
     return servers, procs
 
 
-def quality(run: Path, llama: bool, args: argparse.Namespace) -> None:
-    """Which quality class each served format is in, against the fp32 export (exporter/recipe/formats.py floors:
-    8-bit top-1 >= 97 %): ours proven equal to the masked model; llama.cpp's Q4_1 measured here, its next-token
-    argmax against the dense fp32 ONNX on the same neutral positions."""
-    import json
-
+def quality(dense: Path, llama: bool, args: argparse.Namespace) -> None:
+    """The quality class of each server's model against the fp32 export (the floors of
+    exporter/recipe/formats.py; 8-bit: top-1 >= 97 %): ours run the fp32 export itself; llama.cpp's Q4_1 file
+    is measured here, its next-token argmax against the fp32 ONNX export's on the same neutral positions."""
     import numpy as np
     from transformers import AutoTokenizer
 
     from exporter.runtime.onnx import OnnxCausalLM
 
-    checks = json.loads((run / PERSONA / "report.json").read_text())["verification"]
-    print("\nquality against the fp32 export:")
-    for fmt, name in (("onnx", "onnx fp32"), ("onnx-genai", "genai fp32")):
-        check = checks.get(fmt, {})
-        print(f"  ours {name}: proven equal to the masked model, max |dlogit| {check.get('max_abs_logit_diff', 'n/a')}")
+    print(
+        "\nquality against the fp32 export: ours serve it (onnx/ is it; genai/ fp32 is proven against it per persona)"
+    )
     gguf = gguf_file()
     if not llama or gguf is None:
         return
     sys.path.insert(0, str(REPO / "ci"))
     from bench_deploy import AGREEMENT_TOKENS, llama_cpp_agreement, neutral_ids
 
-    ids = neutral_ids(AutoTokenizer.from_pretrained(run / "base" / "onnx"))
-    dense = OnnxCausalLM.from_dir(run / "base" / "onnx", threads=args.threads)
-    reference = dense.forward(ids, np.ones_like(ids))[0][0].argmax(-1)
+    ids = neutral_ids(AutoTokenizer.from_pretrained(dense / "onnx"))
+    fp32 = OnnxCausalLM.from_dir(dense / "onnx", threads=args.threads)
+    reference = fp32.forward(ids, np.ones_like(ids))[0][0].argmax(-1)
     agreement = llama_cpp_agreement(args.llama_python, gguf, ids, reference, args.threads)
     print(
-        f"  llama.cpp dense Q4_1 GGUF: top-1 {100 * agreement:.1f} % against the dense fp32 ONNX on "
+        f"llama.cpp, dense Q4_1 GGUF: top-1 {100 * agreement:.1f} % against the fp32 ONNX export on "
         f"{AGREEMENT_TOKENS} neutral positions (the 8-bit floor is 97 %)"
     )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", type=Path, help="a run folder with the persona's onnx/ and genai/ (fp32) exports")
+    parser.add_argument("--dense", type=Path, help="a folder with the dense model's onnx/ and genai/ (fp32)")
+    parser.add_argument("--persona", type=Path, help="also a persona folder of a run (its onnx/)")
     parser.add_argument("--llama-python", default=sys.executable, help="interpreter with llama-cpp-python[server]")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--per-client", type=int, default=2, help="requests each client sends, one after another")
@@ -218,11 +222,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        run = args.run or build(Path(tmp))
-        servers, procs = start_servers(run, args, Path(tmp))
+        dense = args.dense or build(Path(tmp))
+        servers, procs = start_servers(dense, args, Path(tmp))
         try:
             report(servers, args)
-            quality(run, any(s.name.startswith("llama.cpp") for s in servers), args)
+            quality(dense, any(s.name.startswith("llama.cpp") for s in servers), args)
             return 0
         finally:
             for proc in procs:
