@@ -242,8 +242,10 @@ def report(servers: list[Server], args: argparse.Namespace) -> None:
         order = servers[r % len(servers) :] + servers[: r % len(servers)]
         for clients in args.clients:
             for server in order:
-                figures.setdefault((server.name, clients), []).append(
-                    measure(server, clients, args.per_client, args.max_tokens)
+                rate, ttft, per = measure(server, clients, args.per_client, args.max_tokens)
+                figures.setdefault((server.name, clients), []).append((rate, ttft, per))
+                print(
+                    f"round {r + 1}: {server.name}, {clients} clients: {rate:.1f} tok/s, TTFT {ttft:.0f} ms", flush=True
                 )
     load = os.getloadavg()[0]
     print(
