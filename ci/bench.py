@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from exporter.evaluation.conditions import Evaluator, conditions, prepare, system_prompt
+from exporter.evaluation.conditions import Evaluator, conditions, system_prompt
+from exporter.evaluation.items import prepare
 from exporter.masking.calibrate import batches, calibrate
 from exporter.masking.data import select_samples, tokenize
 from exporter.masking.masks import load_mask

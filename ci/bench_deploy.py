@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from exporter.recipe.formats import FOLDERS  # noqa: E402
+from exporter.recipe.formats import FORMATS as DECLARED  # noqa: E402
 from exporter.runtime.onnx import OnnxCausalLM  # noqa: E402
 from exporter.verify.hf import first_divergence  # noqa: E402
 
@@ -147,7 +147,7 @@ def genai_variants(persona: Path, tmp: Path) -> dict[str, tuple[Path, dict]]:
     for precision in GENAI:
         report = add_formats(persona, ["onnx-genai"], overwrite=True, genai_precision=precision)
         figures = report.verification["onnx-genai"].figures
-        shutil.copytree(persona / FOLDERS["onnx-genai"], tmp / f"genai-{precision}")
+        shutil.copytree(persona / DECLARED["onnx-genai"].folder, tmp / f"genai-{precision}")
         out[precision] = (tmp / f"genai-{precision}", figures)
     return out
 
@@ -157,7 +157,6 @@ def build(tmp: Path) -> tuple[Path, Path]:
     from exporter.export.onnx import export_onnx
     from exporter.export.quantize import quantize_weights
     from exporter.model.sources import load_model
-    from exporter.recipe.formats import QUANT_FORMATS
     from exporter.recipe.load import load_recipe
     from exporter.workflows.add_formats import add_formats
     from exporter.workflows.run import run
@@ -168,8 +167,11 @@ def build(tmp: Path) -> tuple[Path, Path]:
     m.model.save_pretrained(dense / "hf")
     m.export_tokenizer.save_pretrained(dense / "hf")
     export_onnx(dense / "hf", dense / "onnx")
-    for fmt in QUANT_FORMATS.values():
-        quantize_weights(dense / "onnx", dense / fmt.folder, fmt.bits, accuracy_level=fmt.accuracy_level)
+    quantized = [f for f in DECLARED.values() if f.quantization is not None]
+    for fmt in quantized:
+        assert fmt.quantization is not None
+        q = fmt.quantization
+        quantize_weights(dense / "onnx", dense / fmt.folder, q.bits, accuracy_level=q.accuracy_level)
     del m
     run(recipe, tmp / "run")  # without the evaluation (minutes); its neutral text and pairs are added below
     recipe_file = tmp / "run" / "recipe.json"
@@ -177,7 +179,9 @@ def build(tmp: Path) -> tuple[Path, Path]:
     saved["eval"] = load_recipe(RECIPE).model_dump(mode="json")["eval"]
     recipe_file.write_text(json.dumps(saved))
     persona = tmp / "run" / "extravert"
-    add_formats(persona, [*QUANT_FORMATS, "gguf"])  # quality on neutral text and the held-out pairs, as a run has it
+    add_formats(
+        persona, [*(f.name for f in quantized), "gguf"]
+    )  # quality on neutral text and the held-out pairs, as a run has it
     return dense, persona
 
 
@@ -211,10 +215,10 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
     ids = np.array([tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True)])
     report = json.loads((persona / "report.json").read_text())
     models = {
-        (who, fmt): OnnxCausalLM.from_dir(folder / FOLDERS[fmt], threads=args.threads)
+        (who, fmt): OnnxCausalLM.from_dir(folder / DECLARED[fmt].folder, threads=args.threads)
         for who, folder in (("dense", dense), ("persona", persona))
         for fmt in FORMATS
-        if (folder / FOLDERS[fmt]).is_dir()
+        if (folder / DECLARED[fmt].folder).is_dir()
     }
     runners: dict[tuple[str, str], Callable[[np.ndarray], tuple[float, float]]] = {
         k: (lambda ids, m=m: decode(m, ids)[:2]) for k, m in models.items()
@@ -229,7 +233,7 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
     files: dict[tuple[str, str], Path] = {("dense", "llama.cpp Q4_1 GGUF"): gguf} if gguf else {}
     for qtype, figures in report["verification"].get("gguf", {}).items():
         if isinstance(figures, dict) and "file" in figures:
-            files[("persona", f"llama.cpp {qtype} GGUF")] = persona / FOLDERS["gguf"] / figures["file"]
+            files[("persona", f"llama.cpp {qtype} GGUF")] = persona / DECLARED["gguf"].folder / figures["file"]
             quality[("persona", f"llama.cpp {qtype} GGUF")] = figures
     reference = decode(models[("persona", "onnx")], ids)[2] if ("persona", "onnx") in models else None
     agreement: dict[tuple[str, str], float] = {}  # llama.cpp's top-1 agreement with the fp32 ONNX of its model

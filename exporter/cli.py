@@ -7,69 +7,31 @@ import contextlib
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from exporter import __version__
 from exporter.errors import PersonaExportError
+from exporter.recipe.formats import ADDED, FORMATS
 
-if TYPE_CHECKING:
-    from exporter.reports.persona import PersonaReport
-
-EXPORT_FORMATS = ["onnx", "onnx-int8", "onnx-int4", "gguf", "onnx-genai"]
-EXPORT_HELP = "a persona folder (RUN_DIR/PERSONA), one of its format folders (hf/, onnx/, genai/, ...), a folder downloaded from the Hub, or a .gguf file"
-
-
-def _table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def summary_table(reports: dict[str, PersonaReport]) -> str:
-    head = ["persona", "status", "params dense -> pruned", "weights MB", "fp64 max|dlogit|", "fp32 max|dlogit|"]
-    rows = [[*head, "greedy", "onnx max|dlogit|"]]
-    for name, r in reports.items():
-        hf = r.verification["hf"].figures
-        p, b = r.parameters, r.bytes
-        exact = hf.get("fp64") or {  # proven layer by layer: the worst layer output, no fp64 greedy run
-            "max_abs_logit_diff": hf["fp64_layers"]["max_abs_layer_output_diff"],
-            "greedy_identical": hf["fp32"]["greedy_identical"],
-        }
-        rows.append(
-            [
-                name,
-                r.status,
-                f"{p.dense / 1e6:.1f}M -> {p.pruned / 1e6:.1f}M ({p.ratio:.3f})",
-                f"{b.dense_weights / 1e6:.0f} -> {b.pruned_weights_on_disk / 1e6:.0f}",
-                f"{exact['max_abs_logit_diff']:.1e}",
-                f"{hf['fp32']['max_abs_logit_diff']:.1e}",
-                "identical" if exact["greedy_identical"] else "DIFFERENT",
-                f"{r.verification['onnx'].figures['max_abs_logit_diff']:.1e}" if "onnx" in r.verification else "-",
-            ]
-        )
-    return _table(rows)
-
-
-def quality_lines(report: PersonaReport) -> list[str]:
-    """The measured quality of each quantized format in a report, one line each."""
-    from exporter.verify.quality import describe
-
-    return [describe(n, c.figures) for n, c in report.verification.items() if "below_floor" in c.figures]
+EXPORT_FORMATS = list(ADDED)  # formats made from a persona's checkpoint
+# the runtimes that run an export: onnxruntime or onnxruntime-genai on a format's folder, torch on hf/
+BACKENDS = [n for n, f in FORMATS.items() if f.family in ("onnxruntime", "onnxruntime-genai")] + ["torch"]
+EXPORT_HELP = (
+    "a persona folder (RUN_DIR/PERSONA), one of its format folders (hf/, onnx/, genai/, ...), a folder downloaded "
+    "from the Hub, or a .gguf file"
+)
+FORMAT_HELP = (
+    f"a format of the export: {', '.join(BACKENDS)} (torch: the checkpoint), or the name of another ONNX folder "
+    "in it; default: onnx, else onnx-genai, else torch"
+)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from exporter.recipe.load import load_recipe
-    from exporter.workflows.validate import item_lines, tune_validation, validate
+    from exporter.workflows.validate import validate_recipe
 
     recipe = load_recipe(args.recipe, args.set)
-    checked = validate(recipe)
-    for name, persona in recipe.personas.items():
-        print(f"  {name}: {checked.samples[name]} calibration samples from {persona.calibration.path}")
-    if recipe.eval is not None and checked.items is not None:
-        print("\n".join(item_lines("eval", recipe.eval, checked.items)))
-    if recipe.tune is not None and checked.tune_items is not None:
-        print("\n".join(item_lines("tune", tune_validation(recipe.tune), checked.tune_items)))
+    print("\n".join(validate_recipe(recipe)))
     print(f"{args.recipe}: valid (recipe sha256 {recipe.digest()[:12]})")
     return 0
 
@@ -81,6 +43,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.set)
     summary = run(recipe, Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats, use_cache=not args.no_cache)
     from exporter.reports.markdown import verdict
+    from exporter.reports.terminal import quality_lines, summary_table
 
     print(summary_table(summary["reports"]))
     print("\n" + "\n".join(verdict(summary["reports"], Path(args.out))))
@@ -104,6 +67,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = add_formats(
         Path(args.persona_dir), [args.format], overwrite=args.overwrite, genai_precision=args.precision
     )
+    from exporter.reports.terminal import quality_lines, summary_table
+
     print(summary_table({report.persona: report}))
     for line in quality_lines(report):
         print(line)
@@ -204,16 +169,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from exporter.serve.server import Limits, serve
+    from exporter.serve.server import Limits
+    from exporter.workflows.serve import serve_path
 
-    path = Path(args.path)
-    if args.base:
-        from exporter.workflows.base_export import base_export
-
-        base_export(path, args.format or "onnx")
     limits = Limits(args.max_batch, args.max_queue, args.max_body, args.threads)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn has shut down gracefully and passes the signal on
-        serve(path, args.format, args.host, args.port, limits, args.api_key)
+        serve_path(Path(args.path), args.format, args.host, args.port, limits, args.api_key, base=args.base)
     print("stopped", file=sys.stderr)
     return 0
 
@@ -249,7 +210,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from exporter.workflows.tune import tune
 
     report = tune(load_recipe(args.recipe, args.set), Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats)
-    print(f"chosen on the validation items: {report['chosen']}")
+    chosen = report.chosen.model_dump() if report.chosen else None
+    print(f"chosen on the validation items: {chosen}")
     print(f"written: {Path(args.out) / 'report.md'} (test figures), report.json, pareto.png, recipe.yaml")
     return 0
 
@@ -320,34 +282,29 @@ def _command(sub: Any, name: str, **kw: Any) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="persona-export",
-        description=DESCRIPTION,
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    _verbosity(parser, top=True)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("set", nargs="*", metavar="KEY.PATH=VALUE", help="recipe overrides, e.g. prune.mlp.sparsity=0.1")
 
-    def overrides(p: argparse.ArgumentParser) -> None:
-        p.add_argument("set", nargs="*", metavar="KEY.PATH=VALUE", help="recipe overrides, e.g. prune.mlp.sparsity=0.1")
 
+def _add_validate(sub: Any) -> None:
     p = _command(sub, "validate", help="check a recipe and its data files without loading a model")
     p.add_argument("recipe")
-    overrides(p)
+    _overrides(p)
     p.set_defaults(func=cmd_validate)
 
+
+def _add_run(sub: Any) -> None:
     p = _command(sub, "run", help="calibrate, mask, prune, export and verify every persona of a recipe")
     p.add_argument("recipe")
     p.add_argument("--out", required=True, help="run folder to create (refused if it exists)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--reuse-stats", type=Path, metavar="RUN_DIR", help="reuse still-valid statistics of an earlier run")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the statistics cache")
-    overrides(p)
+    _overrides(p)
     p.set_defaults(func=cmd_run)
 
+
+def _add_export(sub: Any) -> None:
     p = _command(sub, "export", help="add an export format to an existing persona of a run")
     p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA")
     p.add_argument("--format", choices=EXPORT_FORMATS, required=True, help="formats already there are reused")
@@ -359,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_export)
 
-    formats = "a format of the export: onnx, onnx-int8, onnx-int4, onnx-genai, torch (the checkpoint)"
+
+def _add_generation(sub: Any) -> None:
+    """`generate` and `chat`: the same runtime and sampling options."""
     for name, func, text in (
         ("generate", cmd_generate, "generate a reply to one prompt (streamed; greedy unless --temperature)"),
         ("chat", cmd_chat, "chat with an export in the terminal (or from piped lines); /reset, /exit"),
@@ -368,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("path", metavar="EXPORT", help=EXPORT_HELP)
         if name == "generate":
             p.add_argument("--prompt", required=True)
-        p.add_argument("--backend", metavar="FORMAT", help=f"{formats}; default: onnx, else onnx-genai, else torch")
+        p.add_argument("--backend", metavar="FORMAT", help=FORMAT_HELP)
         p.add_argument(
             "--max-new-tokens", type=positive_int, default=128, help="at least 1; a reply cut here is marked"
         )
@@ -380,13 +339,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--base", action="store_true", help="also run the run's dense base model (torch), side by side")
         p.set_defaults(func=func)
 
+
+def _add_serve(sub: Any) -> None:
     p = _command(
         sub, "serve", help="serve a run's personas (or one export) with an OpenAI-compatible chat-completions API"
     )
     p.add_argument("path", metavar="RUN_DIR|EXPORT", help="a run folder (every persona), or " + EXPORT_HELP)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on")
-    p.add_argument("--format", metavar="FORMAT", help=f"{formats}; default: onnx, else onnx-genai, else torch")
+    p.add_argument("--format", metavar="FORMAT", help=FORMAT_HELP)
     p.add_argument(
         "--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (or set PERSONA_EXPORT_API_KEY)"
     )
@@ -403,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, help="onnxruntime threads per model (default: one per core)")
     p.set_defaults(func=cmd_serve)
 
+
+def _add_push(sub: Any) -> None:
     p = _command(sub, "push", help="publish a verified persona export to the Hugging Face Hub")
     p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA", help="a persona folder of a run")
     p.add_argument("--repo-id", required=True, metavar="OWNER/NAME", help="model repo (created when missing)")
@@ -423,6 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the files and sizes to upload; send nothing")
     p.set_defaults(func=cmd_push)
 
+
+def _add_eval(sub: Any) -> None:
     p = _command(
         sub,
         "eval",
@@ -439,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_eval)
 
+
+def _add_sweep(sub: Any) -> None:
     p = _command(sub, "sweep", help="evaluate a recipe's masks at several sparsities (table and plot)")
     p.add_argument("recipe")
     p.add_argument("--sparsity", required=True, help="comma-separated values, e.g. 0.01,0.02,0.05,0.1")
@@ -446,9 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to create for report.md, report.json, sweep.png")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.add_argument("--reuse-stats", type=Path, metavar="RUN_DIR", help="reuse valid statistics of a run")
-    overrides(p)
+    _overrides(p)
     p.set_defaults(func=cmd_sweep)
 
+
+def _add_tune(sub: Any) -> None:
     p = _command(
         sub, "tune", help="search the recipe's tune grid on validation items, report the chosen setting on test items"
     )
@@ -456,8 +425,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="folder to create for report.md, report.json, pareto.png, recipe.yaml")
     p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
     p.add_argument("--reuse-stats", type=Path, metavar="RUN_DIR", help="reuse valid statistics of a run")
-    overrides(p)
+    _overrides(p)
     p.set_defaults(func=cmd_tune)
+
+
+COMMANDS = (
+    _add_validate,
+    _add_run,
+    _add_export,
+    _add_generation,
+    _add_serve,
+    _add_push,
+    _add_eval,
+    _add_sweep,
+    _add_tune,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="persona-export",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _verbosity(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 

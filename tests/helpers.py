@@ -239,9 +239,7 @@ def samples(seed: int, vocab: tuple[int, int] = (10, 320)) -> list[TokenizedSamp
 
 def contrastive_mask(model: Any, unit: str) -> tuple[Adapter, PersonaMask]:
     """A contrastive-wanda mask of `model` (MLP and `unit` attention) from two disjoint-vocabulary sample sets."""
-    adapter = adapter_for(model.config)
-    pos = calibrate(model, adapter, samples(1, (10, 160)), pad_id=0, batch_size=5, response_only=True)
-    neg = calibrate(model, adapter, samples(2, (160, 320)), pad_id=0, batch_size=5, response_only=True)
+    adapter, pos, neg = opposed_stats(model)
     prune = PruneSpec(
         mlp=MlpPrune(sparsity=0.25),
         attention=AttentionPrune(unit=unit, sparsity=0.5 if unit == "kv-group" else 0.34),
@@ -255,12 +253,102 @@ BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
 
+def parity(max_abs: float = 3e-14) -> dict[str, Any]:
+    """A checkpoint's logits and greedy continuations against the masked reference in one dtype."""
+    return {"max_abs_logit_diff": max_abs, "mean_abs_logit_diff": max_abs / 8, "greedy_identical": True,
+            "greedy_first_divergence": None}  # fmt: skip
+
+
+def checkpoint_check(passed: bool = True) -> dict[str, Any]:
+    """report.json's "hf" entry: proven in float64, or (not `passed`) off by far more than the bound."""
+    return {"thresholds": {"fp64_max_abs": 1e-6, "greedy_tokens": 8}, "fp64": parity(3e-14 if passed else 0.5),
+            "fp32": parity(2e-6), "passed": passed}  # fmt: skip
+
+
+THRESHOLDS = {"max_abs_logit_diff": 1e-2, "mean_abs_logit_diff": 1e-3}
+
+
+def onnx_check(max_abs: float = 2e-5, mean_abs: float = 1e-6) -> dict[str, Any]:
+    """report.json's "onnx" entry; it passes while the differences are within THRESHOLDS."""
+    return {
+        **parity(max_abs),
+        "mean_abs_logit_diff": mean_abs,
+        "greedy_rows_diverged": 0,
+        "greedy_divergences_are_near_ties": False,
+        "thresholds": THRESHOLDS,
+        "batches": 6,
+        "greedy_tokens": 8,
+        "decode_steps": 3,
+    }
+
+
+def quality(top1: float, ppl_ratio: float = 1.01, **shift: Any) -> dict[str, Any]:
+    """Measured quality of a quantized model against the 8-bit floor (or `floor`); `shift` adds persona_shift and
+    paired_items."""
+    floor = shift.pop("floor", {"top1_agreement": 0.97, "ppl_ratio": 1.05})
+    margin = {"paired_margin_fp32": 0.2, "paired_margin_quantized": 0.2 + shift["persona_shift"]} if shift else {}
+    floor = {**floor, "persona_shift": 0.03} if shift else floor
+    figures = {"top1_agreement": top1, "positions": 870, "ppl_fp32": 10.0, "ppl_quantized": 10.0 * ppl_ratio}
+    return {**figures, "ppl_ratio": ppl_ratio, **shift, **margin, "floor": floor}
+
+
+def quantized_check(bits: int, top1: float, ppl_ratio: float = 1.01, **shift: Any) -> dict[str, Any]:
+    """report.json's "onnx-int8" / "onnx-int4" entry (below its floor when `top1` is)."""
+    floor = {"top1_agreement": 0.97 if bits == 8 else 0.90, "ppl_ratio": 1.05 if bits == 8 else 1.15}
+    return {**quality(top1, ppl_ratio, floor=floor, **shift), "measured_on": "neutral text", "mb_fp32": 0.012,
+            "mb_quantized": 0.003, "folder": f"ort-int{bits}", "bits": bits, "parity_target": False}  # fmt: skip
+
+
+def gguf_file(name: str, exact: bool = False, top1: float = 0.99) -> dict[str, Any]:
+    """One file of report.json's "gguf" entry: a parity target when `exact`, else measured (8-bit floor)."""
+    figures = {"file": name, "stored": {"F16": 7}, "restored_neurons_per_layer": 0, "parity_target": exact,
+               **parity(3e-3), "mb": 0.002, **quality(top1)}  # fmt: skip
+    return figures | ({"thresholds": THRESHOLDS} if exact else {})
+
+
+def genai_check(precision: str = "int4", top1: float = 0.7, ppl_ratio: float = 1.3) -> dict[str, Any]:
+    """report.json's "onnx-genai" entry: measured against the 4-bit floor (fp32: proven, within THRESHOLDS)."""
+    figures = {"precision": precision, "parity_target": precision == "fp32", "tokenizer_ids_equal": True,
+               "decode_round_trip": True, "eos_token_id": [1], "eos_declared": True, **parity(2e-5),
+               "greedy_rows_diverged": 0, "mb": 0.01, "folder": "genai"}  # fmt: skip
+    if precision == "fp32":
+        return figures | {"thresholds": THRESHOLDS, "greedy_divergences_are_near_ties": False}
+    floor = {"top1_agreement": 0.90, "ppl_ratio": 1.15}
+    return figures | quality(top1, ppl_ratio, floor=floor) | {"bits": 4 if precision == "int4" else 8}
+
+
+def make_evaluation(shift: float = 0.25) -> dict[str, Any]:
+    """A persona's evaluation as report.json holds it: the dense and mask-only rows on 8 paired items."""
+    ci = {"mean": shift, "ci95": [shift - 0.15, shift + 0.15]}
+    zero = {"mean": 0.0, "ci95": [0.0, 0.0]}
+    neutral = {"perplexity": 12.5, "perplexity_ratio": 1.0, "kl": 0.0}
+    dense = {"condition": "dense", "parameters_removed": 0, "fraction_removed": 0.0,
+             "paired": {"margin": zero, "accuracy": zero, "shift": zero, "n": 8}, "neutral": neutral}  # fmt: skip
+    mask = {"condition": "mask-only", "parameters_removed": 5000, "fraction_removed": 0.25,
+            "paired": {"margin": ci, "accuracy": ci, "shift": ci, "n": 8}}  # fmt: skip
+    return {
+        "splits": {},
+        "leaks": [],
+        "system_prompt": "Answer as an introvert.",
+        "statements_prompt": None,
+        "random_seeds": [0, 1, 2],
+        "dense_parameters": 20000,
+        "definitions": {"shift": "margin under the condition minus the dense model's margin"},
+        "eval_spec": {"neutral": {"path": "neutral.txt"}, "baselines": ["random"]},
+        "opposite": "extravert",
+        "rows": [dense, mask],
+        "acceptance": None,
+        "mask_vs_prompt": None,
+    }
+
+
 def make_report(persona: str, status: str = "passed", **verification: Any) -> dict[str, Any]:
-    figures = {"max_abs_logit_diff": 3e-14, "mean_abs_logit_diff": 4e-15, "greedy_identical": True}
-    hf = {"fp64": figures, "fp32": {**figures, "max_abs_logit_diff": 2e-6}, "passed": status == "passed"}
+    """A persona's report.json as `run` writes it; "failed" when its checkpoint is off by far more than the bound."""
+    hf = checkpoint_check(status == "passed")
     dense = {"layers": 2, "hidden": 64, "intermediate": 128, "heads": 9, "kv_heads": 3, "head_dim": 16}
     pruned = {**dense, "intermediate": 96, "heads": 6, "kv_heads": 2}  # what the tiny checkpoint has
     return {
+        "schema_version": 4,
         "persona": persona,
         "description": f"The {persona} test persona.",
         "partner": "extravert",
@@ -628,3 +716,133 @@ def point_eval_at(d: Recipe, path: Path) -> None:
             "max_items": 1,
         }
     }
+
+
+# -- tiny ONNX exports: head_dim != hidden_size / num_heads, as every head-pruned checkpoint has --
+
+# 6 query heads / 2 KV heads of 16 on hidden 64: optimum's hidden // heads would be 10.
+ONNX_TINY = dict(
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=259,
+    max_position_embeddings=256,
+    initializer_range=0.1,  # peaked logits, so greedy tokens are not decided by fp32 noise
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+ONNX_ARCHS = {
+    "llama": dict(tie_word_embeddings=True),  # tied like SmolLM2
+    "qwen2": dict(tie_word_embeddings=False),  # q/k/v biases, randomized below
+    "mistral": dict(tie_word_embeddings=False),
+    "qwen3": dict(tie_word_embeddings=False),  # q/k norms
+    "phi3": dict(tie_word_embeddings=False),  # fused qkv_proj and gate_up_proj
+}
+OnnxExport = tuple[Path, Path, torch.nn.Module]  # hf_dir, onnx_dir, reference
+
+
+def byte_tokenizer() -> Any:
+    """256 byte tokens after <pad> <s> </s>: a real tokenizer with vocab 259, built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab |= {ch: i + 3 for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def onnx_checkpoint(kind: str, folder: Path) -> torch.nn.Module:
+    """A tiny seeded checkpoint of `kind` with random biases and the byte tokenizer, saved to `folder`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **ONNX_TINY, **ONNX_ARCHS[kind])).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):  # transformers initializes biases to zero, which would hide them
+                param.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    return model
+
+
+def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Three rows of 9 byte tokens, two of them left-padded."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 259, (3, 9), generator=gen)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :2] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def onnx_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One unpadded row, then the left-padded batch."""
+    ids, mask = left_padded_batch()
+    return [(ids[:1], mask[:1]), (ids, mask)]
+
+
+# -- shared by several test modules --
+
+
+class OpposedPair:
+    """The two recipe fields `with_biases` reads, for personas "p" and "q" opposing each other."""
+
+    def __init__(self, method: MethodSpec, prune: PruneSpec) -> None:
+        self.method, self.prune = method, prune
+
+    def partner(self, name: str) -> str:
+        return {"p": "q", "q": "p"}[name]
+
+
+def opposed_stats(model: Any) -> tuple[Adapter, Any, Any]:
+    """The model's adapter and the statistics of two disjoint-vocabulary sample sets (persona "p", then "q")."""
+    adapter = adapter_for(model.config)
+    pos = calibrate(model, adapter, samples(1, (10, 160)), pad_id=0, batch_size=5, response_only=True)
+    neg = calibrate(model, adapter, samples(2, (160, 320)), pad_id=0, batch_size=5, response_only=True)
+    return adapter, pos, neg
+
+
+def make_persona(run: Path, checkpoint: Path, persona: str = "introvert", **kwargs: Any) -> Path:
+    """A persona folder as `run` leaves it: hf/ (a copy of `checkpoint`) and report.json (`make_report`)."""
+    import shutil
+
+    folder = run / persona
+    shutil.copytree(checkpoint, folder / "hf")
+    (folder / "masks.json").write_text("{}")
+    (folder / "report.json").write_text(json.dumps(make_report(persona, **kwargs), indent=2))
+    return folder
+
+
+def add_fake_onnx(folder: Path, name: str = "onnx") -> None:
+    """A format folder `name` with random bytes for model.onnx and the checkpoint's config and tokenizer."""
+    import shutil
+
+    (folder / name).mkdir()
+    (folder / name / "model.onnx").write_bytes(os.urandom(3000))
+    shutil.copyfile(folder / "hf" / "config.json", folder / name / "config.json")
+    shutil.copyfile(folder / "hf" / "tokenizer.json", folder / name / "tokenizer.json")
+
+
+def kill_at(proc: Any, marker: str, sig: int) -> str:
+    """Send `sig` to the subprocess once `marker` appears on its stderr; returns what it printed."""
+    import time
+
+    seen = []
+    deadline = time.monotonic() + 120
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        seen.append(line)
+        if marker in line:
+            proc.send_signal(sig)
+            break
+        assert time.monotonic() < deadline, "marker never appeared:\n" + "".join(seen)
+    _, rest = proc.communicate(timeout=120)
+    return "".join(seen) + rest

@@ -1,1 +1,1 @@
-"""Persona evaluation: items, metrics, baselines, the conditions scored and their summary."""
+"""Persona evaluation: items, metrics, baselines, the conditions scored, one mask scorer and the summary."""

@@ -156,3 +156,8 @@ def zeroed(model: nn.Module, adapter: Adapter, removal: list[dict[str, torch.Ten
         with torch.no_grad():
             for flat, idx, values in saved:
                 flat[idx] = values
+
+
+def steering_only(mask: PersonaMask) -> PersonaMask:
+    """The export's steering bias on the dense model: no unit removed, no compensation."""
+    return PersonaMask(mask.persona, mask.geometry, None, None, None, mlp_bias=mask.steering)

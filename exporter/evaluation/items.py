@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from exporter.errors import CalibrationDataError
+from exporter.errors import CalibrationDataError, RecipeError
 from exporter.masking.data import field_problem, read_records, read_samples, select_samples
-from exporter.recipe.eval import EvalSpec, PairedSpec, RepliesSpec, StatementsSpec
-from exporter.recipe.formats import MEASURED_FORMATS
+from exporter.recipe.eval import EvalSpec, PairedSpec, RepliesSpec, StatementsSpec, eval_problems
+from exporter.recipe.formats import FORMATS
 from exporter.recipe.schema import DataSpec, Recipe, infer_format
 
 log = logging.getLogger(__name__)
@@ -234,6 +234,17 @@ def read_reply_prompts(spec: RepliesSpec, calib: CalibrationIndex) -> tuple[list
     return [lines[i] for i in chosen], split
 
 
+def prepare(recipe: Recipe, spec: EvalSpec | None = None) -> EvalItems:
+    """Check the eval section `spec` (the recipe's by default) against the recipe and read its items, before any
+    model is loaded: problems surface early."""
+    spec = spec or recipe.eval
+    assert spec is not None, "prepare() needs an eval section"
+    problems = eval_problems(spec, list(recipe.personas))
+    if problems:
+        raise RecipeError(f"{len(problems)} problem(s) in the eval section:\n" + "\n".join(f"  {p}" for p in problems))
+    return load_items(recipe, spec)
+
+
 def load_items(recipe: Recipe, spec: EvalSpec) -> EvalItems:
     """Read and select every evaluation item, then check them against the calibration samples."""
     calib = CalibrationIndex({n: p.calibration for n, p in recipe.personas.items()})
@@ -300,5 +311,5 @@ def quality_texts(
     """What a quantized format's quality is measured on: the evaluation's neutral text (None without one) and the
     persona's held-out pairs, read only when one of `formats` is measured (else None)."""
     neutral = read_neutral(recipe.eval.neutral.path) if recipe.eval and recipe.eval.neutral else None
-    pairs = persona_pairs(recipe, persona) if MEASURED_FORMATS & set(formats) else None
+    pairs = persona_pairs(recipe, persona) if any(FORMATS[f].measured for f in formats) else None
     return neutral, pairs

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
-from exporter.runtime.chat import Scored, position_ids
+from exporter.model.encoding import Scored, position_ids
+from exporter.reports.evaluation import CI
 
 Intervention = Callable[[], AbstractContextManager[Any]]
 
@@ -201,7 +202,7 @@ def neutral_scores(
     windows: list[list[int]],
     interventions: dict[str, Intervention | None],
     progress: Callable[[int], Any] | None = None,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, NeutralScore]:
     """Per intervention: perplexity, mean NLL, mean KL(P_dense || Q) over every window token after the first.
 
     The dense forward runs once per window and serves as P for all interventions (window by window, so
@@ -230,14 +231,20 @@ def neutral_scores(
         if progress is not None:
             progress(1)
     return {
-        name: {
-            "perplexity": float(np.exp(nll[name] / count)),
-            "nll": nll[name] / count,
-            "kl": kl[name] / count,
-            "tokens": count,
-        }
+        name: NeutralScore(float(np.exp(nll[name] / count)), nll[name] / count, kl[name] / count, count)
         for name in interventions
     }
+
+
+@dataclass(frozen=True)
+class NeutralScore:
+    """A condition on the neutral text: perplexity, mean NLL and mean KL(P_dense || Q) per token, and the tokens
+    scored."""
+
+    perplexity: float
+    nll: float
+    kl: float
+    tokens: int
 
 
 def bootstrap(stat: Callable[[np.ndarray], float], n_items: int, *, n: int, seed: int) -> tuple[float, float]:
@@ -248,20 +255,17 @@ def bootstrap(stat: Callable[[np.ndarray], float], n_items: int, *, n: int, seed
     return float(lo), float(hi)
 
 
-def mean_ci(x: np.ndarray, *, n: int, seed: int) -> dict[str, Any]:
+def mean_ci(x: np.ndarray, *, n: int, seed: int) -> CI:
     """Mean of per-item values with its bootstrap interval."""
-    return {
-        "mean": float(x.mean()),
-        "ci95": list(bootstrap(lambda i: float(x[i].mean()), len(x), n=n, seed=seed)),
-    }
+    return CI(mean=float(x.mean()), ci95=list(bootstrap(lambda i: float(x[i].mean()), len(x), n=n, seed=seed)))
 
 
-def win_rate_ci(margins: np.ndarray, *, n: int, seed: int) -> dict[str, Any]:
+def win_rate_ci(margins: np.ndarray, *, n: int, seed: int) -> CI:
     """Fraction of items with a positive margin (A/B accuracy) with its bootstrap interval."""
     return mean_ci((margins > 0).astype(np.float64), n=n, seed=seed)
 
 
-def contrast_ci(match: np.ndarray, other: np.ndarray, *, n: int, seed: int) -> dict[str, Any]:
+def contrast_ci(match: np.ndarray, other: np.ndarray, *, n: int, seed: int) -> CI:
     """mean(match) - mean(other) for two independent groups; the interval resamples each group."""
     rng = np.random.default_rng(seed)
     values = [
@@ -272,4 +276,4 @@ def contrast_ci(match: np.ndarray, other: np.ndarray, *, n: int, seed: int) -> d
         for _ in range(n)
     ]
     lo, hi = np.percentile(values, [2.5, 97.5])
-    return {"mean": float(match.mean() - other.mean()), "ci95": [float(lo), float(hi)]}
+    return CI(mean=float(match.mean() - other.mean()), ci95=[float(lo), float(hi)])

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -20,13 +20,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from exporter.evaluation.baselines import steering_only
 from exporter.evaluation.metrics import Intervention, Scored, mean_ci, sequence_logliks
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
-from exporter.model.hooks import per_row_channel_masks
+from exporter.model.encoding import end_of_turn_id, reply_prefix
+from exporter.model.hooks import ChannelMasks, per_row_channel_masks
 from exporter.quiet import progress
 from exporter.recipe.eval import EvalSpec
-from exporter.runtime.chat import end_of_turn_id, reply_prefix
+from exporter.reports.evaluation import Degeneration, RepliesEvaluation, ReplyCondition, ReplyExample
 from exporter.verify.hf import greedy, left_padded, masked
 
 
@@ -98,7 +100,7 @@ def _per_row(model: nn.Module, adapter: Adapter, masks: list[PersonaMask | None]
     mlp = stack(lambda m: m.channel_masks()[0], 1.0, g.intermediate)
     attn = stack(lambda m: m.channel_masks()[1], 1.0, g.heads * g.head_dim)
     bias = stack(lambda m: m.mlp_bias, 0.0, g.hidden)
-    with per_row_channel_masks(model, adapter, mlp, attn, bias):
+    with per_row_channel_masks(model, adapter, ChannelMasks(mlp, attn, bias)):
         yield
 
 
@@ -204,108 +206,122 @@ def distinct(tokens: list[int], n: int = 2) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def degeneration(replies: Replies) -> dict[str, float]:
-    return {
-        "repeated_4grams": float(np.mean([repeated_ngrams(t) for t in replies.tokens])),
-        "distinct_2": float(np.mean([distinct(t) for t in replies.tokens])),
-        "cut_at_max_tokens": float(np.mean(replies.cut)),
-        "empty": float(np.mean([not t for t in replies.tokens])),
-    }
+def degeneration(replies: Replies) -> Degeneration:
+    return Degeneration(
+        repeated_4grams=float(np.mean([repeated_ngrams(t) for t in replies.tokens])),
+        distinct_2=float(np.mean([distinct(t) for t in replies.tokens])),
+        cut_at_max_tokens=float(np.mean(replies.cut)),
+        empty=float(np.mean([not t for t in replies.tokens])),
+    )
 
 
 def _finite(x: np.ndarray) -> np.ndarray:
     return x[np.isfinite(x)]
 
 
-def evaluate_replies(
-    model: nn.Module,
-    tokenizer: Any,
-    adapter: Adapter,
-    spec: EvalSpec,
-    prompts: list[str],
-    masks: dict[str, PersonaMask],
-    systems: dict[str, str],
-    opposite: dict[str, str],
-    cache: dict[str, Replies] | None = None,
-) -> dict[str, dict[str, Any]]:
-    """Per persona p with an opposite q among `masks`: reply scores (p's system prompt against q's) of every
-    condition, the export gap (p's export minus q's export, per prompt) beside the prompt-only and
-    steering-only gaps, degeneration figures, and the first `show` prompts' replies side by side.
-
-    `cache` keeps replies across calls (tune's grid): "dense" and "prompt:<persona>" are generated once and
-    reused; the masks' replies are always generated anew."""
-    rs = spec.replies
-    assert rs is not None, "evaluate_replies needs an eval.replies section"
-    boot = {"n": spec.bootstrap, "seed": spec.seed}
-
+def reply_conditions(masks: dict[str, PersonaMask], systems: dict[str, str], spec: EvalSpec) -> dict[str, Condition]:
+    """Whose replies are generated: the dense model, with each persona's system prompt, each persona's mask and,
+    with the steering baseline, each steering bias alone."""
     todo: dict[str, Condition] = {"dense": (None, None)}
     for p, mask in masks.items():
         todo[f"prompt:{p}"] = (systems[p], None)
         todo[f"mask:{p}"] = (None, mask)
         if mask.steering is not None and "steering" in spec.baselines:
             todo[f"steer:{p}"] = (None, steering_only(mask))
-    cache = {} if cache is None else cache
-    missing = {key: c for key, c in todo.items() if key not in cache}
-    with progress(len(prompts) * len(missing), f"eval replies ({len(missing)} conditions)", "reply") as bar:
-        made = condition_replies(
-            model,
-            tokenizer,
-            adapter,
-            prompts,
-            missing,
-            max_new_tokens=rs.max_new_tokens,
-            batch_size=rs.batch_size,
-            progress=bar.update,
+    return todo
+
+
+@dataclass
+class Replier:
+    """Replies to one eval section's everyday prompts, scored for persona: the dense model's replies (with and
+    without each persona's system prompt) are generated once and kept for every set of masks that follows (a
+    tune grid); each set of masks gets its own."""
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: Adapter
+    spec: EvalSpec
+    prompts: list[str]
+    systems: dict[str, str]  # persona -> its system prompt
+    opposite: dict[str, str]  # persona -> its opposite
+    cache: dict[str, Replies] = field(default_factory=dict)
+
+    def generate(self, todo: dict[str, Condition]) -> dict[str, Replies]:
+        """The replies of every condition in `todo`, the dense model's from (and into) the cache."""
+        rs = self.spec.replies
+        assert rs is not None, "replies need an eval.replies section"
+        missing = {key: c for key, c in todo.items() if key not in self.cache}
+        with progress(len(self.prompts) * len(missing), f"eval replies ({len(missing)} conditions)", "reply") as bar:
+            made = condition_replies(
+                self.model,
+                self.tokenizer,
+                self.adapter,
+                self.prompts,
+                missing,
+                max_new_tokens=rs.max_new_tokens,
+                batch_size=rs.batch_size,
+                progress=bar.update,
+            )
+        for key, (_, mask) in missing.items():
+            if mask is None:  # dense, or dense with a system prompt: the same in every call
+                self.cache[key] = made[key]
+        return {key: self.cache[key] if key in self.cache else made[key] for key in todo}
+
+    def evaluate(self, masks: dict[str, PersonaMask]) -> dict[str, RepliesEvaluation]:
+        """Per persona p with an opposite q among `masks`: reply scores (p's system prompt against q's) of every
+        condition, the export gap (p's export minus q's export, per prompt) beside the prompt-only and
+        steering-only gaps, degeneration figures, and the first `show` prompts' replies side by side."""
+        replies = self.generate(reply_conditions(masks, self.systems, self.spec))
+        pairs = {p: q for p in masks if (q := self.opposite.get(p)) is not None and q in masks}
+        scored = sorted({self.systems[p] for pair in pairs.items() for p in pair})
+        ll = {}
+        if pairs:
+            total = len(scored) * sum(1 for r in replies.values() for t in r.tokens if t)
+            with progress(total, "eval reply scores", "reply") as bar:
+                ll = reply_logliks(self.model, self.tokenizer, replies, scored, progress=bar.update)
+        out = {}
+        for p, q in pairs.items():
+            scores = {c: ll[c, self.systems[p]] - ll[c, self.systems[q]] for c in replies}
+            out[p] = persona_replies(p, q, scores, replies, self.tokenizer, self.spec)
+        return out
+
+
+def persona_replies(
+    p: str, q: str, scores: dict[str, np.ndarray], replies: dict[str, Replies], tokenizer: Any, spec: EvalSpec
+) -> RepliesEvaluation:
+    """Persona p's reply evaluation against its opposite q, from every condition's per-reply scores."""
+    rs = spec.replies
+    assert rs is not None
+    boot = {"n": spec.bootstrap, "seed": spec.seed}
+    labels = {"dense": "dense", f"prompt:{p}": "prompt-only", f"mask:{p}": "export", f"mask:{q}": f"export of {q}"}
+    labels[f"steer:{p}"] = "steering-only"
+    conditions = {
+        label: ReplyCondition(score=mean_ci(_finite(scores[key]), **boot), degeneration=degeneration(replies[key]))
+        for key, label in labels.items()
+        if key in scores
+    }
+    gaps = {"export": "mask", "prompt_only": "prompt", "steering_only": "steer"}
+    gap = {
+        name: mean_ci(_finite(scores[f"{kind}:{p}"] - scores[f"{kind}:{q}"]), **boot)
+        for name, kind in gaps.items()
+        if f"{kind}:{p}" in scores and f"{kind}:{q}" in scores
+    }
+    texts = {key: replies[key].texts(tokenizer) for key in ("dense", f"prompt:{p}", f"mask:{p}", f"mask:{q}")}
+    examples = [
+        ReplyExample(
+            prompt=replies["dense"].prompts[i],
+            dense=texts["dense"][i],
+            prompt_only=texts[f"prompt:{p}"][i],
+            export=texts[f"mask:{p}"][i],
+            opposite_export=texts[f"mask:{q}"][i],
         )
-    for key, (_, condition) in missing.items():
-        if condition is None:  # dense, or dense with a system prompt: the same in every call
-            cache[key] = made[key]
-    replies = {key: cache[key] if key in cache else made[key] for key in todo}
-    pairs = {p: q for p in masks if (q := opposite.get(p)) is not None and q in masks}
-    scored = sorted({systems[p] for pair in pairs.items() for p in pair})
-    ll = {}
-    if pairs:
-        total = len(scored) * sum(1 for r in replies.values() for t in r.tokens if t)
-        with progress(total, "eval reply scores", "reply") as bar:
-            ll = reply_logliks(model, tokenizer, replies, scored, progress=bar.update)
-    out: dict[str, dict[str, Any]] = {}
-    for p, q in pairs.items():
-        scores = {c: ll[c, systems[p]] - ll[c, systems[q]] for c in replies}
-        labels = {"dense": "dense", f"prompt:{p}": "prompt-only", f"mask:{p}": "export", f"mask:{q}": f"export of {q}"}
-        labels[f"steer:{p}"] = "steering-only"
-        conditions = {
-            label: {"score": mean_ci(_finite(scores[key]), **boot), "degeneration": degeneration(replies[key])}
-            for key, label in labels.items()
-            if key in scores
-        }
-        gaps = {"export": ("mask", "mask"), "prompt_only": ("prompt", "prompt"), "steering_only": ("steer", "steer")}
-        gap = {
-            name: mean_ci(_finite(scores[f"{a}:{p}"] - scores[f"{b}:{q}"]), **boot)
-            for name, (a, b) in gaps.items()
-            if f"{a}:{p}" in scores and f"{b}:{q}" in scores
-        }
-        texts = {key: replies[key].texts(tokenizer) for key in ("dense", f"prompt:{p}", f"mask:{p}", f"mask:{q}")}
-        examples = [
-            {
-                "prompt": prompts[i],
-                "dense": texts["dense"][i],
-                "prompt_only": texts[f"prompt:{p}"][i],
-                "export": texts[f"mask:{p}"][i],
-                "opposite_export": texts[f"mask:{q}"][i],
-            }
-            for i in range(min(rs.show, len(prompts)))
-        ]
-        out[p] = {
-            "prompts": len(prompts),
-            "max_new_tokens": rs.max_new_tokens,
-            "opposite": q,
-            "conditions": conditions,
-            "gap": gap,
-            "examples": examples,
-        }
-    return out
-
-
-def steering_only(mask: PersonaMask) -> PersonaMask:
-    """The export's steering bias on the dense model: no unit removed, no compensation."""
-    return PersonaMask(mask.persona, mask.geometry, None, None, None, mlp_bias=mask.steering)
+        for i in range(min(rs.show, len(replies["dense"].prompts)))
+    ]
+    return RepliesEvaluation(
+        prompts=len(replies["dense"].prompts),
+        max_new_tokens=rs.max_new_tokens,
+        opposite=q,
+        conditions=conditions,
+        gap=gap,
+        examples=examples,
+    )

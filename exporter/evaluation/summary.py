@@ -1,4 +1,5 @@
-"""From raw scores (exporter/evaluation/conditions.py) to one persona's evaluation: rows per condition, with intervals.
+"""From raw scores (exporter/evaluation/conditions.py) to one persona's evaluation: rows per condition, with
+intervals, and the acceptance bar.
 
 Paired margin of persona p over its opposite q, per item: mean per-token log-likelihood of p's answer minus
 that of q's answer. Shift: the margin minus the dense model's margin on the same item. Statements: mean
@@ -12,76 +13,101 @@ from typing import Any
 
 import numpy as np
 
-from exporter.evaluation.metrics import contrast_ci, mean_ci, win_rate_ci
+from exporter.evaluation.conditions import Raw, Scores
+from exporter.evaluation.metrics import NeutralScore, contrast_ci, mean_ci, win_rate_ci
 from exporter.recipe.eval import EvalSpec
+from exporter.reports.evaluation import (
+    Acceptance,
+    MaskVsPrompt,
+    NeutralFigures,
+    PairedFigures,
+    PairedMeans,
+    RepliesEvaluation,
+    Row,
+    SeedRow,
+    StatementFigures,
+    StatementMeans,
+)
 
-Row = dict[str, Any]
+
+def _mean_answers(entries: list[Scores]) -> dict[str, np.ndarray]:
+    answers = [e.answers for e in entries if e.answers is not None]
+    return {k: np.mean([a[k] for a in answers], axis=0) for k in answers[0]}
 
 
-def _mean_answers(entries: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    keys = entries[0]["answers"]
-    return {k: np.mean([e["answers"][k] for e in entries], axis=0) for k in keys}
-
-
-def _mean_neutral(entries: list[dict[str, Any]]) -> dict[str, float] | None:
-    if "neutral" not in entries[0]:
+def _mean_neutral(entries: list[Scores]) -> NeutralScore | None:
+    scores = [e.neutral for e in entries if e.neutral is not None]
+    if not scores:
         return None
-    keys = ("perplexity", "nll", "kl")
-    return {k: float(np.mean([e["neutral"][k] for e in entries])) for k in keys}
+    mean = {k: float(np.mean([getattr(s, k) for s in scores])) for k in ("perplexity", "nll", "kl")}
+    return NeutralScore(**mean, tokens=scores[0].tokens)
 
 
 class PersonaView:
     """Statistics of one persona from raw condition scores."""
 
-    def __init__(self, raw: dict[str, Any], persona: str, spec: EvalSpec, labels: list[str], dense_params: int):
+    def __init__(self, raw: Raw, persona: str, spec: EvalSpec, labels: list[str], dense_params: int):
         self.raw, self.p, self.spec, self.dense_params = raw, persona, spec, dense_params
         self.q = next((n for n in (spec.paired.responses if spec.paired else {}) if n != persona), None)
         label = spec.statements.labels.get(persona) if spec.statements else None
         self.match = np.array([x == label for x in labels], dtype=bool) if label is not None else None
         self.boot = {"n": spec.bootstrap, "seed": spec.seed}
 
+    @property
+    def dense(self) -> dict[str, np.ndarray]:
+        answers = self.raw["dense"].answers
+        assert answers is not None, "the dense model's answers are scored first"
+        return answers
+
     def margins(self, answers: dict[str, np.ndarray]) -> np.ndarray | None:
         if self.q is None or f"paired:{self.p}" not in answers:
             return None
         return answers[f"paired:{self.p}"] - answers[f"paired:{self.q}"]
 
-    def row(self, label: str, answers: dict[str, np.ndarray], neutral: dict[str, float] | None, removed: int) -> Row:
-        dense = self.raw["dense"]
-        row: Row = {
-            "condition": label,
-            "parameters_removed": removed,
-            "fraction_removed": removed / self.dense_params,
-        }
-        m, m0 = self.margins(answers), self.margins(dense["answers"])
-        if m is not None and m0 is not None:
-            row["paired"] = {
-                "margin": mean_ci(m, **self.boot),
-                "accuracy": win_rate_ci(m, **self.boot),
-                "shift": mean_ci(m - m0, **self.boot),
-                "n": len(m),
-            }
-        if self.match is not None and "statements" in answers and self.match.any() and (~self.match).any():
-            s, d = answers["statements"], answers["statements"] - dense["answers"]["statements"]
-            row["statements"] = {
-                "margin": contrast_ci(s[self.match], s[~self.match], **self.boot),
-                "shift": contrast_ci(d[self.match], d[~self.match], **self.boot),
-                "n_matching": int(self.match.sum()),
-                "n_other": int((~self.match).sum()),
-            }
-        if neutral is not None:
-            base = dense["neutral"]
-            row["neutral"] = {
-                "perplexity": neutral["perplexity"],
-                "perplexity_ratio": neutral["perplexity"] / base["perplexity"],
-                "kl": neutral["kl"],
-            }
-        return row
+    def row(self, label: str, answers: dict[str, np.ndarray], neutral: NeutralScore | None, removed: int) -> Row:
+        return Row(
+            condition=label,
+            parameters_removed=removed,
+            fraction_removed=removed / self.dense_params,
+            paired=self.paired(answers),
+            statements=self.statements(answers),
+            neutral=self.neutral(neutral),
+        )
+
+    def paired(self, answers: dict[str, np.ndarray]) -> PairedFigures | None:
+        m, m0 = self.margins(answers), self.margins(self.dense)
+        if m is None or m0 is None:
+            return None
+        boot = self.boot
+        return PairedFigures(
+            margin=mean_ci(m, **boot), accuracy=win_rate_ci(m, **boot), shift=mean_ci(m - m0, **boot), n=len(m)
+        )
+
+    def statements(self, answers: dict[str, np.ndarray]) -> StatementFigures | None:
+        match = self.match
+        if match is None or "statements" not in answers or not match.any() or match.all():
+            return None
+        s, d = answers["statements"], answers["statements"] - self.dense["statements"]
+        return StatementFigures(
+            margin=contrast_ci(s[match], s[~match], **self.boot),
+            shift=contrast_ci(d[match], d[~match], **self.boot),
+            n_matching=int(match.sum()),
+            n_other=int((~match).sum()),
+        )
+
+    def neutral(self, neutral: NeutralScore | None) -> NeutralFigures | None:
+        base = self.raw["dense"].neutral
+        if neutral is None or base is None:
+            return None
+        ratio = neutral.perplexity / base.perplexity
+        return NeutralFigures(perplexity=neutral.perplexity, perplexity_ratio=ratio, kl=neutral.kl)
 
     def entry_row(self, label: str, key: str, weights: str) -> Row | None:
-        if key not in self.raw or "answers" not in self.raw[key]:
+        if key not in self.raw or self.raw[key].answers is None:
             return None
-        w = self.raw[weights]
-        return self.row(label, self.raw[key]["answers"], w.get("neutral"), w["removed"])
+        answers, w = self.raw[key].answers, self.raw[weights]
+        assert answers is not None
+        return self.row(label, answers, w.neutral, w.removed)
 
     def random_row(self, keys: list[str]) -> Row | None:
         keys = [k for k in keys if k in self.raw]
@@ -89,22 +115,35 @@ class PersonaView:
         if not entries:
             return None
         row = self.row(
-            f"random mask ({len(entries)} seeds)",
-            _mean_answers(entries),
-            _mean_neutral(entries),
-            entries[0]["removed"],
+            f"random mask ({len(entries)} seeds)", _mean_answers(entries), _mean_neutral(entries), entries[0].removed
         )
-        row["seeds"] = [
-            self.row(
-                f"random seed {self.spec.seed + int(k.rsplit(':', 1)[1])}", e["answers"], e.get("neutral"), e["removed"]
-            )
-            for k, e in zip(keys, entries, strict=True)
-        ]
-        for seed_row in row["seeds"]:
-            for part in ("paired", "statements"):
-                if part in seed_row:  # per-seed intervals are noise here: keep the means
-                    seed_row[part] = {k: v["mean"] if isinstance(v, dict) else v for k, v in seed_row[part].items()}
-        return row
+        seeds = []
+        for k, e in zip(keys, entries, strict=True):
+            assert e.answers is not None
+            label = f"random seed {self.spec.seed + int(k.rsplit(':', 1)[1])}"
+            seeds.append(seed_row(self.row(label, e.answers, e.neutral, e.removed)))
+        return row.model_copy(update={"seeds": seeds})
+
+
+def seed_row(row: Row) -> SeedRow:
+    """One random seed's row: per-seed intervals are noise here, so only the means are kept."""
+    paired = statements = None
+    if row.paired is not None:
+        p = row.paired
+        paired = PairedMeans(margin=p.margin.mean, accuracy=p.accuracy.mean, shift=p.shift.mean, n=p.n)
+    if row.statements is not None:
+        s = row.statements
+        statements = StatementMeans(
+            margin=s.margin.mean, shift=s.shift.mean, n_matching=s.n_matching, n_other=s.n_other
+        )
+    return SeedRow(
+        condition=row.condition,
+        parameters_removed=row.parameters_removed,
+        fraction_removed=row.fraction_removed,
+        paired=paired,
+        statements=statements,
+        neutral=row.neutral,
+    )
 
 
 def persona_rows(view: PersonaView, random_keys: list[str]) -> list[Row]:
@@ -123,42 +162,36 @@ def persona_rows(view: PersonaView, random_keys: list[str]) -> list[Row]:
 
 
 def _shift(rows: list[Row], condition: str) -> float | None:
-    for r in rows:
-        if r["condition"].startswith(condition) and "paired" in r:
-            return float(r["paired"]["shift"]["mean"])
-    return None
+    return next((r.shift for r in rows if r.condition.startswith(condition) and r.paired), None)
 
 
 def _random_movement(rows: list[Row]) -> float | None:
     """The random mask's movement: the larger of |mean shift over seeds| and the mean of |shift| per seed."""
-    row = next((r for r in rows if r["condition"].startswith("random mask") and "paired" in r), None)
-    if row is None:
+    row = next((r for r in rows if r.condition.startswith("random mask") and r.paired), None)
+    if row is None or row.paired is None:
         return None
-    per_seed = [abs(s["paired"]["shift"]) for s in row.get("seeds", []) if "paired" in s]
-    return max([abs(float(row["paired"]["shift"]["mean"])), *per_seed])
+    per_seed = [abs(s.paired.shift) for s in row.seeds or [] if s.paired is not None]
+    return max([abs(row.paired.shift.mean), *per_seed])
 
 
-def reply_checks(replies: dict[str, Any], spec: EvalSpec) -> dict[str, bool]:
+def reply_checks(replies: RepliesEvaluation, spec: EvalSpec) -> dict[str, bool]:
     """The bar on one persona's reply evaluation (exporter/evaluation/replies.py)."""
-    gap, conds = replies["gap"], replies["conditions"]
-    checks = {"reply gap > 0, interval excludes 0": gap["export"]["ci95"][0] > 0}
+    gap, conds = replies.gap, replies.conditions
+    checks = {"reply gap > 0, interval excludes 0": gap["export"].ci95[0] > 0}
     if "prompt_only" in gap:
-        checks["reply gap >= prompt-only gap"] = gap["export"]["mean"] >= gap["prompt_only"]["mean"]
+        checks["reply gap >= prompt-only gap"] = gap["export"].mean >= gap["prompt_only"].mean
     limit = spec.acceptance.max_repeated_4grams_over_dense
-    dense = conds["dense"]["degeneration"]["repeated_4grams"]
-    checks[f"repeated 4-grams <= dense + {limit}"] = conds["export"]["degeneration"]["repeated_4grams"] <= dense + limit
+    dense = conds["dense"].degeneration.repeated_4grams
+    checks[f"repeated 4-grams <= dense + {limit}"] = conds["export"].degeneration.repeated_4grams <= dense + limit
     return checks
 
 
-def acceptance(rows: list[Row], spec: EvalSpec, replies: dict[str, Any] | None = None) -> dict[str, Any] | None:
+def acceptance(rows: list[Row], spec: EvalSpec, replies: RepliesEvaluation | None = None) -> Acceptance | None:
     """The bar on the mask-only model's paired shift and neutral perplexity, and on its replies if scored."""
     a = spec.acceptance
     mask = _shift(rows, "mask-only")
     rnd = _random_movement(rows)
-    ppl = next(
-        (r["neutral"]["perplexity_ratio"] for r in rows if r["condition"] == "mask-only" and "neutral" in r),
-        None,
-    )
+    ppl = next((r.neutral.perplexity_ratio for r in rows if r.condition == "mask-only" and r.neutral), None)
     if mask is None:
         return None
     checks: dict[str, bool] = {f"shift >= {a.min_shift}": mask >= a.min_shift}
@@ -171,44 +204,44 @@ def acceptance(rows: list[Row], spec: EvalSpec, replies: dict[str, Any] | None =
         checks[f"perplexity <= {a.max_perplexity_ratio} x dense"] = ppl <= a.max_perplexity_ratio
     if replies is not None:
         checks |= reply_checks(replies, spec)
-    return {
-        "shift": mask,
-        "random_shift": _shift(rows, "random mask"),
-        "random_movement": rnd,
-        "shift_over_random": mask / rnd if rnd else None,
-        "perplexity_ratio": ppl,
-        "checks": checks,
-        "passed": all(checks.values()),
-    }
+    return Acceptance(
+        shift=mask,
+        random_shift=_shift(rows, "random mask"),
+        random_movement=rnd,
+        shift_over_random=mask / rnd if rnd else None,
+        perplexity_ratio=ppl,
+        checks=checks,
+    )
 
 
-def mask_vs_prompt(view: PersonaView) -> dict[str, Any] | None:
+def mask_vs_prompt(view: PersonaView) -> MaskVsPrompt | None:
     """Mask-only minus prompt-only margin per item, with its interval (the paper: masks beat prompts)."""
     raw, p = view.raw, view.p
-    if f"dense+prompt:{p}" not in raw or f"mask:{p}" not in raw:
+    mask, prompt = raw.get(f"mask:{p}"), raw.get(f"dense+prompt:{p}")
+    if mask is None or prompt is None or mask.answers is None or prompt.answers is None:
         return None
-    m_mask = view.margins(raw[f"mask:{p}"]["answers"])
-    m_prompt = view.margins(raw[f"dense+prompt:{p}"]["answers"])
+    m_mask, m_prompt = view.margins(mask.answers), view.margins(prompt.answers)
     if m_mask is None or m_prompt is None:
         return None
-    return {"mask_minus_prompt": mean_ci(m_mask - m_prompt, **view.boot)}
+    return MaskVsPrompt(mask_minus_prompt=mean_ci(m_mask - m_prompt, **view.boot))
 
 
 def summarise(
-    raw: dict[str, Any],
+    raw: Raw,
     persona: str,
     spec: EvalSpec,
     labels: list[str],
     random_keys: list[str],
     dense_params: int,
-    replies: dict[str, Any] | None = None,
+    replies: RepliesEvaluation | None = None,
 ) -> dict[str, Any]:
+    """The persona's `opposite`, `rows`, `acceptance`, `mask_vs_prompt` and `replies` (PersonaEvaluation fields)."""
     view = PersonaView(raw, persona, spec, labels, dense_params)
     rows = persona_rows(view, random_keys)
-    out = {
+    return {
         "opposite": view.q,
         "rows": rows,
         "acceptance": acceptance(rows, spec, replies),
         "mask_vs_prompt": mask_vs_prompt(view),
+        "replies": replies,
     }
-    return out | ({"replies": replies} if replies is not None else {})

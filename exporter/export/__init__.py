@@ -1,1 +1,2 @@
-"""Physical pruning and the export formats: Hugging Face safetensors (also shard by shard) and ONNX."""
+"""Physical pruning and the export formats' writers: Hugging Face safetensors (also shard by shard), ONNX, weight-only
+quantized ONNX, GGUF, onnxruntime-genai folders."""

@@ -182,45 +182,8 @@ def export_gguf(
             writer = gguf.GGUFWriter(stage / file_name(qtype), "llama")
             writer.add_name(hf_dir.parent.name or "persona")
             writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[qtype]))
-            writer.add_context_length(config["max_position_embeddings"])
-            writer.add_embedding_length(config["hidden_size"])
-            writer.add_block_count(config["num_hidden_layers"])
-            writer.add_feed_forward_length(ffn)
-            writer.add_head_count(heads)
-            writer.add_head_count_kv(kv_heads)
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-            writer.add_rope_dimension_count(head_dim)
-            writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
-            writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-            writer.add_vocab_size(config["vocab_size"])
-            writer.add_tokenizer_model("gpt2")
-            writer.add_tokenizer_pre(tok["pre"])
-            writer.add_token_list(tok["tokens"])
-            writer.add_token_types(tok["types"])
-            writer.add_token_merges(tok["merges"])
-            for key, value in tok["ids"].items():
-                if value is not None:
-                    getattr(writer, f"add_{key}_token_id")(value)
-            writer.add_add_bos_token(tok["add_bos"])
-            if tok["chat_template"]:
-                writer.add_chat_template(tok["chat_template"])
-            stored: dict[str, int] = {}
-            lossy = 0
-            for name, value in tensors.items():
-                writer_name, data = _tensor(name, value.astype(np.float32), heads, kv_heads)
-                if data.ndim == 1:  # norms and biases stay F32
-                    if name.endswith(".bias") and not data.any():
-                        continue  # an absent bias is zero to llama.cpp
-                    writer.add_tensor(writer_name, data)
-                    continue
-                kind, blocks, exact = _encode(data, qtype)
-                stored[kind] = stored.get(kind, 0) + 1
-                lossy += not exact
-                if blocks is None:
-                    writer.add_tensor(writer_name, data.astype(np.float16))
-                else:
-                    writer.add_tensor(writer_name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+            _write_metadata(writer, config, tok, ffn, head_dim)
+            stored, lossy = _write_tensors(writer, tensors, qtype, heads, kv_heads)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
@@ -228,6 +191,60 @@ def export_gguf(
             written[qtype] = GgufFile(file_name(qtype), dict(sorted(stored.items())), lossy, ffn - width)
     log.debug("wrote GGUF %s to %s", ", ".join(qtypes), out_dir)
     return written
+
+
+def _write_metadata(writer: Any, config: dict[str, Any], tok: dict[str, Any], ffn: int, head_dim: int) -> None:
+    """The llama architecture's keys (MLP width `ffn`) and the tokenizer's, as llama.cpp reads them."""
+    heads = config["num_attention_heads"]
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tok["pre"])
+    writer.add_token_list(tok["tokens"])
+    writer.add_token_types(tok["types"])
+    writer.add_token_merges(tok["merges"])
+    for key, value in tok["ids"].items():
+        if value is not None:
+            getattr(writer, f"add_{key}_token_id")(value)
+    writer.add_add_bos_token(tok["add_bos"])
+    if tok["chat_template"]:
+        writer.add_chat_template(tok["chat_template"])
+
+
+def _write_tensors(
+    writer: Any, tensors: dict[str, np.ndarray], qtype: str, heads: int, kv_heads: int
+) -> tuple[dict[str, int], int]:
+    """Every tensor in llama.cpp's names and layout, each matrix in the first block type of `qtype` that holds
+    it; returns {block type: matrices stored in it} and how many matrices lost precision."""
+    import gguf
+
+    stored: dict[str, int] = {}
+    lossy = 0
+    for name, value in tensors.items():
+        writer_name, data = _tensor(name, value.astype(np.float32), heads, kv_heads)
+        if data.ndim == 1:  # norms and biases stay F32
+            if name.endswith(".bias") and not data.any():
+                continue  # an absent bias is zero to llama.cpp
+            writer.add_tensor(writer_name, data)
+            continue
+        kind, blocks, exact = _encode(data, qtype)
+        stored[kind] = stored.get(kind, 0) + 1
+        lossy += not exact
+        if blocks is None:
+            writer.add_tensor(writer_name, data.astype(np.float16))
+        else:
+            writer.add_tensor(writer_name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, kind))
+    return stored, lossy
 
 
 def _with_dense_width(weights: dict[str, np.ndarray], dense: DenseMlp) -> dict[str, np.ndarray]:

@@ -1,1 +1,1 @@
-"""Calibration data and statistics, unit scores and persona masks."""
+"""Calibration data and statistics, unit scores, persona masks, steering and compensation biases."""

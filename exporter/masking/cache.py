@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from exporter.masking.stats import UNREADABLE, Statistics
+from exporter.masking.statistics import UNREADABLE, Statistics
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from exporter.masking.data import TokenizedSample, collate
-from exporter.masking.stats import Statistics
+from exporter.masking.statistics import Statistics
 from exporter.model.adapters import Adapter
 from exporter.model.hooks import capture_layer_outputs, capture_unit_inputs, linear_input_squares
 from exporter.quiet import progress

@@ -18,8 +18,8 @@ import torch
 
 from exporter.errors import CalibrationDataError
 from exporter.inputs import file_problem
+from exporter.model.encoding import encode_reply
 from exporter.recipe.schema import DataSpec, infer_format
-from exporter.runtime.chat import encode_reply
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 
 from exporter.masking.calibrate import batches
 from exporter.masking.data import TokenizedSample
-from exporter.masking.stats import Statistics
+from exporter.masking.statistics import Statistics
 from exporter.model.adapters import Adapter
 from exporter.model.checkpoint import SourceCheckpoint
 from exporter.model.hooks import capture_unit_inputs

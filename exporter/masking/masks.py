@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from exporter.errors import ExportFolderError, MaskError
 from exporter.masking import scoring
-from exporter.masking.stats import UNREADABLE, Statistics
+from exporter.masking.statistics import UNREADABLE, Statistics
 from exporter.model.adapters import Geometry
 from exporter.recipe.schema import MethodSpec, PruneSpec, Recipe
 

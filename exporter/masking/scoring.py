@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from exporter.masking.stats import Statistics
+from exporter.masking.statistics import Statistics
 from exporter.model.adapters import Adapter, Geometry
 
 PART = {"mlp": "mlp", "head": "attn", "group": "attn"}

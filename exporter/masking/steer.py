@@ -2,7 +2,7 @@
 
 Both are per layer l a vector of the hidden size added to the MLP output at every position (METHOD.md
 section 6). With mu_p[l] = E[h] the mean `down_proj` input of persona p over its counted calibration tokens
-(exporter/masking/stats.py) and W[l] the dense `down_proj` weight (hidden, intermediate):
+(exporter/masking/statistics.py) and W[l] the dense `down_proj` weight (hidden, intermediate):
   steering      alpha * W[l] (mu_p[l] - mu_q[l])      the mean MLP-output difference between p and its partner q,
                                                        in the first `method.steer_layers` fraction of the layers
   (residual)    alpha * (r_p[k] - r_q[k]) at layer k   with `method.steer_vector: residual`: the mean difference of
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from exporter.masking.masks import PersonaMask, soften
-from exporter.masking.stats import Statistics
+from exporter.masking.statistics import Statistics
 from exporter.model.adapters import Adapter
 from exporter.recipe.schema import PruneSpec, Recipe, mlp_biases, steered_layers
 

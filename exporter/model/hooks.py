@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -125,36 +126,38 @@ def _unit_masks(
     return pairs
 
 
+@dataclass(frozen=True)
+class ChannelMasks:
+    """0/1 unit-activation masks and a down_proj bias: `mlp` (..., layers, intermediate), `attn` (..., layers,
+    heads*head_dim), `mlp_bias` (..., layers, hidden); None where nothing changes."""
+
+    mlp: torch.Tensor | None
+    attn: torch.Tensor | None
+    mlp_bias: torch.Tensor | None = None
+
+
 @contextmanager
 def apply_channel_masks(
     model: nn.Module,
     adapter: Adapter,
-    mlp: torch.Tensor | None,
-    attn: torch.Tensor | None,
-    mlp_bias: torch.Tensor | None = None,
+    masks: ChannelMasks,
     scales: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None),
     scale_dtype: torch.dtype = torch.float32,
 ) -> Iterator[None]:
-    """Zero unit activations: `mlp` (layers, intermediate) and `attn` (layers, heads*head_dim) of 0/1; add
-    `mlp_bias` (layers, hidden) to every `down_proj` output, as the export's down_proj bias does; scale the
+    """Zero unit activations (`masks.mlp` (layers, intermediate), `masks.attn` (layers, heads*head_dim)); add
+    `masks.mlp_bias` (layers, hidden) to every `down_proj` output, as the export's down_proj bias does; scale the
     down_proj / o_proj input columns by `scales` (mlp, attn), as the export stores them (`scaled_columns`)."""
-    pairs = _unit_masks(model, adapter, mlp, attn)
-    with pre_hooks(pairs), _mlp_biases(model, adapter, mlp_bias), _scaled(model, adapter, scales, scale_dtype):
+    pairs = _unit_masks(model, adapter, masks.mlp, masks.attn)
+    with pre_hooks(pairs), _mlp_biases(model, adapter, masks.mlp_bias), _scaled(model, adapter, scales, scale_dtype):
         yield
 
 
 @contextmanager
-def per_row_channel_masks(
-    model: nn.Module,
-    adapter: Adapter,
-    mlp: torch.Tensor | None,
-    attn: torch.Tensor | None,
-    mlp_bias: torch.Tensor | None = None,
-) -> Iterator[None]:
-    """`apply_channel_masks` with its own condition in each row of the batch: `mlp` (rows, layers,
-    intermediate) and `attn` (rows, layers, heads*head_dim) of 0/1, `mlp_bias` (rows, layers, hidden) added to
-    each row's down_proj output. The bias is added by a hook, `(x W^T) + b`, which can round differently from
-    the export's `x W^T + b` in the last bit; every forward inside must have exactly these rows, in order."""
+def per_row_channel_masks(model: nn.Module, adapter: Adapter, masks: ChannelMasks) -> Iterator[None]:
+    """`apply_channel_masks` with its own condition in each row of the batch: `masks.mlp` (rows, layers,
+    intermediate) and `masks.attn` (rows, layers, heads*head_dim) of 0/1, `masks.mlp_bias` (rows, layers, hidden)
+    added to each row's down_proj output. The bias is added by a hook, `(x W^T) + b`, which can round differently
+    from the export's `x W^T + b` in the last bit; every forward inside must have exactly these rows, in order."""
 
     def add(vec: torch.Tensor) -> Callable[..., torch.Tensor]:
         def hook(_module: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
@@ -165,7 +168,7 @@ def per_row_channel_masks(
     def by_layer(x: torch.Tensor | None) -> torch.Tensor | None:  # (rows, layers, c) -> (layers, rows, 1, c)
         return None if x is None else x.transpose(0, 1).unsqueeze(2)
 
-    mlp, attn, mlp_bias = by_layer(mlp), by_layer(attn), by_layer(mlp_bias)
+    mlp, attn, mlp_bias = by_layer(masks.mlp), by_layer(masks.attn), by_layer(masks.mlp_bias)
     layers = list(adapter.layers(model))
     biases: list[tuple[nn.Module, Callable[..., Any]]] = (
         [(adapter.mlp_out(layer), add(mlp_bias[i])) for i, layer in enumerate(layers)] if mlp_bias is not None else []

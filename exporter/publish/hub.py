@@ -23,20 +23,16 @@ from typing import Any
 
 from exporter import __version__
 from exporter.errors import ExportFolderError, HubError
+from exporter.folders.run_folder import PersonaFolder
 from exporter.inputs import path_kind
 from exporter.publish.modelcard import CardContext, render_card
-from exporter.recipe.formats import FOLDERS
+from exporter.recipe.formats import ADDED, FORMATS
 from exporter.recipe.push import OnnxMode, PushSpec, branch_problem, fill, onnx_repo_problem, repo_id_problem
+from exporter.reports.checks import Check, GgufCheck, Measured
 from exporter.reports.persona import PersonaReport, load_report
 
 log = logging.getLogger(__name__)
-ONNX_FORMATS = (
-    "onnx",
-    "onnx-int8",
-    "onnx-int4",
-    "gguf",
-    "onnx-genai",
-)  # pushed as subfolders FOLDERS[name] of the checkpoint
+ONNX_FORMATS = ADDED  # pushed as subfolders (FORMATS[name].folder) of the checkpoint, or to their own repo
 NOT_SENT = "nothing was sent"
 
 
@@ -107,7 +103,7 @@ def load_export(folder: Path, onnx: OnnxMode = "same-repo", below_floor: bool = 
     if not folder.is_dir():
         raise HubError(f"{str(folder)!r} is not a folder; pass a persona folder RUN_DIR/<persona>")
     folder = folder.resolve()  # the persona folder itself; nothing outside it is read, whatever links say
-    inside_only(folder, ("report.json", "hf", *(FOLDERS[n] for n in ONNX_FORMATS)))
+    inside_only(folder, ("report.json", "hf", *(FORMATS[n].folder for n in ONNX_FORMATS)))
     if (folder / "run.json").is_file():
         personas = sorted(p.parent.name for p in folder.glob("*/report.json"))
         raise HubError(
@@ -116,58 +112,57 @@ def load_export(folder: Path, onnx: OnnxMode = "same-repo", below_floor: bool = 
     report_path = folder / "report.json"
     if not report_path.is_file():
         raise HubError(f"{str(folder)!r} is not a persona export (no report.json); pass RUN_DIR/<persona>")
-    try:
-        config = json.loads((folder / "hf" / "config.json").read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise HubError(f"{str(folder)!r} has no hf/config.json: not a complete persona export") from None
-    except (OSError, ValueError) as e:
-        raise HubError(f"cannot read the export in {str(folder)!r}: {e}; re-run the export") from None
+    persona = PersonaFolder(folder, HubError, "re-run the export")
+    if not (folder / "hf" / "config.json").exists():
+        raise HubError(f"{str(folder)!r} has no hf/config.json: not a complete persona export")
+    config = persona.config()
     if not any((folder / "hf").glob("*.safetensors")):
         raise HubError(f"{str(folder / 'hf')!r} holds no *.safetensors weights: not a complete export")
     try:
-        report = load_report(report_path)
+        report = persona.report()
     except ExportFolderError as e:
         raise HubError(f"{e}; only verified exports are pushed") from None
     hf = report.verification.get("hf")
-    if hf is None or hf.passed is None:
+    if hf is None:
         raise HubError(f"{report_path} has no verification result; only verified exports are pushed")
     failed = HubError(
         f"verification of {report.persona!r} failed (status {report.status!r}); only proven "
         f"exports are pushed: see verification in {report_path}, fix the cause and re-run"
     )
-    if hf.passed is not True:
+    if not hf.passed:
         raise failed
-    present = tuple(f for f in ONNX_FORMATS if (folder / FOLDERS[f]).is_dir()) if onnx != "none" else ()
+    present = tuple(f for f in ONNX_FORMATS if (folder / FORMATS[f].folder).is_dir()) if onnx != "none" else ()
     for name in present:
         result = report.verification.get(name)
-        if result is None or result.passed is not True:
+        if result is None or not result.passed:
             state = "is missing" if result is None else "failed"
-            state = "has no passed flag" if result is not None and result.passed is None else state
             raise HubError(
-                f"{FOLDERS[name]}/ is present in {str(folder)!r} but its verification {state}; only proven "
+                f"{FORMATS[name].folder}/ is present in {str(folder)!r} but its verification {state}; only proven "
                 "exports are pushed: re-run the export, or pass --onnx none to push only the checkpoint"
             )
     if not report.passed:  # a format that is not pushed failed: the persona's status is "failed"
         raise failed
-    low = [n for n in present if report.verification[n].figures.get("below_floor")]
+    low = [n for n in present if _below_floor(report.verification[n])]
     left_out = () if below_floor or "gguf" not in present else _low_gguf_files(report)
     if (low or left_out) and not below_floor:
         log.warning("not pushing %s: measured below the quality floor (see report.json; --below-floor pushes it)",
                     low + list(left_out))  # fmt: skip
-    gguf_files = {f"{FOLDERS['gguf']}/{p.name}" for p in (folder / FOLDERS["gguf"]).glob("*.gguf")}
+    gguf_files = {f"{FORMATS['gguf'].folder}/{p.name}" for p in (folder / FORMATS["gguf"].folder).glob("*.gguf")}
     low += ["gguf"] if left_out and gguf_files <= set(left_out) else []  # nothing of the folder would be pushed
-    folders = tuple(FOLDERS[n] for n in present if below_floor or n not in low)
+    folders = tuple(FORMATS[n].folder for n in present if below_floor or n not in low)
     return PersonaExport(folder, report, config, folders, left_out)
+
+
+def _below_floor(check: Check) -> bool:
+    """A quantized format measured below its floor (its whole folder is not pushed unless asked)."""
+    return isinstance(check, Measured) and check.below_floor is True
 
 
 def _low_gguf_files(report: PersonaReport) -> tuple[str, ...]:
     """The GGUF files (repo paths) measured below their quality floor: one folder holds every quant type."""
-    files = report.verification["gguf"].figures
-    return tuple(
-        f"{FOLDERS['gguf']}/{f['file']}"
-        for f in files.values()
-        if isinstance(f, dict) and isinstance(f.get("file"), str) and f.get("below_floor") is True
-    )
+    gguf = report.check("gguf", GgufCheck)
+    files = gguf.files.values() if gguf else ()
+    return tuple(f"{FORMATS['gguf'].folder}/{f.file}" for f in files if f.below_floor is True)
 
 
 def inside_only(folder: Path, names: tuple[str, ...]) -> list[Path]:

@@ -3,19 +3,26 @@ written from report.json (what was removed and how, calibration data, parity, ev
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from exporter.recipe.formats import FOLDERS
+from exporter.recipe.formats import FORMATS, folder_format
 from exporter.recipe.schema import steered_layers
+from exporter.reports.checks import (
+    CheckpointCheck,
+    Divergence,
+    GenaiCheck,
+    GgufCheck,
+    OnnxCheck,
+    Parity,
+    QuantizedCheck,
+)
+from exporter.reports.evaluation import PersonaEvaluation
 from exporter.reports.markdown import evaluation_markdown, md_table
 from exporter.reports.persona import BaseModelInfo, PersonaReport
-
-log = logging.getLogger(__name__)
 
 PROMPT = "Describe your ideal weekend in a few sentences."
 UNIT_NAMES = {"mlp": "MLP neurons", "head": "query heads", "group": "KV groups"}
@@ -40,9 +47,11 @@ def render_card(report: PersonaReport, ctx: CardContext) -> ModelCard:
     """The README.md of the uploaded folder."""
     persona, base = report.persona, report.base_model
     is_onnx_repo = ctx.repo_id != ctx.hf_repo_id
-    tags = [persona, "pruned", "persona-export"] + (["onnx"] if set(ctx.onnx_folders) - {FOLDERS["gguf"]} else [])
-    tags += ["gguf"] if FOLDERS["gguf"] in ctx.onnx_folders else []
-    tags += ["onnxruntime-genai"] if FOLDERS["onnx-genai"] in ctx.onnx_folders else []
+    families = {FORMATS[n].family for n in _formats(ctx.onnx_folders)}
+    tags = [persona, "pruned", "persona-export"]
+    tags += ["onnx"] if families & {"onnxruntime", "onnxruntime-genai"} else []
+    tags += ["gguf"] if "llama.cpp" in families else []
+    tags += ["onnxruntime-genai"] if "onnxruntime-genai" in families else []
     data = ModelCardData(
         base_model=hub_id(base.name),
         library_name="onnx" if is_onnx_repo else "transformers",
@@ -56,7 +65,7 @@ def render_card(report: PersonaReport, ctx: CardContext) -> ModelCard:
         _calibration(report),
         _parity(report),
         _evaluation(report.persona, report.evaluation),
-        _usage(ctx, {name: check.figures for name, check in report.verification.items()}),
+        _usage(ctx, report),
         _provenance(report),
     ]
     body = "\n\n".join(s for s in sections if s)
@@ -148,26 +157,20 @@ def _calibration(report: PersonaReport) -> str:
 
 
 def _parity(report: PersonaReport) -> str:
-    ver = {name: check.figures for name, check in report.verification.items()}
     rows = [["export", "max abs logit diff", "mean abs logit diff", "greedy continuations", "passed"]]
-    hf = ver["hf"]
-    for dtype in ("fp64", "fp32"):
-        if dtype in hf:
-            rows.append([f"transformers, {dtype}", *_figures(hf[dtype]), "yes" if hf["passed"] else "no"])
-    if "fp64_layers" in hf:
-        layers = hf["fp64_layers"]
-        rows.append(
-            [
-                "transformers, fp64, layer by layer",
-                f"{layers['max_abs_layer_output_diff']:.1e} (layer outputs)",
-                "-",
-                "-",
-                "yes" if layers["passed"] else "no",
-            ]
-        )
-    for name, figures in ver.items():
-        if name != "hf" and isinstance(figures, dict) and "max_abs_logit_diff" in figures:
-            rows.append([name, *_figures(figures), "yes" if figures.get("passed") else "no"])
+    hf = report.check("hf", CheckpointCheck)
+    assert hf is not None, "a report always holds its checkpoint's check"
+    for dtype, parity in (("fp64", hf.fp64), ("fp32", hf.fp32)):
+        if parity is not None:
+            rows.append([f"transformers, {dtype}", *_figures(parity), _yes(hf.passed)])
+    if hf.fp64_layers is not None:
+        layers = hf.fp64_layers
+        diff = f"{layers.max_abs_layer_output_diff:.1e} (layer outputs)"
+        rows.append(["transformers, fp64, layer by layer", diff, "-", "-", _yes(layers.passed)])
+    others = {name: check for name, check in report.verification.items() if name != "hf"}
+    for name, check in others.items():
+        if isinstance(check, OnnxCheck | GenaiCheck):  # compared by its logits and continuations
+            rows.append([name, *_figures(check), _yes(check.passed)])
     lines = [
         "## Parity",
         "",
@@ -176,45 +179,56 @@ def _parity(report: PersonaReport) -> str:
         "",
         md_table(rows[0], rows[1:]),
     ]
-    extra = {k: v for k, v in ver.items() if k != "hf" and isinstance(v, dict) and "max_abs_logit_diff" not in v}
-    for name, figures in extra.items():
-        shown = ", ".join(f"{k} {_fmt(v)}" for k, v in figures.items() if _scalar(v))
-        lines += ["", f"{name}: {shown}"]
+    for name, check in others.items():
+        if not isinstance(check, OnnxCheck | GenaiCheck):  # measured, or a folder of files: its figures
+            shown = ", ".join(f"{k} {_fmt(v)}" for k, v in check.model_dump().items() if _scalar(v))
+            lines += ["", f"{name}: {shown}"]
     return "\n".join(lines)
 
 
-def _figures(f: dict[str, Any]) -> list[str]:
-    greedy = "identical" if f.get("greedy_identical") else f"differ at {f.get('greedy_first_divergence')}"
-    return [f"{f['max_abs_logit_diff']:.1e}", f"{f.get('mean_abs_logit_diff', float('nan')):.1e}", greedy]
+def _yes(ok: bool) -> str:
+    return "yes" if ok else "no"
 
 
-def _evaluation(persona: str, ev: Any) -> str:
-    """The evaluation as `persona-export eval` reports it (exporter/reports/markdown.py); any other layout as a
-    table of what it holds: {row: {column: value}}, [{column: value}] or {name: value}."""
-    if not ev:
-        return ""
-    if isinstance(ev, dict) and "rows" in ev:
-        try:
-            return evaluation_markdown(persona, ev).rstrip()
-        except (KeyError, TypeError, ValueError, IndexError):
-            log.warning("the evaluation section has an unknown layout; the card shows it as a plain table")
-    if isinstance(ev, dict):
-        nested = {k: v for k, v in ev.items() if isinstance(v, dict)}
-        records = [{"": k, **{c: x for c, x in v.items() if _scalar(x)}} for k, v in nested.items()]
-        scalars = [{"metric": k, "value": v} for k, v in ev.items() if _scalar(v)]
-    else:
-        records = [r for r in ev if isinstance(r, dict)] if isinstance(ev, list) else []
-        scalars = []
-    parts = ["## Evaluation"]
-    for group in (records, scalars):
-        if group:
-            columns = list(dict.fromkeys(c for r in group for c in r))
-            parts.append(md_table(columns, [[_fmt(r.get(c, "")) for c in columns] for r in group]))
+def _figures(f: Parity | OnnxCheck | GenaiCheck) -> list[str]:
+    first = f.greedy_first_divergence
+    at = first.model_dump() if isinstance(first, Divergence) else first
+    greedy = "identical" if f.greedy_identical else f"differ at {at}"
+    return [f"{f.max_abs_logit_diff:.1e}", f"{f.mean_abs_logit_diff:.1e}", greedy]
+
+
+def _evaluation(persona: str, ev: PersonaEvaluation | None) -> str:
+    """The evaluation as `persona-export eval` reports it (exporter/reports/markdown.py)."""
+    return evaluation_markdown(persona, ev).rstrip() if ev else ""
+
+
+def _formats(folders: tuple[str, ...]) -> list[str]:
+    """The formats of a repo's subfolders, in their order."""
+    return [n for f in folders if (n := folder_format(f)) is not None]
+
+
+def _usage(ctx: CardContext, report: PersonaReport) -> str:
+    """How to run what the repo holds: one section per runtime family of its folders."""
+    parts = ["## Usage"]
+    if ctx.repo_id == ctx.hf_repo_id:
+        parts.append(_transformers_usage(ctx))
+    names = _formats(ctx.onnx_folders)
+    onnx = [n for n in names if FORMATS[n].family == "onnxruntime"]
+    if onnx:
+        parts += _onnx_usage(ctx, onnx, report)
+    if any(FORMATS[n].family == "llama.cpp" for n in names):
+        parts.append(_gguf_usage(ctx, report.check("gguf", GgufCheck)))
+    if any(FORMATS[n].family == "onnxruntime-genai" for n in names):
+        parts.append(_genai_usage(ctx.repo_id, report.check("onnx-genai", GenaiCheck)))
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
-def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
-    rev = f', revision="{ctx.revision}"' if ctx.revision else ""
+def _revision(ctx: CardContext) -> str:
+    return f', revision="{ctx.revision}"' if ctx.revision else ""
+
+
+def _chat_and_generate(ctx: CardContext) -> str:
+    """The Python lines that encode the prompt (as a chat when the tokenizer has a template) and print a reply."""
     chat = (
         f'messages = [{{"role": "user", "content": "{PROMPT}"}}]\n'
         "inputs = tokenizer.apply_chat_template(\n"
@@ -223,93 +237,90 @@ def _usage(ctx: CardContext, verification: dict[str, Any]) -> str:
         if ctx.chat_template
         else f'inputs = tokenizer("{PROMPT}", return_tensors="pt")\n'
     )
-    generate = (
+    return chat + (
         "output = model.generate(\n"
         '    input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],\n'
         "    max_new_tokens=64, do_sample=False,\n"
         ")\n"
         'print(tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True))\n'
     )
-    parts = ["## Usage"]
-    if ctx.repo_id == ctx.hf_repo_id:
-        parts.append(
-            "With transformers:\n\n```python\n"
-            "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
-            f'repo = "{ctx.hf_repo_id}"\n'
-            f"tokenizer = AutoTokenizer.from_pretrained(repo{rev})\n"
-            f"model = AutoModelForCausalLM.from_pretrained(repo{rev})\n\n" + chat + generate + "```"
-        )
-    gguf, genai = FOLDERS["gguf"] in ctx.onnx_folders, FOLDERS["onnx-genai"] in ctx.onnx_folders
-    onnx_folders = tuple(f for f in ctx.onnx_folders if f not in (FOLDERS["gguf"], FOLDERS["onnx-genai"]))
-    if onnx_folders:
-        folder = onnx_folders[0]
-        fix = (
-            "model.embed_size_per_head = model.config.head_dim  # heads were removed; see the note below\n"
-            if ctx.head_dim_fix
-            else ""
-        )
-        parts.append(
-            "With onnxruntime (through optimum: `pip install optimum-onnx[onnxruntime]`):\n\n```python\n"
-            "from optimum.onnxruntime import ORTModelForCausalLM\n"
-            "from transformers import AutoTokenizer\n\n"
-            f'repo = "{ctx.repo_id}"\n'
-            f'tokenizer = AutoTokenizer.from_pretrained(repo, subfolder="{folder}"{rev})\n'
-            f'model = ORTModelForCausalLM.from_pretrained(repo, subfolder="{folder}"{rev})\n'
-            + fix
-            + "\n"
-            + chat
-            + generate
-            + "```"
-        )
-        quantized = [_quantized_line(f, verification) for f in onnx_folders[1:]]
-        if quantized:
-            parts.append(
-                "Weight-only quantized exports (onnxruntime `MatMulNBits`) load the same way with their "
-                "`subfolder`; quality measured against the fp32 `onnx/` export on neutral text:\n\n"
-                + "\n".join(quantized)
-            )
-        if ctx.head_dim_fix:
-            parts.append(
-                "Note: optimum-onnx 0.1.0 sizes the empty first-step KV cache as hidden_size / "
-                "num_attention_heads, which no longer equals head_dim once heads are removed; the "
-                "`embed_size_per_head` line sets it from the config."
-            )
-    if gguf:
-        files = {
-            k: v
-            for k, v in verification.get("gguf", {}).items()
-            if isinstance(v, dict) and "file" in v and f"{FOLDERS['gguf']}/{v['file']}" not in ctx.left_out
-        }
-        usable = [
-            q for q in ("Q4_1", "Q8_0") if q in files and files[q].get("passed") and not files[q].get("below_floor")
-        ]
-        name = files[usable[0]]["file"] if usable else files.get("F16", {}).get("file", "model-f16.gguf")
-        listed = ", ".join(f"`{v['file']}`" for v in files.values())
-        parts.append(
-            "With llama.cpp (through llama-cpp-python: `pip install llama-cpp-python`), from the "
-            f"`{FOLDERS['gguf']}/` folder ({listed}):\n\n```python\n"
-            "from llama_cpp import Llama\n\n"
-            f'llm = Llama.from_pretrained("{ctx.repo_id}", filename="{FOLDERS["gguf"]}/{name}", verbose=False)\n'
-            f'out = llm.create_chat_completion([{{"role": "user", "content": "{PROMPT}"}}], max_tokens=64)\n'
-            'print(out["choices"][0]["message"]["content"])\n```'
-        )
-    if genai:
-        parts.append(_genai_usage(ctx.repo_id, verification.get("onnx-genai", {})))
-    return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
-def _genai_usage(repo_id: str, figures: dict[str, Any]) -> str:
+def _transformers_usage(ctx: CardContext) -> str:
+    rev = _revision(ctx)
+    return (
+        "With transformers:\n\n```python\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
+        f'repo = "{ctx.hf_repo_id}"\n'
+        f"tokenizer = AutoTokenizer.from_pretrained(repo{rev})\n"
+        f"model = AutoModelForCausalLM.from_pretrained(repo{rev})\n\n" + _chat_and_generate(ctx) + "```"
+    )
+
+
+def _onnx_usage(ctx: CardContext, names: list[str], report: PersonaReport) -> list[str]:
+    """optimum's ORTModelForCausalLM on the first ONNX folder; the quantized folders' measured quality."""
+    rev, folder = _revision(ctx), FORMATS[names[0]].folder
+    fix = (
+        "model.embed_size_per_head = model.config.head_dim  # heads were removed; see the note below\n"
+        if ctx.head_dim_fix
+        else ""
+    )
+    parts = [
+        "With onnxruntime (through optimum: `pip install optimum-onnx[onnxruntime]`):\n\n```python\n"
+        "from optimum.onnxruntime import ORTModelForCausalLM\n"
+        "from transformers import AutoTokenizer\n\n"
+        f'repo = "{ctx.repo_id}"\n'
+        f'tokenizer = AutoTokenizer.from_pretrained(repo, subfolder="{folder}"{rev})\n'
+        f'model = ORTModelForCausalLM.from_pretrained(repo, subfolder="{folder}"{rev})\n'
+        + fix
+        + "\n"
+        + _chat_and_generate(ctx)
+        + "```"
+    ]
+    quantized = [_quantized_line(n, report) for n in names[1:]]
+    if quantized:
+        parts.append(
+            "Weight-only quantized exports (onnxruntime `MatMulNBits`) load the same way with their "
+            "`subfolder`; quality measured against the fp32 `onnx/` export on neutral text:\n\n" + "\n".join(quantized)
+        )
+    if ctx.head_dim_fix:
+        parts.append(
+            "Note: optimum-onnx 0.1.0 sizes the empty first-step KV cache as hidden_size / "
+            "num_attention_heads, which no longer equals head_dim once heads are removed; the "
+            "`embed_size_per_head` line sets it from the config."
+        )
+    return parts
+
+
+def _gguf_usage(ctx: CardContext, check: GgufCheck | None) -> str:
+    """llama-cpp-python on the best GGUF file pushed: a quantized one within its floor, else F16."""
+    folder = FORMATS["gguf"].folder
+    files = {q: f for q, f in (check.files if check else {}).items() if f"{folder}/{f.file}" not in ctx.left_out}
+    usable = [q for q in ("Q4_1", "Q8_0") if q in files and files[q].passed and not files[q].below_floor]
+    name = files[usable[0]].file if usable else files["F16"].file if "F16" in files else "model-f16.gguf"
+    listed = ", ".join(f"`{f.file}`" for f in files.values())
+    return (
+        "With llama.cpp (through llama-cpp-python: `pip install llama-cpp-python`), from the "
+        f"`{folder}/` folder ({listed}):\n\n```python\n"
+        "from llama_cpp import Llama\n\n"
+        f'llm = Llama.from_pretrained("{ctx.repo_id}", filename="{folder}/{name}", verbose=False)\n'
+        f'out = llm.create_chat_completion([{{"role": "user", "content": "{PROMPT}"}}], max_tokens=64)\n'
+        'print(out["choices"][0]["message"]["content"])\n```'
+    )
+
+
+def _genai_usage(repo_id: str, check: GenaiCheck | None) -> str:
     """How to run the `genai/` folder with onnxruntime-genai, and what was measured of it."""
-    folder, precision = FOLDERS["onnx-genai"], figures.get("precision", "int4")
-    if "top1_agreement" in figures:
-        mark = " (below its quality floor)" if figures.get("below_floor") else ""
+    folder, precision = FORMATS["onnx-genai"].folder, check.precision if check else "int4"
+    if check is not None and check.top1_agreement is not None and check.ppl_ratio is not None:
+        mark = " (below its quality floor)" if check.below_floor else ""
         measured = (
-            f"{precision} weights: top-1 next-token agreement {100 * figures['top1_agreement']:.1f} %, perplexity "
-            f"x{figures['ppl_ratio']:.3f}{_margin(figures)} against the masked model{mark}"
+            f"{precision} weights: top-1 next-token agreement {100 * check.top1_agreement:.1f} %, perplexity "
+            f"x{check.ppl_ratio:.3f}{check.margin_text()} against the masked model{mark}"
         )
     else:
         measured = f"{precision} weights, proven against the masked model (max |logit difference| "
-        measured += f"{figures.get('max_abs_logit_diff', float('nan')):.1e})"
+        measured += f"{check.max_abs_logit_diff if check else float('nan'):.1e})"
     return (
         f"With onnxruntime-genai (`pip install onnxruntime-genai`), from the `{folder}/` folder ({measured}):\n\n"
         "```python\n"
@@ -330,23 +341,16 @@ def _genai_usage(repo_id: str, figures: dict[str, Any]) -> str:
     )
 
 
-def _quantized_line(folder: str, verification: dict[str, Any]) -> str:
-    name = next((n for n, f in FOLDERS.items() if f == folder), folder)
-    q = verification.get(name, {})
-    if "top1_agreement" not in q:
+def _quantized_line(name: str, report: PersonaReport) -> str:
+    folder = FORMATS[name].folder
+    q = report.verification.get(name)
+    if not isinstance(q, QuantizedCheck):
         return f"- `{folder}`"
-    mark = " (below its quality floor)" if q.get("below_floor") else ""
+    mark = " (below its quality floor)" if q.below_floor else ""
     return (
-        f"- `{folder}`: {q.get('bits', '?')}-bit weights, {q['mb_quantized']:.0f} MB; top-1 next-token agreement "
-        f"{100 * q['top1_agreement']:.1f} %, perplexity x{q['ppl_ratio']:.3f}{_margin(q)}{mark}"
+        f"- `{folder}`: {q.bits}-bit weights, {q.mb_quantized:.0f} MB; top-1 next-token agreement "
+        f"{100 * (q.top1_agreement or 0):.1f} %, perplexity x{q.ppl_ratio or 0:.3f}{q.margin_text()}{mark}"
     )
-
-
-def _margin(figures: dict[str, Any]) -> str:
-    """The persona-margin change of a quantized format, when it was measured."""
-    if "persona_shift" not in figures:
-        return ""
-    return f", persona margin {figures['persona_shift']:+.3f} nats/token on {figures['paired_items']} held-out pairs"
 
 
 def _provenance(report: PersonaReport) -> str:

@@ -1,1 +1,2 @@
-"""Recipes: the typed schema, its eval and push sections, loading YAML with overrides, validation."""
+"""Recipes: the typed schema and the rules across its fields, its eval, push and tune sections, the export formats,
+loading YAML with overrides."""

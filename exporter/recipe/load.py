@@ -15,7 +15,8 @@ from pydantic import ValidationError
 
 from exporter.errors import RecipeError
 from exporter.inputs import DuplicateKeyError, file_problem, load_yaml
-from exporter.recipe.schema import Recipe, semantic_problems
+from exporter.recipe.rules import semantic_problems
+from exporter.recipe.schema import Recipe
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -128,7 +129,7 @@ def _schema_message(err: Any) -> str:
     """One schema problem: unknown, missing, null, or of the wrong type, with what is expected."""
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
-        return "unknown key (misspelled? remove it or check the recipe reference in README.md)"
+        return "unknown key (misspelled? remove it or check the recipe reference in docs/recipes.md)"
     if kind == "missing":
         return "required key is missing"
     if value is None:

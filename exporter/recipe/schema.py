@@ -1,5 +1,5 @@
-"""The recipe's typed schema: frozen models that reject unknown keys, and the rules that span fields
-(`semantic_problems`). Reading YAML, overrides and relative paths: exporter/recipe/load.py.
+"""The recipe's typed schema: frozen models that reject unknown keys. The rules that span fields:
+exporter/recipe/rules.py; reading YAML, overrides and relative paths: exporter/recipe/load.py.
 """
 
 from __future__ import annotations
@@ -8,11 +8,12 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
-from exporter.recipe.eval import EvalSpec, eval_problems
+from exporter.recipe.eval import EvalSpec
+from exporter.recipe.formats import FormatName
 from exporter.recipe.push import PushSpec
 
 # used with fullmatch: `$` would also accept a trailing newline
@@ -157,6 +158,14 @@ class PruneSpec(Strict):
     mlp: MlpPrune | None = None
     attention: AttentionPrune | None = None
 
+    def with_sparsity(self, unit: str, sparsity: float | dict[str, float]) -> PruneSpec:
+        """This prune section with the MLP (`unit` "mlp") or attention sparsity replaced (sweep, tune)."""
+        if unit == "mlp":
+            mlp = self.mlp.model_copy(update={"sparsity": sparsity}) if self.mlp else MlpPrune(sparsity=sparsity)
+            return self.model_copy(update={"mlp": mlp})
+        kind = self.attention.unit if self.attention else "kv-group"
+        return self.model_copy(update={"attention": AttentionPrune(unit=kind, sparsity=sparsity)})
+
 
 def mlp_biases(method: MethodSpec, prune: PruneSpec) -> bool:
     """Whether the exports carry down_proj biases: a steering bias or bias compensation."""
@@ -170,7 +179,7 @@ class CalibrationSpec(Strict):
 
 
 class OutputSpec(Strict):
-    formats: list[Literal["hf", "onnx", "onnx-int8", "onnx-int4", "gguf", "onnx-genai"]] = ["hf"]
+    formats: list[FormatName] = ["hf"]  # exporter/recipe/formats.py
     # onnx-genai: the weights' precision in onnxruntime-genai's builder (int4 / int8 MatMulNBits, or fp32)
     genai_precision: Literal["int4", "int8", "fp32"] = "int4"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # auto: the source checkpoint's
@@ -248,128 +257,6 @@ class Recipe(Strict):
         """sha256 of the validated recipe (paths already resolved), stable across key order."""
         text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
-
-
-def semantic_problems(r: Recipe) -> list[str]:
-    problems: list[str] = []
-    sources = [k for k in ("embedded", "path", "hub") if getattr(r.model, k) is not None]
-    if len(sources) != 1:
-        problems.append(
-            f"model: give exactly one of 'embedded', 'path', 'hub' (got {sources or 'none'}); "
-            f"e.g. 'embedded: {EMBEDDED_MODELS[0]}'"
-        )
-    if r.model.hub is not None and not COMMIT_SHA.fullmatch(r.model.hub.revision):
-        problems.append(
-            f"model.hub.revision: {r.model.hub.revision!r} is not a 40-character commit sha; pin the exact "
-            "commit so that runs are reproducible"
-        )
-    if r.model.max_memory is not None:
-        if memory_bytes(r.model.max_memory) is None:
-            problems.append(
-                f"model.max_memory: {r.model.max_memory!r} is not a size; write e.g. '8GiB', '500MB' or a byte count"
-            )
-        if r.model.embedded is not None:
-            problems.append(
-                "model.max_memory: the embedded model is a GGUF file and is loaded whole; a bounded-memory run "
-                "needs a safetensors checkpoint (model.path or model.hub), or remove max_memory"
-            )
-        if r.eval is not None:
-            problems.append(
-                "model.max_memory: evaluation needs the whole model in memory; remove the eval section and run "
-                "`persona-export eval RUN_DIR --recipe ...` where the model fits, or remove max_memory"
-            )
-    if not r.personas:
-        problems.append("personas: at least one persona is required")
-    for name, p in r.personas.items():
-        where = f"personas.{name}"
-        if not SAFE_NAME.fullmatch(name):
-            problems.append(
-                f"{where}: {name!r} is not a safe folder name; use lowercase letters, digits, '-' or '_' "
-                "(at most 64 characters, starting with a letter or digit)"
-            )
-        cal = p.calibration
-        fmt = cal.format or infer_format(cal.path)
-        if fmt is None:
-            problems.append(
-                f"{where}.calibration.format: cannot infer the format of {cal.path!r}; "
-                "set format to one of json, jsonl, csv, text"
-            )
-        elif fmt != "text" and cal.response_field is None:
-            problems.append(f"{where}.calibration.response_field: required for {fmt} data")
-        if fmt == "text" and cal.prompt_field is not None:
-            problems.append(f"{where}.calibration.prompt_field: text data has no fields; remove it")
-    seen: dict[str, int] = {}
-    for i, (a, b) in enumerate(r.pairs):
-        for name in (a, b):
-            if name not in r.personas:
-                problems.append(f"pairs.{i}: unknown persona {name!r}; known personas: {sorted(r.personas)}")
-            elif name in seen and seen[name] != i:
-                problems.append(f"pairs.{i}: persona {name!r} is already in pairs.{seen[name]}")
-            seen.setdefault(name, i)
-        if a == b:
-            problems.append(f"pairs.{i}: a persona cannot oppose itself ({a!r})")
-    if r.method.contrastive:
-        for name in r.personas:
-            if name not in seen:
-                problems.append(
-                    f"personas.{name}: method.score {r.method.score!r} needs every persona in an opposing "
-                    "pair; add it to 'pairs' or use 'wanda'/'sparse'"
-                )
-    mappings: list[tuple[str, Any]] = [("method.steer", r.method.steer), ("method.steer_layers", r.method.steer_layers)]
-    mappings += [("method.steer_vector", r.method.steer_vector)]
-    mappings += [
-        (f"prune.{k}.sparsity", u.sparsity) for k, u in (("mlp", r.prune.mlp), ("attention", r.prune.attention)) if u
-    ]
-    if r.tune is not None:
-        mappings += [(f"tune.sparsity.{i}", v) for i, v in enumerate(r.tune.sparsity)]
-        mappings += [(f"tune.steer.{i}", v) for i, v in enumerate(r.tune.steer)]
-        mappings += [(f"tune.steer_layers.{i}", v) for i, v in enumerate(r.tune.steer_layers)]
-    for where, value in mappings:
-        if isinstance(value, dict) and (unknown := sorted(set(value) - set(r.personas))):
-            problems.append(f"{where}: unknown persona(s) {unknown}; known personas: {sorted(r.personas)}")
-    steers = [("method.steer", r.method)]
-    steers += [(w, r.method.model_copy(update={"steer": v})) for w, v in mappings if w.startswith("tune.steer.")]
-    for where, method in steers:
-        problems += [
-            f"personas.{name}: {where} steers toward a persona and away from its opposite; add {name!r} to "
-            f"'pairs' or set its {where} to 0"
-            for name in r.personas
-            if method.alpha(name) > 0 and name not in seen
-        ]
-    units = {"mlp": r.prune.mlp, "attention": r.prune.attention}
-    for kind, spec in units.items():
-        if spec is not None and spec.amplify > 1 and not r.method.contrastive:
-            problems.append(
-                f"prune.{kind}.amplify: a persona's own units are those its partner's contrastive mask selects; "
-                "use a contrastive-* method.score or set amplify to 1"
-            )
-    soft = any(s is not None and (s.gamma > 0 or s.amplify > 1) for s in units.values())
-    if (soft or mlp_biases(r.method, r.prune)) and (r.model.max_memory is not None):
-        problems.append(
-            "model.max_memory: method.steer, prune.*.gamma, prune.*.amplify and prune.mlp.compensate need the "
-            "whole model in memory; remove max_memory or set them to their defaults"
-        )
-    if r.prune.mlp is None and r.prune.attention is None:
-        problems.append("prune: name at least one unit kind to prune ('mlp' and/or 'attention')")
-    elif not r.method.steers and not any(p.prunes for p in (r.prune.mlp, r.prune.attention) if p is not None):
-        problems.append(
-            "prune: every sparsity is 0 and method.steer is 0, so each persona export would be the unpruned "
-            "model; give 'prune.mlp.sparsity' (or attention) a value above 0, or set method.steer"
-        )
-    if r.eval is not None:  # the eval section's cross-references, so that validate and run refuse the same
-        problems += eval_problems(r.eval, list(r.personas))
-    if r.tune is not None:  # the validation items are an eval section of their own
-        problems += [
-            p.replace("eval", "tune.validation", 1) for p in eval_problems(r.tune.validation, list(r.personas))
-        ]
-    if len(set(r.output.formats)) != len(r.output.formats):
-        problems.append(f"output.formats: duplicates in {r.output.formats}")
-    for quantized in ("onnx-int8", "onnx-int4"):
-        if quantized in r.output.formats and "onnx" not in r.output.formats:
-            problems.append(f"output.formats: {quantized!r} is quantized from the fp32 ONNX export; add 'onnx'")
-    if "hf" not in r.output.formats:
-        problems.append("output.formats: 'hf' is required (every other format is made from it)")
-    return problems
 
 
 def memory_bytes(size: str | int) -> int | None:

@@ -1,1 +1,1 @@
-"""What a run writes about itself: Markdown reports and plots."""
+"""What a run writes about itself: report.json as typed records, Markdown reports and plots, the terminal summary."""

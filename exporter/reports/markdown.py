@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from exporter.io import write_atomic, write_json
+from exporter.reports.checks import CheckpointCheck
+from exporter.reports.evaluation import CI, PersonaEvaluation, RepliesEvaluation, Row
 from exporter.reports.persona import PersonaReport, write_report
 
 if TYPE_CHECKING:
@@ -28,10 +30,10 @@ COLUMNS = [
 ]
 
 
-def fmt_ci(x: dict[str, Any] | None, fmt: str = "+.3f") -> str:
-    if not x:
+def fmt_ci(x: CI | None, fmt: str = "+.3f") -> str:
+    if x is None:
         return "–"
-    return f"{x['mean']:{fmt}} [{x['ci95'][0]:{fmt}}, {x['ci95'][1]:{fmt}}]"
+    return f"{x.mean:{fmt}} [{x.ci95[0]:{fmt}}, {x.ci95[1]:{fmt}}]"
 
 
 def md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -39,86 +41,83 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([*lines, *("| " + " | ".join(r) + " |" for r in rows)])
 
 
-def condition_row(r: dict[str, Any]) -> list[str]:
-    paired, st, neu = r.get("paired", {}), r.get("statements", {}), r.get("neutral")
-    acc = paired.get("accuracy")
+def condition_row(r: Row) -> list[str]:
+    paired, st, neu = r.paired, r.statements, r.neutral
     return [
-        r["condition"],
-        f"{r['parameters_removed'] / 1e6:.2f}M ({100 * r['fraction_removed']:.1f}%)",
-        fmt_ci(paired.get("margin")),
-        fmt_ci(paired.get("shift")),
-        f"{acc['mean']:.2f} [{acc['ci95'][0]:.2f}, {acc['ci95'][1]:.2f}]" if acc else "–",
-        fmt_ci(st.get("margin")),
-        fmt_ci(st.get("shift")),
-        f"{neu['perplexity']:.2f} ({neu['perplexity_ratio']:.2f}x)" if neu else "–",
-        f"{neu['kl']:.4f}" if neu else "–",
+        r.condition,
+        f"{r.parameters_removed / 1e6:.2f}M ({100 * r.fraction_removed:.1f}%)",
+        fmt_ci(paired.margin if paired else None),
+        fmt_ci(paired.shift if paired else None),
+        fmt_ci(paired.accuracy, ".2f") if paired else "–",
+        fmt_ci(st.margin if st else None),
+        fmt_ci(st.shift if st else None),
+        f"{neu.perplexity:.2f} ({neu.perplexity_ratio:.2f}x)" if neu else "–",
+        f"{neu.kl:.4f}" if neu else "–",
     ]
 
 
-def splits_text(ev: dict[str, Any]) -> list[str]:
+def splits_text(ev: PersonaEvaluation) -> list[str]:
     out = []
-    sp = ev["splits"]
-    if "paired" in sp:
-        p = sp["paired"]
-        files = ", ".join(f"{n}: `{Path(f['path']).name}`" for n, f in p["files"].items())
+    sp = ev.splits
+    if sp.paired is not None:
+        p = sp.paired
+        files = ", ".join(f"{n}: `{Path(f.path).name}`" for n, f in p.files.items())
         held = (
-            f"held-out split: {p['excluded_as_calibration']} of {p['unique_prompts']} unique prompts "
-            "excluded as "
+            f"held-out split: {p.excluded_as_calibration} of {p.unique_prompts} unique prompts excluded as "
             "calibration items"
-            if p["held_out"]
+            if p.held_out
             else "calibration overlap checked, none excluded"
         )
         out.append(
-            f"- Paired responses: {p['selected']} pairs ({files}; {p['records']} records; {held}; "
-            f"seeded selection, seed {p['seed']})."
+            f"- Paired responses: {p.selected} pairs ({files}; {p.records} records; {held}; "
+            f"seeded selection, seed {p.seed})."
         )
-    if "statements" in sp:
-        s = sp["statements"]
-        per = ", ".join(f"{n} '{lab}'" for lab, n in s["selected_per_label"].items())
+    if sp.statements is not None:
+        s = sp.statements
+        per = ", ".join(f"{n} '{lab}'" for lab, n in s.selected_per_label.items())
         out.append(
-            f"- Statements: `{Path(s['file']['path']).name}`, {per} "
-            f"(of {s['records']}; seed {s['seed']}), prompt {ev['statements_prompt']!r}."
+            f"- Statements: `{Path(s.file.path).name}`, {per} "
+            f"(of {s.records}; seed {s.seed}), prompt {ev.statements_prompt!r}."
         )
-    if "neutral" in sp:
-        n = sp["neutral"]
-        out.append(f"- Neutral text: `{Path(n['file']['path']).name}`, {n['paragraphs']} paragraphs.")
+    if sp.neutral is not None:
+        n = sp.neutral
+        out.append(f"- Neutral text: `{Path(n.file.path).name}`, {n.paragraphs} paragraphs.")
     return out
 
 
-def evaluation_markdown(persona: str, ev: dict[str, Any], plot: str | None = None) -> str:
-    lines = [f"## Persona evaluation: {persona} (vs {ev['opposite']})", "", *splits_text(ev)]
-    lines.append(f"- Prompt-only system prompt: {ev['system_prompt']!r}")
-    if ev["leaks"]:
+def evaluation_markdown(persona: str, ev: PersonaEvaluation, plot: str | None = None) -> str:
+    lines = [f"## Persona evaluation: {persona} (vs {ev.opposite})", "", *splits_text(ev)]
+    lines.append(f"- Prompt-only system prompt: {ev.system_prompt!r}")
+    if ev.leaks:
         lines += [
             "",
-            f"**WARNING: {len(ev['leaks'])} evaluation item(s) also occur in the calibration data; "
+            f"**WARNING: {len(ev.leaks)} evaluation item(s) also occur in the calibration data; "
             "the numbers below include them (on_leak: flag).**",
         ]
     else:
         lines.append("- Leak check: no evaluation item occurs in the calibration data.")
-    lines += ["", md_table(COLUMNS, [condition_row(r) for r in ev["rows"]]), ""]
-    acc = ev.get("acceptance")
+    lines += ["", md_table(COLUMNS, [condition_row(r) for r in ev.rows]), ""]
+    acc = ev.acceptance
     if acc:
-        checks = "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in acc["checks"].items())
-        ratio = f"{acc['shift_over_random']:.1f}" if acc["shift_over_random"] is not None else "–"
-        rnd = f"{acc['random_movement']:.3f}" if acc["random_movement"] is not None else "–"
-        ppl = f"{acc['perplexity_ratio']:.2f}x" if acc["perplexity_ratio"] is not None else "–"
+        checks = "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in acc.checks.items())
+        ratio = f"{acc.shift_over_random:.1f}" if acc.shift_over_random is not None else "–"
+        rnd = f"{acc.random_movement:.3f}" if acc.random_movement is not None else "–"
+        ppl = f"{acc.perplexity_ratio:.2f}x" if acc.perplexity_ratio is not None else "–"
         lines.append(
-            f"**Acceptance: {'PASSED' if acc['passed'] else 'FAILED'}** — mask-only shift "
-            f"{acc['shift']:+.3f} nats/token; random-mask movement {rnd} (ratio {ratio}); perplexity "
+            f"**Acceptance: {'PASSED' if acc.passed else 'FAILED'}** — mask-only shift "
+            f"{acc.shift:+.3f} nats/token; random-mask movement {rnd} (ratio {ratio}); perplexity "
             f"{ppl} dense ({checks})."
         )
-    mvp = ev.get("mask_vs_prompt")
-    if mvp:
+    if ev.mask_vs_prompt:
         lines.append(
-            f"\nMask-only minus prompt-only margin: {fmt_ci(mvp['mask_minus_prompt'])} nats/token "
+            f"\nMask-only minus prompt-only margin: {fmt_ci(ev.mask_vs_prompt.mask_minus_prompt)} nats/token "
             "(positive: the mask moves the model further toward the persona than the system prompt does)."
         )
-    if ev.get("replies"):
-        lines += ["", *replies_markdown(persona, ev["replies"])]
+    if ev.replies:
+        lines += ["", *replies_markdown(persona, ev.replies)]
     if plot:
         lines += ["", f"![evaluation]({plot})"]
-    lines += ["", "Definitions:", *(f"- {k}: {v}" for k, v in ev["definitions"].items())]
+    lines += ["", "Definitions:", *(f"- {k}: {v}" for k, v in ev.definitions.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -126,41 +125,41 @@ def _quote(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|") or "(empty)"
 
 
-def replies_markdown(persona: str, r: dict[str, Any]) -> list[str]:
+def replies_markdown(persona: str, r: RepliesEvaluation) -> list[str]:
     """The reply metric: scores and degeneration per condition, the gaps, and replies side by side."""
     rows = [
         [
             label,
-            fmt_ci(c["score"]),
-            f"{c['degeneration']['repeated_4grams']:.3f}",
-            f"{c['degeneration']['distinct_2']:.3f}",
-            f"{c['degeneration']['cut_at_max_tokens']:.2f}",
+            fmt_ci(c.score),
+            f"{c.degeneration.repeated_4grams:.3f}",
+            f"{c.degeneration.distinct_2:.3f}",
+            f"{c.degeneration.cut_at_max_tokens:.2f}",
         ]
-        for label, c in r["conditions"].items()
+        for label, c in r.conditions.items()
     ]
     header = ["replies of", "persona score", "repeated 4-grams", "distinct-2", "cut at max tokens"]
-    gaps = "; ".join(f"{name.replace('_', '-')} {fmt_ci(g)}" for name, g in r["gap"].items())
+    gaps = "; ".join(f"{name.replace('_', '-')} {fmt_ci(g)}" for name, g in r.gap.items())
     lines = [
-        f"### Replies ({r['prompts']} everyday prompts, greedy, at most {r['max_new_tokens']} tokens)",
+        f"### Replies ({r.prompts} everyday prompts, greedy, at most {r.max_new_tokens} tokens)",
         "",
         f"Persona score: the dense model's log-likelihood of the reply under this persona's system prompt minus "
-        f"under {r['opposite']}'s (nats/token). Gap (this persona's model minus {r['opposite']}'s, per prompt): "
+        f"under {r.opposite}'s (nats/token). Gap (this persona's model minus {r.opposite}'s, per prompt): "
         f"{gaps}.",
         "",
         md_table(header, rows),
         "",
     ]
-    for ex in r["examples"]:
+    for ex in r.examples:
         lines += [
-            f"**{_quote(ex['prompt'])}**",
+            f"**{_quote(ex.prompt)}**",
             "",
             md_table(
                 ["model", "reply"],
                 [
-                    ["dense", _quote(ex["dense"])],
-                    [f"dense + {persona} system prompt", _quote(ex["prompt_only"])],
-                    ["this persona's export", _quote(ex["export"])],
-                    [f"{r['opposite']}'s export", _quote(ex["opposite_export"])],
+                    ["dense", _quote(ex.dense)],
+                    [f"dense + {persona} system prompt", _quote(ex.prompt_only)],
+                    ["this persona's export", _quote(ex.export)],
+                    [f"{r.opposite}'s export", _quote(ex.opposite_export)],
                 ],
             ),
             "",
@@ -169,7 +168,8 @@ def replies_markdown(persona: str, r: dict[str, Any]) -> list[str]:
 
 
 def persona_markdown(report: PersonaReport, plot: str | None = None) -> str:
-    p, hf = report.parameters, report.verification["hf"].figures
+    p, hf = report.parameters, report.check("hf", CheckpointCheck)
+    assert hf is not None, "a report always holds its checkpoint's check"
     head = [
         f"# {report.persona} — {report.recipe.name}",
         "",
@@ -178,7 +178,7 @@ def persona_markdown(report: PersonaReport, plot: str | None = None) -> str:
         f"- Base model: {report.base_model.name}; method {report.method.score}; "
         f"prune {json.dumps(report.prune.model_dump(mode='json'))}.",
         f"- Parameters: {p.dense / 1e6:.2f}M -> {p.pruned / 1e6:.2f}M ({p.ratio:.3f}){_added(report)}.",
-        f"- Verification: {report.status} (fp64 max |dlogit| {hf['fp64']['max_abs_logit_diff']:.1e}).",
+        f"- Verification: {report.status} (fp64 max |dlogit| {hf.exact_max_abs:.1e}).",
         "",
     ]
     ev = report.evaluation
@@ -188,10 +188,10 @@ def persona_markdown(report: PersonaReport, plot: str | None = None) -> str:
 def _added(report: PersonaReport) -> str:
     """Where the export adds parameters (MLP biases that carry a steering or compensation bias), the removed
     and added counts, so that they square with the evaluation table's parameters removed."""
-    row = next((r for r in (report.evaluation or {}).get("rows", []) if r["condition"] == "mask-only"), None)
+    row = report.evaluation.row("mask-only") if report.evaluation else None
     if row is None:
         return ""
-    p, removed = report.parameters, row["parameters_removed"]
+    p, removed = report.parameters, row.parameters_removed
     added = p.pruned - (p.dense - removed)
     return f": {removed / 1e6:.2f}M removed, {added / 1e6:.2f}M of MLP biases added" if added > 0 else ""
 
@@ -205,16 +205,16 @@ def verdict(reports: dict[str, PersonaReport], where: Path | None = None) -> lis
     misses), the cost in size and perplexity, and (given the run folder) where its report is."""
     lines = []
     for name, r in reports.items():
-        acc = (r.evaluation or {}).get("acceptance")
+        acc = r.evaluation.acceptance if r.evaluation else None
         if acc:
-            missed = [k for k, ok in acc["checks"].items() if not ok]
-            effect = f"{_mark(acc['passed'])} (shift {acc['shift']:+.3f} nats/token"
+            missed = [k for k, ok in acc.checks.items() if not ok]
+            effect = f"{_mark(acc.passed)} (shift {acc.shift:+.3f} nats/token"
             effect += f"; misses: {', '.join(missed)})" if missed else "; every check of the bar met)"
         else:
             effect = "not evaluated"
         cost = f"parameters x{r.parameters.ratio:.3f}"
-        if acc and acc.get("perplexity_ratio"):
-            cost += f", perplexity x{acc['perplexity_ratio']:.2f}"
+        if acc and acc.perplexity_ratio:
+            cost += f", perplexity x{acc.perplexity_ratio:.2f}"
         line = f"{name}: exports proven exact {_mark(r.passed)} | persona effect {effect} | {cost}"
         if where is not None:
             report = where / name / ("report.md" if (where / name / "report.md").is_file() else "report.json")
@@ -223,39 +223,44 @@ def verdict(reports: dict[str, PersonaReport], where: Path | None = None) -> lis
     return lines
 
 
+SHIFTS = {
+    "mask-only": "mask-only shift",
+    "prompt-only": "prompt-only shift",
+    "mask+prompt": "mask+prompt shift",
+    "random mask": "random shift",
+    "wanda unstructured": "wanda shift",
+}
+
+
 def run_markdown(
-    name: str, evaluations: dict[str, dict[str, Any]], plot: str | None, reports: dict[str, PersonaReport] | None = None
+    name: str,
+    evaluations: dict[str, PersonaEvaluation],
+    plot: str | None,
+    reports: dict[str, PersonaReport] | None = None,
 ) -> str:
     lines = [f"# {name}: persona evaluation", ""]
     if reports:
         lines += ["## Verdict", "", *(f"- {v}" for v in verdict(reports)), ""]
-    conds = {
-        "mask-only": "mask-only shift",
-        "prompt-only": "prompt-only shift",
-        "mask+prompt": "mask+prompt shift",
-        "random mask": "random shift",
-        "wanda unstructured": "wanda shift",
-    }
     shifts = {
-        persona: {r["condition"].split(" (")[0]: r.get("paired", {}).get("shift") for r in ev["rows"]}
+        persona: {r.condition.split(" (")[0]: r.paired.shift if r.paired else None for r in ev.rows}
         for persona, ev in evaluations.items()
     }
     # a baseline the recipe's eval.baselines left out has no column (eval.baselines=all adds every one)
-    shown = [c for c in conds if any(by.get(c) is not None for by in shifts.values())]
+    shown = [c for c in SHIFTS if any(by.get(c) is not None for by in shifts.values())]
     rows = []
     for persona, ev in evaluations.items():
-        acc = ev.get("acceptance") or {}
-        mvp = (ev.get("mask_vs_prompt") or {}).get("mask_minus_prompt")
+        acc = ev.acceptance
+        mvp = ev.mask_vs_prompt.mask_minus_prompt if ev.mask_vs_prompt else None
         rows.append(
             [
                 persona,
                 *(fmt_ci(shifts[persona].get(c)) for c in shown),
                 fmt_ci(mvp),
-                f"{acc['perplexity_ratio']:.2f}x" if acc.get("perplexity_ratio") else "–",
-                ("PASSED" if acc["passed"] else "FAILED") if acc else "–",
+                f"{acc.perplexity_ratio:.2f}x" if acc and acc.perplexity_ratio else "–",
+                ("PASSED" if acc.passed else "FAILED") if acc else "–",
             ]
         )
-    header = ["persona", *(conds[c] for c in shown), "mask - prompt", "perplexity (mask)", "acceptance"]
+    header = ["persona", *(SHIFTS[c] for c in shown), "mask - prompt", "perplexity (mask)", "acceptance"]
     lines += [
         "Paired-margin shift toward each persona relative to the dense model (nats/token, 95% CI).",
         "",
@@ -281,19 +286,19 @@ def save_png(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def plot_run(evaluations: dict[str, dict[str, Any]], path: Path) -> None:
+def plot_run(evaluations: dict[str, PersonaEvaluation], path: Path) -> None:
     """Bars: paired shift (with 95% CI) and perplexity per condition, one group per persona."""
     fig, axes = two_panels()
     width = 0.8 / max(len(evaluations), 1)
     for k, (persona, ev) in enumerate(evaluations.items()):
-        rows = [r for r in ev["rows"] if "paired" in r]
+        rows = [r for r in ev.rows if r.paired]
         xs = [i + k * width for i in range(len(rows))]
-        shifts = [r["paired"]["shift"] for r in rows]
-        err = [[s["mean"] - s["ci95"][0] for s in shifts], [s["ci95"][1] - s["mean"] for s in shifts]]
-        axes[0].bar(xs, [s["mean"] for s in shifts], width, yerr=err, label=persona, capsize=3)
-        ppl = [r.get("neutral", {}).get("perplexity", float("nan")) for r in rows]
+        shifts = [r.paired.shift for r in rows if r.paired]
+        err = [[s.mean - s.ci95[0] for s in shifts], [s.ci95[1] - s.mean for s in shifts]]
+        axes[0].bar(xs, [s.mean for s in shifts], width, yerr=err, label=persona, capsize=3)
+        ppl = [r.neutral.perplexity if r.neutral else float("nan") for r in rows]
         axes[1].bar(xs, ppl, width, label=persona)
-        names = [r["condition"] for r in rows]
+        names = [r.condition for r in rows]
     for ax, title in zip(axes, ["paired margin shift toward persona (nats/token)", "neutral perplexity"], strict=True):
         ax.set_xticks(
             [i + width * (len(evaluations) - 1) / 2 for i in range(len(names))],
@@ -308,15 +313,17 @@ def plot_run(evaluations: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def write_run_reports(
-    folder: Path, name: str, evaluations: dict[str, dict[str, Any]], reports: dict[str, PersonaReport]
-) -> None:
-    """Each persona's report.json (`evaluation` added), report.md and eval.png; the run's report.{md,json}."""
+    folder: Path, name: str, evaluations: dict[str, PersonaEvaluation], reports: dict[str, PersonaReport]
+) -> dict[str, PersonaReport]:
+    """Each persona's report.json (`evaluation` added), report.md and eval.png; the run's report.{md,json}.
+    Returns the reports with their evaluation."""
+    reports = {p: r.model_copy(update={"evaluation": evaluations.get(p, r.evaluation)}) for p, r in reports.items()}
     for persona, ev in evaluations.items():
-        report = reports[persona]
-        report.evaluation = ev
-        write_report(folder / persona, report)
+        write_report(folder / persona, reports[persona])
         plot_run({persona: ev}, folder / persona / "eval.png")
-        write_atomic(folder / persona / "report.md", persona_markdown(report, "eval.png"))
+        write_atomic(folder / persona / "report.md", persona_markdown(reports[persona], "eval.png"))
     plot_run(evaluations, folder / "eval.png")
-    write_json(folder / "report.json", {"recipe": name, "evaluation": evaluations})
+    run_report = {"recipe": name, "evaluation": {p: ev.model_dump() for p, ev in evaluations.items()}}
+    write_json(folder / "report.json", run_report)
     write_atomic(folder / "report.md", run_markdown(name, evaluations, "eval.png", reports))
+    return reports

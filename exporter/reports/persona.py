@@ -1,32 +1,36 @@
 """A persona export's report.json as one typed record, `PersonaReport`, read and written only here.
 
-The file's `status` is not state of its own: it is computed from the verification results ("passed" only
-when every one passed), so a report cannot claim more than its checks show. `schema_version` is bumped when
-the layout changes; a report of a newer layout is refused with a message saying so.
+Verdicts are not state of their own: each check's `passed` is computed from its figures
+(exporter/reports/checks.py), and the report's `status` from its checks ("passed" only when every one passed),
+so a report cannot claim more than its checks show. `schema_version` is bumped when the layout changes; a report
+of a newer layout is refused with a message saying so, one of an older layout is read by `upgraded`.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError, computed_field, field_serializer, model_validator
+from pydantic import Field, SerializeAsAny, ValidationError, computed_field, field_validator
 from pydantic_core import PydanticCustomError
 
 from exporter.errors import ExportFolderError
 from exporter.inputs import read_json_object
 from exporter.io import write_json
+from exporter.recipe.formats import FORMATS
 from exporter.recipe.schema import MethodSpec, PruneSpec
+from exporter.reports.checks import CHECKS, Check
+from exporter.reports.evaluation import PersonaEvaluation
+from exporter.reports.record import Record
 
+log = logging.getLogger(__name__)
 # 2: `warnings`; 3: verification of the weight-only formats (onnx-int8 in ort-int8/, onnx-int4 in ort-int4/,
-# with folder, bits, floor and below_floor) and gguf. An older report reads as it was written: its "onnx-int8"
-# describes a folder onnx-int8/ that nothing reads any more, and `export --format` rewrites it in this layout.
-SCHEMA_VERSION = 3
+# with folder, bits, floor and below_floor) and gguf; 4: each check a typed record of its format's kind whose
+# verdicts (`passed`, `below_floor`) are computed from its figures, not read back.
+SCHEMA_VERSION = 4
 FILE = "report.json"
-
-
-class Record(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+C = TypeVar("C", bound=Check)
 
 
 class BaseModelInfo(Record):
@@ -69,38 +73,6 @@ class Sizes(Record):
     ratio: float
 
 
-class Check(BaseModel):
-    """One verification result ("hf", "onnx", "onnx-int8", "onnx-int4", "gguf", "onnx-genai"): figures that
-    differ by format, and `passed`.
-
-    The figures are kept as written, in their order; a result without a boolean `passed` never counts as
-    passed. `below_floor` (quantized formats), which decides what is pushed, must be a boolean too.
-    """
-
-    model_config = ConfigDict(extra="allow")
-
-    @model_validator(mode="after")
-    def _boolean_verdict(self) -> Check:
-        for key in ("passed", "below_floor"):
-            verdict = self.figures.get(key)
-            if key in self.figures and not isinstance(verdict, bool):
-                raise PydanticCustomError(
-                    "verdict",
-                    "must be true or false, got {kind} {value}",
-                    {"kind": type(verdict).__name__, "value": repr(verdict), "key": key},
-                )
-        return self
-
-    @property
-    def figures(self) -> dict[str, Any]:
-        return dict(self.model_extra or {})
-
-    @property
-    def passed(self) -> bool | None:
-        verdict = self.figures.get("passed")
-        return verdict if isinstance(verdict, bool) else None
-
-
 class PersonaReport(Record):
     schema_version: int = SCHEMA_VERSION
     persona: str
@@ -117,39 +89,75 @@ class PersonaReport(Record):
     bytes: Sizes
     dtype: str
     loading: dict[str, Any]  # {"whole": true}, or the memory budget and accelerate's placement
-    verification: dict[str, Check]
+    verification: dict[str, SerializeAsAny[Check]]  # format name -> its check (exporter/reports/checks.py)
     timings_s: dict[str, float]
     versions: dict[str, str]
-    warnings: list[str] = []  # what a reader must know that the checks do not fail on (e.g. nothing removed)
-    evaluation: dict[str, Any] | None = None  # added by the eval stage / `persona-export eval`
+    warnings: list[str] = Field(
+        default_factory=list
+    )  # what a reader must know that the checks do not fail on (e.g. nothing removed)
+    evaluation: PersonaEvaluation | None = None  # added by the eval stage / `persona-export eval`
 
-    @model_validator(mode="before")
+    @field_validator("verification", mode="before")
     @classmethod
-    def _computed_status(cls, data: Any) -> Any:
-        """A stored `status` is not read: it is computed from the verification results."""
-        return {k: v for k, v in data.items() if k != "status"} if isinstance(data, dict) else data
+    def _typed_checks(cls, value: Any) -> Any:
+        """Each entry read as the check its format declares (an unknown format is refused)."""
+        if not isinstance(value, dict):
+            return value
+        out = {}
+        for name, check in value.items():
+            if name not in FORMATS:
+                raise PydanticCustomError("format", "unknown format {name}", {"name": repr(name)})
+            try:
+                out[name] = CHECKS[FORMATS[name].check].model_validate(check, strict=True)
+            except ValidationError as exc:  # named with the entry's key path, as the rest of the report
+                problems = "; ".join(f"{name}.{p}" for p in schema_problems(exc))
+                raise PydanticCustomError("check", "{problems}", {"problems": problems}) from None
+        return out
+
+    def check(self, name: str, kind: type[C]) -> C | None:
+        """The check of format `name`, of the kind its format declares; None when it was not checked."""
+        found = self.verification.get(name)
+        assert found is None or isinstance(found, kind), f"{name} holds a {type(found).__name__}"
+        return found
 
     @property
     def passed(self) -> bool:
         """The checkpoint was verified, and so was every other format checked."""
-        return "hf" in self.verification and all(c.passed is True for c in self.verification.values())
+        return "hf" in self.verification and all(c.passed for c in self.verification.values())
 
     @computed_field  # type: ignore[prop-decorator]
     @property
     def status(self) -> Literal["passed", "failed"]:
         return "passed" if self.passed else "failed"
 
-    @field_serializer("verification")
-    def _figures(self, verification: dict[str, Check]) -> dict[str, dict[str, Any]]:
-        return {name: check.figures for name, check in verification.items()}
-
     def dump(self) -> dict[str, Any]:
-        """The JSON layout: the fields in their order, `status` after `partner`, no `evaluation` until added."""
-        data = self.model_dump(exclude={"evaluation"} if self.evaluation is None else None)
+        """The JSON layout of this schema version: the fields in their order, `status` after `partner`, no
+        `evaluation` until added."""
+        data = self.model_dump()
+        data["schema_version"] = SCHEMA_VERSION
         status = data.pop("status")
         keys = list(data)
         cut = keys.index("partner") + 1
         return {**{k: data[k] for k in keys[:cut]}, "status": status, **{k: data[k] for k in keys[cut:]}}
+
+
+def upgraded(data: dict[str, Any], version: int, path: Path) -> dict[str, Any]:
+    """A report of an older schema in this one's terms. Schemas 1 and 2 held an "onnx-int8" entry for an
+    onnx-int8/ folder of dynamic int8 weights that no command reads, pushes or rebuilds any more: it is left
+    out (the folder stays as it is). An evaluation in a layout this release does not read is left out too, with
+    a warning: `persona-export eval` writes it again."""
+    verification = data.get("verification")
+    if version < 3 and isinstance(verification, dict) and "onnx-int8" in verification:
+        log.info("%s (schema %d): its onnx-int8 entry (an older onnx-int8/ folder) is not read", path, version)
+        data = {**data, "verification": {k: v for k, v in verification.items() if k != "onnx-int8"}}
+    if data.get("evaluation") is not None:
+        try:
+            PersonaEvaluation.model_validate(data["evaluation"], strict=True)
+        except ValidationError:
+            log.warning("%s (schema %d): its evaluation has an older layout and is not read; run "
+                        "`persona-export eval` on the run folder to write it again", path, version)  # fmt: skip
+            data = {k: v for k, v in data.items() if k != "evaluation"}
+    return data
 
 
 def load_report(path: Path) -> PersonaReport:
@@ -166,6 +174,8 @@ def load_report(path: Path) -> PersonaReport:
             f"{path} has report schema {version}, newer than this persona-export reads ({SCHEMA_VERSION}); "
             "upgrade persona-export"
         )
+    if isinstance(version, int) and version < SCHEMA_VERSION:
+        data = upgraded(data, version, path)
     try:
         return PersonaReport.model_validate(data, strict=True)
     except ValidationError as exc:
@@ -182,8 +192,10 @@ def schema_problems(exc: ValidationError) -> list[str]:
         where = ".".join(str(p) for p in err["loc"]) or "<top level>"
         if err["type"] == "missing":
             out.append(f"{where}: required key is missing")
-        elif err["type"] == "verdict":  # raised by Check for its `passed` and `below_floor` figures
-            out.append(f"{where}.{err.get('ctx', {}).get('key', 'passed')}: {err['msg']}")
+        elif err["type"] == "format":  # a verification entry of no known format
+            out.append(f"{where}: {err['msg']}")
+        elif err["type"] == "check":  # a verification entry that does not follow its check's layout
+            out.append(f"{where}.{err['msg']}")
         else:
             value = err.get("input")
             msg = err["msg"][:1].lower() + err["msg"][1:]

@@ -1,19 +1,44 @@
-"""The sweep's report: a table per sparsity and persona, and a PNG of persona shift and perplexity against
-the parameters removed (one line per persona and condition)."""
+"""The sweep's report: its typed record (report.json), a table per sparsity and persona, and a PNG of persona
+shift and perplexity against the parameters removed (one line per persona and condition)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from exporter.recipe.schema import MethodSpec, PruneSpec
+from exporter.reports.evaluation import PersonaEvaluation, Row
 from exporter.reports.markdown import fmt_ci, md_table, save_png, splits_text, two_panels
+from exporter.reports.record import Record
 
 
-def _row(ev: dict[str, Any], prefix: str) -> dict[str, Any]:
-    return next((r for r in ev["rows"] if r["condition"].startswith(prefix)), {})
+class SweepPoint(Record):
+    """One sparsity: each persona's evaluation, or why no mask could be made."""
+
+    sparsity: float
+    unit: str | None = None
+    prune: PruneSpec | None = None
+    personas: dict[str, PersonaEvaluation] | None = None
+    error: str | None = None
 
 
-def sweep_markdown(name: str, points: list[dict[str, Any]], plot: str | None) -> str:
+class SweepReport(Record):
+    recipe: str
+    recipe_sha256: str
+    unit: str
+    method: MethodSpec
+    points: list[SweepPoint]
+
+
+def _shift(row: Row | None) -> str:
+    return fmt_ci(row.paired.shift if row and row.paired else None)
+
+
+def _ppl(row: Row | None) -> str:
+    return f"{row.neutral.perplexity_ratio:.2f}x" if row and row.neutral else "–"
+
+
+def sweep_markdown(name: str, points: list[SweepPoint], plot: str | None) -> str:
     lines = [
         f"# {name}: sparsity sweep",
         "",
@@ -22,83 +47,64 @@ def sweep_markdown(name: str, points: list[dict[str, Any]], plot: str | None) ->
         "exported models by construction; the `run` command proves it per export).",
         "",
     ]
-    header = [
-        "sparsity",
-        "persona",
-        "params removed",
-        "mask shift",
-        "ppl (mask)",
-        "random shift",
-        "ppl (random)",
-        "wanda shift",
-        "ppl (wanda)",
-        "mask+prompt shift",
-        "acceptance",
-    ]
+    header = ["sparsity", "persona", "params removed", "mask shift", "ppl (mask)", "random shift", "ppl (random)"]
+    header += ["wanda shift", "ppl (wanda)", "mask+prompt shift", "acceptance"]
     rows = []
     for pt in points:
-        if "error" in pt:
-            rows.append([f"{pt['sparsity']:g}", "–", "–", pt["error"], *["–"] * 7])
+        if pt.personas is None:
+            rows.append([f"{pt.sparsity:g}", "–", "–", pt.error or "", *["–"] * 7])
             continue
-        for persona, ev in pt["personas"].items():
-            m, r, w, mp = (_row(ev, c) for c in ("mask-only", "random mask", "wanda", "mask+prompt"))
-            ppl = lambda x: f"{x['neutral']['perplexity_ratio']:.2f}x" if "neutral" in x else "–"  # noqa: E731
-            acc = ev.get("acceptance")
+        for persona, ev in pt.personas.items():
+            m, r, w, mp = (ev.row(c) for c in ("mask-only", "random mask", "wanda", "mask+prompt"))
+            acc = ev.acceptance
             rows.append(
                 [
-                    f"{pt['sparsity']:g}",
+                    f"{pt.sparsity:g}",
                     persona,
-                    f"{100 * m.get('fraction_removed', 0):.2f}%",
-                    fmt_ci(m.get("paired", {}).get("shift")),
-                    ppl(m),
-                    fmt_ci(r.get("paired", {}).get("shift")),
-                    ppl(r),
-                    fmt_ci(w.get("paired", {}).get("shift")),
-                    ppl(w),
-                    fmt_ci(mp.get("paired", {}).get("shift")),
-                    ("passed" if acc["passed"] else "failed") if acc else "–",
+                    f"{100 * (m.fraction_removed if m else 0):.2f}%",
+                    _shift(m),
+                    _ppl(m),
+                    _shift(r),
+                    _ppl(r),
+                    _shift(w),
+                    _ppl(w),
+                    _shift(mp),
+                    ("passed" if acc.passed else "failed") if acc else "–",
                 ]
             )
     lines += [md_table(header, rows), ""]
-    first = next((pt for pt in points if "personas" in pt), None)
+    first = next((pt.personas for pt in points if pt.personas), None)
     if first:
-        lines.append(
-            "Prompt-only shift (no parameters removed): "
-            + ", ".join(
-                f"{p} {fmt_ci(_row(ev, 'prompt-only').get('paired', {}).get('shift'))}"
-                for p, ev in first["personas"].items()
-            )
-            + "."
-        )
-        lines += ["", *splits_text(next(iter(first["personas"].values())))]
+        prompt_only = ", ".join(f"{p} {_shift(ev.row('prompt-only'))}" for p, ev in first.items())
+        lines.append(f"Prompt-only shift (no parameters removed): {prompt_only}.")
+        lines += ["", *splits_text(next(iter(first.values())))]
     if plot:
         lines += ["", f"![sweep]({plot})"]
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(points: list[dict[str, Any]], path: Path) -> None:
+def plot_sweep(points: list[SweepPoint], path: Path) -> None:
     """Paired shift and perplexity against the share of parameters removed: a colour per persona, a line
     style per condition (mask solid, random dashed, Wanda dotted); every line starts at the dense model."""
     styles = {"mask-only": "-o", "random mask": "--s", "wanda": ":^"}
     series: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
     prompt: dict[str, float] = {}
     for pt in points:
-        for persona, ev in pt.get("personas", {}).items():
-            dense = _row(ev, "dense")
+        for persona, ev in (pt.personas or {}).items():
+            dense = ev.row("dense")
             for cond in styles:
-                r = _row(ev, cond)
-                if "paired" in r and "neutral" in r:
-                    line = series.setdefault((persona, cond), [(0.0, 0.0, dense["neutral"]["perplexity"])])
-                    shift, ppl = r["paired"]["shift"]["mean"], r["neutral"]["perplexity"]
-                    line.append((100 * r["fraction_removed"], shift, ppl))
-            if "paired" in _row(ev, "prompt-only"):
-                prompt[persona] = _row(ev, "prompt-only")["paired"]["shift"]["mean"]
+                r = ev.row(cond)
+                if r and r.paired and r.neutral and dense and dense.neutral:
+                    line = series.setdefault((persona, cond), [(0.0, 0.0, dense.neutral.perplexity)])
+                    line.append((100 * r.fraction_removed, r.paired.shift.mean, r.neutral.perplexity))
+            if (shift := getattr(ev.row("prompt-only"), "shift", None)) is not None:
+                prompt[persona] = shift
     personas = sorted({p for p, _ in series} | set(prompt))
     colour = {p: f"C{k}" for k, p in enumerate(personas)}
     fig, axes = two_panels()
     for (persona, cond), pts in series.items():
         pts.sort()
-        kw = {"color": colour[persona], "label": f"{persona}: {cond.replace('-only', '')}"}
+        kw: dict[str, Any] = {"color": colour[persona], "label": f"{persona}: {cond.replace('-only', '')}"}
         axes[0].plot([p[0] for p in pts], [p[1] for p in pts], styles[cond], **kw)
         axes[1].plot([p[0] for p in pts], [p[2] for p in pts], styles[cond], **kw)
     for persona, value in prompt.items():

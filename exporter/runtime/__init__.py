@@ -1,1 +1,1 @@
-"""Running an export: the onnxruntime decoder with KV cache and the chat runner."""
+"""Running an export: the onnxruntime decoder with KV cache and the runner behind generate and chat."""

@@ -10,18 +10,18 @@ an edit here, under its registered name or, unregistered, under its folder's nam
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from exporter.errors import ExportFolderError, OnnxModelError
+from exporter.errors import ExportFolderError, OnnxModelError, PersonaExportError
+from exporter.folders.run_folder import PersonaFolder, RunFolder
 from exporter.inputs import path_kind
-from exporter.recipe.formats import FOLDERS
+from exporter.recipe.formats import FORMATS
 
 ORT, GENAI, TORCH = "onnxruntime", "onnxruntime-genai", "torch"
 # the format a command runs when none is named: proven ones first (fp32 ONNX, then genai, then the checkpoint)
 PREFERRED = ("onnx", "onnx-genai", "hf", "gguf")
-FORMAT_OF_FOLDER = {folder: name for name, folder in FOLDERS.items()}
+FORMAT_OF_FOLDER = {f.folder: name for name, f in FORMATS.items()}
 BACKEND_NAMES = {"torch": "hf"}  # `--backend torch` runs the checkpoint
 BASE = "base"  # RUN_DIR/base: the run's dense model exported beside its personas (`serve --base`)
 
@@ -77,16 +77,21 @@ class Export:
         have = ", ".join(self.formats)
         fix = f"add it with `persona-export export {self.path} --format {fmt}`, or " if _is_persona(self.path) else ""
         raise OnnxModelError(
-            f"{self.path} has no {FOLDERS.get(name, name)}/ folder for the format {fmt!r} (it holds: {have}); "
+            f"{self.path} has no {_folder(name)}/ folder for the format {fmt!r} (it holds: {have}); "
             f"{fix}pass one of: {have}"
         )
 
     def _refuse_incomplete(self, name: str) -> None:
-        folder = self.path / FOLDERS[name]
+        folder = self.path / _folder(name)
         raise OnnxModelError(
             f"{folder} is not a complete {name} export (no config.json with model.onnx, no genai_config.json); "
             f"re-export it (`persona-export export {self.path} --format {name} --overwrite`) or pass another format"
         )
+
+
+def _folder(name: str) -> str:
+    """The folder of a registered format; an unregistered format is named after its folder."""
+    return FORMATS[name].folder if name in FORMATS else name
 
 
 def _rank(name: str) -> int:
@@ -94,7 +99,7 @@ def _rank(name: str) -> int:
 
 
 def _is_persona(path: Path) -> bool:
-    return (path / "report.json").is_file() and (path / "hf" / "config.json").is_file()
+    return PersonaFolder(path).holds_export()
 
 
 def _ordered(found: list[Found]) -> dict[str, Found]:
@@ -108,11 +113,11 @@ def _scan(folder: Path, name: str) -> Export:
     root = runtime_of(folder)
     if root is not None:
         found.append(Found(_format_name(folder, root, root=True), folder, root))
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and p.name != FOLDERS["gguf"]):
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and p.name != FORMATS["gguf"].folder):
         runtime = runtime_of(sub)
         if runtime is not None:
             found.append(Found(_format_name(sub, runtime), sub, runtime))
-        elif sub.name in FORMAT_OF_FOLDER and sub.name != FOLDERS["hf"]:
+        elif sub.name in FORMAT_OF_FOLDER and sub.name != FORMATS["hf"].folder:
             incomplete.append(FORMAT_OF_FOLDER[sub.name])
     return Export(name, folder, _ordered(found), tuple(incomplete))
 
@@ -180,10 +185,11 @@ def _not_an_export(path: Path) -> str:
 def run_personas(run_dir: Path) -> list[str]:
     """The persona folders a run's run.json lists that hold a persona export."""
     try:
-        listed = json.loads((run_dir / "run.json").read_text(encoding="utf-8")).get("personas", {})
-    except (OSError, ValueError, AttributeError):
+        listed = RunFolder(run_dir).info().get("personas", {})
+    except PersonaExportError:
         return []
-    return [name for name in listed if isinstance(name, str) and _is_persona(run_dir / name)]
+    names = listed if isinstance(listed, dict | list) else []
+    return [name for name in names if isinstance(name, str) and _is_persona(run_dir / name)]
 
 
 def locate_models(path: Path) -> dict[str, Export]:

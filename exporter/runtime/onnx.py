@@ -38,7 +38,7 @@ import numpy as np
 import onnxruntime as ort
 
 from exporter.errors import OnnxModelError
-from exporter.runtime.chat import position_ids
+from exporter.model.encoding import position_ids
 
 if TYPE_CHECKING:
     from optimum.onnxruntime import ORTModelForCausalLM

@@ -4,7 +4,6 @@ top-p sampling, a repetition penalty and a seed on request."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,8 @@ from typing import Any
 import numpy as np
 
 from exporter.errors import ExportFolderError
-from exporter.reports.persona import read_report
-from exporter.runtime.chat import prompt_ids
+from exporter.folders.run_folder import PersonaFolder, RunFolder
+from exporter.model.encoding import prompt_ids
 from exporter.runtime.decoders import Decoder, TorchRows, generation_config, open_export
 from exporter.runtime.exports import locate
 from exporter.runtime.reply import Reply, end_ids
@@ -53,12 +52,9 @@ def base_model_runner(run_dir: Path) -> Runner:
     """The run's dense base model as the run loaded it (a GGUF source de-quantized to fp32), on torch, with
     the tokenizer the exports ship."""
     from exporter.model.sources import load_model
-    from exporter.recipe.load import parse_recipe
 
-    path = run_dir / "recipe.json"
-    if not path.is_file():
-        raise ExportFolderError(f"{run_dir} is not a run folder (no recipe.json); pass RUN_DIR/PERSONA of a `run`")
-    m = load_model(parse_recipe(json.loads(path.read_text(encoding="utf-8")), run_dir, str(path)))
+    recipe = RunFolder(run_dir, ExportFolderError, "pass RUN_DIR/PERSONA of a `run`").recipe()
+    m = load_model(recipe)
     return Runner.__new__(Runner)._start("torch", TorchRows(m.model), m.export_tokenizer)
 
 
@@ -79,13 +75,15 @@ class Runner:
     def __init__(self, path: Path, backend: str | None = None) -> None:
         export = locate(path)
         if (Path(path) / "report.json").is_file():
-            read_report(Path(path))  # a persona folder's report must be one
+            PersonaFolder(Path(path)).report()  # a persona folder's report must be one
         found = export.pick(backend)
         decoder, tokenizer = open_export(found)
         self._start(found.format, decoder, tokenizer, generation_config(found))
         self.name = export.name
 
-    def _next_tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
+    def next_tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
+        """The `max_new_tokens` tokens after the prompt `ids`, one at a time (an end of turn does not stop them:
+        `stream` does)."""
         choose = sampling.chooser()
         seen = list(ids)
         self.decoder.clear()  # one row: this reply's
@@ -103,7 +101,7 @@ class Runner:
         """Text pieces of the reply, as they are decoded (greedy unless `sampling` says otherwise);
         afterwards `truncated` tells whether it was cut at `max_new_tokens`."""
         reply = Reply(self.tokenizer, self.ends, max_new_tokens)
-        for token in self._next_tokens(prompt_ids(self.tokenizer, messages), max_new_tokens, sampling or Sampling()):
+        for token in self.next_tokens(prompt_ids(self.tokenizer, messages), max_new_tokens, sampling or Sampling()):
             piece = reply.add(token)
             if piece:
                 yield piece

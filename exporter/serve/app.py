@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from exporter.runtime.chat import prompt_ids
+from exporter.model.encoding import prompt_ids
 from exporter.runtime.runner import Sampling
 from exporter.serve.protocol import (
     ApiError,

@@ -19,13 +19,11 @@ import torch
 from exporter.export.genai import BITS
 from exporter.io import shown_name
 from exporter.quiet import progress
-from exporter.recipe.formats import QUANT_FORMATS
-from exporter.recipe.schema import VerifySpec
-from exporter.verify.hf import PromptSet, first_divergence
+from exporter.recipe.formats import FLOORS
+from exporter.reports.checks import Divergence, GenaiCheck, LogitThresholds, Quality
+from exporter.verify.hf import Probes, PromptSet, first_divergence
 from exporter.verify.onnx import reference_steps
-from exporter.verify.quality import Agreement, Pair, judge, persona_shift, torch_logits
-
-FLOORS = {bits: fmt.floor for fmt in QUANT_FORMATS.values() for bits in [fmt.bits]}
+from exporter.verify.quality import Agreement, persona_shift, torch_logits
 
 
 class GenaiModel:
@@ -58,23 +56,19 @@ class GenaiModel:
 def verify_genai(
     reference_fp32: torch.nn.Module,
     out_dir: Path,
+    folder: str,
     precision: str,
     eos_ids: list[int],
-    prompts: PromptSet,
-    spec: VerifySpec,
-    tokenizer: Any,
-    neutral: list[str] | None,
-    pairs: list[Pair] | None = None,
-) -> dict[str, Any]:
-    """Figures of the `genai/` folder `out_dir` against `reference_fp32` (already masked, eval mode).
-    `tokenizer` is the shipped one; `eos_ids` the ids genai_config.json ends generation at; a quantized
-    folder's persona margin is measured on `pairs`."""
+    probes: Probes,
+) -> GenaiCheck:
+    """The `genai/` folder `out_dir` (the format's `folder`) against `reference_fp32` (already masked, eval
+    mode). `eos_ids`: the ids genai_config.json ends generation at; a quantized folder's persona margin is
+    measured on the probes' pairs."""
+    prompts, spec, tokenizer = probes.prompts, probes.spec, probes.tokenizer
     model = GenaiModel(out_dir)
-    limits = spec.onnx_thresholds
-    figures: dict[str, Any] = {"precision": precision, "parity_target": precision == "fp32"}
-    figures |= _tokenizer_checks(model, tokenizer, eos_ids)
+    limits = LogitThresholds(**spec.onnx_thresholds)
     worst, total, count = 0.0, 0.0, 0
-    divergences: list[dict[str, Any]] = []
+    divergences: list[Divergence] = []
     bar = progress(len(prompts.singles), f"verify onnx-genai {shown_name(Path(out_dir).parent)}", "prompt")
     for index, (ids, attn) in enumerate(prompts.singles):
         ref_prefill, ref_steps, ref_tokens = reference_steps(reference_fp32, ids, attn, spec.greedy_tokens - 1)
@@ -91,38 +85,35 @@ def verify_genai(
             if step < min(len(tokens), len(want)):
                 logits = ref_prefill[0, -1] if step == 0 else ref_steps[step - 1][0]
                 margin = float(logits[want[step]] - logits[tokens[step]])
-            divergences.append({"prompt": index, "step": step, "reference_margin": margin})
+            divergences.append(Divergence(prompt=index, step=step, reference_margin=margin))
         bar.update()
     bar.close()
-    mean = total / max(count, 1)
-    figures |= {
+    figures: dict[str, Any] = {
+        "precision": precision,
+        "parity_target": precision == "fp32",
+        **_tokenizer_checks(model, tokenizer, eos_ids),
         "max_abs_logit_diff": worst,
-        "mean_abs_logit_diff": mean,
+        "mean_abs_logit_diff": total / max(count, 1),
         "greedy_identical": not divergences,
         "greedy_first_divergence": divergences[0] if divergences else None,
         "greedy_rows_diverged": len(divergences),
         "mb": sum(f.stat().st_size for f in Path(out_dir).iterdir() if f.is_file()) / 1e6,
+        "folder": folder,
     }
-    tokenizer_ok = figures["tokenizer_ids_equal"] and figures["decode_round_trip"] and figures["eos_declared"]
     if precision == "fp32":
-        ties = [
-            d["reference_margin"] is not None and d["reference_margin"] <= limits["max_abs_logit_diff"]
-            for d in divergences
-        ]
-        within = worst <= limits["max_abs_logit_diff"] and mean <= limits["mean_abs_logit_diff"]
-        figures |= {"thresholds": limits, "greedy_divergences_are_near_ties": bool(divergences) and all(ties)}
-        figures["passed"] = bool(within and all(ties) and tokenizer_ok)
-    else:
-        quality = _agreement(reference_fp32, model, tokenizer, neutral, prompts)
-        if pairs:
-            quality |= persona_shift(torch_logits(reference_fp32), lambda ids: model.run(ids, 0)[0], tokenizer, pairs)
-        figures |= judge(quality, FLOORS[BITS[precision]])
-        figures["bits"] = BITS[precision]
-        figures["passed"] = bool(tokenizer_ok)  # measured against its floor, not a parity target
-    return figures
+        ties = [d.reference_margin is not None and d.reference_margin <= limits.max_abs_logit_diff for d in divergences]
+        return GenaiCheck(
+            **figures, thresholds=limits, greedy_divergences_are_near_ties=bool(divergences) and all(ties)
+        )
+    quality = _agreement(reference_fp32, model, tokenizer, probes.neutral, prompts)
+    if probes.pairs:
+        shift = persona_shift(torch_logits(reference_fp32), lambda ids: model.run(ids, 0)[0], tokenizer, probes.pairs)
+        quality = quality.model_copy(update=shift)
+    bits = BITS[precision]  # measured against the floor of its bit width, not a parity target
+    return GenaiCheck(**figures, **GenaiCheck.measured(quality, FLOORS[bits]), bits=bits)
 
 
-def _tokenizer_checks(model: GenaiModel, tokenizer: Any, eos_ids: list[int]) -> dict[str, Any]:
+def _tokenizer_checks(model: GenaiModel, tokenizer: Any, eos_ids: list[int]) -> dict[str, Any]:  # GenaiCheck fields
     """onnxruntime-genai's tokenizer against the shipped one on chat-formatted and plain text."""
     from exporter.verify.hf import DEFAULT_PROMPTS
 
@@ -161,7 +152,7 @@ def _until(tokens: list[int], eos_ids: list[int]) -> list[int]:
 @torch.inference_mode()
 def _agreement(
     reference: torch.nn.Module, model: GenaiModel, tokenizer: Any, neutral: list[str] | None, prompts: PromptSet
-) -> dict[str, Any]:
+) -> Quality:
     """Top-1 agreement and perplexity ratio of the genai model's prefill logits against the reference's."""
     rows = [tokenizer(t)["input_ids"][:256] for t in neutral or []]
     rows = [r for r in rows if len(r) > 1] or [ids[0].tolist() for ids, _ in prompts.singles]
@@ -171,4 +162,4 @@ def _agreement(
         a = reference(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.float().numpy()
         b = model.run(row, 0)[0][None]
         quality.add(a, b, ids.numpy(), np.ones_like(ids.numpy()))
-    return quality.figures()
+    return quality.quality()

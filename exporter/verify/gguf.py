@@ -22,10 +22,10 @@ from exporter.export.gguf import LAYER, GgufFile
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.model.sources import gguf_read_once
-from exporter.recipe.formats import QUANT_FORMATS
-from exporter.recipe.schema import VerifySpec
-from exporter.verify.hf import PromptSet, first_divergence, greedy, logit_difference, masked
-from exporter.verify.quality import Agreement, Logits, Pair, judge, persona_shift, torch_logits
+from exporter.recipe.formats import FLOORS
+from exporter.reports.checks import GgufCheck, GgufFileCheck, LogitThresholds, Quality
+from exporter.verify.hf import Probes, first_divergence, greedy, logit_difference, masked
+from exporter.verify.quality import Agreement, Logits, persona_shift, torch_logits
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids, attention_mask: (batch, seq)
 
@@ -36,20 +36,23 @@ def verify_gguf(
     mask: PersonaMask,
     out_dir: Path,
     files: dict[str, GgufFile],
-    prompts: PromptSet,
-    spec: VerifySpec,
-    tokenizer: Any,
-    neutral: list[str] | None,
-    pairs: list[Pair] | None = None,
-) -> dict[str, Any]:
-    """{qtype: figures} for `files` (in `out_dir`); quality on `neutral`, else the prompts, and a quantized
-    file's persona margin on `pairs`."""
+    probes: Probes,
+) -> GgufCheck:
+    """Each of `files` (in `out_dir`) against the masked reference; quality on the probes' neutral text, else
+    their prompts, and a quantized file's persona margin on their pairs."""
+    prompts, spec, tokenizer, neutral, pairs = (
+        probes.prompts,
+        probes.spec,
+        probes.tokenizer,
+        probes.neutral,
+        probes.pairs,
+    )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     texts = [torch.tensor([tokenizer(t)["input_ids"][:256]]) for t in neutral or []]
     quality_batches = [(ids, torch.ones_like(ids)) for ids in texts if ids.shape[1] > 1] or prompts.all()
     ids, attn = prompts.batch  # left-padded (batch, seq)
-    limits = spec.onnx_thresholds
-    results: dict[str, Any] = {}
+    limits = LogitThresholds(**spec.onnx_thresholds)
+    results: dict[str, GgufFileCheck] = {}
     with torch.inference_mode(), masked(reference_fp32, adapter, mask):  # the reference's outputs, once for all files
         ref_tokens = greedy(reference_fp32, ids, attn, spec.greedy_tokens, pad_id)
         ref_quality = [reference_fp32(input_ids=i, attention_mask=a).logits.float().numpy() for i, a in quality_batches]
@@ -58,34 +61,25 @@ def verify_gguf(
         model = load_gguf(out_dir / file.name)
         with masked(reference_fp32, adapter, mask):
             worst, mean = logit_difference(reference_fp32, model, prompts.all())
-            if pairs and not file.exact:
-                shift = persona_shift(ref_logits, torch_logits(model), tokenizer, pairs)
-        quality = agreement(ref_quality, model, quality_batches)
-        if pairs and not file.exact:
-            quality |= shift
+            shift = persona_shift(ref_logits, torch_logits(model), tokenizer, pairs) if pairs and not file.exact else {}
+        quality = agreement(ref_quality, model, quality_batches, shift)
         rows = zip(ref_tokens.tolist(), greedy(model, ids, attn, spec.greedy_tokens, pad_id).tolist(), strict=True)
         div = min((d for a, b in rows if (d := first_divergence(a, b)) is not None), default=None)  # first step
-        figures: dict[str, Any] = {
-            "file": file.name,
-            "stored": file.stored,
-            "restored_neurons_per_layer": file.restored,
-            "parity_target": file.exact,
-            "max_abs_logit_diff": worst,
-            "mean_abs_logit_diff": mean,
-            "greedy_identical": div is None,
-            "greedy_first_divergence": div,
-            "mb": (out_dir / file.name).stat().st_size / 1e6,
-        }
-        figures |= judge(quality, QUANT_FORMATS["onnx-int4" if qtype == "Q4_1" else "onnx-int8"].floor)
-        if file.exact:
-            figures["thresholds"] = limits
-            within = worst <= limits["max_abs_logit_diff"] and mean <= limits["mean_abs_logit_diff"]
-            figures["passed"] = bool(within and div is None)
-        else:
-            figures["passed"] = True  # measured, not a parity target
-        results[qtype] = figures
+        results[qtype] = GgufFileCheck(
+            file=file.name,
+            stored=file.stored,
+            restored_neurons_per_layer=file.restored,
+            parity_target=file.exact,
+            max_abs_logit_diff=worst,
+            mean_abs_logit_diff=mean,
+            greedy_identical=div is None,
+            greedy_first_divergence=div,
+            mb=(out_dir / file.name).stat().st_size / 1e6,
+            **GgufFileCheck.measured(quality, FLOORS[4 if qtype == "Q4_1" else 8]),
+            thresholds=limits if file.exact else None,  # a parity target; the others are measured
+        )
         del model
-    return results
+    return GgufCheck(files=results)
 
 
 def load_gguf(path: Path) -> nn.Module:
@@ -107,13 +101,15 @@ def load_gguf(path: Path) -> nn.Module:
 
 
 @torch.inference_mode()
-def agreement(reference: list[np.ndarray], model: nn.Module, batches: list[Batch]) -> dict[str, Any]:
+def agreement(
+    reference: list[np.ndarray], model: nn.Module, batches: list[Batch], shift: dict[str, Any] | None = None
+) -> Quality:
     """Top-1 agreement and perplexity ratio of `model` against the reference's logits on `batches`."""
     quality = Agreement()
     for a, (ids, attn) in zip(reference, batches, strict=True):
         b = model(input_ids=ids, attention_mask=attn).logits.float().numpy()
         quality.add(a, b, ids.numpy(), attn.numpy())
-    return quality.figures()
+    return quality.quality(shift)
 
 
 def remembered(logits: Logits) -> Logits:

@@ -16,10 +16,13 @@ from torch import nn
 from exporter.errors import ExportFolderError
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
-from exporter.model.hooks import apply_channel_masks
+from exporter.model.encoding import messages, position_ids, prompt_ids
+from exporter.model.hooks import ChannelMasks, apply_channel_masks
 from exporter.model.sources import Loaded
 from exporter.quiet import progress
-from exporter.runtime.chat import messages, position_ids, prompt_ids
+from exporter.recipe.schema import VerifySpec
+from exporter.reports.checks import CheckpointCheck, CheckpointThresholds, Parity
+from exporter.verify.quality import Pair
 
 DEFAULT_PROMPTS = [
     "Hi!",
@@ -41,6 +44,19 @@ class PromptSet:
 
     def all(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [*self.singles, self.batch]
+
+
+@dataclass(frozen=True)
+class Probes:
+    """What an export is checked on: the verification prompts and bounds, the tokenizer the exports ship, and,
+    for a quantized copy, the neutral text and held-out pairs its quality and persona margin are measured on
+    (the prompts when there is no neutral text)."""
+
+    prompts: PromptSet
+    spec: VerifySpec
+    tokenizer: Any
+    neutral: list[str] | None = None
+    pairs: list[Pair] | None = None
 
 
 def build_prompts(tokenizer: Any, prompts: list[str] | None = None) -> PromptSet:
@@ -71,7 +87,7 @@ def masked(model: nn.Module, adapter: Adapter, mask: PersonaMask | None) -> Iter
         return
     mlp, attn = mask.channel_masks()
     scales = (mask.mlp_scale, mask.attn_scale)
-    with apply_channel_masks(model, adapter, mlp, attn, mask.mlp_bias, scales, mask.scale_storage):
+    with apply_channel_masks(model, adapter, ChannelMasks(mlp, attn, mask.mlp_bias), scales, mask.scale_storage):
         yield
 
 
@@ -157,16 +173,13 @@ def verify_export(
     greedy_tokens: int,
     fp64_max_abs: float,
     load_kwargs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Figures for report.json. `references` maps float64 and/or float32 to the dense model in that dtype.
-
-    The verdict is the float64 check's; without a float64 reference (`verify.layerwise`, proven layer by
-    layer instead), `passed` is left to the caller.
-    """
+) -> CheckpointCheck:
+    """The checkpoint in `export_dir` against the masked references (float64 and/or float32 copies of the dense
+    model). Without a float64 reference (`verify.layerwise`) the proof is added layer by layer by the caller."""
     from exporter.model.sources import load_exact
 
-    figures: dict[str, Any] = {"thresholds": {"fp64_max_abs": fp64_max_abs, "greedy_tokens": greedy_tokens}}
     checks = [(d, n) for d, n in ((torch.float64, "fp64"), (torch.float32, "fp32")) if d in references]
+    parity: dict[str, Parity] = {}
     bar = progress(4 * len(checks), f"verify {Path(export_dir).parent.name}")  # load, logits, 2 greedy runs per dtype
     for dtype, name in checks:
         export = load_exact(export_dir, "the export", ExportFolderError, dtype=dtype, **(load_kwargs or {})).eval()
@@ -181,15 +194,13 @@ def verify_export(
         bar.update()
         rows = zip(ref_tokens.tolist(), exp_tokens.tolist(), strict=True)  # (batch, n) each
         div = min((d for a, b in rows if (d := first_divergence(a, b)) is not None), default=None)
-        figures[name] = {
-            "max_abs_logit_diff": worst,
-            "mean_abs_logit_diff": mean,
-            "greedy_identical": div is None,
-            "greedy_first_divergence": div,
-        }
+        parity[name] = Parity(
+            max_abs_logit_diff=worst,
+            mean_abs_logit_diff=mean,
+            greedy_identical=div is None,
+            greedy_first_divergence=div,
+        )
         del export
     bar.close()
-    if "fp64" in figures:
-        fp64 = figures["fp64"]
-        figures["passed"] = bool(fp64["max_abs_logit_diff"] <= fp64_max_abs and fp64["greedy_identical"])
-    return figures
+    thresholds = CheckpointThresholds(fp64_max_abs=fp64_max_abs, greedy_tokens=greedy_tokens)
+    return CheckpointCheck(thresholds=thresholds, fp64=parity.get("fp64"), fp32=parity["fp32"])

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
 from exporter.model.checkpoint import SourceCheckpoint
+from exporter.model.encoding import position_ids
 from exporter.model.layer_by_layer import empty_model, load_weights, record_layer_calls, release
 from exporter.quiet import progress
-from exporter.runtime.chat import position_ids
+from exporter.reports.checks import LayerParity
 from exporter.verify.hf import PromptSet, masked
 
 
@@ -55,8 +55,8 @@ def verify_layers(
     *,
     storage: torch.dtype,
     max_abs: float,
-) -> dict[str, Any]:
-    """Figures for report.json: per-layer max |output difference| (float64) and the tensors outside layers."""
+) -> LayerParity:
+    """Per-layer max |output difference| (float64) and the tensors outside layers that differ."""
     from transformers import AutoConfig
 
     source, export = SourceCheckpoint(source_dir), SourceCheckpoint(export_dir)
@@ -86,12 +86,11 @@ def verify_layers(
             release(cand)
     outside = outside_layers_identical(source, export, prefix, storage)
     worst_layer = max(range(len(per_layer)), key=per_layer.__getitem__)
-    return {
-        "method": "layer by layer: each pruned layer against its masked original on the same inputs",
-        "max_abs_layer_output_diff": per_layer[worst_layer],
-        "worst_layer": worst_layer,
-        "per_layer_max_abs": per_layer,
-        "outside_layers_differ": outside,
-        "threshold": max_abs,
-        "passed": bool(per_layer[worst_layer] <= max_abs and not outside),
-    }
+    return LayerParity(
+        method="layer by layer: each pruned layer against its masked original on the same inputs",
+        max_abs_layer_output_diff=per_layer[worst_layer],
+        worst_layer=worst_layer,
+        per_layer_max_abs=per_layer,
+        outside_layers_differ=outside,
+        threshold=max_abs,
+    )

@@ -5,15 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from exporter.io import shown_name
+from exporter.model.encoding import position_ids
 from exporter.quiet import progress
+from exporter.recipe.formats import Format
 from exporter.recipe.schema import VerifySpec
-from exporter.runtime.chat import position_ids
+from exporter.reports.checks import Divergence, LogitThresholds, OnnxCheck, QuantizedCheck
 from exporter.runtime.onnx import ONNX_FILE, OnnxCausalLM
 from exporter.verify.hf import first_divergence
 from exporter.verify.quality import Agreement, Pair, persona_shift
@@ -59,18 +60,18 @@ def verify_onnx(
     *,
     eos_token_id: int | None = None,
     thresholds: dict[str, float] | None = None,
-) -> dict[str, Any]:
-    """Compare `reference` (fp32, eval) with the export in `onnx_dir`; JSON-able report.
+) -> OnnxCheck:
+    """Compare `reference` (fp32, eval) with the export in `onnx_dir`.
 
     Logit differences cover non-padding prefill positions and `decode_steps` cached steps fed the
     reference's argmax. A row whose greedy tokens diverge still passes when, at its first differing step,
     the reference ranks the two tokens within `max_abs_logit_diff` (a near tie that fp32 noise may flip);
     the margin is reported. The reference must be in eval mode; tensors on CPU.
     """
-    limits = {**VerifySpec().onnx_thresholds, **(thresholds or {})}
+    limits = LogitThresholds(**{**VerifySpec().onnx_thresholds, **(thresholds or {})})
     model = OnnxCausalLM.from_dir(onnx_dir)
     worst, total, count = 0.0, 0.0, 0
-    divergences: list[dict[str, Any]] = []  # first differing step of each row that differs
+    divergences: list[Divergence] = []  # first differing step of each row that differs
     bar = progress(len(batches), f"verify ONNX {shown_name(Path(onnx_dir).parent)}", "prompt")
     for index, (ids, mask) in enumerate(batches):
         steps = max(greedy_tokens - 1, decode_steps)
@@ -89,62 +90,61 @@ def verify_onnx(
             if step < min(len(tokens), len(want)):
                 logits = ref_prefill[row, -1] if step == 0 else ref_steps[step - 1][row]
                 margin = float(logits[want[step]] - logits[tokens[step]])
-            divergences.append({"batch": index, "row": row, "step": step, "reference_margin": margin})
+            divergences.append(Divergence(batch=index, row=row, step=step, reference_margin=margin))
         bar.update()
     bar.close()
-    mean = total / max(count, 1)
-    ties = [
-        d["reference_margin"] is not None and d["reference_margin"] <= limits["max_abs_logit_diff"] for d in divergences
-    ]
-    logits_ok = worst <= limits["max_abs_logit_diff"] and mean <= limits["mean_abs_logit_diff"]
-    return {
-        "max_abs_logit_diff": worst,
-        "mean_abs_logit_diff": mean,
-        "greedy_identical": not divergences,
-        "greedy_first_divergence": divergences[0] if divergences else None,
-        "greedy_rows_diverged": len(divergences),
-        "greedy_divergences_are_near_ties": bool(divergences) and all(ties),
-        "passed": bool(logits_ok and all(ties)),
-        "thresholds": limits,
-        "batches": len(batches),
-        "greedy_tokens": greedy_tokens,
-        "decode_steps": decode_steps,
-    }
+    ties = [d.reference_margin is not None and d.reference_margin <= limits.max_abs_logit_diff for d in divergences]
+    return OnnxCheck(
+        max_abs_logit_diff=worst,
+        mean_abs_logit_diff=total / max(count, 1),
+        greedy_identical=not divergences,
+        greedy_first_divergence=divergences[0] if divergences else None,
+        greedy_rows_diverged=len(divergences),
+        greedy_divergences_are_near_ties=bool(divergences) and all(ties),
+        thresholds=limits,
+        batches=len(batches),
+        greedy_tokens=greedy_tokens,
+        decode_steps=decode_steps,
+    )
 
 
 def compare_quantized(
+    fmt: Format,
     fp32_dir: Path,
     quantized_dir: Path,
     batches: list[Batch],
     ppl_texts: list[str] | None = None,
     max_tokens: int = 256,
     pairs: list[Pair] | None = None,
-) -> dict[str, Any]:
-    """Top-1 next-token agreement and perplexity of a quantized export against its fp32 source, and the
-    change of the persona's paired margin on `pairs` when given.
+) -> QuantizedCheck:
+    """The quantized export `fmt` in `quantized_dir` against its fp32 source: top-1 next-token agreement and
+    perplexity, and the change of the persona's paired margin on `pairs` when given, judged against the
+    format's floor.
 
     Agreement and perplexity are measured on `ppl_texts` (neutral text, tokenized with the tokenizer in
     `fp32_dir`, at most `max_tokens` tokens each) when given, else on the non-padding positions of `batches`.
     """
     from transformers import AutoTokenizer
 
+    assert fmt.quantization is not None, f"{fmt.name} is not quantized"
     fp32, quantized = OnnxCausalLM.from_dir(fp32_dir), OnnxCausalLM.from_dir(quantized_dir)
     tokenizer = AutoTokenizer.from_pretrained(fp32_dir)
     if ppl_texts:
         encoded = [torch.tensor([tokenizer(t)["input_ids"][:max_tokens]]) for t in ppl_texts]
         batches = [(ids, torch.ones_like(ids)) for ids in encoded if ids.shape[1] > 1]
-    quality = Agreement()
+    agreement = Agreement()
     for ids, mask in batches:
         a, b = fp32.forward(ids.numpy(), mask.numpy())[0], quantized.forward(ids.numpy(), mask.numpy())[0]
-        quality.add(a, b, ids.numpy(), mask.numpy())
+        agreement.add(a, b, ids.numpy(), mask.numpy())
     shift = persona_shift(_logits_of(fp32), _logits_of(quantized), tokenizer, pairs, max_tokens) if pairs else {}
-    return {
-        **quality.figures(),
-        **shift,
-        "measured_on": "neutral text" if ppl_texts else "verification prompts",
-        "mb_fp32": _megabytes(Path(fp32_dir)),
-        "mb_quantized": _megabytes(Path(quantized_dir)),
-    }
+    return QuantizedCheck(
+        **QuantizedCheck.measured(agreement.quality(shift), fmt.quantization.floor),
+        measured_on="neutral text" if ppl_texts else "verification prompts",
+        mb_fp32=_megabytes(Path(fp32_dir)),
+        mb_quantized=_megabytes(Path(quantized_dir)),
+        folder=fmt.folder,
+        bits=fmt.quantization.bits,
+    )
 
 
 def _logits_of(model: OnnxCausalLM) -> Callable[[list[int]], np.ndarray]:

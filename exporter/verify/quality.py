@@ -1,6 +1,6 @@
 """Quality of a quantized format against the export it was made from (measured, never a parity target):
-top-1 next-token agreement, the perplexity ratio and the change of the persona's paired margin, judged against
-the format's floor."""
+top-1 next-token agreement, the perplexity ratio and the change of the persona's paired margin. The judgement
+against the format's floor is the check's own (exporter/reports/checks.py `Measured`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from exporter.recipe.formats import Floor
-from exporter.runtime.chat import encode_answer
+from exporter.model.encoding import encode_answer
+from exporter.reports.checks import Quality
 
 Pair = tuple[str, str, str]  # (prompt, the persona's answer, its partner's answer)
 Logits = Callable[[list[int]], np.ndarray]  # token ids -> their (s, V) logits
@@ -43,15 +43,17 @@ class Agreement:
             self.nll[i] += total
         self.count += n
 
-    def figures(self) -> dict[str, Any]:
+    def quality(self, shift: dict[str, Any] | None = None) -> Quality:
+        """The figures so far, with the persona margin's change (`persona_shift`) when it was measured."""
         ppl = [float(np.exp(v / max(self.count, 1))) for v in self.nll]
-        return {
-            "top1_agreement": self.agree / max(self.positions, 1),
-            "positions": self.positions,
-            "ppl_fp32": ppl[0],
-            "ppl_quantized": ppl[1],
-            "ppl_ratio": ppl[1] / ppl[0],
-        }
+        return Quality(
+            top1_agreement=self.agree / max(self.positions, 1),
+            positions=self.positions,
+            ppl_fp32=ppl[0],
+            ppl_quantized=ppl[1],
+            ppl_ratio=ppl[1] / ppl[0],
+            **(shift or {}),
+        )
 
 
 def answer_loglik(logits: np.ndarray, ids: list[int], start: int) -> float:
@@ -90,28 +92,3 @@ def persona_shift(
         "paired_margin_fp32": float(margins[0].mean()),
         "paired_margin_quantized": float(margins[1].mean()),
     }
-
-
-def judge(figures: dict[str, Any], floor: Floor) -> dict[str, Any]:
-    """`figures` (top1_agreement, ppl_ratio, and persona_shift when measured) with the floor and whether it
-    is met."""
-    within = figures["top1_agreement"] >= floor.top1_agreement and figures["ppl_ratio"] <= floor.ppl_ratio
-    limits: dict[str, float] = {"top1_agreement": floor.top1_agreement, "ppl_ratio": floor.ppl_ratio}
-    if "persona_shift" in figures:
-        within = within and abs(figures["persona_shift"]) <= floor.persona_shift
-        limits["persona_shift"] = floor.persona_shift
-    return {**figures, "floor": limits, "below_floor": not within}
-
-
-def describe(name: str, figures: dict[str, Any]) -> str:
-    """One line for the terminal: a quantized format's quality against fp32."""
-    mark = "BELOW FLOOR (not pushed unless asked)" if figures["below_floor"] else "within floor"
-    floor = figures["floor"]
-    size = f", {figures['mb_quantized']:.0f} MB vs {figures['mb_fp32']:.0f} MB" if "mb_fp32" in figures else ""
-    shift = ""
-    if "persona_shift" in figures:
-        shift = f", persona margin {figures['persona_shift']:+.3f} nats/token (floor ±{floor['persona_shift']:.2f})"
-    return (
-        f"{name}: top-1 agreement {100 * figures['top1_agreement']:.1f} % (floor {100 * floor['top1_agreement']:.0f} %), "
-        f"perplexity x{figures['ppl_ratio']:.3f} (floor x{floor['ppl_ratio']:.2f}){shift}{size}: {mark}"
-    )

@@ -1,1 +1,1 @@
-"""The commands' orchestration: run, add formats, evaluate, sweep."""
+"""One module per command, none importing another: validate, run, export, eval, sweep, tune."""

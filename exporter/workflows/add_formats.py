@@ -10,23 +10,22 @@ once verified, so an interruption or a failed export leaves the verified folders
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
 from exporter.errors import ExportFolderError, GgufExportError, OutputError
 from exporter.export.gguf import BIAS_FIX
-from exporter.inputs import read_json_object
+from exporter.folders.run_folder import RERUN, PersonaFolder
 from exporter.io import check_target, link_copy, staged
-from exporter.recipe.formats import FOLDERS, with_sources
+from exporter.model.adapters import Adapter
+from exporter.recipe.formats import FORMATS, format_problems, with_sources
 from exporter.recipe.schema import Recipe
-from exporter.reports.persona import SCHEMA_VERSION, Check, PersonaReport, read_report, write_report
-from exporter.workflows.validate import format_problems
-
-NEEDS_REFERENCE = ("onnx", "gguf", "onnx-genai")  # verified against the masked reference model
-RERUN = "re-run `persona-export run`"
+from exporter.reports.checks import Check
+from exporter.reports.persona import PersonaReport, write_report
+from exporter.reports.provenance import Timer
 
 
 def add_formats(
@@ -40,81 +39,88 @@ def add_formats(
     """
     if folder.is_symlink():
         raise OutputError(f"{folder} is a symlink; pass the persona folder itself ({folder.resolve()})")
-    report = read_report(folder)
-    verification = report.verification
-    if verification.get("hf", Check()).passed is not True:
+    persona = PersonaFolder(folder)
+    report = persona.report()
+    hf = report.verification.get("hf")
+    if hf is None or not hf.passed:
         raise ExportFolderError(f"{folder}: its checkpoint is not verified; {RERUN} first")
-    needed = [n for n in with_sources(formats) if n != "hf"]  # written, or read as the source of one
-    for name in needed:
-        target = folder / FOLDERS[name]
+    todo, done, replaced = plan(folder, formats, report, overwrite)
+    recipe = persona.run.recipe()
+    if genai_precision is not None:
+        output = recipe.output.model_copy(update={"genai_precision": genai_precision})
+        recipe = recipe.model_copy(update={"output": output})
+    problems = format_problems(todo, persona.config(), folder / "hf" / "config.json", BIAS_FIX)
+    if problems:  # refused before the model is loaded
+        raise GgufExportError("; ".join(problems))
+    check_target(folder, overwrite=True)  # the run folder can be written, before the model loads
+    timer = Timer()
+    with staged(folder, overwrite=True) as stage:
+        link_copy(folder, stage, skip={FORMATS[n].folder for n in todo})
+        results = build(stage, report, todo, recipe, timer, done)
+        kept = {n: c for n, c in report.verification.items() if n not in replaced}  # a rebuilt format's old check goes
+        report = report.model_copy(
+            update={"verification": kept | results, "timings_s": {**report.timings_s, **timer.stages}}
+        )
+        write_report(stage, report)
+    return report
+
+
+def plan(
+    folder: Path, formats: list[str], report: PersonaReport, overwrite: bool
+) -> tuple[list[str], dict[str, Check], set[str]]:
+    """What to build (with what it is made from, in build order), the proven formats already there, and the
+    requested formats that replace a folder."""
+    for name in (n for n in with_sources(formats) if n != "hf"):  # written, or read as the source of one
+        target = folder / FORMATS[name].folder
         if target.is_symlink():
             raise OutputError(
                 f"{target} is a symlink (to {os.readlink(target)!r}); persona-export neither follows nor replaces "
                 "links in a persona folder: remove the link (or replace it with the folder itself) and retry"
             )
     for name in formats:
-        if (folder / FOLDERS[name]).exists() and not overwrite:
-            raise OutputError(f"{folder / FOLDERS[name]} exists; pass --overwrite to replace it")
-    replaced = {n for n in formats if (folder / FOLDERS[n]).exists()}  # rebuilt, its old result dropped
-    present = {
-        n
-        for n in FOLDERS
-        if n not in replaced and (folder / FOLDERS[n]).exists() and verification.get(n, Check()).passed
+        if (folder / FORMATS[name].folder).exists() and not overwrite:
+            raise OutputError(f"{folder / FORMATS[name].folder} exists; pass --overwrite to replace it")
+    replaced = {n for n in formats if (folder / FORMATS[n].folder).exists()}  # rebuilt, its old result dropped
+    verification = report.verification
+    done = {
+        n: c
+        for n, c in verification.items()
+        if n not in replaced and (folder / FORMATS[n].folder).exists() and c.passed
     }
-    todo = [n for n in with_sources(formats) if n not in present]  # a stale folder is rebuilt too
-    recipe_file = folder.parent / "recipe.json"
-    if not recipe_file.exists():
-        raise ExportFolderError(f"{recipe_file} is missing: the persona must sit in the run folder that made it")
-    recipe_data = read_json_object(recipe_file, ExportFolderError, RERUN)
-    try:
-        recipe = Recipe.model_validate(recipe_data)
-    except ValidationError as exc:
-        raise ExportFolderError(
-            f"{recipe_file} is not a recipe written by `run` ({exc.error_count()} problem(s)); {RERUN}"
-        ) from None
-    config_file = folder / "hf" / "config.json"
-    config = read_json_object(config_file, ExportFolderError, RERUN)
-    problems = format_problems(todo, config, config_file, BIAS_FIX)
-    if problems:  # refused before the model is loaded
-        raise GgufExportError("; ".join(problems))
-    check_target(folder, overwrite=True)  # the run folder can be written, before the model loads
-    timings: dict[str, float] = {}
-    with staged(folder, overwrite=True) as stage:
-        link_copy(folder, stage, skip={FOLDERS[n] for n in todo})
-        if genai_precision is not None:
-            output = recipe.output.model_copy(update={"genai_precision": genai_precision})
-            recipe = recipe.model_copy(update={"output": output})
-        results = _build(stage, report, todo, recipe, timings)
-        for name in replaced:
-            verification.pop(name, None)
-        verification.update({name: Check(**figures) for name, figures in results.items()})
-        report.timings_s.update(timings)
-        report.schema_version = SCHEMA_VERSION  # dump() writes this version's layout
-        write_report(stage, report)
-    return report
+    todo = [n for n in with_sources(formats) if n not in done]  # a stale folder is rebuilt too
+    return todo, done, replaced
 
 
-def _build(
-    folder: Path, report: PersonaReport, todo: list[str], recipe: Recipe, timings: dict[str, float]
-) -> dict[str, Any]:
-    """Make the formats in `todo` (build order) in `folder`, the staged copy; {format: figures}."""
+def build(
+    folder: Path, report: PersonaReport, todo: list[str], recipe: Recipe, timer: Timer, done: Mapping[str, Check]
+) -> dict[str, Check]:
+    """Make the formats in `todo` (build order) in `folder`, the staged copy; {format: check}."""
     from transformers import AutoTokenizer
 
     from exporter.evaluation.items import quality_texts
     from exporter.export.hf import DTYPES
-    from exporter.masking.masks import load_mask
     from exporter.model.sources import open_model
-    from exporter.verify.hf import build_prompts, references
-    from exporter.workflows.genai_stage import genai_stage
-    from exporter.workflows.gguf_stage import gguf_stage
-    from exporter.workflows.onnx_stage import onnx_stage
+    from exporter.stages.base import StageInputs
+    from exporter.stages.build import build_formats
+    from exporter.verify.hf import Probes, build_prompts, references
 
     neutral, pairs = quality_texts(recipe, report.persona, todo)
-    mask = load_mask(folder / "masks.safetensors")
-    fp32_passed = report.verification.get("onnx", Check()).passed
-    if not any(n in todo for n in NEEDS_REFERENCE):  # made from existing proven exports: no base model
-        prompts = build_prompts(AutoTokenizer.from_pretrained(folder / "hf"), recipe.verify.prompts)
-        return onnx_stage(folder, todo, None, None, mask, prompts, recipe.verify, timings, neutral, fp32_passed, pairs)
+    mask, shipped = PersonaFolder(folder).mask(), AutoTokenizer.from_pretrained(folder / "hf")
+
+    def inputs(reference: torch.nn.Module | None, adapter: Adapter | None, tokenizer: Any) -> StageInputs:
+        prompts = build_prompts(tokenizer, recipe.verify.prompts)
+        return StageInputs(
+            folder=folder,
+            mask=mask,
+            probes=Probes(prompts, recipe.verify, shipped, neutral, pairs),
+            reference=reference,
+            adapter=adapter,
+            genai_precision=recipe.output.genai_precision,
+            timer=timer,
+        )
+
+    if not any(FORMATS[n].reference for n in todo):  # made from existing proven exports: no base model
+        return build_formats(inputs(None, None, shipped), todo, done)
     with open_model(recipe) as m:
         if m.model_sha256 != report.base_model.sha256:
             raise ExportFolderError(
@@ -122,28 +128,4 @@ def _build(
                 f"{report.base_model.sha256[:12]} then); {RERUN}"
             )
         reference = references(m, DTYPES[report.dtype], exact=False)[torch.float32]
-        prompts = build_prompts(m.tokenizer, recipe.verify.prompts)
-        results = onnx_stage(
-            folder, todo, reference, m.adapter, mask, prompts, recipe.verify, timings, neutral, fp32_passed, pairs
-        )
-        if "gguf" in todo:
-            shipped = AutoTokenizer.from_pretrained(folder / "hf")
-            results["gguf"] = gguf_stage(
-                folder, reference, m.adapter, mask, prompts, recipe.verify, shipped, neutral, timings, pairs
-            )
-        if "onnx-genai" in todo:
-            shipped = AutoTokenizer.from_pretrained(folder / "hf")
-            results["onnx-genai"] = genai_stage(
-                folder,
-                recipe.output.genai_precision,
-                reference,
-                m.adapter,
-                mask,
-                prompts,
-                recipe.verify,
-                shipped,
-                neutral,
-                timings,
-                pairs,
-            )
-        return results
+        return build_formats(inputs(reference, m.adapter, m.tokenizer), todo, done)

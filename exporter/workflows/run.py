@@ -11,22 +11,35 @@ import time
 from pathlib import Path
 from typing import Any
 
-from exporter.evaluation.conditions import evaluate_into
+from exporter.evaluation.scorer import evaluate_into
 from exporter.export.hf import DTYPES
 from exporter.io import check_target, staged
+from exporter.masking.collect import column_norms, persona_statistics
 from exporter.masking.masks import compute_masks
-from exporter.masking.statistics import column_norms, persona_statistics
-from exporter.masking.stats import Statistics
+from exporter.masking.statistics import Statistics
 from exporter.masking.steer import with_biases
 from exporter.model.checkpoint import checkpoint_dtype
 from exporter.model.sources import Loaded, open_model
+from exporter.recipe.rules import check_limits
 from exporter.recipe.schema import Recipe
 from exporter.reports.provenance import Timer, versions
+from exporter.stages.persona import export_persona
+from exporter.stages.preflight import validate
 from exporter.verify.hf import build_prompts, references
-from exporter.workflows.persona import export_persona
-from exporter.workflows.validate import check_limits, validate
 
 log = logging.getLogger(__name__)
+
+
+def bounded(recipe: Recipe) -> Recipe:
+    """With a memory budget the float64 proof is layer by layer and calibration reads one layer at a time."""
+    if recipe.model.max_memory is None:
+        return recipe
+    return recipe.model_copy(
+        update={
+            "calibration": recipe.calibration.model_copy(update={"layerwise": True}),
+            "verify": recipe.verify.model_copy(update={"layerwise": True}),
+        }
+    )
 
 
 def run(
@@ -35,14 +48,7 @@ def run(
     """Run the whole pipeline into `out` (atomically). Returns the run summary (also in run.json)."""
     eval_items = validate(recipe, reuse).items  # what `persona-export validate` checks, before the model loads
     check_target(out, overwrite)
-    if recipe.model.max_memory is not None:
-        # bounded memory: the float64 proof is layer by layer, calibration reads one layer at a time
-        recipe = recipe.model_copy(
-            update={
-                "calibration": recipe.calibration.model_copy(update={"layerwise": True}),
-                "verify": recipe.verify.model_copy(update={"layerwise": True}),
-            }
-        )
+    recipe = bounded(recipe)
     timer = Timer()
     t = time.perf_counter()
     log.info("loading the model (%s)", recipe.model.embedded or recipe.model.path or recipe.model.hub)
@@ -65,7 +71,7 @@ def run(
             }
             if eval_items is not None:
                 t = time.perf_counter()
-                evaluate_into(stage, recipe, eval_items, m, masks, reports, stats, timer.stages)
+                reports = evaluate_into(stage, recipe, eval_items, m, masks, reports, stats, timer.stages)
                 timer.add("eval", t)
             summary = {
                 "recipe": recipe.name,

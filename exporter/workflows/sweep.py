@@ -6,30 +6,20 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from exporter.errors import MaskError, RecipeError
-from exporter.evaluation.conditions import (
-    Evaluator,
-    WeightCondition,
-    conditions,
-    dense_parameters,
-    persona_evaluation,
-    score_conditions,
-    system_prompt,
-    wanda_norms,
-)
+from exporter.evaluation.scorer import MaskScorer
 from exporter.io import check_target, staged, write_json
+from exporter.masking.collect import column_norms, persona_statistics
 from exporter.masking.masks import compute_masks
-from exporter.masking.statistics import column_norms, persona_statistics
 from exporter.masking.steer import with_biases
 from exporter.model.sources import load_model
-from exporter.recipe.schema import AttentionPrune, MlpPrune, PruneSpec, Recipe
+from exporter.recipe.schema import Recipe
 from exporter.reports.provenance import Timer
-from exporter.reports.sweep import plot_sweep, sweep_markdown
-from exporter.workflows.validate import validate
+from exporter.reports.sweep import SweepPoint, SweepReport, plot_sweep, sweep_markdown
+from exporter.stages.preflight import validate
 
 log = logging.getLogger(__name__)
 
@@ -75,15 +65,6 @@ def check_sweep(recipe: Recipe, sparsities: list[float], unit: str) -> None:
         )
 
 
-def with_sparsity(prune: PruneSpec, unit: str, sparsity: float | dict[str, float]) -> PruneSpec:
-    """The recipe's prune section with the MLP (or attention) sparsity replaced."""
-    if unit == "mlp":
-        mlp = prune.mlp.model_copy(update={"sparsity": sparsity}) if prune.mlp else MlpPrune(sparsity=sparsity)
-        return prune.model_copy(update={"mlp": mlp})
-    kind = prune.attention.unit if prune.attention else "kv-group"
-    return prune.model_copy(update={"attention": AttentionPrune(unit=kind, sparsity=sparsity)})
-
-
 def sweep(
     recipe: Recipe,
     sparsities: list[float],
@@ -92,7 +73,7 @@ def sweep(
     unit: str = "mlp",
     overwrite: bool = False,
     reuse: Path | None = None,
-) -> list[dict[str, Any]]:
+) -> list[SweepPoint]:
     """Evaluate the recipe's method at each sparsity; writes report.json, report.md and sweep.png to `out`."""
     check_sweep(recipe, sparsities, unit)
     spec = recipe.eval
@@ -104,38 +85,24 @@ def sweep(
     timer = Timer()
     stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.personas}
     col_sq = column_norms(m)
-    ev = Evaluator(m.model, m.tokenizer, m.adapter, spec, items)
-    norms = {}
-    if "wanda" in spec.baselines:
-        norms = {p: wanda_norms(recipe, m.model, m.tokenizer, m.adapter, p, stats[p]) for p in recipe.personas}
-    prompts = {p: system_prompt(recipe, spec, p) for p in recipe.personas}
-    dense = WeightCondition(None, 0, sorted(recipe.personas) if "prompt" in spec.baselines else [])
-    done = score_conditions(ev, {"dense": dense}, prompts)
-    n_dense = dense_parameters(m.model)
-    points: list[dict[str, Any]] = []
+    scorer = MaskScorer(recipe, spec, items, m.model, m.tokenizer, m.adapter, stats)
+    points: list[SweepPoint] = []
     for s in sparsities:
-        prune = with_sparsity(recipe.prune, unit, s)
+        prune = recipe.prune.with_sparsity(unit, s)
         log.info("sweep: %s sparsity %g", unit, s)
         try:
             masks = compute_masks(recipe, stats, col_sq, prune)
             masks = with_biases(recipe, masks, stats, m.model, m.adapter, torch.float32, prune)
         except MaskError as exc:
-            points.append({"sparsity": s, "error": str(exc)})
+            points.append(SweepPoint(sparsity=s, error=str(exc)))
             continue
-        raw = score_conditions(ev, conditions(ev, masks, norms), prompts, done=done)
-        evals = {p: persona_evaluation(recipe, spec, items, raw, p, masks[p], n_dense) for p in masks}
-        points.append({"sparsity": s, "unit": unit, "prune": prune.model_dump(mode="json"), "personas": evals})
+        evals = scorer.evaluate(masks, replies=False)
+        points.append(SweepPoint(sparsity=s, unit=unit, prune=prune, personas=evals))
+    report = SweepReport(
+        recipe=recipe.name, recipe_sha256=recipe.digest(), unit=unit, method=recipe.method, points=points
+    )
     with staged(out, overwrite) as stage:
-        write_json(
-            stage / "report.json",
-            {
-                "recipe": recipe.name,
-                "recipe_sha256": recipe.digest(),
-                "unit": unit,
-                "method": recipe.method.model_dump(mode="json"),
-                "points": points,
-            },
-        )
+        write_json(stage / "report.json", report.model_dump())
         plot_sweep(points, stage / "sweep.png")
         (stage / "report.md").write_text(sweep_markdown(recipe.name, points, "sweep.png"))
     return points

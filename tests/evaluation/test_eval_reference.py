@@ -22,15 +22,17 @@ from torch import nn
 
 import exporter.evaluation.conditions as conditions_module
 import exporter.evaluation.replies as replies_module
-from exporter.evaluation.conditions import evaluate_masks, prepare, wanda_norms
-from exporter.evaluation.metrics import Intervention, Scored, scoring_work, sequence_logliks
+from exporter.evaluation.conditions import wanda_norms
+from exporter.evaluation.items import prepare
+from exporter.evaluation.metrics import Intervention, NeutralScore, Scored, scoring_work, sequence_logliks
 from exporter.evaluation.replies import Condition, Replies
+from exporter.evaluation.scorer import MaskScorer
 from exporter.masking.calibrate import calibrate
 from exporter.masking.data import select_samples, tokenize
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter, adapter_for
+from exporter.model.encoding import end_of_turn_id, reply_prefix
 from exporter.recipe.load import load_recipe
-from exporter.runtime.chat import end_of_turn_id, reply_prefix
 from exporter.verify.hf import masked
 from tests.helpers import WORDS, eval_section, tiny_model, tiny_tokenizer, write_recipe
 
@@ -66,7 +68,7 @@ def reference_logliks(
 @torch.no_grad()
 def reference_neutral(
     model: nn.Module, windows: list[list[int]], interventions: dict[str, Intervention | None], *_: Any
-) -> dict[str, dict[str, float]]:
+) -> dict[str, NeutralScore]:
     out = {}
     for name, intervention in interventions.items():
         nll = kl = n = 0.0
@@ -78,7 +80,7 @@ def reference_neutral(
             nll -= float(q.gather(1, ids[0, 1:].unsqueeze(1)).sum())
             kl += float((p.exp() * (p - q)).sum(-1).clamp_min(0.0).sum())
             n += len(w) - 1
-        out[name] = {"perplexity": math.exp(nll / n), "nll": nll / n, "kl": kl / n, "tokens": n}
+        out[name] = NeutralScore(math.exp(nll / n), nll / n, kl / n, int(n))
     return out
 
 
@@ -192,7 +194,10 @@ def test_fast_evaluation_equals_the_reference_on_a_tiny_model(tmp_path: Path, mo
     items = prepare(recipe)
     assert len(items.statements) == 10 and len(items.paired) == 5 and len(items.reply_prompts) == 7
 
-    fast = evaluate_masks(recipe, recipe.eval, items, model, tok, adapter, masks)
+    fast = {
+        p: ev.model_dump()
+        for p, ev in MaskScorer(recipe, recipe.eval, items, model, tok, adapter).evaluate(masks).items()
+    }
     for module, name, reference in (
         (conditions_module, "sequence_logliks", reference_logliks),
         (replies_module, "sequence_logliks", reference_logliks),
@@ -200,7 +205,10 @@ def test_fast_evaluation_equals_the_reference_on_a_tiny_model(tmp_path: Path, mo
         (replies_module, "condition_replies", reference_condition_replies),
     ):
         monkeypatch.setattr(module, name, reference)
-    slow = evaluate_masks(recipe, recipe.eval, items, model, tok, adapter, masks)
+    slow = {
+        p: ev.model_dump()
+        for p, ev in MaskScorer(recipe, recipe.eval, items, model, tok, adapter).evaluate(masks).items()
+    }
     numbers = assert_same_figures(fast, slow)
     assert numbers > 200, numbers
     reply = fast["introvert"]["replies"]

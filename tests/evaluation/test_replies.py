@@ -22,7 +22,8 @@ from exporter.evaluation.replies import (
 )
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import adapter_for
-from exporter.runtime.chat import end_of_turn_id
+from exporter.model.encoding import end_of_turn_id
+from exporter.reports.evaluation import RepliesEvaluation
 from exporter.verify.hf import masked
 from tests.helpers import WORDS, tiny_model, tiny_tokenizer
 
@@ -95,7 +96,7 @@ def test_degeneration_figures() -> None:
     assert repeated_ngrams([1, 2, 3, 4, 5, 6]) == 0.0 and repeated_ngrams([1, 2]) == 0.0
     assert distinct([1, 2, 1, 2, 1]) == pytest.approx(2 / 4) and distinct([5]) == 0.0
     figures = degeneration(Replies(["p", "q"], [[7, 7, 7, 7, 7], []], [True, False]))
-    assert figures == {
+    assert figures.model_dump() == {
         "repeated_4grams": pytest.approx(0.25),  # (1/2 + 0) / 2
         "distinct_2": pytest.approx(0.125),  # (1/4 + 0) / 2
         "cut_at_max_tokens": 0.5,
@@ -150,7 +151,8 @@ def test_side_by_side_replies_name_the_system_prompt_s_persona() -> None:
     from exporter.reports.markdown import replies_markdown
 
     ci = {"mean": 0.01, "ci95": [0.0, 0.02]}
-    figures = {"score": ci, "degeneration": {"repeated_4grams": 0.0, "distinct_2": 1.0, "cut_at_max_tokens": 0.0}}
+    degenerate = {"repeated_4grams": 0.0, "distinct_2": 1.0, "cut_at_max_tokens": 0.0, "empty": 0.0}
+    figures = {"score": ci, "degeneration": degenerate}
     example = {"prompt": "Plans?", "dense": "a", "prompt_only": "b", "export": "c", "opposite_export": "d"}
     r = {
         "prompts": 1,
@@ -160,5 +162,5 @@ def test_side_by_side_replies_name_the_system_prompt_s_persona() -> None:
         "conditions": {"dense": figures},
         "examples": [example],
     }
-    text = "\n".join(replies_markdown("extravert", r))
+    text = "\n".join(replies_markdown("extravert", RepliesEvaluation.model_validate(r)))
     assert "| dense + extravert system prompt | b |" in text and "| introvert's export | d |" in text

@@ -1,9 +1,11 @@
 """onnxruntime-genai folders (`onnx-genai`) on tiny llamas: built by onnxruntime-genai's model builder from
-the proven checkpoint, run by onnxruntime-genai itself, against the masked reference."""
+the proven checkpoint, run by onnxruntime-genai itself, against the masked reference (the fp32 folder of the
+session's tiny run, exporter/stages/genai.py; every architecture through the builder)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,29 +14,12 @@ import pytest
 from exporter.cli import main
 from exporter.errors import OnnxExportError
 from exporter.export.genai import build_genai
-from tests.helpers import tiny_model, tiny_tokenizer, write_recipe
-
-STEERED = {"score": "contrastive-wanda", "steer": 1.5}  # down_proj biases in the checkpoint
-
-
-@pytest.fixture(scope="module")
-def genai_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A steered tiny run with a third of the KV groups and a quarter of the neurons removed, exported as an
-    fp32 genai folder (the parity target)."""
-    tmp = tmp_path_factory.mktemp("genai-run")
-    model_dir = tmp / "tiny"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    recipe = write_recipe(
-        tmp, model_dir, method=STEERED, output={"formats": ["hf", "onnx-genai"], "genai_precision": "fp32"}
-    )
-    assert main(["run", str(recipe), "--out", str(tmp / "run")]) == 0
-    return tmp / "run"
+from tests.helpers import tiny_model, tiny_tokenizer
 
 
 @pytest.mark.parametrize("persona", ["introvert", "extravert"])
-def test_fp32_genai_folder_is_proven_against_the_masked_model(genai_run: Path, persona: str) -> None:
-    folder = genai_run / persona
+def test_fp32_genai_folder_is_proven_against_the_masked_model(tiny_run: Path, persona: str) -> None:
+    folder = tiny_run / persona
     report = json.loads((folder / "report.json").read_text())
     genai = report["verification"]["onnx-genai"]
     assert report["status"] == "passed" and genai["passed"] and genai["parity_target"], genai
@@ -51,17 +36,18 @@ def test_fp32_genai_folder_is_proven_against_the_masked_model(genai_run: Path, p
     assert report["timings_s"]["export_genai"] > 0 and report["timings_s"]["verify_genai"] > 0
 
 
-def test_generation_stops_at_the_tokenizers_eos(genai_run: Path) -> None:
+def test_generation_stops_at_the_tokenizers_eos(tiny_run: Path, tmp_path: Path) -> None:
     """genai_config.json declares the shipped tokenizer's eos: a greedy reply that reaches it ends there, in
     onnxruntime-genai as in transformers."""
     import onnxruntime_genai as og
     import torch
     from transformers import AutoModelForCausalLM
 
-    folder = genai_run / "introvert" / "genai"
+    folder = tmp_path / "genai"
+    shutil.copytree(tiny_run / "introvert" / "genai", folder)  # the run is shared: its config is edited below
     config_file = folder / "genai_config.json"
     config = json.loads(config_file.read_text())
-    hf = AutoModelForCausalLM.from_pretrained(genai_run / "introvert" / "hf").eval()
+    hf = AutoModelForCausalLM.from_pretrained(tiny_run / "introvert" / "hf").eval()
     prompt = [5, 60, 70, 80, 90, 100, 7]
     with torch.no_grad():
         first = int(hf(torch.tensor([prompt])).logits[0, -1].argmax())
@@ -79,47 +65,19 @@ def test_generation_stops_at_the_tokenizers_eos(genai_run: Path) -> None:
     assert tokens == [first]
 
 
-def test_runner_streams_the_genai_folder_as_torch_runs_the_checkpoint(genai_run: Path) -> None:
-    """`generate`/`chat --backend onnx-genai`: the fp32 folder gives torch's tokens, greedy and sampled with a
-    seed and a repetition penalty; a cut reply says so."""
-    from exporter.runtime.runner import Runner, Sampling
-
-    folder = genai_run / "extravert"  # fp32 here (the int4/int8 test below rebuilds it)
-    genai, torch_ = Runner(folder, "onnx-genai"), Runner(folder, "torch")
-    ids = [5, 60, 70, 80, 90, 100, 7]
-    sampled = Sampling(temperature=0.8, top_p=0.9, repetition_penalty=1.3, seed=3)
-    for sampling in (Sampling(), sampled):
-        want = list(torch_._next_tokens(ids, 12, sampling))
-        assert list(genai._next_tokens(ids, 12, sampling)) == want
-    assert len(set(want)) > 1  # the sampled reply is not one token repeated: every step's logits mattered
-    messages = [{"role": "user", "content": "plan a trip"}]
-    assert "".join(genai.stream(messages, 6)) == "".join(torch_.stream(messages, 6))
-    assert genai.truncated == torch_.truncated
-
-
-def test_runner_names_the_missing_genai_folder(genai_run: Path, tmp_path: Path) -> None:
-    import shutil
-
-    from exporter.errors import OnnxModelError
-    from exporter.runtime.runner import Runner
-
-    persona = tmp_path / "introvert"
-    shutil.copytree(genai_run / "introvert", persona, ignore=shutil.ignore_patterns("genai"))
-    with pytest.raises(OnnxModelError, match="--format onnx-genai"):
-        Runner(persona, "onnx-genai")
-
-
-def test_int4_and_int8_are_measured_against_their_floors(genai_run: Path) -> None:
+def test_int4_and_int8_are_measured_against_their_floors(tiny_run: Path, tmp_path: Path) -> None:
     """`export --format onnx-genai --precision` rebuilds the folder with MatMulNBits weights; the quality is
     measured against the masked model, the steering bias kept."""
     import onnx
 
-    folder = genai_run / "extravert"
-    recipe = json.loads((genai_run / "recipe.json").read_text())
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)  # the run is shared: its recipe and genai/ are rewritten below
+    folder = run / "extravert"
+    recipe = json.loads((run / "recipe.json").read_text())
     pairs = {"path": recipe["personas"]["extravert"]["calibration"]["path"], "prompt_field": "prompt"}
     pairs |= {"responses": {p: {"field": p} for p in ("introvert", "extravert")}, "max_items": 8}
     recipe["eval"] = {"paired": pairs | {"exclude_calibration": True}}  # the persona margin is measured on these
-    (genai_run / "recipe.json").write_text(json.dumps(recipe))
+    (run / "recipe.json").write_text(json.dumps(recipe))
     for precision, bits in (("int8", 8), ("int4", 4)):
         argv = ["export", str(folder), "--format", "onnx-genai", "--precision", precision, "--overwrite"]
         assert main(argv) == 0
@@ -141,7 +99,7 @@ def test_every_supported_architecture_builds_and_is_proven(tmp_path: Path, arch:
     export has) and, for qwen2 / qwen3, q/k/v biases."""
     from exporter.recipe.schema import VerifySpec
     from exporter.verify.genai import verify_genai
-    from exporter.verify.hf import build_prompts
+    from exporter.verify.hf import Probes, build_prompts
 
     model, tok = tiny_model(arch), tiny_tokenizer()
     if arch == "phi3":  # the tiny config's 4096 would ask the builder for LongRoPE factors it does not have
@@ -151,10 +109,9 @@ def test_every_supported_architecture_builds_and_is_proven(tmp_path: Path, arch:
     built = build_genai(tmp_path / "hf", tmp_path / "genai", "fp32")
     assert tok.eos_token_id in built["eos_token_id"]
     spec = VerifySpec(greedy_tokens=6)
-    figures = verify_genai(
-        model, tmp_path / "genai", "fp32", built["eos_token_id"], build_prompts(tok), spec, tok, None
-    )
-    assert figures["passed"] and figures["max_abs_logit_diff"] <= 1e-4, figures
+    probes = Probes(build_prompts(tok), spec, tok)
+    figures = verify_genai(model, tmp_path / "genai", "genai", "fp32", built["eos_token_id"], probes)
+    assert figures.passed and figures.max_abs_logit_diff <= 1e-4, figures
 
 
 def test_builder_failure_names_the_folder_and_writes_nothing(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import torch
 from exporter.errors import UnsupportedModelError
 from exporter.export.prune import count_parameters, prune_model
 from exporter.model.adapters import REGISTRY, adapter_for
-from exporter.runtime.chat import position_ids
+from exporter.model.encoding import position_ids
 from exporter.verify.hf import masked
 from tests.helpers import TINY_MODELS, assert_close, contrastive_mask, tiny_model
 

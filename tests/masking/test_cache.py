@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 from exporter.cli import main
 from exporter.errors import OutputError
 from exporter.masking import cache
-from exporter.masking.statistics import STATS_FORMAT
-from exporter.masking.stats import Statistics
+from exporter.masking.collect import STATS_FORMAT
+from exporter.masking.statistics import Statistics
 from tests.helpers import expect, write_recipe
 
 CORRUPTIONS: dict[str, Callable[[Path], None]] = {

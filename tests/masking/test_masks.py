@@ -9,7 +9,7 @@ from exporter.errors import MaskError
 from exporter.masking.calibrate import calibrate
 from exporter.masking.masks import PersonaMask, compute_mask, removal_count, select_keep
 from exporter.masking.scoring import centred, column_sq_norms, zscore
-from exporter.masking.stats import Statistics
+from exporter.masking.statistics import Statistics
 from exporter.model.adapters import adapter_for
 from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
 from tests.helpers import samples, tiny_model

@@ -16,20 +16,19 @@ from exporter.export.prune import prune_model
 from exporter.masking.masks import PersonaMask, compute_mask
 from exporter.masking.scoring import column_sq_norms
 from exporter.masking.steer import with_biases
+from exporter.model.encoding import position_ids
 from exporter.recipe.schema import AttentionPrune, MethodSpec, MlpPrune, PruneSpec
-from exporter.runtime.chat import position_ids
 from exporter.verify.hf import masked
-from tests.helpers import assert_close, tiny_model, write_recipe
-from tests.masking.test_steer import _Pair, _stats
+from tests.helpers import OpposedPair, assert_close, opposed_stats, tiny_model, write_recipe
 
 METHOD = MethodSpec(score="contrastive-wanda", phi="relu")
 
 
 def _masks(dense: Any, prune: PruneSpec, storage: torch.dtype, method: MethodSpec = METHOD) -> dict[str, PersonaMask]:
-    adapter, pos, neg = _stats(dense)
+    adapter, pos, neg = opposed_stats(dense)
     col = column_sq_norms(dense, adapter)
     hard = {"p": compute_mask("p", method, prune, pos, neg, col), "q": compute_mask("q", method, prune, neg, pos, col)}
-    return with_biases(_Pair(method, prune), hard, {"p": pos, "q": neg}, dense, adapter, storage)
+    return with_biases(OpposedPair(method, prune), hard, {"p": pos, "q": neg}, dense, adapter, storage)
 
 
 def _logits(model: Any, mask: PersonaMask | None = None, adapter: Any = None) -> torch.Tensor:
@@ -65,7 +64,7 @@ def test_soft_export_equals_its_reference_and_loads_stock(name: str, tmp_path: P
 
     prune = SETTINGS[name]
     dense = tiny_model("llama").double()
-    adapter = _stats(dense)[0]
+    adapter = opposed_stats(dense)[0]
     # float32 storage: the reference must round the scaled columns exactly as the float32 checkpoint does
     mask = _masks(dense, prune, torch.float32)["p"]
     assert mask.mlp_scale is not None or mask.attn_scale is not None
@@ -97,7 +96,7 @@ def test_factors_land_on_the_selected_and_the_own_units() -> None:
         assert {int(j) for j in torch.nonzero(row == 1.7).flatten()} == theirs
         assert int((row == 1).sum()) == len(row) - len(mine) - len(theirs)
     # the pruned checkpoint keeps every neuron: down_proj columns scaled, not cut
-    adapter = _stats(dense)[0]
+    adapter = opposed_stats(dense)[0]
     pruned = prune_model(copy.deepcopy(dense), adapter, mask)
     down = adapter.mlp_out(adapter.layers(pruned)[0]).weight
     dense_down = adapter.mlp_out(adapter.layers(dense)[0]).weight

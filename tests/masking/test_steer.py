@@ -13,32 +13,13 @@ import torch
 from exporter.cli import dispatch, main
 from exporter.errors import UnsupportedModelError
 from exporter.export.prune import prune_model
-from exporter.masking.calibrate import calibrate
 from exporter.masking.masks import compute_mask
 from exporter.masking.scoring import column_sq_norms
 from exporter.masking.steer import compensation_bias, compensation_mean, steering_bias, with_biases
-from exporter.model.adapters import adapter_for
+from exporter.model.encoding import position_ids
 from exporter.recipe.schema import MethodSpec, MlpPrune, PruneSpec
-from exporter.runtime.chat import position_ids
 from exporter.verify.hf import masked
-from tests.helpers import assert_close, eval_section, samples, tiny_model, write_recipe
-
-
-class _Pair:
-    """The two recipe fields with_biases reads, for personas "p" and "q" opposing each other."""
-
-    def __init__(self, method: MethodSpec, prune: PruneSpec) -> None:
-        self.method, self.prune = method, prune
-
-    def partner(self, name: str) -> str:
-        return {"p": "q", "q": "p"}[name]
-
-
-def _stats(model):  # type: ignore[no-untyped-def]
-    adapter = adapter_for(model.config)
-    pos = calibrate(model, adapter, samples(1, (10, 160)), pad_id=0, batch_size=5, response_only=True)
-    neg = calibrate(model, adapter, samples(2, (160, 320)), pad_id=0, batch_size=5, response_only=True)
-    return adapter, pos, neg
+from tests.helpers import OpposedPair, assert_close, eval_section, opposed_stats, samples, tiny_model, write_recipe
 
 
 def _mean_mlp_outputs(model, adapter, which: int) -> torch.Tensor:  # type: ignore[no-untyped-def]
@@ -70,7 +51,7 @@ def _mean_mlp_outputs(model, adapter, which: int) -> torch.Tensor:  # type: igno
 
 def test_steering_bias_is_the_mean_mlp_output_difference() -> None:
     model = tiny_model("llama").double()
-    adapter, pos, neg = _stats(model)
+    adapter, pos, neg = opposed_stats(model)
     down = [adapter.mlp_out(layer).weight for layer in adapter.layers(model)]
     expected = _mean_mlp_outputs(model, adapter, 1) - _mean_mlp_outputs(model, adapter, 2)
     v = steering_bias(down, pos, neg, 1.0)
@@ -90,7 +71,7 @@ def test_residual_steering_is_the_mean_residual_difference_after_the_last_steere
     from exporter.masking.calibrate import batches
 
     model = tiny_model("llama").double()
-    adapter, pos, neg = _stats(model)
+    adapter, pos, neg = opposed_stats(model)
     down = [adapter.mlp_out(layer).weight for layer in adapter.layers(model)]
     means = []
     for which, lo_hi in ((1, (10, 160)), (2, (160, 320))):
@@ -116,7 +97,7 @@ def test_residual_steering_is_the_mean_residual_difference_after_the_last_steere
 def test_compensation_keeps_the_first_layers_mean_output() -> None:
     """Layer 0 sees unchanged inputs, so with the persona's own mean its mean MLP output is exactly kept."""
     dense = tiny_model("llama").double()
-    adapter, pos, neg = _stats(dense)
+    adapter, pos, neg = opposed_stats(dense)
     mask = compute_mask(
         "p",
         MethodSpec(score="contrastive-wanda"),
@@ -142,12 +123,12 @@ def test_biased_export_equals_its_reference_and_loads_stock(compensate: str, tmp
     from transformers import AutoModelForCausalLM
 
     dense = tiny_model("llama").double()
-    adapter, pos, neg = _stats(dense)
+    adapter, pos, neg = opposed_stats(dense)
     method = MethodSpec(score="contrastive-wanda", steer=1.5)
     prune = PruneSpec(mlp=MlpPrune(sparsity=0.25, compensate=compensate))
     col = column_sq_norms(dense, adapter)
     masks = {"p": compute_mask("p", method, prune, pos, neg, col), "q": compute_mask("q", method, prune, neg, pos, col)}
-    masks = with_biases(_Pair(method, prune), masks, {"p": pos, "q": neg}, dense, adapter, torch.float64)
+    masks = with_biases(OpposedPair(method, prune), masks, {"p": pos, "q": neg}, dense, adapter, torch.float64)
     mask = masks["p"]
     assert mask.mlp_bias is not None and mask.mlp_bias.abs().max() > 1e-3
     ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(3))
@@ -177,7 +158,7 @@ def test_steering_strength_per_persona() -> None:
     """method.steer as a mapping: each persona's bias is its own alpha times the same direction; a persona
     left out (alpha 0) with no compensation keeps its mask without any bias."""
     dense = tiny_model("llama").double()
-    adapter, pos, neg = _stats(dense)
+    adapter, pos, neg = opposed_stats(dense)
     prune = PruneSpec(mlp=MlpPrune(sparsity=0.25))
     col = column_sq_norms(dense, adapter)
     down = [adapter.mlp_out(layer).weight for layer in adapter.layers(dense)]
@@ -185,7 +166,7 @@ def test_steering_strength_per_persona() -> None:
     def biased(steer: float | dict[str, float]) -> dict[str, Any]:
         method = MethodSpec(score="contrastive-wanda", steer=steer)
         masks = {n: compute_mask(n, method, prune, a, b, col) for n, a, b in (("p", pos, neg), ("q", neg, pos))}
-        return with_biases(_Pair(method, prune), masks, {"p": pos, "q": neg}, dense, adapter, torch.float64)
+        return with_biases(OpposedPair(method, prune), masks, {"p": pos, "q": neg}, dense, adapter, torch.float64)
 
     one = biased({"p": 1.5})
     assert one["p"].steering is not None and one["q"].steering is None and one["q"].mlp_bias is None
@@ -196,18 +177,18 @@ def test_steering_strength_per_persona() -> None:
     assert_close(both["p"].mlp_bias, biased(1.5)["p"].mlp_bias, 0.0, "a mapping and a number agree for p")
     method = MethodSpec(score="contrastive-wanda", steer=1.0, steer_layers={"p": 0.5})
     masks = {n: compute_mask(n, method, prune, a, b, col) for n, a, b in (("p", pos, neg), ("q", neg, pos))}
-    layered = with_biases(_Pair(method, prune), masks, {"p": pos, "q": neg}, dense, adapter, torch.float64)
+    layered = with_biases(OpposedPair(method, prune), masks, {"p": pos, "q": neg}, dense, adapter, torch.float64)
     assert layered["p"].steering[1].abs().max() == 0.0 and layered["q"].steering[1].abs().max() > 0  # type: ignore[index]
 
 
 def test_architectures_without_an_mlp_bias_are_refused() -> None:
     dense = tiny_model("mistral")
-    adapter, pos, neg = _stats(dense)
+    adapter, pos, neg = opposed_stats(dense)
     method = MethodSpec(score="contrastive-wanda", steer=1.0)
     prune = PruneSpec(mlp=MlpPrune(sparsity=0.25))
     mask = compute_mask("p", method, prune, pos, neg, column_sq_norms(dense, adapter))
     with pytest.raises(UnsupportedModelError, match=r"mistral.*supported for: llama"):
-        with_biases(_Pair(method, prune), {"p": mask}, {"p": pos, "q": neg}, dense, adapter, torch.float32)
+        with_biases(OpposedPair(method, prune), {"p": mask}, {"p": pos, "q": neg}, dense, adapter, torch.float32)
 
 
 def test_run_with_steering_verifies_hf_and_onnx(tmp_path: Path, tiny_llama_dir: Path) -> None:

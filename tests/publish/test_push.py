@@ -28,8 +28,23 @@ from exporter.publish.hub import PushOptions, push_persona, push_run
 from exporter.publish.modelcard import CardContext, render_card
 from exporter.recipe.load import parse_recipe
 from exporter.recipe.push import PushSpec
-from exporter.reports.persona import PersonaReport
-from tests.helpers import BASE, expect, make_report, tiny_model, tiny_tokenizer, write_recipe
+from exporter.reports.persona import PersonaReport, load_report
+from tests.helpers import (
+    BASE,
+    add_fake_onnx,
+    checkpoint_check,
+    expect,
+    genai_check,
+    gguf_file,
+    make_evaluation,
+    make_persona,
+    make_report,
+    onnx_check,
+    quantized_check,
+    tiny_model,
+    tiny_tokenizer,
+    write_recipe,
+)
 from tests.helpers import REPO as ROOT
 from tests.publish.hubserver import FakeHub
 
@@ -45,21 +60,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny_model("llama").save_pretrained(out)
     tiny_tokenizer().save_pretrained(out)
     return out
-
-
-def make_persona(run: Path, checkpoint: Path, persona: str = "introvert", **kwargs: Any) -> Path:
-    folder = run / persona
-    shutil.copytree(checkpoint, folder / "hf")
-    (folder / "masks.json").write_text("{}")
-    (folder / "report.json").write_text(json.dumps(make_report(persona, **kwargs), indent=2))
-    return folder
-
-
-def add_fake_onnx(folder: Path, name: str = "onnx") -> None:
-    (folder / name).mkdir()
-    (folder / name / "model.onnx").write_bytes(os.urandom(3000))
-    shutil.copyfile(folder / "hf" / "config.json", folder / name / "config.json")
-    shutil.copyfile(folder / "hf" / "tokenizer.json", folder / name / "tokenizer.json")
 
 
 @pytest.fixture
@@ -193,7 +193,7 @@ def test_dry_run_lists_every_file_and_sends_nothing(
 ) -> None:
     add_fake_onnx(persona)
     report = json.loads((persona / "report.json").read_text())
-    report["verification"]["onnx"] = {"max_abs_logit_diff": 2e-5, "mean_abs_logit_diff": 1e-6, "passed": True}
+    report["verification"]["onnx"] = onnx_check()
     (persona / "report.json").write_text(json.dumps(report))
     assert run_cli(str(persona), "--repo-id", REPO, "--dry-run") == 0
     out = capsys.readouterr().out
@@ -275,15 +275,12 @@ def test_onnx_goes_to_a_subfolder_or_its_own_repo(
     for name in ("onnx", "ort-int8", "ort-int4"):
         add_fake_onnx(persona, name)
     report = json.loads((persona / "report.json").read_text())
-    onnx = {"max_abs_logit_diff": 2e-5, "mean_abs_logit_diff": 1e-6, "greedy_identical": True, "passed": True}
-    quality = {"ppl_ratio": 1.01, "mb_quantized": 0.003, "parity_target": False, "passed": True}
     report["verification"] |= {
-        "onnx": onnx,
-        "onnx-int8": {**quality, "bits": 8, "top1_agreement": 0.98, "below_floor": False},
-        "onnx-int4": {**quality, "bits": 4, "top1_agreement": 0.70, "below_floor": True},
+        "onnx": onnx_check(),
+        "onnx-int8": quantized_check(8, 0.98, persona_shift=-0.012, paired_items=64),
+        "onnx-int4": quantized_check(4, 0.70),  # below its floor
     }
-    report["verification"]["onnx-int8"] |= {"persona_shift": -0.012, "paired_items": 64}
-    report["evaluation"] = {"dense": {"persona_score": 0.41, "ppl": 12.5}, "pruned": {"persona_score": 0.63}}
+    report["evaluation"] = make_evaluation(shift=0.63)
     (persona / "report.json").write_text(json.dumps(report))
 
     assert run_cli(str(persona), "--repo-id", REPO) == 0
@@ -296,7 +293,7 @@ def test_onnx_goes_to_a_subfolder_or_its_own_repo(
     assert "x1.010, persona margin -0.012 nats/token on 64 held-out pairs" in card.text
     assert "- `ort-int4`" not in card.text
     assert "model.embed_size_per_head = model.config.head_dim" in card.text  # 64 / 6 != 16
-    assert "| dense | 0.41 | 12.5 |" in card.text and "| pruned | 0.63 |  |" in card.text
+    assert "| mask-only | 0.01M (25.0%) | +0.630 [+0.480, +0.780] |" in card.text
     assert "| onnx | 2.0e-05 | 1.0e-06 | identical | yes |" in card.text and "top1_agreement 0.98" in card.text
     assert run_cli(str(persona), "--repo-id", REPO + "-low", "--below-floor") == 0
     files = hub.files(REPO + "-low")
@@ -322,8 +319,7 @@ def test_gguf_goes_to_its_subfolder_with_a_llama_cpp_snippet(hub: FakeHub, perso
     for name in ("model-f16.gguf", "model-q8_0.gguf"):
         (persona / "gguf" / name).write_bytes(os.urandom(2000))
     report = json.loads((persona / "report.json").read_text())
-    f16 = {"file": "model-f16.gguf", "max_abs_logit_diff": 3e-3, "passed": True}
-    q8 = {"file": "model-q8_0.gguf", "top1_agreement": 0.99, "below_floor": False, "passed": True}
+    f16, q8 = gguf_file("model-f16.gguf"), gguf_file("model-q8_0.gguf")
     report["verification"]["gguf"] = {"passed": True, "F16": f16, "Q8_0": q8}
     (persona / "report.json").write_text(json.dumps(report))
 
@@ -338,7 +334,8 @@ def test_gguf_goes_to_its_subfolder_with_a_llama_cpp_snippet(hub: FakeHub, perso
 
 @pytest.mark.parametrize(
     ("q4", "snippet"),
-    [({"passed": True, "parity_target": True}, "q4_1"), ({"passed": True, "below_floor": True}, "q8_0")],
+    [(gguf_file("model-q4_1.gguf", exact=True), "q4_1"), (gguf_file("model-q4_1.gguf", top1=0.5), "q8_0")],
+    ids=["proven", "below-its-floor"],
 )
 def test_the_llama_cpp_snippet_takes_the_q4_1_file_when_it_is_proven_or_within_its_floor(
     hub: FakeHub, persona: Path, q4: dict[str, object], snippet: str
@@ -349,9 +346,9 @@ def test_the_llama_cpp_snippet_takes_the_q4_1_file_when_it_is_proven_or_within_i
     report = json.loads((persona / "report.json").read_text())
     report["verification"]["gguf"] = {
         "passed": True,
-        "F16": {"file": "model-f16.gguf", "passed": True},
-        "Q8_0": {"file": "model-q8_0.gguf", "below_floor": False, "passed": True},
-        "Q4_1": {"file": "model-q4_1.gguf", **q4},
+        "F16": gguf_file("model-f16.gguf"),
+        "Q8_0": gguf_file("model-q8_0.gguf"),
+        "Q4_1": q4,
     }
     (persona / "report.json").write_text(json.dumps(report))
     assert run_cli(str(persona), "--repo-id", REPO) == 0
@@ -365,9 +362,9 @@ def test_a_gguf_file_below_its_floor_is_left_out_of_the_push_and_the_card(hub: F
     report = json.loads((persona / "report.json").read_text())
     report["verification"]["gguf"] = {
         "passed": True,
-        "F16": {"file": "model-f16.gguf", "passed": True, "below_floor": False},
-        "Q8_0": {"file": "model-q8_0.gguf", "below_floor": False, "passed": True},
-        "Q4_1": {"file": "model-q4_1.gguf", "below_floor": True, "passed": True},
+        "F16": gguf_file("model-f16.gguf"),
+        "Q8_0": gguf_file("model-q8_0.gguf"),
+        "Q4_1": gguf_file("model-q4_1.gguf", top1=0.5),  # below its floor
     }
     (persona / "report.json").write_text(json.dumps(report))
 
@@ -380,8 +377,8 @@ def test_a_gguf_file_below_its_floor_is_left_out_of_the_push_and_the_card(hub: F
     assert run_cli(str(persona), "--repo-id", REPO + "-low", "--below-floor") == 0
     assert "gguf/model-q4_1.gguf" in hub.files(REPO + "-low")
 
-    report["verification"]["gguf"]["F16"]["below_floor"] = True  # every file below: no gguf/ folder at all
-    report["verification"]["gguf"]["Q8_0"]["below_floor"] = True
+    report["verification"]["gguf"]["F16"]["top1_agreement"] = 0.5  # every file below: no gguf/ folder at all
+    report["verification"]["gguf"]["Q8_0"]["top1_agreement"] = 0.5
     (persona / "report.json").write_text(json.dumps(report))
     assert run_cli(str(persona), "--repo-id", REPO + "-none") == 0
     files = hub.files(REPO + "-none")
@@ -395,8 +392,7 @@ def test_genai_folder_goes_to_its_subfolder_with_a_genai_snippet_and_respects_it
     for name in ("model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"):
         (persona / "genai" / name).write_bytes(os.urandom(500))
     report = json.loads((persona / "report.json").read_text())
-    figures = {"precision": "int4", "top1_agreement": 0.7, "ppl_ratio": 1.3, "below_floor": True, "passed": True}
-    report["verification"]["onnx-genai"] = figures
+    report["verification"]["onnx-genai"] = genai_check("int4", top1=0.7, ppl_ratio=1.3)  # below its floor
     (persona / "report.json").write_text(json.dumps(report))
 
     assert run_cli(str(persona), "--repo-id", REPO) == 0  # below its floor: left out
@@ -415,14 +411,17 @@ def test_genai_folder_goes_to_its_subfolder_with_a_genai_snippet_and_respects_it
     ("change", "message"),
     [
         (
-            {"status": "failed", "verification": {"hf": {"passed": False}}},
+            {"verification": {"hf": checkpoint_check(passed=False)}},
             "verification of 'introvert' failed (status 'failed'); only proven exports",
         ),
-        ({"status": "passed", "verification": {"hf": {"passed": False}}}, "verification of 'introvert' failed"),
+        (  # a stored verdict is not believed: it is computed from the figures
+            {"status": "passed", "verification": {"hf": {**checkpoint_check(passed=False), "passed": True}}},
+            "verification of 'introvert' failed",
+        ),
         ({"verification": {}}, "has no verification result; only verified exports are pushed"),
         ({"onnx": None}, "but its verification is missing; only proven exports are pushed"),
-        ({"onnx": {"max_abs_logit_diff": 0.5, "passed": False}}, "but its verification failed"),
-        ({"onnx": {"top1_agreement": 0.97}}, "but its verification has no passed flag"),
+        ({"onnx": {**onnx_check(max_abs=0.5), "passed": True}}, "but its verification failed"),
+        ({"onnx": {"top1_agreement": 0.97}}, "verification.onnx.max_abs_logit_diff: required key is missing"),
     ],
 )
 def test_unproven_exports_are_refused_before_sending(
@@ -586,7 +585,7 @@ def test_onnxruntime_snippet_runs_as_written_on_the_pushed_repo(
 
     export_onnx(persona / "hf", persona / "onnx")
     report = json.loads((persona / "report.json").read_text())
-    report["verification"]["onnx"] = {"max_abs_logit_diff": 1e-5, "mean_abs_logit_diff": 1e-6, "passed": True}
+    report["verification"]["onnx"] = onnx_check(max_abs=1e-5)
     (persona / "report.json").write_text(json.dumps(report))
     assert run_cli(str(persona), "--repo-id", REPO) == 0
     downloaded = hub.export(REPO, tmp_path / "download")
@@ -644,28 +643,22 @@ def test_the_fake_hub_stops_by_itself(tmp_path: Path) -> None:
             requests.post(f"{server.url}/api/validate-yaml", timeout=5)
 
 
-def test_card_shows_the_evaluation_as_persona_export_eval_writes_it() -> None:
-    ci = {"mean": 0.25, "ci95": [0.1, 0.4]}
-    row = {"condition": "mask-only", "parameters_removed": 5000, "fraction_removed": 0.25, "paired": {"shift": ci}}
+def test_card_shows_the_evaluation_as_persona_export_eval_writes_it(tmp_path: Path) -> None:
     report = make_report("introvert")
-    report["evaluation"] = {
-        "opposite": "extravert",
-        "splits": {},
-        "system_prompt": "Answer as an introvert.",
-        "leaks": [],
-        "rows": [row],
-        "definitions": {"shift": "margin under the condition minus the dense model's margin"},
-    }
+    report["evaluation"] = make_evaluation(shift=0.25)
     ctx = CardContext(REPO, REPO, ())
-    text = render_card(PersonaReport.model_validate(report), ctx).text
+    text = render_card(PersonaReport.model_validate(report, strict=True), ctx).text
     assert "## Persona evaluation: introvert (vs extravert)" in text
-    assert "| mask-only | 0.01M (25.0%) | – | +0.250 [+0.100, +0.400] |" in text
+    assert "| mask-only | 0.01M (25.0%) | +0.250 [+0.100, +0.400] | +0.250 [+0.100, +0.400] |" in text
     assert "Steering:" not in text  # this report's method has none
     report["method"] |= {"steer": {"introvert": 1.25}, "steer_layers": {"introvert": 0.5}}
-    steered = render_card(PersonaReport.model_validate(report), ctx).text
+    steered = render_card(PersonaReport.model_validate(report, strict=True), ctx).text
     assert "in the `down_proj` biases of the first 1 of 2 layers (1.25 x the mean MLP-output difference" in steered
-    report["evaluation"] = {"rows": "not a list of conditions", "accuracy": 0.9}  # another layout
-    assert "| rows | not a list of conditions |" in render_card(PersonaReport.model_validate(report), ctx).text
+    # an evaluation in a layout of an earlier release is left out of a schema-3 report, not shown as something else
+    report |= {"schema_version": 3, "evaluation": {"rows": "not a list of conditions", "accuracy": 0.9}}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    older = load_report(tmp_path / "report.json")
+    assert older.evaluation is None and "Persona evaluation" not in render_card(older, ctx).text
 
 
 # -- push reads nothing outside the persona folder, and checks report.json against its schema --
@@ -727,19 +720,20 @@ def test_push_reads_nothing_outside_the_persona_folder(
 
 
 REPORT_EDITS: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
-    ("passed-as-text", lambda r: r["verification"]["hf"].update(passed="true"), "verification.hf.passed"),
-    ("passed-as-one", lambda r: r["verification"]["hf"].update(passed=1), "verification.hf.passed"),
+    ("greedy-as-text", lambda r: r["verification"]["hf"]["fp64"].update(greedy_identical="true"), "hf.fp64.greedy"),
+    ("diff-as-text", lambda r: r["verification"]["hf"]["fp64"].update(max_abs_logit_diff="0"), "hf.fp64.max_abs"),
     # a stored `status` is not read: PersonaReport computes it from the verdicts
     ("persona-number", lambda r: r.update(persona=3), "persona: input should be a valid string"),
     ("parameters-text", lambda r: r["parameters"].update(dense="20000"), "parameters.dense"),
     ("base-model-missing", lambda r: r.pop("base_model"), "base_model: required key is missing"),
     ("geometry-null", lambda r: r.update(geometry=None), "geometry:"),
-    ("onnx-passed-text", lambda r: r["verification"].update(onnx={"passed": "yes"}), "verification.onnx.passed"),
+    ("onnx-verdict-only", lambda r: r["verification"].update(onnx={"passed": True}), "verification.onnx.max_abs"),
     (
-        "below-floor-text",  # decides whether a quantized format is pushed
-        lambda r: r["verification"].update({"onnx-int8": {"passed": True, "below_floor": "false"}}),
-        "verification.onnx-int8.below_floor: must be true or false, got str 'false'",
+        "top1-as-text",  # decides whether a quantized format is pushed
+        lambda r: r["verification"].update({"onnx-int8": {**quantized_check(8, 0.99), "top1_agreement": "0.99"}}),
+        "verification.onnx-int8.top1_agreement: input should be a valid number, got str '0.99'",
     ),
+    ("unknown-format", lambda r: r["verification"].update(tflite={}), "verification: unknown format 'tflite'"),
 ]
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.serve.running import tiny_run
+from tests.serve.running import two_persona_run
 
 
 @pytest.fixture(scope="package")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_run(tmp_path_factory.mktemp("serve"))
+    return two_persona_run(tmp_path_factory.mktemp("serve"))

@@ -21,7 +21,7 @@ from tests.helpers import make_report, tiny_model, tiny_tokenizer
 PERSONAS = {"introvert": 0, "extravert": 1}  # name -> seed of its tiny model
 
 
-def tiny_run(root: Path) -> Path:
+def two_persona_run(root: Path) -> Path:
     """RUN/run.json and RUN/<persona>/{report.json, hf/, onnx/} for each of PERSONAS."""
     run = root / "run"
     for name, seed in PERSONAS.items():

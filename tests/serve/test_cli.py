@@ -19,7 +19,7 @@ from exporter.errors import ExportFolderError, OnnxModelError
 from exporter.recipe.load import load_recipe
 from exporter.runtime.runner import Runner, Sampling
 from exporter.serve.server import ServeError, bind, served_models
-from exporter.workflows.base_export import base_export
+from exporter.workflows.serve import base_export
 from tests.helpers import REPO, expect, tiny_model, tiny_tokenizer, write_recipe
 from tests.serve.running import fetch, running
 

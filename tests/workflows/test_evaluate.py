@@ -3,25 +3,52 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
+from exporter.cli import dispatch
 from exporter.errors import OutputError, RecipeError
-from exporter.recipe.load import load_recipe, parse_recipe
-from tests.helpers import edited_recipe, expect, with_eval
+from exporter.masking.masks import PersonaMask
+from exporter.model.adapters import adapter_for
+from exporter.recipe.load import load_recipe
+from tests.helpers import edited_recipe, expect, make_report, tiny_model, with_eval
 
-RUN_FILES: dict[str, tuple[str, bytes | None]] = {
-    "recipe-not-json": ("recipe.json", b"{not json"),
-    "recipe-a-list": ("recipe.json", b"[1, 2]"),
-    "recipe-not-utf8": ("recipe.json", b"\xff\xfe{}"),
-    "recipe-empty": ("recipe.json", b""),
-    "run-not-json": ("run.json", b"name: yaml"),
-    "run-missing": ("run.json", None),
-    "report-not-json": ("introvert/report.json", b"<html>"),
-    "report-a-string": ("introvert/report.json", b'"passed"'),
-    "report-missing": ("introvert/report.json", None),
+RUN_FILES: dict[str, tuple[str, bytes | None, str]] = {  # case: the file, its new content, what the error says
+    "recipe-not-json": ("recipe.json", b"{not json", "run/recipe.json is not valid JSON"),
+    "recipe-a-list": ("recipe.json", b"[1, 2]", "run/recipe.json holds a JSON list, expected an object"),
+    "recipe-not-utf8": ("recipe.json", b"\xff\xfe{}", "run/recipe.json is not UTF-8 text"),
+    "recipe-empty": ("recipe.json", b"", "run/recipe.json is not valid JSON"),
+    "run-not-json": ("run.json", b"name: yaml", "run/run.json is not valid JSON"),
+    "run-missing": ("run.json", None, "run/run.json' does not exist"),
+    "report-not-json": ("introvert/report.json", b"<html>", "run/introvert/report.json is not valid JSON"),
+    "report-a-string": ("introvert/report.json", b'"passed"', "introvert/report.json holds a JSON str, expected"),
+    "report-missing": ("introvert/report.json", None, "run/introvert' is not a persona export (expected report"),
 }
+
+
+def complete_run(tmp_path: Path, tiny_llama_dir: Path) -> Path:
+    """A run folder `eval` reads to the end without a model: recipe.json with an eval section, run.json, and each
+    persona's report.json, hf/config.json and masks."""
+    recipe = load_recipe(edited_recipe(tmp_path, tiny_llama_dir, with_eval()))
+    run = tmp_path / "run"
+    geometry = adapter_for(tiny_model("llama").config).geometry(tiny_model("llama").config)
+    for p in recipe.personas:
+        (run / p / "hf").mkdir(parents=True)
+        shutil.copyfile(tiny_llama_dir / "config.json", run / p / "hf" / "config.json")
+        (run / p / "report.json").write_text(json.dumps(make_report(p)))
+        PersonaMask(p, geometry, None, None, None).save(run / p / "masks.safetensors", {})
+    (run / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json")))
+    (run / "run.json").write_text(json.dumps({"model_sha256": "ab" * 32}))
+    return run
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_eval_reads_a_complete_run_folder_up_to_the_model(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """The cases below start from this folder: untouched, it passes every check made before the model loads."""
+    with pytest.raises(AssertionError, match="a model was loaded"):
+        dispatch(["eval", str(complete_run(tmp_path, tiny_llama_dir))])
 
 
 @pytest.mark.parametrize("case", sorted(RUN_FILES))
@@ -29,21 +56,13 @@ RUN_FILES: dict[str, tuple[str, bytes | None]] = {
 def test_eval_refuses_run_files_that_are_not_json_objects(
     case: str, tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    recipe_path = edited_recipe(tmp_path, tiny_llama_dir, with_eval())
-    recipe = load_recipe(recipe_path)
-    run = tmp_path / "run"
-    for p in ("introvert", "extravert"):
-        (run / p).mkdir(parents=True)
-        (run / p / "report.json").write_text("{}")
-    (run / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json")))
-    (run / "run.json").write_text("{}")
-    parse_recipe(json.loads((run / "recipe.json").read_text()), run)  # the untouched folder is a run
-    name, content = RUN_FILES[case]
+    run = complete_run(tmp_path, tiny_llama_dir)
+    name, content, message = RUN_FILES[case]
     if content is None:
         (run / name).unlink()
     else:
         (run / name).write_bytes(content)
-    text = expect(["eval", str(run)], OutputError, name.split("/")[-1], capsys)
+    text = expect(["eval", str(run)], OutputError, message, capsys)
     assert "pass the --out folder of a `run`" in text
 
 

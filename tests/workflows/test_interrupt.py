@@ -7,14 +7,13 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from exporter.cli import main
 from exporter.export import hf as export_hf
-from tests.helpers import REPO, write_recipe
+from tests.helpers import REPO, kill_at, write_recipe
 
 
 def visible(folder: Path) -> list[str]:
@@ -34,21 +33,6 @@ def start(recipe: Path, out: Path) -> subprocess.Popen:
         # default so that the child behaves as under a terminal's Ctrl-C
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
-
-
-def kill_at(proc: subprocess.Popen, marker: str, sig: int) -> str:
-    """Send `sig` once `marker` appears on the run's stderr; returns what it printed."""
-    seen = []
-    deadline = time.monotonic() + 120
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        seen.append(line)
-        if marker in line:
-            proc.send_signal(sig)
-            break
-        assert time.monotonic() < deadline, "marker never appeared:\n" + "".join(seen)
-    _, rest = proc.communicate(timeout=120)
-    return "".join(seen) + rest
 
 
 @pytest.mark.parametrize(
@@ -95,7 +79,7 @@ def test_disk_full_during_export_is_a_clear_error(tmp_path: Path, tiny_llama_dir
         raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
 
     monkeypatch.setattr(export_hf, "export_hf", full)
-    monkeypatch.setattr("exporter.workflows.persona.export_hf", full)
+    monkeypatch.setattr("exporter.stages.checkpoint.export_hf", full)
     recipe = write_recipe(tmp_path, tiny_llama_dir)
     out = tmp_path / "runs" / "demo"
     assert main(["run", str(recipe), "--out", str(out)]) == 2

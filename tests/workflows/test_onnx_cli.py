@@ -10,31 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from exporter.cli import CUT, dispatch, main
-from exporter.errors import ExportFolderError, OnnxModelError, OutputError
-from exporter.runtime.chat import prompt_ids
+from exporter.cli import dispatch, main
+from exporter.errors import OutputError
+from exporter.model.encoding import prompt_ids
 from exporter.runtime.runner import Runner, Sampling
-from tests.helpers import REPO, expect, snapshot, tiny_model, tiny_tokenizer, write_recipe
-from tests.publish.test_push import make_persona
-
-
-@pytest.fixture(scope="module")
-def onnx_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny run with hf + onnx + onnx-int8, heads removed (hidden/heads != head_dim afterwards)."""
-    from tests.helpers import tiny_model, tiny_tokenizer
-
-    tmp = tmp_path_factory.mktemp("onnx-run")
-    model_dir = tmp / "tiny"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
-    recipe = write_recipe(tmp, model_dir, output={"formats": ["hf", "onnx", "onnx-int8"]})
-    assert main(["run", str(recipe), "--out", str(tmp / "run")]) == 0
-    return tmp / "run"
+from exporter.stages.base import StageInputs
+from tests.helpers import REPO, expect, kill_at, make_persona, snapshot, tiny_model, tiny_tokenizer
 
 
 @pytest.mark.parametrize("persona", ["introvert", "extravert"])
-def test_run_exports_verified_onnx(onnx_run: Path, persona: str) -> None:
-    folder = onnx_run / persona
+def test_run_exports_verified_onnx(tiny_run: Path, persona: str) -> None:
+    folder = tiny_run / persona
     report = json.loads((folder / "report.json").read_text())
     onnx = report["verification"]["onnx"]
     assert report["status"] == "passed" and onnx["passed"]
@@ -53,69 +39,9 @@ def test_run_exports_verified_onnx(onnx_run: Path, persona: str) -> None:
     assert (folder / "ort-int8" / "model.onnx").is_file() and not (folder / "onnx-int8").exists()
 
 
-def test_generate_is_the_same_on_both_backends(onnx_run: Path, capsys: pytest.CaptureFixture) -> None:
-    texts = {}
-    for backend in ("onnx", "torch"):
-        argv = ["generate", str(onnx_run / "introvert"), "--prompt", "plan a trip", "--backend", backend]
-        assert main([*argv, "--max-new-tokens", "12"]) == 0
-        texts[backend] = capsys.readouterr().out
-    assert texts["onnx"] == texts["torch"]
-    onnx, torch_ = Runner(onnx_run / "introvert", "onnx"), Runner(onnx_run / "introvert", "torch")
-    ids = prompt_ids(onnx.tokenizer, [{"role": "user", "content": "plan a trip"}])
-    tokens = list(onnx._next_tokens(ids, 12, Sampling()))
-    assert len(tokens) == 12 and tokens == list(torch_._next_tokens(ids, 12, Sampling()))
-
-
-def test_sampling_system_prompt_cut_marker_and_base_side_by_side(
-    onnx_run: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    persona = str(onnx_run / "introvert")
-    sample = ["--temperature", "1.5", "--top-p", "0.95", "--repetition-penalty", "1.3", "--max-new-tokens", "10"]
-    outs = []
-    for seed in ("1", "1", "2"):
-        assert main(["generate", persona, "--prompt", "plan a trip", *sample, "--seed", seed]) == 0
-        outs.append(capsys.readouterr().out)
-    assert outs[0] == outs[1] and outs[0] != outs[2]  # seeded
-    runner = Runner(Path(persona), "torch")
-    user = [{"role": "user", "content": "plan a trip"}]
-    greedy = "".join(runner.stream(user, 10))
-    cut = runner.truncated
-    with_system = prompt_ids(runner.tokenizer, [{"role": "system", "content": "be brief"}, *user])
-    assert runner.tokenizer.decode(with_system).count("be brief") == 1  # the system prompt reaches the prompt
-    assert main(["generate", persona, "--prompt", "plan a trip", "--max-new-tokens", "10", "--backend", "torch"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith(greedy) and out.rstrip().endswith(CUT.format(n=10).strip()) == cut
-    # --base: the dense model side by side, loaded from the run's recipe (here the same tiny model)
-    assert main(["generate", persona, "--prompt", "plan a trip", "--max-new-tokens", "10", "--base"]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("introvert> ") and "\nbase> " in out
-
-
-@pytest.mark.subprocess
-def test_chat_piped_prints_clean_turns_keeps_the_conversation_and_takes_reset_and_exit(onnx_run: Path) -> None:
-    persona = onnx_run / "extravert"
-    sample = ["--temperature", "1.0", "--seed", "3", "--max-new-tokens", "8"]  # the tiny model's greedy text is empty
-    cmd = [sys.executable, "-m", "exporter", "chat", str(persona), *sample]
-    lines = "hello\n\nand then?\n/reset\nhello\n/exit\nnever read\n"
-    done = subprocess.run(cmd, input=lines, capture_output=True, text=True, cwd=REPO, check=True)
-    runner, sampling = Runner(persona, "onnx"), Sampling(temperature=1.0, seed=3)
-    expected, history = "", []
-    for line in ("hello", "and then?", None, "hello"):
-        if line is None:  # /reset
-            history = []
-            continue
-        history.append({"role": "user", "content": line})
-        reply = "".join(runner.stream(history, 8, sampling))
-        history.append({"role": "assistant", "content": reply})
-        expected += f"you> {line}\nbot> {reply}{CUT.format(n=8) if runner.truncated else ''}\n\n"
-    assert done.stdout == expected
-    assert expected.count("bot> ") == 3 and len(expected) > 60  # the replies have text
-    assert "/reset starts over" in done.stderr and "(conversation reset)" in done.stderr
-
-
-def test_export_adds_onnx_to_an_existing_run(onnx_run: Path, tmp_path: Path) -> None:
+def test_export_adds_onnx_to_an_existing_run(tiny_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    shutil.copytree(onnx_run, run)
+    shutil.copytree(tiny_run, run)
     folder = run / "introvert"
     with pytest.raises(OutputError, match="exists; pass --overwrite"):
         dispatch(["export", str(folder), "--format", "onnx"])
@@ -131,7 +57,7 @@ def test_export_adds_onnx_to_an_existing_run(onnx_run: Path, tmp_path: Path) -> 
 
 
 def test_quantized_format_measures_the_persona_margin_on_the_held_out_pairs(
-    onnx_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """With eval.paired in the run's recipe, a quantized format reports how far it moves the persona's paired
     margin from the fp32 export's, on the pairs the evaluation holds out, and is judged on it."""
@@ -139,7 +65,7 @@ def test_quantized_format_measures_the_persona_margin_on_the_held_out_pairs(
     from exporter.recipe.schema import Recipe
 
     run = tmp_path / "run"
-    shutil.copytree(onnx_run, run)
+    shutil.copytree(tiny_run, run)
     recipe = json.loads((run / "recipe.json").read_text())
     pairs_file = recipe["personas"]["introvert"]["calibration"]["path"]
     recipe["eval"] = {
@@ -167,12 +93,12 @@ def test_quantized_format_measures_the_persona_margin_on_the_held_out_pairs(
 
 
 def test_export_adds_a_quantized_format_without_rebuilding_the_others(
-    onnx_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import exporter.model.sources
 
     run = tmp_path / "run"
-    shutil.copytree(onnx_run, run)
+    shutil.copytree(tiny_run, run)
     folder = run / "extravert"
     before = json.loads((folder / "report.json").read_text())["verification"]
     stamps = {p: p.stat().st_mtime_ns for p in [*(folder / "onnx").iterdir(), *(folder / "ort-int8").iterdir()]}
@@ -195,38 +121,7 @@ def test_export_adds_a_quantized_format_without_rebuilding_the_others(
         assert main(["generate", str(folder), "--prompt", "plan a trip", "--backend", backend]) == 0
         runner = Runner(folder, backend)
         assert runner.decoder.model.session._model_path.endswith(f"ort-{backend[5:]}/model.onnx")
-        assert len(list(runner._next_tokens(ids, 12, Sampling()))) == 12
-
-
-def test_bad_folders_are_clear_errors(onnx_run: Path, tmp_path: Path) -> None:
-    with pytest.raises(
-        ExportFolderError, match=r"is a run folder \(personas: introvert, extravert\); pass one persona"
-    ):
-        Runner(onnx_run, "onnx")  # the run folder, not a persona
-    persona = tmp_path / "p"
-    shutil.copytree(onnx_run / "introvert", persona, ignore=shutil.ignore_patterns("ort-int8"))
-    (persona / "onnx" / "model.onnx").write_bytes(b"not a model")
-    with pytest.raises(OnnxModelError):
-        Runner(persona, "onnx")
-    (persona / "onnx" / "model.onnx").unlink()
-    with pytest.raises(OnnxModelError):
-        Runner(persona, "onnx")
-    assert main(["generate", str(persona), "--prompt", "x"]) == 2
-    shutil.rmtree(persona / "onnx")
-    with pytest.raises(OnnxModelError, match="has no onnx/ folder"):
-        Runner(persona, "onnx")
-
-
-def test_mismatched_tokenizer_is_refused(onnx_run: Path, tmp_path: Path) -> None:
-    from transformers import AutoTokenizer
-
-    persona = tmp_path / "p"
-    shutil.copytree(onnx_run / "introvert", persona, ignore=shutil.ignore_patterns("onnx*", "ort-*"))
-    tok = AutoTokenizer.from_pretrained(persona / "hf")
-    tok.add_tokens([f"<extra{i}>" for i in range(50)])
-    tok.save_pretrained(persona / "hf")
-    with pytest.raises(ExportFolderError, match="do not belong together"):
-        Runner(persona, "torch")
+        assert len(list(runner.next_tokens(ids, 12, Sampling()))) == 12
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -234,28 +129,28 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 
 def test_export_overwrite_is_staged_and_an_interruption_keeps_the_verified_onnx(
-    onnx_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import exporter.workflows.onnx_stage
+    from exporter.stages.build import STAGES
 
     run = tmp_path / "run"
-    shutil.copytree(onnx_run, run)
+    shutil.copytree(tiny_run, run)
     folder = run / "introvert"
     before = _files(folder)
-    real = exporter.workflows.onnx_stage.onnx_stage
+    real = STAGES["onnx"]
 
-    def interrupted(stage: Path, *args: object, **kwargs: object) -> None:
-        assert stage != folder  # the new export is built elsewhere
-        (stage / "onnx").mkdir()
-        (stage / "onnx" / "model.onnx").write_bytes(b"half an export")
+    def interrupted(fmt: object, x: StageInputs) -> None:
+        assert x.folder != folder  # the new export is built elsewhere
+        (x.folder / "onnx").mkdir()
+        (x.folder / "onnx" / "model.onnx").write_bytes(b"half an export")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(exporter.workflows.onnx_stage, "onnx_stage", interrupted)
+    monkeypatch.setitem(STAGES, "onnx", interrupted)
     assert main(["export", str(folder), "--format", "onnx", "--overwrite"]) == 130
     assert _files(folder) == before
-    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in onnx_run.iterdir())  # nothing hidden left
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in tiny_run.iterdir())  # nothing hidden left
 
-    monkeypatch.setattr(exporter.workflows.onnx_stage, "onnx_stage", real)
+    monkeypatch.setitem(STAGES, "onnx", real)
     (folder / "onnx" / "stale.txt").write_text("from the old export")
     assert main(["export", str(folder), "--format", "onnx", "--overwrite"]) == 0
     after = _files(folder)
@@ -264,7 +159,7 @@ def test_export_overwrite_is_staged_and_an_interruption_keeps_the_verified_onnx(
     assert {k: v for k, v in after.items() if k.startswith(("hf/", "ort-int8/", "masks"))} == {
         k: v for k, v in before.items() if k.startswith(("hf/", "ort-int8/", "masks"))
     }
-    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in onnx_run.iterdir())
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in tiny_run.iterdir())
 
 
 @pytest.mark.parametrize(
@@ -273,14 +168,12 @@ def test_export_overwrite_is_staged_and_an_interruption_keeps_the_verified_onnx(
 )
 @pytest.mark.subprocess
 def test_export_overwrite_killed_by_sigterm_leaves_the_persona_as_it_was(
-    onnx_run: Path, tmp_path: Path, fmt: str, marker: str
+    tiny_run: Path, tmp_path: Path, fmt: str, marker: str
 ) -> None:
     import signal
 
-    from tests.workflows.test_interrupt import kill_at
-
     run = tmp_path / "run"
-    shutil.copytree(onnx_run, run)
+    shutil.copytree(tiny_run, run)
     folder = run / "introvert"
     before = _files(folder)
     cmd = [sys.executable, "-m", "exporter", "export", str(folder), "--format", fmt, "--overwrite"]
@@ -296,7 +189,7 @@ def test_export_overwrite_killed_by_sigterm_leaves_the_persona_as_it_was(
     err = kill_at(proc, marker, signal.SIGTERM)
     assert proc.returncode == 130, err
     assert _files(folder) == before
-    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in onnx_run.iterdir())
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in tiny_run.iterdir())
 
 
 def test_export_overwrite_refuses_a_symlinked_onnx_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -314,9 +207,9 @@ def test_export_overwrite_refuses_a_symlinked_onnx_folder(tmp_path: Path, capsys
     assert snapshot(tmp_path) == before
 
 
-def test_export_adds_a_verified_gguf(onnx_run: Path, tmp_path: Path) -> None:
+def test_export_adds_a_verified_gguf(tiny_run: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    shutil.copytree(onnx_run, run, ignore=shutil.ignore_patterns("onnx", "ort-*"))
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("onnx", "ort-*"))
     folder = run / "introvert"
     assert main(["export", str(folder), "--format", "gguf"]) == 0
     gguf = json.loads((folder / "report.json").read_text())["verification"]["gguf"]
@@ -334,17 +227,17 @@ def test_export_adds_a_verified_gguf(onnx_run: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("fmt", "module", "step"),
     [
-        ("onnx-int8", "exporter.workflows.onnx_stage", "quantize_weights"),
-        ("gguf", "exporter.workflows.gguf_stage", "export_gguf"),
+        ("onnx-int8", "exporter.stages.quantized", "quantize_weights"),
+        ("gguf", "exporter.stages.gguf", "export_gguf"),
     ],
 )
 def test_a_failed_export_leaves_the_verified_formats_and_report_as_they_were(
-    onnx_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, module: str, step: str
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str, module: str, step: str
 ) -> None:
     import importlib
 
     run = tmp_path / "run"
-    shutil.copytree(onnx_run, run)
+    shutil.copytree(tiny_run, run)
     folder = run / "introvert"
     before = _files(folder)
 
@@ -357,4 +250,4 @@ def test_a_failed_export_leaves_the_verified_formats_and_report_as_they_were(
     with pytest.raises(RuntimeError, match="the writer failed"):
         dispatch(["export", str(folder), "--format", fmt, "--overwrite"])
     assert _files(folder) == before
-    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in onnx_run.iterdir())
+    assert sorted(p.name for p in run.iterdir()) == sorted(p.name for p in tiny_run.iterdir())

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from exporter.cli import main
 from exporter.reports.persona import SCHEMA_VERSION, read_report
-from exporter.workflows import persona as persona_workflow
+from exporter.stages import checkpoint as checkpoint_stage
 from tests.helpers import write_recipe
 
 
@@ -115,7 +115,7 @@ def test_reused_statistics_give_the_same_masks(recipe: Path, tmp_path: Path, cap
 
 
 def test_a_parity_failure_is_fatal_and_marked(recipe: Path, tmp_path: Path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
-    real = persona_workflow.prune_model
+    real = checkpoint_stage.prune_model
 
     def broken(model, adapter, mask):  # type: ignore[no-untyped-def]
         pruned = real(model, adapter, mask)
@@ -123,7 +123,7 @@ def test_a_parity_failure_is_fatal_and_marked(recipe: Path, tmp_path: Path, monk
             adapter.mlp_out(adapter.layers(pruned)[0]).weight[0, 0] += 1e-3
         return pruned
 
-    monkeypatch.setattr(persona_workflow, "prune_model", broken)
+    monkeypatch.setattr(checkpoint_stage, "prune_model", broken)
     out = tmp_path / "run"
     assert main(["run", str(recipe), "--out", str(out)]) == 3
     assert "verification failed" in capsys.readouterr().err

@@ -154,7 +154,7 @@ def test_generation_stops_at_the_end_of_turn(demo_run: Path) -> None:
     for backend in ("torch", "onnx"):
         runner = Runner(folder, backend)
         assert "".join(runner.stream([{"role": "user", "content": SHORT}], 48)) == text
-        assert list(runner._next_tokens(ids[0].tolist(), len(reply), Sampling()))[-1] == tok.eos_token_id
+        assert list(runner.next_tokens(ids[0].tolist(), len(reply), Sampling()))[-1] == tok.eos_token_id
 
 
 def test_head_pruned_genai_folder_matches_the_masked_model(demo_run: Path) -> None:

@@ -12,10 +12,9 @@ from safetensors.torch import load_file
 from exporter.masking.calibrate import calibrate
 from exporter.masking.layerwise import calibrate_layerwise, column_sq_norms_from_checkpoint
 from exporter.masking.scoring import column_sq_norms
-from exporter.masking.stats import KINDS, Statistics
+from exporter.masking.statistics import KINDS, Statistics
 from exporter.model.adapters import adapter_for
-from exporter.verify.hf import PromptSet, reference_copy
-from tests.helpers import TINY_MODELS, samples, tiny_model
+from tests.helpers import TINY_MODELS, contrastive_mask, samples, tiny_model
 
 
 def assert_same_statistics(a: Statistics, b: Statistics) -> None:
@@ -48,12 +47,6 @@ def test_layerwise_calibration_equals_whole_model(model_type: str, tmp_path: Pat
         assert torch.equal(from_shards[part], value), part
 
 
-def _mask(model, unit: str):  # type: ignore[no-untyped-def]
-    from tests.helpers import contrastive_mask as prune_mask
-
-    return prune_mask(model, unit)
-
-
 @pytest.mark.parametrize("model_type", ["llama", "phi3", "qwen2"])
 def test_shard_by_shard_export_equals_in_memory_prune(model_type: str, tmp_path: Path) -> None:
     from exporter.export.prune import prune_model
@@ -62,7 +55,7 @@ def test_shard_by_shard_export_equals_in_memory_prune(model_type: str, tmp_path:
 
     dense = tiny_model(model_type)
     dense.save_pretrained(tmp_path / "src", max_shard_size="100KB")
-    adapter, mask = _mask(dense, "query-head" if model_type == "phi3" else "kv-group")
+    adapter, mask = contrastive_mask(dense, "query-head" if model_type == "phi3" else "kv-group")
     pruned = prune_model(copy.deepcopy(dense), adapter, mask)
     pruned.save_pretrained(tmp_path / "memory")
     files = prune_checkpoint(
@@ -85,54 +78,6 @@ def test_shard_by_shard_export_equals_in_memory_prune(model_type: str, tmp_path:
     ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, pruned(input_ids=ids).logits, rtol=0, atol=1e-5)
-
-
-def test_reference_copy_rounds_parameters_not_buffers() -> None:
-    dense = tiny_model("llama")
-    ref = reference_copy(dense, torch.bfloat16, torch.float64)
-    assert torch.equal(ref.model.rotary_emb.inv_freq, dense.model.rotary_emb.inv_freq.double())
-    w = dense.model.layers[0].mlp.up_proj.weight
-    assert torch.equal(ref.model.layers[0].mlp.up_proj.weight, w.to(torch.bfloat16).double())
-
-
-def test_bf16_source_keeps_its_dtype_and_matches_the_rounded_reference(tmp_path: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
-    from exporter.export.hf import export_hf
-    from exporter.export.prune import prune_model
-    from exporter.verify.hf import build_prompts, verify_export
-    from tests.helpers import tiny_tokenizer
-
-    tiny_model("qwen2").to(torch.bfloat16).save_pretrained(tmp_path / "src")
-    source = load_file(str(tmp_path / "src" / "model.safetensors"))
-    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.float32).eval()  # as loaded
-
-    half = AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16).eval()
-    half_stats = calibrate(half, adapter_for(half.config), samples(1), pad_id=0, batch_size=6, response_only=True)
-    assert all(t.dtype == torch.float64 and torch.isfinite(t).all() for t in half_stats.sum.values())
-
-    adapter, mask = _mask(dense, "kv-group")
-    pruned = prune_model(copy.deepcopy(dense), adapter, mask)
-    tok = tiny_tokenizer()
-    export_hf(pruned, tok, tmp_path / "hf", "bfloat16")
-    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
-    assert {t.dtype for t in exported.values()} == {torch.bfloat16}
-    # bf16 -> fp32 -> bf16 is exact: the export holds the source's own values, sliced
-    keep = mask.mlp_keep[0]
-    assert torch.equal(exported["model.layers.0.mlp.up_proj.weight"], source["model.layers.0.mlp.up_proj.weight"][keep])
-
-    references = {d: reference_copy(dense, torch.bfloat16, d) for d in (torch.float64, torch.float32)}
-    figures = verify_export(
-        references,
-        adapter,
-        mask,
-        tmp_path / "hf",
-        build_prompts(tok),
-        pad_id=tok.pad_token_id,
-        greedy_tokens=4,
-        fp64_max_abs=1e-10,
-    )
-    assert figures["passed"], figures["fp64"]
 
 
 def test_run_layerwise_with_auto_dtype_on_a_bf16_source(tmp_path: Path) -> None:
@@ -159,7 +104,7 @@ def test_run_with_layer_by_layer_verification(tmp_path: Path, capsys: pytest.Cap
     import json
 
     from exporter.cli import main
-    from exporter.publish.modelcard import _parity
+    from exporter.publish.modelcard import CardContext, render_card
     from exporter.reports.persona import read_report
     from tests.helpers import tiny_tokenizer, write_recipe
 
@@ -178,75 +123,9 @@ def test_run_with_layer_by_layer_verification(tmp_path: Path, capsys: pytest.Cap
         layers = hf["fp64_layers"]
         assert layers["passed"] and len(layers["per_layer_max_abs"]) == report["geometry"]["dense"]["layers"]
         assert layers["max_abs_layer_output_diff"] <= 1e-6 and layers["outside_layers_differ"] == []
-        assert "fp64, layer by layer" in _parity(read_report(tmp_path / "run" / persona))  # the card's parity table
+        card = render_card(read_report(tmp_path / "run" / persona), CardContext("org/x", "org/x", ())).text
+        assert "| transformers, fp64, layer by layer |" in card  # the card's parity table
     assert table.count("passed") >= 2
-
-
-def _prompt_set() -> PromptSet:
-    gen = torch.Generator().manual_seed(3)
-    rows = [torch.randint(3, 250, (n,), generator=gen) for n in (5, 9, 12)]
-    singles = [(r[None], torch.ones(1, len(r), dtype=torch.long)) for r in rows]
-    ids = torch.zeros(len(rows), 12, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, 12 - len(r) :], attn[i, 12 - len(r) :] = r, 1
-    return PromptSet(singles, (ids, attn))
-
-
-def _rewrite(folder: Path, name: str, change) -> None:  # type: ignore[no-untyped-def]
-    from safetensors.torch import save_file
-
-    from exporter.model.checkpoint import SourceCheckpoint
-
-    shard = folder / SourceCheckpoint(folder).weight_map[name]
-    tensors = load_file(str(shard))
-    tensors[name] = change(tensors[name])
-    save_file(tensors, str(shard), metadata={"format": "pt"})
-
-
-@pytest.mark.parametrize("model_type", sorted(TINY_MODELS))
-def test_layer_by_layer_verification_proves_parity_and_finds_the_broken_layer(model_type: str, tmp_path: Path) -> None:
-    from exporter.export.shards import prune_checkpoint
-    from exporter.verify.layers import verify_layers
-
-    dense = tiny_model(model_type)
-    dense.save_pretrained(tmp_path / "src", max_shard_size="100KB")
-    adapter, mask = _mask(dense, "query-head" if model_type == "phi3" else "kv-group")
-    out = tmp_path / "out"
-    prune_checkpoint(tmp_path / "src", adapter, mask, out, dtype=torch.float32, max_shard_bytes=60_000)
-    check = dict(storage=torch.float32, max_abs=1e-9)
-    good = verify_layers(tmp_path / "src", out, adapter, mask, _prompt_set(), **check)
-    assert good["passed"], good
-    assert len(good["per_layer_max_abs"]) == mask.geometry.layers and good["outside_layers_differ"] == []
-    assert good["max_abs_layer_output_diff"] < 1e-12
-
-    # the same verification against the unmasked model fails: the mask is what the export computes
-    unmasked = type(mask)(mask.persona, mask.geometry, None, None, None)
-    assert not verify_layers(tmp_path / "src", out, adapter, unmasked, _prompt_set(), **check)["passed"]
-
-    down = f"{adapter.layers_prefix}.1.mlp.down_proj.weight"
-    _rewrite(out, down, lambda t: t * 1.001)
-    bad = verify_layers(tmp_path / "src", out, adapter, mask, _prompt_set(), **check)
-    assert not bad["passed"] and bad["worst_layer"] == 1 and bad["per_layer_max_abs"][0] < 1e-12
-    _rewrite(out, down, lambda t: t / 1.001)
-    _rewrite(out, "model.norm.weight", lambda t: t + 1e-3)
-    bad = verify_layers(tmp_path / "src", out, adapter, mask, _prompt_set(), **check)
-    assert not bad["passed"] and bad["outside_layers_differ"] == ["model.norm.weight"]
-
-
-def test_layer_by_layer_verification_of_a_bf16_export(tmp_path: Path) -> None:
-    """Storage rounding is part of the reference, as in the whole-model check."""
-    from exporter.export.shards import prune_checkpoint
-    from exporter.verify.layers import verify_layers
-
-    dense = tiny_model("llama")
-    dense.save_pretrained(tmp_path / "src")
-    adapter, mask = _mask(dense, "kv-group")
-    prune_checkpoint(tmp_path / "src", adapter, mask, tmp_path / "out", dtype=torch.bfloat16)
-    args = (tmp_path / "src", tmp_path / "out", adapter, mask, _prompt_set())
-    assert verify_layers(*args, storage=torch.bfloat16, max_abs=1e-9)["passed"]
-    fp32 = verify_layers(*args, storage=torch.float32, max_abs=1e-9)  # the unrounded reference differs
-    assert not fp32["passed"] and fp32["outside_layers_differ"]
 
 
 def test_bounded_memory_run_equals_the_whole_model_run(tmp_path: Path) -> None:

@@ -15,7 +15,9 @@ from exporter.cli import main
 from exporter.errors import OutputError, RecipeError
 from exporter.evaluation.items import EvalDataError
 from exporter.recipe.load import load_recipe
-from exporter.workflows.tune import grid
+from exporter.recipe.tune import Setting, grid
+from exporter.reports.tune import Bounds, GridPoint, PersonaPoint
+from exporter.workflows.tune import per_persona_points
 from tests.helpers import NEUTRAL, edited_recipe, expect, with_eval, write_pair_data, write_recipe
 
 
@@ -156,7 +158,7 @@ def test_grid_covers_every_combination(tmp_path: Path, tiny_llama_dir: Path) -> 
             r.prune.mlp.gamma,  # type: ignore[union-attr]
             r.prune.mlp.amplify,  # type: ignore[union-attr]
         )
-        for r in grid(recipe)
+        for _, r in grid(recipe)
     }
     assert len(settings) == 64 and (0.25, 1.0, 0.5, "personas", 0.5, 2.0) in settings
 
@@ -259,22 +261,26 @@ def _point(
     repeats: float = 0.0,
     sparsity: float = 0.01,
     amplify: float = 1.0,
-) -> dict[str, Any]:
-    setting = {"sparsity": sparsity, "steer": steer, "steer_layers": 1.0, "compensate": "none", "gamma": 0.0}
-    setting["amplify"] = amplify
+) -> GridPoint:
+    setting = Setting(sparsity=sparsity, steer=steer, steer_layers=1.0, compensate="none", amplify=amplify)
     per = {
-        p: {
-            "shift": shifts[p],
-            "perplexity_ratio": ppl[p],
-            "reply_score": shifts[p] / 10,
-            "repeated_4grams_over_dense": repeats,
-        }
+        p: PersonaPoint(
+            shift=shifts[p], perplexity_ratio=ppl[p], reply_score=shifts[p] / 10, repeated_4grams_over_dense=repeats
+        )
         for p in shifts
     }
-    return {"setting": setting, "personas": per, "removes": True, "feasible": True, "prompt_only_reply_gap": 0.01}
+    return GridPoint(
+        setting=setting,
+        personas=per,
+        min_shift=min(shifts.values()),
+        max_perplexity_ratio=max(ppl.values()),
+        prompt_only_reply_gap=0.01,
+        removes=True,
+        feasible=True,
+    )
 
 
-def _grid(amplify: float) -> list[dict[str, Any]]:
+def _grid(amplify: float) -> list[GridPoint]:
     return [
         _point(1.0, {"a": 0.30, "b": 0.15}, {"a": 1.08, "b": 1.05}, amplify=amplify),
         _point(1.5, {"a": 0.40, "b": 0.22}, {"a": 1.20, "b": 1.10}, amplify=amplify),  # a over the ppl bound
@@ -283,37 +289,36 @@ def _grid(amplify: float) -> list[dict[str, Any]]:
     ]
 
 
-def test_sparsity_and_steering_are_chosen_per_persona_within_the_bounds() -> None:
-    from exporter.workflows.tune import per_persona_settings
+BOUNDS = Bounds(max_perplexity_ratio=1.15, max_repeated=0.05)
 
+
+def test_sparsity_and_steering_are_chosen_per_persona_within_the_bounds() -> None:
     scored = _grid(amplify=1.0)
     candidates = [(load_recipe_stub(), {"a": f"mask-a{i}", "b": f"mask-b{i}"}) for i in range(len(scored))]
-    out = per_persona_settings(scored, candidates, 1.15, 0.05, True)  # type: ignore[arg-type]
+    out = per_persona_points(scored, candidates, BOUNDS, True)  # type: ignore[arg-type]
     assert len(out) == 1
     point, (recipe, masks) = out[0]
     # a: its largest shift within the bounds is the first point; b: the point with sparsity 0.02
-    assert point["setting"]["sparsity"] == {"a": 0.01, "b": 0.02}
-    assert point["setting"]["steer"] == {"a": 1.0, "b": 1.0} and point["min_shift"] == 0.25
-    assert point["setting"]["steer_layers"] == {"a": 1.0, "b": 1.0}
-    assert point["max_perplexity_ratio"] == 1.14 and point["feasible"]
+    assert point.setting.sparsity == {"a": 0.01, "b": 0.02} and point.combined
+    assert point.setting.steer == {"a": 1.0, "b": 1.0} and point.min_shift == 0.25
+    assert point.setting.steer_layers == {"a": 1.0, "b": 1.0}
+    assert point.max_perplexity_ratio == 1.14 and point.feasible
     assert masks == {"a": "mask-a0", "b": "mask-b3"} and recipe.method.steer == {"a": 1.0, "b": 1.0}
     assert recipe.prune.mlp.fraction("a") == 0.01 and recipe.prune.mlp.fraction("b") == 0.02
-    assert point["reply_gap"] == pytest.approx(0.030 + 0.025)
+    assert point.reply_gap == pytest.approx(0.030 + 0.025)
 
 
 def test_with_amplify_a_persona_keeps_the_common_sparsity_and_chooses_only_its_steering() -> None:
-    from exporter.workflows.tune import per_persona_settings
-
     # amplify scales a persona's own units, which its partner's mask selects: its export depends on the
     # partner's sparsity, so points of different sparsity are not combined
     scored = _grid(amplify=2.0)
     candidates = [(load_recipe_stub(), {"a": f"mask-a{i}", "b": f"mask-b{i}"}) for i in range(len(scored))]
-    out = per_persona_settings(scored, candidates, 1.15, 0.05, True)  # type: ignore[arg-type]
+    out = per_persona_points(scored, candidates, BOUNDS, True)  # type: ignore[arg-type]
     assert len(out) == 1  # the 0.02 group has a single alpha: nothing to combine
     point, (recipe, masks) = out[0]
-    assert point["setting"]["sparsity"] == 0.01 and point["setting"]["steer"] == {"a": 1.0, "b": 1.5}
+    assert point.setting.sparsity == 0.01 and point.setting.steer == {"a": 1.0, "b": 1.5}
     assert masks == {"a": "mask-a0", "b": "mask-b1"} and recipe.prune.mlp.sparsity == 0.01
-    assert recipe.method.depth("b") == 1.0 and point["min_shift"] == 0.22
+    assert recipe.method.depth("b") == 1.0 and point.min_shift == 0.22
 
 
 def load_recipe_stub() -> Any:

@@ -1,4 +1,4 @@
-"""`validate` checks what `run` checks, before any model loads (exporter/workflows/validate.py): the eval
+"""`validate` checks what `run` checks, before any model loads (exporter/stages/preflight.py): the eval
 section's cross-references and files, model.path and its config.json, lengths against the model's context, and
 the tune section; each family a table."""
 
@@ -14,7 +14,7 @@ from exporter.cli import main
 from exporter.errors import ModelSourceError, PersonaExportError, RecipeError, UnsupportedModelError
 from exporter.evaluation.items import EvalDataError
 from exporter.recipe.load import load_recipe
-from exporter.workflows.validate import limit_problems
+from exporter.recipe.rules import limit_problems
 from tests.helpers import Edit, edited_recipe, expect, snapshot, with_eval, write_recipe
 
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from exporter.recipe.formats import QUANT_FORMATS
-from exporter.runtime.chat import encode_answer
-from exporter.verify.quality import answer_loglik, judge, persona_shift
+from exporter.model.encoding import encode_answer
+from exporter.recipe.formats import FLOORS
+from exporter.reports.checks import Measured, Quality, QuantizedCheck
+from exporter.verify.quality import answer_loglik, persona_shift
 from tests.helpers import tiny_tokenizer
 
 PAIRS = [
@@ -62,8 +63,16 @@ def test_persona_shift_is_zero_for_the_same_model_and_signed_for_a_planted_one()
 
 @pytest.mark.parametrize(("shift", "below"), [(0.01, False), (-0.029, False), (0.05, True), (-0.031, True)])
 def test_a_persona_margin_moved_beyond_the_floor_is_below_it(shift: float, below: bool) -> None:
-    floor = QUANT_FORMATS["onnx-int8"].floor
-    figures = judge({"top1_agreement": 0.99, "ppl_ratio": 1.01, "persona_shift": shift}, floor)
-    assert figures["below_floor"] is below and figures["floor"]["persona_shift"] == 0.03
-    unmeasured = judge({"top1_agreement": 0.99, "ppl_ratio": 1.01}, floor)
-    assert unmeasured["below_floor"] is False and "persona_shift" not in unmeasured["floor"]
+    quality = Quality(top1_agreement=0.99, positions=10, ppl_fp32=10.0, ppl_quantized=10.1, ppl_ratio=1.01)
+    measured = Measured.measured(quality.model_copy(update={"persona_shift": shift, "paired_items": 4}), FLOORS[8])
+    figures = QuantizedCheck(**measured, measured_on="neutral text", mb_fp32=1.0, mb_quantized=0.5, folder="f", bits=8)
+    assert figures.below_floor is below and figures.floor is not None and figures.floor.persona_shift == 0.03
+    unmeasured = QuantizedCheck(
+        **Measured.measured(quality, FLOORS[8]),
+        measured_on="neutral text",
+        mb_fp32=1.0,
+        mb_quantized=0.5,
+        folder="f",
+        bits=8,
+    )
+    assert unmeasured.below_floor is False and unmeasured.floor is not None and unmeasured.floor.persona_shift is None

@@ -1,4 +1,4 @@
-"""One persona's export (exporter/workflows/persona.py): a mask that removes nothing is warned and recorded."""
+"""One persona's export (exporter/stages/persona.py): a mask that removes nothing is warned and recorded."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from exporter.cli import main
-from exporter.publish.modelcard import _removed
+from exporter.publish.modelcard import CardContext, render_card
 from exporter.reports.persona import load_report
 from tests.helpers import write_recipe
 
@@ -40,7 +40,7 @@ def test_nothing_removed_counts_soft_masks_as_a_change(soft: dict[str, float], w
 
     from exporter.masking.masks import PersonaMask
     from exporter.model.adapters import Geometry
-    from exporter.workflows.persona import nothing_removed
+    from exporter.stages.persona import nothing_removed
 
     g = Geometry(2, 8, 16, 4, 2, 2)
     scales = {
@@ -64,5 +64,5 @@ def test_each_persona_exports_at_its_own_sparsity(tmp_path: Path, tiny_llama_dir
         assert config["intermediate_size"] == dense - int(fraction * dense)
         report = json.loads((out / persona / "report.json").read_text())
         assert report["status"] == "passed" and report["prune"]["mlp"]["sparsity"] == sparsity
-        card = _removed(load_report(out / persona / "report.json"))
+        card = render_card(load_report(out / persona / "report.json"), CardContext("org/x", "org/x", ())).text
         assert f"MLP: {fraction:.0%} of the intermediate neurons" in card

@@ -1,0 +1,154 @@
+"""One scorer of persona masks on one eval section's items, for the run's evaluation, `eval`, `sweep` and
+`tune`: the dense model and its prompt-only conditions are scored (and replied) once and reused for every set
+of masks evaluated after, then each set of masks gets its conditions, baselines and replies, summarised as each
+persona's typed evaluation (exporter/reports/evaluation.py)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from exporter.evaluation.conditions import (
+    Evaluator,
+    Raw,
+    conditions,
+    random_keys,
+    score_conditions,
+    system_prompt,
+    wanda_norms,
+)
+from exporter.evaluation.items import EvalItems
+from exporter.evaluation.replies import Replier
+from exporter.evaluation.summary import summarise
+from exporter.export.prune import count_parameters
+from exporter.masking.masks import PersonaMask
+from exporter.masking.statistics import Statistics
+from exporter.model.adapters import Adapter
+from exporter.recipe.eval import EvalSpec
+from exporter.recipe.schema import Recipe
+from exporter.reports.evaluation import Leak, PersonaEvaluation, RepliesEvaluation, Splits
+from exporter.reports.markdown import write_run_reports
+from exporter.reports.persona import PersonaReport
+
+DEFINITIONS = {
+    "answer_loglik": "mean per-token log-likelihood (nats) of the answer's content tokens, chat template "
+    "applied, the answer as the assistant turn; end-of-turn tokens and padding not counted",
+    "paired_margin": "answer_loglik(persona's answer) - answer_loglik(opposite persona's answer), same instruction",
+    "accuracy": "fraction of pairs with a positive margin",
+    "shift": "margin under the condition minus the dense model's margin, per item, then averaged",
+    "statements_margin": "mean answer_loglik of statements matching the persona minus that of the others, "
+    "each statement the assistant's reply to the statements prompt",
+    "perplexity": "exp(mean NLL) over every token of the neutral corpus windows after the first; no system prompt",
+    "kl": "mean KL(P_dense || Q_condition) of next-token distributions at the same positions",
+    "ci95": "seeded percentile bootstrap over items (statements: each group resampled separately)",
+    "mask": "persona mask applied to unit activations, plus the export's down_proj bias (steering and/or "
+    "compensation) when the recipe sets one: equal to the exported model (see verification)",
+    "steering-only": "the export's steering bias added to the dense model, no unit removed",
+    "removal-only": "the export's mask without its down_proj bias",
+    "reply_score": "dense model: mean per-token log-likelihood of a greedy reply under the persona's system prompt "
+    "minus under the opposite persona's; reply gap: the persona's export minus the opposite export, per prompt",
+}
+
+
+class MaskScorer:
+    """Scores sets of persona masks of `recipe`'s personas on the items of `spec`. `stats`: the personas'
+    calibration statistics, which spare the Wanda baseline a second pass over the calibration data."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        spec: EvalSpec,
+        items: EvalItems,
+        model: nn.Module,
+        tokenizer: Any,
+        adapter: Adapter,
+        stats: dict[str, Statistics] | None = None,
+    ) -> None:
+        self.recipe, self.spec, self.items = recipe, spec, items
+        self.ev = Evaluator(model, tokenizer, adapter, spec, items)
+        self.systems = {p: system_prompt(recipe, spec, p) for p in recipe.personas}
+        self.stats = stats or {}
+        self.norms: dict[str, list[dict[str, Any]]] = {}  # Wanda activation norms, per persona
+        self.dense: Raw = {}  # the dense model and its prompt-only conditions, scored once
+        opposite = {p: q for p in recipe.personas if (q := recipe.partner(p))}
+        self.replier = Replier(model, tokenizer, adapter, spec, items.reply_prompts, self.systems, opposite)
+        self.dense_params = count_parameters(model)
+
+    def wanda(self, personas: list[str]) -> dict[str, list[dict[str, Any]]]:
+        """The Wanda baseline's activation norms of `personas` (computed once each); none without the baseline."""
+        if "wanda" not in self.spec.baselines:
+            return {}
+        ev = self.ev
+        for p in personas:
+            if p not in self.norms:
+                self.norms[p] = wanda_norms(self.recipe, ev.model, ev.tokenizer, ev.adapter, p, self.stats.get(p))
+        return {p: self.norms[p] for p in personas}
+
+    def score(self, masks: dict[str, PersonaMask]) -> Raw:
+        """Raw scores of every condition of `masks`; the dense model's (and its prompt-only conditions') are
+        scored with the first set and reused for the next."""
+        raw = score_conditions(self.ev, conditions(self.ev, masks, self.wanda(list(masks))), self.systems, self.dense)
+        if not self.dense:
+            self.dense = {k: v for k, v in raw.items() if k == "dense" or k.startswith("dense+")}
+        return raw
+
+    def evaluate(
+        self,
+        masks: dict[str, PersonaMask],
+        *,
+        replies: bool = True,
+        timings: dict[str, float] | None = None,
+    ) -> dict[str, PersonaEvaluation]:
+        """Every persona's evaluation for `masks`, baselines on the same items; `timings` receives the seconds of
+        each part (baselines, scores, replies)."""
+        seconds = timings if timings is not None else {}
+        t = time.perf_counter()
+        self.wanda(list(masks))
+        seconds["eval_baselines"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        raw = self.score(masks)
+        seconds["eval_scores"] = round(time.perf_counter() - t, 3)
+        answered: dict[str, RepliesEvaluation] = {}
+        if replies and self.spec.replies is not None and self.items.reply_prompts:
+            t = time.perf_counter()
+            answered = self.replier.evaluate(masks)
+            seconds["eval_replies"] = round(time.perf_counter() - t, 3)
+        return {p: self.summary(raw, p, masks[p], answered.get(p)) for p in masks}
+
+    def summary(
+        self, raw: Raw, persona: str, mask: PersonaMask, replies: RepliesEvaluation | None = None
+    ) -> PersonaEvaluation:
+        spec, items = self.spec, self.items
+        labels = [s.label for s in items.statements]
+        figures = summarise(raw, persona, spec, labels, random_keys(spec, mask), self.dense_params, replies)
+        return PersonaEvaluation(
+            splits=Splits.model_validate(items.splits),
+            leaks=[Leak.model_validate(leak) for leak in items.leaks],
+            system_prompt=self.systems[persona],
+            statements_prompt=spec.statements.prompt if spec.statements else None,
+            random_seeds=[spec.seed + s for s in range(spec.random_seeds)],
+            dense_parameters=self.dense_params,
+            definitions=DEFINITIONS,
+            eval_spec=spec,
+            **figures,
+        )
+
+
+def evaluate_into(
+    folder: Path,
+    recipe: Recipe,
+    items: EvalItems,
+    m: Any,
+    masks: dict[str, PersonaMask],
+    reports: dict[str, PersonaReport],
+    stats: dict[str, Statistics] | None = None,
+    timings: dict[str, float] | None = None,
+) -> dict[str, PersonaReport]:
+    """The run's eval stage: evaluate every persona of the loaded model `m`, write reports into `folder`;
+    returns the reports with their evaluation."""
+    assert recipe.eval is not None
+    scorer = MaskScorer(recipe, recipe.eval, items, m.model, m.tokenizer, m.adapter, stats)
+    return write_run_reports(folder, recipe.name, scorer.evaluate(masks, timings=timings), reports)

@@ -1,0 +1,1 @@
+"""A finished run's folder and its persona folders, read in one place."""

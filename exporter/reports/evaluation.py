@@ -1,0 +1,206 @@
+"""A persona's evaluation as typed records (report.json's `evaluation`, the run's report.json): the items it
+read, one row of figures per condition, the acceptance bar and the replies. Computed in exporter/evaluation/;
+only read here and in the Markdown reports.
+"""
+
+from __future__ import annotations
+
+from pydantic import computed_field
+
+from exporter.recipe.eval import EvalSpec
+from exporter.reports.record import Record
+
+
+class CI(Record):
+    """A mean with its 95 % bootstrap interval."""
+
+    mean: float
+    ci95: list[float]
+
+
+class FileRef(Record):
+    path: str
+    sha256: str
+
+
+class PairedSplit(Record):
+    files: dict[str, FileRef]
+    records: int
+    unique_prompts: int
+    excluded_as_calibration: int
+    held_out: bool
+    selected: int
+    seed: int
+    record_indices: list[int]
+
+
+class StatementsSplit(Record):
+    file: FileRef
+    records: int
+    excluded_as_calibration: int
+    held_out: bool
+    selected_per_label: dict[str, int]
+    seed: int
+    record_indices: list[int]
+
+
+class NeutralSplit(Record):
+    file: FileRef
+    paragraphs: int
+
+
+class RepliesSplit(Record):
+    file: FileRef
+    total: int
+    held_out: bool
+    selected: int
+    seed: int
+    line_indices: list[int]
+
+
+class Splits(Record):
+    """What each source of items held and what was selected from it."""
+
+    paired: PairedSplit | None = None
+    statements: StatementsSplit | None = None
+    neutral: NeutralSplit | None = None
+    replies: RepliesSplit | None = None
+
+
+class Leak(Record):
+    source: str
+    index: int
+    calibration: str
+
+
+class PairedFigures(Record):
+    margin: CI
+    accuracy: CI
+    shift: CI
+    n: int
+
+
+class StatementFigures(Record):
+    margin: CI
+    shift: CI
+    n_matching: int
+    n_other: int
+
+
+class NeutralFigures(Record):
+    perplexity: float
+    perplexity_ratio: float
+    kl: float
+
+
+class PairedMeans(Record):
+    """One random seed's paired figures: means only (per-seed intervals would be noise)."""
+
+    margin: float
+    accuracy: float
+    shift: float
+    n: int
+
+
+class StatementMeans(Record):
+    margin: float
+    shift: float
+    n_matching: int
+    n_other: int
+
+
+class SeedRow(Record):
+    condition: str
+    parameters_removed: int
+    fraction_removed: float
+    paired: PairedMeans | None = None
+    statements: StatementMeans | None = None
+    neutral: NeutralFigures | None = None
+
+
+class Row(Record):
+    """One condition's figures; the random masks' row also holds each seed's."""
+
+    condition: str
+    parameters_removed: int
+    fraction_removed: float
+    paired: PairedFigures | None = None
+    statements: StatementFigures | None = None
+    neutral: NeutralFigures | None = None
+    seeds: list[SeedRow] | None = None
+
+    @property
+    def shift(self) -> float | None:
+        return self.paired.shift.mean if self.paired else None
+
+
+class Acceptance(Record):
+    """The bar on the mask-only model; `passed` when every check holds."""
+
+    shift: float
+    random_shift: float | None
+    random_movement: float | None
+    shift_over_random: float | None
+    perplexity_ratio: float | None
+    checks: dict[str, bool]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def passed(self) -> bool:
+        return all(self.checks.values())
+
+
+class MaskVsPrompt(Record):
+    mask_minus_prompt: CI
+
+
+class Degeneration(Record):
+    repeated_4grams: float
+    distinct_2: float
+    cut_at_max_tokens: float
+    empty: float
+
+
+class ReplyCondition(Record):
+    score: CI
+    degeneration: Degeneration
+
+
+class ReplyExample(Record):
+    prompt: str
+    dense: str
+    prompt_only: str
+    export: str
+    opposite_export: str
+
+
+class RepliesEvaluation(Record):
+    """Reply scores per condition (keyed by label: dense, prompt-only, export, ...), the gaps between the
+    persona's and its opposite's models, and replies side by side."""
+
+    prompts: int
+    max_new_tokens: int
+    opposite: str
+    conditions: dict[str, ReplyCondition]
+    gap: dict[str, CI]
+    examples: list[ReplyExample]
+
+
+class PersonaEvaluation(Record):
+    splits: Splits
+    leaks: list[Leak]
+    system_prompt: str
+    statements_prompt: str | None
+    random_seeds: list[int]
+    dense_parameters: int
+    definitions: dict[str, str]
+    eval_spec: EvalSpec
+    opposite: str | None
+    rows: list[Row]
+    acceptance: Acceptance | None
+    mask_vs_prompt: MaskVsPrompt | None
+    replies: RepliesEvaluation | None = None
+
+    def row(self, condition: str) -> Row | None:
+        """The first row whose condition starts with `condition` ("random mask" matches "random mask (3 seeds)")."""
+        return next((r for r in self.rows if r.condition.startswith(condition)), None)
