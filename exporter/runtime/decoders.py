@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from exporter.errors import ExportFolderError
+from exporter.errors import ExportFolderError, OnnxModelError
+from exporter.inputs import check_folder_files, read_json_object
 from exporter.runtime.exports import GENAI, ORT, Found
 from exporter.runtime.onnx import OnnxCausalLM, Past
 
@@ -138,7 +139,10 @@ class GenaiRows(SerialRows):
         import onnxruntime_genai as og
 
         super().__init__()
-        config = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
+        fix = "re-export it (`persona-export export PERSONA --format onnx-genai --overwrite`)"
+        config = read_json_object(folder / "genai_config.json", OnnxModelError, fix).get("model")
+        if not isinstance(config, dict) or not isinstance(config.get("vocab_size"), int):
+            raise OnnxModelError(f"{folder / 'genai_config.json'} has no model.vocab_size; {fix}")
         settings = og.Config(str(folder))
         if threads:
             options = {"session_options": {"intra_op_num_threads": threads}}
@@ -186,6 +190,7 @@ def load_tokenizer(folder: Path, vocab_size: int) -> Any:
     """The tokenizer in `folder`, refused when it has more tokens than the model."""
     from transformers import AutoTokenizer
 
+    check_folder_files(folder, ExportFolderError, "re-export the persona")
     try:
         tok = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:

@@ -123,15 +123,19 @@ def _scan(folder: Path, name: str) -> Export:
 
 
 def _format_name(path: Path, runtime: str, root: bool = False) -> str:
-    """The registered name of the folder's format; an unregistered onnxruntime folder is named after itself,
-    or `onnx` when it is the folder handed in (a separate ONNX repository downloaded from the Hub)."""
+    """The registered name of the folder's format (genai/ and q4-genai/ both run on onnxruntime-genai); an
+    unregistered folder is named after itself, or `onnx` / `onnx-genai` when it is the folder handed in (a
+    separate repository downloaded from the Hub)."""
     if path.is_file():
         return "gguf"
     if runtime == TORCH:
         return "hf"
-    if runtime == GENAI:
-        return "onnx-genai"
-    return FORMAT_OF_FOLDER.get(path.name, "onnx" if root else path.name)
+    registered = FORMAT_OF_FOLDER.get(path.name)
+    if registered is not None and FORMATS[registered].family == runtime:
+        return registered
+    if root:
+        return "onnx-genai" if runtime == GENAI else "onnx"
+    return path.name
 
 
 def locate(path: Path) -> Export:

@@ -1,15 +1,12 @@
 """Running an export (or the run's dense base model) in the terminal: generation with streaming, on
 onnxruntime, onnxruntime-genai or torch, CPU (exporter/runtime/decoders.py). Greedy by default; temperature /
-top-p sampling, a repetition penalty and a seed on request."""
+top-p sampling, a repetition penalty and a seed on request (exporter/runtime/sampling.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from exporter.errors import ExportFolderError
 from exporter.folders.run_folder import PersonaFolder, RunFolder
@@ -17,35 +14,9 @@ from exporter.model.encoding import prompt_ids
 from exporter.runtime.decoders import Decoder, TorchRows, generation_config, open_export
 from exporter.runtime.exports import locate
 from exporter.runtime.reply import Reply, end_ids
+from exporter.runtime.sampling import Sampling
 
-
-@dataclass(frozen=True)
-class Sampling:
-    """temperature 0 = greedy; repetition_penalty as in transformers (>1 discourages tokens already present)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-
-    def chooser(self) -> Callable[[np.ndarray, list[int]], int]:
-        """choose(logits (vocab,), tokens so far) -> the next token; seeded once per reply."""
-        rng = np.random.default_rng(self.seed)
-
-        def choose(logits: np.ndarray, seen: list[int]) -> int:
-            x = logits.astype(np.float64)
-            if self.repetition_penalty != 1.0 and seen:
-                idx = np.unique(seen)
-                x[idx] = np.where(x[idx] > 0, x[idx] / self.repetition_penalty, x[idx] * self.repetition_penalty)
-            if self.temperature <= 0:
-                return int(x.argmax())
-            p = np.exp((x - x.max()) / self.temperature)
-            p /= p.sum()
-            order = np.argsort(-p, kind="stable")
-            keep = order[: int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1]  # smallest set >= top_p
-            return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
-
-        return choose
+__all__ = ["Runner", "Sampling", "base_model_runner"]
 
 
 def base_model_runner(run_dir: Path) -> Runner:

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from exporter.model.encoding import prompt_ids
-from exporter.runtime.runner import Sampling
+from exporter.runtime.sampling import Sampling
 from exporter.serve.protocol import (
     ApiError,
     ChatRequest,
@@ -183,7 +183,7 @@ def make_job(model: Served, req: ChatRequest) -> Job:
         d["temperature"] if req.temperature is None else req.temperature,
         d["top_p"] if req.top_p is None else req.top_p,
         d["repetition_penalty"] if req.repetition_penalty is None else req.repetition_penalty,
-        secrets.randbits(32) if req.seed is None else req.seed,
+        secrets.randbits(32) if req.seed is None else req.seed % 2**64,  # any integer a client sends
     )
     return Job(model, ids, sampling, asked or min(d["max_tokens"] or room, room), req.stops())
 

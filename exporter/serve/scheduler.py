@@ -20,7 +20,7 @@ import numpy as np
 
 from exporter.runtime.decoders import Decoder
 from exporter.runtime.reply import Reply
-from exporter.runtime.runner import Sampling
+from exporter.runtime.sampling import Sampling
 
 log = logging.getLogger(__name__)
 
