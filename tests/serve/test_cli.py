@@ -137,3 +137,25 @@ def test_the_runs_dense_model_is_served_as_base(run: Path, tmp_path: Path, capsy
         out = api.chat.completions.create(model="base", messages=chat, temperature=1.0, seed=4, max_tokens=8)
     assert out.choices[0].message.content == want and want.strip()
     expect(["serve", str(run / "introvert"), "--base"], ExportFolderError, "is not a run folder", capsys)
+
+
+def test_format_folders_are_named_by_the_registry(tmp_path: Path) -> None:
+    """Each folder is found under its registered format name, whichever runtime family it shares (genai/ and
+    q4-genai/ both run on onnxruntime-genai); an unregistered ONNX folder under its own name."""
+    from exporter.runtime.exports import GENAI, ORT, locate
+
+    folder = tmp_path / "download"
+    for sub, files in {
+        "onnx": ("config.json", "model.onnx"),
+        "genai": ("genai_config.json",),
+        "q4-genai": ("genai_config.json",),
+        "onnx-custom": ("config.json", "model.onnx"),
+    }.items():
+        (folder / sub).mkdir(parents=True)
+        for name in files:
+            (folder / sub / name).write_text("{}")
+    export = locate(folder)
+    runtimes = {name: found.runtime for name, found in export.formats.items()}
+    assert runtimes == {"onnx": ORT, "onnx-genai": GENAI, "onnx-q4": GENAI, "onnx-custom": ORT}
+    assert export.pick().format == "onnx" and export.pick("onnx-q4").path == folder / "q4-genai"
+    assert locate(folder / "q4-genai").formats.keys() == {"onnx-q4"}
