@@ -40,7 +40,9 @@ def complete_run(tmp_path: Path, tiny_llama_dir: Path) -> Path:
         (run / p / "report.json").write_text(json.dumps(make_report(p)))
         PersonaMask(p, geometry, None, None, None).save(run / p / "masks.safetensors", {})
     (run / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json")))
-    (run / "run.json").write_text(json.dumps({"model_sha256": "ab" * 32}))
+    (run / "run.json").write_text(
+        json.dumps({"model_sha256": "ab" * 32, "personas": dict.fromkeys(recipe.personas, "passed")})
+    )
     return run
 
 
