@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import traceback
@@ -16,6 +17,14 @@ from exporter.recipe.formats import ADDED, FORMATS
 EXPORT_FORMATS = list(ADDED)  # formats made from a persona's checkpoint
 # the runtimes that run an export: onnxruntime or onnxruntime-genai on a format's folder, torch on hf/
 BACKENDS = [n for n, f in FORMATS.items() if f.family in ("onnxruntime", "onnxruntime-genai")] + ["torch"]
+EXPORT_HELP = (
+    "a persona folder (RUN_DIR/PERSONA), one of its format folders (hf/, onnx/, genai/, ...), a folder downloaded "
+    "from the Hub, or a .gguf file"
+)
+FORMAT_HELP = (
+    f"a format of the export: {', '.join(BACKENDS)} (torch: the checkpoint), or the name of another ONNX folder "
+    "in it; default: onnx, else onnx-genai, else torch"
+)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -100,13 +109,22 @@ def _reply(runner: Any, messages: list[dict[str, str]], args: argparse.Namespace
     return "".join(pieces)
 
 
+def _run_dir(path: Path) -> Path:
+    """The run folder a persona (or one of its format folders) belongs to, for --base."""
+    for folder in (path, *path.resolve().parents[:2]):
+        if (folder / "recipe.json").is_file() and (folder / "run.json").is_file():
+            return folder
+    raise PersonaExportError(f"--base runs the dense model of a run: {path} is not inside a run folder")
+
+
 def _runners(args: argparse.Namespace) -> list[tuple[str, Any]]:
     from exporter.runtime.runner import Runner, base_model_runner
 
-    persona = Path(args.persona_dir)
-    runners = [(persona.name, Runner(persona, args.backend))]
+    path = Path(args.path)
+    runner = Runner(path, args.backend)
+    runners = [(runner.name, runner)]
     if args.base:  # side by side: the dense model the persona was cut from
-        runners.append(("base", base_model_runner(persona.parent)))
+        runners.append(("base", base_model_runner(_run_dir(path))))
     return runners
 
 
@@ -125,25 +143,54 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_COMMANDS = ("/reset", "/exit")
+
+
+def _lines(typed: bool) -> Any:
+    """The user's lines: read with a `you> ` prompt at a terminal; piped in, each is echoed as a turn."""
+    while True:
+        try:
+            line = input("you> " if typed else "").strip()
+        except EOFError:
+            return
+        if not typed and line and line not in CHAT_COMMANDS:
+            print(f"you> {line}")
+        yield line
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     runners = _runners(args)
     sampling = _sampling(args, runners[0][1])
     history = {name: _start(args) for name, _ in runners}  # with --base each model keeps its own conversation
-    names = " and ".join(n for n, _ in runners)
+    names = " and ".join(f"{n} ({r.backend})" for n, r in runners)
     how = f"repetition penalty {sampling.repetition_penalty:g}" if sampling.repetition_penalty != 1 else "no penalty"
-    print(f"chatting with {names} ({args.backend}, {how}); an empty line or Ctrl-D ends", file=sys.stderr)
-    while True:
-        try:
-            line = input("you> ").strip()
-        except EOFError:
+    print(f"chatting with {names}, {how}; /reset starts over, /exit or Ctrl-D ends", file=sys.stderr)
+    for line in _lines(sys.stdin.isatty()):
+        if line == "/exit":
             break
+        if line == "/reset":
+            history = {name: _start(args) for name, _ in runners}
+            print("(conversation reset)", file=sys.stderr)
+            continue
         if not line:
-            break
+            continue
         for name, runner in runners:
             messages = history[name]
             messages.append({"role": "user", "content": line})
             print("bot> " if len(runners) == 1 else f"{name}> ", end="", flush=True)
             messages.append({"role": "assistant", "content": _reply(runner, messages, args, sampling)})
+        print()  # a blank line between turns
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from exporter.serve.server import Limits
+    from exporter.workflows.serve import serve_path
+
+    limits = Limits(args.max_batch, args.max_queue, args.max_body, args.threads)
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn has shut down gracefully and passes the signal on
+        serve_path(Path(args.path), args.format, args.host, args.port, limits, args.api_key, base=args.base)
+    print("stopped", file=sys.stderr)
     return 0
 
 
@@ -211,6 +258,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: a whole number of at least 0."""
+    if text.strip() == "0":
+        return 0
+    return positive_int(text)
+
+
 def sampling_setting(name: str) -> Any:
     """argparse type of a sampling option: a number in the range exporter/runtime/sampling.py gives `name`."""
     from exporter.runtime.sampling import RANGES, setting_problem
@@ -245,6 +299,7 @@ EXAMPLES = """examples:
   persona-export run recipes/smollm2-introvert-extravert.yaml --out runs/s5 prune.mlp.sparsity=0.05
   persona-export generate runs/demo/extravert --prompt "Plan my Saturday." --base
   persona-export chat runs/demo/introvert --backend torch --temperature 0.7
+  persona-export serve runs/demo --port 8000
   persona-export eval runs/demo eval.baselines=all
 
 -q/--quiet and -v/--verbose may come before or after the command."""
@@ -318,13 +373,13 @@ def _add_generation(sub: Any) -> None:
             "generate a reply to one prompt (streamed; greedy with the export's repetition penalty unless "
             "--temperature / --repetition-penalty)",
         ),
-        ("chat", cmd_chat, "chat with a persona export in the terminal"),
+        ("chat", cmd_chat, "chat with an export in the terminal (or from piped lines); /reset, /exit"),
     ):
         p = _command(sub, name, help=text)
-        p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA")
+        p.add_argument("path", metavar="EXPORT", help=EXPORT_HELP)
         if name == "generate":
             p.add_argument("--prompt", required=True, type=prompt_text, help="the user's message (not empty)")
-        p.add_argument("--backend", choices=BACKENDS, default="onnx", help="runtime and format of the export")
+        p.add_argument("--backend", metavar="FORMAT", help=FORMAT_HELP)
         p.add_argument(
             "--max-new-tokens", type=positive_int, default=128, help="at least 1; a reply cut here is marked"
         )
@@ -347,6 +402,31 @@ def _add_generation(sub: Any) -> None:
         p.add_argument("--seed", type=sampling_setting("seed"), default=0, help="seed of the sampler; >= 0")
         p.add_argument("--base", action="store_true", help="also run the run's dense base model (torch), side by side")
         p.set_defaults(func=func)
+
+
+def _add_serve(sub: Any) -> None:
+    p = _command(
+        sub, "serve", help="serve a run's personas (or one export) with an OpenAI-compatible chat-completions API"
+    )
+    p.add_argument("path", metavar="RUN_DIR|EXPORT", help="a run folder (every persona), or " + EXPORT_HELP)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--format", metavar="FORMAT", help=FORMAT_HELP)
+    p.add_argument(
+        "--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' (or set PERSONA_EXPORT_API_KEY)"
+    )
+    p.add_argument(
+        "--base",
+        action="store_true",
+        help="also serve the run's dense model as 'base' (exported into RUN_DIR/base once, about a minute)",
+    )
+    p.add_argument(
+        "--max-batch", type=positive_int, default=8, help="requests decoded together; 1 serves them one by one"
+    )
+    p.add_argument("--max-queue", type=non_negative_int, default=16, help="requests waiting beyond those; more get 503")
+    p.add_argument("--max-body", type=positive_int, default=1_000_000, help="bytes of a request body; larger get 413")
+    p.add_argument("--threads", type=positive_int, help="onnxruntime threads per model (default: one per core)")
+    p.set_defaults(func=cmd_serve)
 
 
 def _add_push(sub: Any) -> None:
@@ -413,7 +493,17 @@ def _add_tune(sub: Any) -> None:
     p.set_defaults(func=cmd_tune)
 
 
-COMMANDS = (_add_validate, _add_run, _add_export, _add_generation, _add_push, _add_eval, _add_sweep, _add_tune)
+COMMANDS = (
+    _add_validate,
+    _add_run,
+    _add_export,
+    _add_generation,
+    _add_serve,
+    _add_push,
+    _add_eval,
+    _add_sweep,
+    _add_tune,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

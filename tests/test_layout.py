@@ -7,7 +7,7 @@ import re
 from tests.helpers import REPO
 
 ORDER = ["errors", "io", "inputs", "quiet", "recipe", "reports", "model", "masking", "folders", "runtime"]
-ORDER += ["publish", "export", "verify", "evaluation", "stages", "workflows", "cli"]
+ORDER += ["serve", "publish", "export", "verify", "evaluation", "stages", "workflows", "cli"]
 
 
 def test_a_package_imports_only_from_those_before_it() -> None:

@@ -76,6 +76,10 @@ class PersonaFolder:
     def run(self) -> RunFolder:
         return RunFolder(self.path.parent, self.error, self.fix)
 
+    def holds_export(self) -> bool:
+        """Whether the folder holds a persona export: its report.json and the checkpoint's hf/config.json."""
+        return (self.path / "report.json").is_file() and (self.path / "hf" / "config.json").is_file()
+
     def report(self) -> PersonaReport:
         """report.json; a folder that is not a persona export is refused (ExportFolderError)."""
         return read_report(self.path)

@@ -85,24 +85,40 @@ def test_generate_uses_the_penalty_every_format_ships_unless_told_otherwise(
     assert main(["generate", str(persona), "--prompt", "plan a trip", "--base"]) == 0
     monkeypatch.setattr("sys.stdin", io.StringIO("hello\n\n"))
     assert main(["chat", str(persona), "--backend", "torch"]) == 0
-    assert used == [("onnx", 2.0), ("onnx", 1.0), ("torch", 1.5), ("onnx", 2.0), ("torch", 2.0), ("torch", 2.0)]
+    # `--backend torch` runs the hf/ checkpoint, named by its format; the base model runs on torch
+    assert used == [("onnx", 2.0), ("onnx", 1.0), ("hf", 1.5), ("onnx", 2.0), ("torch", 2.0), ("hf", 2.0)]
     assert "repetition penalty 2" in capsys.readouterr().err  # chat says how it decodes
     sub = build_parser()._subparsers._group_actions[0].choices["generate"]  # type: ignore[union-attr]
     assert "default: what the export ships" in " ".join(sub.format_help().split())
 
 
 @pytest.mark.subprocess
-def test_chat_streams_and_keeps_the_conversation(tiny_run: Path) -> None:
-    cmd = [sys.executable, "-m", "exporter", "chat", str(tiny_run / "extravert"), "--max-new-tokens", "8"]
-    done = subprocess.run(cmd, input="hello\nand then?\n\n", capture_output=True, text=True, cwd=REPO, check=True)
-    assert done.stdout.count("you> ") == 3 and done.stdout.count("bot> ") == 2
-    runner = Runner(tiny_run / "extravert", "onnx")
-    first = "".join(runner.stream([{"role": "user", "content": "hello"}], 8))
-    assert f"bot> {first}" in done.stdout
+def test_chat_piped_prints_clean_turns_keeps_the_conversation_and_takes_reset_and_exit(tiny_run: Path) -> None:
+    persona = tiny_run / "extravert"
+    sample = ["--temperature", "1.0", "--seed", "3", "--max-new-tokens", "8"]  # the tiny model's greedy text is empty
+    cmd = [sys.executable, "-m", "exporter", "chat", str(persona), *sample]
+    lines = "hello\n\nand then?\n/reset\nhello\n/exit\nnever read\n"
+    done = subprocess.run(cmd, input=lines, capture_output=True, text=True, cwd=REPO, check=True)
+    runner = Runner(persona, "onnx")
+    sampling = Sampling(temperature=1.0, seed=3, repetition_penalty=runner.repetition_penalty)  # the shipped one
+    expected, history = "", []
+    for line in ("hello", "and then?", None, "hello"):
+        if line is None:  # /reset
+            history = []
+            continue
+        history.append({"role": "user", "content": line})
+        reply = "".join(runner.stream(history, 8, sampling))
+        history.append({"role": "assistant", "content": reply})
+        expected += f"you> {line}\nbot> {reply}{CUT.format(n=8) if runner.truncated else ''}\n\n"
+    assert done.stdout == expected
+    assert expected.count("bot> ") == 3 and len(expected) > 60  # the replies have text
+    assert "/reset starts over" in done.stderr and "(conversation reset)" in done.stderr
 
 
 def test_bad_folders_are_clear_errors(tiny_run: Path, tmp_path: Path) -> None:
-    with pytest.raises(ExportFolderError, match="is not a persona export"):
+    with pytest.raises(
+        ExportFolderError, match=r"is a run folder \(personas: introvert, extravert\); pass one persona"
+    ):
         Runner(tiny_run, "onnx")  # the run folder, not a persona
     persona = tmp_path / "p"
     shutil.copytree(tiny_run / "introvert", persona, ignore=shutil.ignore_patterns("ort-int8"))

@@ -520,11 +520,15 @@ LINES = [
             ("eval", []),
         ]
     ),
-    Line("generate-a-file", lambda t, m: ["generate", recipe_file(t, m), "--prompt", "hi"], "is a file, not a folder"),
+    Line(
+        "generate-a-file",
+        lambda t, m: ["generate", recipe_file(t, m), "--prompt", "hi"],
+        "is a file but not a GGUF file",
+    ),
     Line(
         "generate-a-run-folder",
         lambda t, m: ["generate", str(Path(persona_folder(t, m)).parent), "--prompt", "hi"],
-        "is not a persona export (expected report.json and hf/config.json)",
+        "is a run folder (personas: introvert); pass one persona",
     ),
     # --overwrite replaces only what the project wrote; links are never followed or replaced
     *(

@@ -120,7 +120,7 @@ def test_export_adds_a_quantized_format_without_rebuilding_the_others(
     for backend in ("onnx-int4", "onnx-int8"):
         assert main(["generate", str(folder), "--prompt", "plan a trip", "--backend", backend]) == 0
         runner = Runner(folder, backend)
-        assert runner.onnx.session._model_path.endswith(f"ort-{backend[5:]}/model.onnx")
+        assert runner.decoder.model.session._model_path.endswith(f"ort-{backend[5:]}/model.onnx")
         assert len(list(runner.next_tokens(ids, 12, Sampling()))) == 12
 
 

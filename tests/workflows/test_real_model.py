@@ -213,3 +213,44 @@ def test_genai_reply_ends_its_turn_with_the_text_transformers_gives(real_model: 
     assert got == want, (tok.decode(got), tok.decode(want))  # <|im_end|> generated, and generation ended there
     text = og.Tokenizer(genai_model).decode(np.asarray(got[:-1], dtype=np.int32))
     assert text == tok.decode(want[:-1]) and text.strip(), text
+
+
+def test_served_persona_answers_openai_clients_as_generate_does(demo_run: Path) -> None:
+    """`serve` on the real head-pruned persona: two clients at once, their rows decoded together, each get the
+    reply `generate` gives alone (greedy), ending at the end of turn."""
+    import threading
+
+    import openai
+
+    from exporter.runtime.runner import Runner
+    from exporter.serve.server import served_models
+    from tests.serve.running import running
+
+    folder = demo_run / "extravert"
+    if not (folder / "onnx").is_dir():
+        cmd = [sys.executable, "-m", "exporter", "export", str(folder), "--format", "onnx"]
+        assert subprocess.run(cmd, capture_output=True, text=True, cwd=REPO).returncode == 0
+    chats = {p: [{"role": "user", "content": p}] for p in (SHORT, "Name three colours, separated by commas.")}
+    runner = Runner(folder, "onnx")
+    want, cut = {}, {}
+    for prompt, chat in chats.items():
+        want[prompt] = "".join(runner.stream(chat, 48))
+        cut[prompt] = runner.truncated
+    got: dict[str, Any] = {}
+    with running(served_models(folder, "onnx")) as url:
+        api = openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=300)
+
+        def ask(prompt: str) -> None:
+            got[prompt] = api.chat.completions.create(model="extravert", messages=chats[prompt], max_tokens=48).choices[
+                0
+            ]
+
+        threads = [threading.Thread(target=ask, args=(p,)) for p in chats]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for prompt, text in want.items():
+        assert got[prompt].message.content == text and text.strip(), prompt
+        assert got[prompt].finish_reason == ("length" if cut[prompt] else "stop")
+    assert not cut[SHORT]  # the short answer ends its turn within 48 tokens
