@@ -389,7 +389,9 @@ def test_run_eval_and_sweep_write_reports(tiny_llama_dir: Path, tmp_path: Path, 
     assert main(["eval", str(run), "--recipe", str(write_recipe(other, tiny_llama_dir, eval=neutral_only))]) == 0
     ev = json.loads((run / "extravert" / "report.json").read_text())["evaluation"]
     assert ev["eval_spec"]["neutral"]["window"] == 16 and "paired" not in ev["splits"]
-    assert [r["condition"] for r in ev["rows"]] == ["dense", "mask-only", "random mask (3 seeds)"]
+    # this eval section does not set its depth: the verdict depth, one random seed
+    assert [r["condition"] for r in ev["rows"]] == ["dense", "mask-only", "random mask (1 seed)"]
+    assert ev["depth"] == "verdict" and ev["random_seeds"] == [0]
     out = tmp_path / "sweep"
     assert main(["sweep", str(recipe), "--sparsity", "0.1,0.25,0.99", "--out", str(out)]) == 0
     points = json.loads((out / "report.json").read_text())["points"]
