@@ -41,7 +41,9 @@ def complete_run(tmp_path: Path, tiny_llama_dir: Path) -> Path:
         (run / p / "report.json").write_text(json.dumps(make_report(p)))
         PersonaMask(p, geometry, None, None, None).save(run / p / "masks.safetensors", {})
     (run / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json")))
-    (run / "run.json").write_text(json.dumps({"model_sha256": "ab" * 32}))
+    (run / "run.json").write_text(
+        json.dumps({"model_sha256": "ab" * 32, "personas": dict.fromkeys(recipe.personas, "passed")})
+    )
     return run
 
 
@@ -92,7 +94,7 @@ def test_an_override_that_breaks_the_eval_section_is_named(
 @pytest.mark.usefixtures("no_model_load")
 def test_eval_full_scores_the_full_depth(tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The run's own evaluation is the verdict depth; `eval --full` reads the full depth's items."""
-    import exporter.workflows.evaluate as evaluate
+    import exporter.evaluation.items as items
 
     run = complete_run(tmp_path, tiny_llama_dir)
     seen: list[str] = []
@@ -101,7 +103,7 @@ def test_eval_full_scores_the_full_depth(tmp_path: Path, tiny_llama_dir: Path, m
         seen.append(spec.depth)
         raise AssertionError("stop before the model")
 
-    monkeypatch.setattr(evaluate, "prepare", depth_of)
+    monkeypatch.setattr(items, "prepare", depth_of)  # imported by `eval` when it runs
     for argv, depth in ((["eval", str(run)], "verdict"), (["eval", str(run), "--full"], "full")):
         with pytest.raises(AssertionError, match="stop before the model"):
             dispatch(argv)
