@@ -200,6 +200,34 @@ def write_recipe(tmp_path: Path, model_dir: Path, **changes: Any) -> Path:
     return path
 
 
+def write_mix_recipe(tmp_path: Path, model_dir: Path, **changes: Any) -> Path:
+    """write_recipe with a second pair, thinking / feeling (other words, other prompts), MLP pruning only, and
+    two composites: "IT" (introvert 1 + thinking 1) and "mostly-E" (extravert 0.7 + feeling 0.3)."""
+    import yaml
+
+    path = write_recipe(tmp_path, model_dir, prune={"mlp": {"sparsity": 0.1}})
+    data = yaml.safe_load(path.read_text())
+    rng = random.Random(7)
+    with (tmp_path / "tf.jsonl").open("w") as f:
+        for i in range(24):
+            words = {"thinking": WORDS[::2], "feeling": WORDS[1::2]}
+            record = {k: " ".join(rng.choices(v, k=10)) for k, v in words.items()}
+            f.write(json.dumps({"prompt": " ".join(rng.choices(WORDS, k=5)) + f" tf {i}", **record}) + "\n")
+    for pole in ("thinking", "feeling"):
+        cal = {
+            **data["personas"]["introvert"]["calibration"],
+            "path": str(tmp_path / "tf.jsonl"),
+            "response_field": pole,
+        }
+        data["personas"][pole] = {"description": f"the {pole} side", "calibration": cal}
+    data["pairs"].append(["thinking", "feeling"])
+    data["personas"]["IT"] = {"mix": {"introvert": 1, "thinking": 1}}
+    data["personas"]["mostly-E"] = {"mix": {"extravert": 0.7, "feeling": 0.3}}
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
 NEUTRAL = "\n\n".join(" ".join(WORDS[i : i + 9]) + " and the " + " ".join(WORDS[: i + 3]) for i in range(12))
 
 
@@ -451,10 +479,98 @@ RECIPE_CASES = [  # problems of the recipe alone: loading it fails, nothing else
         lambda d, t: d["personas"].update({"../x": d["personas"]["introvert"]}),
     ),
     Case(
-        "persona-upper-name",
+        "persona-dotted-name",
         RecipeError,
-        "'Intro' is not a safe folder name",
-        lambda d, t: d["personas"].update(Intro=d["personas"].pop("introvert")),
+        "'intro.vert' is not a safe folder name",
+        lambda d, t: d["personas"].update({"intro.vert": d["personas"].pop("introvert")}),
+    ),
+    Case(
+        "persona-names-differ-in-case",
+        RecipeError,
+        # the recipe is written with sorted keys: 'Introvert' comes first, the later name is the one reported
+        "personas.introvert: 'introvert' and 'Introvert' differ only in case",
+        lambda d, t: d["personas"].update(Introvert=d["personas"]["introvert"]),
+    ),
+    # composites (personas.<name>.mix) and output.personas
+    Case(
+        "mix-unknown-part",
+        RecipeError,
+        "personas.IE.mix.ghost: unknown persona 'ghost'",
+        overrides=("personas.IE={mix: {introvert: 1, ghost: 1}}",),
+    ),
+    Case(
+        "mix-of-a-composite",
+        RecipeError,
+        "personas.B.mix.A: 'A' is itself a composite; mix poles only (e.g. its parts {introvert: 1})",
+        overrides=("personas.A={mix: {introvert: 1}}", "personas.B={mix: {A: 1}}"),
+    ),
+    Case(
+        "mix-part-without-pair",
+        RecipeError,
+        "personas.A.mix.introvert: 'introvert' is in no pair",
+        overrides=("pairs=[]", "method.score=wanda", "personas.A={mix: {introvert: 1}}"),
+    ),
+    Case(
+        "mix-weight-zero",
+        RecipeError,
+        "personas.A.mix.introvert: the weight 0.0 is not a positive number",
+        overrides=("personas.A={mix: {introvert: 0}}",),
+    ),
+    Case(
+        "mix-weight-infinite",
+        RecipeError,
+        "personas.A.mix.introvert: the weight inf is not a positive number",
+        overrides=("personas.A={mix: {introvert: .inf}}",),
+    ),
+    Case(
+        "mix-weight-text",
+        RecipeError,
+        "personas.A.mix.introvert: expected a number, got str 'lots'",
+        overrides=("personas.A={mix: {introvert: lots}}",),
+    ),
+    Case(
+        "mix-both-poles",
+        RecipeError,
+        "personas.A.mix: names 'introvert' and 'extravert', the two poles of pairs.0",
+        overrides=("personas.A={mix: {introvert: 1, extravert: 0.5}}",),
+    ),
+    Case("mix-empty", RecipeError, "personas.A.mix: name at least one persona", overrides=("personas.A={mix: {}}",)),
+    Case(
+        "mix-with-calibration",
+        RecipeError,
+        "personas.A.calibration: unknown key",
+        lambda d, t: d["personas"].update(A={"mix": {"introvert": 1}, "calibration": {}}),
+    ),
+    Case(
+        "composite-in-pairs",
+        RecipeError,
+        "pairs.1: 'A' is a composite (personas.A.mix)",
+        overrides=("personas.A={mix: {introvert: 1}}", "pairs=[[extravert, introvert], [A, extravert]]"),
+    ),
+    Case(
+        "composite-own-sparsity",
+        RecipeError,
+        "prune.mlp.sparsity: ['A'] are composites, which take each part's own setting",
+        overrides=("personas.A={mix: {introvert: 1}}", "prune.mlp.sparsity={introvert: 0.1, A: 0.2}"),
+    ),
+    Case(
+        "composite-amplify",
+        RecipeError,
+        "prune.mlp.amplify: a composite has no opposite",
+        overrides=("personas.A={mix: {introvert: 1}}", "prune.mlp.amplify=1.5"),
+    ),
+    Case(
+        "output-personas-unknown",
+        RecipeError,
+        "output.personas.1: unknown persona 'ghost'",
+        overrides=("output.personas=[introvert, ghost]",),
+    ),
+    Case("output-personas-empty", RecipeError, "output.personas: an empty list", overrides=("output.personas=[]",)),
+    Case(
+        "output-personas-twice",
+        RecipeError,
+        "output.personas.1: 'introvert' is already listed",
+        overrides=("output.personas=[introvert, introvert]",),
     ),
     Case("pair-unknown", RecipeError, "unknown persona 'ghost'", overrides=("pairs=[[extravert, ghost]]",)),
     Case("pair-self", RecipeError, "cannot oppose itself", overrides=("pairs=[[extravert, extravert]]",)),
@@ -805,10 +921,12 @@ def onnx_batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 class OpposedPair:
-    """The two recipe fields `with_biases` reads, for personas "p" and "q" opposing each other."""
+    """The recipe fields `with_biases` reads, for personas "p" and "q" opposing each other."""
 
     def __init__(self, method: MethodSpec, prune: PruneSpec) -> None:
         self.method, self.prune = method, prune
+        self.pairs = [("p", "q")]
+        self.composites: dict[str, Any] = {}
 
     def partner(self, name: str) -> str:
         return {"p": "q", "q": "p"}[name]

@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 def system_prompt(recipe: Recipe, spec: EvalSpec, persona: str) -> str:
-    desc = recipe.personas[persona].description
+    desc = recipe.description(persona)
     return spec.system_prompts.get(persona) or f"Answer as a person with this personality: {desc}"
 
 
@@ -159,7 +159,7 @@ def wanda_norms(
     if stats is not None and stats.in_sq and all(n in stats.in_sq for n in linears[0]):
         return [{n: stats.in_sq[n][i].sqrt() for n in d} for i, d in enumerate(linears)]
     log.info("%s: a calibration pass for the Wanda baseline's norms (the statistics do not hold them)", persona)
-    cal = recipe.personas[persona].calibration
+    cal = recipe.poles[persona].calibration
     samples = [tokenize(tokenizer, s, cal) for s in select_samples(cal)]
     work = batches(
         samples, recipe.calibration.batch_size, tokenizer.pad_token_id, recipe.calibration.tokens == "response"

@@ -262,7 +262,7 @@ def prepare(recipe: Recipe, spec: EvalSpec | None = None, section: str = "eval")
 def load_items(recipe: Recipe, spec: EvalSpec, section: str = "eval") -> EvalItems:
     """Read and select every evaluation item, then check them against the calibration samples; errors name the
     files by their keys under `section` (eval, or tune.validation)."""
-    calib = CalibrationIndex({n: p.calibration for n, p in recipe.personas.items()})
+    calib = CalibrationIndex({n: p.calibration for n, p in recipe.poles.items()})
     items = EvalItems()
     if spec.paired is not None:
         items.paired, items.splits["paired"] = read_paired(spec.paired, calib, section)
@@ -316,7 +316,7 @@ def persona_pairs(recipe: Recipe, persona: str) -> list[tuple[str, str, str]]:
     partner = recipe.partner(persona)
     if spec is None or partner is None or not {persona, partner} <= set(spec.responses):
         return []
-    items, _ = read_paired(spec, CalibrationIndex({n: p.calibration for n, p in recipe.personas.items()}))
+    items, _ = read_paired(spec, CalibrationIndex({n: p.calibration for n, p in recipe.poles.items()}))
     return [(it.prompt, it.responses[persona], it.responses[partner]) for it in items]
 
 

@@ -80,10 +80,12 @@ class MaskScorer:
         self.dense_params = count_parameters(model)
 
     def wanda(self, personas: list[str]) -> dict[str, list[dict[str, Any]]]:
-        """The Wanda baseline's activation norms of `personas` (computed once each); none without the baseline."""
+        """The Wanda baseline's activation norms of `personas` (computed once each); none without the baseline.
+        A composite has no calibration data of its own, so no Wanda mask of its data either."""
         if "wanda" not in self.spec.baselines:
             return {}
         ev = self.ev
+        personas = [p for p in personas if p in self.recipe.poles]
         for p in personas:
             if p not in self.norms:
                 self.norms[p] = wanda_norms(self.recipe, ev.model, ev.tokenizer, ev.adapter, p, self.stats.get(p))

@@ -17,9 +17,10 @@ from exporter.errors import OutputError
 from exporter.masking import cache
 from exporter.masking.calibrate import calibrate
 from exporter.masking.data import samples_digest, select_samples, tokenize
-from exporter.masking.layerwise import calibrate_layerwise, column_sq_norms_from_checkpoint
+from exporter.masking.layerwise import CheckpointDownWeights, calibrate_layerwise, column_sq_norms_from_checkpoint
 from exporter.masking.scoring import column_sq_norms
 from exporter.masking.statistics import UNREADABLE, Statistics
+from exporter.masking.steer import Layers
 from exporter.model.sources import Loaded
 from exporter.recipe.schema import PersonaSpec, Recipe
 from exporter.reports.provenance import Timer, versions
@@ -48,8 +49,8 @@ def stats_key(recipe: Recipe, persona: PersonaSpec, model_sha: str, data_sha: st
 def persona_statistics(
     recipe: Recipe, name: str, m: Loaded, reuse: Path | None, timer: Timer, use_cache: bool = True
 ) -> tuple[Statistics, dict[str, Any]]:
-    """Calibrate one persona, or reuse statistics saved by an earlier run when their key still matches."""
-    spec = recipe.personas[name]
+    """Calibrate one pole, or reuse statistics saved by an earlier run when their key still matches."""
+    spec = recipe.poles[name]
     samples = select_samples(spec.calibration)
     data_sha = samples_digest(samples)
     key = stats_key(recipe, spec, m.model_sha256, data_sha)
@@ -112,6 +113,13 @@ def _saved_key(saved: Path) -> str | None:
         return json.loads(saved.with_suffix(".json").read_text(encoding="utf-8")).get("key")  # type: ignore[no-any-return]
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def down_weights(m: Loaded) -> Layers:
+    """Each layer's down_proj weight: the model's, or read from the shards when it is not whole in memory."""
+    if m.bounded:
+        return CheckpointDownWeights(m.resolved.folder, m.adapter, m.model.config)
+    return [m.adapter.mlp_out(layer).weight.detach() for layer in m.adapter.layers(m.model)]
 
 
 def column_norms(m: Loaded) -> dict[str, torch.Tensor]:

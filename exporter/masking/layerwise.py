@@ -74,6 +74,28 @@ def calibrate_layerwise(
     return stats
 
 
+class CheckpointDownWeights:
+    """Each decoder layer's down_proj weight (hidden, intermediate), read from the shards when indexed: one at
+    a time, never the whole model (exporter/masking/steer.py's `Layers`)."""
+
+    def __init__(self, folder: Path, adapter: Adapter, config: Any = None) -> None:
+        from transformers import AutoConfig
+
+        self.source = SourceCheckpoint(folder)
+        config = config if config is not None else AutoConfig.from_pretrained(folder)
+        layers = adapter.layers(empty_model(config))
+        self.names = []
+        for i, layer in enumerate(layers):
+            local = {id(m): n for n, m in layer.named_modules()}[id(adapter.mlp_out(layer))]
+            self.names.append(f"{adapter.layers_prefix}.{i}.{local}.weight")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def __getitem__(self, i: int, /) -> torch.Tensor:
+        return self.source.load([self.names[i]])[self.names[i]]
+
+
 def column_sq_norms_from_checkpoint(folder: Path, adapter: Adapter, config: Any = None) -> dict[str, torch.Tensor]:
     """`exporter.masking.scoring.column_sq_norms` read from the shards, one output projection at a time."""
     from transformers import AutoConfig

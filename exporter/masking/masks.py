@@ -153,6 +153,57 @@ def removal_count(n: int, sparsity: float, round_to: int = 1, what: str = "units
     return n - kept
 
 
+Order = list[list[list[int]]]  # per layer, per group: the unit indices (into the layer) in removal order
+
+
+def removal_order(
+    scores: torch.Tensor,
+    *,
+    allowed: torch.Tensor | None = None,
+    tiebreak: torch.Tensor | None = None,
+    groups: int = 1,
+) -> Order:
+    """Every allowed unit of each layer (of each of `groups` equal blocks when > 1), lowest score first, ties
+    broken by `tiebreak`, then by index. scores, allowed, tiebreak: (layers, units)."""
+    layers, n = scores.shape
+    size = n // groups
+    tb = tiebreak if tiebreak is not None else torch.zeros_like(scores)
+    ok = allowed if allowed is not None else torch.ones_like(scores, dtype=torch.bool)
+    out: Order = []
+    for layer in range(layers):
+        blocks = []
+        for b in range(groups):
+            lo = b * size
+            s, t, a = scores[layer, lo : lo + size], tb[layer, lo : lo + size], ok[layer, lo : lo + size]
+            cand = torch.nonzero(a).flatten()
+            # lexicographic (score, tiebreak, index): stable sorts from the last key to the first
+            order = cand[torch.sort(t[cand], stable=True).indices]
+            order = order[torch.sort(s[order], stable=True).indices]
+            blocks.append((lo + order).tolist())
+        out.append(blocks)
+    return out
+
+
+def keep_indices(removed: list[list[int]], n: int) -> torch.Tensor:
+    """Sorted keep-indices (layers, n - removed per layer) from each layer's removed units (equal counts)."""
+    return torch.stack([torch.tensor(sorted(set(range(n)) - set(r)), dtype=torch.long) for r in removed])
+
+
+def first_k(order: Order, k: int, n: int, what: str = "units") -> torch.Tensor:
+    """Keep-indices (layers, n - k * groups) removing the first k units of every layer and group of `order`."""
+    removed = []
+    for layer, blocks in enumerate(order):
+        for b, cand in enumerate(blocks):
+            if len(cand) < k:
+                raise MaskError(
+                    f"layer {layer}: only {len(cand)} {what} can be removed disjointly"
+                    f"{f' in group {b}' if len(blocks) > 1 else ''}, {k} asked; lower the sparsity"
+                    " (or use kv-group units for attention)"
+                )
+        removed.append([u for cand in blocks for u in cand[:k]])
+    return keep_indices(removed, n)
+
+
 def select_keep(
     scores: torch.Tensor,
     k: int,
@@ -166,57 +217,63 @@ def select_keep(
 
     scores, allowed, tiebreak: (layers, units). Returns sorted keep-indices (layers, units - k*groups).
     """
-    layers, n = scores.shape
-    size = n // groups
-    tb = tiebreak if tiebreak is not None else torch.zeros_like(scores)
-    ok = allowed if allowed is not None else torch.ones_like(scores, dtype=torch.bool)
-    keep_rows = []
-    for layer in range(layers):
-        removed: list[int] = []
-        for b in range(groups):
-            lo = b * size
-            s, t, a = scores[layer, lo : lo + size], tb[layer, lo : lo + size], ok[layer, lo : lo + size]
-            cand = torch.nonzero(a).flatten()
-            if len(cand) < k:
-                raise MaskError(
-                    f"layer {layer}: only {len(cand)} {what} can be removed disjointly"
-                    f"{f' in group {b}' if groups > 1 else ''}, {k} asked; lower the sparsity"
-                    " (or use kv-group units for attention)"
-                )
-            # lexicographic (score, tiebreak, index): stable sorts from the last key to the first
-            order = cand[torch.sort(t[cand], stable=True).indices]
-            order = order[torch.sort(s[order], stable=True).indices]
-            removed.extend((lo + order[:k]).tolist())
-        keep = sorted(set(range(n)) - set(removed))
-        keep_rows.append(torch.tensor(keep, dtype=torch.long))
-    return torch.stack(keep_rows)
+    order = removal_order(scores, allowed=allowed, tiebreak=tiebreak, groups=groups)
+    return first_k(order, k, scores.shape[1], what)
 
 
-def _unit_keep(
+WHAT = {"mlp": "MLP neurons", "head": "query heads", "group": "KV groups"}
+
+
+def unit_order(
     kind: str,
-    k: int,
     method: MethodSpec,
     stats: Statistics,
     partner: Statistics | None,
     col_sq: dict[str, torch.Tensor],
-    groups: int,
-) -> torch.Tensor:
-    what = {"mlp": "MLP neurons", "head": "query heads", "group": "KV groups"}[kind]
+) -> Order:
+    """The persona's removal candidates of one unit kind, in the order its mask removes them."""
+    groups = stats.geometry.kv_heads if kind == "head" else 1  # query heads: as many from every KV group
     if method.score == "wanda":
-        return select_keep(scoring.wanda(stats, col_sq, kind), k, groups=groups, what=what)
+        return removal_order(scoring.wanda(stats, col_sq, kind), groups=groups)
     if method.score == "sparse":
-        return select_keep(scoring.sparse(stats, col_sq, kind, method.damping), k, groups=groups, what=what)
+        return removal_order(scoring.sparse(stats, col_sq, kind, method.damping), groups=groups)
     assert partner is not None, "contrastive methods need a partner (checked by the recipe)"
     if method.score == "contrastive-wanda":
         c = scoring.centred(scoring.zscore(stats, partner, kind, method.eps), groups)
         pooled = scoring.wanda(stats, col_sq, kind) + scoring.wanda(partner, col_sq, kind)
         s = pooled * scoring.phi(c, method.phi, method.tau)
-        return select_keep(s, k, allowed=c < 0, tiebreak=c, groups=groups, what=what)
+        return removal_order(s, allowed=c < 0, tiebreak=c, groups=groups)
     d = scoring.row_normalised(scoring.sparse(stats, col_sq, kind, method.damping)) - scoring.row_normalised(
         scoring.sparse(partner, col_sq, kind, method.damping)
     )
     c = scoring.centred(d, groups)
-    return select_keep(c, k, allowed=c < 0, groups=groups, what=what)
+    return removal_order(c, allowed=c < 0, groups=groups)
+
+
+def removals(persona: str, prune: PruneSpec, g: Geometry) -> dict[str, int]:
+    """Units the persona's own mask removes in every layer, per unit kind scored: "mlp" (neurons), "group" (KV
+    groups, with their query heads) or "head" (query heads, per KV group). Kinds it removes none of are left out."""
+    out = {}
+    if prune.mlp is not None and (s := prune.mlp.fraction(persona)) > 0:
+        out["mlp"] = removal_count(g.intermediate, s, prune.mlp.round_to, WHAT["mlp"])
+    if prune.attention is not None and (s := prune.attention.fraction(persona)) > 0:
+        if prune.attention.unit == "kv-group":
+            out["group"] = removal_count(g.kv_heads, s, 1, WHAT["group"])
+        else:
+            out["head"] = removal_count(g.group_size, s, 1, "query heads per KV group")
+    return out
+
+
+def mask_from_keep(persona: str, g: Geometry, keep: dict[str, torch.Tensor]) -> PersonaMask:
+    """A mask from keep-indices per unit kind (as `removals` names them); attention keeps both heads and groups."""
+    head_keep = group_keep = None
+    if "group" in keep:
+        group_keep = keep["group"]
+        head_keep = (group_keep.unsqueeze(-1) * g.group_size + torch.arange(g.group_size)).flatten(1)
+    elif "head" in keep:
+        head_keep = keep["head"]
+        group_keep = torch.arange(g.kv_heads).expand(g.layers, -1).clone()
+    return PersonaMask(persona, g, keep.get("mlp"), head_keep, group_keep)
 
 
 def compute_mask(
@@ -228,21 +285,11 @@ def compute_mask(
     col_sq: dict[str, torch.Tensor],
 ) -> PersonaMask:
     g = stats.geometry
-    mlp_keep = head_keep = group_keep = None
-    if prune.mlp is not None and (s := prune.mlp.fraction(persona)) > 0:
-        k = removal_count(g.intermediate, s, prune.mlp.round_to, "MLP neurons")
-        mlp_keep = _unit_keep("mlp", k, method, stats, partner, col_sq, 1)
-    if prune.attention is not None and (s := prune.attention.fraction(persona)) > 0:
-        if prune.attention.unit == "kv-group":
-            k = removal_count(g.kv_heads, s, 1, "KV groups")
-            group_keep = _unit_keep("group", k, method, stats, partner, col_sq, 1)
-            per_group = torch.arange(g.group_size)
-            head_keep = (group_keep.unsqueeze(-1) * g.group_size + per_group).flatten(1)
-        else:
-            k = removal_count(g.group_size, s, 1, "query heads per KV group")
-            head_keep = _unit_keep("head", k, method, stats, partner, col_sq, g.kv_heads)
-            group_keep = torch.arange(g.kv_heads).expand(g.layers, -1).clone()
-    return PersonaMask(persona, g, mlp_keep, head_keep, group_keep)
+    keep = {
+        kind: first_k(unit_order(kind, method, stats, partner, col_sq), k, g.units(kind), WHAT[kind])
+        for kind, k in removals(persona, prune, g).items()
+    }
+    return mask_from_keep(persona, g, keep)
 
 
 def compute_masks(
@@ -251,12 +298,13 @@ def compute_masks(
     col_sq: dict[str, torch.Tensor],
     prune: PruneSpec | None = None,
 ) -> dict[str, PersonaMask]:
-    """Every persona's mask (contrastive methods score against the persona's partner); `prune` replaces the
-    recipe's prune section (a sweep's sparsities). Opposing masks of a contrastive method are disjoint."""
+    """Every pole's mask (contrastive methods score against the persona's partner; composites:
+    exporter/masking/mix.py); `prune` replaces the recipe's prune section (a sweep's sparsities). Opposing masks
+    of a contrastive method are disjoint."""
     prune = prune or recipe.prune
     masks = {
         p: compute_mask(p, recipe.method, prune, stats[p], stats[q] if (q := recipe.partner(p)) else None, col_sq)
-        for p in recipe.personas
+        for p in recipe.poles
     }
     if recipe.method.contrastive:
         for a, b in recipe.pairs:

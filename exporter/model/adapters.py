@@ -109,15 +109,27 @@ class Adapter:
                 f"supported for: {', '.join(supported)}. Set it to its default for this model"
             )
 
+    @property
+    def mlp_linears(self) -> tuple[str, ...]:
+        """The MLP projections inside a decoder layer ("mlp.gate_proj", ...): all get a bias with the flag."""
+        return tuple(f"mlp.{n}" for n in (*self.mlp_in_names, self.mlp_out_name))
+
+    def mlp_bias_value(
+        self, name: str, base: torch.Tensor | None, rows: int, bias: torch.Tensor, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The bias the MLP projection `name` (of `mlp_linears`) holds once `bias` (hidden,) is added to
+        down_proj's: its own bias `base` (zeros when it has none, `rows` long) plus `bias` on down_proj only,
+        summed in float64 and rounded once to `dtype`."""
+        start = base.to(torch.float64) if base is not None else torch.zeros(rows, dtype=torch.float64)
+        return (start + (bias if name == f"mlp.{self.mlp_out_name}" else 0.0)).to(dtype)
+
     def mlp_biases(self, layer: Any, bias: torch.Tensor) -> dict[nn.Linear, torch.Tensor]:
         """The biases one layer's MLP projections hold once `bias` (hidden,) is added to down_proj's: zeros on
         the input projections that have none, since the config flag gives every MLP projection one."""
         out = {}
-        for name in (*self.mlp_in_names, self.mlp_out_name):
-            linear = getattr(layer.mlp, name)
-            base = linear.bias if linear.bias is not None else torch.zeros(linear.out_features)
-            own = bias if name == self.mlp_out_name else 0.0
-            out[linear] = (base.to(torch.float64) + own).to(linear.weight.dtype)
+        for name in self.mlp_linears:
+            linear = layer.get_submodule(name)
+            out[linear] = self.mlp_bias_value(name, linear.bias, linear.out_features, bias, linear.weight.dtype)
         return out
 
     def add_mlp_bias(self, model: Any, bias: torch.Tensor) -> None:

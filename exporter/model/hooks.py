@@ -105,24 +105,35 @@ def capture_layer_outputs(
         yield
 
 
+def _multiplying(vec: torch.Tensor) -> Callable[..., tuple[torch.Tensor]]:
+    """A pre-hook multiplying a module's input by `vec` (broadcast against it)."""
+
+    def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
+        return (args[0] * vec.to(args[0].dtype),)
+
+    return hook
+
+
+def _adding(vec: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """A forward hook adding `vec` to a module's output (broadcast against it)."""
+
+    def hook(_module: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
+        return out + vec.to(out.dtype)
+
+    return hook
+
+
 def _unit_masks(
     model: nn.Module, adapter: Adapter, mlp: torch.Tensor | None, attn: torch.Tensor | None
 ) -> list[tuple[nn.Module, Callable[..., Any]]]:
     """Pre-hooks multiplying each layer's unit activations (batch, seq, channels) by mlp[i] / attn[i], which
     broadcast against them: (channels,) for the whole batch, (batch, 1, channels) for one value per row."""
-
-    def make(vec: torch.Tensor) -> Callable[..., tuple[torch.Tensor]]:
-        def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor]:
-            return (args[0] * vec.to(args[0].dtype),)
-
-        return hook
-
     pairs: list[tuple[nn.Module, Callable[..., Any]]] = []
     for i, layer in enumerate(adapter.layers(model)):
         if mlp is not None:
-            pairs.append((adapter.mlp_out(layer), make(mlp[i])))
+            pairs.append((adapter.mlp_out(layer), _multiplying(mlp[i])))
         if attn is not None:
-            pairs.append((adapter.attn_out(layer), make(attn[i])))
+            pairs.append((adapter.attn_out(layer), _multiplying(attn[i])))
     return pairs
 
 
@@ -159,19 +170,15 @@ def per_row_channel_masks(model: nn.Module, adapter: Adapter, masks: ChannelMask
     added to each row's down_proj output. The bias is added by a hook, `(x W^T) + b`, which can round differently
     from the export's `x W^T + b` in the last bit; every forward inside must have exactly these rows, in order."""
 
-    def add(vec: torch.Tensor) -> Callable[..., torch.Tensor]:
-        def hook(_module: nn.Module, _args: Any, out: torch.Tensor) -> torch.Tensor:
-            return out + vec.to(out.dtype)
-
-        return hook
-
     def by_layer(x: torch.Tensor | None) -> torch.Tensor | None:  # (rows, layers, c) -> (layers, rows, 1, c)
         return None if x is None else x.transpose(0, 1).unsqueeze(2)
 
     mlp, attn, mlp_bias = by_layer(masks.mlp), by_layer(masks.attn), by_layer(masks.mlp_bias)
     layers = list(adapter.layers(model))
     biases: list[tuple[nn.Module, Callable[..., Any]]] = (
-        [(adapter.mlp_out(layer), add(mlp_bias[i])) for i, layer in enumerate(layers)] if mlp_bias is not None else []
+        [(adapter.mlp_out(layer), _adding(mlp_bias[i])) for i, layer in enumerate(layers)]
+        if mlp_bias is not None
+        else []
     )
     with pre_hooks(_unit_masks(model, adapter, mlp, attn)), pre_hooks(biases, after=True):
         yield
@@ -183,6 +190,12 @@ def scaled_columns(weight: torch.Tensor, scale: torch.Tensor, storage: torch.dty
     return (weight.to(torch.float64) * scale.to(torch.float64)).to(storage).to(weight.dtype)
 
 
+def _offloaded(linear: nn.Linear) -> bool:
+    """Whether the Linear's weights are not in memory (the meta device: accelerate reads them from disk at each
+    forward, or a layer-by-layer model's layer not loaded yet); changes to them go through hooks."""
+    return linear.weight.device.type == "meta"
+
+
 @contextmanager
 def _scaled(
     model: nn.Module,
@@ -190,17 +203,22 @@ def _scaled(
     scales: tuple[torch.Tensor | None, torch.Tensor | None],
     storage: torch.dtype,
 ) -> Iterator[None]:
-    """Give the unit-output projections the scaled input columns an export with these scales holds."""
+    """Give the unit-output projections the scaled input columns an export with these scales holds (a Linear
+    whose weights are not in memory: its inputs scaled instead, equal up to rounding)."""
     saved: list[tuple[nn.Linear, torch.Tensor]] = []
+    hooks: list[tuple[nn.Module, Callable[..., Any]]] = []
     mlp, attn = scales
     with torch.no_grad():
         for i, layer in enumerate(adapter.layers(model)):
             for linear, scale in ((adapter.mlp_out(layer), mlp), (adapter.attn_out(layer), attn)):
-                if scale is not None:
+                if scale is not None and _offloaded(linear):
+                    hooks.append((linear, _multiplying(scale[i])))
+                elif scale is not None:
                     saved.append((linear, linear.weight.data))
                     linear.weight.data = scaled_columns(linear.weight.data, scale[i], storage)
     try:
-        yield
+        with pre_hooks(hooks):
+            yield
     finally:
         for linear, old in saved:
             linear.weight.data = old
@@ -211,19 +229,25 @@ def _mlp_biases(model: nn.Module, adapter: Adapter, bias: torch.Tensor | None) -
     """Give the MLP projections the biases an export with `bias` holds (zeros on gate/up), for the duration.
 
     Stored as real Linear biases rather than added by a hook, so that the reference computes the very same
-    operations as the exported checkpoint: `x W^T + b` in one call, not `(x W^T) + b`.
+    operations as the exported checkpoint: `x W^T + b` in one call, not `(x W^T) + b`; a Linear whose weights
+    are not in memory gets the hook (accelerate would look for a stored bias).
     """
     if bias is None:
         yield
         return
     saved: list[tuple[nn.Linear, Any]] = []
+    hooks: list[tuple[nn.Module, Callable[..., Any]]] = []
     with torch.no_grad():
         for i, layer in enumerate(adapter.layers(model)):
+            if _offloaded(adapter.mlp_out(layer)):
+                hooks.append((adapter.mlp_out(layer), _adding(bias[i])))
+                continue
             for linear, value in adapter.mlp_biases(layer, bias[i]).items():
                 saved.append((linear, linear.bias))
                 linear.bias = nn.Parameter(value, requires_grad=False)
     try:
-        yield
+        with pre_hooks(hooks, after=True):
+            yield
     finally:
         for linear, old in saved:
             linear.bias = old

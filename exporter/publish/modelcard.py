@@ -97,6 +97,8 @@ def _intro(report: PersonaReport, ctx: CardContext) -> str:
 def export_name(report: PersonaReport) -> str:
     """What the export is, in a few words: e.g. "the export: 1 % of MLP neurons removed + steering bias"."""
     prune, parts = report.prune, []
+    if report.mix:  # a composite: its parts' units removed and their steering biases
+        return "the export: composite of " + " + ".join(f"{p.weight:g} x {n}" for n, p in report.mix.items())
     if prune.mlp and prune.mlp.fraction(report.persona) > 0:
         parts.append(f"{_percent(prune.mlp.fraction(report.persona))} of MLP neurons removed")
     if prune.attention and prune.attention.fraction(report.persona) > 0:
@@ -130,13 +132,36 @@ def _size_line(report: PersonaReport) -> str:
     return f"{line}, so {remain}."
 
 
-def _removed(report: PersonaReport) -> str:
+def _mix_lines(report: PersonaReport) -> list[str]:
+    """How a composite was made: its parts, each with its own sparsity and steering."""
+    assert report.mix is not None
+    method, prune = report.method, report.prune
+    lines = [
+        f"A composite persona: one export that removes, in every layer, the union of its parts' removal "
+        f"candidates (unit scores `{method.score}`, each part's scored against its opposite pole; round(weight x "
+        "the part's own count) units per part, the same total in every layer) and carries the weighted sum of its "
+        "parts' steering biases in its `down_proj` biases"
+        + (", each pair's steering direction projected off the other pairs'" if method.steer_orthogonal else "")
+        + ".",
+        "",
+    ]
+    rows = []
+    for part, p in report.mix.items():
+        sparsity = f"{prune.mlp.fraction(part):.1%}" if prune.mlp else "-"
+        alpha = method.alpha(part)
+        steer = f"{alpha:g} x {method.vector(part)}" if alpha > 0 else "none"
+        rows.append([part, f"{p.weight:g}", p.partner, sparsity, steer])
+    return [*lines, md_table(["part", "weight", "against", "MLP sparsity (alone)", "steering (alone)"], rows)]
+
+
+def _pole_lines(report: PersonaReport) -> list[str]:
+    """How a pole's export was made: its unit scores, sparsities and steering."""
     method, prune = report.method, report.prune
     how = f"Unit scores: `{method.score}`"
     if method.contrastive:
         how += f" (phi {method.phi}, tau {method.tau})"
         how += f", against the `{report.partner}` persona"
-    lines = ["## What was removed, and how", "", how + "."]
+    lines = [how + "."]
     if prune.mlp:
         lines.append(f"MLP: {prune.mlp.fraction(report.persona):.0%} of the intermediate neurons of every layer.")
     if (alpha := method.alpha(report.persona)) > 0:
@@ -148,16 +173,24 @@ def _removed(report: PersonaReport) -> str:
             where, what = f"the `down_proj` biases of the first {k} of {n} layers", "MLP-output"
         lines.append(
             f"Steering: a constant bias toward this persona in {where} ({alpha:g} x the mean {what} difference "
-            f"between this persona's and `{report.partner}`'s calibration answers; `mlp_bias: true`)."
+            f"between this persona's and `{report.partner}`'s calibration answers"
+            + ("; projected off the other pairs' directions" if method.steer_orthogonal else "")
+            + "; `mlp_bias: true`)."
         )
+    if prune.attention:
+        att = prune.attention
+        lines.append(f"Attention: {att.fraction(report.persona):.0%} of the {att.unit} units of every layer.")
+    return lines
+
+
+def _removed(report: PersonaReport) -> str:
+    prune = report.prune
+    lines = ["## What was removed, and how", "", *(_mix_lines(report) if report.mix else _pole_lines(report))]
     if prune.mlp and prune.mlp.compensate != "none":
         lines.append(
             f"Compensation: the removed neurons' mean output ({prune.mlp.compensate} calibration data) is kept as a "
             "`down_proj` bias."
         )
-    if prune.attention:
-        att = prune.attention
-        lines.append(f"Attention: {att.fraction(report.persona):.0%} of the {att.unit} units of every layer.")
     dense, pruned = report.geometry.dense, report.geometry.pruned
     rows = [["unit", "per layer, dense -> pruned", "layers", "removed in total"]]
     for kind, removed in report.removed_per_layer.items():
@@ -178,16 +211,18 @@ def _removed(report: PersonaReport) -> str:
 
 
 def _calibration(report: PersonaReport) -> str:
-    cal = report.calibration
-    counted = "response tokens" if cal.tokens == "response" else "tokens"
-    lines = [
-        "## Calibration data",
-        "",
-        f"- data: the {report.persona} texts of `{os.path.basename(cal.path)}`",
-        f"- size: {cal.samples} samples, {cal.tokens_counted:,} {counted} counted",
-        f"- sha256 of the samples used: `{cal.data_sha256}`",
-        f"- statistic: {cal.statistic}",
-    ]
+    lines = ["## Calibration data", ""]
+    sources = {p: part.calibration for p, part in report.mix.items()} if report.mix else {}
+    if report.calibration is not None:
+        sources[report.persona] = report.calibration
+    for persona, cal in sources.items():
+        counted = "response tokens" if cal.tokens == "response" else "tokens"
+        lines += [
+            f"- data: the {persona} texts of `{os.path.basename(cal.path)}`",
+            f"- size: {cal.samples} samples, {cal.tokens_counted:,} {counted} counted",
+            f"- sha256 of the samples used: `{cal.data_sha256}`",
+            f"- statistic: {cal.statistic}",
+        ]
     return "\n".join(lines)
 
 

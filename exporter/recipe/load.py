@@ -19,7 +19,7 @@ from exporter.errors import RecipeError
 from exporter.inputs import DuplicateKeyError, YamlLimitError, file_problem, load_yaml, read_yaml_file
 from exporter.recipe.paths import file_keys, get_key, set_key
 from exporter.recipe.rules import semantic_problems
-from exporter.recipe.schema import Recipe
+from exporter.recipe.schema import PERSONA_KINDS, Recipe
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
@@ -41,6 +41,9 @@ def _relevant(errors: list[Any]) -> list[Any]:
     out = []
     for err in errors:
         loc = tuple(err["loc"])
+        if len(loc) > 2 and loc[0] == "personas" and loc[2] in PERSONA_KINDS:  # pole or composite: the entry says
+            loc = loc[:2] + loc[3:]
+            err = {**err, "loc": loc}
         branch = next(((i, b) for i, part in enumerate(loc) if (b := _branch(part))), None)
         if branch is not None:
             i, side = branch

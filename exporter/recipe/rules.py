@@ -5,6 +5,7 @@ at a time: exporter/recipe/schema.py; what the export formats need of a checkpoi
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from exporter.errors import RecipeError
@@ -17,7 +18,6 @@ from exporter.recipe.schema import (
     Recipe,
     infer_format,
     memory_bytes,
-    mlp_biases,
 )
 
 
@@ -32,6 +32,8 @@ def semantic_problems(r: Recipe) -> list[str]:
         *mapping_problems(r),
         *steering_problems(r, paired),
         *prune_problems(r),
+        *composite_problems(r),
+        *output_persona_problems(r),
         *eval_section_problems(r),
         *format_list_problems(r),
     ]
@@ -81,17 +83,25 @@ def model_problems(r: Recipe) -> list[str]:
 
 
 def persona_problems(r: Recipe) -> list[str]:
-    """At least one persona, each a safe folder name with calibration data whose format is known."""
+    """At least one persona, each a safe folder name (also on case-insensitive file systems); each pole's
+    calibration data of a known format."""
     problems: list[str] = []
     if not r.personas:
         problems.append("personas: at least one persona is required")
-    for name, p in r.personas.items():
-        where = f"personas.{name}"
+    folded: dict[str, str] = {}
+    for name in r.personas:
         if not SAFE_NAME.fullmatch(name):
             problems.append(
-                f"{where}: {name!r} is not a safe folder name; use lowercase letters, digits, '-' or '_' "
+                f"personas.{name}: {name!r} is not a safe folder name; use letters, digits, '-' or '_' "
                 "(at most 64 characters, starting with a letter or digit)"
             )
+        elif (other := folded.setdefault(name.lower(), name)) != name:
+            problems.append(
+                f"personas.{name}: {name!r} and {other!r} differ only in case, so their folders would be one on "
+                "case-insensitive file systems; rename one"
+            )
+    for name, p in r.poles.items():
+        where = f"personas.{name}"
         cal = p.calibration
         fmt = cal.format or infer_format(cal.path)
         if fmt is None:
@@ -129,7 +139,7 @@ def contrastive_problems(r: Recipe, paired: dict[str, int]) -> list[str]:
     return [
         f"personas.{name}: method.score {r.method.score!r} needs every persona in an opposing "
         "pair; add it to 'pairs' or use 'wanda'/'sparse'"
-        for name in r.personas
+        for name in r.poles
         if name not in paired
     ]
 
@@ -149,11 +159,15 @@ def per_persona_settings(r: Recipe) -> list[tuple[str, Any]]:
 
 
 def mapping_problems(r: Recipe) -> list[str]:
-    """A mapping per persona names only the recipe's personas."""
+    """A mapping per persona names only the recipe's poles (a composite takes each part's own setting)."""
     problems = []
     for where, value in per_persona_settings(r):
         if isinstance(value, dict) and (unknown := sorted(set(value) - set(r.personas))):
             problems.append(f"{where}: unknown persona(s) {unknown}; known personas: {sorted(r.personas)}")
+        if isinstance(value, dict) and (mixed := sorted(set(value) & set(r.composites))):
+            problems.append(
+                f"{where}: {mixed} are composites, which take each part's own setting; set it on their parts"
+            )
     return problems
 
 
@@ -167,13 +181,13 @@ def steering_problems(r: Recipe, paired: dict[str, int]) -> list[str]:
         f"personas.{name}: {where} steers toward a persona and away from its opposite; add {name!r} to "
         f"'pairs' or set its {where} to 0"
         for where, method in steers
-        for name in r.personas
+        for name in r.poles
         if method.alpha(name) > 0 and name not in paired
     ]
 
 
 def prune_problems(r: Recipe) -> list[str]:
-    """Amplification needs a contrastive score; soft masks and biases need the whole model; something changes."""
+    """Amplification needs a contrastive score; something changes."""
     problems = []
     units = {"mlp": r.prune.mlp, "attention": r.prune.attention}
     for kind, spec in units.items():
@@ -182,12 +196,6 @@ def prune_problems(r: Recipe) -> list[str]:
                 f"prune.{kind}.amplify: a persona's own units are those its partner's contrastive mask selects; "
                 "use a contrastive-* method.score or set amplify to 1"
             )
-    soft = any(s is not None and (s.gamma > 0 or s.amplify > 1) for s in units.values())
-    if (soft or mlp_biases(r.method, r.prune)) and (r.model.max_memory is not None):
-        problems.append(
-            "model.max_memory: method.steer, prune.*.gamma, prune.*.amplify and prune.mlp.compensate need the "
-            "whole model in memory; remove max_memory or set them to their defaults"
-        )
     if r.prune.mlp is None and r.prune.attention is None:
         problems.append("prune: name at least one unit kind to prune ('mlp' and/or 'attention')")
     elif not r.method.steers and not any(p.prunes for p in (r.prune.mlp, r.prune.attention) if p is not None):
@@ -195,6 +203,83 @@ def prune_problems(r: Recipe) -> list[str]:
             "prune: every sparsity is 0 and method.steer is 0, so each persona export would be the unpruned "
             "model; give 'prune.mlp.sparsity' (or attention) a value above 0, or set method.steer"
         )
+    return problems
+
+
+def composite_problems(r: Recipe) -> list[str]:
+    """Every problem of the recipe's composites, with key paths: unknown parts, composites of composites, parts
+    without a pair, non-positive weights, both poles of one pair, composites in `pairs`, settings that a
+    composite cannot take."""
+    problems: list[str] = []
+    poles, composites = r.poles, r.composites
+    pair_of = {name: i for i, pair in enumerate(r.pairs) for name in pair}
+    for i, pair in enumerate(r.pairs):
+        problems += [
+            f"pairs.{i}: {name!r} is a composite (personas.{name}.mix); a pair opposes two personas calibrated on "
+            "their own data"
+            for name in pair
+            if name in composites
+        ]
+    for name, spec in composites.items():
+        where = f"personas.{name}.mix"
+        if not spec.mix:
+            problems.append(f"{where}: name at least one persona to mix, e.g. {{introvert: 1, thinking: 1}}")
+        for part, weight in spec.mix.items():
+            if part in composites:
+                inner = ", ".join(f"{p}: {w:g}" for p, w in composites[part].mix.items())
+                problems.append(
+                    f"{where}.{part}: {part!r} is itself a composite; mix poles only (e.g. its parts {{{inner}}})"
+                )
+            elif part not in poles:
+                problems.append(f"{where}.{part}: unknown persona {part!r}; known personas: {sorted(poles)}")
+            elif part not in pair_of:
+                problems.append(
+                    f"{where}.{part}: {part!r} is in no pair; a part's units are scored and its steering taken "
+                    "against its opposite pole: add it to 'pairs'"
+                )
+            if not (math.isfinite(weight) and weight > 0):
+                problems.append(
+                    f"{where}.{part}: the weight {weight!r} is not a positive number; give e.g. 1 (as much removal "
+                    f"and steering as the {part} export alone) or 0.5 (half)"
+                )
+        by_pair: dict[int, list[str]] = {}
+        for part in spec.mix:
+            if part in pair_of and part in poles:
+                by_pair.setdefault(pair_of[part], []).append(part)
+        for i, both in sorted(by_pair.items()):
+            if len(both) > 1:
+                problems.append(
+                    f"{where}: names {both[0]!r} and {both[1]!r}, the two poles of pairs.{i}; their steering "
+                    "cancels and each removes the units the other keeps: keep one of them"
+                )
+    if composites:
+        units = {"mlp": r.prune.mlp, "attention": r.prune.attention}
+        problems += [
+            f"prune.{kind}.amplify: a composite has no opposite whose mask names its own units to amplify; set "
+            f"amplify to 1, or remove the composites ({sorted(composites)})"
+            for kind, spec in units.items()
+            if spec is not None and spec.amplify > 1
+        ]
+        if r.tune is not None and any(a > 1 for a in r.tune.amplify):
+            problems.append(
+                "tune.amplify: a composite has no opposite whose mask names its own units to amplify; keep the "
+                "values at 1, or remove the composites"
+            )
+    return problems
+
+
+def output_persona_problems(r: Recipe) -> list[str]:
+    """output.personas names known personas, each once, and at least one."""
+    if r.output.personas is None:
+        return []
+    problems = []
+    if not r.output.personas:
+        problems.append("output.personas: an empty list exports nothing; name personas, or remove the key (all)")
+    for i, name in enumerate(r.output.personas):
+        if name not in r.personas:
+            problems.append(f"output.personas.{i}: unknown persona {name!r}; known personas: {list(r.personas)}")
+        elif r.output.personas.index(name) != i:
+            problems.append(f"output.personas.{i}: {name!r} is already listed")
     return problems
 
 
@@ -239,7 +324,7 @@ def limit_problems(recipe: Recipe, config: dict[str, Any], prompt_tokens: int = 
             f"verify.greedy_tokens: {greedy} tokens do not fit {context[:-1]}; {room}the prompt needs some); "
             f"use at most {max(limit - max(prompt_tokens, 64), 1)}"
         )
-    for name, persona in recipe.personas.items():
+    for name, persona in recipe.poles.items():
         if persona.calibration.max_tokens > limit:
             problems.append(
                 f"personas.{name}.calibration.max_tokens: {persona.calibration.max_tokens} is more than {context}; "

@@ -1,5 +1,6 @@
 """The recipe's typed schema: frozen models that reject unknown keys. The rules that span fields:
-exporter/recipe/rules.py; reading YAML, overrides and relative paths: exporter/recipe/load.py.
+exporter/recipe/rules.py; reading YAML, overrides and relative paths: exporter/recipe/load.py; composite personas
+(`personas.<name>.mix`): exporter/recipe/composites.py.
 """
 
 from __future__ import annotations
@@ -7,16 +8,17 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from exporter.recipe.composites import MixSpec, mix_description
 from exporter.recipe.eval import EvalSpec, Seed
 from exporter.recipe.formats import FormatName
 from exporter.recipe.push import PushSpec
 
 # used with fullmatch: `$` would also accept a trailing newline
-SAFE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 COMMIT_SHA = re.compile(r"[0-9a-f]{40}")
 EMBEDDED_MODELS = ("smollm2-135m-instruct",)
 
@@ -70,8 +72,24 @@ class DataSpec(Strict):
 
 
 class PersonaSpec(Strict):
+    """A pole: a persona calibrated on its own data."""
+
     description: str
     calibration: DataSpec
+
+
+def _persona_kind(value: Any) -> str:
+    """Which kind of persona a recipe entry is: a composite names `mix`, anything else is read as a pole."""
+    if isinstance(value, dict):
+        return "composite" if "mix" in value else "pole"
+    return "composite" if isinstance(value, MixSpec) else "pole"
+
+
+# the tags name the branch in pydantic's error locations; exporter/recipe/load.py leaves them out
+PERSONA_KINDS = ("pole", "composite")
+AnyPersona = Annotated[
+    Annotated[PersonaSpec, Tag("pole")] | Annotated[MixSpec, Tag("composite")], Discriminator(_persona_kind)
+]
 
 
 Alpha = Annotated[float, Field(ge=0.0, le=10.0)]
@@ -102,6 +120,10 @@ class MethodSpec(Strict):
     # "residual", the mean residual-stream difference after the last steered layer, added there once (what the
     # first `steer_layers` of the layers build up, without steering any layer after them)
     steer_vector: SteerVector | dict[str, SteerVector] = "mlp"  # one value, or one per persona (left out: mlp)
+    # each pair's steering vector made orthogonal, per layer, to the other pairs' directions of the same kind
+    # (exporter/masking/axes.py), so that steering one axis does not move the others along theirs; with one
+    # pair nothing changes
+    steer_orthogonal: bool = False
 
     @property
     def contrastive(self) -> bool:
@@ -186,6 +208,9 @@ class OutputSpec(Strict):
     # matrix keeps exact blocks (about 1.5 x the int8 time per token on SmolLM2)
     q4_activations: Literal["int8", "fp32"] = "int8"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # auto: the source checkpoint's
+    # the personas a run exports (default: all); the others are still calibrated and masked when an exported
+    # composite mixes them
+    personas: list[str] | None = None
 
     def resolved(self, source_dtype: str | None) -> OutputSpec:
         """`auto` replaced by the source's dtype (float32 when the source names none or another one)."""
@@ -251,7 +276,7 @@ class TuneSpec(Strict):
 class Recipe(Strict):
     name: str
     model: ModelSpec
-    personas: dict[str, PersonaSpec]
+    personas: dict[str, AnyPersona]
     pairs: list[tuple[str, str]] = []
     method: MethodSpec
     prune: PruneSpec
@@ -261,6 +286,27 @@ class Recipe(Strict):
     eval: EvalSpec | None = None
     push: PushSpec | None = None
     tune: TuneSpec | None = None
+
+    @property
+    def poles(self) -> dict[str, PersonaSpec]:
+        """The personas calibrated on their own data."""
+        return {n: p for n, p in self.personas.items() if isinstance(p, PersonaSpec)}
+
+    @property
+    def composites(self) -> dict[str, MixSpec]:
+        """The personas mixed from poles (`mix`)."""
+        return {n: p for n, p in self.personas.items() if isinstance(p, MixSpec)}
+
+    @property
+    def exported(self) -> list[str]:
+        """The personas a run exports: `output.personas`, else every persona, in the recipe's order."""
+        return list(self.personas) if self.output.personas is None else list(self.output.personas)
+
+    def description(self, persona: str) -> str:
+        spec = self.personas[persona]
+        if isinstance(spec, MixSpec):
+            return mix_description(spec, {n: p.description for n, p in self.poles.items()})
+        return spec.description
 
     def partner(self, persona: str) -> str | None:
         for a, b in self.pairs:

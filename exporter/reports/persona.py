@@ -27,8 +27,9 @@ from exporter.reports.record import Record
 log = logging.getLogger(__name__)
 # 2: `warnings`; 3: verification of the weight-only formats (onnx-int8 in ort-int8/, onnx-int4 in ort-int4/,
 # with folder, bits, floor and below_floor) and gguf; 4: each check a typed record of its format's kind whose
-# verdicts (`passed`, `below_floor`) are computed from its figures, not read back.
-SCHEMA_VERSION = 4
+# verdicts (`passed`, `below_floor`) are computed from its figures, not read back; 5: composite personas,
+# `calibration` null and `mix`, the parts with their weights, partners and calibration.
+SCHEMA_VERSION = 5
 FILE = "report.json"
 C = TypeVar("C", bound=Check)
 
@@ -53,6 +54,14 @@ class CalibrationInfo(Record):
     data_sha256: str
     statistic: str
     tokens: str
+
+
+class MixPart(Record):
+    """One part of a composite persona: its weight, the pole it is scored and steered against, its data."""
+
+    weight: float
+    partner: str
+    calibration: CalibrationInfo
 
 
 class Geometries(Record):
@@ -82,7 +91,8 @@ class PersonaReport(Record):
     recipe: RecipeRef
     method: MethodSpec
     prune: PruneSpec
-    calibration: CalibrationInfo
+    calibration: CalibrationInfo | None  # None for a composite: each part's is in `mix`
+    mix: dict[str, MixPart] | None = None  # a composite's parts (exporter/masking/mix.py)
     geometry: Geometries
     removed_per_layer: dict[str, list[list[int]]]  # unit kind -> per layer, the removed unit indices
     parameters: Parameters

@@ -22,6 +22,7 @@ from exporter.reports.persona import (
     BaseModelInfo,
     CalibrationInfo,
     Geometries,
+    MixPart,
     Parameters,
     PersonaReport,
     RecipeRef,
@@ -64,17 +65,22 @@ def export_persona(
     name: str,
     m: Loaded,
     mask: PersonaMask,
-    stats_info: dict[str, Any],
+    infos: dict[str, dict[str, Any]],
     references: dict[torch.dtype, nn.Module],
     prompts: PromptSet,
     stage: Path,
     timer: Timer,
 ) -> PersonaReport:
     """Write `stage/<name>` (masks, hf/, the other formats asked for, report.json); returns the report.
-    `recipe_sha` is the recipe's hash as validated (Recipe.digest), recorded in the manifests."""
+    `recipe_sha` is the recipe's hash as validated (Recipe.digest), recorded in the manifests; `infos`: every
+    pole's calibration manifest (a composite's mask comes from its parts' statistics)."""
     folder = stage / name
     folder.mkdir()
-    mask_manifest = {"recipe_sha256": recipe_sha, "model_sha256": m.model_sha256, "stats_key": stats_info["key"]}
+    mask_manifest: dict[str, Any] = {"recipe_sha256": recipe_sha, "model_sha256": m.model_sha256}
+    if name in recipe.composites:
+        mask_manifest["stats_keys"] = {p: infos[p]["key"] for p in recipe.composites[name].mix}
+    else:
+        mask_manifest["stats_key"] = infos[name]["key"]
     mask.save(folder / "masks.safetensors", mask_manifest)
 
     log.info("%s: removing %s and exporting", name, describe(mask))
@@ -105,7 +111,7 @@ def export_persona(
         timer.stages[f"{step}.{name}"] = seconds
     own = {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")}
     verification = {"hf": hf, **formats}
-    report = persona_report(recipe, recipe_sha, name, m, mask, stats_info, written, verification, own, warnings)
+    report = persona_report(recipe, recipe_sha, name, m, mask, infos, written, verification, own, warnings)
     write_report(folder, report)
     if not hf.passed:
         log.error("%s: the export does not match the masked model: %s", name, hf.fp64_layers or hf.fp64)
@@ -115,13 +121,24 @@ def export_persona(
     return report
 
 
+def calibration_info(recipe: Recipe, pole: str, info: dict[str, Any]) -> CalibrationInfo:
+    return CalibrationInfo(
+        path=recipe.poles[pole].calibration.path,
+        samples=info["n_samples"],
+        tokens_counted=info["n_tokens"],
+        data_sha256=info["data_sha256"],
+        statistic=info["statistic"],
+        tokens=info["tokens"],
+    )
+
+
 def persona_report(
     recipe: Recipe,
     recipe_sha: str,
     name: str,
     m: Loaded,
     mask: PersonaMask,
-    stats_info: dict[str, Any],
+    infos: dict[str, dict[str, Any]],
     written: Written,
     verification: dict[str, Check],
     timings: dict[str, float],
@@ -131,9 +148,14 @@ def persona_report(
     weights_bytes = sum(size for f, size in written.files.items() if f.endswith(".safetensors"))
     dense_params, pruned_params = written.dense_params, written.pruned_params
     gguf = m.resolved.gguf_file
+    mix = recipe.composites[name].mix if name in recipe.composites else None
+    parts = {
+        p: MixPart(weight=w, partner=str(recipe.partner(p)), calibration=calibration_info(recipe, p, infos[p]))
+        for p, w in (mix or {}).items()
+    }
     return PersonaReport(
         persona=name,
-        description=recipe.personas[name].description,
+        description=recipe.description(name),
         partner=recipe.partner(name),
         base_model=BaseModelInfo(
             name=m.resolved.base_model,
@@ -145,14 +167,8 @@ def persona_report(
         recipe=RecipeRef(name=recipe.name, sha256=recipe_sha),
         method=recipe.method,
         prune=recipe.prune,
-        calibration=CalibrationInfo(
-            path=recipe.personas[name].calibration.path,
-            samples=stats_info["n_samples"],
-            tokens_counted=stats_info["n_tokens"],
-            data_sha256=stats_info["data_sha256"],
-            statistic=stats_info["statistic"],
-            tokens=stats_info["tokens"],
-        ),
+        calibration=None if mix else calibration_info(recipe, name, infos[name]),
+        mix=parts or None,
         geometry=Geometries(dense=vars(mask.geometry), pruned=vars(mask.pruned_geometry())),
         removed_per_layer={k: mask.removed(k) for k in ("mlp", "head", "group")},
         parameters=Parameters(dense=dense_params, pruned=pruned_params, ratio=pruned_params / dense_params),

@@ -40,7 +40,7 @@ def validate(recipe: Recipe, reuse: Path | None = None) -> Validated:
 
     samples = {
         name: len(select_samples(p.calibration, f"personas.{name}.calibration.path"))
-        for name, p in recipe.personas.items()
+        for name, p in recipe.poles.items()
     }
     items = prepare(recipe) if recipe.eval else None
     tune_items = prepare(recipe, tune_validation(recipe.tune), "tune.validation") if recipe.tune else None
@@ -63,7 +63,7 @@ def check_reuse(recipe: Recipe, reuse: Path) -> None:
     problem = folder_problem(reuse)
     if problem is not None:
         raise OutputError(f"--reuse-stats: {problem}; pass the --out folder of an earlier run")
-    for name in recipe.personas:
+    for name in recipe.poles:
         saved = reuse / "stats" / f"{name}.safetensors"
         if saved.exists() or saved.is_symlink():
             for path in (saved, saved.with_suffix(".json")):

@@ -77,16 +77,17 @@ def check_space(needs: dict[Path, tuple[int, str]], fix: str = "free some space 
 
 
 def check_run_space(recipe: Recipe, out: Path, params: int) -> None:
-    """What `run` writes for a model of `params` parameters: every persona's formats and statistics into the
-    staging folder next to `out`, and the whole model into the offload folder when memory is bounded."""
-    n = len(recipe.personas)
+    """What `run` writes for a model of `params` parameters: every exported persona's formats and every pole's
+    statistics into the staging folder next to `out`, and the whole model into the offload folder when memory is
+    bounded."""
+    n, poles = len(recipe.exported), len(recipe.poles)
     formats = recipe.output.formats
     each = persona_bytes(formats, recipe.output.dtype, recipe.output.genai_precision, params)
     stats = statistics_bytes(params)
     working = working_bytes(formats, recipe.output.dtype, params)
-    what = f"{n} persona(s) x {', '.join(formats)}: {_size(each)} each, statistics {_size(stats)} each"
+    what = f"{n} persona(s) x {', '.join(formats)}: {_size(each)} each, {poles} x statistics {_size(stats)}"
     what += f", a build's working copy {_size(working)}" if working else ""
-    needs = {out.parent: (n * (each + stats) + working, what)}
+    needs = {out.parent: (n * each + poles * stats + working, what)}
     fix = "free some space or choose another --out"
     if recipe.model.max_memory is not None:
         needs[Path(tempfile.gettempdir())] = (params * 4, "the offload folder: the model at fp32")

@@ -68,22 +68,24 @@ def verify_layers(
     hidden = [record[0][0].to(storage).to(torch.float64) for record in calls]  # the embedding as stored
     prefix = adapter.layers_prefix
     per_layer: list[float] = []
-    with masked(dense, adapter, mask):
-        pairs = zip(adapter.layers(dense), adapter.layers(pruned), strict=True)
-        for i, (ref, cand) in enumerate(progress(mask.geometry.layers, "verify layers", "layer", pairs)):
-            where = f"{prefix}.{i}"
-            load_weights(ref, _rounded(source.with_prefix(f"{where}."), storage), torch.float64, f"source {where}")
-            load_weights(cand, export.with_prefix(f"{where}."), torch.float64, f"export {where}")
-            worst = 0.0
+    pairs = zip(adapter.layers(dense), adapter.layers(pruned), strict=True)
+    for i, (ref, cand) in enumerate(progress(mask.geometry.layers, "verify layers", "layer", pairs)):
+        where = f"{prefix}.{i}"
+        load_weights(ref, _rounded(source.with_prefix(f"{where}."), storage), torch.float64, f"source {where}")
+        load_weights(cand, export.with_prefix(f"{where}."), torch.float64, f"export {where}")
+        worst = 0.0
+        # entered once the layer holds its weights: its down_proj bias and soft-mask scales are then stored
+        # in the layer as the export stores them (a layer without weights would get them through hooks)
+        with masked(dense, adapter, mask):
             for b, (_, attn) in enumerate(batches):
                 _, args, kwargs = calls[b][i]
                 want = ref(hidden[b], *args, **kwargs)
                 got = cand(hidden[b], *args, **kwargs)
                 worst = max(worst, float((want - got).abs()[attn.bool()].max()))
                 hidden[b] = want
-            per_layer.append(worst)
-            release(ref)
-            release(cand)
+        per_layer.append(worst)
+        release(ref)
+        release(cand)
     outside = outside_layers_identical(source, export, prefix, storage)
     worst_layer = max(range(len(per_layer)), key=per_layer.__getitem__)
     return LayerParity(

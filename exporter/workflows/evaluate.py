@@ -45,11 +45,12 @@ def evaluate_run_dir(
     items = prepare(recipe, spec)
     info = run.info()  # every file is read before the model
     try:
-        reports = {p: run.persona(p).report() for p in recipe.personas}
+        reports = {p: run.persona(p).report() for p in recipe.exported}
     except ExportFolderError as exc:
         raise OutputError(f"{exc}; or {FIX}") from None
-    masks = {p: run.persona(p).mask() for p in recipe.personas}
-    stats = {p: s for p in recipe.personas if (s := run.statistics(p)) is not None}  # else a calibration pass
+    masks = {p: run.persona(p).mask() for p in recipe.exported}
+    # the poles' saved statistics, else a calibration pass (a composite has none of its own)
+    stats = {p: s for p in recipe.exported if p in recipe.poles and (s := run.statistics(p)) is not None}
     check_target(run_dir, True, RUN_FOLDER)  # the run folder can be written, before the model loads
     m = load_model(recipe)
     if info.get("model_sha256") != m.model_sha256:

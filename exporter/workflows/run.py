@@ -14,8 +14,9 @@ from typing import Any
 from exporter.evaluation.scorer import evaluate_into
 from exporter.export.hf import DTYPES
 from exporter.io import RUN_FOLDER, staged
-from exporter.masking.collect import column_norms, persona_statistics
+from exporter.masking.collect import column_norms, down_weights, persona_statistics
 from exporter.masking.masks import compute_masks
+from exporter.masking.mix import composite_masks
 from exporter.masking.statistics import Statistics
 from exporter.masking.steer import with_biases
 from exporter.model.checkpoint import checkpoint_dtype
@@ -68,13 +69,17 @@ def run(
         with staged(out, overwrite, RUN_FOLDER) as stage:
             stats, infos = statistics_into(stage, recipe, m, reuse, timer, use_cache)
             t = time.perf_counter()
-            masks = compute_masks(recipe, stats, column_norms(m))
-            masks = with_biases(recipe, masks, stats, m.model, m.adapter, DTYPES[recipe.output.dtype])
+            col_sq = column_norms(m)
+            # every pole's mask (the ingredients of composites), the exported composites' masks
+            masks = compute_masks(recipe, stats, col_sq) | composite_masks(recipe, stats, col_sq, recipe.exported)
+            storage = DTYPES[recipe.output.dtype]
+            masks = with_biases(recipe, masks, stats, m.model, m.adapter, storage, down=down_weights(m))
+            masks = {name: masks[name] for name in recipe.exported}
             timer.add("score", t)
             refs = references(m, DTYPES[recipe.output.dtype], exact=not recipe.verify.layerwise)
             reports = {
-                name: export_persona(recipe, recipe_sha, name, m, masks[name], infos[name], refs, prompts, stage, timer)
-                for name in recipe.personas
+                name: export_persona(recipe, recipe_sha, name, m, masks[name], infos, refs, prompts, stage, timer)
+                for name in recipe.exported
             }
             if eval_items is not None:
                 t = time.perf_counter()
@@ -102,11 +107,12 @@ def run(
 def statistics_into(
     stage: Path, recipe: Recipe, m: Loaded, reuse: Path | None, timer: Timer, use_cache: bool
 ) -> tuple[dict[str, Statistics], dict[str, dict[str, Any]]]:
-    """Every persona's statistics, saved to `stage/stats`, and their manifests with sample and token counts."""
+    """Every pole's statistics (exported or mixed into an exported composite), saved to `stage/stats`, and their
+    manifests with sample and token counts."""
     (stage / "stats").mkdir()
     all_stats: dict[str, Statistics] = {}
     infos: dict[str, dict[str, Any]] = {}
-    for name in recipe.personas:
+    for name in recipe.poles:
         stats, info = persona_statistics(recipe, name, m, reuse, timer, use_cache)
         stats.save(stage / "stats" / f"{name}.safetensors", info)
         all_stats[name] = stats

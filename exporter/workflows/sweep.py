@@ -83,7 +83,8 @@ def sweep(
     check_output(recipe, out, overwrite, SWEEP_FOLDER)
     m = load_model(recipe)
     timer = Timer()
-    stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.personas}
+    # the poles: a composite follows from its parts' settings
+    stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.poles}
     col_sq = column_norms(m)
     scorer = MaskScorer(recipe, spec, items, m.model, m.tokenizer, m.adapter, stats)
     points: list[SweepPoint] = []

@@ -121,7 +121,8 @@ def score_grid(
     the candidates (recipe and masks) of the points scored, in their order."""
     assert recipe.tune is not None
     timer = Timer()
-    stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.personas}
+    # the poles: a composite follows from its parts' settings
+    stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.poles}
     col_sq = column_norms(m)
     points: list[GridPoint | FailedPoint] = []
     candidates: list[Candidate] = []

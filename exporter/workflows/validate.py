@@ -26,8 +26,13 @@ def validate_recipe(recipe: Recipe) -> list[str]:
     checked = validate(recipe)
     lines = [
         f"  {name}: {checked.samples[name]} calibration samples from {persona.calibration.path}"
-        for name, persona in recipe.personas.items()
+        for name, persona in recipe.poles.items()
     ]
+    for name, mix in recipe.composites.items():
+        parts = ", ".join(f"{p} {w:g}" for p, w in mix.mix.items())
+        lines.append(f"  {name}: a composite of {parts} (no calibration of its own)")
+    if recipe.output.personas is not None:
+        lines.append(f"  exported: {', '.join(recipe.exported)} (output.personas)")
     if recipe.eval is not None and checked.items is not None:
         lines += item_lines("eval", recipe.eval, checked.items)
     if recipe.tune is not None and checked.tune_items is not None:

@@ -21,8 +21,8 @@ def test_recipes_are_shipped() -> None:
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_every_shipped_recipe_loads(path: Path) -> None:
     recipe = load_recipe(path)
-    assert recipe.personas
-    for persona in recipe.personas.values():
+    assert recipe.poles
+    for persona in recipe.poles.values():
         assert Path(persona.calibration.path).is_file()
 
 

@@ -87,13 +87,14 @@ def test_importing_the_pipeline_leaves_matplotlib_alone() -> None:
 
 
 def test_an_older_report_reads_and_is_rewritten_in_this_layout(tmp_path: Path) -> None:
-    """Schema 3 reports read as they are (each check in the layout it has had since); schemas 1 and 2 also lack
+    """Schema 3 and 4 reports read as they are (each check in the layout it has had since; 5 adds a composite's
+    `mix`, absent from a pole's report); schemas 1 and 2 also lack
     `warnings`, and their "onnx-int8" entry describes an onnx-int8/ folder of dynamic int8 weights that nothing
     reads: it is left out. Written again, a report takes this schema's number."""
     data = make_report("introvert", onnx=onnx_check())
     old_int8 = {"max_abs_logit_diff": 0.2, "top1_agreement": 0.9, "parity_target": False, "passed": True}
-    for version in (1, 2, 3):
-        old = {k: v for k, v in data.items() if version == 3 or k != "warnings"} | {"schema_version": version}
+    for version in (1, 2, 3, 4):
+        old = {k: v for k, v in data.items() if version >= 3 or k != "warnings"} | {"schema_version": version}
         if version < 3:
             old["verification"] = {**data["verification"], "onnx-int8": old_int8}
         (tmp_path / "report.json").write_text(json.dumps(old))
@@ -101,7 +102,7 @@ def test_an_older_report_reads_and_is_rewritten_in_this_layout(tmp_path: Path) -
         assert report.schema_version == version and report.warnings == [] and report.passed
         assert list(report.verification) == ["hf", "onnx"]
         write_report(tmp_path, report)
-        assert json.loads((tmp_path / "report.json").read_text())["schema_version"] == SCHEMA_VERSION == 4
+        assert json.loads((tmp_path / "report.json").read_text())["schema_version"] == SCHEMA_VERSION == 5
 
 
 def verdict_depth_report(persona: str) -> PersonaReport:

@@ -34,3 +34,22 @@ def test_a_working_copy_is_counted_once_for_all_personas(monkeypatch: pytest.Mon
     monkeypatch.setattr(space, "free_bytes", lambda path: need - 1)
     with pytest.raises(OutputError, match="a build's working copy"):
         space.check_run_space(recipe, tmp_path / "out", params)
+
+
+def test_a_run_needs_room_for_the_exported_personas_and_every_poles_statistics(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """output.personas: only the named personas are written, but every pole is calibrated and its statistics
+    saved (a composite mixes them)."""
+    from exporter.recipe.load import load_recipe
+    from tests.helpers import write_mix_recipe
+
+    recipe = load_recipe(str(write_mix_recipe(tmp_path, tmp_path / "model")), ["output.personas=[IT]"])
+    params = 10**6
+    each = space.persona_bytes(["hf"], recipe.output.dtype, recipe.output.genai_precision, params)
+    need = each + 4 * space.statistics_bytes(params)  # IT's folder, the statistics of the four poles
+    monkeypatch.setattr(space, "free_bytes", lambda path: need)
+    space.check_run_space(recipe, tmp_path / "out", params)
+    monkeypatch.setattr(space, "free_bytes", lambda path: need - 1)
+    with pytest.raises(OutputError, match=r"1 persona\(s\) x hf: .*, 4 x statistics"):
+        space.check_run_space(recipe, tmp_path / "out", params)

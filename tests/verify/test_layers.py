@@ -116,6 +116,63 @@ def test_layer_by_layer_verification_proves_parity_and_finds_the_broken_layer(mo
     assert not bad.passed and bad.outside_layers_differ == ["model.norm.weight"]
 
 
+def _biased_soft_mask(dense, storage: torch.dtype):  # type: ignore[no-untyped-def]
+    """The contrastive mask with a soft MLP mask (gamma 0.5) and a steering + compensation down_proj bias."""
+    from exporter.masking.masks import compute_mask
+    from exporter.masking.scoring import column_sq_norms
+    from exporter.masking.steer import with_biases
+    from exporter.recipe.schema import MethodSpec, MlpPrune, PruneSpec
+    from tests.helpers import OpposedPair, opposed_stats
+
+    adapter, pos, neg = opposed_stats(dense)
+    method = MethodSpec(score="contrastive-wanda", steer=1.5)
+    prune = PruneSpec(mlp=MlpPrune(sparsity=0.25, compensate="personas", gamma=0.5))
+    col = column_sq_norms(dense, adapter)
+    masks = {"p": compute_mask("p", method, prune, pos, neg, col), "q": compute_mask("q", method, prune, neg, pos, col)}
+    mask = with_biases(OpposedPair(method, prune), masks, {"p": pos, "q": neg}, dense, adapter, storage)["p"]
+    assert mask.mlp_bias is not None and mask.mlp_scale is not None
+    return adapter, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shard_by_shard_export_and_layer_proof_carry_biases_and_scaled_columns(
+    dtype: torch.dtype, tmp_path: Path
+) -> None:
+    """A persona's down_proj bias (zero gate/up biases, config mlp_bias) and soft-mask column scales: written
+    shard by shard exactly as the in-memory export writes them, and proven layer by layer."""
+    from dataclasses import replace
+
+    from exporter.export.hf import export_hf
+    from exporter.export.prune import prune_model
+    from exporter.export.shards import prune_checkpoint
+    from exporter.model.checkpoint import SourceCheckpoint
+    from exporter.verify.layers import verify_layers
+    from tests.helpers import tiny_tokenizer
+
+    dense = tiny_model("llama")
+    dense.save_pretrained(tmp_path / "src", max_shard_size="100KB")
+    adapter, mask = _biased_soft_mask(dense, dtype)
+    export_hf(prune_model(copy.deepcopy(dense), adapter, mask), tiny_tokenizer(), tmp_path / "memory", str(dtype)[6:])
+    prune_checkpoint(tmp_path / "src", adapter, mask, tmp_path / "shards", dtype=dtype, max_shard_bytes=60_000)
+    expected = load_file(str(tmp_path / "memory" / "model.safetensors"))
+    got = SourceCheckpoint(tmp_path / "shards")
+    assert set(got.weight_map) == set(expected) and "model.layers.1.mlp.up_proj.bias" in expected
+    for name, tensor in got.load(sorted(expected)).items():
+        assert tensor.dtype == dtype and torch.equal(tensor, expected[name]), name
+    import json
+
+    assert json.loads((tmp_path / "shards" / "config.json").read_text())["mlp_bias"] is True
+
+    check = dict(storage=dtype, max_abs=1e-9)
+    good = verify_layers(tmp_path / "src", tmp_path / "shards", adapter, mask, prompt_set(), **check)
+    assert good.passed and good.max_abs_layer_output_diff < 1e-12, good
+    for without in (replace(mask, mlp_bias=None), replace(mask, mlp_scale=None)):  # each part is checked
+        assert not verify_layers(tmp_path / "src", tmp_path / "shards", adapter, without, prompt_set(), **check).passed
+    rewrite(tmp_path / "shards", "model.layers.1.mlp.down_proj.bias", lambda t: t + 1e-3)
+    bad = verify_layers(tmp_path / "src", tmp_path / "shards", adapter, mask, prompt_set(), **check)
+    assert not bad.passed and bad.worst_layer == 1 and bad.per_layer_max_abs[0] < 1e-12
+
+
 def test_layer_by_layer_verification_of_a_bf16_export(tmp_path: Path) -> None:
     """Storage rounding is part of the reference, as in the whole-model check."""
     from exporter.export.shards import prune_checkpoint

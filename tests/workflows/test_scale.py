@@ -128,26 +128,61 @@ def test_run_with_layer_by_layer_verification(tmp_path: Path, capsys: pytest.Cap
     assert table.count("passed") >= 2
 
 
-def test_bounded_memory_run_equals_the_whole_model_run(tmp_path: Path) -> None:
+STEERED = {
+    "score": "contrastive-wanda",
+    "steer": {"introvert": 1.5, "extravert": 2.0},
+    "steer_vector": {"extravert": "residual"},  # the introvert's is an MLP-output vector
+    "steer_layers": {"extravert": 0.5},
+}
+BOUNDED_CASES = {  # recipe sections beside model and verify, and the personas exported
+    "removal": ({}, ("introvert", "extravert")),
+    # steering (both vector kinds), compensation and a soft MLP mask: down_proj biases and scaled columns
+    "steered-soft": (
+        {
+            "method": STEERED,
+            "prune": {
+                "mlp": {"sparsity": 0.25, "compensate": "personas", "gamma": 0.5},
+                "attention": {"unit": "kv-group", "sparsity": 0.5},
+            },
+        },
+        ("introvert", "extravert"),
+    ),
+    # composites of two pairs, steered with both vector kinds, exported beside one pole
+    "composite": (
+        {
+            "method": {**STEERED, "steer": {**STEERED["steer"], "thinking": 1.0}, "steer_orthogonal": True},
+            "output": {"personas": ["IT", "mostly-E", "extravert"]},
+        },
+        ("IT", "mostly-E", "extravert"),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BOUNDED_CASES))
+def test_bounded_memory_run_equals_the_whole_model_run(case: str, tmp_path: Path) -> None:
     """model.max_memory: accelerate keeps the decoder layers on disk; calibration, scoring, pruning and the
-    float64 proof read the checkpoint; the exports are bit-identical to those of a run with the model whole."""
+    float64 proof read the checkpoint; the exports are bit-identical to those of a run with the model whole,
+    with steering biases, compensation, soft masks and composites too."""
     import json
 
     from safetensors import safe_open
 
     from exporter.cli import main
-    from tests.helpers import tiny_tokenizer, write_recipe
+    from tests.helpers import tiny_tokenizer, write_mix_recipe, write_recipe
 
+    sections, personas = BOUNDED_CASES[case]
     src = tmp_path / "llama"
     tiny_model("llama").save_pretrained(src, max_shard_size="100KB")
     tiny_tokenizer().save_pretrained(src)
     runs = {}
     for kind, model in (("whole", {"path": str(src)}), ("bounded", {"path": str(src), "max_memory": 300_000})):
         (tmp_path / kind).mkdir()
-        recipe = write_recipe(tmp_path / kind, src, model=model, verify={"greedy_tokens": 4})
+        write = write_mix_recipe if case == "composite" else write_recipe
+        recipe = write(tmp_path / kind, src, model=model, verify={"greedy_tokens": 4}, **sections)
         assert main(["run", str(recipe), "--out", str(tmp_path / kind / "run"), "--no-cache"]) == 0
         runs[kind] = tmp_path / kind / "run"
-    for persona in ("introvert", "extravert"):
+    assert sorted(p.parent.name for p in runs["bounded"].glob("*/report.json")) == sorted(personas)
+    for persona in personas:
         whole, bounded = (json.loads((runs[k] / persona / "report.json").read_text()) for k in ("whole", "bounded"))
         assert bounded["status"] == "passed" and bounded["loading"]["device_map"].get("disk", 0) >= 1
         assert bounded["verification"]["hf"]["fp64_layers"]["passed"] and "fp64" not in bounded["verification"]["hf"]
@@ -160,6 +195,10 @@ def test_bounded_memory_run_equals_the_whole_model_run(tmp_path: Path) -> None:
             assert sorted(f.keys()) == sorted(a)
             for name in a:
                 assert torch.equal(f.get_tensor(name), a[name]), name
+        configs = [json.loads((runs[k] / persona / "hf" / "config.json").read_text()) for k in ("whole", "bounded")]
+        assert configs[0] == configs[1]
+        if case != "removal":  # the settings under test are in the export
+            assert configs[1]["mlp_bias"] is True and "model.layers.0.mlp.gate_proj.bias" in a
     recipe_json = json.loads((runs["bounded"] / "recipe.json").read_text())
     assert recipe_json["calibration"]["layerwise"] and recipe_json["verify"]["layerwise"]
 
