@@ -1,7 +1,8 @@
 """Benchmarks for the demo recipe, printed (not asserted): run with `bash ci/bench.sh`.
 
-1. Time per stage of `persona-export run` (from run.json), statistics calibrated (not from the cache), and the
-   evaluation's time over calibration + HF verification of the same run (goal <= 1).
+1. Time per stage of `persona-export run` (from run.json), statistics calibrated (not from the cache), summed by
+   kind (load, calibration, masks, checkpoint export, verification, ONNX, evaluation), and the evaluation's time
+   over calibration + HF verification of the same run (goal <= 1).
 2. Calibration time / a plain forward pass over the same batches, measured in this process (goal <= 1.15).
 3. The evaluation's floor: the tokens its answer scoring and neutral text must pass through the decoder and
    the LM head, at the speeds measured here (the decoder on the calibration batches), replies left out. No
@@ -11,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -143,15 +145,42 @@ def eval_ratio(timings: dict[str, float]) -> str:
     )
 
 
+GROUPS = {  # where the first command's time goes: run.json's stages by kind
+    "load": ("load",),
+    "calibration": ("calibrate",),
+    "masks": ("score",),
+    "checkpoint (prune, write)": ("prune", "export_hf"),
+    "verification": ("verify_hf",),
+    "ONNX (export and check)": ("export_onnx", "verify_onnx", "onnx"),
+    "evaluation": ("eval",),
+}
+
+
+def stage_groups(timings: dict[str, float]) -> dict[str, float]:
+    """Seconds per kind of stage; the evaluation's own parts (eval_scores, ...) are inside `eval` already."""
+    out = {name: sum(_stages(timings, *stages)) for name, stages in GROUPS.items()}
+    known = {s for stages in GROUPS.values() for s in stages}
+    out["other"] = sum(v for k, v in timings.items() if k.split(".")[0] not in known and not k.startswith("eval_"))
+    return out
+
+
 def demo_run(out: Path) -> dict[str, float]:
+    load = os.getloadavg()
     t = time.perf_counter()
     summary = run(load_recipe(RECIPE), out, use_cache=False)  # calibration is timed, not reused
     wall = time.perf_counter() - t
-    print(f"\n## persona-export run {RECIPE.name}: {wall:.1f} s wall")
+    print(f"\n## persona-export run {RECIPE.name}: {wall:.1f} s wall (load average before: {load[0]:.1f})")
     print(f"{'stage':32s} seconds")
     timings = summary["timings_s"]
     for stage, sec in timings.items():
         print(f"{stage:32s} {sec:8.2f}")
+    groups = stage_groups(timings)
+    print(f"\n{'kind of stage':32s} seconds")
+    for name, sec in groups.items():
+        print(f"{name:32s} {sec:8.2f}")
+    print(
+        f"{'sum of stages':32s} {sum(groups.values()):8.2f}   (wall {wall:.1f} s; load average after: {os.getloadavg()[0]:.1f})"
+    )
     print(eval_ratio(timings))
     print(
         f"\n{'persona':12s} {'params dense':>14s} {'params pruned':>14s} {'ratio':>7s} {'MB dense':>9s} {'MB pruned':>10s}"

@@ -45,11 +45,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from exporter.workflows.run import run
 
     summary = run(recipe, Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats, use_cache=not args.no_cache)
-    from exporter.reports.markdown import verdict
+    from exporter.reports.markdown import depth_text, verdict
     from exporter.reports.terminal import quality_lines, summary_table
 
     print(summary_table(summary["reports"]))
-    print("\n" + "\n".join(verdict(summary["reports"], Path(args.out))))
     for report in summary["reports"].values():
         for line in quality_lines(report):
             print(f"{report.persona}: {line}")
@@ -57,6 +56,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     files = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in first.iterdir()))
     run_files = ", ".join(n for n in ("report.md", "report.json", "eval.png") if (Path(args.out) / n).is_file())
     print(f"\nwritten: {args.out}  ({run_files + '; ' if run_files else ''}per persona: {files})")
+    print("\n" + "\n".join(verdict(summary["reports"], Path(args.out))))
+    evaluated = [r.evaluation for r in summary["reports"].values() if r.evaluation is not None]
+    if evaluated:
+        print(f"evaluation depth: {depth_text(evaluated[0]).replace('RUN_DIR', args.out)}")
     failed = [n for n, s in summary["personas"].items() if s != "passed"]
     if failed:
         print(f"error: verification failed for {', '.join(failed)}; see report.json", file=sys.stderr)
@@ -213,10 +216,15 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from exporter.reports.markdown import depth_text
     from exporter.workflows.evaluate import evaluate_run_dir
 
-    evaluate_run_dir(Path(args.run_dir), args.recipe, args.set)
+    overrides = [*args.set, *(["eval.depth=full"] if args.full else [])]
+    evaluations = evaluate_run_dir(Path(args.run_dir), args.recipe, overrides)
     print(f"written: {Path(args.run_dir) / 'report.md'} (and each persona's report.json, report.md)")
+    first = next(iter(evaluations.values()), None)
+    if first is not None:
+        print(f"depth: {depth_text(first).replace('RUN_DIR', args.run_dir)}")
     return 0
 
 
@@ -300,7 +308,7 @@ EXAMPLES = """examples:
   persona-export generate runs/demo/extravert --prompt "Plan my Saturday." --base
   persona-export chat runs/demo/introvert --backend torch --temperature 0.7
   persona-export serve runs/demo --port 8000
-  persona-export eval runs/demo eval.baselines=all
+  persona-export eval runs/demo --full
 
 -q/--quiet and -v/--verbose may come before or after the command."""
 
@@ -455,11 +463,17 @@ def _add_eval(sub: Any) -> None:
     p = _command(
         sub,
         "eval",
-        help="evaluate a run's persona masks against baselines; rewrites the run's report.md/json (minutes: the "
-        "demo's evaluation takes about 8, with eval.baselines=all about 15)",
+        help="evaluate a run's persona masks against baselines; rewrites the run's report.md/json (at the "
+        "recipe's eval.depth, the verdict depth unless set; --full: about 15 minutes for the demo)",
     )
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--recipe", help="take the eval section from this recipe instead of the run's own")
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="the full depth (eval.depth=full): every ablation, the eval section's random seeds (3) and every "
+        "reply prompt, where the run's own evaluation holds what the verdict needs",
+    )
     p.add_argument(
         "set",
         nargs="*",

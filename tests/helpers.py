@@ -244,6 +244,7 @@ def eval_section(tmp_path: Path, **changes: Any) -> dict[str, Any]:
         },
         "neutral": {"path": "neutral.txt", "window": 24},
         "bootstrap": 200,
+        "depth": "full",  # every baseline the tests read; the verdict depth's tests ask for it
     }
     return section | changes
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from exporter.errors import CalibrationDataError, RecipeError
 from exporter.masking.data import field_problem, read_records, read_samples, select_samples
-from exporter.recipe.eval import EvalSpec, PairedSpec, RepliesSpec, StatementsSpec, eval_problems
+from exporter.recipe.eval import EvalSpec, PairedSpec, RepliesSpec, StatementsSpec, eval_problems, reply_cap
 from exporter.recipe.formats import FORMATS
 from exporter.recipe.schema import DataSpec, Recipe, infer_format
 
@@ -219,9 +219,11 @@ def read_neutral(path: str, section: str = "eval") -> list[str]:
 
 
 def read_reply_prompts(
-    spec: RepliesSpec, calib: CalibrationIndex, section: str = "eval"
+    spec: RepliesSpec, calib: CalibrationIndex, section: str = "eval", cap: int | None = None
 ) -> tuple[list[str], dict[str, Any]]:
-    """One prompt per non-blank line; calibration prompts are dropped when held out, then a seeded selection."""
+    """One prompt per non-blank line; calibration prompts are dropped when held out, then a seeded selection.
+    `cap` (the verdict depth) keeps at most that many: the first of the same seeded order, so a subset of the
+    prompts the full depth selects."""
     try:
         samples = read_samples(DataSpec(path=spec.path, format="text", max_samples=1), f"{section}.replies.path")
     except CalibrationDataError as exc:
@@ -229,12 +231,16 @@ def read_reply_prompts(
     lines = [t.strip() for s in samples for t in s.response.splitlines() if t.strip()]
     candidates = [i for i, t in enumerate(lines) if not (spec.exclude_calibration and calib.find(t))]
     n = spec.max_items or len(candidates)
-    chosen = _choose(candidates, n, spec.seed, "eval.replies", len(lines), len(lines) - len(candidates))
+    excluded = len(lines) - len(candidates)
+    chosen = _choose(candidates, n, spec.seed, "eval.replies", len(lines), excluded)
+    if cap is not None and cap < n:
+        chosen = _choose(candidates, cap, spec.seed, "eval.replies", len(lines), excluded)
     split = {
         "file": {"path": spec.path, "sha256": file_sha256(spec.path)},
         "total": len(lines),
         "held_out": spec.exclude_calibration,
         "selected": len(chosen),
+        "full_depth": n,
         "seed": spec.seed,
         "line_indices": chosen,
     }
@@ -269,7 +275,7 @@ def load_items(recipe: Recipe, spec: EvalSpec, section: str = "eval") -> EvalIte
             "paragraphs": len(items.neutral),
         }
     if spec.replies is not None:
-        items.reply_prompts, items.splits["replies"] = read_reply_prompts(spec.replies, calib, section)
+        items.reply_prompts, items.splits["replies"] = read_reply_prompts(spec.replies, calib, section, reply_cap(spec))
     items.leaks = find_leaks(items, calib)
     if items.leaks:
         shown = "; ".join(f"{x['source']} #{x['index']} = {x['calibration']}" for x in items.leaks[:5])

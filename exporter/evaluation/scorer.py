@@ -27,7 +27,7 @@ from exporter.export.prune import count_parameters
 from exporter.masking.masks import PersonaMask
 from exporter.masking.statistics import Statistics
 from exporter.model.adapters import Adapter
-from exporter.recipe.eval import EvalSpec
+from exporter.recipe.eval import EvalSpec, at_depth
 from exporter.recipe.schema import Recipe
 from exporter.reports.evaluation import Leak, PersonaEvaluation, RepliesEvaluation, Splits
 from exporter.reports.markdown import write_run_reports
@@ -57,8 +57,9 @@ DEFINITIONS = {
 
 
 class MaskScorer:
-    """Scores sets of persona masks of `recipe`'s personas on the items of `spec`. `stats`: the personas'
-    calibration statistics, which spare the Wanda baseline a second pass over the calibration data."""
+    """Scores sets of persona masks of `recipe`'s personas on the items of `spec`, under the conditions of its
+    depth (`at_depth`). `stats`: the personas' calibration statistics, which spare the Wanda baseline a second
+    pass over the calibration data."""
 
     def __init__(
         self,
@@ -70,7 +71,8 @@ class MaskScorer:
         adapter: Adapter,
         stats: dict[str, Statistics] | None = None,
     ) -> None:
-        self.recipe, self.spec, self.items = recipe, spec, items
+        self.recipe, self.written, self.items = recipe, spec, items
+        self.spec = spec = at_depth(spec)
         self.ev = Evaluator(model, tokenizer, adapter, spec, items)
         self.systems = {p: system_prompt(recipe, spec, p) for p in recipe.personas}
         self.stats = stats or {}
@@ -133,6 +135,7 @@ class MaskScorer:
         labels = [s.label for s in items.statements]
         figures = summarise(raw, persona, spec, labels, random_keys(spec, mask), self.dense_params, replies)
         return PersonaEvaluation(
+            depth=spec.depth,
             splits=Splits.model_validate(items.splits),
             leaks=[Leak.model_validate(leak) for leak in items.leaks],
             system_prompt=self.systems[persona],
@@ -140,7 +143,7 @@ class MaskScorer:
             random_seeds=[spec.seed + s for s in range(spec.random_seeds)],
             dense_parameters=self.dense_params,
             definitions=DEFINITIONS,
-            eval_spec=spec,
+            eval_spec=self.written,
             **figures,
         )
 

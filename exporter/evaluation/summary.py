@@ -115,7 +115,10 @@ class PersonaView:
         if not entries:
             return None
         row = self.row(
-            f"random mask ({len(entries)} seeds)", _mean_answers(entries), _mean_neutral(entries), entries[0].removed
+            f"random mask ({len(entries)} seed{'s' if len(entries) > 1 else ''})",
+            _mean_answers(entries),
+            _mean_neutral(entries),
+            entries[0].removed,
         )
         seeds = []
         for k, e in zip(keys, entries, strict=True):

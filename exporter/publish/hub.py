@@ -25,6 +25,7 @@ from exporter import __version__
 from exporter.errors import ExportFolderError, HubError
 from exporter.folders.run_folder import PersonaFolder
 from exporter.inputs import folder_problem, path_kind
+from exporter.io import write_atomic
 from exporter.publish.modelcard import CardContext, render_card
 from exporter.recipe.formats import ADDED, FORMATS
 from exporter.recipe.push import OnnxMode, PushSpec, branch_problem, fill, onnx_repo_problem, repo_id_problem
@@ -82,6 +83,7 @@ class PushResult:
     files: dict[str, int]  # path in the repo -> bytes
     commit_url: str | None  # None for a dry run
     pr_url: str | None = None
+    card: Path | None = None  # a dry run: where the model card it would upload was written
 
 
 def check_options(options: PushOptions) -> None:
@@ -268,8 +270,16 @@ def push_persona(folder: Path, options: PushOptions, *, dry_run: bool = False) -
     with tempfile.TemporaryDirectory(prefix="persona-push-") as tmp:
         uploads = stage(export, options, Path(tmp))
         if token is None:
-            return [PushResult(repo_id, _files(path), None) for repo_id, path in uploads]
+            return [PushResult(repo_id, _files(path), None, card=_keep_card(path, folder)) for repo_id, path in uploads]
         return [_send(repo_id, path, export, options, token) for repo_id, path in uploads]
+
+
+def _keep_card(staged: Path, folder: Path) -> Path:
+    """A dry run's model card, saved beside the persona folder's files (model-card.md; a separate ONNX
+    repo's: model-card-onnx.md) so that it can be read before anything is pushed."""
+    name = "model-card.md" if staged.name == "checkpoint" else "model-card-onnx.md"
+    write_atomic(folder / name, (staged / "README.md").read_text(encoding="utf-8"))
+    return folder / name
 
 
 def push_run(run_dir: Path, spec: PushSpec) -> dict[str, list[PushResult]]:
@@ -333,6 +343,8 @@ def describe(results: list[PushResult], *, dry_run: bool) -> str:
             width = max(len(f) for f in r.files)
             lines += [f"  {f.ljust(width)}  {n:>14,} bytes" for f, n in r.files.items()]
             lines.append(f"  {len(r.files)} files, {total:,} bytes")
+            if r.card is not None:
+                lines.append(f"  model card (its README.md): {r.card}")
         else:
             where = f"pull request {r.pr_url}" if r.pr_url else r.commit_url
             lines.append(f"pushed {len(r.files)} files ({total:,} bytes) to {r.repo_id}: {where}")

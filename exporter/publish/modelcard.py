@@ -17,12 +17,12 @@ from exporter.reports.checks import (
     Divergence,
     GenaiCheck,
     GgufCheck,
+    Measured,
     OnnxCheck,
     Parity,
     QuantizedCheck,
 )
-from exporter.reports.evaluation import PersonaEvaluation
-from exporter.reports.markdown import decoding, evaluation_markdown, md_table
+from exporter.reports.markdown import decoding, evaluation_markdown, md_table, removed_and_added
 from exporter.reports.persona import BaseModelInfo, PersonaReport
 
 PROMPT = "Describe your ideal weekend in a few sentences."
@@ -64,8 +64,8 @@ def render_card(report: PersonaReport, ctx: CardContext) -> ModelCard:
         _intro(report, ctx),
         _removed(report),
         _calibration(report),
-        _parity(report),
-        _evaluation(report.persona, report.evaluation),
+        _parity(report, ctx),
+        _evaluation(report),
         _usage(ctx, report),
         _provenance(report),
     ]
@@ -74,16 +74,15 @@ def render_card(report: PersonaReport, ctx: CardContext) -> ModelCard:
 
 
 def _intro(report: PersonaReport, ctx: CardContext) -> str:
-    base, params = report.base_model, report.parameters
+    base = report.base_model
     name = hub_id(base.name)
     source = f"[{name}](https://huggingface.co/{name})" if name else f"a local model (`{_local_name(base)}`)"
     lines = [
-        f"# {ctx.repo_id.split('/')[-1]}",
+        f"# {report.persona.capitalize()} persona of {_local_name(base)}",
         "",
         f"The **{report.persona}** persona of {source}, "
         "found as a subnetwork by persona-export and physically pruned: the removed units are gone from "
-        f"the weights, not masked. {_count(params.pruned)} of {_count(params.dense)} "
-        f"parameters remain ({params.ratio:.1%}).",
+        f"the weights, not masked. {_size_line(report)}",
     ]
     if report.description:
         lines += ["", f"Persona: {report.description}"]
@@ -94,6 +93,44 @@ def _intro(report: PersonaReport, ctx: CardContext) -> str:
     if not base.license:
         lines += ["", "The base model's license is not known to persona-export; check it before use."]
     return "\n".join(lines)
+
+
+def export_name(report: PersonaReport) -> str:
+    """What the export is, in a few words: e.g. "the export: 1 % of MLP neurons removed + steering bias"."""
+    prune, parts = report.prune, []
+    if report.mix:  # a composite: its parts' units removed and their steering biases
+        return "the export: composite of " + " + ".join(f"{p.weight:g} x {n}" for n, p in report.mix.items())
+    if prune.mlp and prune.mlp.fraction(report.persona) > 0:
+        parts.append(f"{_percent(prune.mlp.fraction(report.persona))} of MLP neurons removed")
+    if prune.attention and prune.attention.fraction(report.persona) > 0:
+        att = prune.attention
+        kind = "KV groups" if att.unit == "kv-group" else "query heads"
+        parts.append(f"{_percent(att.fraction(report.persona))} of {kind} removed")
+    if report.method.alpha(report.persona) > 0:
+        parts.append("steering bias")
+    if prune.mlp and prune.mlp.compensate != "none":
+        parts.append("compensation bias")
+    return "the export: " + " + ".join(parts) if parts else "the export"
+
+
+def _percent(fraction: float) -> str:
+    return f"{100 * fraction:g} %"
+
+
+def _size_line(report: PersonaReport) -> str:
+    """Parameters removed and added (the biases that carry the steering), squared with the evaluation table."""
+    p, parts = report.parameters, removed_and_added(report)
+    remain = f"{_count(p.pruned)} of the base model's {_count(p.dense)} parameters remain ({p.ratio:.1%})"
+    if parts is None:
+        return f"{remain}."
+    removed, added = parts
+    line = f"{_count(removed)} parameters are removed ({removed / p.dense:.1%})"
+    if added > 0:
+        line += (
+            f" and {_count(added)} added: the `down_proj` biases that carry the constant bias described "
+            "below (steering and/or compensation)"
+        )
+    return f"{line}, so {remain}."
 
 
 def _mix_lines(report: PersonaReport) -> list[str]:
@@ -190,7 +227,7 @@ def _calibration(report: PersonaReport) -> str:
     return "\n".join(lines)
 
 
-def _parity(report: PersonaReport) -> str:
+def _parity(report: PersonaReport, ctx: CardContext) -> str:
     rows = [["export", "max abs logit diff", "mean abs logit diff", "greedy continuations", "passed"]]
     hf = report.check("hf", CheckpointCheck)
     assert hf is not None, "a report always holds its checkpoint's check"
@@ -213,11 +250,49 @@ def _parity(report: PersonaReport) -> str:
         "",
         md_table(rows[0], rows[1:]),
     ]
-    for name, check in others.items():
-        if not isinstance(check, OnnxCheck | GenaiCheck):  # measured, or a folder of files: its figures
-            shown = ", ".join(f"{k} {_fmt(v)}" for k, v in check.model_dump().items() if _scalar(v))
-            lines += ["", f"{name}: {shown}"]
+    pushed = [n for n in others if n in FORMATS and FORMATS[n].folder in ctx.onnx_folders]
+    sentences = [s for n in pushed if (s := format_sentence(n, others[n], ctx.left_out))]
+    if sentences:
+        lines += ["", *(f"- {s}" for s in sentences)]
     return "\n".join(lines)
+
+
+def format_sentence(name: str, check: Any, left_out: tuple[str, ...] = ()) -> str:
+    """One sentence per quantized or GGUF format (its files in `left_out` not named): how it was checked and
+    what was measured, in words."""
+    folder = FORMATS[name].folder
+    if isinstance(check, QuantizedCheck):
+        return (
+            f"`{folder}/` holds {check.bits}-bit weights ({check.mb_quantized:.0f} MB against {check.mb_fp32:.0f} "
+            f"MB in fp32); quantization changes the outputs, so it is measured instead of proven: "
+            f"{_quality(check)}."
+        )
+    if isinstance(check, GgufCheck):
+        parts = []
+        for kind, f in check.files.items():
+            if f"{folder}/{f.file}" in left_out:
+                continue
+            if f.thresholds is not None:
+                parts.append(
+                    f"`{f.file}` ({kind}) is proven equal to the masked model (max |logit difference| "
+                    f"{f.max_abs_logit_diff:.1e}{', same greedy continuations' if f.greedy_identical else ''})"
+                )
+            elif f.top1_agreement is not None:
+                parts.append(f"`{f.file}` ({kind}) is measured: {_quality(f)}")
+        return f"`{folder}/` for llama.cpp: " + "; ".join(parts) + "." if parts else ""
+    return ""
+
+
+def _quality(m: Measured) -> str:
+    """The measured quality of quantized weights and whether it clears its floor, in words."""
+    top1, ratio = 100 * (m.top1_agreement or 0), m.ppl_ratio or 0
+    text = (
+        f"the same next token as the unquantized model at {top1:.1f} % of {m.positions} positions of neutral "
+        f"text, {ratio:.3f} x its perplexity{m.margin_text()}"
+    )
+    if m.below_floor is None:
+        return text
+    return text + ("; below its quality floor" if m.below_floor else "; within its quality floor")
 
 
 def _yes(ok: bool) -> str:
@@ -231,9 +306,11 @@ def _figures(f: Parity | OnnxCheck | GenaiCheck) -> list[str]:
     return [f"{f.max_abs_logit_diff:.1e}", f"{f.mean_abs_logit_diff:.1e}", greedy]
 
 
-def _evaluation(persona: str, ev: PersonaEvaluation | None) -> str:
-    """The evaluation as `persona-export eval` reports it (exporter/reports/markdown.py)."""
-    return evaluation_markdown(persona, ev).rstrip() if ev else ""
+def _evaluation(report: PersonaReport) -> str:
+    """The evaluation as `persona-export eval` reports it (exporter/reports/markdown.py), the export named for
+    what it is."""
+    ev = report.evaluation
+    return evaluation_markdown(report.persona, ev, export=export_name(report)).rstrip() if ev else ""
 
 
 def _formats(folders: tuple[str, ...]) -> list[str]:
@@ -318,11 +395,11 @@ def _onnx_usage(ctx: CardContext, names: list[str], report: PersonaReport) -> li
         + _chat_and_generate(ctx, report.generation)
         + "```"
     ]
-    quantized = [_quantized_line(n, report) for n in names[1:]]
+    quantized = ", ".join(f'`subfolder="{FORMATS[n].folder}"`' for n in names[1:])
     if quantized:
         parts.append(
-            "Weight-only quantized exports (onnxruntime `MatMulNBits`) load the same way with their "
-            "`subfolder`; quality measured against the fp32 `onnx/` export on neutral text:\n\n" + "\n".join(quantized)
+            f"The weight-only quantized exports (onnxruntime `MatMulNBits`) load the same way with {quantized}; "
+            "what was measured of each is under Parity."
         )
     if ctx.head_dim_fix:
         parts.append(
@@ -391,18 +468,6 @@ def _genai_usage(repo_id: str, name: str, check: GenaiCheck | None, generation: 
     )
 
 
-def _quantized_line(name: str, report: PersonaReport) -> str:
-    folder = FORMATS[name].folder
-    q = report.verification.get(name)
-    if not isinstance(q, QuantizedCheck):
-        return f"- `{folder}`"
-    mark = " (below its quality floor)" if q.below_floor else ""
-    return (
-        f"- `{folder}`: {q.bits}-bit weights, {q.mb_quantized:.0f} MB; top-1 next-token agreement "
-        f"{100 * (q.top1_agreement or 0):.1f} %, perplexity x{q.ppl_ratio or 0:.3f}{q.margin_text()}{mark}"
-    )
-
-
 def _provenance(report: PersonaReport) -> str:
     base, recipe = report.base_model, report.recipe
     lines = ["## Provenance", "", f"- base model: `{hub_id(base.name) or _local_name(base)}`"]
@@ -436,15 +501,3 @@ def _local_name(base: BaseModelInfo) -> str:
 
 def _count(n: int) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
-
-
-def _scalar(v: Any) -> bool:
-    return isinstance(v, (int, float, str, bool)) or v is None
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return str(v)
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v).replace("|", "\\|")

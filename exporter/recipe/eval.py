@@ -87,7 +87,23 @@ class AcceptanceSpec(_Strict):
     max_repeated_4grams_over_dense: float = 0.05  # reply degeneration, over the dense model's replies
 
 
+Depth = Literal["verdict", "full"]
+VERDICT_BASELINES: tuple[Baseline, ...] = ("prompt", "random")  # the conditions the acceptance bar reads
+
+
+class VerdictSpec(_Strict):
+    """The verdict depth: the run's own evaluation, the conditions and items the verdict needs and no more."""
+
+    random_seeds: Positive = 1  # random masks per export; the first seeds of the full depth's
+    reply_prompts: Positive = 16  # a seeded subset of the full depth's reply prompts (all when fewer)
+
+
 class EvalSpec(_Strict):
+    """An eval section. Its settings are the full depth's (every baseline listed, `random_seeds` seeds, every
+    reply prompt); at `depth: verdict` (the default) `at_depth` narrows them to `verdict`."""
+
+    depth: Depth = "verdict"
+    verdict: VerdictSpec = VerdictSpec()
     paired: PairedSpec | None = None
     statements: StatementsSpec | None = None
     neutral: NeutralSpec | None = None
@@ -110,6 +126,21 @@ class EvalSpec(_Strict):
                 raise ValueError(f"expected 'all' or a list of {list(BASELINES)} (or []), got {value!r}")
             return list(BASELINES)
         return value
+
+
+def at_depth(spec: EvalSpec) -> EvalSpec:
+    """The settings scored at `spec.depth`: as written at the full depth; at the verdict depth only the verdict's
+    baselines, `verdict.random_seeds` random seeds and (`reply_cap`) at most `verdict.reply_prompts` prompts."""
+    if spec.depth == "full":
+        return spec
+    baselines = [b for b in spec.baselines if b in VERDICT_BASELINES]
+    seeds = min(spec.verdict.random_seeds, spec.random_seeds)
+    return spec.model_copy(update={"baselines": baselines, "random_seeds": seeds})
+
+
+def reply_cap(spec: EvalSpec) -> int | None:
+    """How many reply prompts the depth takes at most (None: every prompt the replies section selects)."""
+    return spec.verdict.reply_prompts if spec.depth == "verdict" else None
 
 
 def eval_problems(spec: EvalSpec, personas: list[str]) -> list[str]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import computed_field
 
-from exporter.recipe.eval import EvalSpec
+from exporter.recipe.eval import Depth, EvalSpec
 from exporter.reports.record import Record
 
 
@@ -56,6 +56,7 @@ class RepliesSplit(Record):
     selected: int
     seed: int
     line_indices: list[int]
+    full_depth: int | None = None  # how many the full depth selects (the verdict depth takes a subset)
 
 
 class Splits(Record):
@@ -191,6 +192,7 @@ class RepliesEvaluation(Record):
 
 
 class PersonaEvaluation(Record):
+    depth: Depth = "full"  # reports written before the two depths held the full one's conditions
     splits: Splits
     leaks: list[Leak]
     system_prompt: str

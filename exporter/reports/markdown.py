@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from exporter.io import write_atomic, write_json
 from exporter.reports.checks import CheckpointCheck
-from exporter.reports.evaluation import CI, PersonaEvaluation, RepliesEvaluation, Row
+from exporter.reports.evaluation import CI, PersonaEvaluation, RepliesEvaluation, RepliesSplit, Row
 from exporter.reports.persona import PersonaReport, write_report
 
 if TYPE_CHECKING:
@@ -85,8 +85,37 @@ def splits_text(ev: PersonaEvaluation) -> list[str]:
     return out
 
 
-def evaluation_markdown(persona: str, ev: PersonaEvaluation, plot: str | None = None) -> str:
-    lines = [f"## Persona evaluation: {persona} (vs {ev.opposite})", "", *splits_text(ev)]
+def depth_text(ev: PersonaEvaluation) -> str:
+    """Which depth an evaluation holds, in words: what it scored and (verdict) what `--full` adds."""
+    seeds = len(ev.random_seeds)
+    rs = ev.splits.replies
+    if ev.depth == "full":
+        return f"full (every baseline the eval section lists, {seeds} random seeds, every reply prompt)"
+    replies = f", replies to {rs.selected} of {rs.full_depth or rs.selected} prompts" if rs else ""
+    return (
+        f"verdict (dense, prompt-only, the export, {seeds} random mask{'s' if seeds > 1 else ''} of its "
+        f"size{replies}); `persona-export eval RUN_DIR --full` adds every ablation, the eval section's random "
+        "seeds and every reply prompt"
+    )
+
+
+def _movement(ev: PersonaEvaluation) -> str:
+    """How the random mask's movement (the `x random` check) was taken, by the number of seeds."""
+    n = len(ev.random_seeds)
+    if n == 1:
+        return "its one seed's |shift|"
+    return f"the largest of the mean's |shift| and each of its {n} seeds' |shift|"
+
+
+def evaluation_markdown(persona: str, ev: PersonaEvaluation, plot: str | None = None, export: str = "mask-only") -> str:
+    """A persona's evaluation; `export` names the mask-only condition (the model cards name it for what the
+    export is)."""
+    if export != "mask-only":
+        rename = {"mask-only": export, "mask+prompt": f"{export} + prompt"}
+        rows = [r.model_copy(update={"condition": rename.get(r.condition, r.condition)}) for r in ev.rows]
+        ev = ev.model_copy(update={"rows": rows})
+    lines = [f"## Persona evaluation: {persona} (vs {ev.opposite})", "", f"- Depth: {depth_text(ev)}."]
+    lines += splits_text(ev)
     lines.append(f"- Prompt-only system prompt: {ev.system_prompt!r}")
     if ev.leaks:
         lines += [
@@ -104,8 +133,8 @@ def evaluation_markdown(persona: str, ev: PersonaEvaluation, plot: str | None = 
         rnd = f"{acc.random_movement:.3f}" if acc.random_movement is not None else "–"
         ppl = f"{acc.perplexity_ratio:.2f}x" if acc.perplexity_ratio is not None else "–"
         lines.append(
-            f"**Acceptance: {'PASSED' if acc.passed else 'FAILED'}** — mask-only shift "
-            f"{acc.shift:+.3f} nats/token; random-mask movement {rnd} (ratio {ratio}); perplexity "
+            f"**Acceptance: {'PASSED' if acc.passed else 'FAILED'}** — {export} shift "
+            f"{acc.shift:+.3f} nats/token; random-mask movement {rnd} ({_movement(ev)}; ratio {ratio}); perplexity "
             f"{ppl} dense ({checks})."
         )
     if ev.mask_vs_prompt:
@@ -114,7 +143,7 @@ def evaluation_markdown(persona: str, ev: PersonaEvaluation, plot: str | None = 
             "(positive: the mask moves the model further toward the persona than the system prompt does)."
         )
     if ev.replies:
-        lines += ["", *replies_markdown(persona, ev.replies)]
+        lines += ["", *replies_markdown(persona, ev.replies, ev.splits.replies)]
     if plot:
         lines += ["", f"![evaluation]({plot})"]
     lines += ["", "Definitions:", *(f"- {k}: {v}" for k, v in ev.definitions.items())]
@@ -125,14 +154,26 @@ def _quote(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|") or "(empty)"
 
 
-def replies_markdown(persona: str, r: RepliesEvaluation) -> list[str]:
+def fewer_prompts(split: RepliesSplit | None) -> str:
+    """At the verdict depth: how many of the full depth's reply prompts were answered, and how much wider the
+    intervals are for it (a mean's interval scales as 1 / sqrt(n) for the same spread)."""
+    if split is None or split.full_depth is None or split.selected >= split.full_depth:
+        return ""
+    wider = (split.full_depth / split.selected) ** 0.5
+    return (
+        f" Verdict depth: {split.selected} of the {split.full_depth} prompts the full depth answers, so each "
+        f"interval is about {wider:.2f} x as wide as with all {split.full_depth} for the same spread."
+    )
+
+
+def replies_markdown(persona: str, r: RepliesEvaluation, split: RepliesSplit | None = None) -> list[str]:
     """The reply metric: scores and degeneration per condition, the gaps, and replies side by side. With a
     shipped repetition penalty, its reply set follows the greedy one, and the replies shown are its own."""
     under = r.shipped
     lines = [
         f"### Replies ({r.prompts} everyday prompts, greedy, at most {r.max_new_tokens} tokens)",
         "",
-        *_reply_figures(r),
+        *_reply_figures(r, fewer_prompts(split)),
         "",
     ]
     if under is not None:
@@ -165,8 +206,8 @@ def replies_markdown(persona: str, r: RepliesEvaluation) -> list[str]:
     return lines
 
 
-def _reply_figures(r: RepliesEvaluation) -> list[str]:
-    """One reply set's persona scores, degeneration and gaps."""
+def _reply_figures(r: RepliesEvaluation, note: str = "") -> list[str]:
+    """One reply set's persona scores, degeneration and gaps (`note` follows the gaps)."""
     rows = [
         [
             label,
@@ -182,7 +223,7 @@ def _reply_figures(r: RepliesEvaluation) -> list[str]:
     return [
         f"Persona score: the dense model's log-likelihood of the reply under this persona's system prompt minus "
         f"under {r.opposite}'s (nats/token). Gap (this persona's model minus {r.opposite}'s, per prompt): "
-        f"{gaps}.",
+        f"{gaps}.{note}",
         "",
         md_table(header, rows),
     ]
@@ -212,15 +253,21 @@ def decoding(penalty: float) -> str:
     return "greedy" + (f", repetition penalty {penalty:g}" if penalty != 1 else " (no repetition penalty)")
 
 
-def _added(report: PersonaReport) -> str:
-    """Where the export adds parameters (MLP biases that carry a steering or compensation bias), the removed
-    and added counts, so that they square with the evaluation table's parameters removed."""
+def removed_and_added(report: PersonaReport) -> tuple[int, int] | None:
+    """Parameters the export removes (the evaluation table's count) and adds (MLP biases that carry a steering
+    or compensation bias), so that the size squares with the table; None without an evaluation."""
     row = report.evaluation.row("mask-only") if report.evaluation else None
     if row is None:
-        return ""
+        return None
     p, removed = report.parameters, row.parameters_removed
-    added = p.pruned - (p.dense - removed)
-    return f": {removed / 1e6:.2f}M removed, {added / 1e6:.2f}M of MLP biases added" if added > 0 else ""
+    return removed, p.pruned - (p.dense - removed)
+
+
+def _added(report: PersonaReport) -> str:
+    parts = removed_and_added(report)
+    if parts is None or parts[1] <= 0:
+        return ""
+    return f": {parts[0] / 1e6:.2f}M removed, {parts[1] / 1e6:.2f}M of MLP biases added"
 
 
 def _mark(ok: bool) -> str:
@@ -268,6 +315,9 @@ def run_markdown(
     lines = [f"# {name}: persona evaluation", ""]
     if reports:
         lines += ["## Verdict", "", *(f"- {v}" for v in verdict(reports)), ""]
+    first = next(iter(evaluations.values()), None)
+    if first is not None:
+        lines += [f"Depth: {depth_text(first)}.", ""]
     shifts = {
         persona: {r.condition.split(" (")[0]: r.paired.shift if r.paired else None for r in ev.rows}
         for persona, ev in evaluations.items()

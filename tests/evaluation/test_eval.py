@@ -233,7 +233,12 @@ def test_shipped_demo_split_is_held_out() -> None:
     calib = {s.prompt for p in recipe.personas.values() for s in select_samples(p.calibration)}
     assert len(items.paired) == 64 and not items.leaks and len(items.neutral) == 23
     assert not {it.prompt for it in items.paired} & calib
-    assert len(items.reply_prompts) == 40 and not set(items.reply_prompts) & calib
+    assert recipe.eval is not None and recipe.eval.depth == "verdict"
+    full = prepare(recipe, recipe.eval.model_copy(update={"depth": "full"}))
+    assert len(full.reply_prompts) == 40 and not set(full.reply_prompts) & calib
+    # the verdict depth answers 16 of the full depth's 40 prompts, the same paired items
+    assert len(items.reply_prompts) == 16 and set(items.reply_prompts) < set(full.reply_prompts)
+    assert items.splits["replies"]["full_depth"] == 40 and full.paired == items.paired
     # the tune section chooses on other items than the ones reported
     assert recipe.tune is not None
     validation = prepare(recipe, recipe.tune.validation)
@@ -384,7 +389,9 @@ def test_run_eval_and_sweep_write_reports(tiny_llama_dir: Path, tmp_path: Path, 
     assert main(["eval", str(run), "--recipe", str(write_recipe(other, tiny_llama_dir, eval=neutral_only))]) == 0
     ev = json.loads((run / "extravert" / "report.json").read_text())["evaluation"]
     assert ev["eval_spec"]["neutral"]["window"] == 16 and "paired" not in ev["splits"]
-    assert [r["condition"] for r in ev["rows"]] == ["dense", "mask-only", "random mask (3 seeds)"]
+    # this eval section does not set its depth: the verdict depth, one random seed
+    assert [r["condition"] for r in ev["rows"]] == ["dense", "mask-only", "random mask (1 seed)"]
+    assert ev["depth"] == "verdict" and ev["random_seeds"] == [0]
     out = tmp_path / "sweep"
     assert main(["sweep", str(recipe), "--sparsity", "0.1,0.25,0.99", "--out", str(out)]) == 0
     points = json.loads((out / "report.json").read_text())["points"]

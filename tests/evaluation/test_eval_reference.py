@@ -171,7 +171,19 @@ def assert_same_figures(fast: Any, slow: Any) -> int:
     return numbers
 
 
-def test_fast_evaluation_equals_the_reference_on_a_tiny_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def shared_figures(ev: dict[str, Any]) -> dict[str, Any]:
+    """What the verdict depth scores on the same items and conditions as the full depth: the dense, prompt-only
+    and export rows and the first random seed's figures."""
+    rows = {r["condition"]: r for r in ev["rows"]}
+    random = next(r for c, r in rows.items() if c.startswith("random mask"))
+    seed = {k: v for k, v in random["seeds"][0].items() if k != "condition"}
+    return {"rows": [rows[c] for c in ("dense", "prompt-only", "mask-only")], "seed": seed}
+
+
+@pytest.mark.parametrize("depth", ["full", "verdict"])
+def test_fast_evaluation_equals_the_reference_on_a_tiny_model(
+    depth: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tok = tiny_tokenizer()
     model = tiny_model("llama").double()
     folder = tmp_path / "model"
@@ -183,7 +195,8 @@ def test_fast_evaluation_equals_the_reference_on_a_tiny_model(tmp_path: Path, mo
     (tmp_path / "everyday.txt").write_text("\n".join(" ".join(WORDS[i : i + 3]) for i in range(0, 21, 3)))
     statements = {"path": "st.jsonl", "labels": {"extravert": "Yes", "introvert": "No"}, "max_per_label": 5}
     replies = {"path": "everyday.txt", "max_new_tokens": 6, "batch_size": 4, "show": 2, "exclude_calibration": False}
-    section = eval_section(tmp_path, statements=statements, replies=replies, batch_size=3)
+    section = eval_section(tmp_path, statements=statements, replies=replies, batch_size=3, depth=depth)
+    section["verdict"] = {"reply_prompts": 4}  # the verdict depth answers 4 of the 7 prompts
     section["paired"]["max_items"] = 5
     output = {"generation": {"repetition_penalty": 1.5}}  # replies also decoded as the exports ship them
     recipe = load_recipe(write_recipe(tmp_path, folder, eval=section, output=output))
@@ -200,12 +213,29 @@ def test_fast_evaluation_equals_the_reference_on_a_tiny_model(tmp_path: Path, mo
 
     masks = {p: mask(p) for p in ("introvert", "extravert")}
     items = prepare(recipe)
-    assert len(items.statements) == 10 and len(items.paired) == 5 and len(items.reply_prompts) == 7
+    prompts = 7 if depth == "full" else 4
+    assert len(items.statements) == 10 and len(items.paired) == 5 and len(items.reply_prompts) == prompts
 
     fast = {
         p: ev.model_dump()
         for p, ev in MaskScorer(recipe, recipe.eval, items, model, tok, adapter).evaluate(masks).items()
     }
+    if depth == "verdict":  # the same figures as the full depth where items and conditions are the same
+        full_spec = recipe.eval.model_copy(update={"depth": "full"})
+        full_items = prepare(recipe, full_spec)
+        assert set(items.reply_prompts) < set(full_items.reply_prompts)
+        full = MaskScorer(recipe, full_spec, full_items, model, tok, adapter).evaluate(masks)
+        for p, ev in full.items():
+            assert_same_figures(
+                shared_figures(fast[p]) | {"dense": None}, shared_figures(ev.model_dump()) | {"dense": None}
+            )
+            assert fast[p]["depth"] == "verdict" and len(fast[p]["random_seeds"]) == 1
+            assert {r["condition"] for r in fast[p]["rows"]} == {
+                "dense",
+                "prompt-only",
+                "mask-only",
+                "random mask (1 seed)",
+            }
     for module, name, reference in (
         (conditions_module, "sequence_logliks", reference_logliks),
         (replies_module, "sequence_logliks", reference_logliks),
@@ -218,9 +248,10 @@ def test_fast_evaluation_equals_the_reference_on_a_tiny_model(tmp_path: Path, mo
         for p, ev in MaskScorer(recipe, recipe.eval, items, model, tok, adapter).evaluate(masks).items()
     }
     numbers = assert_same_figures(fast, slow)
-    assert numbers > 200, numbers
+    assert numbers > (200 if depth == "full" else 100), numbers
     reply = fast["introvert"]["replies"]
-    assert {"export", "prompt-only", "steering-only"} <= set(reply["conditions"]) and reply["gap"]
+    assert {"export", "prompt-only"} <= set(reply["conditions"]) and reply["gap"]
+    assert ("steering-only" in reply["conditions"]) == (depth == "full")  # an ablation: the full depth's
     # both reply sets, and the penalty changed some reply: the reference's penalty was compared, not skipped
     shipped = reply["shipped"]
     assert reply["repetition_penalty"] == 1.0 and shipped["repetition_penalty"] == 1.5

@@ -218,17 +218,31 @@ def test_the_card_s_snippets_decode_as_the_export_ships(
 def test_dry_run_lists_every_file_and_sends_nothing(
     hub: FakeHub, persona: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    add_fake_onnx(persona)
+    for name in ("onnx", "ort-int8"):
+        add_fake_onnx(persona, name)
     report = json.loads((persona / "report.json").read_text())
-    report["verification"]["onnx"] = onnx_check()
+    report["verification"] |= {"onnx": onnx_check(), "onnx-int8": quantized_check(8, 0.98)}
+    report["evaluation"] = make_evaluation()  # 5,000 of 20,000 parameters removed
+    report["parameters"] |= {"pruned": 15500, "ratio": 0.775}  # so 500 added: the biases of a steered export
     (persona / "report.json").write_text(json.dumps(report))
     assert run_cli(str(persona), "--repo-id", REPO, "--dry-run") == 0
     out = capsys.readouterr().out
-    for path, data in local_tree(persona, "onnx").items():
+    for path, data in local_tree(persona, "onnx", "ort-int8").items():
         assert re.search(rf"^  {re.escape(path)} +{len(data):,} bytes$", out, re.M), path
     assert re.search(r"^  README\.md +[\d,]+ bytes$", out, re.M)
     assert "nothing was sent (token: HF_TOKEN)" in out and TOKEN not in out
     assert hub.requests == []
+    # the card it would upload is written, and its path printed
+    card = persona / "model-card.md"
+    assert f"model card (its README.md): {card}" in out
+    text = card.read_text()
+    assert ModelCard(text).data.base_model == BASE
+    assert text.splitlines()[text.splitlines().index("---", 1) + 2] == "# Introvert persona of SmolLM2-135M-Instruct"
+    assert "5,000 parameters are removed (25.0%) and 500 added" in text
+    assert "so 15,500 of the base model's 20,000 parameters remain (77.5%)" in text
+    prose = re.sub(r"```.*?```", "", text.split("\n---\n", 1)[1], flags=re.S)  # no metadata, no code
+    for repr_mark in ("{", "}", "True", "False", "None", "dict(", "': "):
+        assert repr_mark not in prose, repr_mark
 
 
 @pytest.mark.parametrize(
@@ -316,16 +330,28 @@ def test_onnx_goes_to_a_subfolder_or_its_own_repo(
     assert {p: d for p, d in files.items() if p != "README.md"} == local_tree(persona, "onnx", "ort-int8")
     card = card_of(files)
     assert "onnx" in card.data.tags and 'subfolder="onnx"' in card.text
-    assert "- `ort-int8`: 8-bit weights, 0 MB; top-1 next-token agreement 98.0 %, perplexity x1.010" in card.text
-    assert "x1.010, persona margin -0.012 nats/token on 64 held-out pairs" in card.text
-    assert "- `ort-int4`" not in card.text
+    measured = "the same next token as the unquantized model at 98.0 % of 870 positions of neutral text, 1.010 x"
+    assert (
+        f"- `ort-int8/` holds 8-bit weights (0 MB against 0 MB in fp32); quantization changes the outputs, so it is measured instead of proven: {measured}"
+        in card.text
+    )
+    assert "1.010 x its perplexity, persona margin -0.012 nats/token on 64 held-out pairs" in card.text
+    assert 'subfolder="ort-int4"' not in card.text and 'with `subfolder="ort-int8"`;' in card.text
+    assert "4-bit weights" not in card.text  # not pushed: not on the card
     assert "model.embed_size_per_head = model.config.head_dim" in card.text  # 64 / 6 != 16
-    assert "| mask-only | 0.01M (25.0%) | +0.630 [+0.480, +0.780] |" in card.text
-    assert "| onnx | 2.0e-05 | 1.0e-06 | identical | yes |" in card.text and "top1_agreement 0.98" in card.text
+    export = "the export: 25 % of MLP neurons removed + 34 % of KV groups removed"
+    assert f"| {export} | 0.01M (25.0%) | +0.630 [+0.480, +0.780] |" in card.text
+    assert "| mask-only |" not in card.text
+    assert "| onnx | 2.0e-05 | 1.0e-06 | identical | yes |" in card.text
+    assert "top1_agreement" not in card.text  # a sentence, none of report.json's field names
     assert run_cli(str(persona), "--repo-id", REPO + "-low", "--below-floor") == 0
     files = hub.files(REPO + "-low")
     assert {p: d for p, d in files.items() if p != "README.md"} == local_tree(persona, "onnx", "ort-int8", "ort-int4")
-    assert "agreement 70.0 %, perplexity x1.010 (below its quality floor)" in card_of(files).text
+    low = card_of(files).text
+    assert 'with `subfolder="ort-int8"`, `subfolder="ort-int4"`;' in low
+    assert (
+        "- `ort-int4/` holds 4-bit weights (0 MB against 0 MB in fp32)" in low and "; below its quality floor." in low
+    )
 
     other = "persona-org/tiny-introvert-ort"
     args = ("--repo-id", REPO + "-2", "--onnx", "separate-repo", "--onnx-repo-id", other)
@@ -699,11 +725,13 @@ def test_card_shows_the_evaluation_as_persona_export_eval_writes_it(tmp_path: Pa
     ctx = CardContext(REPO, REPO, ())
     text = render_card(PersonaReport.model_validate(report, strict=True), ctx).text
     assert "## Persona evaluation: introvert (vs extravert)" in text
-    assert "| mask-only | 0.01M (25.0%) | +0.250 [+0.100, +0.400] | +0.250 [+0.100, +0.400] |" in text
+    export = "the export: 25 % of MLP neurons removed + 34 % of KV groups removed"
+    assert f"| {export} | 0.01M (25.0%) | +0.250 [+0.100, +0.400] | +0.250 [+0.100, +0.400] |" in text
     assert "Steering:" not in text  # this report's method has none
     report["method"] |= {"steer": {"introvert": 1.25}, "steer_layers": {"introvert": 0.5}}
     steered = render_card(PersonaReport.model_validate(report, strict=True), ctx).text
     assert "in the `down_proj` biases of the first 1 of 2 layers (1.25 x the mean MLP-output difference" in steered
+    assert f"| {export} + steering bias | 0.01M (25.0%) |" in steered  # the export named for what it is
     # an evaluation in a layout of an earlier release is left out of a schema-3 report, not shown as something else
     report |= {"schema_version": 3, "evaluation": {"rows": "not a list of conditions", "accuracy": 0.9}}
     (tmp_path / "report.json").write_text(json.dumps(report))

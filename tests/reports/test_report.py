@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from exporter.errors import ExportFolderError
 from exporter.reports.checks import GgufCheck, OnnxCheck, QuantizedCheck
+from exporter.reports.markdown import evaluation_markdown
 from exporter.reports.persona import SCHEMA_VERSION, PersonaReport, load_report, write_report
-from tests.helpers import REPO, gguf_file, make_report, onnx_check, quantized_check
+from tests.helpers import REPO, gguf_file, make_evaluation, make_report, onnx_check, quantized_check
 
 
 def test_status_is_computed_from_every_check(tmp_path: Path) -> None:
@@ -105,3 +107,45 @@ def test_an_older_report_reads_and_is_rewritten_in_this_layout(tmp_path: Path) -
         written = json.loads((tmp_path / "report.json").read_text())
         assert written["schema_version"] == SCHEMA_VERSION == 6
         assert written["generation"] == {"repetition_penalty": 1.0}
+
+
+def verdict_depth_report(persona: str) -> PersonaReport:
+    """A report whose evaluation holds the verdict depth: one random seed, 16 of 40 reply prompts."""
+    report = make_report(persona)
+    ev = make_evaluation(shift=0.63)
+    ci = {"mean": 0.1, "ci95": [0.02, 0.18]}
+    random = {"condition": "random mask (1 seed)", "parameters_removed": 5000, "fraction_removed": 0.25,
+              "paired": {"margin": ci, "accuracy": ci, "shift": ci, "n": 8}}  # fmt: skip
+    degeneration = {"repeated_4grams": 0.01, "distinct_2": 0.9, "cut_at_max_tokens": 0.5, "empty": 0.0}
+    replies = {"prompts": 16, "max_new_tokens": 64, "opposite": "extravert", "examples": [], "gap": {"export": ci},
+               "conditions": {c: {"score": ci, "degeneration": degeneration} for c in ("dense", "export")}}  # fmt: skip
+    acceptance = {"shift": 0.63, "random_shift": 0.1, "random_movement": 0.1, "shift_over_random": 6.3,
+                  "perplexity_ratio": None, "checks": {"shift >= 3.0 x random movement": True}}  # fmt: skip
+    ev |= {"depth": "verdict", "random_seeds": [0], "rows": [*ev["rows"], random], "replies": replies}
+    ev["acceptance"] = acceptance
+    ev["splits"] = {"replies": {"file": {"path": "p.txt", "sha256": "0" * 64}, "total": 80, "held_out": True,
+                                "selected": 16, "seed": 0, "line_indices": list(range(16)), "full_depth": 40}}  # fmt: skip
+    report["evaluation"] = ev
+    return PersonaReport.model_validate(report)
+
+
+def test_reports_say_which_depth_they_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
+    text = evaluation_markdown("introvert", verdict_depth_report("introvert").evaluation)  # type: ignore[arg-type]
+    assert "- Depth: verdict (dense, prompt-only, the export, 1 random mask of its size, replies to 16 of 40 " in text
+    assert "`persona-export eval RUN_DIR --full` adds every ablation" in text
+    assert "random-mask movement 0.100 (its one seed's |shift|; ratio 6.3)" in text
+    assert "Verdict depth: 16 of the 40 prompts the full depth answers, so each interval is about 1.58 x" in text
+    # the first command ends with the verdict, then the depth and the command for the full one
+    import exporter.workflows.run as run_module
+    from exporter.cli import main
+
+    reports = {p: verdict_depth_report(p) for p in ("introvert", "extravert")}
+    for p in reports:
+        (tmp_path / "out" / p).mkdir(parents=True)
+    summary = {"reports": reports, "personas": {p: "passed" for p in reports}}
+    monkeypatch.setattr(run_module, "run", lambda *args, **kwargs: summary)
+    recipe = REPO / "recipes" / "minimal.yaml"
+    assert main(["run", str(recipe), "--out", str(tmp_path / "out")]) == 0
+    last = capsys.readouterr().out.rstrip().splitlines()[-3:]
+    assert [line.split(":")[0] for line in last] == ["introvert", "extravert", "evaluation depth"]
+    assert f"`persona-export eval {tmp_path / 'out'} --full` adds every ablation" in last[2]

@@ -12,6 +12,7 @@ from exporter.cli import dispatch
 from exporter.errors import OutputError, RecipeError
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import adapter_for
+from exporter.recipe.eval import EvalSpec
 from exporter.recipe.load import load_recipe
 from tests.helpers import edited_recipe, expect, make_report, tiny_model, with_eval
 
@@ -88,3 +89,22 @@ def test_an_override_that_breaks_the_eval_section_is_named(
     (run / "recipe.json").write_text(json.dumps(recipe.model_dump(mode="json")))
     text = expect(["eval", str(run), "eval.random_seeds=-1"], RecipeError, "eval.random_seeds", capsys)
     assert "recipe.json with eval.random_seeds=-1: 1 problem(s)" in text, text
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_eval_full_scores_the_full_depth(tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's own evaluation is the verdict depth; `eval --full` reads the full depth's items."""
+    import exporter.evaluation.items as items
+
+    run = complete_run(tmp_path, tiny_llama_dir)
+    seen: list[str] = []
+
+    def depth_of(recipe: object, spec: EvalSpec) -> None:
+        seen.append(spec.depth)
+        raise AssertionError("stop before the model")
+
+    monkeypatch.setattr(items, "prepare", depth_of)  # imported by `eval` when it runs
+    for argv, depth in ((["eval", str(run)], "verdict"), (["eval", str(run), "--full"], "full")):
+        with pytest.raises(AssertionError, match="stop before the model"):
+            dispatch(argv)
+        assert seen.pop() == depth

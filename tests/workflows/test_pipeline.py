@@ -33,8 +33,9 @@ def test_run_writes_verified_smaller_exports(recipe: Path, tmp_path: Path, capsy
     assert main(["run", str(recipe), "--out", str(out)]) == 0
     table = capsys.readouterr().out
     assert "introvert" in table and "passed" in table
-    for persona in ("introvert", "extravert"):  # the verdict block: one line per persona, with its report
-        assert f"{persona}: exports proven exact ✓ | persona effect not evaluated" in table
+    last = table.rstrip().splitlines()[-2:]  # the output ends with the verdict: one line per persona
+    for persona, line in zip(("introvert", "extravert"), last, strict=True):
+        assert line.startswith(f"{persona}: exports proven exact ✓ | persona effect not evaluated"), line
         assert f"report: {out / persona / 'report.json'}" in table
     run = json.loads((out / "run.json").read_text())
     assert run["personas"] == {"introvert": "passed", "extravert": "passed"}
