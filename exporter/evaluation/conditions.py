@@ -71,6 +71,11 @@ class Evaluator:
             if self.spec.paired is not None:
                 for persona in self.spec.paired.responses:
                     seqs[f"paired:{persona}"] = [enc(it.prompt, it.responses[persona]) for it in self.items.paired]
+            for persona, answers in self.items.unpaired.items():
+                seqs[f"unpaired:{persona}"] = [enc(a.prompt, a.response) for a in answers]
+            if self.spec.choices is not None:
+                for persona in self.spec.choices.responses:
+                    seqs[f"choices:{persona}"] = [enc(c.question, c.letters[persona]) for c in self.items.choices]
             if self.spec.statements is not None:
                 seqs["statements"] = [enc(self.spec.statements.prompt, s.text) for s in self.items.statements]
             self._encoded[system] = seqs
@@ -79,7 +84,8 @@ class Evaluator:
     def answers(
         self, intervention: Intervention | None, system: str | None, progress: Callable[[int], Any] | None = None
     ) -> dict[str, np.ndarray]:
-        """Mean per-token log-likelihood of every answer: {"paired:<persona>": (N,), "statements": (M,)}.
+        """Mean per-token log-likelihood of every answer: {"paired:<persona>": (N,), "unpaired:<persona>": (N_p,),
+        "choices:<persona>": (K,) (the persona's letter as the reply to each question), "statements": (M,)}.
 
         All answers are scored in one call, so the answers of a pair share their prompt's forward pass."""
         seqs = self._sequences(system)

@@ -39,11 +39,18 @@ DEFINITIONS = {
     "paired_margin": "answer_loglik(persona's answer) - answer_loglik(opposite persona's answer), same instruction",
     "accuracy": "fraction of pairs with a positive margin",
     "shift": "margin under the condition minus the dense model's margin, per item, then averaged",
+    "unpaired_shift": "each persona answers its own instructions (no instruction has both answers): mean change "
+    "of answer_loglik against the dense model over the persona's answers minus that over its opposite's answers "
+    "(difference in differences; the per-item dense baseline removes how hard each instruction is, which a "
+    "paired margin would cancel but two poles' different instructions do not); unpaired margin: the same "
+    "contrast of the raw answer_logliks",
+    "ab_accuracy": "share of A/B items whose persona letter ('(A)' or '(B)' as the assistant's whole reply to "
+    "the question with its choices) has the higher answer_loglik; chance 0.5; letter margin: that difference",
     "statements_margin": "mean answer_loglik of statements matching the persona minus that of the others, "
     "each statement the assistant's reply to the statements prompt",
     "perplexity": "exp(mean NLL) over every token of the neutral corpus windows after the first; no system prompt",
     "kl": "mean KL(P_dense || Q_condition) of next-token distributions at the same positions",
-    "ci95": "seeded percentile bootstrap over items (statements: each group resampled separately)",
+    "ci95": "seeded percentile bootstrap over items (statements and unpaired answers: each group resampled separately)",
     "mask": "persona mask applied to unit activations, plus the export's down_proj bias (steering and/or "
     "compensation) when the recipe sets one: equal to the exported model (see verification)",
     "steering-only": "the export's steering bias added to the dense model, no unit removed",

@@ -2,9 +2,15 @@
 intervals, and the acceptance bar.
 
 Paired margin of persona p over its opposite q, per item: mean per-token log-likelihood of p's answer minus
-that of q's answer. Shift: the margin minus the dense model's margin on the same item. Statements: mean
-log-likelihood of statements matching p minus that of the others. Random masks: per-item log-likelihoods
-averaged over the seeds, then the same statistics.
+that of q's answer. Shift: the margin minus the dense model's margin on the same item. Unpaired answers (p's
+answers and q's answers to different instructions): shift = mean change against the dense model of p's answers
+minus that of q's answers, a difference in differences, each pole resampled on its own for the interval; a
+per-item margin does not exist, since no instruction has both answers, and the raw contrast of the two poles'
+log-likelihoods mixes the persona with how hard each pole's instructions are, which the per-item dense baseline
+removes. A/B choices: per item, the log-likelihood of p's letter minus q's letter as the reply to the question;
+accuracy = share of items where it is positive (chance 0.5). Statements: mean log-likelihood of statements
+matching p minus that of the others. Random masks: per-item log-likelihoods averaged over the seeds, then the
+same statistics.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from exporter.evaluation.metrics import NeutralScore, contrast_ci, mean_ci, win_
 from exporter.recipe.eval import EvalSpec
 from exporter.reports.evaluation import (
     Acceptance,
+    ChoiceFigures,
+    ChoiceMeans,
     MaskVsPrompt,
     NeutralFigures,
     PairedFigures,
@@ -27,6 +35,8 @@ from exporter.reports.evaluation import (
     SeedRow,
     StatementFigures,
     StatementMeans,
+    UnpairedFigures,
+    UnpairedMeans,
 )
 
 
@@ -48,7 +58,7 @@ class PersonaView:
 
     def __init__(self, raw: Raw, persona: str, spec: EvalSpec, labels: list[str], dense_params: int):
         self.raw, self.p, self.spec, self.dense_params = raw, persona, spec, dense_params
-        self.q = next((n for n in (spec.paired.responses if spec.paired else {}) if n != persona), None)
+        self.q = partner(spec, persona)
         label = spec.statements.labels.get(persona) if spec.statements else None
         self.match = np.array([x == label for x in labels], dtype=bool) if label is not None else None
         self.boot = {"n": spec.bootstrap, "seed": spec.seed}
@@ -70,6 +80,8 @@ class PersonaView:
             parameters_removed=removed,
             fraction_removed=removed / self.dense_params,
             paired=self.paired(answers),
+            unpaired=self.unpaired(answers),
+            choices=self.choices(answers),
             statements=self.statements(answers),
             neutral=self.neutral(neutral),
         )
@@ -81,6 +93,30 @@ class PersonaView:
         boot = self.boot
         return PairedFigures(
             margin=mean_ci(m, **boot), accuracy=win_rate_ci(m, **boot), shift=mean_ci(m - m0, **boot), n=len(m)
+        )
+
+    def unpaired(self, answers: dict[str, np.ndarray]) -> UnpairedFigures | None:
+        own, other = f"unpaired:{self.p}", f"unpaired:{self.q}"
+        if own not in answers or other not in answers:
+            return None
+        d = {k: answers[k] - self.dense[k] for k in (own, other)}
+        return UnpairedFigures(
+            margin=contrast_ci(answers[own], answers[other], **self.boot),
+            shift=contrast_ci(d[own], d[other], **self.boot),
+            n_own=len(answers[own]),
+            n_other=len(answers[other]),
+        )
+
+    def choices(self, answers: dict[str, np.ndarray]) -> ChoiceFigures | None:
+        own, other = f"choices:{self.p}", f"choices:{self.q}"
+        if own not in answers or other not in answers:
+            return None
+        m, m0 = answers[own] - answers[other], self.dense[own] - self.dense[other]
+        return ChoiceFigures(
+            accuracy=win_rate_ci(m, **self.boot),
+            margin=mean_ci(m, **self.boot),
+            shift=mean_ci(m - m0, **self.boot),
+            n=len(m),
         )
 
     def statements(self, answers: dict[str, np.ndarray]) -> StatementFigures | None:
@@ -125,12 +161,26 @@ class PersonaView:
         return row.model_copy(update={"seeds": seeds})
 
 
+def partner(spec: EvalSpec, persona: str) -> str | None:
+    """The persona's opposite in the first item section that names it (paired, unpaired, choices)."""
+    for section in (spec.paired, spec.unpaired, spec.choices):
+        if section is not None and persona in section.responses:
+            return next((n for n in section.responses if n != persona), None)
+    return None
+
+
 def seed_row(row: Row) -> SeedRow:
     """One random seed's row: per-seed intervals are noise here, so only the means are kept."""
-    paired = statements = None
+    paired = statements = unpaired = choices = None
     if row.paired is not None:
         p = row.paired
         paired = PairedMeans(margin=p.margin.mean, accuracy=p.accuracy.mean, shift=p.shift.mean, n=p.n)
+    if row.unpaired is not None:
+        u = row.unpaired
+        unpaired = UnpairedMeans(margin=u.margin.mean, shift=u.shift.mean, n_own=u.n_own, n_other=u.n_other)
+    if row.choices is not None:
+        c = row.choices
+        choices = ChoiceMeans(accuracy=c.accuracy.mean, margin=c.margin.mean, shift=c.shift.mean, n=c.n)
     if row.statements is not None:
         s = row.statements
         statements = StatementMeans(
@@ -141,6 +191,8 @@ def seed_row(row: Row) -> SeedRow:
         parameters_removed=row.parameters_removed,
         fraction_removed=row.fraction_removed,
         paired=paired,
+        unpaired=unpaired,
+        choices=choices,
         statements=statements,
         neutral=row.neutral,
     )
@@ -162,16 +214,16 @@ def persona_rows(view: PersonaView, random_keys: list[str]) -> list[Row]:
 
 
 def _shift(rows: list[Row], condition: str) -> float | None:
-    return next((r.shift for r in rows if r.condition.startswith(condition) and r.paired), None)
+    return next((r.shift for r in rows if r.condition.startswith(condition) and r.shift is not None), None)
 
 
 def _random_movement(rows: list[Row]) -> float | None:
     """The random mask's movement: the larger of |mean shift over seeds| and the mean of |shift| per seed."""
-    row = next((r for r in rows if r.condition.startswith("random mask") and r.paired), None)
-    if row is None or row.paired is None:
+    row = next((r for r in rows if r.condition.startswith("random mask") and r.shift is not None), None)
+    if row is None or row.shift is None:
         return None
-    per_seed = [abs(s.paired.shift) for s in row.seeds or [] if s.paired is not None]
-    return max([abs(row.paired.shift.mean), *per_seed])
+    per_seed = [abs(shift) for s in row.seeds or [] if (shift := s.shift) is not None]
+    return max([abs(row.shift), *per_seed])
 
 
 def reply_checks(replies: RepliesEvaluation, spec: EvalSpec) -> dict[str, bool]:

@@ -1,6 +1,7 @@
 """The recipe's optional `eval:` section (see exporter/evaluation/metrics.py and exporter/evaluation/conditions.py).
 
-Paired responses, persona statements and a neutral corpus, all local files; relative paths are resolved
+Paired responses, unpaired answers (each persona's answers to its own instructions), A/B choices, persona
+statements and a neutral corpus, all local files; relative paths are resolved
 against the recipe's folder. Persona names used here are checked against `personas` when evaluation runs
 (`eval_problems`), with their key paths.
 """
@@ -40,6 +41,42 @@ class PairedSpec(_Strict):
     max_items: Positive
     seed: int = 0
     exclude_calibration: bool = False  # held-out split: drop items that occur in any calibration set
+
+
+class UnpairedSource(_Strict):
+    """One persona's own answers: `field` of each record of `path`, the answer to its `prompt_field`."""
+
+    path: str
+    format: Literal["json", "jsonl", "csv"] | None = None
+    prompt_field: str = "prompt"
+    field: str = "response"
+
+
+class UnpairedSpec(_Strict):
+    """Each persona's answers to different instructions (e.g. two poles sampled on their own); the metric is a
+    difference in differences against the dense model (exporter/evaluation/summary.py)."""
+
+    responses: dict[str, UnpairedSource]
+    max_items: Positive  # per persona
+    seed: int = 0
+    exclude_calibration: bool = False
+
+
+class LetterField(_Strict):
+    field: str  # the record's field holding the persona's letter, e.g. "(A)"
+
+
+class ChoicesSpec(_Strict):
+    """A/B items: the question (choices inside) and, per persona, the field holding its letter; the model's
+    choice is the letter with the higher log-likelihood as the assistant's reply to the question."""
+
+    path: str
+    format: Literal["json", "jsonl", "csv"] | None = None
+    prompt_field: str = "question"
+    responses: dict[str, LetterField]
+    max_items: Positive
+    seed: int = 0
+    exclude_calibration: bool = False
 
 
 class StatementsSpec(_Strict):
@@ -88,6 +125,8 @@ class AcceptanceSpec(_Strict):
 
 class EvalSpec(_Strict):
     paired: PairedSpec | None = None
+    unpaired: UnpairedSpec | None = None
+    choices: ChoicesSpec | None = None
     statements: StatementsSpec | None = None
     neutral: NeutralSpec | None = None
     replies: RepliesSpec | None = None
@@ -121,14 +160,20 @@ def eval_problems(spec: EvalSpec, personas: list[str]) -> list[str]:
             if n not in personas:
                 problems.append(f"{where}.{n}: unknown persona {n!r}; known personas: {known}")
 
-    if spec.paired is None and spec.statements is None and spec.neutral is None and spec.replies is None:
-        problems.append("eval: give at least one of 'paired', 'statements', 'neutral', 'replies'")
-    if spec.paired is not None:
-        check(list(spec.paired.responses), "eval.paired.responses")
-        if len(spec.paired.responses) != 2:
+    sections = (spec.paired, spec.unpaired, spec.choices, spec.statements, spec.neutral, spec.replies)
+    if all(s is None for s in sections):
+        problems.append(
+            "eval: give at least one of 'paired', 'unpaired', 'choices', 'statements', 'neutral', 'replies'"
+        )
+    for key, section in (("paired", spec.paired), ("unpaired", spec.unpaired), ("choices", spec.choices)):
+        if section is None:
+            continue
+        check(list(section.responses), f"eval.{key}.responses")
+        if len(section.responses) != 2:
             problems.append(
-                f"eval.paired.responses: name exactly two opposing personas (got {sorted(spec.paired.responses)})"
+                f"eval.{key}.responses: name exactly two opposing personas (got {sorted(section.responses)})"
             )
+    if spec.paired is not None:
         for name, src in spec.paired.responses.items():
             if src.path is None and spec.paired.path is None:
                 problems.append(f"eval.paired.responses.{name}.path: required when eval.paired.path is not set")

@@ -98,10 +98,11 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     for ev in (data.get("eval"), tune.get("validation") if isinstance(tune, dict) else None):
         if not isinstance(ev, dict):
             continue
-        sections = [ev.get(k) for k in ("paired", "statements", "neutral", "replies")]
-        paired = ev.get("paired")
-        if isinstance(paired, dict) and isinstance(paired.get("responses"), dict):
-            sections += list(paired["responses"].values())
+        sections = [ev.get(k) for k in ("paired", "unpaired", "choices", "statements", "neutral", "replies")]
+        for key in ("paired", "unpaired"):
+            section = ev.get(key)
+            if isinstance(section, dict) and isinstance(section.get("responses"), dict):
+                sections += list(section["responses"].values())
         for section in sections:
             if isinstance(section, dict) and "path" in section:
                 section["path"] = fix(section["path"])

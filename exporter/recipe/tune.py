@@ -64,6 +64,6 @@ def grid(recipe: Recipe) -> list[tuple[Setting, Recipe]]:
 
 
 def tune_validation(spec: TuneSpec) -> EvalSpec:
-    """The tune section's validation items as an eval section: only what the grid is ranked by (paired shift,
+    """The tune section's validation items as an eval section: only what the grid is ranked by (the shift,
     perplexity and, when given, the replies' persona scores and repetition)."""
     return spec.validation.model_copy(update={"baselines": [], "statements": None})

@@ -44,6 +44,33 @@ class StatementsSplit(Record):
     record_indices: list[int]
 
 
+class UnpairedPersonaSplit(Record):
+    file: FileRef
+    records: int
+    unique_prompts: int
+    excluded_as_calibration: int
+    selected: int
+    record_indices: list[int]
+
+
+class UnpairedSplit(Record):
+    held_out: bool
+    seed: int
+    personas: dict[str, UnpairedPersonaSplit]
+
+
+class ChoicesSplit(Record):
+    file: FileRef
+    records: int
+    unique_prompts: int
+    excluded_as_calibration: int
+    held_out: bool
+    selected: int
+    seed: int
+    record_indices: list[int]
+    letters_of_first: dict[str, int]  # how often each letter is the first persona's (balance of A and B)
+
+
 class NeutralSplit(Record):
     file: FileRef
     paragraphs: int
@@ -62,6 +89,8 @@ class Splits(Record):
     """What each source of items held and what was selected from it."""
 
     paired: PairedSplit | None = None
+    unpaired: UnpairedSplit | None = None
+    choices: ChoicesSplit | None = None
     statements: StatementsSplit | None = None
     neutral: NeutralSplit | None = None
     replies: RepliesSplit | None = None
@@ -87,6 +116,27 @@ class StatementFigures(Record):
     n_other: int
 
 
+class UnpairedFigures(Record):
+    """Unpaired answers: `margin` = mean answer log-likelihood of the persona's answers minus that of its
+    opposite's (different instructions, so not a shift); `shift` = the same contrast of each answer's change
+    against the dense model (difference in differences), each pole resampled on its own."""
+
+    margin: CI
+    shift: CI
+    n_own: int
+    n_other: int
+
+
+class ChoiceFigures(Record):
+    """A/B items: `accuracy` = share of items whose persona letter has the higher log-likelihood (chance 0.5);
+    `margin` = its letter's log-likelihood minus the other letter's; `shift` = margin minus the dense margin."""
+
+    accuracy: CI
+    margin: CI
+    shift: CI
+    n: int
+
+
 class NeutralFigures(Record):
     perplexity: float
     perplexity_ratio: float
@@ -109,13 +159,34 @@ class StatementMeans(Record):
     n_other: int
 
 
+class UnpairedMeans(Record):
+    margin: float
+    shift: float
+    n_own: int
+    n_other: int
+
+
+class ChoiceMeans(Record):
+    accuracy: float
+    margin: float
+    shift: float
+    n: int
+
+
 class SeedRow(Record):
     condition: str
     parameters_removed: int
     fraction_removed: float
     paired: PairedMeans | None = None
+    unpaired: UnpairedMeans | None = None
+    choices: ChoiceMeans | None = None
     statements: StatementMeans | None = None
     neutral: NeutralFigures | None = None
+
+    @property
+    def shift(self) -> float | None:
+        figures = self.paired or self.unpaired or self.choices
+        return figures.shift if figures else None
 
 
 class Row(Record):
@@ -125,13 +196,23 @@ class Row(Record):
     parameters_removed: int
     fraction_removed: float
     paired: PairedFigures | None = None
+    unpaired: UnpairedFigures | None = None
+    choices: ChoiceFigures | None = None
     statements: StatementFigures | None = None
     neutral: NeutralFigures | None = None
     seeds: list[SeedRow] | None = None
 
     @property
+    def shift_ci(self) -> CI | None:
+        """The shift toward the persona on its own items: paired answers first, else unpaired answers, else the
+        A/B choices' letter margin."""
+        figures = self.paired or self.unpaired or self.choices
+        return figures.shift if figures else None
+
+    @property
     def shift(self) -> float | None:
-        return self.paired.shift.mean if self.paired else None
+        ci = self.shift_ci
+        return ci.mean if ci else None
 
 
 class Acceptance(Record):

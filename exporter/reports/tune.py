@@ -180,8 +180,8 @@ def tune_markdown(report: TuneReport) -> str:
             f"{k}: {'yes' if v else 'NO'}" for k, v in (ev.acceptance.checks if ev.acceptance else {}).items()
         )
         row = ev.row("mask-only")
-        if row is not None and row.paired is not None:
-            lines.append(f"- {persona}: shift {row.paired.shift.mean:+.3f} nats/token; {checks}")
+        if row is not None and row.shift is not None:
+            lines.append(f"- {persona}: shift {row.shift:+.3f} nats/token; {checks}")
     return "\n".join(lines) + "\n"
 
 

@@ -41,6 +41,8 @@ Candidate = tuple[Recipe, dict[str, PersonaMask]]  # a scored point's recipe and
 
 def _texts(items: EvalItems) -> set[str]:
     out = {norm(t) for it in items.paired for t in (it.prompt, *it.responses.values())}
+    out |= {norm(t) for answers in items.unpaired.values() for a in answers for t in (a.prompt, a.response)}
+    out |= {norm(c.question) for c in items.choices}
     out |= {norm(s.text) for s in items.statements} | {norm(p) for p in items.reply_prompts}
     return out
 
@@ -59,8 +61,12 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     spec, test = recipe.tune, recipe.eval
     if spec is None or test is None:
         raise RecipeError("tune: the recipe needs a 'tune' section (grid + validation items) and an 'eval' section")
-    if spec.validation.paired is None or spec.validation.neutral is None:
-        raise RecipeError("tune.validation: give 'paired' and 'neutral' (the shift and the perplexity it ranks by)")
+    v = spec.validation
+    if (v.paired is None and v.unpaired is None and v.choices is None) or v.neutral is None:
+        raise RecipeError(
+            "tune.validation: give 'neutral' and one of 'paired', 'unpaired' or 'choices' (the perplexity and the "
+            "shift it ranks by)"
+        )
     validate(recipe, reuse)  # what `persona-export validate` checks, before the model loads
     check_target(out, overwrite)
     validation = tune_validation(spec)
@@ -102,7 +108,7 @@ def selection(spec: TuneSpec, validation: EvalSpec) -> str:
     """How the point is chosen, in words (report.md, report.json)."""
     max_repeated = validation.acceptance.max_repeated_4grams_over_dense
     return (
-        "largest paired shift of the weaker persona on the validation items, every persona's "
+        "largest shift (paired, else unpaired, else A/B letter margin) of the weaker persona on the validation items, every persona's "
         f"perplexity <= {spec.max_perplexity_ratio}x dense"
         + (f" and its replies' repeated 4-grams <= dense + {max_repeated}" if validation.replies is not None else "")
         + (
@@ -160,8 +166,8 @@ def grid_point(
     per = {}
     for p, ev in evals.items():
         row = ev.row("mask-only")
-        assert row is not None and row.paired is not None and row.neutral is not None
-        per[p] = PersonaPoint(shift=row.paired.shift.mean, perplexity_ratio=row.neutral.perplexity_ratio)
+        assert row is not None and row.shift is not None and row.neutral is not None
+        per[p] = PersonaPoint(shift=row.shift, perplexity_ratio=row.neutral.perplexity_ratio)
         if ev.replies is not None:
             conds = ev.replies.conditions
             repeated = conds["export"].degeneration.repeated_4grams - conds["dense"].degeneration.repeated_4grams

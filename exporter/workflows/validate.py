@@ -14,11 +14,18 @@ def item_lines(label: str, spec: EvalSpec, items: EvalItems) -> list[str]:
     """What an evaluation reads, one line per source: counts selected and the file they come from."""
     parts = [
         (spec.paired, len(items.paired), "paired items"),
+        (spec.choices, len(items.choices), "A/B choices"),
         (spec.statements, len(items.statements), "statements"),
         (spec.replies, len(items.reply_prompts), "reply prompts"),
         (spec.neutral, len(items.neutral), "neutral paragraphs"),
     ]
-    return [f"  {label}: {n} {what} from {source.path}" for source, n, what in parts if source is not None]
+    lines = [f"  {label}: {n} {what} from {source.path}" for source, n, what in parts if source is not None]
+    if spec.unpaired is not None:
+        lines += [
+            f"  {label}: {len(items.unpaired.get(name, []))} unpaired {name} answers from {src.path}"
+            for name, src in spec.unpaired.responses.items()
+        ]
+    return lines
 
 
 def validate_recipe(recipe: Recipe) -> list[str]:

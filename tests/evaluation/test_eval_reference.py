@@ -34,7 +34,7 @@ from exporter.model.adapters import Adapter, adapter_for
 from exporter.model.encoding import end_of_turn_id, reply_prefix
 from exporter.recipe.load import load_recipe
 from exporter.verify.hf import masked
-from tests.helpers import WORDS, eval_section, tiny_model, tiny_tokenizer, write_recipe
+from tests.helpers import WORDS, eval_section, tiny_model, tiny_tokenizer, write_choices, write_recipe, write_unpaired
 
 TOL = 1e-6  # the bar; float64 reaches ~1e-13
 
@@ -176,7 +176,10 @@ def test_fast_evaluation_equals_the_reference_on_a_tiny_model(tmp_path: Path, mo
     (tmp_path / "everyday.txt").write_text("\n".join(" ".join(WORDS[i : i + 3]) for i in range(0, 21, 3)))
     statements = {"path": "st.jsonl", "labels": {"extravert": "Yes", "introvert": "No"}, "max_per_label": 5}
     replies = {"path": "everyday.txt", "max_new_tokens": 6, "batch_size": 4, "show": 2, "exclude_calibration": False}
-    section = eval_section(tmp_path, statements=statements, replies=replies, batch_size=3)
+    unpaired, choices = write_unpaired(tmp_path, n=5), write_choices(tmp_path, n=6)
+    section = eval_section(
+        tmp_path, statements=statements, replies=replies, unpaired=unpaired, choices=choices, batch_size=3
+    )
     section["paired"]["max_items"] = 5
     recipe = load_recipe(write_recipe(tmp_path, folder, eval=section))
     assert recipe.eval is not None
@@ -193,6 +196,7 @@ def test_fast_evaluation_equals_the_reference_on_a_tiny_model(tmp_path: Path, mo
     masks = {p: mask(p) for p in ("introvert", "extravert")}
     items = prepare(recipe)
     assert len(items.statements) == 10 and len(items.paired) == 5 and len(items.reply_prompts) == 7
+    assert len(items.choices) == 6 and [len(a) for a in items.unpaired.values()] == [4, 4]
 
     fast = {
         p: ev.model_dump()
@@ -210,7 +214,10 @@ def test_fast_evaluation_equals_the_reference_on_a_tiny_model(tmp_path: Path, mo
         for p, ev in MaskScorer(recipe, recipe.eval, items, model, tok, adapter).evaluate(masks).items()
     }
     numbers = assert_same_figures(fast, slow)
-    assert numbers > 200, numbers
+    assert numbers > 300, numbers
+    for p in masks:
+        row = next(r for r in fast[p]["rows"] if r["condition"] == "mask-only")
+        assert row["unpaired"]["shift"]["mean"] != 0 and row["choices"]["margin"]["mean"] != 0
     reply = fast["introvert"]["replies"]
     assert {"export", "prompt-only", "steering-only"} <= set(reply["conditions"]) and reply["gap"]
 
