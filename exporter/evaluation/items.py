@@ -409,6 +409,26 @@ def find_leaks(items: EvalItems, calib: CalibrationIndex) -> list[dict[str, Any]
     return leaks
 
 
+def item_texts(items: EvalItems) -> set[str]:
+    """Every prompt, answer, question, statement and reply prompt of `items`, normalised."""
+    out = {norm(t) for it in items.paired for t in (it.prompt, *it.responses.values())}
+    out |= {norm(t) for answers in items.unpaired.values() for a in answers for t in (a.prompt, a.response)}
+    out |= {norm(c.question) for c in items.choices}
+    out |= {norm(s.text) for s in items.statements} | {norm(p) for p in items.reply_prompts}
+    return out
+
+
+def check_disjoint_splits(validation: EvalItems, test: EvalItems) -> None:
+    """Tune never chooses on what is reported: the validation and test items share no text."""
+    shared = item_texts(validation) & item_texts(test)
+    if shared:
+        example = sorted(shared)[0][:80]
+        raise RecipeError(
+            f"tune.validation and eval share {len(shared)} text(s) (e.g. {example!r}); settings must be chosen "
+            "on items that are not reported: point tune.validation at another split"
+        )
+
+
 def persona_pairs(recipe: Recipe, persona: str) -> list[tuple[str, str, str]]:
     """(prompt, the persona's answer, its partner's answer) for each held-out pair the evaluation scores
     (`eval.paired`, the same selection); empty without paired items, a partner or both personas' answers."""

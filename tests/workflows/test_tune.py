@@ -147,6 +147,7 @@ def test_grid_covers_every_combination(tmp_path: Path, tiny_llama_dir: Path) -> 
             gamma=[0.0, 0.5],
             amplify=[1.0, 2.0],
             steer_layers=[1.0, 0.5],
+            steer_vector=["mlp", "residual"],
         )
     )
     settings = {
@@ -154,13 +155,18 @@ def test_grid_covers_every_combination(tmp_path: Path, tiny_llama_dir: Path) -> 
             r.prune.mlp.sparsity,  # type: ignore[union-attr]
             r.method.steer,
             r.method.steer_layers,
+            r.method.steer_vector,
             r.prune.mlp.compensate,  # type: ignore[union-attr]
             r.prune.mlp.gamma,  # type: ignore[union-attr]
             r.prune.mlp.amplify,  # type: ignore[union-attr]
         )
         for _, r in grid(recipe)
     }
-    assert len(settings) == 64 and (0.25, 1.0, 0.5, "personas", 0.5, 2.0) in settings
+    assert len(settings) == 128 and (0.25, 1.0, 0.5, "residual", "personas", 0.5, 2.0) in settings
+    assert {s.for_persona("introvert").steer_vector for s, _ in grid(recipe)} == {"mlp", "residual"}
+    # without tune.steer_vector the grid keeps the recipe's method.steer_vector
+    recipe = recipe.model_copy(update={"tune": recipe.tune.model_copy(update={"steer_vector": None})})  # type: ignore[union-attr]
+    assert {r.method.steer_vector for _, r in grid(recipe)} == {"mlp"}
 
 
 # -- the tune section and --reuse-stats, checked before a model loads --
