@@ -28,6 +28,7 @@ from exporter.recipe.eval import (
     StatementsSpec,
     UnpairedSpec,
     eval_problems,
+    set_spec,
 )
 from exporter.recipe.formats import FORMATS
 from exporter.recipe.schema import DataSpec, Recipe, infer_format
@@ -82,6 +83,7 @@ class EvalItems:
     reply_prompts: list[str] = field(default_factory=list)  # everyday prompts for the reply metric
     splits: dict[str, Any] = field(default_factory=dict)  # per source: file, counts, selection
     leaks: list[dict[str, Any]] = field(default_factory=list)  # flagged (on_leak: flag) leaks
+    sets: dict[str, EvalItems] = field(default_factory=dict)  # eval.sets: each set's items, by name
 
 
 def norm(text: str) -> str:
@@ -367,7 +369,12 @@ def load_items(recipe: Recipe, spec: EvalSpec) -> EvalItems:
         }
     if spec.replies is not None:
         items.reply_prompts, items.splits["replies"] = read_reply_prompts(spec.replies, calib)
-    items.leaks = find_leaks(items, calib)
+    for item_set in spec.sets:
+        sub = load_items(recipe, set_spec(item_set, spec))
+        items.sets[item_set.name] = sub
+        items.splits.setdefault("sets", {})[item_set.name] = sub.splits
+        items.leaks += [leak | {"source": f"{item_set.name}/{leak['source']}"} for leak in sub.leaks]
+    items.leaks += find_leaks(items, calib)
     if items.leaks:
         shown = "; ".join(f"{x['source']} #{x['index']} = {x['calibration']}" for x in items.leaks[:5])
         msg = f"{len(items.leaks)} evaluation item(s) also occur in the calibration data: {shown}"
@@ -410,11 +417,13 @@ def find_leaks(items: EvalItems, calib: CalibrationIndex) -> list[dict[str, Any]
 
 
 def item_texts(items: EvalItems) -> set[str]:
-    """Every prompt, answer, question, statement and reply prompt of `items`, normalised."""
+    """Every prompt, answer, question, statement and reply prompt of `items` (and of its sets), normalised."""
     out = {norm(t) for it in items.paired for t in (it.prompt, *it.responses.values())}
     out |= {norm(t) for answers in items.unpaired.values() for a in answers for t in (a.prompt, a.response)}
     out |= {norm(c.question) for c in items.choices}
     out |= {norm(s.text) for s in items.statements} | {norm(p) for p in items.reply_prompts}
+    for sub in items.sets.values():
+        out |= item_texts(sub)
     return out
 
 

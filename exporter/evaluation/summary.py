@@ -21,7 +21,7 @@ import numpy as np
 
 from exporter.evaluation.conditions import Raw, Scores
 from exporter.evaluation.metrics import NeutralScore, contrast_ci, mean_ci, win_rate_ci
-from exporter.recipe.eval import EvalSpec
+from exporter.recipe.eval import EvalSpec, set_spec
 from exporter.reports.evaluation import (
     Acceptance,
     ChoiceFigures,
@@ -33,6 +33,8 @@ from exporter.reports.evaluation import (
     RepliesEvaluation,
     Row,
     SeedRow,
+    SetEvaluation,
+    SetRow,
     StatementFigures,
     StatementMeans,
     UnpairedFigures,
@@ -56,9 +58,14 @@ def _mean_neutral(entries: list[Scores]) -> NeutralScore | None:
 class PersonaView:
     """Statistics of one persona from raw condition scores."""
 
-    def __init__(self, raw: Raw, persona: str, spec: EvalSpec, labels: list[str], dense_params: int):
+    def __init__(
+        self, raw: Raw, persona: str, spec: EvalSpec, labels: list[str], dense_params: int, toward: str | None = None
+    ):
+        """`persona` names the conditions (its mask, its system prompt); the figures are toward `toward` (the
+        persona itself unless given: an item set scores a persona toward a pole it does not name)."""
         self.raw, self.p, self.spec, self.dense_params = raw, persona, spec, dense_params
-        self.q = partner(spec, persona)
+        self.t = toward or persona
+        self.q = partner(spec, self.t)
         label = spec.statements.labels.get(persona) if spec.statements else None
         self.match = np.array([x == label for x in labels], dtype=bool) if label is not None else None
         self.boot = {"n": spec.bootstrap, "seed": spec.seed}
@@ -70,9 +77,9 @@ class PersonaView:
         return answers
 
     def margins(self, answers: dict[str, np.ndarray]) -> np.ndarray | None:
-        if self.q is None or f"paired:{self.p}" not in answers:
+        if self.q is None or f"paired:{self.t}" not in answers:
             return None
-        return answers[f"paired:{self.p}"] - answers[f"paired:{self.q}"]
+        return answers[f"paired:{self.t}"] - answers[f"paired:{self.q}"]
 
     def row(self, label: str, answers: dict[str, np.ndarray], neutral: NeutralScore | None, removed: int) -> Row:
         return Row(
@@ -96,7 +103,7 @@ class PersonaView:
         )
 
     def unpaired(self, answers: dict[str, np.ndarray]) -> UnpairedFigures | None:
-        own, other = f"unpaired:{self.p}", f"unpaired:{self.q}"
+        own, other = f"unpaired:{self.t}", f"unpaired:{self.q}"
         if own not in answers or other not in answers:
             return None
         d = {k: answers[k] - self.dense[k] for k in (own, other)}
@@ -108,7 +115,7 @@ class PersonaView:
         )
 
     def choices(self, answers: dict[str, np.ndarray]) -> ChoiceFigures | None:
-        own, other = f"choices:{self.p}", f"choices:{self.q}"
+        own, other = f"choices:{self.t}", f"choices:{self.q}"
         if own not in answers or other not in answers:
             return None
         m, m0 = answers[own] - answers[other], self.dense[own] - self.dense[other]
@@ -278,6 +285,48 @@ def mask_vs_prompt(view: PersonaView) -> MaskVsPrompt | None:
     return MaskVsPrompt(mask_minus_prompt=mean_ci(m_mask - m_prompt, **view.boot))
 
 
+def set_raw(raw: Raw, name: str) -> Raw:
+    """The raw scores of one item set, its answer keys without the set's prefix."""
+    prefix = f"{name}/"
+    out: Raw = {}
+    for key, scores in raw.items():
+        answers = scores.answers
+        if answers is not None:
+            answers = {k.removeprefix(prefix): v for k, v in answers.items() if k.startswith(prefix)}
+        out[key] = Scores(scores.removed, answers, scores.neutral)
+    return out
+
+
+def set_evaluations(
+    raw: Raw, persona: str, parts: list[str], spec: EvalSpec, random_keys: list[str], dense_params: int
+) -> list[SetEvaluation]:
+    """The persona on every item set: toward its own pole (or its part's, for a persona made of parts) where the
+    set names it, else toward the set's first persona (crosstalk)."""
+    out = []
+    for item_set in spec.sets:
+        names = item_set.personas
+        own = next((x for x in parts if x in names), None)
+        toward = own or names[0]
+        view = PersonaView(set_raw(raw, item_set.name), persona, set_spec(item_set, spec), [], dense_params, toward)
+        rows = [
+            SetRow(condition=r.condition, shift=r.shift_ci, accuracy=r.choices.accuracy if r.choices else None)
+            for r in persona_rows(view, random_keys)
+        ]
+        out.append(SetEvaluation(name=item_set.name, personas=names, toward=toward, own=own is not None, rows=rows))
+    return out
+
+
+def switch_success(rows: list[Row], own_main: bool, sets: list[SetEvaluation]) -> bool | None:
+    """Every own axis's mask-only shift has its 95 % interval above 0; None without own items."""
+    intervals = [r.shift_ci for r in rows if r.condition == "mask-only"] if own_main else []
+    for s in sets:
+        if s.own:
+            intervals += [r.shift for r in s.rows if r.condition == "mask-only"]
+    if not intervals or any(ci is None for ci in intervals):
+        return None
+    return all(ci is not None and ci.ci95[0] > 0 for ci in intervals)
+
+
 def summarise(
     raw: Raw,
     persona: str,
@@ -286,14 +335,25 @@ def summarise(
     random_keys: list[str],
     dense_params: int,
     replies: RepliesEvaluation | None = None,
+    parts: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The persona's `opposite`, `rows`, `acceptance`, `mask_vs_prompt` and `replies` (PersonaEvaluation fields)."""
+    """The persona's `opposite`, `rows`, `acceptance`, `mask_vs_prompt`, `replies`, `sets` and `switch_success`
+    (PersonaEvaluation fields). `parts`: the poles a persona made of several stands for (itself by default)."""
+    parts = parts or [persona]
     view = PersonaView(raw, persona, spec, labels, dense_params)
+    own_set = next((x for x in spec.sets if any(p in x.personas for p in parts)), None)
+    if view.q is None and own_set is not None:  # the persona's own axis is one of the sets: its rows and its bar
+        toward = next(p for p in parts if p in own_set.personas)
+        sub = set_spec(own_set, spec)
+        view = PersonaView(set_raw(raw, own_set.name), persona, sub, [], dense_params, toward)
     rows = persona_rows(view, random_keys)
+    sets = set_evaluations(raw, persona, parts, spec, random_keys, dense_params)
     return {
         "opposite": view.q,
         "rows": rows,
         "acceptance": acceptance(rows, spec, replies),
         "mask_vs_prompt": mask_vs_prompt(view),
         "replies": replies,
+        "sets": sets,
+        "switch_success": switch_success(rows, view.q is not None and own_set is None, sets),
     }

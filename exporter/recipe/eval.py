@@ -79,6 +79,27 @@ class ChoicesSpec(_Strict):
     exclude_calibration: bool = False
 
 
+class ItemSetSpec(_Strict):
+    """One more pair's items in a recipe of several pairs: exactly one of paired, unpaired or choices, naming the
+    pair's two personas. Every persona of the recipe is scored on every set: toward its own pole where the set
+    names it, else toward the set's first persona (crosstalk, which should stay near 0)."""
+
+    name: str
+    paired: PairedSpec | None = None
+    unpaired: UnpairedSpec | None = None
+    choices: ChoicesSpec | None = None
+
+    @property
+    def section(self) -> PairedSpec | UnpairedSpec | ChoicesSpec:
+        found = [s for s in (self.paired, self.unpaired, self.choices) if s is not None]
+        assert len(found) == 1, "checked by eval_problems"
+        return found[0]
+
+    @property
+    def personas(self) -> list[str]:
+        return list(self.section.responses)
+
+
 class StatementsSpec(_Strict):
     """Persona statements scored as the assistant's reply to `prompt`; `labels` maps persona -> label."""
 
@@ -130,6 +151,7 @@ class EvalSpec(_Strict):
     statements: StatementsSpec | None = None
     neutral: NeutralSpec | None = None
     replies: RepliesSpec | None = None
+    sets: list[ItemSetSpec] = []  # the other pairs' items (a recipe of several pairs): shift and crosstalk per set
     system_prompts: dict[str, str] = {}  # persona -> prompt-only baseline prompt (default: from description)
     baselines: list[Baseline] = list(BASELINES)  # or "all"; the verdict needs only prompt and random
     random_seeds: Annotated[int, Field(ge=3)] = 3
@@ -148,6 +170,12 @@ class EvalSpec(_Strict):
                 raise ValueError(f"expected 'all' or a list of {list(BASELINES)} (or []), got {value!r}")
             return list(BASELINES)
         return value
+
+
+def set_spec(item_set: ItemSetSpec, parent: EvalSpec) -> EvalSpec:
+    """An item set as an eval section of its own: its items, the parent's bootstrap, seeds and limits."""
+    update = {"paired": item_set.paired, "unpaired": item_set.unpaired, "choices": item_set.choices}
+    return parent.model_copy(update=update | {"statements": None, "neutral": None, "replies": None, "sets": []})
 
 
 def eval_problems(spec: EvalSpec, personas: list[str]) -> list[str]:
@@ -173,6 +201,17 @@ def eval_problems(spec: EvalSpec, personas: list[str]) -> list[str]:
             problems.append(
                 f"eval.{key}.responses: name exactly two opposing personas (got {sorted(section.responses)})"
             )
+    names = [s.name for s in spec.sets]
+    if len(set(names)) != len(names):
+        problems.append(f"eval.sets: two sets share a name ({names})")
+    for i, item_set in enumerate(spec.sets):
+        given = [k for k in ("paired", "unpaired", "choices") if getattr(item_set, k) is not None]
+        if len(given) != 1:
+            problems.append(f"eval.sets.{i}: give exactly one of 'paired', 'unpaired', 'choices' (got {given})")
+            continue
+        check(item_set.personas, f"eval.sets.{i}.{given[0]}.responses")
+        if len(item_set.personas) != 2:
+            problems.append(f"eval.sets.{i}.{given[0]}.responses: name exactly two opposing personas")
     if spec.paired is not None:
         for name, src in spec.paired.responses.items():
             if src.path is None and spec.paired.path is None:

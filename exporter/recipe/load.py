@@ -95,7 +95,10 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
             if isinstance(cal, dict) and "path" in cal:
                 cal["path"] = fix(cal["path"])
     tune = data.get("tune")
-    for ev in (data.get("eval"), tune.get("validation") if isinstance(tune, dict) else None):
+    sections = [data.get("eval"), tune.get("validation") if isinstance(tune, dict) else None]
+    ev_sets = data["eval"].get("sets") if isinstance(data.get("eval"), dict) else None
+    sections += ev_sets if isinstance(ev_sets, list) else []
+    for ev in sections:
         if not isinstance(ev, dict):
             continue
         sections = [ev.get(k) for k in ("paired", "unpaired", "choices", "statements", "neutral", "replies")]

@@ -5,7 +5,7 @@ only read here and in the Markdown reports.
 
 from __future__ import annotations
 
-from pydantic import computed_field
+from pydantic import Field, computed_field
 
 from exporter.recipe.eval import EvalSpec
 from exporter.reports.record import Record
@@ -94,6 +94,7 @@ class Splits(Record):
     statements: StatementsSplit | None = None
     neutral: NeutralSplit | None = None
     replies: RepliesSplit | None = None
+    sets: dict[str, Splits] | None = None
 
 
 class Leak(Record):
@@ -267,6 +268,25 @@ class RepliesEvaluation(Record):
     examples: list[ReplyExample]
 
 
+class SetRow(Record):
+    """One condition on an item set: the shift toward `toward` (and the A/B letter accuracy for choices)."""
+
+    condition: str
+    shift: CI | None
+    accuracy: CI | None = None
+
+
+class SetEvaluation(Record):
+    """The persona on one item set of the recipe (eval.sets): `own` when the set names the persona (its own
+    axis), else crosstalk, the shift toward the set's first persona, which should stay near 0."""
+
+    name: str
+    personas: list[str]
+    toward: str
+    own: bool
+    rows: list[SetRow]
+
+
 class PersonaEvaluation(Record):
     splits: Splits
     leaks: list[Leak]
@@ -281,6 +301,10 @@ class PersonaEvaluation(Record):
     acceptance: Acceptance | None
     mask_vs_prompt: MaskVsPrompt | None
     replies: RepliesEvaluation | None = None
+    sets: list[SetEvaluation] = Field(default_factory=list)
+    # every axis the persona names moves toward it: the export's (mask-only) shift has a 95 % interval above 0 on
+    # each of its own item sets (the main items and eval.sets naming it); None without such items
+    switch_success: bool | None = None
 
     def row(self, condition: str) -> Row | None:
         """The first row whose condition starts with `condition` ("random mask" matches "random mask (3 seeds)")."""

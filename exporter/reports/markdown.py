@@ -114,6 +114,30 @@ def splits_text(ev: PersonaEvaluation) -> list[str]:
     return out
 
 
+def sets_markdown(ev: PersonaEvaluation) -> list[str]:
+    """Each item set: the shift toward the persona's pole (own axis) or toward the set's first persona
+    (crosstalk), per condition; and whether every own axis moved."""
+    conditions = [r.condition for r in ev.sets[0].rows]
+    rows = []
+    for s in ev.sets:
+        by = {r.condition: r for r in s.rows}
+        cells = [fmt_ci(by[c].shift) if c in by else "–" for c in conditions]
+        kind = "own axis" if s.own else "crosstalk"
+        rows.append([s.name, f"{s.toward} ({kind})", *cells])
+    lines = [
+        "Item sets: shift toward the named persona (nats/token, 95% CI); on a crosstalk set the persona names "
+        "neither pole and the shift should stay near 0.",
+        "",
+        md_table(["items", "toward", *conditions], rows),
+    ]
+    if ev.switch_success is not None:
+        lines += [
+            "",
+            f"Switch success (every own axis's export shift > 0 with 95% confidence): {_mark(ev.switch_success)}.",
+        ]
+    return lines
+
+
 def evaluation_markdown(persona: str, ev: PersonaEvaluation, plot: str | None = None) -> str:
     lines = [f"## Persona evaluation: {persona} (vs {ev.opposite})", "", *splits_text(ev)]
     lines.append(f"- Prompt-only system prompt: {ev.system_prompt!r}")
@@ -142,6 +166,8 @@ def evaluation_markdown(persona: str, ev: PersonaEvaluation, plot: str | None = 
             f"\nMask-only minus prompt-only margin: {fmt_ci(ev.mask_vs_prompt.mask_minus_prompt)} nats/token "
             "(positive: the mask moves the model further toward the persona than the system prompt does)."
         )
+    if ev.sets:
+        lines += ["", *sets_markdown(ev)]
     if ev.replies:
         lines += ["", *replies_markdown(persona, ev.replies)]
     if plot:

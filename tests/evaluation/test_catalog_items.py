@@ -193,3 +193,76 @@ def test_new_sections_name_two_known_personas(tmp_path: Path) -> None:
     choices["responses"].pop("extravert")
     with pytest.raises(RecipeError, match=r"eval\.choices\.responses: name exactly two"):
         prepare(recipe_with(tmp_path, choices=choices))
+
+
+def test_item_sets_give_own_axis_rows_crosstalk_and_switch_success(tmp_path: Path) -> None:
+    """Four personas in two pairs: E/I paired (the main items), S/N unpaired (a set). Each persona is scored on
+    both; on the set it does not name, the shift is toward the set's first persona, computed by hand here."""
+    unpaired = write_unpaired(tmp_path)  # introvert.jsonl / extravert.jsonl: reused as the S/N poles' answers
+    sn = {
+        "responses": {
+            "sensing": unpaired["responses"]["introvert"],
+            "intuitive": unpaired["responses"]["extravert"],
+        },
+        "max_items": 6,
+    }
+    recipe = recipe_with(tmp_path)
+    base = json.loads(json.dumps(recipe.model_dump(mode="json", exclude_none=True)))
+    cal = base["personas"]["introvert"]["calibration"]
+    base["personas"] |= {
+        "sensing": {"description": "concrete", "calibration": cal | {"response_field": "introvert"}},
+        "intuitive": {"description": "abstract", "calibration": cal | {"response_field": "extravert"}},
+    }
+    base["pairs"] = [["extravert", "introvert"], ["sensing", "intuitive"]]
+    base["eval"]["sets"] = [{"name": "S/N", "unpaired": sn}]
+    base["eval"]["baselines"] = ["prompt"]
+    path = tmp_path / "four.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(base, sort_keys=False))
+    recipe = load_recipe(path)
+    tok, model = tiny_tokenizer(), tiny_model("llama").double()
+    adapter = adapter_for(model.config)
+    masks = random_masks(model) | {
+        "sensing": random_masks(model, seed=1)["introvert"],
+        "intuitive": random_masks(model, seed=1)["extravert"],
+    }
+    items = prepare(recipe)
+    assert set(items.sets) == {"S/N"} and items.splits["sets"]["S/N"]["unpaired"]
+    evals = MaskScorer(recipe, recipe.eval, items, model, tok, adapter).evaluate(masks)
+    sn_items = items.sets["S/N"].unpaired
+
+    def did(mask: PersonaMask, toward: str, other: str) -> float:
+        from exporter.verify.hf import masked
+
+        def ll(persona: str, m: PersonaMask | None) -> np.ndarray:
+            seqs = [encode_answer(tok, a.prompt, a.response) for a in sn_items[persona]]
+            return reference_logliks(
+                model, seqs, intervention=None if m is None else (lambda: masked(model, adapter, m))
+            )
+
+        return float((ll(toward, mask) - ll(toward, None)).mean() - (ll(other, mask) - ll(other, None)).mean())
+
+    intro = evals["introvert"]
+    (cross,) = intro.sets
+    assert not cross.own and cross.toward == "sensing"
+    mask_row = next(r for r in cross.rows if r.condition == "mask-only")
+    assert mask_row.shift is not None
+    assert mask_row.shift.mean == pytest.approx(did(masks["introvert"], "sensing", "intuitive"), abs=1e-9)
+    assert {r.condition for r in cross.rows} == {"dense", "prompt-only", "mask-only"}
+    # the S/N poles: their rows and acceptance come from their own set
+    sensing = evals["sensing"]
+    assert sensing.opposite == "intuitive" and sensing.sets[0].own and sensing.sets[0].toward == "sensing"
+    row = sensing.row("mask-only")
+    assert row is not None and row.unpaired is not None and row.neutral is not None
+    assert row.unpaired.shift.mean == pytest.approx(did(masks["sensing"], "sensing", "intuitive"), abs=1e-9)
+    assert sensing.acceptance is not None and sensing.acceptance.shift == row.unpaired.shift.mean
+    own = sensing.sets[0].rows
+    assert next(r for r in own if r.condition == "mask-only").shift == row.unpaired.shift
+    # switch success: every own axis's export interval above 0
+    for p, ev in evals.items():
+        named = [r.shift_ci for r in ev.rows if r.condition == "mask-only"]
+        assert named and named[0] is not None
+        assert ev.switch_success == (named[0].ci95[0] > 0), p
+    text = evaluation_markdown("introvert", intro)
+    assert "sensing (crosstalk)" in text and "Switch success" in text
