@@ -1,6 +1,7 @@
 """CPU deployment benchmark (printed, not asserted): decode tokens/s and prefill latency of every ONNX format,
 dense against a persona export, in one run; the persona's onnxruntime-genai folder at int4, int8 and fp32
-(each made and measured by `persona-export export --format onnx-genai --precision P`); plus llama.cpp on the
+(each made and measured by `persona-export export --format onnx-genai --precision P`) and its `onnx-q4` folder
+(onnxruntime-genai's graph on the checkpoint's own Q4_1 blocks, the dense model's too); plus llama.cpp on the
 dense Q4_1 GGUF and on the persona's `gguf/` files when llama-cpp-python is importable (here, or in the
 interpreter given by --llama-python). llama.cpp's greedy tokens on each persona file are compared with the fp32
 ONNX export's: the first step where they differ is printed (none: llama.cpp computes what was proven).
@@ -35,6 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from exporter.recipe.formats import FORMATS as DECLARED  # noqa: E402
 from exporter.runtime.onnx import OnnxCausalLM  # noqa: E402
+from exporter.verify.genai import GenaiModel  # noqa: E402
 from exporter.verify.hf import first_divergence  # noqa: E402
 
 RECIPE = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
@@ -154,6 +156,7 @@ def genai_variants(persona: Path, tmp: Path) -> dict[str, tuple[Path, dict]]:
 
 def build(tmp: Path) -> tuple[Path, Path]:
     """Dense exports (all formats) and the demo recipe's extravert persona with all formats, made here."""
+    from exporter.export.genai import build_q4_genai
     from exporter.export.onnx import export_onnx
     from exporter.export.quantize import quantize_weights
     from exporter.model.sources import load_model
@@ -179,9 +182,8 @@ def build(tmp: Path) -> tuple[Path, Path]:
     saved["eval"] = load_recipe(RECIPE).model_dump(mode="json")["eval"]
     recipe_file.write_text(json.dumps(saved))
     persona = tmp / "run" / "extravert"
-    add_formats(
-        persona, [*(f.name for f in quantized), "gguf"]
-    )  # quality on neutral text and the held-out pairs, as a run has it
+    add_formats(persona, [*(f.name for f in quantized), "gguf", "onnx-q4"])  # quality as a run has it
+    build_q4_genai(dense / "hf", dense / DECLARED["onnx-q4"].folder)
     return dense, persona
 
 
@@ -224,9 +226,16 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
         k: (lambda ids, m=m: decode(m, ids)[:2]) for k, m in models.items()
     }
     quality = {("persona", f): report["verification"].get(f, {}) for f in FORMATS}
+    genai_folders: dict[tuple[str, str], Path] = {}
     for precision, (folder, figures) in genai.items():
-        runners[("persona", f"onnxruntime-genai {precision}")] = Genai(folder, args.threads).decode
+        genai_folders[("persona", f"onnxruntime-genai {precision}")] = folder
         quality[("persona", f"onnxruntime-genai {precision}")] = figures
+    for who, folder in (("dense", dense), ("persona", persona)):
+        if (folder / DECLARED["onnx-q4"].folder).is_dir():
+            genai_folders[(who, "onnx-q4")] = folder / DECLARED["onnx-q4"].folder
+    quality[("persona", "onnx-q4")] = report["verification"].get("onnx-q4", {})
+    for key, folder in genai_folders.items():
+        runners[key] = Genai(folder, args.threads).decode
     gguf = gguf_file()
     probe = [args.llama_python, "-c", "import llama_cpp"]
     has_llama = gguf is not None and subprocess.run(probe, capture_output=True).returncode == 0
@@ -238,8 +247,14 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
     reference = decode(models[("persona", "onnx")], ids)[2] if ("persona", "onnx") in models else None
     agreement: dict[tuple[str, str], float] = {}  # llama.cpp's top-1 agreement with the fp32 ONNX of its model
     llama_tokens: dict[tuple[str, str], list[int]] = {}  # llama.cpp's greedy tokens (first timed round)
+    text = neutral_ids(tok)
+    for key, folder in genai_folders.items():  # on the positions llama.cpp is measured on
+        fp32 = models.get((key[0], "onnx"))
+        if fp32 is not None:
+            argmax = fp32.forward(text, np.ones_like(text))[0][0].argmax(-1)
+            ours = GenaiModel(folder).run(text[0].tolist(), 0)[0].argmax(-1)
+            agreement[key] = float(np.mean(ours == argmax))
     if has_llama:
-        text = neutral_ids(tok)
         for key, path in files.items():
             fp32 = models.get((key[0], "onnx"))
             if fp32 is not None:
@@ -271,17 +286,19 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
     for (who, fmt), values in rates.items():
         q = quality.get((who, fmt), {})
         measured = ""
+        if q.get("parity_target") and "max_abs_logit_diff" in q:
+            measured = f"{'proven' if q.get('passed') else 'FAILED'}, max|dlogit| {q['max_abs_logit_diff']:.1e}"
         if "top1_agreement" in q:
-            measured = f"top-1 {100 * q['top1_agreement']:.1f} %, ppl x{q['ppl_ratio']:.3f}"
+            measured += ", " if measured else ""
+            measured += f"top-1 {100 * q['top1_agreement']:.1f} %, ppl x{q['ppl_ratio']:.3f}"
             measured += f", margin {q['persona_shift']:+.3f}" if "persona_shift" in q else ""
             measured += " BELOW FLOOR" if q["below_floor"] else ""
-        elif q.get("parity_target") and "max_abs_logit_diff" in q:
-            measured = f"proven, max|dlogit| {q['max_abs_logit_diff']:.1e}"
         notes = [f"top-1 {100 * agreement[(who, fmt)]:.1f} % vs its fp32 ONNX"] if (who, fmt) in agreement else []
+        runtime = "llama.cpp " if fmt.startswith("llama.cpp") else f"{AGREEMENT_TOKENS} positions: "
         if who == "persona" and (who, fmt) in llama_tokens and reference is not None:
             step = first_divergence(llama_tokens[(who, fmt)], reference)
             notes.append("greedy = fp32 ONNX" if step is None else f"greedy differs at step {step}")
-        measured = "; ".join(filter(None, [measured, "llama.cpp " + ", ".join(notes) if notes else ""]))
+        measured = "; ".join(filter(None, [measured, runtime + ", ".join(notes) if notes else ""]))
         rate = statistics.median(values)
         prefill = 1000 * statistics.median(prefills[(who, fmt)])
         print(f"{who:8s} {fmt:26s} {rate:7.1f} {prefill:10.1f} {rate / base:12.2f} {measured:>48s}")

@@ -352,6 +352,17 @@ def genai_check(precision: str = "int4", top1: float = 0.7, ppl_ratio: float = 1
     return figures | quality(top1, ppl_ratio, floor=floor) | {"bits": 4 if precision == "int4" else 8}
 
 
+def q4_check(blocks: dict[str, int] | None = None, accuracy_level: int = 1, top1: float = 0.95) -> dict[str, Any]:
+    """report.json's "onnx-q4" entry: `blocks` (default: every matrix in exact Q4_1 / Q8_0 blocks) with the
+    activations of `accuracy_level`; measured against the 4-bit floor (top-1 `top1`), within THRESHOLDS."""
+    blocks = {"q4_1": 8, "q8_0": 1, "fp32": 2} if blocks is None else blocks
+    quantized = sum(n for kind, n in blocks.items() if kind != "fp32")
+    exact = sum(n for kind, n in blocks.items() if kind in ("q4_1", "q8_0"))
+    stored = {"blocks": blocks, "weights_exact": exact, "weights_quantized": quantized, "accuracy_level": accuracy_level,
+              "restored_neurons_per_layer": 0, "folder": "q4-genai"}  # fmt: skip
+    return genai_check("fp32") | genai_check("int4", top1, 1.05) | stored | {"precision": "q4"}
+
+
 def make_evaluation(shift: float = 0.25) -> dict[str, Any]:
     """A persona's evaluation as report.json holds it: the dense and mask-only rows on 8 paired items."""
     ci = {"mean": shift, "ci95": [shift - 0.15, shift + 0.15]}

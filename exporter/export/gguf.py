@@ -31,12 +31,12 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from exporter.errors import GgufExportError
+from exporter.export.q4blocks import BLOCK, DenseMlp, exact_blocks, with_dense_width
 from exporter.io import staged
 
 log = logging.getLogger(__name__)
 
 GGUF_TYPES = ("F16", "Q8_0", "Q4_1")
-BLOCK = 32  # values per block of Q8_0 and Q4_1
 LAYER = {  # transformers name inside model.layers.N -> llama.cpp name inside blk.N
     "input_layernorm.weight": "attn_norm.weight",
     "post_attention_layernorm.weight": "ffn_norm.weight",
@@ -123,14 +123,6 @@ def _tokenizer_fields(hf_dir: Path) -> dict[str, Any]:
 
 
 @dataclass(frozen=True)
-class DenseMlp:
-    """Where a pruned checkpoint's MLP neurons sit in the dense model, and the dense down_proj weights."""
-
-    keep: np.ndarray  # (layers, kept) sorted dense indices of the kept neurons
-    down: list[np.ndarray]  # per layer (hidden, dense width) float32
-
-
-@dataclass(frozen=True)
 class GgufFile:
     name: str  # file name inside the gguf/ folder
     stored: dict[str, int]  # block type -> number of matrices stored in it
@@ -177,7 +169,7 @@ def export_gguf(
             tensors, ffn = weights, width
             if restore and qtype != "F16":
                 assert dense is not None
-                widened = widened or _with_dense_width(weights, dense)  # once for every quantized file
+                widened = widened or with_dense_width(weights, dense)  # once for every quantized file
                 tensors, ffn = widened, dense.down[0].shape[1]
             writer = gguf.GGUFWriter(stage / file_name(qtype), "llama")
             writer.add_name(hf_dir.parent.name or "persona")
@@ -247,37 +239,15 @@ def _write_tensors(
     return stored, lossy
 
 
-def _with_dense_width(weights: dict[str, np.ndarray], dense: DenseMlp) -> dict[str, np.ndarray]:
-    """The checkpoint's tensors with each layer's MLP at the dense width: removed neurons as zero gate/up rows
-    (and zero gate/up biases) and the dense model's down_proj columns."""
-    out = dict(weights)
-    for i, keep in enumerate(dense.keep):
-        width = dense.down[i].shape[1]
-        prefix = f"model.layers.{i}.mlp."
-        for part in ("gate_proj", "up_proj"):
-            for kind in ("weight", "bias"):
-                if (key := f"{prefix}{part}.{kind}") in weights:
-                    value = weights[key]
-                    full = np.zeros((width, *value.shape[1:]), dtype=value.dtype)
-                    full[keep] = value
-                    out[key] = full
-        down = dense.down[i].astype(weights[f"{prefix}down_proj.weight"].dtype)  # a copy
-        down[:, keep] = weights[f"{prefix}down_proj.weight"]
-        out[f"{prefix}down_proj.weight"] = down
-    return out
-
-
 def _encode(data: np.ndarray, qtype: str) -> tuple[str, np.ndarray | None, bool]:
     """(block type, its bytes or None for F16, whether it holds `data` exactly) for one matrix of a `qtype`
     file."""
-    from gguf import GGMLQuantizationType, quants
-
     if qtype == "F16" or data.shape[-1] % BLOCK:
         return "F16", None, bool(np.array_equal(data.astype(np.float16).astype(data.dtype), data))
     tried = {}
     for kind in ["Q4_1", "Q8_0"] if qtype == "Q4_1" else [qtype]:
-        tried[kind] = quants.quantize(data, getattr(GGMLQuantizationType, kind))
-        if np.array_equal(quants.dequantize(tried[kind], getattr(GGMLQuantizationType, kind)), data):
+        tried[kind], exact = exact_blocks(data, kind)
+        if exact:
             return kind, tried[kind], True
     return qtype, tried[qtype], False
 

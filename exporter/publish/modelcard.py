@@ -218,8 +218,8 @@ def _usage(ctx: CardContext, report: PersonaReport) -> str:
         parts += _onnx_usage(ctx, onnx, report)
     if any(FORMATS[n].family == "llama.cpp" for n in names):
         parts.append(_gguf_usage(ctx, report.check("gguf", GgufCheck)))
-    if any(FORMATS[n].family == "onnxruntime-genai" for n in names):
-        parts.append(_genai_usage(ctx.repo_id, report.check("onnx-genai", GenaiCheck)))
+    for name in (n for n in names if FORMATS[n].family == "onnxruntime-genai"):
+        parts.append(_genai_usage(ctx.repo_id, name, report.check(name, GenaiCheck)))
     return "\n\n".join(parts) if len(parts) > 1 else ""
 
 
@@ -309,10 +309,11 @@ def _gguf_usage(ctx: CardContext, check: GgufCheck | None) -> str:
     )
 
 
-def _genai_usage(repo_id: str, check: GenaiCheck | None) -> str:
-    """How to run the `genai/` folder with onnxruntime-genai, and what was measured of it."""
-    folder, precision = FORMATS["onnx-genai"].folder, check.precision if check else "int4"
-    if check is not None and check.top1_agreement is not None and check.ppl_ratio is not None:
+def _genai_usage(repo_id: str, name: str, check: GenaiCheck | None) -> str:
+    """How to run the folder of the onnxruntime-genai format `name` (`genai/`, `q4-genai/`) with
+    onnxruntime-genai, and what was measured of it."""
+    folder, precision = FORMATS[name].folder, check.precision if check else "int4"
+    if check is not None and not check.parity_target and check.top1_agreement is not None and check.ppl_ratio:
         mark = " (below its quality floor)" if check.below_floor else ""
         measured = (
             f"{precision} weights: top-1 next-token agreement {100 * check.top1_agreement:.1f} %, perplexity "

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 Family = Literal["transformers", "onnxruntime", "llama.cpp", "onnxruntime-genai"]  # the runtime that loads it
-CheckKind = Literal["checkpoint", "onnx", "quantized", "gguf", "genai"]  # exporter/reports/checks.py
+CheckKind = Literal["checkpoint", "onnx", "quantized", "gguf", "genai", "q4"]  # exporter/reports/checks.py
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class Floor:
 # 64.5 %, x1.26; asymmetric 67.8 %, x1.32, with fp32 activations 67.6 %, x1.31. SmolLM2's weights come from
 # a Q4_1 GGUF, and a second 4-bit grid that does not line up with Q4_1's adds its full rounding error again.
 FLOORS = {8: Floor(0.97, 1.05), 4: Floor(0.90, 1.15)}  # by weight bits (GGUF Q8_0 and F16: 8; Q4_1: 4)
+# onnx-q4's output.q4_activations -> MatMulNBits accuracy_level: int8 rounds the activations per block inside
+# the kernel (as llama.cpp does), fp32 keeps them
+Q4_ACTIVATIONS = {"int8": 4, "fp32": 1}
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,9 @@ FORMATS: dict[str, Format] = {
         Format("gguf", "gguf", "hf", "llama.cpp", "gguf", reference=True, measured=True),
         # onnxruntime-genai's builder on hf/: fp32 proven, int4 / int8 measured
         Format("onnx-genai", "genai", "hf", "onnxruntime-genai", "genai", reference=True, measured=True),
+        # onnxruntime-genai's fp32 graph on the checkpoint's own Q4_1 / Q8_0 blocks (HQQ where a matrix has none):
+        # proven when every matrix reads back bit for bit and activations stay fp32, else measured (4-bit floor)
+        Format("onnx-q4", "q4-genai", "hf", "onnxruntime-genai", "q4", reference=True, measured=True),
     )
 }
 FORMAT_NAMES = tuple(FORMATS)

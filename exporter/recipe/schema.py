@@ -182,6 +182,10 @@ class OutputSpec(Strict):
     formats: list[FormatName] = ["hf"]  # exporter/recipe/formats.py
     # onnx-genai: the weights' precision in onnxruntime-genai's builder (int4 / int8 MatMulNBits, or fp32)
     genai_precision: Literal["int4", "int8", "fp32"] = "int4"
+    # onnx-q4: activations inside MatMulNBits. int8: rounded per block in the kernel, as llama.cpp does (fastest;
+    # measured against the 4-bit floor); fp32: computes what the checkpoint computes, a parity target when every
+    # matrix keeps exact blocks (about 1.5 x the int8 time per token on SmolLM2)
+    q4_activations: Literal["int8", "fp32"] = "int8"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # auto: the source checkpoint's
 
     def resolved(self, source_dtype: str | None) -> OutputSpec:

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import SerializerFunctionWrapHandler, computed_field, model_serializer, model_validator
 
-from exporter.recipe.formats import Floor
+from exporter.recipe.formats import Q4_ACTIVATIONS, Floor
 from exporter.reports.record import Record
 
 
@@ -307,7 +307,6 @@ class GenaiCheck(Measured):
     tokenizer does."""
 
     precision: str
-    parity_target: bool
     tokenizer_ids_equal: bool
     decode_round_trip: bool
     eos_token_id: list[int]
@@ -318,9 +317,9 @@ class GenaiCheck(Measured):
     greedy_first_divergence: Divergence | None
     greedy_rows_diverged: int
     mb: float
-    thresholds: LogitThresholds | None = None  # fp32
-    greedy_divergences_are_near_ties: bool | None = None  # fp32
-    bits: int | None = None  # int4 / int8
+    thresholds: LogitThresholds | None = None  # a parity target's
+    greedy_divergences_are_near_ties: bool | None = None  # a parity target's
+    bits: int | None = None  # measured: the bit width whose floor applies
     folder: str
     LAYOUT = (
         "precision",
@@ -344,12 +343,18 @@ class GenaiCheck(Measured):
         "passed",
     )
 
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def parity_target(self) -> bool:
+        """Must compute what the masked model computes (ONNX tolerances); else measured against its floor."""
+        return self.precision == "fp32"
+
     @property
     def tokenizer_ok(self) -> bool:
         return self.tokenizer_ids_equal and self.decode_round_trip and self.eos_declared
 
     def verdict(self) -> bool:
-        if self.precision != "fp32":
+        if not self.parity_target:
             return self.tokenizer_ok  # measured against its floor, not a parity target
         within = self.thresholds is not None and self.thresholds.admit(
             self.max_abs_logit_diff, self.mean_abs_logit_diff
@@ -372,10 +377,50 @@ class GenaiCheck(Measured):
         return "; ".join(out)
 
 
+EXACT_BLOCKS = ("fp32", "q4_1", "q8_0")  # how an onnx-q4 matrix can hold the checkpoint's weights exactly
+
+
+class Q4Check(GenaiCheck):
+    """The q4-genai/ folder (onnx-q4): onnxruntime-genai's graph on 4-bit blocks, always measured against the
+    4-bit floor. A parity target as well when it computes what the checkpoint computes: every quantized matrix
+    reads back bit for bit from the source's own blocks (none made by a fallback method such as HQQ) and the
+    kernels keep fp32 activations (MatMulNBits accuracy_level 1)."""
+
+    blocks: dict[str, int]  # how the matrices are stored ("q4_1", "q8_0", "hqq", "fp32") -> how many
+    weights_exact: int  # quantized matrices whose stored blocks give the checkpoint's weights bit for bit
+    weights_quantized: int
+    restored_neurons_per_layer: int  # removed MLP neurons put back zero-gated (the dense width's blocks)
+    accuracy_level: int  # MatMulNBits'
+    LAYOUT = (
+        *GenaiCheck.LAYOUT[:-1],
+        "blocks",
+        "weights_exact",
+        "weights_quantized",
+        "restored_neurons_per_layer",
+        "activations",
+        "accuracy_level",
+        "folder",
+        "passed",
+    )
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def activations(self) -> str:
+        """output.q4_activations: how the kernels treat the activations."""
+        return next(name for name, level in Q4_ACTIVATIONS.items() if level == self.accuracy_level)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def parity_target(self) -> bool:
+        exact = self.weights_exact == self.weights_quantized and set(self.blocks) <= set(EXACT_BLOCKS)
+        return exact and self.accuracy_level == 1
+
+
 CHECKS: dict[str, type[Check]] = {
     "checkpoint": CheckpointCheck,
     "onnx": OnnxCheck,
     "quantized": QuantizedCheck,
     "gguf": GgufCheck,
     "genai": GenaiCheck,
+    "q4": Q4Check,
 }

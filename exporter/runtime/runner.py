@@ -88,6 +88,7 @@ class Runner:
 
     backend: str
     truncated: bool = False  # the last reply was cut at max_new_tokens
+    genai_loop: bool = False  # an onnxruntime-genai folder (its generator and KV cache)
 
     def _torch(self, model: Any, tokenizer: Any) -> Runner:
         self.backend, self.model, self.tokenizer, self.eos = "torch", model, tokenizer, tokenizer.eos_token_id
@@ -96,7 +97,8 @@ class Runner:
     def __init__(self, persona_dir: Path, backend: str = "onnx") -> None:
         PersonaFolder(persona_dir).report()  # a persona export, or a clear refusal
         self.backend = backend
-        if backend == "onnx-genai":
+        self.genai_loop = backend != "torch" and FORMATS[backend].family == "onnxruntime-genai"
+        if self.genai_loop:
             import onnxruntime_genai as og
 
             folder = _format_folder(persona_dir, backend)
@@ -123,7 +125,7 @@ class Runner:
         `stream` does)."""
         choose = sampling.chooser()
         seen = list(ids)
-        if self.backend == "onnx-genai":  # onnxruntime-genai's cache; our choice of the next token
+        if self.genai_loop:  # onnxruntime-genai's cache; our choice of the next token
             params = self.og.GeneratorParams(self.genai)
             params.set_search_options(max_length=len(ids) + max_new_tokens, do_sample=False)
             generator = self.og.Generator(self.genai, params)

@@ -31,7 +31,8 @@ class StageInputs:
     probes: Probes  # verification prompts and bounds, the shipped tokenizer, neutral text and held-out pairs
     reference: nn.Module | None  # the dense fp32 model; a stage applies the mask to it
     adapter: Adapter | None
-    genai_precision: str
+    genai_precision: str  # onnx-genai: output.genai_precision
+    q4_activations: str  # onnx-q4: output.q4_activations
     timer: Timer  # seconds of each step, in the order they ran (report.json's timings_s)
 
     def proven_reference(self) -> tuple[nn.Module, Adapter]:

@@ -17,6 +17,7 @@ from exporter.stages.base import Stage, StageInputs
 from exporter.stages.genai import genai_stage
 from exporter.stages.gguf import gguf_stage
 from exporter.stages.onnx import onnx_stage
+from exporter.stages.q4 import q4_stage
 from exporter.stages.quantized import quantized_stage
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,7 @@ STAGES: dict[str, Stage] = {
     "onnx-int4": quantized_stage,
     "gguf": gguf_stage,
     "onnx-genai": genai_stage,
+    "onnx-q4": q4_stage,
 }
 assert set(STAGES) == set(ADDED), "every format made from the checkpoint has a stage, and only those"
 

@@ -8,7 +8,8 @@ import logging
 
 from torch import nn
 
-from exporter.export.gguf import GGUF_TYPES, DenseMlp, export_gguf
+from exporter.export.gguf import GGUF_TYPES, export_gguf
+from exporter.export.q4blocks import DenseMlp
 from exporter.io import shown_name
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter

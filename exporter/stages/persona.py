@@ -95,6 +95,7 @@ def export_persona(
             reference=references[torch.float32],
             adapter=m.adapter,
             genai_precision=recipe.output.genai_precision,
+            q4_activations=recipe.output.q4_activations,
             timer=timings,
         )
         formats = build_formats(inputs, todo, {"hf": hf})

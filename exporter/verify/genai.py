@@ -4,7 +4,8 @@ and KV cache) against the masked fp32 reference.
 fp32 is a parity target with the ONNX tolerances: prefill logits of every verification prompt, the logits of
 each greedy step while the tokens agree, and greedy continuations (a divergence passes only at a near tie of
 the reference, as for ONNX). int4 / int8 are measured (top-1 agreement, perplexity ratio on the neutral text)
-and judged against the floor of their bit width. Every precision must tokenize the prompts as the shipped
+and judged against the floor of their bit width. An `onnx-q4` folder is measured against the 4-bit floor, and is
+a parity target as well when it holds the checkpoint's weights exactly with fp32 activations. Every precision must tokenize the prompts as the shipped
 tokenizer does, decode them back, and declare the tokenizer's eos as an end of generation.
 """
 
@@ -20,7 +21,7 @@ from exporter.export.genai import BITS
 from exporter.io import shown_name
 from exporter.quiet import progress
 from exporter.recipe.formats import FLOORS
-from exporter.reports.checks import Divergence, GenaiCheck, LogitThresholds, Quality
+from exporter.reports.checks import Divergence, GenaiCheck, LogitThresholds, Q4Check, Quality
 from exporter.verify.hf import Probes, PromptSet, first_divergence
 from exporter.verify.onnx import reference_steps
 from exporter.verify.quality import Agreement, persona_shift, torch_logits
@@ -60,10 +61,12 @@ def verify_genai(
     precision: str,
     eos_ids: list[int],
     probes: Probes,
+    stored: dict[str, Any] | None = None,
 ) -> GenaiCheck:
-    """The `genai/` folder `out_dir` (the format's `folder`) against `reference_fp32` (already masked, eval
+    """The genai folder `out_dir` (the format's `folder`) against `reference_fp32` (already masked, eval
     mode). `eos_ids`: the ids genai_config.json ends generation at; a quantized folder's persona margin is
-    measured on the probes' pairs."""
+    measured on the probes' pairs. `stored`: an `onnx-q4` folder's block figures (Q4Check fields), which decide
+    whether it is a parity target too."""
     prompts, spec, tokenizer = probes.prompts, probes.spec, probes.tokenizer
     model = GenaiModel(out_dir)
     limits = LogitThresholds(**spec.onnx_thresholds)
@@ -90,7 +93,6 @@ def verify_genai(
     bar.close()
     figures: dict[str, Any] = {
         "precision": precision,
-        "parity_target": precision == "fp32",
         **_tokenizer_checks(model, tokenizer, eos_ids),
         "max_abs_logit_diff": worst,
         "mean_abs_logit_diff": total / max(count, 1),
@@ -100,17 +102,21 @@ def verify_genai(
         "mb": sum(f.stat().st_size for f in Path(out_dir).iterdir() if f.is_file()) / 1e6,
         "folder": folder,
     }
-    if precision == "fp32":
-        ties = [d.reference_margin is not None and d.reference_margin <= limits.max_abs_logit_diff for d in divergences]
-        return GenaiCheck(
-            **figures, thresholds=limits, greedy_divergences_are_near_ties=bool(divergences) and all(ties)
-        )
-    quality = _agreement(reference_fp32, model, tokenizer, probes.neutral, prompts)
-    if probes.pairs:
-        shift = persona_shift(torch_logits(reference_fp32), lambda ids: model.run(ids, 0)[0], tokenizer, probes.pairs)
-        quality = quality.model_copy(update=shift)
-    bits = BITS[precision]  # measured against the floor of its bit width, not a parity target
-    return GenaiCheck(**figures, **GenaiCheck.measured(quality, FLOORS[bits]), bits=bits)
+    if precision in BITS:  # quantized: measured against the floor of its bit width
+        quality = _agreement(reference_fp32, model, tokenizer, probes.neutral, prompts)
+        if probes.pairs:
+            logits = torch_logits(reference_fp32)
+            quality = quality.model_copy(
+                update=persona_shift(logits, lambda ids: model.run(ids, 0)[0], tokenizer, probes.pairs)
+            )
+        figures |= {**GenaiCheck.measured(quality, FLOORS[BITS[precision]]), "bits": BITS[precision]}
+    check = GenaiCheck(**figures) if stored is None else Q4Check(**figures, **stored)
+    if not check.parity_target:
+        return check
+    ties = [d.reference_margin is not None and d.reference_margin <= limits.max_abs_logit_diff for d in divergences]
+    return check.model_copy(
+        update={"thresholds": limits, "greedy_divergences_are_near_ties": bool(divergences) and all(ties)}
+    )
 
 
 def _tokenizer_checks(model: GenaiModel, tokenizer: Any, eos_ids: list[int]) -> dict[str, Any]:  # GenaiCheck fields

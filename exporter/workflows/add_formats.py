@@ -116,6 +116,7 @@ def build(
             reference=reference,
             adapter=adapter,
             genai_precision=recipe.output.genai_precision,
+            q4_activations=recipe.output.q4_activations,
             timer=timer,
         )
 

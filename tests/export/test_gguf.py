@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from exporter.errors import GgufExportError
-from exporter.export.gguf import DenseMlp, export_gguf
+from exporter.export.gguf import export_gguf
+from exporter.export.q4blocks import DenseMlp
 from exporter.model.tokenizer import faithful_tokenizer, gguf_metadata
 from tests.helpers import tiny_model, tiny_tokenizer
 

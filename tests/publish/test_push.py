@@ -40,6 +40,7 @@ from tests.helpers import (
     make_persona,
     make_report,
     onnx_check,
+    q4_check,
     quantized_check,
     tiny_model,
     tiny_tokenizer,
@@ -405,6 +406,25 @@ def test_genai_folder_goes_to_its_subfolder_with_a_genai_snippet_and_respects_it
     assert f'snapshot_download("{REPO}-low", allow_patterns=["genai/*"]) + "/genai"' in card.text
     assert "int4 weights: top-1 next-token agreement 70.0 %, perplexity x1.300" in card.text
     assert "(below its quality floor)" in card.text
+
+
+def test_q4_folder_goes_to_its_subfolder_beside_genai_with_its_own_snippet(hub: FakeHub, persona: Path) -> None:
+    """Every onnxruntime-genai format of the repo gets its snippet (the card's list derives from the declared
+    formats); a q4-genai/ folder holding the source's blocks with fp32 activations is shown as proven."""
+    report = json.loads((persona / "report.json").read_text())
+    for name, folder, check in (("onnx-genai", "genai", genai_check("fp32")), ("onnx-q4", "q4-genai", q4_check())):
+        (persona / folder).mkdir()
+        for file in ("model.onnx", "genai_config.json"):
+            (persona / folder / file).write_bytes(os.urandom(500))
+        report["verification"][name] = check
+    (persona / "report.json").write_text(json.dumps(report))
+    assert run_cli(str(persona), "--repo-id", REPO) == 0
+    files = hub.files(REPO)
+    assert {p for p in files if p.startswith("q4-genai/")} == {"q4-genai/model.onnx", "q4-genai/genai_config.json"}
+    card = card_of(files)
+    assert f'snapshot_download("{REPO}", allow_patterns=["q4-genai/*"]) + "/q4-genai"' in card.text
+    assert 'allow_patterns=["genai/*"]) + "/genai"' in card.text
+    assert "from the `q4-genai/` folder (q4 weights, proven against the masked model" in card.text
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,8 @@ recipe schema, `export --format`, `--backend`, the Hub push's subfolders."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pydantic import ValidationError
 
@@ -15,7 +17,7 @@ from exporter.recipe.schema import OutputSpec
 def test_format_lists_are_derived_from_the_declarations() -> None:
     assert tuple(FORMATS) == FORMAT_NAMES and FORMAT_NAMES[0] == "hf"
     assert EXPORT_FORMATS == list(ADDED) == [n for n in FORMAT_NAMES if n != "hf"] and ONNX_FORMATS == ADDED
-    assert BACKENDS == ["onnx", "onnx-int8", "onnx-int4", "onnx-genai", "torch"]
+    assert BACKENDS == ["onnx", "onnx-int8", "onnx-int4", "onnx-genai", "onnx-q4", "torch"]
     parser = build_parser()
     assert all(parser.parse_args(["export", "run/p", "--format", n]).format == n for n in EXPORT_FORMATS)
     with pytest.raises(SystemExit):
@@ -24,7 +26,8 @@ def test_format_lists_are_derived_from_the_declarations() -> None:
 
 def test_the_recipe_accepts_exactly_the_declared_names() -> None:
     assert OutputSpec(formats=list(FORMAT_NAMES)).formats == list(FORMAT_NAMES)
-    with pytest.raises(ValidationError, match="Input should be 'hf', 'onnx', 'onnx-int8', 'onnx-int4', 'gguf' or"):
+    names = ", ".join(f"'{n}'" for n in FORMAT_NAMES[:-1]) + f" or '{FORMAT_NAMES[-1]}'"
+    with pytest.raises(ValidationError, match=re.escape(f"Input should be {names}")):
         OutputSpec(formats=["hf", "tflite"])  # type: ignore[list-item]
 
 

@@ -33,7 +33,7 @@ def test_a_format_is_made_from_a_proven_source_only(
     }
     for name in checks:
         monkeypatch.setitem(build.STAGES, name, lambda fmt, x: calls.append(fmt.name) or checks[fmt.name])
-    inputs = StageInputs(Path("p"), None, None, None, None, "int4", None)  # type: ignore[arg-type]
+    inputs = StageInputs(Path("p"), None, None, None, None, "int4", "int8", None)  # type: ignore[arg-type]
     caplog.set_level(logging.ERROR)
     proven = OnnxCheck.model_validate(onnx_check())  # the checkpoint's check passed
     results = build.build_formats(inputs, ["onnx", "onnx-int8"], {"hf": proven})
@@ -45,7 +45,7 @@ def test_a_format_already_there_is_the_source_of_the_next(monkeypatch: pytest.Mo
     calls: list[str] = []
     int4 = QuantizedCheck.model_validate(quantized_check(4, 0.95))
     monkeypatch.setitem(build.STAGES, "onnx-int4", lambda fmt, x: calls.append(fmt.name) or int4)
-    inputs = StageInputs(Path("p"), None, None, None, None, "int4", None)  # type: ignore[arg-type]
+    inputs = StageInputs(Path("p"), None, None, None, None, "int4", "int8", None)  # type: ignore[arg-type]
     proven = OnnxCheck.model_validate(onnx_check())
     assert build.build_formats(inputs, ["onnx-int4"], {"onnx": proven}) == {"onnx-int4": int4}
     failed = OnnxCheck.model_validate(onnx_check(max_abs=0.5))
