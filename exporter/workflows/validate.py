@@ -4,7 +4,7 @@ recipe would read: each persona's calibration samples, the evaluation's and the 
 from __future__ import annotations
 
 from exporter.evaluation.items import EvalItems
-from exporter.recipe.eval import EvalSpec
+from exporter.recipe.eval import EvalSpec, set_spec
 from exporter.recipe.schema import Recipe
 from exporter.recipe.tune import tune_validation
 from exporter.stages.preflight import validate
@@ -25,6 +25,8 @@ def item_lines(label: str, spec: EvalSpec, items: EvalItems) -> list[str]:
             f"  {label}: {len(items.unpaired.get(name, []))} unpaired {name} answers from {src.path}"
             for name, src in spec.unpaired.responses.items()
         ]
+    for item_set in spec.sets:
+        lines += item_lines(f"{label} {item_set.name}", set_spec(item_set, spec), items.sets[item_set.name])
     return lines
 
 

@@ -25,14 +25,6 @@ from tests.helpers import eval_section, tiny_model, tiny_tokenizer, write_choice
 PERSONAS = ("introvert", "extravert")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def recipe_with(tmp_path: Path, **sections: Any) -> Any:
     folder = tmp_path / "model"
     if not folder.exists():

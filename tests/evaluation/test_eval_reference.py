@@ -39,15 +39,6 @@ from tests.helpers import WORDS, eval_section, tiny_model, tiny_tokenizer, write
 TOL = 1e-6  # the bar; float64 reaches ~1e-13
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Small forwards: thread start-up dominates, and a shared 2-core machine makes it far worse."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _active(intervention: Intervention | None) -> Any:
     return intervention() if intervention is not None else nullcontext()
 

@@ -48,6 +48,18 @@ def test_every_shipped_recipe_validates_with_and_without_its_evaluation(path: Pa
     assert quick.eval is None and validate_recipe(quick)
 
 
+def test_the_mbti_recipe_scores_every_pole_on_every_axis() -> None:
+    from exporter.workflows.validate import validate_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "smollm2-mbti.yaml")
+    assert recipe.eval is not None and len(recipe.personas) == 8 and len(recipe.pairs) == 4
+    axes = [set(recipe.eval.paired.responses)] if recipe.eval.paired else []
+    axes += [set(s.personas) for s in recipe.eval.sets]
+    assert sorted(map(sorted, axes)) == sorted(map(sorted, (set(p) for p in recipe.pairs)))
+    lines = validate_recipe(recipe)
+    assert any(line.startswith("  eval J/P: 64 unpaired perceiving answers") for line in lines), lines
+
+
 @pytest.mark.parametrize("name", sorted(CATALOG))
 def test_catalog_recipes_evaluate_on_test_and_tune_on_validation(name: str) -> None:
     recipe = load_recipe(REPO / "recipes" / name)
