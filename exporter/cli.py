@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +20,21 @@ BACKENDS = [n for n, f in FORMATS.items() if f.family in ("onnxruntime", "onnxru
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from exporter.recipe.load import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)  # before the heavy imports: a bad recipe is refused at once
     from exporter.workflows.validate import validate_recipe
 
-    recipe = load_recipe(args.recipe, args.set)
     print("\n".join(validate_recipe(recipe)))
-    print(f"{args.recipe}: valid (recipe sha256 {recipe.digest()[:12]})")
+    print(f"{args.recipe}: valid (recipe sha256 {recipe.digest()})")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from exporter.recipe.load import load_recipe
-    from exporter.workflows.run import run
 
     recipe = load_recipe(args.recipe, args.set)
+    from exporter.workflows.run import run
+
     summary = run(recipe, Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats, use_cache=not args.no_cache)
     from exporter.reports.markdown import verdict
     from exporter.reports.terminal import quality_lines, summary_table
@@ -73,17 +76,23 @@ CUT = " [... cut at --max-new-tokens {n}]"
 
 
 def _sampling(args: argparse.Namespace) -> Any:
-    from exporter.runtime.runner import Sampling
+    from exporter.runtime.sampling import Sampling
 
     return Sampling(args.temperature, args.top_p, args.repetition_penalty, args.seed)
 
 
 def _reply(runner: Any, messages: list[dict[str, str]], args: argparse.Namespace) -> str:
-    """Stream one reply to stdout; mark it when it was cut at --max-new-tokens."""
+    """Stream one reply to stdout; mark it when it was cut at --max-new-tokens (or by Ctrl-C)."""
     pieces = []
-    for piece in runner.stream(messages, args.max_new_tokens, _sampling(args)):
-        print(piece, end="", flush=True)
-        pieces.append(piece)
+    try:
+        for piece in runner.stream(messages, args.max_new_tokens, _sampling(args)):
+            print(piece, end="", flush=True)
+            pieces.append(piece)
+    except KeyboardInterrupt as exc:
+        if not pieces:
+            raise
+        print(flush=True)  # end the streamed line; the message follows on stderr
+        raise Stopped(getattr(exc, "signum", signal.SIGINT), "the reply above was cut there") from None
     print(CUT.format(n=args.max_new_tokens) if runner.truncated else "")
     return "".join(pieces)
 
@@ -160,9 +169,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from exporter.recipe.load import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
     from exporter.workflows.tune import tune
 
-    report = tune(load_recipe(args.recipe, args.set), Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats)
+    report = tune(recipe, Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats)
     chosen = report.chosen.model_dump() if report.chosen else None
     print(f"chosen on the validation items: {chosen}")
     print(f"written: {Path(args.out) / 'report.md'} (test figures), report.json, pareto.png, recipe.yaml")
@@ -171,24 +182,54 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from exporter.recipe.load import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
     from exporter.workflows.sweep import parse_sparsities, sweep
 
     values = parse_sparsities(args.sparsity)
-    recipe = load_recipe(args.recipe, args.set)
     sweep(recipe, values, Path(args.out), unit=args.unit, overwrite=args.overwrite, reuse=args.reuse_stats)
     print(f"written: {Path(args.out) / 'report.md'}, report.json, sweep.png")
     return 0
 
 
 def positive_int(text: str) -> int:
-    """argparse type: a whole number of at least 1 (argparse turns the ValueError into a usage error)."""
+    """argparse type: a whole number of at least 1 (an ArgumentTypeError is a usage error, exit 2)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give e.g. 128") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 1 or more, e.g. 128") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is less than 1; give the number of tokens to generate, e.g. 128")
+        raise argparse.ArgumentTypeError(
+            f"{value} is outside the valid range: 1 or more (the number of tokens to generate, e.g. 128)"
+        )
     return value
+
+
+def sampling_setting(name: str) -> Any:
+    """argparse type of a sampling option: a number in the range exporter/runtime/sampling.py gives `name`."""
+    from exporter.runtime.sampling import RANGES, setting_problem
+
+    whole = isinstance(RANGES[name][0], int)
+
+    def parse(text: str) -> float:
+        try:
+            value = int(text) if whole else float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number; give {RANGES[name][3]}") from None
+        problem = setting_problem(name, value)
+        if problem is not None:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+
+    parse.__name__ = name  # argparse names the type in some messages
+    return parse
+
+
+def prompt_text(text: str) -> str:
+    """argparse type of --prompt: some text besides spaces."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the prompt is empty; give some text, e.g. --prompt 'Plan my Saturday.'")
+    return text
 
 
 DESCRIPTION = """Find persona subnetworks in a causal language model and export each one as a smaller,
@@ -271,16 +312,26 @@ def _add_generation(sub: Any) -> None:
         p = _command(sub, name, help=text)
         p.add_argument("persona_dir", metavar="RUN_DIR/PERSONA")
         if name == "generate":
-            p.add_argument("--prompt", required=True)
+            p.add_argument("--prompt", required=True, type=prompt_text, help="the user's message (not empty)")
         p.add_argument("--backend", choices=BACKENDS, default="onnx", help="runtime and format of the export")
         p.add_argument(
             "--max-new-tokens", type=positive_int, default=128, help="at least 1; a reply cut here is marked"
         )
         p.add_argument("--system", metavar="TEXT", help="a system prompt")
-        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-        p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
-        p.add_argument("--repetition-penalty", type=float, default=1.0, help=">1 discourages repeated tokens")
-        p.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+        p.add_argument("--temperature", type=sampling_setting("temperature"), default=0.0, help="0 = greedy; >= 0")
+        p.add_argument(
+            "--top-p",
+            type=sampling_setting("top_p"),
+            default=1.0,
+            help="nucleus sampling (with --temperature > 0); in (0, 1]",
+        )
+        p.add_argument(
+            "--repetition-penalty",
+            type=sampling_setting("repetition_penalty"),
+            default=1.0,
+            help="> 0; 1 is none, >1 discourages repeated tokens",
+        )
+        p.add_argument("--seed", type=sampling_setting("seed"), default=0, help="seed of the sampler; >= 0")
         p.add_argument("--base", action="store_true", help="also run the run's dense base model (torch), side by side")
         p.set_defaults(func=func)
 
@@ -367,12 +418,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM: unwinds like KeyboardInterrupt, so that staging folders are removed; the
+    command exits with 128 + the signal's number and says what the interruption left."""
+
+    def __init__(self, signum: int, left: str | None = None) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.left = left
+
+
 def _terminate(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
+    raise Stopped(signum)
+
+
+# what an interruption leaves, by command (the others write their output atomically)
+LEFT = {
+    "generate": "nothing was written",
+    "chat": "nothing was written",
+    "push": "the persona folder is unchanged; a repo the Hub had already committed to keeps that commit",
+}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = build_parser()
+    if any("\0" in a for a in (sys.argv[1:] if argv is None else argv)):  # no path or text can hold one
+        parser.error("an argument holds a NUL byte; remove it")
     args, extra = parser.parse_known_args(argv)
     # overrides may also follow options (`run R --out D a.b=1`): argparse leaves those in `extra`
     if extra and (not hasattr(args, "set") or any(a.startswith("-") or "=" not in a for a in extra)):
@@ -384,20 +455,49 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def dispatch(argv: list[str] | None = None) -> int:
     """Run a command; the project's errors propagate (main() turns them into messages and exit codes)."""
-    args = parse(argv)
+    return _run(parse(argv))
+
+
+def _run(args: argparse.Namespace) -> int:
     from exporter.quiet import set_verbosity
 
     set_verbosity("quiet" if args.quiet else "verbose" if args.verbose else "normal")
     return int(args.func(args))
 
 
+def _tolerant_output() -> None:
+    """Paths from the command line may hold bytes that are not UTF-8 (kept as surrogates): print them escaped
+    instead of failing on them."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
+        except (AttributeError, ValueError):
+            continue
+
+
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)  # unwind like Ctrl-C: staging folders are removed
+    _tolerant_output()
+    command = None
     try:
-        return dispatch(argv)
+        args = parse(argv)
+        command = args.command
+        return _run(args)
     except PersonaExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("interrupted: no partial output was left", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        left = getattr(exc, "left", None) or LEFT.get(command or "", "no partial output was left")
+        name = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted"
+        print(f"{name}: {left}", file=sys.stderr)
+        return 128 + int(signum)
+    except Exception as exc:  # not a case the checks foresaw: still a message, the traceback only with -v
+        if "-v" in (argv or sys.argv) or "--verbose" in (argv or sys.argv):
+            traceback.print_exc()
+        print(
+            f"error: unexpected {type(exc).__name__}: {exc}; no partial output was left. Run again with -v for the "
+            "traceback, and report it with the command line",
+            file=sys.stderr,
+        )
+        return 1

@@ -1,9 +1,11 @@
 """Atomic outputs: a run is written into a hidden staging folder next to the target, then renamed; single
-files are written next to their target, then renamed (`write_atomic`, `write_json`)."""
+files are written next to their target, then renamed (`write_atomic`, `write_json`). `--overwrite` replaces only
+a folder the project wrote (`Product`): a run folder with its run.json, a sweep or tune folder with its report."""
 
 from __future__ import annotations
 
 import errno
+import glob
 import json
 import os
 import shutil
@@ -11,6 +13,7 @@ import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +23,53 @@ OWNER = ".owner-pid"
 DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
-def check_target(out: Path, overwrite: bool) -> None:
-    """Fail early, before any work, if `out` cannot be written."""
+@dataclass(frozen=True)
+class Product:
+    """What a command writes as its output folder: a folder holding `manifest`, a JSON object with `key`."""
+
+    what: str  # "a run folder"
+    manifest: str  # "run.json"
+    key: str  # a top-level key every version of that manifest holds
+
+    def problem(self, folder: Path) -> str | None:
+        """Why `folder` is not such a folder (what it lacks), or None."""
+        manifest = folder / self.manifest
+        if manifest.is_symlink() or not manifest.is_file():
+            kind = "a symlink" if manifest.is_symlink() else "nothing" if not manifest.exists() else "not a file"
+            return f"its {self.manifest} is {kind}" if kind != "nothing" else f"it has no {self.manifest}"
+        try:
+            if manifest.stat().st_size > 1 << 26:  # a manifest is a few kilobytes
+                return f"its {self.manifest} is far larger than a manifest"
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return f"its {self.manifest} is not readable JSON"
+        if not isinstance(data, dict) or self.key not in data:
+            return f"its {self.manifest} is not the manifest of {self.what} (no {self.key!r})"
+        return None
+
+
+RUN_FOLDER = Product("a run folder", "run.json", "personas")
+SWEEP_FOLDER = Product("a sweep folder", "report.json", "points")
+TUNE_FOLDER = Product("a tune folder", "report.json", "grid")
+
+
+def check_target(out: Path, overwrite: bool, product: Product | None = None) -> None:
+    """Fail early, before any work, if `out` cannot be written; with `overwrite`, if `out` is not a `product`
+    that an earlier command wrote (anything else is never replaced)."""
+    if out.is_symlink():
+        raise OutputError(
+            f"output {str(out)!r} is a symlink (to {os.readlink(out)!r}); links are neither followed nor replaced: "
+            "pass the folder itself or choose another --out"
+        )
     if out.exists() and not overwrite:
         raise OutputError(f"output folder {str(out)!r} exists; pass --overwrite to replace it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {str(out)!r} exists and is not a folder; remove it or choose another --out")
+    if out.exists() and product is not None and (problem := product.problem(out)) is not None:
+        raise OutputError(
+            f"--overwrite replaces only {product.what} that persona-export wrote, and {str(out)!r} is not one "
+            f"({problem}); move it away or choose another --out. Nothing was changed."
+        )
     ancestor = out.absolute().parent
     while not ancestor.exists():  # nothing is created here: a failed check leaves no trace
         ancestor = ancestor.parent
@@ -82,7 +126,7 @@ def shown_name(folder: Path) -> str:
 def remove_stale_stages(out: Path) -> list[Path]:
     """Remove staging folders of `out` left by killed runs (their owner process is gone)."""
     removed = []
-    for stage in out.parent.glob(f".{out.name}.partial-*"):
+    for stage in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
         owner = stage / OWNER
         try:
             pid = int(owner.read_text())
@@ -95,13 +139,14 @@ def remove_stale_stages(out: Path) -> list[Path]:
 
 
 @contextmanager
-def staged(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a staging folder; on success it replaces `out` in one rename, on error it is removed.
+def staged(out: Path, overwrite: bool = False, product: Product | None = None) -> Iterator[Path]:
+    """Yield a staging folder; on success it replaces `out` in one rename, on error it is removed. With
+    `overwrite`, an existing `out` is replaced only when it is a `product` (check_target).
 
     A run killed with SIGKILL leaves its hidden staging folder behind; the next run for the same `out`
     removes it.
     """
-    check_target(out, overwrite)
+    check_target(out, overwrite, product)
     created = _make_parent(out)
     remove_stale_stages(out)
     try:
@@ -133,6 +178,16 @@ def staged(out: Path, overwrite: bool = False) -> Iterator[Path]:
                 "free disk space or choose another --out. Nothing was written."
             ) from None
         raise
+    except Exception as exc:
+        shutil.rmtree(stage, ignore_errors=True)
+        _unmake(created)
+        full = disk_full(exc)
+        if full is not None:  # a writer that reports a full disk as its own error (safetensors, onnx, ...)
+            raise OutputError(
+                f"writing the output under {str(out.parent)!r} failed: {full}; free disk space or choose another "
+                "--out. Nothing was written."
+            ) from None
+        raise
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         _unmake(created)
@@ -141,6 +196,23 @@ def staged(out: Path, overwrite: bool = False) -> Iterator[Path]:
     for f in stage.rglob("*.safetensors"):  # safetensors writes 0600; serving as another user needs what umask gives
         f.chmod(0o666 & ~umask)
     swap_in(stage, out)
+
+
+FULL = tuple(os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG))
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """What says the disk was full, if anything does, in `exc` or the errors it came from: an OSError's code,
+    or the system's message in a library's own error (safetensors writes "No space left on device")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            return str(seen.strerror)
+        text = str(seen)
+        if (found := next((m for m in FULL if m in text), None)) is not None:
+            return found
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -218,6 +290,22 @@ def link_copy(src: Path, dst: Path, skip: set[str] | frozenset[str] = frozenset(
             shutil.copytree(entry, dst / entry.name, symlinks=True, copy_function=link)
         else:
             link(str(entry), str(dst / entry.name))
+
+
+def refuse_links(folder: Path, fix: str) -> None:
+    """Raise OutputError naming the symlinks under `folder` (links not followed). A folder that is copied into a
+    staging folder and written again must hold none: a file written through a link would land outside it."""
+    links = [
+        f"{Path(root, name)} -> {os.readlink(Path(root, name))!r}"
+        for root, dirs, files in os.walk(folder, followlinks=False)
+        for name in sorted(dirs + files)
+        if Path(root, name).is_symlink()
+    ]
+    if links:
+        raise OutputError(
+            f"{folder} holds {len(links)} symlink(s) ({'; '.join(links[:5])}); persona-export neither follows nor "
+            f"copies links in the folders it rewrites: {fix}. Nothing was changed."
+        )
 
 
 def folder_bytes(path: Path) -> int:

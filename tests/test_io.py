@@ -75,3 +75,25 @@ def test_a_staging_folder_shows_under_the_name_it_will_have(tmp_path: Path) -> N
     with staged(tmp_path / "extravert.v2") as stage:
         assert stage.name != "extravert.v2" and shown_name(stage) == "extravert.v2"
     assert shown_name(tmp_path / "extravert.v2") == "extravert.v2" and shown_name(Path(".hidden")) == ".hidden"
+
+
+def test_links_next_to_or_inside_the_output_are_removed_never_followed(tmp_path: Path) -> None:
+    """A stale staging folder that is a link, or holds one, and a link inside an output being replaced: the links
+    go, what they point at stays."""
+    from exporter.io import RUN_FOLDER, staged
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "precious.txt").write_text("keep")
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / ".demo.partial-link").symlink_to(outside)
+    (runs / ".demo.partial-old").mkdir()
+    (runs / ".demo.partial-old" / "into").symlink_to(outside)
+    out = runs / "demo"
+    for overwrite in (False, True):
+        with staged(out, overwrite, RUN_FOLDER) as stage:
+            (stage / "run.json").write_text('{"personas": {}}')
+        (out / "link").symlink_to(outside)
+    assert sorted(p.name for p in outside.iterdir()) == ["precious.txt"]
+    assert (outside / "precious.txt").read_text() == "keep" and not (runs / ".demo.partial-old").exists()

@@ -145,12 +145,15 @@ def _choose(candidates: list[int], n: int, seed: int, where: str, total: int, ex
     return sorted(order[:n])
 
 
-def read_paired(spec: PairedSpec, calib: CalibrationIndex) -> tuple[list[PairedItem], dict[str, Any]]:
+def read_paired(
+    spec: PairedSpec, calib: CalibrationIndex, section: str = "eval"
+) -> tuple[list[PairedItem], dict[str, Any]]:
     per_persona: dict[str, list[dict[str, Any]]] = {}
     paths: dict[str, str] = {}
     for name, src in spec.responses.items():
         paths[name] = src.path or spec.path or ""
-        per_persona[name] = _read(paths[name], spec.format, f"eval.paired.responses.{name}")
+        key = f"{section}.paired.responses.{name}.path" if src.path else f"{section}.paired.path"
+        per_persona[name] = _read(paths[name], spec.format, key)
     sizes = {len(r) for r in per_persona.values()}
     if len(sizes) != 1:
         raise EvalDataError(f"eval.paired: the response files hold different numbers of records ({sizes})")
@@ -272,8 +275,10 @@ def read_choices(spec: ChoicesSpec, calib: CalibrationIndex) -> tuple[list[Choic
     return chosen, split
 
 
-def read_statements(spec: StatementsSpec, calib: CalibrationIndex) -> tuple[list[Statement], dict[str, Any]]:
-    records = _read(spec.path, spec.format, "eval.statements")
+def read_statements(
+    spec: StatementsSpec, calib: CalibrationIndex, section: str = "eval"
+) -> tuple[list[Statement], dict[str, Any]]:
+    records = _read(spec.path, spec.format, f"{section}.statements.path")
     wanted = set(spec.labels.values())
     by_label: dict[str, list[Statement]] = {label: [] for label in wanted}
     excluded = 0
@@ -309,20 +314,22 @@ def read_statements(spec: StatementsSpec, calib: CalibrationIndex) -> tuple[list
     return chosen, split
 
 
-def read_neutral(path: str) -> list[str]:
+def read_neutral(path: str, section: str = "eval") -> list[str]:
     spec = DataSpec(path=path, format="text", max_samples=1)
     try:
-        return [s.response for s in read_samples(spec)]
+        return [s.response for s in read_samples(spec, f"{section}.neutral.path")]
     except CalibrationDataError as exc:
-        raise EvalDataError(f"eval.neutral: {exc}") from None
+        raise EvalDataError(str(exc)) from None
 
 
-def read_reply_prompts(spec: RepliesSpec, calib: CalibrationIndex) -> tuple[list[str], dict[str, Any]]:
+def read_reply_prompts(
+    spec: RepliesSpec, calib: CalibrationIndex, section: str = "eval"
+) -> tuple[list[str], dict[str, Any]]:
     """One prompt per non-blank line; calibration prompts are dropped when held out, then a seeded selection."""
     try:
-        samples = read_samples(DataSpec(path=spec.path, format="text", max_samples=1))
+        samples = read_samples(DataSpec(path=spec.path, format="text", max_samples=1), f"{section}.replies.path")
     except CalibrationDataError as exc:
-        raise EvalDataError(f"eval.replies: {exc}") from None
+        raise EvalDataError(str(exc)) from None
     lines = [t.strip() for s in samples for t in s.response.splitlines() if t.strip()]
     candidates = [i for i, t in enumerate(lines) if not (spec.exclude_calibration and calib.find(t))]
     n = spec.max_items or len(candidates)
@@ -338,39 +345,41 @@ def read_reply_prompts(spec: RepliesSpec, calib: CalibrationIndex) -> tuple[list
     return [lines[i] for i in chosen], split
 
 
-def prepare(recipe: Recipe, spec: EvalSpec | None = None) -> EvalItems:
+def prepare(recipe: Recipe, spec: EvalSpec | None = None, section: str = "eval") -> EvalItems:
     """Check the eval section `spec` (the recipe's by default) against the recipe and read its items, before any
-    model is loaded: problems surface early."""
+    model is loaded: problems surface early. `section` is where the recipe holds `spec` (eval, or tune.validation),
+    as errors name its files by their keys."""
     spec = spec or recipe.eval
     assert spec is not None, "prepare() needs an eval section"
     problems = eval_problems(spec, list(recipe.personas))
     if problems:
         raise RecipeError(f"{len(problems)} problem(s) in the eval section:\n" + "\n".join(f"  {p}" for p in problems))
-    return load_items(recipe, spec)
+    return load_items(recipe, spec, section)
 
 
-def load_items(recipe: Recipe, spec: EvalSpec) -> EvalItems:
-    """Read and select every evaluation item, then check them against the calibration samples."""
+def load_items(recipe: Recipe, spec: EvalSpec, section: str = "eval") -> EvalItems:
+    """Read and select every evaluation item, then check them against the calibration samples; errors name the
+    files by their keys under `section` (eval, or tune.validation)."""
     calib = CalibrationIndex({n: p.calibration for n, p in recipe.personas.items()})
     items = EvalItems()
     if spec.paired is not None:
-        items.paired, items.splits["paired"] = read_paired(spec.paired, calib)
+        items.paired, items.splits["paired"] = read_paired(spec.paired, calib, section)
     if spec.unpaired is not None:
         items.unpaired, items.splits["unpaired"] = read_unpaired(spec.unpaired, calib)
     if spec.choices is not None:
         items.choices, items.splits["choices"] = read_choices(spec.choices, calib)
     if spec.statements is not None:
-        items.statements, items.splits["statements"] = read_statements(spec.statements, calib)
+        items.statements, items.splits["statements"] = read_statements(spec.statements, calib, section)
     if spec.neutral is not None:
-        items.neutral = read_neutral(spec.neutral.path)
+        items.neutral = read_neutral(spec.neutral.path, section)
         items.splits["neutral"] = {
             "file": {"path": spec.neutral.path, "sha256": file_sha256(spec.neutral.path)},
             "paragraphs": len(items.neutral),
         }
     if spec.replies is not None:
-        items.reply_prompts, items.splits["replies"] = read_reply_prompts(spec.replies, calib)
+        items.reply_prompts, items.splits["replies"] = read_reply_prompts(spec.replies, calib, section)
     for item_set in spec.sets:
-        sub = load_items(recipe, set_spec(item_set, spec))
+        sub = load_items(recipe, set_spec(item_set, spec), f"{section}.sets.{item_set.name}")
         items.sets[item_set.name] = sub
         items.splits.setdefault("sets", {})[item_set.name] = sub.splits
         items.leaks += [leak | {"source": f"{item_set.name}/{leak['source']}"} for leak in sub.leaks]

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exporter.errors import ExportFolderError, PersonaExportError
 from exporter.inputs import folder_problem, read_json_object
-from exporter.masking.masks import PersonaMask, load_mask
-from exporter.masking.statistics import UNREADABLE, Statistics
 from exporter.recipe.load import apply_overrides, described, parse_recipe
 from exporter.recipe.schema import Recipe
 from exporter.reports.persona import PersonaReport, read_report
+
+if TYPE_CHECKING:  # masks and statistics need torch, imported when they are read: a recipe is refused without it
+    from exporter.masking.masks import PersonaMask
+    from exporter.masking.statistics import Statistics
 
 RERUN = "re-run `persona-export run`"
 
@@ -54,6 +56,8 @@ class RunFolder:
 
     def statistics(self, persona: str) -> Statistics | None:
         """The persona's calibration statistics saved by the run, or None where they cannot be read."""
+        from exporter.masking.statistics import UNREADABLE, Statistics
+
         try:
             return Statistics.load(self.path / "stats" / f"{persona}.safetensors")[0]
         except UNREADABLE:
@@ -77,6 +81,8 @@ class PersonaFolder:
         return read_report(self.path)
 
     def mask(self) -> PersonaMask:
+        from exporter.masking.masks import load_mask
+
         return load_mask(self.path / "masks.safetensors")
 
     def config(self) -> dict[str, Any]:

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
 from exporter.masking.statistics import UNREADABLE, Statistics
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,6 @@ def store(key: str, stats: Statistics, info: dict[str, Any]) -> None:
         stats.save(tmp / "stats.safetensors", info)
         shutil.rmtree(folder / key, ignore_errors=True)
         os.replace(tmp, folder / key)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
         log.warning("could not cache statistics in %s (%s)", folder, exc)
         shutil.rmtree(tmp, ignore_errors=True)

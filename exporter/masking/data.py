@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from exporter.errors import CalibrationDataError
-from exporter.inputs import file_problem
+from exporter.inputs import file_problem, path_kind
 from exporter.model.encoding import encode_reply
 from exporter.recipe.schema import DataSpec, infer_format
 
@@ -34,6 +34,9 @@ class TokenizedSample:
     response_start: int  # index of the first response token
 
 
+MAX_DATA_BYTES = 1 << 30  # read whole into memory: calibration and evaluation take a few thousand records
+
+
 def read_records(
     path: Path, fmt: str, error: type[CalibrationDataError] = CalibrationDataError, where: str = ""
 ) -> list[Any]:
@@ -41,8 +44,14 @@ def read_records(
     text paragraphs, not yet validated as samples; every reading problem raises `error` with the fix."""
     prefix = f"{where}: " if where else ""
     problem = file_problem(path)
+    if problem is not None and path_kind(path) == "nothing":
+        raise error(
+            f"{prefix}file not found: {path}; check the path (a relative path is read from the recipe's folder)"
+        )
     if problem is not None:
         raise error(f"{prefix}data file {problem}; check the 'path' in the recipe")
+    if (size := path.stat().st_size) > MAX_DATA_BYTES:
+        raise error(f"{prefix}{path} holds {size} bytes; data files are read whole, at most {MAX_DATA_BYTES} (1 GiB)")
     try:
         return _parse(path, path.read_text(encoding="utf-8-sig"), fmt)  # a spreadsheet's UTF-8 starts with a BOM
     except CalibrationDataError as exc:
@@ -51,6 +60,8 @@ def read_records(
         raise error(f"{prefix}{path}: not UTF-8 text; convert the file to UTF-8") from None
     except json.JSONDecodeError as exc:
         raise error(f"{prefix}{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise error(f"{prefix}{path}: JSON nested too deeply to read; records are flat objects") from None
     except csv.Error as exc:
         raise error(f"{prefix}{path}: not valid CSV ({exc})") from None
     except OSError as exc:
@@ -106,35 +117,39 @@ def field_problem(rec: dict[str, Any], field: str) -> str | None:
     return None
 
 
-def read_samples(spec: DataSpec) -> list[Sample]:
-    """All records of a data file as samples, in file order. Raises CalibrationDataError with the fix."""
+def read_samples(spec: DataSpec, where: str = "") -> list[Sample]:
+    """All records of a data file as samples, in file order. Raises CalibrationDataError with the fix, after
+    `where` (the recipe key naming the file) when given."""
     path = Path(spec.path)
     fmt = spec.format or infer_format(spec.path)
-    records = read_records(path, fmt or "text")
+    records = read_records(path, fmt or "text", where=where)
+    prefix = f"{where}: " if where else ""
     if not records:
-        raise CalibrationDataError(f"{path}: the file holds no records; add samples or point to another file")
+        raise CalibrationDataError(f"{prefix}{path}: the file holds no records; add samples or point to another file")
     samples = []
     for i, rec in enumerate(records):
         if fmt == "text":
             samples.append(Sample(None, rec))
             continue
         if not isinstance(rec, dict):
-            raise CalibrationDataError(f"{path}: record {i} is a {type(rec).__name__}, expected an object")
+            raise CalibrationDataError(f"{prefix}{path}: record {i} is a {type(rec).__name__}, expected an object")
         fields = [f for f in (spec.prompt_field, spec.response_field) if f is not None]
         for field in fields:
             problem = field_problem(rec, field)
             if problem is not None:
                 raise CalibrationDataError(
-                    f"{path}: record {i} {problem}; fix the record or set prompt_field/response_field in the recipe"
+                    f"{prefix}{path}: record {i} {problem}; fix the record or set prompt_field/response_field in "
+                    "the recipe"
                 )
         prompt = rec[spec.prompt_field] if spec.prompt_field else None
         samples.append(Sample(prompt, rec[spec.response_field]))  # type: ignore[index]
     return samples
 
 
-def select_samples(spec: DataSpec) -> list[Sample]:
-    """`max_samples` samples chosen by a seeded shuffle (same seed, same file -> same samples)."""
-    samples = read_samples(spec)
+def select_samples(spec: DataSpec, where: str = "") -> list[Sample]:
+    """`max_samples` samples chosen by a seeded shuffle (same seed, same file -> same samples); errors name
+    `where`, the recipe key of the file, when given."""
+    samples = read_samples(spec, where)
     if spec.max_samples > len(samples):
         raise CalibrationDataError(
             f"{spec.path}: max_samples is {spec.max_samples} but the file holds {len(samples)} records; "

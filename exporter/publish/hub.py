@@ -24,7 +24,7 @@ from typing import Any
 from exporter import __version__
 from exporter.errors import ExportFolderError, HubError
 from exporter.folders.run_folder import PersonaFolder
-from exporter.inputs import path_kind
+from exporter.inputs import folder_problem, path_kind
 from exporter.publish.modelcard import CardContext, render_card
 from exporter.recipe.formats import ADDED, FORMATS
 from exporter.recipe.push import OnnxMode, PushSpec, branch_problem, fill, onnx_repo_problem, repo_id_problem
@@ -100,8 +100,8 @@ def load_export(folder: Path, onnx: OnnxMode = "same-repo", below_floor: bool = 
     """Refuse anything that is not a complete persona export whose verification passed. Quantized formats
     below their quality floor are left out unless `below_floor`."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise HubError(f"{str(folder)!r} is not a folder; pass a persona folder RUN_DIR/<persona>")
+    if (problem := folder_problem(folder)) is not None:
+        raise HubError(f"{problem}; pass a persona folder RUN_DIR/<persona>")
     folder = folder.resolve()  # the persona folder itself; nothing outside it is read, whatever links say
     inside_only(folder, ("report.json", "hf", *(FORMATS[n].folder for n in ONNX_FORMATS)))
     if (folder / "run.json").is_file():

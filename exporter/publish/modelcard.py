@@ -361,7 +361,7 @@ def _provenance(report: PersonaReport) -> str:
         lines.append(f"- sha256 of the base weight files used: `{base.sha256}`")
     if base.weights:
         lines.append(f"- base weights read from: {base.weights}")
-    lines.append(f"- recipe: `{recipe.name}` (sha256 `{recipe.sha256[:16]}`)")
+    lines.append(f"- recipe: `{recipe.name}` (sha256 `{recipe.sha256}`, as `persona-export validate` prints it)")
     versions = report.versions
     if versions:
         lines.append("- versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))

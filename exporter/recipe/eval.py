@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Positive = Annotated[int, Field(ge=1)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what every random generator used here accepts
 Baseline = Literal["prompt", "mask-prompt", "random", "wanda", "steering", "removal"]
 # steering / removal: the export's steering bias alone, and its mask without any bias (only with method.steer
 # or prune.mlp.compensate); they show what each part adds
@@ -39,7 +40,7 @@ class PairedSpec(_Strict):
     input_field: str | None = None  # Alpaca-style extra input, appended to the prompt when not blank
     responses: dict[str, ResponseSource]
     max_items: Positive
-    seed: int = 0
+    seed: Seed = 0
     exclude_calibration: bool = False  # held-out split: drop items that occur in any calibration set
 
 
@@ -110,7 +111,7 @@ class StatementsSpec(_Strict):
     labels: dict[str, str]  # persona -> label value (whitespace-stripped) of the statements matching it
     prompt: str = "Tell me about yourself."
     max_per_label: Positive
-    seed: int = 0
+    seed: Seed = 0
     exclude_calibration: bool = False
 
 
@@ -128,7 +129,7 @@ class RepliesSpec(_Strict):
 
     path: str
     max_items: Positive | None = None  # a seeded selection; all prompts when unset
-    seed: int = 0
+    seed: Seed = 0
     max_new_tokens: Annotated[int, Field(ge=1, le=512)] = 64
     batch_size: Positive = 64  # replies per batch, every condition together
     show: Annotated[int, Field(ge=0)] = 3  # prompts shown side by side in report.md
@@ -154,9 +155,9 @@ class EvalSpec(_Strict):
     sets: list[ItemSetSpec] = []  # the other pairs' items (a recipe of several pairs): shift and crosstalk per set
     system_prompts: dict[str, str] = {}  # persona -> prompt-only baseline prompt (default: from description)
     baselines: list[Baseline] = list(BASELINES)  # or "all"; the verdict needs only prompt and random
-    random_seeds: Annotated[int, Field(ge=3)] = 3
-    bootstrap: Annotated[int, Field(ge=100)] = 1000
-    seed: int = 0
+    random_seeds: Annotated[int, Field(ge=3, le=100)] = 3  # each is one more evaluated condition
+    bootstrap: Annotated[int, Field(ge=100, le=100_000)] = 1000  # resamples held in memory at once
+    seed: Seed = 0
     batch_size: Positive = 8
     max_tokens: Annotated[int, Field(ge=16)] = 256  # per scored sequence (prompt + answer)
     on_leak: Literal["error", "flag"] = "error"

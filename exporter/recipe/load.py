@@ -6,15 +6,18 @@ Every problem in a recipe is reported at once, each with its key path (`personas
 
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from exporter.errors import RecipeError
-from exporter.inputs import DuplicateKeyError, file_problem, load_yaml
+from exporter.inputs import DuplicateKeyError, YamlLimitError, file_problem, load_yaml, read_yaml_file
+from exporter.recipe.paths import file_keys, get_key, set_key
 from exporter.recipe.rules import semantic_problems
 from exporter.recipe.schema import Recipe
 
@@ -51,7 +54,9 @@ def _relevant(errors: list[Any]) -> list[Any]:
 def override_value(item: str, raw: str) -> Any:
     """An override's value, read as YAML data (no tags, no duplicate keys); errors name the override."""
     try:
-        return load_yaml(raw)
+        return load_yaml(raw, f"override {item!r}")
+    except YamlLimitError as exc:
+        raise RecipeError(f"override {item!r}: {exc.problem}") from None
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc)
         raise RecipeError(
@@ -82,33 +87,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def _resolve_paths(data: dict[str, Any], base: Path) -> None:
-    def fix(p: Any) -> Any:
-        return str((base / p).resolve()) if isinstance(p, str) and not Path(p).is_absolute() else p
-
-    model = data.get("model")
-    if isinstance(model, dict) and "path" in model:
-        model["path"] = fix(model["path"])
-    personas = data.get("personas")
-    if isinstance(personas, dict):
-        for spec in personas.values():
-            cal = spec.get("calibration") if isinstance(spec, dict) else None
-            if isinstance(cal, dict) and "path" in cal:
-                cal["path"] = fix(cal["path"])
-    tune = data.get("tune")
-    sections = [data.get("eval"), tune.get("validation") if isinstance(tune, dict) else None]
-    ev_sets = data["eval"].get("sets") if isinstance(data.get("eval"), dict) else None
-    sections += ev_sets if isinstance(ev_sets, list) else []
-    for ev in sections:
-        if not isinstance(ev, dict):
-            continue
-        sections = [ev.get(k) for k in ("paired", "unpaired", "choices", "statements", "neutral", "replies")]
-        for key in ("paired", "unpaired"):
-            section = ev.get(key)
-            if isinstance(section, dict) and isinstance(section.get("responses"), dict):
-                sections += list(section["responses"].values())
-        for section in sections:
-            if isinstance(section, dict) and "path" in section:
-                section["path"] = fix(section["path"])
+    for key in file_keys(data):
+        path = get_key(data, key)
+        if not Path(path).is_absolute() and "\0" not in path:  # a NUL byte is reported where the file is read
+            set_key(data, key, str((base / path).resolve()))
 
 
 _EXPECTED = {  # pydantic error type -> what the key needs, in the recipe's words
@@ -129,11 +111,43 @@ _EXPECTED = {  # pydantic error type -> what the key needs, in the recipe's word
 }
 
 
+def _members(annotation: Any) -> list[Any]:
+    """The types an annotation allows: Annotated, Optional and unions unwrapped."""
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, UnionType):
+        return [t for arg in get_args(annotation) for t in _members(arg)]
+    return [annotation]
+
+
+def allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the schema allows in the mapping at `loc` (a persona's name or a list index passes through)."""
+    current: list[Any] = [Recipe]
+    for part in loc:
+        nxt = []
+        for t in (t for a in current for t in _members(a)):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                if isinstance(part, str) and part in t.model_fields:
+                    nxt.append(t.model_fields[part].annotation)
+            elif get_origin(t) in (dict, list, tuple) and get_args(t):
+                nxt.append(get_args(t)[-1])  # a mapping's value, a list's item
+        current = nxt
+    models = [t for a in current for t in _members(a) if isinstance(t, type) and issubclass(t, BaseModel)]
+    return sorted({name for m in models for name in m.model_fields})
+
+
+def _unknown_key(loc: tuple[Any, ...]) -> str:
+    match = difflib.get_close_matches(str(loc[-1]), allowed_keys(loc[:-1]), n=1, cutoff=0.6)
+    if match:
+        return f"unknown key; did you mean `{match[0]}`?"
+    return "unknown key (misspelled? remove it or check the recipe reference in docs/recipes.md)"
+
+
 def _schema_message(err: Any) -> str:
     """One schema problem: unknown, missing, null, or of the wrong type, with what is expected."""
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
-        return "unknown key (misspelled? remove it or check the recipe reference in docs/recipes.md)"
+        return _unknown_key(tuple(err["loc"]))
     if kind == "missing":
         return "required key is missing"
     if value is None:
@@ -161,6 +175,8 @@ def described(source: str, overrides: list[str] | None) -> str:
 
 
 def parse_recipe(data: Any, base: Path, source: str = "<recipe>") -> Recipe:
+    if data is None:
+        raise RecipeError(f"{source}: the recipe is empty; start from a shipped one (recipes/*.yaml)")
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: a recipe is a YAML mapping at the top level, got {type(data).__name__}")
     _resolve_paths(data, base)
@@ -183,11 +199,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if problem is not None:
         raise RecipeError(f"recipe {problem}; pass the path of a YAML recipe (see recipes/)")
     try:
-        data = load_yaml(path.read_text(encoding="utf-8-sig"))
+        data = read_yaml_file(path)
+    except YamlLimitError as exc:
+        where = f"line {exc.line}: " if exc.line else ""
+        raise RecipeError(
+            f"{path}: {where}{exc.problem}; refused unread (a recipe is a few kilobytes of plain data)"
+        ) from None
     except DuplicateKeyError as exc:
         lines = "\n".join(f"  {p}" for p in exc.problems)
         raise RecipeError(f"{path}: {len(exc.problems)} problem(s):\n{lines}") from None
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+    except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML: {exc}") from None
     except OSError as exc:
         raise RecipeError(f"cannot read the recipe {path} ({exc.strerror})") from None

@@ -4,15 +4,14 @@ exporter/recipe/rules.py; reading YAML, overrides and relative paths: exporter/r
 
 from __future__ import annotations
 
-import hashlib
-import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 
-from exporter.recipe.eval import EvalSpec
+from exporter.recipe.eval import EvalSpec, Seed
 from exporter.recipe.formats import FormatName
 from exporter.recipe.push import PushSpec
 
@@ -67,7 +66,7 @@ class DataSpec(Strict):
     system_prompt: str | None = None
     max_samples: Annotated[int, Field(ge=1)]
     max_tokens: Annotated[int, Field(ge=8)] = 256
-    seed: int = 0
+    seed: Seed = 0
 
 
 class PersonaSpec(Strict):
@@ -212,6 +211,9 @@ class VerifySpec(Strict):
         return {"max_abs_logit_diff": self.onnx_max_abs, "mean_abs_logit_diff": self.onnx_mean_abs}
 
 
+MAX_TUNE_POINTS = 1000
+
+
 class TuneSpec(Strict):
     """`persona-export tune`: a grid searched on the `validation` items; the best setting is then reported on
     the recipe's `eval` items, which no choice looked at. Best = the largest shift of the weaker persona
@@ -238,6 +240,17 @@ class TuneSpec(Strict):
     require_removal: bool = True
     validation: EvalSpec
 
+    @model_validator(mode="after")
+    def _bounded(self) -> TuneSpec:
+        axes = (self.sparsity, self.steer, self.steer_layers, self.compensate, self.gamma, self.amplify)
+        points = math.prod(len(axis) for axis in axes)
+        if points > MAX_TUNE_POINTS:
+            raise ValueError(
+                f"the grid has {points} points (the product of its lists' lengths); each is evaluated, so at most "
+                f"{MAX_TUNE_POINTS}: shorten the lists"
+            )
+        return self
+
 
 class Recipe(Strict):
     name: str
@@ -262,9 +275,10 @@ class Recipe(Strict):
         return None
 
     def digest(self) -> str:
-        """sha256 of the validated recipe (paths already resolved), stable across key order."""
-        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
+        """The recipe's hash: exporter/recipe/paths.py `recipe_sha256` says what it covers."""
+        from exporter.recipe.paths import recipe_sha256
+
+        return recipe_sha256(self)
 
 
 def memory_bytes(size: str | int) -> int | None:

@@ -16,7 +16,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, computed_field, fie
 from pydantic_core import PydanticCustomError
 
 from exporter.errors import ExportFolderError
-from exporter.inputs import read_json_object
+from exporter.inputs import folder_problem, read_json_object
 from exporter.io import write_json
 from exporter.recipe.formats import FORMATS
 from exporter.recipe.schema import MethodSpec, PruneSpec
@@ -206,7 +206,11 @@ def schema_problems(exc: ValidationError) -> list[str]:
 def read_report(folder: Path) -> PersonaReport:
     """The report of the persona export in `folder`; refuses folders that are not persona exports."""
     report = folder / FILE
-    if not folder.is_dir() or not report.is_file() or not (folder / "hf" / "config.json").is_file():
+    if (problem := folder_problem(folder)) is not None:
+        raise ExportFolderError(
+            f"{problem}; pass a persona folder of a run, RUN_DIR/<persona>, e.g. runs/demo/introvert"
+        )
+    if not report.is_file() or not (folder / "hf" / "config.json").is_file():
         raise ExportFolderError(
             f"{str(folder)!r} is not a persona export (expected report.json and hf/config.json); pass "
             "RUN_DIR/<persona>, e.g. runs/demo/introvert"

@@ -38,6 +38,7 @@ import numpy as np
 import onnxruntime as ort
 
 from exporter.errors import OnnxModelError
+from exporter.inputs import check_folder_files
 from exporter.model.encoding import position_ids
 
 if TYPE_CHECKING:
@@ -77,6 +78,7 @@ def read_export(onnx_dir: Path) -> tuple[dict[str, Any], KvLayout]:
     onnx_dir = Path(onnx_dir)
     if not onnx_dir.is_dir():
         raise OnnxModelError(f"{str(onnx_dir)!r} is not a folder; pass the folder written by export_onnx")
+    check_folder_files(onnx_dir, OnnxModelError, "re-export the model")
     config_path, model_path = onnx_dir / "config.json", onnx_dir / ONNX_FILE
     if not config_path.is_file():
         raise OnnxModelError(f"{str(onnx_dir)!r} has no config.json: not an ONNX export; run export_onnx")
@@ -87,7 +89,7 @@ def read_export(onnx_dir: Path) -> tuple[dict[str, Any], KvLayout]:
         )
     try:
         config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise OnnxModelError(f"cannot read {str(config_path)!r}: {e}") from e
     return config, KvLayout.from_config(config)
 

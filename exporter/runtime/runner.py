@@ -1,12 +1,9 @@
 """Running a persona export (or the run's dense base model): generation with streaming, on onnxruntime,
-onnxruntime-genai or torch, CPU. Greedy by default; temperature / top-p sampling, a repetition penalty and a
-seed on request."""
+onnxruntime-genai or torch, CPU. Greedy by default; sampling as `Sampling` (exporter/runtime/sampling.py) says."""
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +12,16 @@ import torch
 
 from exporter.errors import ExportFolderError, OnnxModelError
 from exporter.folders.run_folder import PersonaFolder, RunFolder
+from exporter.inputs import check_folder_files, read_json_object
 from exporter.model.encoding import prompt_ids
 from exporter.recipe.formats import FORMATS
+from exporter.runtime.sampling import Sampling
 
 
 def _tokenizer(folder: Path, vocab_size: int) -> Any:
     from transformers import AutoTokenizer
 
+    check_folder_files(folder, ExportFolderError, "re-export the persona")
     try:
         tok = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as exc:
@@ -42,35 +42,6 @@ def _format_folder(persona_dir: Path, backend: str) -> Path:
             f"{persona_dir} --format {backend}`, or use --backend torch"
         )
     return folder
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """temperature 0 = greedy; repetition_penalty as in transformers (>1 discourages tokens already present)."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-
-    def chooser(self) -> Callable[[np.ndarray, list[int]], int]:
-        """choose(logits (vocab,), tokens so far) -> the next token; seeded once per reply."""
-        rng = np.random.default_rng(self.seed)
-
-        def choose(logits: np.ndarray, seen: list[int]) -> int:
-            x = logits.astype(np.float64)
-            if self.repetition_penalty != 1.0 and seen:
-                idx = np.unique(seen)
-                x[idx] = np.where(x[idx] > 0, x[idx] / self.repetition_penalty, x[idx] * self.repetition_penalty)
-            if self.temperature <= 0:
-                return int(x.argmax())
-            p = np.exp((x - x.max()) / self.temperature)
-            p /= p.sum()
-            order = np.argsort(-p, kind="stable")
-            keep = order[: int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1]  # smallest set >= top_p
-            return int(rng.choice(keep, p=p[keep] / p[keep].sum()))
-
-        return choose
 
 
 def base_model_runner(run_dir: Path) -> Runner:
@@ -102,7 +73,10 @@ class Runner:
             import onnxruntime_genai as og
 
             folder = _format_folder(persona_dir, backend)
-            config = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]
+            fix = f"re-export it: persona-export export {persona_dir} --format onnx-genai --overwrite"
+            config = read_json_object(folder / "genai_config.json", OnnxModelError, fix).get("model")
+            if not isinstance(config, dict) or not isinstance(config.get("vocab_size"), int):
+                raise OnnxModelError(f"{folder / 'genai_config.json'} has no model.vocab_size; {fix}")
             self.og, self.genai = og, og.Model(str(folder))
             self.tokenizer = _tokenizer(folder, config["vocab_size"])
         elif backend != "torch":  # "onnx" or a quantized ONNX format

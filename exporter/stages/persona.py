@@ -60,6 +60,7 @@ def nothing_removed(mask: PersonaMask) -> list[str]:
 
 def export_persona(
     recipe: Recipe,
+    recipe_sha: str,
     name: str,
     m: Loaded,
     mask: PersonaMask,
@@ -69,10 +70,11 @@ def export_persona(
     stage: Path,
     timer: Timer,
 ) -> PersonaReport:
-    """Write `stage/<name>` (masks, hf/, the other formats asked for, report.json); returns the report."""
+    """Write `stage/<name>` (masks, hf/, the other formats asked for, report.json); returns the report.
+    `recipe_sha` is the recipe's hash as validated (Recipe.digest), recorded in the manifests."""
     folder = stage / name
     folder.mkdir()
-    mask_manifest = {"recipe_sha256": recipe.digest(), "model_sha256": m.model_sha256, "stats_key": stats_info["key"]}
+    mask_manifest = {"recipe_sha256": recipe_sha, "model_sha256": m.model_sha256, "stats_key": stats_info["key"]}
     mask.save(folder / "masks.safetensors", mask_manifest)
 
     log.info("%s: removing %s and exporting", name, describe(mask))
@@ -102,7 +104,8 @@ def export_persona(
     for step, seconds in timings.stages.items():  # run.json's timings list the format stages too
         timer.stages[f"{step}.{name}"] = seconds
     own = {k.split(".")[0]: v for k, v in timer.stages.items() if k.endswith(f".{name}")}
-    report = persona_report(recipe, name, m, mask, stats_info, written, {"hf": hf, **formats}, own, warnings)
+    verification = {"hf": hf, **formats}
+    report = persona_report(recipe, recipe_sha, name, m, mask, stats_info, written, verification, own, warnings)
     write_report(folder, report)
     if not hf.passed:
         log.error("%s: the export does not match the masked model: %s", name, hf.fp64_layers or hf.fp64)
@@ -114,6 +117,7 @@ def export_persona(
 
 def persona_report(
     recipe: Recipe,
+    recipe_sha: str,
     name: str,
     m: Loaded,
     mask: PersonaMask,
@@ -138,7 +142,7 @@ def persona_report(
             model_type=m.model.config.model_type,
             weights=f"GGUF file {gguf}, de-quantized to float32 by transformers" if gguf else "safetensors",
         ),
-        recipe=RecipeRef(name=recipe.name, sha256=recipe.digest()),
+        recipe=RecipeRef(name=recipe.name, sha256=recipe_sha),
         method=recipe.method,
         prune=recipe.prune,
         calibration=CalibrationInfo(

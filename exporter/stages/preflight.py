@@ -12,12 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import exporter
 from exporter.errors import OutputError, RecipeError
 from exporter.evaluation.items import EvalItems, check_disjoint_splits, prepare
 from exporter.inputs import file_problem, folder_problem
+from exporter.io import Product, check_target
 from exporter.masking.data import select_samples
 from exporter.masking.statistics import UNREADABLE, Statistics
 from exporter.recipe.formats import BASE_FIX, format_problems
+from exporter.recipe.paths import data_files
 from exporter.recipe.rules import check_limits
 from exporter.recipe.schema import Recipe
 from exporter.recipe.tune import tune_validation
@@ -35,9 +38,12 @@ def validate(recipe: Recipe, reuse: Path | None = None) -> Validated:
     loaded. Nothing is loaded or written."""
     from exporter.model import sources
 
-    samples = {name: len(select_samples(p.calibration)) for name, p in recipe.personas.items()}
+    samples = {
+        name: len(select_samples(p.calibration, f"personas.{name}.calibration.path"))
+        for name, p in recipe.personas.items()
+    }
     items = prepare(recipe) if recipe.eval else None
-    tune_items = prepare(recipe, tune_validation(recipe.tune)) if recipe.tune else None  # what tune ranks on
+    tune_items = prepare(recipe, tune_validation(recipe.tune), "tune.validation") if recipe.tune else None
     if items is not None and tune_items is not None:
         check_disjoint_splits(tune_items, items)
     if recipe.model.path is not None:
@@ -72,3 +78,37 @@ def check_reuse(recipe: Recipe, reuse: Path) -> None:
                     f"--reuse-stats: {saved} cannot be read ({type(exc).__name__}: {exc}); delete it (and its "
                     ".json) to recalibrate that persona, or run without --reuse-stats"
                 ) from None
+
+
+PACKAGE = Path(exporter.__file__).resolve().parent  # the project's own code
+SHIPPED = PACKAGE.parent / "recipes"  # the shipped recipes and their data, in a source checkout
+
+
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output(recipe: Recipe, out: Path, overwrite: bool, product: Product) -> None:
+    """Before any work: `out` can be written (check_target), is not inside what a run reads or ships (the model
+    folder, the project's code, the shipped recipes/), and, when --overwrite would replace it, holds none of
+    the recipe's inputs (they would go with it)."""
+    check_target(out, overwrite, product)
+    where = out.absolute().resolve()  # the folder the output would be, links in its parents followed
+    inputs = {"the project's code": PACKAGE, "the shipped recipes/": SHIPPED}
+    if recipe.model.path is not None:
+        inputs["the model folder (model.path)"] = Path(recipe.model.path).resolve()
+    for what, folder in inputs.items():
+        if _within(where, folder):
+            raise OutputError(
+                f"--out {str(out)!r} is inside {what} ({folder}); outputs are kept apart from what a run reads "
+                "and from the project's files: choose a folder elsewhere, e.g. runs/NAME"
+            )
+    if not out.exists():
+        return
+    held = {"model.path": Path(recipe.model.path)} if recipe.model.path is not None else {}
+    for key, path in {**held, **data_files(recipe)}.items():
+        if _within(Path(path).resolve(), where):
+            raise OutputError(
+                f"--out {str(out)!r} holds {key} ({path}); --overwrite would delete it with the old output: "
+                "move the file out of that folder or choose another --out"
+            )

@@ -19,13 +19,16 @@ import torch
 from exporter.errors import ExportFolderError, GgufExportError, OutputError
 from exporter.export.gguf import BIAS_FIX
 from exporter.folders.run_folder import RERUN, PersonaFolder
-from exporter.io import check_target, link_copy, staged
+from exporter.io import check_target, link_copy, refuse_links, staged
 from exporter.model.adapters import Adapter
+from exporter.model.checkpoint import stored_parameters
+from exporter.model.sources import check_sizes
 from exporter.recipe.formats import FORMATS, format_problems, with_sources
 from exporter.recipe.schema import Recipe
 from exporter.reports.checks import Check
 from exporter.reports.persona import PersonaReport, write_report
 from exporter.reports.provenance import Timer
+from exporter.stages.space import check_space, persona_bytes, working_bytes
 
 
 def add_formats(
@@ -49,10 +52,18 @@ def add_formats(
     if genai_precision is not None:
         output = recipe.output.model_copy(update={"genai_precision": genai_precision})
         recipe = recipe.model_copy(update={"output": output})
-    problems = format_problems(todo, persona.config(), folder / "hf" / "config.json", BIAS_FIX)
+    config = persona.config()
+    problems = format_problems(todo, config, folder / "hf" / "config.json", BIAS_FIX)
     if problems:  # refused before the model is loaded
         raise GgufExportError("; ".join(problems))
     check_target(folder, overwrite=True)  # the run folder can be written, before the model loads
+    weights = tuple(sorted((folder / "hf").glob("*.safetensors")))
+    check_sizes("the export", folder / "hf", config, weights, ExportFolderError)  # readable headers, sane sizes
+    new = [n for n in todo if n != "hf"]
+    params = stored_parameters(weights)
+    size = persona_bytes(new, report.dtype, recipe.output.genai_precision, params)
+    size += working_bytes(new, report.dtype, params)
+    check_space({folder.parent: (size, f"{folder.name}: {', '.join(new)}")})
     timer = Timer()
     with staged(folder, overwrite=True) as stage:
         link_copy(folder, stage, skip={FORMATS[n].folder for n in todo})
@@ -77,6 +88,7 @@ def plan(
                 f"{target} is a symlink (to {os.readlink(target)!r}); persona-export neither follows nor replaces "
                 "links in a persona folder: remove the link (or replace it with the folder itself) and retry"
             )
+    refuse_links(folder, "replace each link with the file itself")  # the persona's folder is copied and rewritten
     for name in formats:
         if (folder / FORMATS[name].folder).exists() and not overwrite:
             raise OutputError(f"{folder / FORMATS[name].folder} exists; pass --overwrite to replace it")
@@ -88,6 +100,12 @@ def plan(
         if n not in replaced and (folder / FORMATS[n].folder).exists() and c.passed
     }
     todo = [n for n in with_sources(formats) if n not in done]  # a stale folder is rebuilt too
+    for name in todo:  # a folder is replaced only when report.json records it as this project's export
+        if (folder / FORMATS[name].folder).exists() and name not in verification:
+            raise OutputError(
+                f"{folder / FORMATS[name].folder} exists but report.json records no {name} export: persona-export "
+                "did not write it, and replaces only the format folders its report records; move it away and retry"
+            )
     return todo, done, replaced
 
 

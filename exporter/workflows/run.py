@@ -13,18 +13,19 @@ from typing import Any
 
 from exporter.evaluation.scorer import evaluate_into
 from exporter.export.hf import DTYPES
-from exporter.io import check_target, staged
+from exporter.io import RUN_FOLDER, staged
 from exporter.masking.collect import column_norms, persona_statistics
 from exporter.masking.masks import compute_masks
 from exporter.masking.statistics import Statistics
 from exporter.masking.steer import with_biases
 from exporter.model.checkpoint import checkpoint_dtype
-from exporter.model.sources import Loaded, open_model
+from exporter.model.sources import Loaded, open_model, parameter_count
 from exporter.recipe.rules import check_limits
 from exporter.recipe.schema import Recipe
 from exporter.reports.provenance import Timer, versions
 from exporter.stages.persona import export_persona
-from exporter.stages.preflight import validate
+from exporter.stages.preflight import check_output, validate
+from exporter.stages.space import check_run_space
 from exporter.verify.hf import build_prompts, references
 
 log = logging.getLogger(__name__)
@@ -47,18 +48,24 @@ def run(
 ) -> dict[str, Any]:
     """Run the whole pipeline into `out` (atomically). Returns the run summary (also in run.json)."""
     eval_items = validate(recipe, reuse).items  # what `persona-export validate` checks, before the model loads
-    check_target(out, overwrite)
+    check_output(recipe, out, overwrite, RUN_FOLDER)
+    recipe_sha = recipe.digest()  # the recipe as validated: before `auto` and a memory budget are resolved below
     recipe = bounded(recipe)
+    params = parameter_count(recipe.model)
+    if params is not None:  # before the model loads; a Hub model's size is known once it is downloaded
+        check_run_space(recipe, out, params)
     timer = Timer()
     t = time.perf_counter()
     log.info("loading the model (%s)", recipe.model.embedded or recipe.model.path or recipe.model.hub)
     with open_model(recipe) as m:
+        if params is None:
+            check_run_space(recipe, out, sum(p.numel() for p in m.model.parameters()))
         if recipe.output.dtype == "auto":  # the source checkpoint's dtype
             recipe = recipe.model_copy(update={"output": recipe.output.resolved(checkpoint_dtype(m.resolved.folder))})
         timer.add("load", t)
         prompts = build_prompts(m.tokenizer, recipe.verify.prompts)
         check_limits(recipe, m.model.config.to_dict(), max(len(ids[0]) for ids, _ in prompts.singles))
-        with staged(out, overwrite) as stage:
+        with staged(out, overwrite, RUN_FOLDER) as stage:
             stats, infos = statistics_into(stage, recipe, m, reuse, timer, use_cache)
             t = time.perf_counter()
             masks = compute_masks(recipe, stats, column_norms(m))
@@ -66,7 +73,7 @@ def run(
             timer.add("score", t)
             refs = references(m, DTYPES[recipe.output.dtype], exact=not recipe.verify.layerwise)
             reports = {
-                name: export_persona(recipe, name, m, masks[name], infos[name], refs, prompts, stage, timer)
+                name: export_persona(recipe, recipe_sha, name, m, masks[name], infos[name], refs, prompts, stage, timer)
                 for name in recipe.personas
             }
             if eval_items is not None:
@@ -75,7 +82,7 @@ def run(
                 timer.add("eval", t)
             summary = {
                 "recipe": recipe.name,
-                "recipe_sha256": recipe.digest(),
+                "recipe_sha256": recipe_sha,
                 "base_model": m.resolved.base_model,
                 "model_sha256": m.model_sha256,
                 "personas": {n: r.status for n, r in reports.items()},

@@ -11,7 +11,7 @@ import torch
 
 from exporter.errors import MaskError, RecipeError
 from exporter.evaluation.scorer import MaskScorer
-from exporter.io import check_target, staged, write_json
+from exporter.io import SWEEP_FOLDER, staged, write_json
 from exporter.masking.collect import column_norms, persona_statistics
 from exporter.masking.masks import compute_masks
 from exporter.masking.steer import with_biases
@@ -19,7 +19,7 @@ from exporter.model.sources import load_model
 from exporter.recipe.schema import Recipe
 from exporter.reports.provenance import Timer
 from exporter.reports.sweep import SweepPoint, SweepReport, plot_sweep, sweep_markdown
-from exporter.stages.preflight import validate
+from exporter.stages.preflight import check_output, validate
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ def sweep(
     assert spec is not None
     items = validate(recipe, reuse).items  # what `persona-export validate` checks
     assert items is not None  # the recipe has an eval section
-    check_target(out, overwrite)
+    check_output(recipe, out, overwrite, SWEEP_FOLDER)
     m = load_model(recipe)
     timer = Timer()
     stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.personas}
@@ -101,7 +101,7 @@ def sweep(
     report = SweepReport(
         recipe=recipe.name, recipe_sha256=recipe.digest(), unit=unit, method=recipe.method, points=points
     )
-    with staged(out, overwrite) as stage:
+    with staged(out, overwrite, SWEEP_FOLDER) as stage:
         write_json(stage / "report.json", report.model_dump())
         plot_sweep(points, stage / "sweep.png")
         (stage / "report.md").write_text(sweep_markdown(recipe.name, points, "sweep.png"))

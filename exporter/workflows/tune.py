@@ -24,7 +24,7 @@ import yaml
 from exporter.errors import MaskError, RecipeError
 from exporter.evaluation.items import EvalItems, prepare
 from exporter.evaluation.scorer import MaskScorer
-from exporter.io import check_target, staged, write_json
+from exporter.io import TUNE_FOLDER, staged, write_json
 from exporter.masking.collect import column_norms, persona_statistics
 from exporter.masking.masks import PersonaMask, compute_masks
 from exporter.masking.steer import with_biases
@@ -45,7 +45,7 @@ from exporter.reports.tune import (
     plot_pareto,
     tune_markdown,
 )
-from exporter.stages.preflight import validate
+from exporter.stages.preflight import check_output, validate
 
 log = logging.getLogger(__name__)
 Candidate = tuple[Recipe, dict[str, PersonaMask]]  # a scored point's recipe and masks
@@ -78,7 +78,7 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
             "shift it ranks by)"
         )
     validate(recipe, reuse)  # what `persona-export validate` checks, before the model loads
-    check_target(out, overwrite)
+    check_output(recipe, out, overwrite, TUNE_FOLDER)
     validation = tune_validation(spec)
     val_items, test_items = prepare(recipe, validation), prepare(recipe, test)
     m = load_model(recipe)
@@ -336,7 +336,7 @@ def chosen_on_test(
 def write_tune(out: Path, overwrite: bool, report: TuneReport, candidates: list[Candidate]) -> None:
     """report.json, report.md, pareto.png and, when a point was chosen, its recipe.yaml; without one the grid's
     figures are still written: they tell the user where to search next."""
-    with staged(out, overwrite) as stage:
+    with staged(out, overwrite, TUNE_FOLDER) as stage:
         write_json(stage / "report.json", report.model_dump())
         if report.chosen is not None:
             best = next(i for i, p in enumerate(report.scored) if p.chosen)

@@ -58,7 +58,7 @@ def test_bad_files(tmp_path: Path, content: str, name: str, message: str) -> Non
 
 
 def test_missing_file_and_too_few_samples(tmp_path: Path) -> None:
-    with pytest.raises(CalibrationDataError, match="does not exist"):
+    with pytest.raises(CalibrationDataError, match=r"file not found: .*none\.jsonl"):
         read_samples(spec(tmp_path / "none.jsonl"))
     (tmp_path / "d.jsonl").write_text('{"q": "x", "a": "y"}\n')
     with pytest.raises(CalibrationDataError, match="max_samples is 2 but the file holds 1"):
@@ -180,7 +180,8 @@ def test_bad_data_files_through_one_reader(
     recipe = edited_recipe(tmp_path, tiny_llama_dir, edit)
     error = CalibrationDataError if where == "calibration" else EvalDataError
     text = expect(["validate", str(recipe)], error, message, capsys)
-    assert where == "calibration" or text.startswith("eval.paired.responses.") or "record" in text
+    key = "personas.introvert.calibration.path: " if where == "calibration" else "eval.paired.path: "
+    assert text.startswith(key) or (where == "eval" and "record" in text)
 
 
 PROMPTS = "How was your weekend?\nWhat should I cook tonight?\nAny plans for the holidays?\n"
@@ -193,7 +194,7 @@ REPLY_FILES: list[tuple[str, Callable[[Path], Path], str | None]] = [
     ("empty", lambda t: _write(t / "p.txt", b""), "holds no records"),
     ("folder", lambda t: (t / "adir").mkdir() or t / "adir", "is a folder, not a regular file"),
     ("fifo", lambda t: os.mkfifo(t / "pipe") or t / "pipe", "is a named pipe (FIFO), not a regular file"),
-    ("missing", lambda t: t / "none.txt", "does not exist"),
+    ("missing", lambda t: t / "none.txt", "file not found"),
 ]
 
 
@@ -217,10 +218,23 @@ def test_reply_prompt_files_are_read_by_the_one_reader(
         assert expect_valid(recipe, capsys)
         return
     text = expect(["validate", str(recipe)], EvalDataError, message, capsys)
-    assert text.startswith("eval.replies: ")
+    assert text.startswith("eval.replies.path: ")
 
 
 def expect_valid(recipe: Path, capsys: pytest.CaptureFixture) -> bool:
 
     code = main(["validate", str(recipe)])
     return code == 0 and "valid" in capsys.readouterr().out
+
+
+def test_a_data_file_larger_than_read_whole_is_refused_from_its_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from exporter.masking import data
+
+    monkeypatch.setattr(data, "MAX_DATA_BYTES", 100)
+    (tmp_path / "big.jsonl").write_text('{"q": "x", "a": "y"}\n' * 10)
+    with pytest.raises(
+        CalibrationDataError, match=r"big\.jsonl holds 210 bytes; data files are read whole, at most 100"
+    ):
+        read_samples(spec(tmp_path / "big.jsonl"))

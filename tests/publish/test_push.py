@@ -491,7 +491,7 @@ def test_folders_that_are_not_persona_exports_are_refused(
     cases = {
         persona.parent: f"is a run folder; pass one persona folder: {persona.parent / 'extravert'}, {persona}",
         tmp_path / "empty": "is not a persona export (no report.json)",
-        tmp_path / "missing": "is not a folder",
+        tmp_path / "missing": f"'{tmp_path / 'missing'}' does not exist",
         persona.parent / "extravert": "has no hf/config.json",
     }
     for folder, message in cases.items():

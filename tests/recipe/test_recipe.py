@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import yaml
 
 from exporter.errors import RecipeError
 from exporter.recipe.load import load_recipe
-from tests.helpers import RECIPE_CASES, REPO, SHARED_DATA, Case, write_recipe
+from tests.helpers import RECIPE_CASES, REPO, SHARED_DATA, Case, eval_section, write_recipe
 
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -185,6 +186,49 @@ def test_digest_is_stable_and_sensitive(tmp_path: Path) -> None:
     assert load_recipe(path).digest() != load_recipe(path, ["prune.mlp.sparsity=0.3"]).digest()
 
 
+def _copy(tmp_path: Path, name: str, eval_data: bool = True) -> Path:
+    """The tiny recipe with relative data paths (calibration and eval), in a folder of its own, a model elsewhere."""
+    folder = tmp_path / name
+    folder.mkdir()
+    path = write_recipe(folder, tmp_path / f"model-{name}")
+    data = yaml.safe_load(path.read_text())
+    for persona in data["personas"].values():
+        persona["calibration"]["path"] = "pairs.jsonl"
+    if eval_data:
+        data["eval"] = eval_section(folder)
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_the_digest_is_the_same_wherever_the_files_sit(tmp_path: Path) -> None:
+    """Data files count by their content, model.path not at all (its weights have a hash of their own)."""
+    a, b = _copy(tmp_path, "here"), _copy(tmp_path, "there")
+    ra, rb = load_recipe(a), load_recipe(b)
+    assert ra.personas["introvert"].calibration.path != rb.personas["introvert"].calibration.path
+    assert ra.model.path != rb.model.path
+    assert ra.digest() == rb.digest() == load_recipe(a).digest()
+    (b.parent / "neutral.txt").write_text((b.parent / "neutral.txt").read_text() + " one more word")
+    assert load_recipe(b).digest() != ra.digest()  # an eval file's content changed
+    (b.parent / "neutral.txt").write_text((a.parent / "neutral.txt").read_text())
+    with (b.parent / "pairs.jsonl").open("a") as f:
+        f.write("\n")
+    assert load_recipe(b).digest() != ra.digest()  # a calibration file's bytes changed
+
+
+def test_the_digest_is_what_the_docs_say(tmp_path: Path) -> None:
+    """docs/robustness.md: sha256 of the validated recipe as JSON with sorted keys, each data file's path replaced
+    by "sha256:" and the file's sha256, model.path by "<a local model folder>"."""
+    recipe = load_recipe(_copy(tmp_path, "here"))
+    data = recipe.model_dump(mode="json")
+    files = {"pairs": tmp_path / "here" / "pairs.jsonl", "neutral": tmp_path / "here" / "neutral.txt"}
+    hashed = {k: "sha256:" + hashlib.sha256(f.read_bytes()).hexdigest() for k, f in files.items()}
+    data["model"]["path"] = "<a local model folder>"
+    for persona in data["personas"].values():
+        persona["calibration"]["path"] = hashed["pairs"]
+    data["eval"]["paired"]["path"], data["eval"]["neutral"]["path"] = hashed["pairs"], hashed["neutral"]
+    assert recipe.digest() == hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
 def test_not_yaml_or_missing(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
@@ -196,3 +240,17 @@ def test_not_yaml_or_missing(tmp_path: Path) -> None:
     listy.write_text("- a\n- b\n")
     with pytest.raises(RecipeError, match="YAML mapping"):
         load_recipe(listy)
+
+
+def test_new_item_files_are_resolved_and_hashed_like_every_data_file() -> None:
+    """eval.unpaired, eval.choices and eval.sets name files: resolved against the recipe's folder and part of
+    the recipe's hash (data_files lists what recipe_sha256 hashes)."""
+    from exporter.recipe.paths import data_files
+
+    mbti = data_files(load_recipe(REPO / "recipes" / "smollm2-mbti.yaml"))
+    power = data_files(load_recipe(REPO / "recipes" / "smollm2-power-seeking.yaml"))
+    sensing = mbti["eval.sets.0.unpaired.responses.sensing.path"]
+    assert sensing == REPO / "recipes" / "data" / "machine-mindset-sensing-test.jsonl" and sensing.is_file()
+    assert "eval.sets.1.paired.path" in mbti
+    assert power["eval.choices.path"].name == "anthropic-power-seeking-test.jsonl"
+    assert power["tune.validation.choices.path"].name == "anthropic-power-seeking-validation.jsonl"

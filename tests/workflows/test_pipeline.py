@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from exporter.cli import main
+from exporter.publish.modelcard import CardContext, render_card
 from exporter.reports.persona import SCHEMA_VERSION, read_report
 from exporter.stages import checkpoint as checkpoint_stage
 from tests.helpers import write_recipe
@@ -37,6 +38,16 @@ def test_run_writes_verified_smaller_exports(recipe: Path, tmp_path: Path, capsy
         assert f"report: {out / persona / 'report.json'}" in table
     run = json.loads((out / "run.json").read_text())
     assert run["personas"] == {"introvert": "passed", "extravert": "passed"}
+    # one recipe hash: printed by validate, written to run.json, each report, each masks.json and the model card
+    assert main(["validate", str(recipe)]) == 0
+    printed = capsys.readouterr().out.splitlines()[-1]
+    assert printed == f"{recipe}: valid (recipe sha256 {run['recipe_sha256']})"
+    for persona in ("introvert", "extravert"):
+        report = read_report(out / persona)
+        assert report.recipe.sha256 == run["recipe_sha256"]
+        assert json.loads((out / persona / "masks.json").read_text())["recipe_sha256"] == run["recipe_sha256"]
+        card = render_card(report, CardContext(repo_id="me/x", hf_repo_id="me/x", onnx_folders=()))
+        assert f"(sha256 `{run['recipe_sha256']}`" in str(card)
     assert {p.name for p in out.iterdir()} == {"introvert", "extravert", "stats", "run.json", "recipe.json"}
     for persona in ("introvert", "extravert"):
         folder = out / persona
@@ -94,7 +105,13 @@ def test_existing_output_is_refused_then_overwritten(recipe: Path, tmp_path: Pat
     (out / "keep.txt").write_text("mine")
     assert main(["run", str(recipe), "--out", str(out)]) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert main(["run", str(recipe), "--out", str(out), "--overwrite"]) == 2  # not a run folder: never replaced
+    assert "--overwrite replaces only a run folder that persona-export wrote" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    (out / "keep.txt").write_text("left in the run folder")
     assert main(["run", str(recipe), "--out", str(out), "--overwrite"]) == 0
     assert (out / "run.json").is_file() and not (out / "keep.txt").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run.")]

@@ -200,7 +200,7 @@ TUNE_CASES: list[tuple[str, Callable[[dict[str, Any], Path], None], type[Excepti
         "missing-file",
         lambda d, t: d["tune"]["validation"]["paired"].update(path=str(t / "gone.jsonl")),
         EvalDataError,
-        "does not exist",
+        "tune.validation.paired.path: file not found: ",
     ),
     (
         "not-utf8",

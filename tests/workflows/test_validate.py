@@ -62,12 +62,17 @@ VALIDATE_CASES: list[tuple[str, Edit, type[PersonaExportError], str]] = [
         RecipeError,
         "eval.paired.responses.ghost: unknown persona",
     ),
-    ("eval-missing-file", with_eval(neutral={"path": "nothing.txt"}), EvalDataError, "does not exist"),
+    (
+        "eval-missing-file",
+        with_eval(neutral={"path": "nothing.txt"}),
+        EvalDataError,
+        "eval.neutral.path: file not found",
+    ),
     (
         "eval-statements-missing-file",
         with_eval(statements={"path": "none.jsonl", "labels": {"introvert": "Yes"}, "max_per_label": 1}),
         EvalDataError,
-        "eval.statements: data file",
+        "eval.statements.path: file not found: ",
     ),
     (
         "eval-file-is-a-folder",
