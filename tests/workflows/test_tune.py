@@ -357,7 +357,7 @@ def test_points_over_the_perplexity_bound_are_never_scored_for_shift_or_replies(
     replies = {"path": str(tmp_path / "everyday.txt"), "max_new_tokens": 4, "exclude_calibration": False}
     bound = 1.02
     path = _recipe(
-        tmp_path, tiny_llama_dir, validation, sparsity=[0.0, 0.25], steer=[0.0, 0.5, 8.0], max_perplexity_ratio=bound
+        tmp_path, tiny_llama_dir, validation, sparsity=[0.0, 0.25], steer=[0.0, 8.0], max_perplexity_ratio=bound
     )
     data = yaml.safe_load(path.read_text())
     data["tune"]["validation"]["replies"] = replies
