@@ -355,7 +355,7 @@ def test_points_over_the_perplexity_bound_are_never_scored_for_shift_or_replies(
     validation = write_pair_data(tmp_path / "val-pairs.jsonl", n=8, seed=7)
     (tmp_path / "everyday.txt").write_text("quiet book walk\nloud party crowd\nmusic dance team\n")
     replies = {"path": str(tmp_path / "everyday.txt"), "max_new_tokens": 4, "exclude_calibration": False}
-    bound = 1.0001  # below this grid's points on the tiny model (its smallest worst-persona ratio: 1.006)
+    bound = 1.0001  # most of this grid's persona exports break it on the tiny model
     path = _recipe(
         tmp_path, tiny_llama_dir, validation, sparsity=[0.0, 0.25], steer=[0.0, 8.0], max_perplexity_ratio=bound
     )
