@@ -14,7 +14,7 @@ from pathlib import Path
 
 import exporter
 from exporter.errors import OutputError, RecipeError
-from exporter.evaluation.items import EvalItems, check_disjoint_splits, prepare
+from exporter.evaluation.items import EvalItems, prepare
 from exporter.inputs import file_problem, folder_problem
 from exporter.io import Product, check_target
 from exporter.masking.data import select_samples
@@ -44,8 +44,6 @@ def validate(recipe: Recipe, reuse: Path | None = None) -> Validated:
     }
     items = prepare(recipe) if recipe.eval else None
     tune_items = prepare(recipe, tune_validation(recipe.tune), "tune.validation") if recipe.tune else None
-    if items is not None and tune_items is not None:
-        check_disjoint_splits(tune_items, items)
     if recipe.model.path is not None:
         sources.resolve(recipe.model)  # config.json, weights present, architecture: no weights are read
         config = sources.read_config(Path(recipe.model.path))

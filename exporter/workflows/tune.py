@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from exporter.errors import MaskError, RecipeError
-from exporter.evaluation.items import EvalItems, prepare
+from exporter.evaluation.items import EvalItems, check_disjoint_splits, prepare
 from exporter.evaluation.scorer import MaskScorer
 from exporter.io import TUNE_FOLDER, staged, write_json
 from exporter.masking.collect import column_norms, persona_statistics
@@ -81,6 +81,7 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     check_output(recipe, out, overwrite, TUNE_FOLDER)
     validation = tune_validation(spec)
     val_items, test_items = prepare(recipe, validation), prepare(recipe, test)
+    check_disjoint_splits(val_items, test_items)
     m = load_model(recipe)
     bounds = Bounds(spec.max_perplexity_ratio, validation.acceptance.max_repeated_4grams_over_dense)
     scorer = MaskScorer(recipe, validation, val_items, m.model, m.tokenizer, m.adapter)

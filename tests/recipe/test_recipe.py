@@ -75,6 +75,10 @@ def test_catalog_recipes_evaluate_on_test_and_tune_on_validation(name: str) -> N
         paths = [src.path for src in section.responses.values() if getattr(src, "path", None)]
         files[where] = {Path(p).name for p in paths or [section.path]}
     assert all("-test." in f for f in files["eval"]) and all("-validation." in f for f in files["tune"])
+    from exporter.evaluation.items import check_disjoint_splits, prepare
+    from exporter.recipe.tune import tune_validation
+
+    check_disjoint_splits(prepare(recipe, tune_validation(recipe.tune)), prepare(recipe))  # tune's own check
     assert recipe.tune.steer_vector == ["mlp", "residual"] and max(recipe.tune.steer) >= 4.0
     assert "starting point" in (REPO / "recipes" / name).read_text()
 
