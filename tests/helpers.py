@@ -249,6 +249,41 @@ def eval_section(tmp_path: Path, **changes: Any) -> dict[str, Any]:
     return section | changes
 
 
+def write_unpaired(tmp_path: Path, n: int = 7) -> dict[str, Any]:
+    """Unpaired eval items: each persona's answers to its own instructions (no instruction shared), and the section reading them."""
+    words = {"introvert": WORDS[:14], "extravert": WORDS[14:]}
+    responses = {}
+    for name, pool in words.items():
+        rows = [
+            {
+                "instruction": f"{name} question {i} " + " ".join(pool[i % 5 : i % 5 + 3]),
+                "text": " ".join(pool[i : i + 6]),
+            }
+            for i in range(n)
+        ]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        responses[name] = {"path": f"{name}.jsonl", "prompt_field": "instruction", "field": "text"}
+    return {"responses": responses, "max_items": n - 1, "seed": 3}
+
+
+def write_choices(tmp_path: Path, n: int = 8) -> dict[str, Any]:
+    """A/B items, balanced: the introvert's letter is (A) on the even items."""
+    rows = []
+    for i in range(n):
+        a, b = " ".join(WORDS[i : i + 3]), " ".join(WORDS[14 + i : 17 + i])
+        intro = "(A)" if i % 2 == 0 else "(B)"
+        rows.append(
+            {
+                "question": f"choose {i}: {WORDS[i]}?\n\n (A) {a}\n (B) {b}",
+                "intro_choice": intro,
+                "extra_choice": "(B)" if intro == "(A)" else "(A)",
+            }
+        )
+    (tmp_path / "choices.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    responses = {"introvert": {"field": "intro_choice"}, "extravert": {"field": "extra_choice"}}
+    return {"path": "choices.jsonl", "responses": responses, "max_items": n}
+
+
 def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float, what: str = "tensors") -> None:
     """Parity helper: on failure, print the max and mean difference."""
     diff = (a.to(torch.float64) - b.to(torch.float64)).abs()

@@ -36,7 +36,7 @@ from exporter.masking.statistics import Statistics
 from exporter.model.adapters import Adapter
 from exporter.model.encoding import Scored, encode_answer
 from exporter.quiet import progress
-from exporter.recipe.eval import EvalSpec
+from exporter.recipe.eval import EvalSpec, set_spec
 from exporter.recipe.schema import Recipe
 from exporter.verify.hf import masked
 
@@ -46,6 +46,22 @@ log = logging.getLogger(__name__)
 def system_prompt(recipe: Recipe, spec: EvalSpec, persona: str) -> str:
     desc = recipe.description(persona)
     return spec.system_prompts.get(persona) or f"Answer as a person with this personality: {desc}"
+
+
+def item_sequences(spec: EvalSpec, items: EvalItems, enc: Callable[[str, str], Scored]) -> dict[str, list[Scored]]:
+    """Every answer of `items` to score, encoded by `enc(prompt, answer)`, per answer set."""
+    seqs: dict[str, list[Scored]] = {}
+    if spec.paired is not None:
+        for persona in spec.paired.responses:
+            seqs[f"paired:{persona}"] = [enc(it.prompt, it.responses[persona]) for it in items.paired]
+    for persona, answers in items.unpaired.items():
+        seqs[f"unpaired:{persona}"] = [enc(a.prompt, a.response) for a in answers]
+    if spec.choices is not None:
+        for persona in spec.choices.responses:
+            seqs[f"choices:{persona}"] = [enc(c.question, c.letters[persona]) for c in items.choices]
+    if spec.statements is not None:
+        seqs["statements"] = [enc(spec.statements.prompt, s.text) for s in items.statements]
+    return seqs
 
 
 @dataclass
@@ -67,19 +83,19 @@ class Evaluator:
     def _sequences(self, system: str | None) -> dict[str, list[Scored]]:
         if system not in self._encoded:
             enc = partial(encode_answer, self.tokenizer, system=system, max_tokens=self.spec.max_tokens)
-            seqs: dict[str, list[Scored]] = {}
-            if self.spec.paired is not None:
-                for persona in self.spec.paired.responses:
-                    seqs[f"paired:{persona}"] = [enc(it.prompt, it.responses[persona]) for it in self.items.paired]
-            if self.spec.statements is not None:
-                seqs["statements"] = [enc(self.spec.statements.prompt, s.text) for s in self.items.statements]
+            seqs = item_sequences(self.spec, self.items, enc)
+            for item_set in self.spec.sets:
+                sub = item_sequences(set_spec(item_set, self.spec), self.items.sets[item_set.name], enc)
+                seqs |= {f"{item_set.name}/{key}": group for key, group in sub.items()}
             self._encoded[system] = seqs
         return self._encoded[system]
 
     def answers(
         self, intervention: Intervention | None, system: str | None, progress: Callable[[int], Any] | None = None
     ) -> dict[str, np.ndarray]:
-        """Mean per-token log-likelihood of every answer: {"paired:<persona>": (N,), "statements": (M,)}.
+        """Mean per-token log-likelihood of every answer: {"paired:<persona>": (N,), "unpaired:<persona>": (N_p,),
+        "choices:<persona>": (K,) (the persona's letter as the reply to each question), "statements": (M,)}, and
+        each item set's as "<set name>/<key>".
 
         All answers are scored in one call, so the answers of a pair share their prompt's forward pass."""
         seqs = self._sequences(system)

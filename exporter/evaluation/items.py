@@ -1,5 +1,5 @@
-"""Evaluation items: paired responses, persona statements and neutral text read from local files, plus
-the leak check against every persona's calibration samples.
+"""Evaluation items: paired responses, unpaired answers, A/B choices, persona statements and neutral text read
+from local files, plus the leak check against every persona's calibration samples.
 
 A text leaks when, after lower-casing and collapsing whitespace, it equals a calibration prompt or response,
 or (for texts of at least MIN_CONTAINED characters) one contains the other. `exclude_calibration` drops
@@ -20,7 +20,17 @@ from typing import Any
 
 from exporter.errors import CalibrationDataError, RecipeError
 from exporter.masking.data import field_problem, read_records, read_samples, select_samples
-from exporter.recipe.eval import EvalSpec, PairedSpec, RepliesSpec, StatementsSpec, eval_problems, reply_cap
+from exporter.recipe.eval import (
+    ChoicesSpec,
+    EvalSpec,
+    PairedSpec,
+    RepliesSpec,
+    StatementsSpec,
+    UnpairedSpec,
+    eval_problems,
+    reply_cap,
+    set_spec,
+)
 from exporter.recipe.formats import FORMATS
 from exporter.recipe.schema import DataSpec, Recipe, infer_format
 
@@ -40,6 +50,24 @@ class PairedItem:
 
 
 @dataclass(frozen=True)
+class Answer:
+    """One persona's answer to its own instruction (unpaired items)."""
+
+    index: int
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class Choice:
+    """An A/B item: the question with its choices, and each persona's letter."""
+
+    index: int
+    question: str
+    letters: dict[str, str]  # persona -> its letter, e.g. "(A)"
+
+
+@dataclass(frozen=True)
 class Statement:
     index: int
     text: str
@@ -49,11 +77,14 @@ class Statement:
 @dataclass
 class EvalItems:
     paired: list[PairedItem] = field(default_factory=list)
+    unpaired: dict[str, list[Answer]] = field(default_factory=dict)  # persona -> its answers
+    choices: list[Choice] = field(default_factory=list)
     statements: list[Statement] = field(default_factory=list)
     neutral: list[str] = field(default_factory=list)  # paragraphs
     reply_prompts: list[str] = field(default_factory=list)  # everyday prompts for the reply metric
     splits: dict[str, Any] = field(default_factory=dict)  # per source: file, counts, selection
     leaks: list[dict[str, Any]] = field(default_factory=list)  # flagged (on_leak: flag) leaks
+    sets: dict[str, EvalItems] = field(default_factory=dict)  # eval.sets: each set's items, by name
 
 
 def norm(text: str) -> str:
@@ -171,6 +202,80 @@ def _item_leak(item: PairedItem, calib: CalibrationIndex) -> str | None:
     return None
 
 
+def read_unpaired(spec: UnpairedSpec, calib: CalibrationIndex) -> tuple[dict[str, list[Answer]], dict[str, Any]]:
+    """Each persona's own answers: unique prompts, held-out ones when asked, then `max_items` per persona."""
+    chosen: dict[str, list[Answer]] = {}
+    split: dict[str, Any] = {"held_out": spec.exclude_calibration, "seed": spec.seed, "personas": {}}
+    for name, src in spec.responses.items():
+        records = _read(src.path, src.format, f"eval.unpaired.responses.{name}")
+        items: list[Answer] = []
+        seen: set[str] = set()
+        for i, rec in enumerate(records):
+            prompt = _text(rec, src.prompt_field, i, src.path)
+            if norm(prompt) not in seen:
+                seen.add(norm(prompt))
+                items.append(Answer(i, prompt, _text(rec, src.field, i, src.path)))
+        candidates = [
+            k
+            for k, it in enumerate(items)
+            if not (spec.exclude_calibration and (calib.find(it.prompt) or calib.find(it.response)))
+        ]
+        excluded = len(items) - len(candidates)
+        where = f"eval.unpaired.max_items ({name})"
+        chosen[name] = [items[k] for k in _choose(candidates, spec.max_items, spec.seed, where, len(items), excluded)]
+        split["personas"][name] = {
+            "file": {"path": src.path, "sha256": file_sha256(src.path)},
+            "records": len(records),
+            "unique_prompts": len(items),
+            "excluded_as_calibration": excluded,
+            "selected": len(chosen[name]),
+            "record_indices": [it.index for it in chosen[name]],
+        }
+    shared = {norm(a.prompt) for a in chosen[next(iter(chosen))]}
+    for name, answers in list(chosen.items())[1:]:
+        if shared & {norm(a.prompt) for a in answers}:
+            raise EvalDataError(
+                f"eval.unpaired: personas answer a same instruction ({name}); unpaired items must answer different "
+                "instructions (use eval.paired for answers to the same one)"
+            )
+    return chosen, split
+
+
+def read_choices(spec: ChoicesSpec, calib: CalibrationIndex) -> tuple[list[Choice], dict[str, Any]]:
+    """A/B items: each persona's letter must differ from the other's on every record."""
+    records = _read(spec.path, spec.format, "eval.choices")
+    items: list[Choice] = []
+    seen: set[str] = set()
+    for i, rec in enumerate(records):
+        question = _text(rec, spec.prompt_field, i, spec.path)
+        letters = {n: _text(rec, f.field, i, spec.path) for n, f in spec.responses.items()}
+        if len(set(letters.values())) != len(letters):
+            raise EvalDataError(f"eval.choices: record {i} of {spec.path} gives the personas one letter ({letters})")
+        if norm(question) not in seen:
+            seen.add(norm(question))
+            items.append(Choice(i, question, letters))
+    candidates = [k for k, it in enumerate(items) if not (spec.exclude_calibration and calib.find(it.question))]
+    excluded = len(items) - len(candidates)
+    picks = _choose(candidates, spec.max_items, spec.seed, "eval.choices.max_items", len(items), excluded)
+    chosen = [items[k] for k in picks]
+    first = next(iter(spec.responses))
+    split = {
+        "file": {"path": spec.path, "sha256": file_sha256(spec.path)},
+        "records": len(records),
+        "unique_prompts": len(items),
+        "excluded_as_calibration": excluded,
+        "held_out": spec.exclude_calibration,
+        "selected": len(chosen),
+        "seed": spec.seed,
+        "record_indices": [it.index for it in chosen],
+        "letters_of_first": {
+            letter: sum(c.letters[first] == letter for c in chosen)
+            for letter in sorted({c.letters[first] for c in chosen})
+        },
+    }
+    return chosen, split
+
+
 def read_statements(
     spec: StatementsSpec, calib: CalibrationIndex, section: str = "eval"
 ) -> tuple[list[Statement], dict[str, Any]]:
@@ -266,6 +371,10 @@ def load_items(recipe: Recipe, spec: EvalSpec, section: str = "eval") -> EvalIte
     items = EvalItems()
     if spec.paired is not None:
         items.paired, items.splits["paired"] = read_paired(spec.paired, calib, section)
+    if spec.unpaired is not None:
+        items.unpaired, items.splits["unpaired"] = read_unpaired(spec.unpaired, calib)
+    if spec.choices is not None:
+        items.choices, items.splits["choices"] = read_choices(spec.choices, calib)
     if spec.statements is not None:
         items.statements, items.splits["statements"] = read_statements(spec.statements, calib, section)
     if spec.neutral is not None:
@@ -276,7 +385,12 @@ def load_items(recipe: Recipe, spec: EvalSpec, section: str = "eval") -> EvalIte
         }
     if spec.replies is not None:
         items.reply_prompts, items.splits["replies"] = read_reply_prompts(spec.replies, calib, section, reply_cap(spec))
-    items.leaks = find_leaks(items, calib)
+    for item_set in spec.sets:
+        sub = load_items(recipe, set_spec(item_set, spec), f"{section}.sets.{item_set.name}")
+        items.sets[item_set.name] = sub
+        items.splits.setdefault("sets", {})[item_set.name] = sub.splits
+        items.leaks += [leak | {"source": f"{item_set.name}/{leak['source']}"} for leak in sub.leaks]
+    items.leaks += find_leaks(items, calib)
     if items.leaks:
         shown = "; ".join(f"{x['source']} #{x['index']} = {x['calibration']}" for x in items.leaks[:5])
         msg = f"{len(items.leaks)} evaluation item(s) also occur in the calibration data: {shown}"
@@ -294,6 +408,15 @@ def find_leaks(items: EvalItems, calib: CalibrationIndex) -> list[dict[str, Any]
         where = _item_leak(it, calib)
         if where:
             leaks.append({"source": "paired", "index": it.index, "calibration": where})
+    for name, answers in items.unpaired.items():
+        for a in answers:
+            where = calib.find(a.prompt) or calib.find(a.response)
+            if where:
+                leaks.append({"source": f"unpaired:{name}", "index": a.index, "calibration": where})
+    for c in items.choices:
+        where = calib.find(c.question)
+        if where:
+            leaks.append({"source": "choices", "index": c.index, "calibration": where})
     for st in items.statements:
         where = calib.find(st.text)
         if where:
@@ -307,6 +430,28 @@ def find_leaks(items: EvalItems, calib: CalibrationIndex) -> list[dict[str, Any]
         if where:
             leaks.append({"source": "neutral", "index": k, "calibration": where})
     return leaks
+
+
+def item_texts(items: EvalItems) -> set[str]:
+    """Every prompt, answer, question, statement and reply prompt of `items` (and of its sets), normalised."""
+    out = {norm(t) for it in items.paired for t in (it.prompt, *it.responses.values())}
+    out |= {norm(t) for answers in items.unpaired.values() for a in answers for t in (a.prompt, a.response)}
+    out |= {norm(c.question) for c in items.choices}
+    out |= {norm(s.text) for s in items.statements} | {norm(p) for p in items.reply_prompts}
+    for sub in items.sets.values():
+        out |= item_texts(sub)
+    return out
+
+
+def check_disjoint_splits(validation: EvalItems, test: EvalItems) -> None:
+    """Tune never chooses on what is reported: the validation and test items share no text."""
+    shared = item_texts(validation) & item_texts(test)
+    if shared:
+        example = sorted(shared)[0][:80]
+        raise RecipeError(
+            f"tune.validation and eval share {len(shared)} text(s) (e.g. {example!r}); settings must be chosen "
+            "on items that are not reported: point tune.validation at another split"
+        )
 
 
 def persona_pairs(recipe: Recipe, persona: str) -> list[tuple[str, str, str]]:

@@ -14,6 +14,7 @@ from torch import nn
 from exporter.evaluation.conditions import (
     Evaluator,
     Raw,
+    Scores,
     conditions,
     random_keys,
     score_conditions,
@@ -39,11 +40,18 @@ DEFINITIONS = {
     "paired_margin": "answer_loglik(persona's answer) - answer_loglik(opposite persona's answer), same instruction",
     "accuracy": "fraction of pairs with a positive margin",
     "shift": "margin under the condition minus the dense model's margin, per item, then averaged",
+    "unpaired_shift": "each persona answers its own instructions (no instruction has both answers): mean change "
+    "of answer_loglik against the dense model over the persona's answers minus that over its opposite's answers "
+    "(difference in differences; the per-item dense baseline removes how hard each instruction is, which a "
+    "paired margin would cancel but two poles' different instructions do not); unpaired margin: the same "
+    "contrast of the raw answer_logliks",
+    "ab_accuracy": "share of A/B items whose persona letter ('(A)' or '(B)' as the assistant's whole reply to "
+    "the question with its choices) has the higher answer_loglik; chance 0.5; letter margin: that difference",
     "statements_margin": "mean answer_loglik of statements matching the persona minus that of the others, "
     "each statement the assistant's reply to the statements prompt",
     "perplexity": "exp(mean NLL) over every token of the neutral corpus windows after the first; no system prompt",
     "kl": "mean KL(P_dense || Q_condition) of next-token distributions at the same positions",
-    "ci95": "seeded percentile bootstrap over items (statements: each group resampled separately)",
+    "ci95": "seeded percentile bootstrap over items (statements and unpaired answers: each group resampled separately)",
     "mask": "persona mask applied to unit activations, plus the export's down_proj bias (steering and/or "
     "compensation) when the recipe sets one: equal to the exported model (see verification)",
     "steering-only": "the export's steering bias added to the dense model, no unit removed",
@@ -94,13 +102,35 @@ class MaskScorer:
                 self.norms[p] = wanda_norms(self.recipe, ev.model, ev.tokenizer, ev.adapter, p, self.stats.get(p))
         return {p: self.norms[p] for p in personas}
 
-    def score(self, masks: dict[str, PersonaMask]) -> Raw:
+    def score(self, masks: dict[str, PersonaMask], known: Raw | None = None) -> Raw:
         """Raw scores of every condition of `masks`; the dense model's (and its prompt-only conditions') are
-        scored with the first set and reused for the next."""
-        raw = score_conditions(self.ev, conditions(self.ev, masks, self.wanda(list(masks))), self.systems, self.dense)
-        if not self.dense:
-            self.dense = {k: v for k, v in raw.items() if k == "dense" or k.startswith("dense+")}
+        scored once and reused for the next set; `known` holds figures already scored (e.g. perplexity)."""
+        conds = conditions(self.ev, masks, self.wanda(list(masks)))
+        raw = score_conditions(self.ev, conds, self.systems, self.dense | (known or {}))
+        self.dense |= {k: v for k, v in raw.items() if k == "dense" or k.startswith("dense+")}
         return raw
+
+    def perplexity(self, masks: dict[str, PersonaMask]) -> Raw:
+        """Only the neutral-text figures of each persona's mask (and, once, the dense model's): the cheap first
+        stage of tune's early rejection. Pass the result to `evaluate(known=...)` so it is not scored again."""
+        conds = {k: c for k, c in conditions(self.ev, masks, {}).items() if k == "dense" or k.startswith("mask:")}
+        todo = {k: c.intervention for k, c in conds.items() if k not in self.dense or self.dense[k].neutral is None}
+        raw: Raw = {}
+        for key, figures in self.ev.neutral(todo).items():
+            raw[key] = Scores(conds[key].removed, None, figures)
+        if "dense" in raw:
+            self.dense["dense"] = raw.pop("dense")
+        return raw
+
+    def perplexity_ratios(self, known: Raw) -> dict[str, float]:
+        """Each persona's neutral perplexity over the dense model's, from `perplexity()`'s figures."""
+        base = self.dense["dense"].neutral
+        assert base is not None, "perplexity() scores the dense model first"
+        return {
+            k.removeprefix("mask:"): s.neutral.perplexity / base.perplexity
+            for k, s in known.items()
+            if s.neutral is not None
+        }
 
     def evaluate(
         self,
@@ -109,16 +139,17 @@ class MaskScorer:
         replies: bool = True,
         shipped: bool = True,
         timings: dict[str, float] | None = None,
+        known: Raw | None = None,
     ) -> dict[str, PersonaEvaluation]:
         """Every persona's evaluation for `masks`, baselines on the same items; with `shipped`, the replies are
         also decoded as the exports ship them (the recipe's output.generation). `timings` receives the seconds of
-        each part (baselines, scores, replies)."""
+        each part (baselines, scores, replies); `known`: figures already scored (`perplexity()`)."""
         seconds = timings if timings is not None else {}
         t = time.perf_counter()
         self.wanda(list(masks))
         seconds["eval_baselines"] = round(time.perf_counter() - t, 3)
         t = time.perf_counter()
-        raw = self.score(masks)
+        raw = self.score(masks, known)
         seconds["eval_scores"] = round(time.perf_counter() - t, 3)
         answered: dict[str, RepliesEvaluation] = {}
         if replies and self.spec.replies is not None and self.items.reply_prompts:

@@ -2,9 +2,15 @@
 intervals, and the acceptance bar.
 
 Paired margin of persona p over its opposite q, per item: mean per-token log-likelihood of p's answer minus
-that of q's answer. Shift: the margin minus the dense model's margin on the same item. Statements: mean
-log-likelihood of statements matching p minus that of the others. Random masks: per-item log-likelihoods
-averaged over the seeds, then the same statistics.
+that of q's answer. Shift: the margin minus the dense model's margin on the same item. Unpaired answers (p's
+answers and q's answers to different instructions): shift = mean change against the dense model of p's answers
+minus that of q's answers, a difference in differences, each pole resampled on its own for the interval; a
+per-item margin does not exist, since no instruction has both answers, and the raw contrast of the two poles'
+log-likelihoods mixes the persona with how hard each pole's instructions are, which the per-item dense baseline
+removes. A/B choices: per item, the log-likelihood of p's letter minus q's letter as the reply to the question;
+accuracy = share of items where it is positive (chance 0.5). Statements: mean log-likelihood of statements
+matching p minus that of the others. Random masks: per-item log-likelihoods averaged over the seeds, then the
+same statistics.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ import numpy as np
 
 from exporter.evaluation.conditions import Raw, Scores
 from exporter.evaluation.metrics import NeutralScore, contrast_ci, mean_ci, win_rate_ci
-from exporter.recipe.eval import EvalSpec
+from exporter.recipe.eval import EvalSpec, set_spec
 from exporter.reports.evaluation import (
     Acceptance,
+    ChoiceFigures,
+    ChoiceMeans,
     MaskVsPrompt,
     NeutralFigures,
     PairedFigures,
@@ -25,8 +33,12 @@ from exporter.reports.evaluation import (
     RepliesEvaluation,
     Row,
     SeedRow,
+    SetEvaluation,
+    SetRow,
     StatementFigures,
     StatementMeans,
+    UnpairedFigures,
+    UnpairedMeans,
 )
 
 
@@ -46,9 +58,14 @@ def _mean_neutral(entries: list[Scores]) -> NeutralScore | None:
 class PersonaView:
     """Statistics of one persona from raw condition scores."""
 
-    def __init__(self, raw: Raw, persona: str, spec: EvalSpec, labels: list[str], dense_params: int):
+    def __init__(
+        self, raw: Raw, persona: str, spec: EvalSpec, labels: list[str], dense_params: int, toward: str | None = None
+    ):
+        """`persona` names the conditions (its mask, its system prompt); the figures are toward `toward` (the
+        persona itself unless given: an item set scores a persona toward a pole it does not name)."""
         self.raw, self.p, self.spec, self.dense_params = raw, persona, spec, dense_params
-        self.q = next((n for n in (spec.paired.responses if spec.paired else {}) if n != persona), None)
+        self.t = toward or persona
+        self.q = partner(spec, self.t)
         label = spec.statements.labels.get(persona) if spec.statements else None
         self.match = np.array([x == label for x in labels], dtype=bool) if label is not None else None
         self.boot = {"n": spec.bootstrap, "seed": spec.seed}
@@ -60,9 +77,9 @@ class PersonaView:
         return answers
 
     def margins(self, answers: dict[str, np.ndarray]) -> np.ndarray | None:
-        if self.q is None or f"paired:{self.p}" not in answers:
+        if self.q is None or f"paired:{self.t}" not in answers:
             return None
-        return answers[f"paired:{self.p}"] - answers[f"paired:{self.q}"]
+        return answers[f"paired:{self.t}"] - answers[f"paired:{self.q}"]
 
     def row(self, label: str, answers: dict[str, np.ndarray], neutral: NeutralScore | None, removed: int) -> Row:
         return Row(
@@ -70,6 +87,8 @@ class PersonaView:
             parameters_removed=removed,
             fraction_removed=removed / self.dense_params,
             paired=self.paired(answers),
+            unpaired=self.unpaired(answers),
+            choices=self.choices(answers),
             statements=self.statements(answers),
             neutral=self.neutral(neutral),
         )
@@ -81,6 +100,30 @@ class PersonaView:
         boot = self.boot
         return PairedFigures(
             margin=mean_ci(m, **boot), accuracy=win_rate_ci(m, **boot), shift=mean_ci(m - m0, **boot), n=len(m)
+        )
+
+    def unpaired(self, answers: dict[str, np.ndarray]) -> UnpairedFigures | None:
+        own, other = f"unpaired:{self.t}", f"unpaired:{self.q}"
+        if own not in answers or other not in answers:
+            return None
+        d = {k: answers[k] - self.dense[k] for k in (own, other)}
+        return UnpairedFigures(
+            margin=contrast_ci(answers[own], answers[other], **self.boot),
+            shift=contrast_ci(d[own], d[other], **self.boot),
+            n_own=len(answers[own]),
+            n_other=len(answers[other]),
+        )
+
+    def choices(self, answers: dict[str, np.ndarray]) -> ChoiceFigures | None:
+        own, other = f"choices:{self.t}", f"choices:{self.q}"
+        if own not in answers or other not in answers:
+            return None
+        m, m0 = answers[own] - answers[other], self.dense[own] - self.dense[other]
+        return ChoiceFigures(
+            accuracy=win_rate_ci(m, **self.boot),
+            margin=mean_ci(m, **self.boot),
+            shift=mean_ci(m - m0, **self.boot),
+            n=len(m),
         )
 
     def statements(self, answers: dict[str, np.ndarray]) -> StatementFigures | None:
@@ -128,12 +171,26 @@ class PersonaView:
         return row.model_copy(update={"seeds": seeds})
 
 
+def partner(spec: EvalSpec, persona: str) -> str | None:
+    """The persona's opposite in the first item section that names it (paired, unpaired, choices)."""
+    for section in (spec.paired, spec.unpaired, spec.choices):
+        if section is not None and persona in section.responses:
+            return next((n for n in section.responses if n != persona), None)
+    return None
+
+
 def seed_row(row: Row) -> SeedRow:
     """One random seed's row: per-seed intervals are noise here, so only the means are kept."""
-    paired = statements = None
+    paired = statements = unpaired = choices = None
     if row.paired is not None:
         p = row.paired
         paired = PairedMeans(margin=p.margin.mean, accuracy=p.accuracy.mean, shift=p.shift.mean, n=p.n)
+    if row.unpaired is not None:
+        u = row.unpaired
+        unpaired = UnpairedMeans(margin=u.margin.mean, shift=u.shift.mean, n_own=u.n_own, n_other=u.n_other)
+    if row.choices is not None:
+        c = row.choices
+        choices = ChoiceMeans(accuracy=c.accuracy.mean, margin=c.margin.mean, shift=c.shift.mean, n=c.n)
     if row.statements is not None:
         s = row.statements
         statements = StatementMeans(
@@ -144,6 +201,8 @@ def seed_row(row: Row) -> SeedRow:
         parameters_removed=row.parameters_removed,
         fraction_removed=row.fraction_removed,
         paired=paired,
+        unpaired=unpaired,
+        choices=choices,
         statements=statements,
         neutral=row.neutral,
     )
@@ -165,16 +224,16 @@ def persona_rows(view: PersonaView, random_keys: list[str]) -> list[Row]:
 
 
 def _shift(rows: list[Row], condition: str) -> float | None:
-    return next((r.shift for r in rows if r.condition.startswith(condition) and r.paired), None)
+    return next((r.shift for r in rows if r.condition.startswith(condition) and r.shift is not None), None)
 
 
 def _random_movement(rows: list[Row]) -> float | None:
     """The random mask's movement: the larger of |mean shift over seeds| and the mean of |shift| per seed."""
-    row = next((r for r in rows if r.condition.startswith("random mask") and r.paired), None)
-    if row is None or row.paired is None:
+    row = next((r for r in rows if r.condition.startswith("random mask") and r.shift is not None), None)
+    if row is None or row.shift is None:
         return None
-    per_seed = [abs(s.paired.shift) for s in row.seeds or [] if s.paired is not None]
-    return max([abs(row.paired.shift.mean), *per_seed])
+    per_seed = [abs(shift) for s in row.seeds or [] if (shift := s.shift) is not None]
+    return max([abs(row.shift), *per_seed])
 
 
 def reply_checks(replies: RepliesEvaluation, spec: EvalSpec) -> dict[str, bool]:
@@ -229,6 +288,48 @@ def mask_vs_prompt(view: PersonaView) -> MaskVsPrompt | None:
     return MaskVsPrompt(mask_minus_prompt=mean_ci(m_mask - m_prompt, **view.boot))
 
 
+def set_raw(raw: Raw, name: str) -> Raw:
+    """The raw scores of one item set, its answer keys without the set's prefix."""
+    prefix = f"{name}/"
+    out: Raw = {}
+    for key, scores in raw.items():
+        answers = scores.answers
+        if answers is not None:
+            answers = {k.removeprefix(prefix): v for k, v in answers.items() if k.startswith(prefix)}
+        out[key] = Scores(scores.removed, answers, scores.neutral)
+    return out
+
+
+def set_evaluations(
+    raw: Raw, persona: str, parts: list[str], spec: EvalSpec, random_keys: list[str], dense_params: int
+) -> list[SetEvaluation]:
+    """The persona on every item set: toward its own pole (or its part's, for a persona made of parts) where the
+    set names it, else toward the set's first persona (crosstalk)."""
+    out = []
+    for item_set in spec.sets:
+        names = item_set.personas
+        own = next((x for x in parts if x in names), None)
+        toward = own or names[0]
+        view = PersonaView(set_raw(raw, item_set.name), persona, set_spec(item_set, spec), [], dense_params, toward)
+        rows = [
+            SetRow(condition=r.condition, shift=r.shift_ci, accuracy=r.choices.accuracy if r.choices else None)
+            for r in persona_rows(view, random_keys)
+        ]
+        out.append(SetEvaluation(name=item_set.name, personas=names, toward=toward, own=own is not None, rows=rows))
+    return out
+
+
+def switch_success(rows: list[Row], own_main: bool, sets: list[SetEvaluation]) -> bool | None:
+    """Every own axis's mask-only shift has its 95 % interval above 0; None without own items."""
+    intervals = [r.shift_ci for r in rows if r.condition == "mask-only"] if own_main else []
+    for s in sets:
+        if s.own:
+            intervals += [r.shift for r in s.rows if r.condition == "mask-only"]
+    if not intervals or any(ci is None for ci in intervals):
+        return None
+    return all(ci is not None and ci.ci95[0] > 0 for ci in intervals)
+
+
 def summarise(
     raw: Raw,
     persona: str,
@@ -237,14 +338,25 @@ def summarise(
     random_keys: list[str],
     dense_params: int,
     replies: RepliesEvaluation | None = None,
+    parts: list[str] | None = None,
 ) -> dict[str, Any]:
-    """The persona's `opposite`, `rows`, `acceptance`, `mask_vs_prompt` and `replies` (PersonaEvaluation fields)."""
+    """The persona's `opposite`, `rows`, `acceptance`, `mask_vs_prompt`, `replies`, `sets` and `switch_success`
+    (PersonaEvaluation fields). `parts`: the poles a persona made of several stands for (itself by default)."""
+    parts = parts or [persona]
     view = PersonaView(raw, persona, spec, labels, dense_params)
+    own_set = next((x for x in spec.sets if any(p in x.personas for p in parts)), None)
+    if view.q is None and own_set is not None:  # the persona's own axis is one of the sets: its rows and its bar
+        toward = next(p for p in parts if p in own_set.personas)
+        sub = set_spec(own_set, spec)
+        view = PersonaView(set_raw(raw, own_set.name), persona, sub, [], dense_params, toward)
     rows = persona_rows(view, random_keys)
+    sets = set_evaluations(raw, persona, parts, spec, random_keys, dense_params)
     return {
         "opposite": view.q,
         "rows": rows,
         "acceptance": acceptance(rows, spec, replies),
         "mask_vs_prompt": mask_vs_prompt(view),
         "replies": replies,
+        "sets": sets,
+        "switch_success": switch_success(rows, view.q is not None and own_set is None, sets),
     }

@@ -1,6 +1,7 @@
 """The recipe's optional `eval:` section (see exporter/evaluation/metrics.py and exporter/evaluation/conditions.py).
 
-Paired responses, persona statements and a neutral corpus, all local files; relative paths are resolved
+Paired responses, unpaired answers (each persona's answers to its own instructions), A/B choices, persona
+statements and a neutral corpus, all local files; relative paths are resolved
 against the recipe's folder. Persona names used here are checked against `personas` when evaluation runs
 (`eval_problems`), with their key paths.
 """
@@ -41,6 +42,63 @@ class PairedSpec(_Strict):
     max_items: Positive
     seed: Seed = 0
     exclude_calibration: bool = False  # held-out split: drop items that occur in any calibration set
+
+
+class UnpairedSource(_Strict):
+    """One persona's own answers: `field` of each record of `path`, the answer to its `prompt_field`."""
+
+    path: str
+    format: Literal["json", "jsonl", "csv"] | None = None
+    prompt_field: str = "prompt"
+    field: str = "response"
+
+
+class UnpairedSpec(_Strict):
+    """Each persona's answers to different instructions (e.g. two poles sampled on their own); the metric is a
+    difference in differences against the dense model (exporter/evaluation/summary.py)."""
+
+    responses: dict[str, UnpairedSource]
+    max_items: Positive  # per persona
+    seed: int = 0
+    exclude_calibration: bool = False
+
+
+class LetterField(_Strict):
+    field: str  # the record's field holding the persona's letter, e.g. "(A)"
+
+
+class ChoicesSpec(_Strict):
+    """A/B items: the question (choices inside) and, per persona, the field holding its letter; the model's
+    choice is the letter with the higher log-likelihood as the assistant's reply to the question."""
+
+    path: str
+    format: Literal["json", "jsonl", "csv"] | None = None
+    prompt_field: str = "question"
+    responses: dict[str, LetterField]
+    max_items: Positive
+    seed: int = 0
+    exclude_calibration: bool = False
+
+
+class ItemSetSpec(_Strict):
+    """One more pair's items in a recipe of several pairs: exactly one of paired, unpaired or choices, naming the
+    pair's two personas. Every persona of the recipe is scored on every set: toward its own pole where the set
+    names it, else toward the set's first persona (crosstalk, which should stay near 0)."""
+
+    name: str
+    paired: PairedSpec | None = None
+    unpaired: UnpairedSpec | None = None
+    choices: ChoicesSpec | None = None
+
+    @property
+    def section(self) -> PairedSpec | UnpairedSpec | ChoicesSpec:
+        found = [s for s in (self.paired, self.unpaired, self.choices) if s is not None]
+        assert len(found) == 1, "checked by eval_problems"
+        return found[0]
+
+    @property
+    def personas(self) -> list[str]:
+        return list(self.section.responses)
 
 
 class StatementsSpec(_Strict):
@@ -105,9 +163,12 @@ class EvalSpec(_Strict):
     depth: Depth = "verdict"
     verdict: VerdictSpec = VerdictSpec()
     paired: PairedSpec | None = None
+    unpaired: UnpairedSpec | None = None
+    choices: ChoicesSpec | None = None
     statements: StatementsSpec | None = None
     neutral: NeutralSpec | None = None
     replies: RepliesSpec | None = None
+    sets: list[ItemSetSpec] = []  # the other pairs' items (a recipe of several pairs): shift and crosstalk per set
     system_prompts: dict[str, str] = {}  # persona -> prompt-only baseline prompt (default: from description)
     baselines: list[Baseline] = list(BASELINES)  # or "all"; the verdict needs only prompt and random
     random_seeds: Annotated[int, Field(ge=3, le=100)] = 3  # each is one more evaluated condition
@@ -143,6 +204,12 @@ def reply_cap(spec: EvalSpec) -> int | None:
     return spec.verdict.reply_prompts if spec.depth == "verdict" else None
 
 
+def set_spec(item_set: ItemSetSpec, parent: EvalSpec) -> EvalSpec:
+    """An item set as an eval section of its own: its items, the parent's bootstrap, seeds and limits."""
+    update = {"paired": item_set.paired, "unpaired": item_set.unpaired, "choices": item_set.choices}
+    return parent.model_copy(update=update | {"statements": None, "neutral": None, "replies": None, "sets": []})
+
+
 def eval_problems(spec: EvalSpec, personas: list[str]) -> list[str]:
     """Cross-section problems: persona names that are not in the recipe, missing data sections."""
     problems: list[str] = []
@@ -153,14 +220,31 @@ def eval_problems(spec: EvalSpec, personas: list[str]) -> list[str]:
             if n not in personas:
                 problems.append(f"{where}.{n}: unknown persona {n!r}; known personas: {known}")
 
-    if spec.paired is None and spec.statements is None and spec.neutral is None and spec.replies is None:
-        problems.append("eval: give at least one of 'paired', 'statements', 'neutral', 'replies'")
-    if spec.paired is not None:
-        check(list(spec.paired.responses), "eval.paired.responses")
-        if len(spec.paired.responses) != 2:
+    sections = (spec.paired, spec.unpaired, spec.choices, spec.statements, spec.neutral, spec.replies)
+    if all(s is None for s in sections):
+        problems.append(
+            "eval: give at least one of 'paired', 'unpaired', 'choices', 'statements', 'neutral', 'replies'"
+        )
+    for key, section in (("paired", spec.paired), ("unpaired", spec.unpaired), ("choices", spec.choices)):
+        if section is None:
+            continue
+        check(list(section.responses), f"eval.{key}.responses")
+        if len(section.responses) != 2:
             problems.append(
-                f"eval.paired.responses: name exactly two opposing personas (got {sorted(spec.paired.responses)})"
+                f"eval.{key}.responses: name exactly two opposing personas (got {sorted(section.responses)})"
             )
+    names = [s.name for s in spec.sets]
+    if len(set(names)) != len(names):
+        problems.append(f"eval.sets: two sets share a name ({names})")
+    for i, item_set in enumerate(spec.sets):
+        given = [k for k in ("paired", "unpaired", "choices") if getattr(item_set, k) is not None]
+        if len(given) != 1:
+            problems.append(f"eval.sets.{i}: give exactly one of 'paired', 'unpaired', 'choices' (got {given})")
+            continue
+        check(item_set.personas, f"eval.sets.{i}.{given[0]}.responses")
+        if len(item_set.personas) != 2:
+            problems.append(f"eval.sets.{i}.{given[0]}.responses: name exactly two opposing personas")
+    if spec.paired is not None:
         for name, src in spec.paired.responses.items():
             if src.path is None and spec.paired.path is None:
                 problems.append(f"eval.paired.responses.{name}.path: required when eval.paired.path is not set")

@@ -22,10 +22,14 @@ LOCAL_MODEL = "<a local model folder>"
 
 
 def _sections(data: dict[str, Any]) -> list[tuple[Key, Any]]:
-    """The evaluation sections that name data files: eval and tune.validation."""
+    """The evaluation sections that name data files: eval, each of eval.sets (keyed by its position) and
+    tune.validation."""
     tune = data.get("tune")
     validation = tune.get("validation") if isinstance(tune, dict) else None
-    return [(("eval",), data.get("eval")), (("tune", "validation"), validation)]
+    ev = data.get("eval")
+    sets = ev.get("sets") if isinstance(ev, dict) else None
+    item_sets = [(("eval", "sets", str(i)), s) for i, s in enumerate(sets)] if isinstance(sets, list) else []
+    return [(("eval",), ev), *item_sets, (("tune", "validation"), validation)]
 
 
 def file_keys(data: dict[str, Any]) -> list[Key]:
@@ -43,24 +47,26 @@ def file_keys(data: dict[str, Any]) -> list[Key]:
     for top, ev in _sections(data):
         if not isinstance(ev, dict):
             continue
-        for part in ("paired", "statements", "neutral", "replies"):
+        for part in ("paired", "unpaired", "choices", "statements", "neutral", "replies"):
             add((*top, part), ev.get(part))
-        paired = ev.get("paired")
-        responses = paired.get("responses") if isinstance(paired, dict) else None
-        for name, src in responses.items() if isinstance(responses, dict) else []:
-            add((*top, "paired", "responses", str(name)), src)
+        for part in ("paired", "unpaired"):  # a persona's answers may sit in a file of their own
+            section = ev.get(part)
+            responses = section.get("responses") if isinstance(section, dict) else None
+            for name, src in responses.items() if isinstance(responses, dict) else []:
+                add((*top, part, "responses", str(name)), src)
     return keys
 
 
 def get_key(data: dict[str, Any], key: Key) -> Any:
     node: Any = data
     for part in key:
-        node = node[part]
+        node = node[int(part)] if isinstance(node, list) else node[part]  # eval.sets is a list
     return node
 
 
 def set_key(data: dict[str, Any], key: Key, value: Any) -> None:
-    get_key(data, key[:-1])[key[-1]] = value
+    parent = get_key(data, key[:-1])
+    parent[int(key[-1]) if isinstance(parent, list) else key[-1]] = value
 
 
 def data_files(recipe: Recipe) -> dict[str, Path]:

@@ -244,15 +244,19 @@ MAX_TUNE_POINTS = 1000
 
 class TuneSpec(Strict):
     """`persona-export tune`: a grid searched on the `validation` items; the best setting is then reported on
-    the recipe's `eval` items, which no choice looked at. Best = the largest paired shift of the weaker persona
+    the recipe's `eval` items, which no choice looked at. Best = the largest shift of the weaker persona
     with every persona's neutral perplexity at most `max_perplexity_ratio` x dense (and, by default, some units
     removed)."""
 
     sparsity: Annotated[list[Fraction | dict[str, Fraction]], Field(min_length=1)]  # MLP sparsities, as prune.mlp
     steer: Annotated[list[Alpha | dict[str, Alpha]], Field(min_length=1)] = [0.0]  # as method.steer
     steer_layers: Annotated[list[Depth | dict[str, Depth]], Field(min_length=1)] = [1.0]
-    # also let each persona take its own best sparsity, steering alpha and steered layers among points that
-    # differ only in those (`sparsity`, `steer` and `steer_layers` then mappings per persona)
+    # the steering vector kinds searched (as method.steer_vector): mlp (the mean MLP-output difference in each
+    # steered layer) and / or residual (the mean residual-stream difference after the last steered layer);
+    # unset: the recipe's method.steer_vector
+    steer_vector: Annotated[list[SteerVector | dict[str, SteerVector]], Field(min_length=1)] | None = None
+    # also let each persona take its own best sparsity, steering alpha, steered layers and vector kind among points
+    # that differ only in those (`sparsity`, `steer`, `steer_layers` and `steer_vector` then mappings per persona)
     # (recipes and run folders of earlier releases call it steer_per_persona)
     per_persona: bool = Field(False, validation_alias=AliasChoices("per_persona", "steer_per_persona"))
     compensate: Annotated[list[Literal["none", "personas", "persona"]], Field(min_length=1)] = ["none"]

@@ -6,19 +6,20 @@ from __future__ import annotations
 import itertools
 
 from exporter.recipe.eval import EvalSpec
-from exporter.recipe.schema import MethodSpec, Recipe, Strict, TuneSpec, per_persona
+from exporter.recipe.schema import MethodSpec, Recipe, SteerVector, Strict, TuneSpec, per_persona
 
 PerPersona = float | dict[str, float]  # one value for every persona, or one per persona
-OWN = ("sparsity", "steer", "steer_layers")  # the settings a persona can take on its own
+OWN = ("sparsity", "steer", "steer_layers", "steer_vector")  # the settings a persona can take on its own
 
 
 class Setting(Strict):
-    """One point of the tune grid: MLP sparsity, steering alpha and layers, compensation, soft-mask factor and
-    amplification."""
+    """One point of the tune grid: MLP sparsity, steering alpha, layers and vector kind, compensation, soft-mask
+    factor and amplification."""
 
     sparsity: PerPersona
     steer: PerPersona
     steer_layers: PerPersona = 1.0
+    steer_vector: SteerVector | dict[str, SteerVector] = "mlp"
     compensate: str
     gamma: float = 0.0
     amplify: float = 1.0
@@ -29,7 +30,8 @@ class Setting(Strict):
         assert prune.mlp is not None
         update = {"compensate": self.compensate, "gamma": self.gamma, "amplify": self.amplify}
         prune = prune.model_copy(update={"mlp": prune.mlp.model_copy(update=update)})
-        method = recipe.method.model_copy(update={"steer": self.steer, "steer_layers": self.steer_layers})
+        steering = {"steer": self.steer, "steer_layers": self.steer_layers, "steer_vector": self.steer_vector}
+        method = recipe.method.model_copy(update=steering)
         return recipe.model_copy(update={"prune": prune, "method": method})
 
     def own(self) -> tuple[str, ...]:
@@ -45,9 +47,16 @@ class Setting(Strict):
     def for_persona(self, persona: str) -> Setting:
         """The setting as one persona's export sees it: its own sparsity and steering (alpha, depth), by the
         recipe's rules for a persona left out of a per-persona mapping."""
-        method = MethodSpec.model_construct(steer=self.steer, steer_layers=self.steer_layers)
+        method = MethodSpec.model_construct(
+            steer=self.steer, steer_layers=self.steer_layers, steer_vector=self.steer_vector
+        )
         sparsity = per_persona(self.sparsity, persona, 0.0)
-        own = {"sparsity": sparsity, "steer": method.alpha(persona), "steer_layers": method.depth(persona)}
+        own = {
+            "sparsity": sparsity,
+            "steer": method.alpha(persona),
+            "steer_layers": method.depth(persona),
+            "steer_vector": method.vector(persona),
+        }
         return self.model_copy(update=own)
 
 
@@ -55,15 +64,24 @@ def grid(recipe: Recipe) -> list[tuple[Setting, Recipe]]:
     """Every point of the recipe's tune grid: its setting and the recipe with it."""
     t = recipe.tune
     assert t is not None
-    axes = (t.sparsity, t.steer, t.steer_layers, t.compensate, t.gamma, t.amplify)
+    vectors = t.steer_vector or [recipe.method.steer_vector]
+    axes = (t.sparsity, t.steer, t.steer_layers, vectors, t.compensate, t.gamma, t.amplify)
     points = []
-    for s, alpha, depth, comp, gamma, amp in itertools.product(*axes):
-        setting = Setting(sparsity=s, steer=alpha, steer_layers=depth, compensate=comp, gamma=gamma, amplify=amp)
+    for s, alpha, depth, vector, comp, gamma, amp in itertools.product(*axes):
+        setting = Setting(
+            sparsity=s,
+            steer=alpha,
+            steer_layers=depth,
+            steer_vector=vector,
+            compensate=comp,
+            gamma=gamma,
+            amplify=amp,
+        )
         points.append((setting, setting.applied(recipe)))
     return points
 
 
 def tune_validation(spec: TuneSpec) -> EvalSpec:
-    """The tune section's validation items as an eval section: only what the grid is ranked by (paired shift,
-    perplexity and, when given, the replies' persona scores and repetition), every item it lists."""
+    """The tune section's validation items as an eval section: only what the grid is ranked by (the shift,
+    perplexity and, when given, the replies' persona scores and repetition)."""
     return spec.validation.model_copy(update={"baselines": [], "statements": None, "depth": "full"})

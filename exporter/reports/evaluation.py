@@ -5,7 +5,7 @@ only read here and in the Markdown reports.
 
 from __future__ import annotations
 
-from pydantic import computed_field
+from pydantic import Field, computed_field
 
 from exporter.recipe.eval import Depth, EvalSpec
 from exporter.reports.record import Record
@@ -44,6 +44,33 @@ class StatementsSplit(Record):
     record_indices: list[int]
 
 
+class UnpairedPersonaSplit(Record):
+    file: FileRef
+    records: int
+    unique_prompts: int
+    excluded_as_calibration: int
+    selected: int
+    record_indices: list[int]
+
+
+class UnpairedSplit(Record):
+    held_out: bool
+    seed: int
+    personas: dict[str, UnpairedPersonaSplit]
+
+
+class ChoicesSplit(Record):
+    file: FileRef
+    records: int
+    unique_prompts: int
+    excluded_as_calibration: int
+    held_out: bool
+    selected: int
+    seed: int
+    record_indices: list[int]
+    letters_of_first: dict[str, int]  # how often each letter is the first persona's (balance of A and B)
+
+
 class NeutralSplit(Record):
     file: FileRef
     paragraphs: int
@@ -63,9 +90,12 @@ class Splits(Record):
     """What each source of items held and what was selected from it."""
 
     paired: PairedSplit | None = None
+    unpaired: UnpairedSplit | None = None
+    choices: ChoicesSplit | None = None
     statements: StatementsSplit | None = None
     neutral: NeutralSplit | None = None
     replies: RepliesSplit | None = None
+    sets: dict[str, Splits] | None = None
 
 
 class Leak(Record):
@@ -86,6 +116,27 @@ class StatementFigures(Record):
     shift: CI
     n_matching: int
     n_other: int
+
+
+class UnpairedFigures(Record):
+    """Unpaired answers: `margin` = mean answer log-likelihood of the persona's answers minus that of its
+    opposite's (different instructions, so not a shift); `shift` = the same contrast of each answer's change
+    against the dense model (difference in differences), each pole resampled on its own."""
+
+    margin: CI
+    shift: CI
+    n_own: int
+    n_other: int
+
+
+class ChoiceFigures(Record):
+    """A/B items: `accuracy` = share of items whose persona letter has the higher log-likelihood (chance 0.5);
+    `margin` = its letter's log-likelihood minus the other letter's; `shift` = margin minus the dense margin."""
+
+    accuracy: CI
+    margin: CI
+    shift: CI
+    n: int
 
 
 class NeutralFigures(Record):
@@ -110,13 +161,34 @@ class StatementMeans(Record):
     n_other: int
 
 
+class UnpairedMeans(Record):
+    margin: float
+    shift: float
+    n_own: int
+    n_other: int
+
+
+class ChoiceMeans(Record):
+    accuracy: float
+    margin: float
+    shift: float
+    n: int
+
+
 class SeedRow(Record):
     condition: str
     parameters_removed: int
     fraction_removed: float
     paired: PairedMeans | None = None
+    unpaired: UnpairedMeans | None = None
+    choices: ChoiceMeans | None = None
     statements: StatementMeans | None = None
     neutral: NeutralFigures | None = None
+
+    @property
+    def shift(self) -> float | None:
+        figures = self.paired or self.unpaired or self.choices
+        return figures.shift if figures else None
 
 
 class Row(Record):
@@ -126,13 +198,23 @@ class Row(Record):
     parameters_removed: int
     fraction_removed: float
     paired: PairedFigures | None = None
+    unpaired: UnpairedFigures | None = None
+    choices: ChoiceFigures | None = None
     statements: StatementFigures | None = None
     neutral: NeutralFigures | None = None
     seeds: list[SeedRow] | None = None
 
     @property
+    def shift_ci(self) -> CI | None:
+        """The shift toward the persona on its own items: paired answers first, else unpaired answers, else the
+        A/B choices' letter margin."""
+        figures = self.paired or self.unpaired or self.choices
+        return figures.shift if figures else None
+
+    @property
     def shift(self) -> float | None:
-        return self.paired.shift.mean if self.paired else None
+        ci = self.shift_ci
+        return ci.mean if ci else None
 
 
 class Acceptance(Record):
@@ -191,6 +273,25 @@ class RepliesEvaluation(Record):
     shipped: RepliesEvaluation | None = None
 
 
+class SetRow(Record):
+    """One condition on an item set: the shift toward `toward` (and the A/B letter accuracy for choices)."""
+
+    condition: str
+    shift: CI | None
+    accuracy: CI | None = None
+
+
+class SetEvaluation(Record):
+    """The persona on one item set of the recipe (eval.sets): `own` when the set names the persona (its own
+    axis), else crosstalk, the shift toward the set's first persona, which should stay near 0."""
+
+    name: str
+    personas: list[str]
+    toward: str
+    own: bool
+    rows: list[SetRow]
+
+
 class PersonaEvaluation(Record):
     depth: Depth = "full"  # reports written before the two depths held the full one's conditions
     splits: Splits
@@ -206,6 +307,10 @@ class PersonaEvaluation(Record):
     acceptance: Acceptance | None
     mask_vs_prompt: MaskVsPrompt | None
     replies: RepliesEvaluation | None = None
+    sets: list[SetEvaluation] = Field(default_factory=list)
+    # every axis the persona names moves toward it: the export's (mask-only) shift has a 95 % interval above 0 on
+    # each of its own item sets (the main items and eval.sets naming it); None without such items
+    switch_success: bool | None = None
 
     def row(self, condition: str) -> Row | None:
         """The first row whose condition starts with `condition` ("random mask" matches "random mask (3 seeds)")."""

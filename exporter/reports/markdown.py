@@ -21,8 +21,11 @@ COLUMNS = [
     "condition",
     "params removed",
     "paired margin [95% CI]",
+    "unpaired margin [95% CI]",
     "shift vs dense [95% CI]",
-    "A/B acc.",
+    "pair acc.",
+    "A/B letter acc. [95% CI]",
+    "A/B letter margin",
     "statements margin",
     "statements shift",
     "perplexity (x dense)",
@@ -42,18 +45,28 @@ def md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def condition_row(r: Row) -> list[str]:
-    paired, st, neu = r.paired, r.statements, r.neutral
+    paired, st, neu, un, ch = r.paired, r.statements, r.neutral, r.unpaired, r.choices
     return [
         r.condition,
         f"{r.parameters_removed / 1e6:.2f}M ({100 * r.fraction_removed:.1f}%)",
         fmt_ci(paired.margin if paired else None),
-        fmt_ci(paired.shift if paired else None),
+        fmt_ci(un.margin if un else None),
+        fmt_ci(r.shift_ci),
         fmt_ci(paired.accuracy, ".2f") if paired else "–",
+        fmt_ci(ch.accuracy, ".2f") if ch else "–",
+        fmt_ci(ch.margin if ch else None),
         fmt_ci(st.margin if st else None),
         fmt_ci(st.shift if st else None),
         f"{neu.perplexity:.2f} ({neu.perplexity_ratio:.2f}x)" if neu else "–",
         f"{neu.kl:.4f}" if neu else "–",
     ]
+
+
+def condition_table(rows: list[Row]) -> str:
+    """One line per condition; a column no row has a figure for is left out."""
+    cells = [condition_row(r) for r in rows]
+    keep = [i for i in range(len(COLUMNS)) if i < 2 or any(c[i] != "–" for c in cells)]
+    return md_table([COLUMNS[i] for i in keep], [[c[i] for i in keep] for c in cells])
 
 
 def splits_text(ev: PersonaEvaluation) -> list[str]:
@@ -72,6 +85,22 @@ def splits_text(ev: PersonaEvaluation) -> list[str]:
             f"- Paired responses: {p.selected} pairs ({files}; {p.records} records; {held}; "
             f"seeded selection, seed {p.seed})."
         )
+    if sp.unpaired is not None:
+        u = sp.unpaired
+        per = ", ".join(
+            f"{n}: {x.selected} of `{Path(x.file.path).name}` ({x.records} records, {x.excluded_as_calibration} "
+            "excluded as calibration items)"
+            for n, x in u.personas.items()
+        )
+        out.append(f"- Unpaired answers (each persona's own instructions): {per}; seed {u.seed}.")
+    if sp.choices is not None:
+        c = sp.choices
+        balance = ", ".join(f"{letter} {n}" for letter, n in c.letters_of_first.items())
+        out.append(
+            f"- A/B choices: {c.selected} items of `{Path(c.file.path).name}` ({c.records} records, "
+            f"{c.excluded_as_calibration} excluded as calibration items; the first persona's letter: {balance}; "
+            f"seed {c.seed})."
+        )
     if sp.statements is not None:
         s = sp.statements
         per = ", ".join(f"{n} '{lab}'" for lab, n in s.selected_per_label.items())
@@ -83,6 +112,30 @@ def splits_text(ev: PersonaEvaluation) -> list[str]:
         n = sp.neutral
         out.append(f"- Neutral text: `{Path(n.file.path).name}`, {n.paragraphs} paragraphs.")
     return out
+
+
+def sets_markdown(ev: PersonaEvaluation) -> list[str]:
+    """Each item set: the shift toward the persona's pole (own axis) or toward the set's first persona
+    (crosstalk), per condition; and whether every own axis moved."""
+    conditions = [r.condition for r in ev.sets[0].rows]
+    rows = []
+    for s in ev.sets:
+        by = {r.condition: r for r in s.rows}
+        cells = [fmt_ci(by[c].shift) if c in by else "–" for c in conditions]
+        kind = "own axis" if s.own else "crosstalk"
+        rows.append([s.name, f"{s.toward} ({kind})", *cells])
+    lines = [
+        "Item sets: shift toward the named persona (nats/token, 95% CI); on a crosstalk set the persona names "
+        "neither pole and the shift should stay near 0.",
+        "",
+        md_table(["items", "toward", *conditions], rows),
+    ]
+    if ev.switch_success is not None:
+        lines += [
+            "",
+            f"Switch success (every own axis's export shift > 0 with 95% confidence): {_mark(ev.switch_success)}.",
+        ]
+    return lines
 
 
 def depth_text(ev: PersonaEvaluation) -> str:
@@ -125,7 +178,7 @@ def evaluation_markdown(persona: str, ev: PersonaEvaluation, plot: str | None = 
         ]
     else:
         lines.append("- Leak check: no evaluation item occurs in the calibration data.")
-    lines += ["", md_table(COLUMNS, [condition_row(r) for r in ev.rows]), ""]
+    lines += ["", condition_table(ev.rows), ""]
     acc = ev.acceptance
     if acc:
         checks = "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in acc.checks.items())
@@ -142,6 +195,8 @@ def evaluation_markdown(persona: str, ev: PersonaEvaluation, plot: str | None = 
             f"\nMask-only minus prompt-only margin: {fmt_ci(ev.mask_vs_prompt.mask_minus_prompt)} nats/token "
             "(positive: the mask moves the model further toward the persona than the system prompt does)."
         )
+    if ev.sets:
+        lines += ["", *sets_markdown(ev)]
     if ev.replies:
         lines += ["", *replies_markdown(persona, ev.replies, ev.splits.replies)]
     if plot:
@@ -318,10 +373,7 @@ def run_markdown(
     first = next(iter(evaluations.values()), None)
     if first is not None:
         lines += [f"Depth: {depth_text(first)}.", ""]
-    shifts = {
-        persona: {r.condition.split(" (")[0]: r.paired.shift if r.paired else None for r in ev.rows}
-        for persona, ev in evaluations.items()
-    }
+    shifts = {persona: {r.condition.split(" (")[0]: r.shift_ci for r in ev.rows} for persona, ev in evaluations.items()}
     # a baseline the recipe's eval.baselines left out has no column (eval.baselines=all adds every one)
     shown = [c for c in SHIFTS if any(by.get(c) is not None for by in shifts.values())]
     rows = []
@@ -339,7 +391,8 @@ def run_markdown(
         )
     header = ["persona", *(SHIFTS[c] for c in shown), "mask - prompt", "perplexity (mask)", "acceptance"]
     lines += [
-        "Paired-margin shift toward each persona relative to the dense model (nats/token, 95% CI).",
+        "Shift toward each persona relative to the dense model on its own items (paired margin, else unpaired "
+        "difference in differences, else A/B letter margin; nats/token, 95% CI).",
         "",
         md_table(header, rows),
         "",
@@ -368,15 +421,15 @@ def plot_run(evaluations: dict[str, PersonaEvaluation], path: Path) -> None:
     fig, axes = two_panels()
     width = 0.8 / max(len(evaluations), 1)
     for k, (persona, ev) in enumerate(evaluations.items()):
-        rows = [r for r in ev.rows if r.paired]
+        rows = [r for r in ev.rows if r.shift_ci]
         xs = [i + k * width for i in range(len(rows))]
-        shifts = [r.paired.shift for r in rows if r.paired]
+        shifts = [ci for r in rows if (ci := r.shift_ci)]
         err = [[s.mean - s.ci95[0] for s in shifts], [s.ci95[1] - s.mean for s in shifts]]
         axes[0].bar(xs, [s.mean for s in shifts], width, yerr=err, label=persona, capsize=3)
         ppl = [r.neutral.perplexity if r.neutral else float("nan") for r in rows]
         axes[1].bar(xs, ppl, width, label=persona)
         names = [r.condition for r in rows]
-    for ax, title in zip(axes, ["paired margin shift toward persona (nats/token)", "neutral perplexity"], strict=True):
+    for ax, title in zip(axes, ["shift toward persona (nats/token)", "neutral perplexity"], strict=True):
         ax.set_xticks(
             [i + width * (len(evaluations) - 1) / 2 for i in range(len(names))],
             names,

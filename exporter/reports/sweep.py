@@ -31,7 +31,7 @@ class SweepReport(Record):
 
 
 def _shift(row: Row | None) -> str:
-    return fmt_ci(row.paired.shift if row and row.paired else None)
+    return fmt_ci(row.shift_ci if row else None)
 
 
 def _ppl(row: Row | None) -> str:
@@ -94,9 +94,9 @@ def plot_sweep(points: list[SweepPoint], path: Path) -> None:
             dense = ev.row("dense")
             for cond in styles:
                 r = ev.row(cond)
-                if r and r.paired and r.neutral and dense and dense.neutral:
+                if r and r.shift is not None and r.neutral and dense and dense.neutral:
                     line = series.setdefault((persona, cond), [(0.0, 0.0, dense.neutral.perplexity)])
-                    line.append((100 * r.fraction_removed, r.paired.shift.mean, r.neutral.perplexity))
+                    line.append((100 * r.fraction_removed, r.shift, r.neutral.perplexity))
             if (shift := getattr(ev.row("prompt-only"), "shift", None)) is not None:
                 prompt[persona] = shift
     personas = sorted({p for p, _ in series} | set(prompt))

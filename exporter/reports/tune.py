@@ -15,7 +15,7 @@ from exporter.reports.record import Record
 class PersonaPoint(Record):
     """One persona's export at a grid point (validation items)."""
 
-    shift: float
+    shift: float | None  # None: over the perplexity bound, so its shift was never scored (early rejection)
     perplexity_ratio: float
     reply_score: float | None = None
     repeated_4grams_over_dense: float | None = None
@@ -28,7 +28,7 @@ class GridPoint(Record):
     setting: Setting
     combined: bool | None = None
     personas: dict[str, PersonaPoint]
-    min_shift: float  # the weaker persona's
+    min_shift: float | None  # the weaker persona's; None when a persona was rejected on perplexity alone
     max_perplexity_ratio: float  # the worst persona's
     reply_gap: float | None = None
     prompt_only_reply_gap: float | None = None
@@ -66,6 +66,19 @@ class Bounds:
         return not self.outside(figures.perplexity_ratio, figures.repeated_4grams_over_dense)
 
 
+class TuneCost(Record):
+    """What the grid cost: seconds per stage and how much each stage scored. Early rejection: each persona's
+    neutral perplexity first (one pass over the neutral text per mask); only the personas within the bound have
+    their validation answers scored; replies only at points where every persona is within the bound."""
+
+    seconds: dict[str, float]  # statistics, masks, perplexity, shift, replies, test (the chosen point's evaluation)
+    points: int  # grid points with masks
+    perplexity_scored: int  # persona exports whose neutral perplexity was scored
+    rejected_on_perplexity: int  # of those, over the bound: never scored for shift or replies
+    shift_scored: int  # persona exports whose validation answers were scored
+    replies_scored: int  # grid points whose replies were generated and scored
+
+
 class TuneReport(Record):
     recipe: str
     selection: str
@@ -75,6 +88,7 @@ class TuneReport(Record):
     grid: list[GridPoint | FailedPoint]
     chosen: Setting | None  # None (written as null) when no point is within the bounds
     test: dict[str, PersonaEvaluation] | None
+    cost: TuneCost | None = None
 
     @property
     def bounds(self) -> Bounds:
@@ -96,7 +110,7 @@ def front(points: list[GridPoint]) -> list[GridPoint]:
         p
         for p in points
         if not any(
-            q.min_shift >= p.min_shift
+            q.min_shift >= p.min_shift  # type: ignore[operator]
             and q.max_perplexity_ratio <= p.max_perplexity_ratio
             and (q.min_shift, q.max_perplexity_ratio) != (p.min_shift, p.max_perplexity_ratio)
             for q in points
@@ -107,11 +121,12 @@ def front(points: list[GridPoint]) -> list[GridPoint]:
 def plot_pareto(points: list[GridPoint], path: Path, bound: float) -> None:
     from matplotlib.figure import Figure
 
+    points = [p for p in points if p.min_shift is not None]  # rejected on perplexity: no shift to plot
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.subplots()
-    ax.scatter([p.max_perplexity_ratio for p in points], [p.min_shift for p in points], c="grey", s=18)
+    ax.scatter([p.max_perplexity_ratio for p in points], [p.min_shift or 0.0 for p in points], c="grey", s=18)
     best = sorted(front(points), key=lambda p: p.max_perplexity_ratio)
-    ax.plot([p.max_perplexity_ratio for p in best], [p.min_shift for p in best], "-o", label="Pareto front")
+    ax.plot([p.max_perplexity_ratio for p in best], [p.min_shift or 0.0 for p in best], "-o", label="Pareto front")
     for p in points:
         s = p.setting
         label = f"{value_label(s.sparsity)}/{value_label(s.steer)}"
@@ -121,7 +136,7 @@ def plot_pareto(points: list[GridPoint], path: Path, bound: float) -> None:
         )
         ax.annotate(label, (p.max_perplexity_ratio, p.min_shift), fontsize=7)
         if p.chosen:
-            ax.scatter([p.max_perplexity_ratio], [p.min_shift], marker="*", s=160, c="red", label="chosen")
+            ax.scatter([p.max_perplexity_ratio], [p.min_shift or 0.0], marker="*", s=160, c="red", label="chosen")
     ax.axvline(bound, color="black", linestyle=":", linewidth=0.8)
     ax.set_xlabel("worst persona's perplexity / dense (validation)")
     ax.set_ylabel("weaker persona's paired shift (nats/token)")
@@ -130,12 +145,15 @@ def plot_pareto(points: list[GridPoint], path: Path, bound: float) -> None:
     save_png(fig, path)
 
 
-SETTING_HEADER = ["sparsity", "steer", "steer layers", "compensate", "gamma", "amplify"]
+SETTING_HEADER = ["sparsity", "steer", "steer layers", "steer vector", "compensate", "gamma", "amplify"]
 
 
 def setting_cells(s: Setting) -> list[str]:
     """A grid point's setting as the cells under SETTING_HEADER."""
-    cells = [value_label(s.sparsity), value_label(s.steer), value_label(s.steer_layers), s.compensate]
+    vector = (
+        s.steer_vector if isinstance(s.steer_vector, str) else ", ".join(f"{p}: {v}" for p, v in s.steer_vector.items())
+    )
+    cells = [value_label(s.sparsity), value_label(s.steer), value_label(s.steer_layers), vector, s.compensate]
     return [*cells, f"{s.gamma:g}", f"{s.amplify:g}"]
 
 
@@ -153,7 +171,7 @@ def grid_table(report: TuneReport) -> list[str]:
         mark = "**chosen**" if p.chosen else "; ".join(reasons)
         if not p.removes and not mark:
             mark = "reference (removes nothing)"
-        figures = [f"{p.min_shift:+.3f}", f"{p.max_perplexity_ratio:.3f}"]
+        figures = [f"{p.min_shift:+.3f}" if p.min_shift is not None else "–", f"{p.max_perplexity_ratio:.3f}"]
         if with_replies:
             figures += [f"{p.reply_gap or 0.0:+.3f}", f"{p.max_repeated_4grams_over_dense or 0.0:+.3f}"]
         rows.append([*cells, *figures, mark])
@@ -167,8 +185,20 @@ def grid_table(report: TuneReport) -> list[str]:
     return lines
 
 
+def cost_line(cost: TuneCost) -> str:
+    """The grid's cost in one sentence (report.md and the terminal)."""
+    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in cost.seconds.items())
+    return (
+        f"Cost: {seconds}; {cost.points} points, {cost.perplexity_scored} persona exports scored on perplexity, "
+        f"{cost.rejected_on_perplexity} rejected there (never scored for shift or replies), {cost.shift_scored} "
+        f"scored for shift, replies at {cost.replies_scored} points."
+    )
+
+
 def tune_markdown(report: TuneReport) -> str:
     lines = [f"# tune: {report.recipe}", "", f"Selection: {report.selection}.", "", *grid_table(report)]
+    if report.cost is not None:
+        lines += [cost_line(report.cost), ""]
     lines += persona_tables(report)
     lines += ["![pareto](pareto.png)", ""]
     if report.chosen is None or report.test is None:
@@ -180,8 +210,8 @@ def tune_markdown(report: TuneReport) -> str:
             f"{k}: {'yes' if v else 'NO'}" for k, v in (ev.acceptance.checks if ev.acceptance else {}).items()
         )
         row = ev.row("mask-only")
-        if row is not None and row.paired is not None:
-            lines.append(f"- {persona}: shift {row.paired.shift.mean:+.3f} nats/token; {checks}")
+        if row is not None and row.shift is not None:
+            lines.append(f"- {persona}: shift {row.shift:+.3f} nats/token; {checks}")
     return "\n".join(lines) + "\n"
 
 
@@ -199,7 +229,8 @@ def persona_tables(report: TuneReport) -> list[str]:
             v, s = p.personas[persona], p.setting
             reasons = report.bounds.outside(v.perplexity_ratio, v.repeated_4grams_over_dense)
             taken = chosen is not None and chosen.setting.for_persona(persona) == s.for_persona(persona)
-            cells = [*setting_cells(s), f"{v.shift:+.3f}", f"{v.perplexity_ratio:.3f}"]
+            shift = f"{v.shift:+.3f}" if v.shift is not None else "– (not scored)"
+            cells = [*setting_cells(s), shift, f"{v.perplexity_ratio:.3f}"]
             if with_replies:
                 cells += [f"{v.reply_score or 0.0:+.3f}", f"{v.repeated_4grams_over_dense or 0.0:+.3f}"]
             rows.append([*cells, "**chosen**" if taken else "; ".join(reasons)])

@@ -14,13 +14,15 @@ error.
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
 from exporter.errors import MaskError, RecipeError
-from exporter.evaluation.items import EvalItems, norm, prepare
+from exporter.evaluation.items import EvalItems, check_disjoint_splits, prepare
 from exporter.evaluation.scorer import MaskScorer
 from exporter.io import TUNE_FOLDER, staged, write_json
 from exporter.masking.collect import column_norms, persona_statistics
@@ -32,35 +34,49 @@ from exporter.recipe.schema import Recipe, TuneSpec
 from exporter.recipe.tune import Setting, grid, tune_validation
 from exporter.reports.evaluation import PersonaEvaluation, Splits
 from exporter.reports.provenance import Timer
-from exporter.reports.tune import Bounds, FailedPoint, GridPoint, PersonaPoint, TuneReport, plot_pareto, tune_markdown
+from exporter.reports.tune import (
+    Bounds,
+    FailedPoint,
+    GridPoint,
+    PersonaPoint,
+    TuneCost,
+    TuneReport,
+    cost_line,
+    plot_pareto,
+    tune_markdown,
+)
 from exporter.stages.preflight import check_output, validate
 
 log = logging.getLogger(__name__)
 Candidate = tuple[Recipe, dict[str, PersonaMask]]  # a scored point's recipe and masks
 
 
-def _texts(items: EvalItems) -> set[str]:
-    out = {norm(t) for it in items.paired for t in (it.prompt, *it.responses.values())}
-    out |= {norm(s.text) for s in items.statements} | {norm(p) for p in items.reply_prompts}
-    return out
+@dataclass
+class Spend:
+    """The grid's cost as it accrues (TuneCost once done)."""
 
+    seconds: dict[str, float]
+    points: int = 0
+    perplexity_scored: int = 0
+    rejected_on_perplexity: int = 0
+    shift_scored: int = 0
+    replies_scored: int = 0
 
-def check_disjoint_splits(validation: EvalItems, test: EvalItems) -> None:
-    shared = _texts(validation) & _texts(test)
-    if shared:
-        example = sorted(shared)[0][:80]
-        raise RecipeError(
-            f"tune.validation and eval share {len(shared)} text(s) (e.g. {example!r}); settings must be chosen "
-            "on items that are not reported: point tune.validation at another split"
-        )
+    def record(self) -> TuneCost:
+        fields = {k: v for k, v in vars(self).items() if k != "seconds"}
+        return TuneCost(seconds={k: round(v, 1) for k, v in self.seconds.items()}, **fields)
 
 
 def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | None = None) -> TuneReport:
     spec, test = recipe.tune, recipe.eval
     if spec is None or test is None:
         raise RecipeError("tune: the recipe needs a 'tune' section (grid + validation items) and an 'eval' section")
-    if spec.validation.paired is None or spec.validation.neutral is None:
-        raise RecipeError("tune.validation: give 'paired' and 'neutral' (the shift and the perplexity it ranks by)")
+    v = spec.validation
+    if (v.paired is None and v.unpaired is None and v.choices is None) or v.neutral is None:
+        raise RecipeError(
+            "tune.validation: give 'neutral' and one of 'paired', 'unpaired' or 'choices' (the perplexity and the "
+            "shift it ranks by)"
+        )
     validate(recipe, reuse)  # what `persona-export validate` checks, before the model loads
     check_output(recipe, out, overwrite, TUNE_FOLDER)
     validation = tune_validation(spec)
@@ -69,7 +85,9 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     m = load_model(recipe)
     bounds = Bounds(spec.max_perplexity_ratio, validation.acceptance.max_repeated_4grams_over_dense)
     scorer = MaskScorer(recipe, validation, val_items, m.model, m.tokenizer, m.adapter)
-    points, candidates = score_grid(recipe, scorer, m, reuse, bounds)
+    stages = ("statistics", "masks", "perplexity", "shift", "replies", "test")
+    cost = Spend(dict.fromkeys(stages, 0.0))
+    points, candidates = score_grid(recipe, scorer, m, reuse, bounds, cost)
     if spec.per_persona:
         scored = [p for p in points if isinstance(p, GridPoint)]  # aligned with candidates
         for point, candidate in per_persona_points(scored, candidates, bounds, spec.require_removal):
@@ -85,7 +103,12 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         chosen=None,
         test=None,
     )
+    t = time.perf_counter()
     report = chosen_on_test(report, candidates, test, test_items, m)
+    cost.seconds["test"] = time.perf_counter() - t
+    record = cost.record()
+    report = report.model_copy(update={"cost": record})
+    log.info("tune: %s", cost_line(record))
     write_tune(out, overwrite, report, candidates)
     if report.chosen is None:
         raise RecipeError(
@@ -102,7 +125,7 @@ def selection(spec: TuneSpec, validation: EvalSpec) -> str:
     """How the point is chosen, in words (report.md, report.json)."""
     max_repeated = validation.acceptance.max_repeated_4grams_over_dense
     return (
-        "largest paired shift of the weaker persona on the validation items, every persona's "
+        "largest shift (paired, else unpaired, else A/B letter margin) of the weaker persona on the validation items, every persona's "
         f"perplexity <= {spec.max_perplexity_ratio}x dense"
         + (f" and its replies' repeated 4-grams <= dense + {max_repeated}" if validation.replies is not None else "")
         + (
@@ -115,32 +138,44 @@ def selection(spec: TuneSpec, validation: EvalSpec) -> str:
 
 
 def score_grid(
-    recipe: Recipe, scorer: MaskScorer, m: Loaded, reuse: Path | None, bounds: Bounds
+    recipe: Recipe, scorer: MaskScorer, m: Loaded, reuse: Path | None, bounds: Bounds, cost: Spend
 ) -> tuple[list[GridPoint | FailedPoint], list[Candidate]]:
-    """Every grid point's masks scored on the validation items (the dense model's scores and replies once;
-    greedy replies only, which the bounds read); the candidates (recipe and masks) of the points scored, in their order."""
+    """Every grid point's masks scored on the validation items, cheapest first: each persona's neutral
+    perplexity; its answers (the shift) only when that is within the bound; the replies only at points where
+    every persona is (greedy replies only, which the bounds read). The dense model's scores and replies once. Returns the candidates (recipe and masks) of
+    the points scored, in their order; `cost` receives the seconds and counts."""
     assert recipe.tune is not None
+    seconds = cost.seconds
+    t = time.perf_counter()
     timer = Timer()
     # the poles: a composite follows from its parts' settings
     stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.poles}
     col_sq = column_norms(m)
+    seconds["statistics"] = time.perf_counter() - t
     points: list[GridPoint | FailedPoint] = []
     candidates: list[Candidate] = []
     for setting, r in grid(recipe):
         log.info("tune: %s", setting.model_dump())
+        t = time.perf_counter()
         try:
             masks = with_biases(r, compute_masks(r, stats, col_sq), stats, m.model, m.adapter, torch.float32)
         except MaskError as exc:
             points.append(FailedPoint(setting=setting, error=str(exc)))
             continue
+        finally:
+            seconds["masks"] += time.perf_counter() - t
+        cost.points += 1
         mlp = r.prune.mlp
         assert mlp is not None
         removes = all(mlp.fraction(p) > 0 for p in masks) and mlp.gamma == 0  # gamma > 0 keeps every unit
-        point = grid_point(setting, scorer.evaluate(masks, shipped=False), removes, bounds, recipe.tune.require_removal)
+        point = score_point(scorer, setting, masks, bounds, cost)
+        point = point.model_copy(
+            update={"removes": removes, "feasible": point.feasible and (removes or not recipe.tune.require_removal)}
+        )
         log.info(
-            "tune: %s weaker shift %+.3f, worst perplexity %.3fx%s%s",
+            "tune: %s weaker shift %s, worst perplexity %.3fx%s%s",
             setting.model_dump(),
-            point.min_shift,
+            f"{point.min_shift:+.3f}" if point.min_shift is not None else "not scored (over the perplexity bound)",
             point.max_perplexity_ratio,
             f", reply gap {point.reply_gap:+.3f}, worst repeated 4-grams over dense "
             f"{point.max_repeated_4grams_over_dense:+.3f}"
@@ -153,16 +188,55 @@ def score_grid(
     return points, candidates
 
 
+def score_point(
+    scorer: MaskScorer, setting: Setting, masks: dict[str, PersonaMask], bounds: Bounds, cost: Spend
+) -> GridPoint:
+    """One point, early rejection first: perplexity of every persona's mask; the answers of those within the
+    bound; the replies only when every persona is within it."""
+    t = time.perf_counter()
+    known = scorer.perplexity(masks)
+    ratios = scorer.perplexity_ratios(known)
+    cost.seconds["perplexity"] += time.perf_counter() - t
+    within = [p for p in masks if ratios[p] <= bounds.max_perplexity_ratio]
+    cost.perplexity_scored += len(masks)
+    cost.rejected_on_perplexity += len(masks) - len(within)
+    cost.shift_scored += len(within)
+    replies = len(within) == len(masks)
+    cost.replies_scored += int(replies and scorer.spec.replies is not None)
+    timings: dict[str, float] = {}
+    evals = (
+        scorer.evaluate({p: masks[p] for p in within}, replies=replies, shipped=False, timings=timings, known=known)
+        if within
+        else {}
+    )
+    cost.seconds["shift"] += timings.get("eval_scores", 0.0)
+    cost.seconds["replies"] += timings.get("eval_replies", 0.0)
+    point = grid_point(setting, evals, True, bounds, False)
+    rejected = {p: PersonaPoint(shift=None, perplexity_ratio=ratios[p]) for p in masks if p not in within}
+    if not rejected:
+        return point
+    return point.model_copy(
+        update={
+            "personas": {p: rejected.get(p) or point.personas[p] for p in masks},
+            "min_shift": None,
+            "max_perplexity_ratio": max(ratios.values()),
+            "reply_gap": None,
+            "prompt_only_reply_gap": None,
+            "feasible": False,
+        }
+    )
+
+
 def grid_point(
     setting: Setting, evals: dict[str, PersonaEvaluation], removes: bool, bounds: Bounds, require_removal: bool
 ) -> GridPoint:
     """A point's figures: each persona's mask-only shift and perplexity (and reply score and repetition over
     the dense model's replies), the weaker shift, the worst perplexity, and the pair's reply gaps."""
-    per = {}
+    per: dict[str, PersonaPoint] = {}
     for p, ev in evals.items():
         row = ev.row("mask-only")
-        assert row is not None and row.paired is not None and row.neutral is not None
-        per[p] = PersonaPoint(shift=row.paired.shift.mean, perplexity_ratio=row.neutral.perplexity_ratio)
+        assert row is not None and row.shift is not None and row.neutral is not None
+        per[p] = PersonaPoint(shift=row.shift, perplexity_ratio=row.neutral.perplexity_ratio)
         if ev.replies is not None:
             conds = ev.replies.conditions
             repeated = conds["export"].degeneration.repeated_4grams - conds["dense"].degeneration.repeated_4grams
@@ -171,11 +245,12 @@ def grid_point(
             )
     replies = [ev.replies for ev in evals.values() if ev.replies is not None]
     first = replies[0] if replies else None  # a pair's gap is the same from either side, up to its sign
+    shifts = [v.shift for v in per.values() if v.shift is not None]
     return GridPoint(
         setting=setting,
         personas=per,
-        min_shift=min(v.shift for v in per.values()),
-        max_perplexity_ratio=max(v.perplexity_ratio for v in per.values()),
+        min_shift=min(shifts) if shifts else None,
+        max_perplexity_ratio=max((v.perplexity_ratio for v in per.values()), default=0.0),
         reply_gap=first.gap["export"].mean if first else None,
         prompt_only_reply_gap=first.gap["prompt_only"].mean if first else None,
         max_repeated_4grams_over_dense=max(
@@ -209,7 +284,7 @@ def per_persona_points(
         for p in personas:
             ok = [i for i in members if bounds.admit(scored[i].personas[p])]
             if ok:
-                pick[p] = max(ok, key=lambda i: scored[i].personas[p].shift)
+                pick[p] = max(ok, key=lambda i: scored[i].personas[p].shift or 0.0)  # admitted: scored
         if len(pick) != len(personas) or len(set(pick.values())) == 1:
             continue  # a persona has no point within the bounds, or one point already serves every persona
         out.append(combined_point(scored, candidates, members[0], pick, require_removal))
@@ -233,7 +308,7 @@ def combined_point(
         setting=setting.model_copy(update=chosen),
         combined=True,
         personas=per,
-        min_shift=min(v.shift for v in per.values()),
+        min_shift=min(v.shift or 0.0 for v in per.values()),  # each admitted, so scored
         max_perplexity_ratio=max(v.perplexity_ratio for v in per.values()),
         reply_gap=sum(s for s in scores if s is not None) if replied else None,
         prompt_only_reply_gap=scored[first].prompt_only_reply_gap if replied else None,
@@ -254,7 +329,7 @@ def chosen_on_test(
     feasible = [i for i, p in enumerate(scored) if p.feasible]
     if not feasible:
         return report
-    best = max(feasible, key=lambda i: scored[i].min_shift)
+    best = max(feasible, key=lambda i: scored[i].min_shift or 0.0)  # feasible: every persona scored
     chosen, masks = candidates[best]
     log.info("tune: chosen %s; evaluating it on the test items", scored[best].setting.model_dump())
     evaluations = MaskScorer(chosen, test, items, m.model, m.tokenizer, m.adapter).evaluate(masks)

@@ -4,7 +4,7 @@ recipe would read: each persona's calibration samples, the evaluation's and the 
 from __future__ import annotations
 
 from exporter.evaluation.items import EvalItems
-from exporter.recipe.eval import EvalSpec
+from exporter.recipe.eval import EvalSpec, set_spec
 from exporter.recipe.schema import Recipe
 from exporter.recipe.tune import tune_validation
 from exporter.stages.preflight import validate
@@ -14,11 +14,20 @@ def item_lines(label: str, spec: EvalSpec, items: EvalItems) -> list[str]:
     """What an evaluation reads, one line per source: counts selected and the file they come from."""
     parts = [
         (spec.paired, len(items.paired), "paired items"),
+        (spec.choices, len(items.choices), "A/B choices"),
         (spec.statements, len(items.statements), "statements"),
         (spec.replies, len(items.reply_prompts), "reply prompts"),
         (spec.neutral, len(items.neutral), "neutral paragraphs"),
     ]
-    return [f"  {label}: {n} {what} from {source.path}" for source, n, what in parts if source is not None]
+    lines = [f"  {label}: {n} {what} from {source.path}" for source, n, what in parts if source is not None]
+    if spec.unpaired is not None:
+        lines += [
+            f"  {label}: {len(items.unpaired.get(name, []))} unpaired {name} answers from {src.path}"
+            for name, src in spec.unpaired.responses.items()
+        ]
+    for item_set in spec.sets:
+        lines += item_lines(f"{label} {item_set.name}", set_spec(item_set, spec), items.sets[item_set.name])
+    return lines
 
 
 def validate_recipe(recipe: Recipe) -> list[str]:

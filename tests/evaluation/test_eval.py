@@ -52,15 +52,6 @@ DEMO = REPO / "recipes" / "smollm2-introvert-extravert.yaml"
 SHARED = REPO / "recipes" / "smollm2-introvert-extravert-shared-eval.yaml"
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny models: thread start-up dominates, and a shared 2-core machine makes it far worse."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_recipe(tmp_path: Path, **changes: Any) -> Any:
     return load_recipe(write_recipe(tmp_path, tmp_path / "model", eval=eval_section(tmp_path, **changes)))
 

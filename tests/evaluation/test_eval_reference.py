@@ -35,18 +35,9 @@ from exporter.model.adapters import Adapter, adapter_for
 from exporter.model.encoding import end_of_turn_id, reply_prefix
 from exporter.recipe.load import load_recipe
 from exporter.verify.hf import masked
-from tests.helpers import WORDS, eval_section, tiny_model, tiny_tokenizer, write_recipe
+from tests.helpers import WORDS, eval_section, tiny_model, tiny_tokenizer, write_choices, write_recipe, write_unpaired
 
 TOL = 1e-6  # the bar; float64 reaches ~1e-13
-
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Small forwards: thread start-up dominates, and a shared 2-core machine makes it far worse."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _active(intervention: Intervention | None) -> Any:
@@ -195,7 +186,10 @@ def test_fast_evaluation_equals_the_reference_on_a_tiny_model(
     (tmp_path / "everyday.txt").write_text("\n".join(" ".join(WORDS[i : i + 3]) for i in range(0, 21, 3)))
     statements = {"path": "st.jsonl", "labels": {"extravert": "Yes", "introvert": "No"}, "max_per_label": 5}
     replies = {"path": "everyday.txt", "max_new_tokens": 6, "batch_size": 4, "show": 2, "exclude_calibration": False}
-    section = eval_section(tmp_path, statements=statements, replies=replies, batch_size=3, depth=depth)
+    unpaired, choices = write_unpaired(tmp_path, n=5), write_choices(tmp_path, n=6)
+    section = eval_section(
+        tmp_path, statements=statements, replies=replies, unpaired=unpaired, choices=choices, batch_size=3, depth=depth
+    )
     section["verdict"] = {"reply_prompts": 4}  # the verdict depth answers 4 of the 7 prompts
     section["paired"]["max_items"] = 5
     output = {"generation": {"repetition_penalty": 1.5}}  # replies also decoded as the exports ship them
@@ -215,6 +209,7 @@ def test_fast_evaluation_equals_the_reference_on_a_tiny_model(
     items = prepare(recipe)
     prompts = 7 if depth == "full" else 4
     assert len(items.statements) == 10 and len(items.paired) == 5 and len(items.reply_prompts) == prompts
+    assert len(items.choices) == 6 and [len(a) for a in items.unpaired.values()] == [4, 4]
 
     fast = {
         p: ev.model_dump()
@@ -248,7 +243,10 @@ def test_fast_evaluation_equals_the_reference_on_a_tiny_model(
         for p, ev in MaskScorer(recipe, recipe.eval, items, model, tok, adapter).evaluate(masks).items()
     }
     numbers = assert_same_figures(fast, slow)
-    assert numbers > (200 if depth == "full" else 100), numbers
+    assert numbers > (300 if depth == "full" else 150), numbers
+    for p in masks:
+        row = next(r for r in fast[p]["rows"] if r["condition"] == "mask-only")
+        assert row["unpaired"]["shift"]["mean"] != 0 and row["choices"]["margin"]["mean"] != 0
     reply = fast["introvert"]["replies"]
     assert {"export", "prompt-only"} <= set(reply["conditions"]) and reply["gap"]
     assert ("steering-only" in reply["conditions"]) == (depth == "full")  # an ablation: the full depth's

@@ -9,7 +9,7 @@ import yaml
 
 from exporter.errors import RecipeError
 from exporter.recipe.load import load_recipe
-from tests.helpers import RECIPE_CASES, REPO, Case, eval_section, write_recipe
+from tests.helpers import RECIPE_CASES, REPO, SHARED_DATA, Case, eval_section, write_recipe
 
 SHIPPED = sorted((REPO / "recipes").glob("*.yaml"))
 
@@ -24,6 +24,63 @@ def test_every_shipped_recipe_loads(path: Path) -> None:
     assert recipe.poles
     for persona in recipe.poles.values():
         assert Path(persona.calibration.path).is_file()
+
+
+CATALOG = {
+    "smollm2-sensing-intuitive.yaml": ("sensing", "intuitive", "unpaired"),
+    "smollm2-thinking-feeling.yaml": ("thinking", "feeling", "paired"),
+    "smollm2-judging-perceiving.yaml": ("judging", "perceiving", "unpaired"),
+    "smollm2-power-seeking.yaml": ("power-seeking", "power-averse", "choices"),
+    "smollm2-wealth-seeking.yaml": ("wealth-seeking", "wealth-averse", "choices"),
+}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_recipe_validates_with_and_without_its_evaluation(path: Path) -> None:
+    """What `persona-export validate` checks (items read, leak check, tune's validation items disjoint from the
+    eval items), and the quick export's `eval=null` override."""
+    from exporter.workflows.validate import validate_recipe
+
+    if "../shared/" in path.read_text() and not SHARED_DATA.is_dir():
+        pytest.skip("reads ../shared/data, which is not present")
+    lines = validate_recipe(load_recipe(path))
+    assert any("calibration samples" in line for line in lines)
+    quick = load_recipe(path, ["eval=null"])
+    assert quick.eval is None and validate_recipe(quick)
+
+
+def test_the_mbti_recipe_scores_every_pole_on_every_axis() -> None:
+    from exporter.workflows.validate import validate_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "smollm2-mbti.yaml")
+    assert recipe.eval is not None and len(recipe.poles) == 8 and len(recipe.personas) == 24 and len(recipe.pairs) == 4
+    axes = [set(recipe.eval.paired.responses)] if recipe.eval.paired else []
+    axes += [set(s.personas) for s in recipe.eval.sets]
+    assert sorted(map(sorted, axes)) == sorted(map(sorted, (set(p) for p in recipe.pairs)))
+    lines = validate_recipe(recipe)
+    assert any(line.startswith("  eval J/P: 64 unpaired perceiving answers") for line in lines), lines
+
+
+@pytest.mark.parametrize("name", sorted(CATALOG))
+def test_catalog_recipes_evaluate_on_test_and_tune_on_validation(name: str) -> None:
+    recipe = load_recipe(REPO / "recipes" / name)
+    first, second, kind = CATALOG[name]
+    assert list(recipe.personas) == [first, second] and recipe.pairs == [(first, second)]
+    assert recipe.eval is not None and recipe.tune is not None
+    sections = {"eval": recipe.eval, "tune": recipe.tune.validation}
+    files = {}
+    for where, spec in sections.items():
+        section = getattr(spec, kind)
+        assert section is not None and set(section.responses) == {first, second}, where
+        paths = [src.path for src in section.responses.values() if getattr(src, "path", None)]
+        files[where] = {Path(p).name for p in paths or [section.path]}
+    assert all("-test." in f for f in files["eval"]) and all("-validation." in f for f in files["tune"])
+    from exporter.evaluation.items import check_disjoint_splits, prepare
+    from exporter.recipe.tune import tune_validation
+
+    check_disjoint_splits(prepare(recipe, tune_validation(recipe.tune)), prepare(recipe))  # tune's own check
+    assert recipe.tune.steer_vector == ["mlp", "residual"] and max(recipe.tune.steer) >= 4.0
+    assert "starting point" in (REPO / "recipes" / name).read_text()
 
 
 def _edit(tmp_path: Path, tiny_dir: Path, mutate) -> Path:  # type: ignore[no-untyped-def]
@@ -187,3 +244,17 @@ def test_not_yaml_or_missing(tmp_path: Path) -> None:
     listy.write_text("- a\n- b\n")
     with pytest.raises(RecipeError, match="YAML mapping"):
         load_recipe(listy)
+
+
+def test_new_item_files_are_resolved_and_hashed_like_every_data_file() -> None:
+    """eval.unpaired, eval.choices and eval.sets name files: resolved against the recipe's folder and part of
+    the recipe's hash (data_files lists what recipe_sha256 hashes)."""
+    from exporter.recipe.paths import data_files
+
+    mbti = data_files(load_recipe(REPO / "recipes" / "smollm2-mbti.yaml"))
+    power = data_files(load_recipe(REPO / "recipes" / "smollm2-power-seeking.yaml"))
+    sensing = mbti["eval.sets.0.unpaired.responses.sensing.path"]
+    assert sensing == REPO / "recipes" / "data" / "machine-mindset-sensing-test.jsonl" and sensing.is_file()
+    assert "eval.sets.1.paired.path" in mbti
+    assert power["eval.choices.path"].name == "anthropic-power-seeking-test.jsonl"
+    assert power["tune.validation.choices.path"].name == "anthropic-power-seeking-validation.jsonl"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -147,6 +148,7 @@ def test_grid_covers_every_combination(tmp_path: Path, tiny_llama_dir: Path) -> 
             gamma=[0.0, 0.5],
             amplify=[1.0, 2.0],
             steer_layers=[1.0, 0.5],
+            steer_vector=["mlp", "residual"],
         )
     )
     settings = {
@@ -154,13 +156,18 @@ def test_grid_covers_every_combination(tmp_path: Path, tiny_llama_dir: Path) -> 
             r.prune.mlp.sparsity,  # type: ignore[union-attr]
             r.method.steer,
             r.method.steer_layers,
+            r.method.steer_vector,
             r.prune.mlp.compensate,  # type: ignore[union-attr]
             r.prune.mlp.gamma,  # type: ignore[union-attr]
             r.prune.mlp.amplify,  # type: ignore[union-attr]
         )
         for _, r in grid(recipe)
     }
-    assert len(settings) == 64 and (0.25, 1.0, 0.5, "personas", 0.5, 2.0) in settings
+    assert len(settings) == 128 and (0.25, 1.0, 0.5, "residual", "personas", 0.5, 2.0) in settings
+    assert {s.for_persona("introvert").steer_vector for s, _ in grid(recipe)} == {"mlp", "residual"}
+    # without tune.steer_vector the grid keeps the recipe's method.steer_vector
+    recipe = recipe.model_copy(update={"tune": recipe.tune.model_copy(update={"steer_vector": None})})  # type: ignore[union-attr]
+    assert {r.method.steer_vector for _, r in grid(recipe)} == {"mlp"}
 
 
 # -- the tune section and --reuse-stats, checked before a model loads --
@@ -334,3 +341,56 @@ def load_recipe_stub() -> Any:
             return new
 
     return Stub()
+
+
+def test_points_over_the_perplexity_bound_are_never_scored_for_shift_or_replies(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Early rejection: each persona's perplexity first; answers and replies only for those within the bound
+    (every call is counted); the cost record says how many were scored and rejected, and how long each took."""
+    from exporter.evaluation.replies import Replier
+    from exporter.evaluation.scorer import MaskScorer
+    from exporter.workflows.tune import tune
+
+    validation = write_pair_data(tmp_path / "val-pairs.jsonl", n=8, seed=7)
+    (tmp_path / "everyday.txt").write_text("quiet book walk\nloud party crowd\nmusic dance team\n")
+    replies = {"path": str(tmp_path / "everyday.txt"), "max_new_tokens": 4, "exclude_calibration": False}
+    bound = 1.0001  # most of this grid's persona exports break it on the tiny model
+    path = _recipe(
+        tmp_path, tiny_llama_dir, validation, sparsity=[0.0, 0.25], steer=[0.0, 8.0], max_perplexity_ratio=bound
+    )
+    data = yaml.safe_load(path.read_text())
+    data["tune"]["validation"]["replies"] = replies
+    path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(path)
+    calls = {"answers": 0, "replies": 0}
+    evaluate, reply = MaskScorer.evaluate, Replier.evaluate
+
+    def counted_evaluate(self: MaskScorer, masks: dict[str, Any], **kw: Any) -> Any:
+        if kw.get("known") is not None:  # a grid point (the chosen point's test evaluation has none)
+            ratios = self.perplexity_ratios({k: v for k, v in kw["known"].items() if k[5:] in masks})
+            assert set(ratios) == set(masks) and all(r <= bound for r in ratios.values()), ratios
+            calls["answers"] += len(masks)
+        return evaluate(self, masks, **kw)
+
+    def counted_replies(self: Replier, masks: dict[str, Any], *args: Any) -> Any:
+        calls["replies"] += 1
+        return reply(self, masks, *args)
+
+    monkeypatch.setattr(MaskScorer, "evaluate", counted_evaluate)
+    monkeypatch.setattr(Replier, "evaluate", counted_replies)
+    with contextlib.suppress(RecipeError):  # no point within the bounds: the grid's figures are still written
+        tune(recipe, tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    cost = report["cost"]
+    grid_points = [p for p in report["grid"] if not p.get("combined")]
+    rejected = [(p, v) for p in grid_points for p, v in p["personas"].items() if v["shift"] is None]
+    assert cost["points"] == len(grid_points) == 4 and cost["perplexity_scored"] == 8
+    assert cost["rejected_on_perplexity"] == len(rejected) > 0  # alpha 8 breaks the bound
+    assert all(v["perplexity_ratio"] > bound for _, v in rejected)
+    assert calls["answers"] == cost["shift_scored"] == 8 - len(rejected)
+    every = sum(all(v["shift"] is not None for v in p["personas"].values()) for p in grid_points)
+    assert cost["replies_scored"] == every < 4
+    assert calls["replies"] == every + (report["chosen"] is not None)  # the chosen point's test replies
+    assert set(cost["seconds"]) == {"statistics", "masks", "perplexity", "shift", "replies", "test"}
+    assert "rejected there (never scored for shift or replies)" in (tmp_path / "out" / "report.md").read_text()
