@@ -103,6 +103,7 @@ class _Streaming:
     """A runner whose reply is interrupted (Ctrl-C) after `pieces` were streamed."""
 
     truncated = False
+    repetition_penalty = 1.0  # what the export ships
 
     def __init__(self, pieces: list[str]) -> None:
         self.pieces = pieces
