@@ -217,12 +217,13 @@ def test_genai_reply_ends_its_turn_with_the_text_transformers_gives(real_model: 
 
 def test_served_persona_answers_openai_clients_as_generate_does(demo_run: Path) -> None:
     """`serve` on the real head-pruned persona: two clients at once, their rows decoded together, each get the
-    reply `generate` gives alone (greedy), ending at the end of turn."""
+    reply `generate` gives alone (greedy with the repetition penalty the export ships), ending at the end of turn."""
     import threading
 
     import openai
 
     from exporter.runtime.runner import Runner
+    from exporter.runtime.sampling import Sampling
     from exporter.serve.server import served_models
     from tests.serve.running import running
 
@@ -232,9 +233,11 @@ def test_served_persona_answers_openai_clients_as_generate_does(demo_run: Path) 
         assert subprocess.run(cmd, capture_output=True, text=True, cwd=REPO).returncode == 0
     chats = {p: [{"role": "user", "content": p}] for p in (SHORT, "Name three colours, separated by commas.")}
     runner = Runner(folder, "onnx")
+    shipped = Sampling(repetition_penalty=runner.repetition_penalty)  # the server's default too: what the export ships
+    assert shipped.repetition_penalty == 1.1
     want, cut = {}, {}
     for prompt, chat in chats.items():
-        want[prompt] = "".join(runner.stream(chat, 48))
+        want[prompt] = "".join(runner.stream(chat, 48, shipped))
         cut[prompt] = runner.truncated
     got: dict[str, Any] = {}
     with running(served_models(folder, "onnx")) as url:
