@@ -24,6 +24,7 @@ import numpy as np
 
 from exporter.errors import ExportFolderError, OnnxModelError
 from exporter.inputs import check_folder_files, read_json_object
+from exporter.recipe.generation import shipped_penalty
 from exporter.runtime.exports import GENAI, ORT, Found
 from exporter.runtime.onnx import OnnxCausalLM, Past
 
@@ -231,6 +232,12 @@ def generation_config(found: Found) -> dict[str, Any]:
                 raise ExportFolderError(f"cannot read {path}: {exc}; re-export the model") from None
             return data if isinstance(data, dict) else {}
     return {}
+
+
+def shipped_repetition_penalty(found: Found) -> float:
+    """The repetition penalty the format ships (its generation_config.json, genai_config.json's `search` in an
+    onnxruntime-genai folder); 1.0 for a GGUF file, whose metadata llama.cpp reads itself."""
+    return shipped_penalty(found.path) if found.path.is_dir() else 1.0
 
 
 def open_export(found: Found, threads: int | None = None) -> tuple[Decoder, Any]:

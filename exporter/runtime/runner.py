@@ -12,8 +12,7 @@ from typing import Any
 from exporter.errors import ExportFolderError
 from exporter.folders.run_folder import PersonaFolder, RunFolder
 from exporter.model.encoding import prompt_ids
-from exporter.recipe.generation import shipped_penalty
-from exporter.runtime.decoders import Decoder, TorchRows, generation_config, open_export
+from exporter.runtime.decoders import Decoder, TorchRows, generation_config, open_export, shipped_repetition_penalty
 from exporter.runtime.exports import locate
 from exporter.runtime.reply import Reply, end_ids
 from exporter.runtime.sampling import Sampling
@@ -54,7 +53,7 @@ class Runner:
         decoder, tokenizer = open_export(found)
         self._start(found.format, decoder, tokenizer, generation_config(found))
         self.name = export.name
-        self.repetition_penalty = shipped_penalty(found.path) if found.path.is_dir() else 1.0
+        self.repetition_penalty = shipped_repetition_penalty(found)
 
     def next_tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling) -> Iterator[int]:
         """The `max_new_tokens` tokens after the prompt `ids`, one at a time (an end of turn does not stop them:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from exporter.errors import PersonaExportError
-from exporter.runtime.decoders import generation_config, open_export
+from exporter.runtime.decoders import generation_config, open_export, shipped_repetition_penalty
 from exporter.runtime.exports import Export, Found, locate_models
 from exporter.runtime.reply import end_ids
 from exporter.serve.app import Guard, create_app
@@ -33,13 +33,14 @@ class Limits:
     threads: int | None = None  # onnxruntime's intra-op threads per model; None: one per core
 
 
-def sampling_defaults(config: dict[str, Any]) -> dict[str, Any]:
-    """The request defaults a generation_config.json gives: greedy unless it samples."""
+def sampling_defaults(config: dict[str, Any], repetition_penalty: float) -> dict[str, Any]:
+    """The request defaults a generation_config.json gives (greedy unless it samples), with the repetition
+    penalty the format ships, as `generate` and `chat` read it."""
     sample = bool(config.get("do_sample", False))
     return {
         "temperature": float(config.get("temperature") or 1.0) if sample else 0.0,
         "top_p": float(config.get("top_p") or 1.0) if sample else 1.0,
-        "repetition_penalty": float(config.get("repetition_penalty") or 1.0),
+        "repetition_penalty": repetition_penalty,
         "max_tokens": config.get("max_new_tokens") if isinstance(config.get("max_new_tokens"), int) else None,
     }
 
@@ -48,7 +49,13 @@ def load_served(name: str, found: Found, threads: int | None) -> Served:
     decoder, tokenizer = open_export(found, threads)
     config = generation_config(found)
     return Served(
-        name, found.format, found.runtime, decoder, tokenizer, end_ids(tokenizer, config), sampling_defaults(config)
+        name,
+        found.format,
+        found.runtime,
+        decoder,
+        tokenizer,
+        end_ids(tokenizer, config),
+        sampling_defaults(config, shipped_repetition_penalty(found)),
     )
 
 
