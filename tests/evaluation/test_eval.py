@@ -406,7 +406,7 @@ def test_real_model_end_to_end(real_model: Any) -> None:
 
     small = ["personas.introvert.calibration.max_samples=16", "personas.extravert.calibration.max_samples=16"]
     small += ["eval.paired.max_items=6", "eval.statements.max_per_label=4", "eval.neutral.max_tokens=256"]
-    small += ["eval.max_tokens=128", "eval.bootstrap=200"]
+    small += ["eval.max_tokens=128", "eval.bootstrap=200", "eval.depth=full"]
     recipe = load_recipe(SHARED, small)
     items = prepare(recipe)
     m = real_model  # the shared-eval recipe names the same embedded model as the demo
