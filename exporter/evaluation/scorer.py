@@ -154,10 +154,14 @@ class MaskScorer:
         answered: dict[str, RepliesEvaluation] = {}
         if replies and self.spec.replies is not None and self.items.reply_prompts:
             t = time.perf_counter()
-            penalty = self.recipe.output.generation.repetition_penalty if shipped else 1.0
-            answered = self.replier.evaluate(masks, penalty)
+            answered = self.replies(masks, shipped=shipped)
             seconds["eval_replies"] = round(time.perf_counter() - t, 3)
         return {p: self.summary(raw, p, masks[p], answered.get(p)) for p in masks}
+
+    def replies(self, masks: dict[str, PersonaMask], *, shipped: bool) -> dict[str, RepliesEvaluation]:
+        """Each persona's replies to the reply prompts (greedy; with `shipped`, also as the exports ship them)."""
+        penalty = self.recipe.output.generation.repetition_penalty if shipped else 1.0
+        return self.replier.evaluate(masks, penalty)
 
     def summary(
         self, raw: Raw, persona: str, mask: PersonaMask, replies: RepliesEvaluation | None = None

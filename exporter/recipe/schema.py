@@ -266,6 +266,10 @@ class TuneSpec(Strict):
     # only points that remove units can be chosen (the point of a persona export is a smaller model); points
     # with sparsity 0 or gamma > 0 are still scored, as references of the Pareto plot
     require_removal: bool = True
+    # where the validation replies (which bound the repetition) are decoded: best-first, from the largest shift
+    # down until a point is within every bound (the same choice, at a fraction of the cost), or at every point
+    # within the perplexity bound (a reply figure for every point of report.md)
+    replies: Literal["best-first", "every"] = "best-first"
     validation: EvalSpec
 
     @model_validator(mode="after")

@@ -58,7 +58,11 @@ class Bounds:
         reasons = []
         if perplexity_ratio > self.max_perplexity_ratio:
             reasons.append("over the perplexity bound")
-        if self.max_repeated is not None and (repeated_over_dense or 0.0) > self.max_repeated:
+        if self.max_repeated is None or reasons:
+            return reasons
+        if repeated_over_dense is None:  # tune decodes replies best shift first, until one is within the bounds
+            reasons.append("replies not decoded (a point of larger shift is within the bounds)")
+        elif repeated_over_dense > self.max_repeated:
             reasons.append("repeats itself more than the bound")
         return reasons
 
@@ -69,7 +73,8 @@ class Bounds:
 class TuneCost(Record):
     """What the grid cost: seconds per stage and how much each stage scored. Early rejection: each persona's
     neutral perplexity first (one pass over the neutral text per mask); only the personas within the bound have
-    their validation answers scored; replies only at points where every persona is within the bound."""
+    their validation answers scored; replies only at points where every persona is within the bound, best shift
+    first until one is within every bound (tune.replies: best-first)."""
 
     seconds: dict[str, float]  # statistics, masks, perplexity, shift, replies, test (the chosen point's evaluation)
     points: int  # grid points with masks
@@ -173,7 +178,7 @@ def grid_table(report: TuneReport) -> list[str]:
             mark = "reference (removes nothing)"
         figures = [f"{p.min_shift:+.3f}" if p.min_shift is not None else "–", f"{p.max_perplexity_ratio:.3f}"]
         if with_replies:
-            figures += [f"{p.reply_gap or 0.0:+.3f}", f"{p.max_repeated_4grams_over_dense or 0.0:+.3f}"]
+            figures += [signed(p.reply_gap), signed(p.max_repeated_4grams_over_dense)]
         rows.append([*cells, *figures, mark])
     header = [*SETTING_HEADER, "weaker shift (val)", "worst ppl ratio (val)"]
     if with_replies:
@@ -185,13 +190,18 @@ def grid_table(report: TuneReport) -> list[str]:
     return lines
 
 
+def signed(value: float | None) -> str:
+    """A figure with its sign, or a dash where it was not measured."""
+    return "–" if value is None else f"{value:+.3f}"
+
+
 def cost_line(cost: TuneCost) -> str:
     """The grid's cost in one sentence (report.md and the terminal)."""
     seconds = ", ".join(f"{k} {v:.0f} s" for k, v in cost.seconds.items())
     return (
         f"Cost: {seconds}; {cost.points} points, {cost.perplexity_scored} persona exports scored on perplexity, "
         f"{cost.rejected_on_perplexity} rejected there (never scored for shift or replies), {cost.shift_scored} "
-        f"scored for shift, replies at {cost.replies_scored} points."
+        f"scored for shift, replies decoded at {cost.replies_scored} points."
     )
 
 
@@ -221,7 +231,7 @@ def persona_tables(report: TuneReport) -> list[str]:
     chosen = next((p for p in report.scored if p.chosen), None)
     if not points:
         return []
-    with_replies = all(v.reply_score is not None for p in points for v in p.personas.values())
+    with_replies = any(v.reply_score is not None for p in points for v in p.personas.values())
     lines = ["## Each persona at each grid point (validation)", ""]
     for persona in points[0].personas:
         rows = []
@@ -232,7 +242,7 @@ def persona_tables(report: TuneReport) -> list[str]:
             shift = f"{v.shift:+.3f}" if v.shift is not None else "– (not scored)"
             cells = [*setting_cells(s), shift, f"{v.perplexity_ratio:.3f}"]
             if with_replies:
-                cells += [f"{v.reply_score or 0.0:+.3f}", f"{v.repeated_4grams_over_dense or 0.0:+.3f}"]
+                cells += [signed(v.reply_score), signed(v.repeated_4grams_over_dense)]
             rows.append([*cells, "**chosen**" if taken else "; ".join(reasons)])
         header = [*SETTING_HEADER, "shift", "ppl ratio"]
         if with_replies:

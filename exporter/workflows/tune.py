@@ -83,11 +83,15 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     val_items, test_items = prepare(recipe, validation), prepare(recipe, test)
     check_disjoint_splits(val_items, test_items)
     m = load_model(recipe)
-    bounds = Bounds(spec.max_perplexity_ratio, validation.acceptance.max_repeated_4grams_over_dense)
+    replies = validation.replies is not None  # the repetition bound reads them
+    bounds = Bounds(
+        spec.max_perplexity_ratio, validation.acceptance.max_repeated_4grams_over_dense if replies else None
+    )
     scorer = MaskScorer(recipe, validation, val_items, m.model, m.tokenizer, m.adapter)
     stages = ("statistics", "masks", "perplexity", "shift", "replies", "test")
     cost = Spend(dict.fromkeys(stages, 0.0))
-    points, candidates = score_grid(recipe, scorer, m, reuse, bounds, cost)
+    points, candidates, evals = score_grid(recipe, scorer, m, reuse, bounds, cost)
+    points = decode_replies(scorer, points, candidates, evals, bounds, cost)
     if spec.per_persona:
         scored = [p for p in points if isinstance(p, GridPoint)]  # aligned with candidates
         for point, candidate in per_persona_points(scored, candidates, bounds, spec.require_removal):
@@ -97,7 +101,7 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         recipe=recipe.name,
         selection=selection(spec, validation),
         max_perplexity_ratio=spec.max_perplexity_ratio,
-        max_repeated_4grams_over_dense=bounds.max_repeated if validation.replies is not None else None,
+        max_repeated_4grams_over_dense=bounds.max_repeated,
         validation_splits=Splits.model_validate(val_items.splits),
         grid=points,
         chosen=None,
@@ -113,7 +117,7 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     if report.chosen is None:
         raise RecipeError(
             f"tune: no point of the grid keeps perplexity within {spec.max_perplexity_ratio}x dense"
-            + (f" and repeated 4-grams within dense + {bounds.max_repeated}" if validation.replies is not None else "")
+            + (f" and repeated 4-grams within dense + {bounds.max_repeated}" if bounds.max_repeated is not None else "")
             + " on the validation items"
             + (" while removing units" if spec.require_removal else "")
             + f"; each point's figures are in {out}/report.md; add smaller sparsities or steering strengths"
@@ -139,11 +143,11 @@ def selection(spec: TuneSpec, validation: EvalSpec) -> str:
 
 def score_grid(
     recipe: Recipe, scorer: MaskScorer, m: Loaded, reuse: Path | None, bounds: Bounds, cost: Spend
-) -> tuple[list[GridPoint | FailedPoint], list[Candidate]]:
+) -> tuple[list[GridPoint | FailedPoint], list[Candidate], list[dict[str, PersonaEvaluation]]]:
     """Every grid point's masks scored on the validation items, cheapest first: each persona's neutral
-    perplexity; its answers (the shift) only when that is within the bound; the replies only at points where
-    every persona is (greedy replies only, which the bounds read). The dense model's scores and replies once. Returns the candidates (recipe and masks) of
-    the points scored, in their order; `cost` receives the seconds and counts."""
+    perplexity, then its answers (the shift) only when that is within the bound; no replies yet
+    (`decode_replies`). The dense model's scores once. Returns the candidates (recipe and masks) of the points
+    scored and their evaluations, in their order; `cost` receives the seconds and counts."""
     assert recipe.tune is not None
     seconds = cost.seconds
     t = time.perf_counter()
@@ -154,6 +158,7 @@ def score_grid(
     seconds["statistics"] = time.perf_counter() - t
     points: list[GridPoint | FailedPoint] = []
     candidates: list[Candidate] = []
+    evaluations: list[dict[str, PersonaEvaluation]] = []
     for setting, r in grid(recipe):
         log.info("tune: %s", setting.model_dump())
         t = time.perf_counter()
@@ -168,31 +173,28 @@ def score_grid(
         mlp = r.prune.mlp
         assert mlp is not None
         removes = all(mlp.fraction(p) > 0 for p in masks) and mlp.gamma == 0  # gamma > 0 keeps every unit
-        point = score_point(scorer, setting, masks, bounds, cost)
+        point, evals = score_point(scorer, setting, masks, bounds, cost)
         point = point.model_copy(
             update={"removes": removes, "feasible": point.feasible and (removes or not recipe.tune.require_removal)}
         )
         log.info(
-            "tune: %s weaker shift %s, worst perplexity %.3fx%s%s",
+            "tune: %s weaker shift %s, worst perplexity %.3fx%s",
             setting.model_dump(),
             f"{point.min_shift:+.3f}" if point.min_shift is not None else "not scored (over the perplexity bound)",
             point.max_perplexity_ratio,
-            f", reply gap {point.reply_gap:+.3f}, worst repeated 4-grams over dense "
-            f"{point.max_repeated_4grams_over_dense:+.3f}"
-            if point.reply_gap is not None and point.max_repeated_4grams_over_dense is not None
-            else "",
             "" if removes else " (reference: removes nothing)",
         )
         points.append(point)
         candidates.append((r, masks))
-    return points, candidates
+        evaluations.append(evals)
+    return points, candidates, evaluations
 
 
 def score_point(
     scorer: MaskScorer, setting: Setting, masks: dict[str, PersonaMask], bounds: Bounds, cost: Spend
-) -> GridPoint:
-    """One point, early rejection first: perplexity of every persona's mask; the answers of those within the
-    bound; the replies only when every persona is within it."""
+) -> tuple[GridPoint, dict[str, PersonaEvaluation]]:
+    """One point, early rejection first: perplexity of every persona's mask, then the answers of those within
+    the bound. Returns the point's figures and the evaluations they came from."""
     t = time.perf_counter()
     known = scorer.perplexity(masks)
     ratios = scorer.perplexity_ratios(known)
@@ -201,30 +203,89 @@ def score_point(
     cost.perplexity_scored += len(masks)
     cost.rejected_on_perplexity += len(masks) - len(within)
     cost.shift_scored += len(within)
-    replies = len(within) == len(masks)
-    cost.replies_scored += int(replies and scorer.spec.replies is not None)
     timings: dict[str, float] = {}
     evals = (
-        scorer.evaluate({p: masks[p] for p in within}, replies=replies, shipped=False, timings=timings, known=known)
-        if within
-        else {}
+        scorer.evaluate({p: masks[p] for p in within}, replies=False, timings=timings, known=known) if within else {}
     )
     cost.seconds["shift"] += timings.get("eval_scores", 0.0)
-    cost.seconds["replies"] += timings.get("eval_replies", 0.0)
     point = grid_point(setting, evals, True, bounds, False)
     rejected = {p: PersonaPoint(shift=None, perplexity_ratio=ratios[p]) for p in masks if p not in within}
     if not rejected:
-        return point
-    return point.model_copy(
+        return point, evals
+    point = point.model_copy(
         update={
             "personas": {p: rejected.get(p) or point.personas[p] for p in masks},
             "min_shift": None,
             "max_perplexity_ratio": max(ratios.values()),
-            "reply_gap": None,
-            "prompt_only_reply_gap": None,
             "feasible": False,
         }
     )
+    return point, evals
+
+
+def decode_replies(
+    scorer: MaskScorer,
+    points: list[GridPoint | FailedPoint],
+    candidates: list[Candidate],
+    evals: list[dict[str, PersonaEvaluation]],
+    bounds: Bounds,
+    cost: Spend,
+) -> list[GridPoint | FailedPoint]:
+    """The points with their greedy validation replies decoded where they can decide the choice: the replies
+    only bound the repetition, so a point's replies are needed only when no point of larger shift is already
+    within every bound. Taken best shift first (ties in grid order), the search decodes until the first point
+    within the bounds, for the whole pair (the largest weaker shift) and, with `tune.per_persona`, for each
+    persona in each group of points that differ only in its own settings; the choice is the one decoding every
+    point would make (`tune.replies: every` does that, for a reply figure at every point). Replies are decoded
+    only at points where every persona is within the perplexity bound (the pair's reply gap needs both)."""
+    spec = scorer.recipe.tune
+    assert spec is not None
+    if scorer.spec.replies is None or not scorer.items.reply_prompts:
+        return points
+    out = list(points)
+    where = [i for i, p in enumerate(out) if isinstance(p, GridPoint)]  # aligned with candidates and evals
+    scored = [p for p in out if isinstance(p, GridPoint)]
+    decoded: set[int] = set()
+
+    def with_replies(k: int) -> GridPoint:
+        """Point k (an index into `scored`), its replies decoded once."""
+        if k not in decoded:
+            decoded.add(k)
+            t = time.perf_counter()
+            answered = scorer.replies(candidates[k][1], shipped=False)
+            cost.seconds["replies"] += time.perf_counter() - t
+            cost.replies_scored += 1
+            full = {p: ev.model_copy(update={"replies": answered[p]}) for p, ev in evals[k].items()}
+            old = scored[k]
+            new = grid_point(old.setting, full, old.removes, bounds, spec.require_removal)
+            scored[k] = new
+            out[where[k]] = new
+            log.info(
+                "tune: %s replies decoded: reply gap %+.3f, worst repeated 4-grams over dense %+.3f",
+                old.setting.model_dump(),
+                new.reply_gap or 0.0,
+                new.max_repeated_4grams_over_dense or 0.0,
+            )
+        return scored[k]
+
+    whole = [k for k, p in enumerate(scored) if p.min_shift is not None]  # every persona within perplexity
+    if spec.replies == "every":
+        for k in whole:
+            with_replies(k)
+        return out
+    for k in sorted(
+        (k for k in whole if scored[k].removes or not spec.require_removal), key=lambda k: -(scored[k].min_shift or 0.0)
+    ):
+        if with_replies(k).feasible:
+            break
+    if spec.per_persona:
+        for members in groups(scored).values():
+            members = [k for k in members if k in whole]
+            for p in scored[members[0]].personas if members else ():
+                for k in sorted(members, key=lambda k: -(scored[k].personas[p].shift or 0.0)):
+                    if bounds.admit(with_replies(k).personas[p]):
+                        break
+    return out
 
 
 def grid_point(
@@ -271,14 +332,8 @@ def per_persona_points(
     each persona takes the point of its largest shift within the bounds; the new point combines those exports
     (the three as mappings). With amplify > 1 a persona's export also depends on its partner's mask, so its
     sparsity stays common there."""
-    groups: dict[str, list[int]] = {}
-    for i, point in enumerate(scored):
-        s = point.setting
-        if not s.per_persona:
-            rest = {k: v for k, v in s.model_dump().items() if k not in s.own()}
-            groups.setdefault(repr(sorted(rest.items())), []).append(i)
     out = []
-    for members in groups.values():
+    for members in groups(scored).values():
         personas = scored[members[0]].personas
         pick = {}
         for p in personas:
@@ -288,6 +343,17 @@ def per_persona_points(
         if len(pick) != len(personas) or len(set(pick.values())) == 1:
             continue  # a persona has no point within the bounds, or one point already serves every persona
         out.append(combined_point(scored, candidates, members[0], pick, require_removal))
+    return out
+
+
+def groups(scored: list[GridPoint]) -> dict[str, list[int]]:
+    """The grid points (indices into `scored`) that differ only in the settings a persona takes on its own."""
+    out: dict[str, list[int]] = {}
+    for i, point in enumerate(scored):
+        s = point.setting
+        if not s.per_persona:
+            rest = {k: v for k, v in s.model_dump().items() if k not in s.own()}
+            out.setdefault(repr(sorted(rest.items())), []).append(i)
     return out
 
 

@@ -72,14 +72,16 @@ def test_tune_chooses_on_validation_and_reports_on_test(tmp_path: Path, tiny_lla
     assert (out / "pareto.png").stat().st_size > 0 and "**chosen**" in (out / "report.md").read_text()
 
 
-def _with_replies(tmp_path: Path, recipe: Path, max_repeated: float) -> Path:
-    """The recipe with validation replies (everyday prompts of its own) and a repetition bound."""
+def _with_replies(tmp_path: Path, recipe: Path, max_repeated: float, replies: str = "every") -> Path:
+    """The recipe with validation replies (everyday prompts of its own) and a repetition bound, decoded at
+    every point within the perplexity bound or best shift first (`replies`)."""
     prompts = tmp_path / "val-prompts.txt"
     prompts.write_text("".join(f"tell me about {w} please\n" for w in ("mornings", "rain", "friends", "books")))
     data = yaml.safe_load(recipe.read_text())
     data["tune"]["validation"]["replies"] = {"path": str(prompts), "max_new_tokens": 12}
     data["tune"]["validation"]["acceptance"] = {"max_repeated_4grams_over_dense": max_repeated}
     data["tune"]["per_persona"] = True
+    data["tune"]["replies"] = replies
     recipe.write_text(yaml.safe_dump(data))
     return recipe
 
@@ -125,6 +127,36 @@ def test_tune_scores_validation_replies_and_bounds_their_repetition(tmp_path: Pa
     assert [p["setting"] for p in kept["grid"]] == [p["setting"] for p in report["grid"] if not p.get("combined")]
     assert "No point is within the bounds" in (tmp_path / "strict" / "report.md").read_text()
     assert not (tmp_path / "strict" / "recipe.yaml").exists()
+
+
+def test_best_first_replies_choose_what_decoding_every_point_chooses(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    """Replies only bound the repetition, so tune decodes them from the largest shift down until a point is
+    within every bound: the chosen setting and its test figures are those of decoding every point, at fewer
+    decodes; a point left undecoded says so in report.md."""
+    from exporter.workflows.tune import tune
+
+    validation = write_pair_data(tmp_path / "val-pairs.jsonl", n=8, seed=7)
+    base = _recipe(tmp_path, tiny_llama_dir, validation, sparsity=[0.0, 0.1, 0.25], steer=[0.0, 1.0, 2.0])
+    reports = {}
+    for mode in ("every", "best-first"):
+        recipe = _with_replies(tmp_path, base, max_repeated=1.0, replies=mode)
+        tune(load_recipe(recipe), tmp_path / mode)
+        reports[mode] = json.loads((tmp_path / mode / "report.json").read_text())
+    every, best = reports["every"], reports["best-first"]
+    assert best["chosen"] == every["chosen"] is not None
+    assert best["test"] == every["test"]
+    chosen = [next(p for p in r["grid"] if p.get("chosen")) for r in (every, best)]
+    assert chosen[0] == chosen[1]  # the same figures, replies included
+    points = sum(not p.get("combined") for p in every["grid"])
+    assert every["cost"]["replies_scored"] == points == 9
+    assert 1 <= best["cost"]["replies_scored"] < points
+    undecoded = [p for p in best["grid"] if not p.get("combined") and p.get("reply_gap") is None]
+    assert len(undecoded) == points - best["cost"]["replies_scored"]
+    assert all(not p["feasible"] and not p.get("chosen") for p in undecoded)
+    assert (
+        "replies not decoded (a point of larger shift is within the bounds)"
+        in (tmp_path / "best-first" / "report.md").read_text()
+    )
 
 
 def test_tune_refuses_validation_items_that_are_reported(tmp_path: Path, tiny_llama_dir: Path) -> None:
@@ -390,7 +422,9 @@ def test_points_over_the_perplexity_bound_are_never_scored_for_shift_or_replies(
     assert all(v["perplexity_ratio"] > bound for _, v in rejected)
     assert calls["answers"] == cost["shift_scored"] == 8 - len(rejected)
     every = sum(all(v["shift"] is not None for v in p["personas"].values()) for p in grid_points)
-    assert cost["replies_scored"] == every < 4
-    assert calls["replies"] == every + (report["chosen"] is not None)  # the chosen point's test replies
+    assert cost["replies_scored"] <= every < 4  # best shift first: at most the points within the bound
+    assert calls["replies"] == cost["replies_scored"] + (
+        report["chosen"] is not None
+    )  # + the chosen point's test replies
     assert set(cost["seconds"]) == {"statistics", "masks", "perplexity", "shift", "replies", "test"}
     assert "rejected there (never scored for shift or replies)" in (tmp_path / "out" / "report.md").read_text()
