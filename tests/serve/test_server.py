@@ -117,7 +117,10 @@ def test_concurrent_clients_are_decoded_together_and_each_gets_its_own_reply(
             t.start()
         for t in threads:
             t.join()
-        status = health(url)
+        # a reply reaches its client before the decode loop frees its row and counts it: wait for the count
+        deadline = time.monotonic() + 10
+        while (status := health(url))["completed"] < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
     assert status["completed"] == 6 and status["most_rows"] >= 2 and status["active"] == 0
     for persona, seed in asks:
         assert got[seed] == solo(run, persona, Sampling(temperature=1.0, seed=seed), 20)[0]
