@@ -89,6 +89,8 @@ class MaskScorer:
         opposite = {p: q for p in recipe.personas if (q := recipe.partner(p))}
         self.replier = Replier(model, tokenizer, adapter, spec, items.reply_prompts, self.systems, opposite)
         self.dense_params = count_parameters(model)
+        for system in {None, *self.systems.values()}:  # every answer encoded now: one that does not fit fails here
+            self.ev.n_answers(system)
 
     def wanda(self, personas: list[str]) -> dict[str, list[dict[str, Any]]]:
         """The Wanda baseline's activation norms of `personas` (computed once each); none without the baseline.

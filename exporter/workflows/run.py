@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from exporter.evaluation.scorer import evaluate_into
+from exporter.evaluation.scorer import MaskScorer, evaluate_into
 from exporter.export.hf import DTYPES
 from exporter.io import RUN_FOLDER, staged
 from exporter.masking.collect import column_norms, down_weights, persona_statistics
@@ -66,6 +66,9 @@ def run(
         timer.add("load", t)
         prompts = build_prompts(m.tokenizer, recipe.verify.prompts)
         check_limits(recipe, m.model.config.to_dict(), max(len(ids[0]) for ids, _ in prompts.singles))
+        if eval_items is not None:  # an eval item that does not fit eval.max_tokens fails now, not after the exports
+            assert recipe.eval is not None
+            MaskScorer(recipe, recipe.eval, eval_items, m.model, m.tokenizer, m.adapter)
         with staged(out, overwrite, RUN_FOLDER) as stage:
             stats, infos = statistics_into(stage, recipe, m, reuse, timer, use_cache)
             t = time.perf_counter()

@@ -88,6 +88,7 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
         spec.max_perplexity_ratio, validation.acceptance.max_repeated_4grams_over_dense if replies else None
     )
     scorer = MaskScorer(recipe, validation, val_items, m.model, m.tokenizer, m.adapter)
+    MaskScorer(recipe, test, test_items, m.model, m.tokenizer, m.adapter)  # test items that do not fit fail now
     stages = ("statistics", "masks", "perplexity", "shift", "replies", "test")
     cost = Spend(dict.fromkeys(stages, 0.0))
     points, candidates, evals = score_grid(recipe, scorer, m, reuse, bounds, cost)

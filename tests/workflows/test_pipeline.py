@@ -182,3 +182,22 @@ def test_verbosity_before_or_after_the_command_version_and_help_defaults(
         parse(["generate", "--help"])
     shown = " ".join(capsys.readouterr().out.split())
     assert "(default: 128)" in shown and "default: onnx, else onnx-genai, else torch" in shown  # --backend's: None
+
+
+def test_an_eval_item_that_does_not_fit_fails_before_the_exports(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A test item whose prompt fills eval.max_tokens stops the run once the tokenizer is loaded: no persona
+    is exported (minutes, on a real model) only for the evaluation to fail after."""
+    from tests.helpers import edited_recipe, point_eval_at, write_pair_data
+
+    def edit(d: dict, t: Path) -> None:  # type: ignore[type-arg]
+        point_eval_at(d, write_pair_data(t / "test-pairs.jsonl", n=8, seed=11))
+        d["eval"]["max_tokens"] = 16
+
+    recipe = edited_recipe(tmp_path, tiny_llama_dir, edit)
+    exported = []
+    monkeypatch.setattr("exporter.workflows.run.export_persona", lambda *a, **k: exported.append(a))
+    assert main(["run", str(recipe), "--out", str(tmp_path / "run")]) != 0
+    assert "a prompt fills all 16 tokens (eval.max_tokens)" in capsys.readouterr().err
+    assert not exported and not (tmp_path / "run").exists()

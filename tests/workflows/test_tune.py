@@ -159,6 +159,26 @@ def test_best_first_replies_choose_what_decoding_every_point_chooses(tmp_path: P
     )
 
 
+@pytest.mark.parametrize("section", ["eval", "validation"])
+def test_items_that_do_not_fit_fail_before_the_grid(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, section: str
+) -> None:
+    """A test (or validation) item whose prompt fills eval.max_tokens fails before any grid point is scored,
+    not after the grid's minutes."""
+    from exporter.evaluation.scorer import MaskScorer
+    from exporter.workflows.tune import tune
+
+    validation = write_pair_data(tmp_path / "val-pairs.jsonl", n=8, seed=7)
+    data = yaml.safe_load(_recipe(tmp_path, tiny_llama_dir, validation).read_text())
+    (data["eval"] if section == "eval" else data["tune"]["validation"])["max_tokens"] = 16
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(data))
+    scored = []
+    monkeypatch.setattr(MaskScorer, "perplexity", lambda self, masks: scored.append(masks))
+    with pytest.raises(Exception, match=r"a prompt fills all 16 tokens \(eval.max_tokens\).*raise max_tokens"):
+        tune(load_recipe(tmp_path / "recipe.yaml"), tmp_path / "out")
+    assert not scored and not (tmp_path / "out").exists()
+
+
 def test_tune_refuses_validation_items_that_are_reported(tmp_path: Path, tiny_llama_dir: Path) -> None:
     same_as_test = write_pair_data(tmp_path / "val-pairs.jsonl", n=8, seed=11)
     recipe = load_recipe(_recipe(tmp_path, tiny_llama_dir, same_as_test))
