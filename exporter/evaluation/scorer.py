@@ -170,7 +170,9 @@ class MaskScorer:
     ) -> PersonaEvaluation:
         spec, items = self.spec, self.items
         labels = [s.label for s in items.statements]
-        figures = summarise(raw, persona, spec, labels, random_keys(spec, mask), self.dense_params, replies)
+        mix = self.recipe.composites.get(persona)
+        parts = list(mix.mix) if mix is not None else None  # a composite is scored toward its parts' poles
+        figures = summarise(raw, persona, spec, labels, random_keys(spec, mask), self.dense_params, replies, parts)
         return PersonaEvaluation(
             depth=spec.depth,
             splits=Splits.model_validate(items.splits),

@@ -343,9 +343,12 @@ def summarise(
     """The persona's `opposite`, `rows`, `acceptance`, `mask_vs_prompt`, `replies`, `sets` and `switch_success`
     (PersonaEvaluation fields). `parts`: the poles a persona made of several stands for (itself by default)."""
     parts = parts or [persona]
-    view = PersonaView(raw, persona, spec, labels, dense_params)
+    # the main items score the persona toward itself, or toward the part they name (a composite's)
+    toward = next((p for p in parts if partner(spec, p) is not None), None)
+    view = PersonaView(raw, persona, spec, labels, dense_params, toward)
+    own_main = view.q is not None
     own_set = next((x for x in spec.sets if any(p in x.personas for p in parts)), None)
-    if view.q is None and own_set is not None:  # the persona's own axis is one of the sets: its rows and its bar
+    if not own_main and own_set is not None:  # the persona's own axis is one of the sets: its rows and its bar
         toward = next(p for p in parts if p in own_set.personas)
         sub = set_spec(own_set, spec)
         view = PersonaView(set_raw(raw, own_set.name), persona, sub, [], dense_params, toward)
@@ -358,5 +361,5 @@ def summarise(
         "mask_vs_prompt": mask_vs_prompt(view),
         "replies": replies,
         "sets": sets,
-        "switch_success": switch_success(rows, view.q is not None and own_set is None, sets),
+        "switch_success": switch_success(rows, own_main, sets),
     }

@@ -204,6 +204,7 @@ def test_item_sets_give_own_axis_rows_crosstalk_and_switch_success(tmp_path: Pat
     base["personas"] |= {
         "sensing": {"description": "concrete", "calibration": cal | {"response_field": "introvert"}},
         "intuitive": {"description": "abstract", "calibration": cal | {"response_field": "extravert"}},
+        "IN": {"mix": {"introvert": 1, "intuitive": 1}},  # a composite: scored toward its parts' poles
     }
     base["pairs"] = [["extravert", "introvert"], ["sensing", "intuitive"]]
     base["eval"]["sets"] = [{"name": "S/N", "unpaired": sn}]
@@ -218,6 +219,7 @@ def test_item_sets_give_own_axis_rows_crosstalk_and_switch_success(tmp_path: Pat
     masks = random_masks(model) | {
         "sensing": random_masks(model, seed=1)["introvert"],
         "intuitive": random_masks(model, seed=1)["extravert"],
+        "IN": random_masks(model, seed=2)["introvert"],
     }
     items = prepare(recipe)
     assert set(items.sets) == {"S/N"} and items.splits["sets"]["S/N"]["unpaired"]
@@ -251,8 +253,20 @@ def test_item_sets_give_own_axis_rows_crosstalk_and_switch_success(tmp_path: Pat
     assert sensing.acceptance is not None and sensing.acceptance.shift == row.unpaired.shift.mean
     own = sensing.sets[0].rows
     assert next(r for r in own if r.condition == "mask-only").shift == row.unpaired.shift
+    # the composite: toward introvert on the main items, toward intuitive on S/N, both its own axes
+    mixed = evals["IN"]
+    assert mixed.opposite == "extravert" and mixed.sets[0].own and mixed.sets[0].toward == "intuitive"
+    mixed_main, mixed_sn = mixed.row("mask-only"), next(r for r in mixed.sets[0].rows if r.condition == "mask-only")
+    assert mixed_main is not None and mixed_main.shift_ci is not None and mixed_sn.shift is not None
+    assert mixed_sn.shift.mean == pytest.approx(did(masks["IN"], "intuitive", "sensing"), abs=1e-9)
+    plain = MaskScorer(recipe, recipe.eval, items, model, tok, adapter).evaluate({"introvert": masks["IN"]})
+    same = plain["introvert"].row("mask-only")  # the same mask scored as the introvert pole: the same E/I figures
+    assert same is not None and mixed_main.shift_ci == same.shift_ci
+    assert mixed.switch_success == (mixed_main.shift_ci.ci95[0] > 0 and mixed_sn.shift.ci95[0] > 0)
     # switch success: every own axis's export interval above 0
     for p, ev in evals.items():
+        if p == "IN":
+            continue
         named = [r.shift_ci for r in ev.rows if r.condition == "mask-only"]
         assert named and named[0] is not None
         assert ev.switch_success == (named[0].ci95[0] > 0), p

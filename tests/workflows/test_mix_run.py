@@ -65,9 +65,10 @@ def test_run_exports_the_requested_personas_composites_proven_exact(
     assert mostly.mix is not None and mostly.mix["extravert"].weight == 0.7
     assert [len(r) for r in mostly.removed_per_layer["mlp"]] == [6 + 3, 6 + 3]  # round(0.7 x 9) + round(0.3 x 9)
 
-    # evaluation covers the exported personas: paired rows for the pole, perplexity for every one
+    # evaluation covers the exported personas: paired rows for the pole and for the composite, toward its part
+    # on the E/I items (introvert), perplexity for every one
     ev = it.evaluation
-    assert ev is not None and all(r.paired is None for r in ev.rows)
+    assert ev is not None and ev.opposite == "extravert" and all(r.paired is not None for r in ev.rows)
     assert any(r.condition == "mask-only" and r.neutral is not None for r in ev.rows)
     pole = read_report(out / "introvert").evaluation
     assert pole is not None and any(r.paired is not None for r in pole.rows)

@@ -1,0 +1,99 @@
+"""The 16 MBTI types of recipes/smollm2-mbti.yaml on the test items, printed (not asserted).
+
+For each type (a composite of four poles, exporter/masking/mix.py) and, for comparison, each pole alone: the
+export's shift toward each of its four letters on that axis's test items (E/I and T/F paired, S/N and J/P
+unpaired), with its 95 % interval, and switch success (all four intervals above 0). This is the evaluation
+stage of `persona-export run recipes/smollm2-mbti.yaml` without writing the exports: it scores the masked model
+with the steering biases, which each export computes exactly (the parity tests prove it for composites too), so
+the 24 checkpoints (about 0.5 GB each) need not be written. Baselines are left out (a type has no system prompt
+of its own); the dense model's scores are shared by all types.
+
+    .venv/bin/python ci/bench_catalog.py [--types INTJ ESFP ...] [--json out.json] [KEY.PATH=VALUE ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from exporter.evaluation.items import prepare
+from exporter.evaluation.scorer import MaskScorer
+from exporter.masking.collect import column_norms, down_weights, persona_statistics
+from exporter.masking.masks import compute_masks
+from exporter.masking.mix import composite_masks
+from exporter.masking.steer import with_biases
+from exporter.model.sources import load_model
+from exporter.recipe.load import load_recipe
+from exporter.reports.evaluation import PersonaEvaluation
+from exporter.reports.provenance import Timer
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = REPO / "recipes" / "smollm2-mbti.yaml"
+AXES = ("E/I", "S/N", "T/F", "J/P")
+
+
+def axis_shifts(ev: PersonaEvaluation) -> dict[str, tuple[str, float, float, float]]:
+    """Each axis the persona names: (toward, mean, low, high) of the export's shift on that axis's items."""
+    out = {}
+    main = ev.row("mask-only")
+    if ev.opposite is not None and main is not None and main.shift_ci is not None:
+        ci = main.shift_ci
+        out["E/I"] = (ev.opposite, ci.mean, ci.ci95[0], ci.ci95[1])  # toward the partner of `opposite`
+    for s in ev.sets:
+        row = next((r for r in s.rows if r.condition == "mask-only"), None)
+        if row is not None and row.shift is not None:
+            label = s.toward if s.own else f"crosstalk toward {s.toward}"
+            out[s.name] = (label, row.shift.mean, row.shift.ci95[0], row.shift.ci95[1])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", type=Path, default=RECIPE)
+    parser.add_argument("--types", nargs="*", help="composites to score (default: every composite)")
+    parser.add_argument("--poles", nargs="*", default=None, help="poles to score alone (default: all)")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. eval.sets.0.unpaired.max_items=32")
+    args = parser.parse_args()
+    recipe = load_recipe(args.recipe, [*args.overrides, "eval.baselines=[]"])
+    assert recipe.eval is not None
+    composites = [p for p in recipe.personas if p not in recipe.poles]
+    types = args.types or composites
+    poles = list(recipe.poles) if args.poles is None else args.poles
+    t0 = time.perf_counter()
+    m = load_model(recipe)
+    stats = {p: persona_statistics(recipe, p, m, None, Timer())[0] for p in recipe.poles}
+    col_sq = column_norms(m)
+    masks = compute_masks(recipe, stats, col_sq) | composite_masks(recipe, stats, col_sq, types)
+    masks = with_biases(recipe, masks, stats, m.model, m.adapter, torch.float32, down=down_weights(m))
+    items = prepare(recipe)
+    scorer = MaskScorer(recipe, recipe.eval, items, m.model, m.tokenizer, m.adapter)
+    figures: dict[str, dict[str, tuple[str, float, float, float]]] = {}
+    success: dict[str, bool | None] = {}
+    for name in [*poles, *types]:  # one at a time: the dense model's scores are reused
+        ev = scorer.evaluate({name: masks[name]}, replies=False)[name]
+        figures[name], success[name] = axis_shifts(ev), ev.switch_success
+        print(f"{name}: " + "; ".join(f"{a} {v[1]:+.3f} [{v[2]:+.3f}, {v[3]:+.3f}]" for a, v in figures[name].items()))
+    print(f"\nscored in {time.perf_counter() - t0:.0f} s\n")
+    print("| persona | " + " | ".join(f"{a} shift [95% CI]" for a in AXES) + " | switch success |")
+    print("|---|" + "---|" * (len(AXES) + 1))
+    for name in [*poles, *types]:
+        cells = []
+        for a in AXES:
+            v = figures[name].get(a)
+            cross = " (x)" if v is not None and v[0].startswith("crosstalk") else ""
+            cells.append("–" if v is None else f"{v[1]:+.3f} [{v[2]:+.3f}, {v[3]:+.3f}]{cross}")
+        ok = success[name]
+        print(f"| {name} | " + " | ".join(cells) + f" | {'–' if ok is None else 'yes' if ok else 'no'} |")
+    n_ok = sum(bool(success[t]) for t in types)
+    print(f"\nswitch success: {n_ok}/{len(types)} types ((x): crosstalk, the shift toward the set's first pole)")
+    if args.json:
+        args.json.write_text(json.dumps({"figures": figures, "switch_success": success}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
