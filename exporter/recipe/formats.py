@@ -37,7 +37,8 @@ class Floor:
 FLOORS = {8: Floor(0.97, 1.05), 4: Floor(0.90, 1.15)}  # by weight bits (GGUF Q8_0 and F16: 8; Q4_1: 4)
 # onnx-q4's output.q4_activations -> MatMulNBits accuracy_level: int8 rounds the activations per block inside
 # the kernel (as llama.cpp does), fp32 keeps them
-Q4_ACTIVATIONS = {"int8": 4, "fp32": 1}
+Q4Activations = Literal["int8", "fp32"]
+Q4_ACTIVATIONS: dict[Q4Activations, int] = {"int8": 4, "fp32": 1}
 
 
 @dataclass(frozen=True)

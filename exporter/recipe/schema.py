@@ -14,7 +14,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Discriminator, Field, 
 
 from exporter.recipe.composites import MixSpec, mix_description
 from exporter.recipe.eval import EvalSpec, Seed
-from exporter.recipe.formats import FormatName
+from exporter.recipe.formats import FormatName, Q4Activations
 from exporter.recipe.generation import GenerationSpec
 from exporter.recipe.push import PushSpec
 
@@ -207,7 +207,7 @@ class OutputSpec(Strict):
     # onnx-q4: activations inside MatMulNBits. int8: rounded per block in the kernel, as llama.cpp does (fastest;
     # measured against the 4-bit floor); fp32: computes what the checkpoint computes, a parity target when every
     # matrix keeps exact blocks (about 1.5 x the int8 time per token on SmolLM2)
-    q4_activations: Literal["int8", "fp32"] = "int8"
+    q4_activations: Q4Activations = "int8"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"  # auto: the source checkpoint's
     # decoding defaults written into every format (exporter/recipe/generation.py); default plain greedy
     generation: GenerationSpec = GenerationSpec()

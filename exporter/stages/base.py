@@ -15,7 +15,7 @@ from torch import nn
 
 from exporter.masking.masks import PersonaMask
 from exporter.model.adapters import Adapter
-from exporter.recipe.formats import Format
+from exporter.recipe.formats import Format, Q4Activations
 from exporter.reports.checks import Check
 from exporter.reports.provenance import Timer
 from exporter.verify.hf import Probes
@@ -32,7 +32,7 @@ class StageInputs:
     reference: nn.Module | None  # the dense fp32 model; a stage applies the mask to it
     adapter: Adapter | None
     genai_precision: str  # onnx-genai: output.genai_precision
-    q4_activations: str  # onnx-q4: output.q4_activations
+    q4_activations: Q4Activations  # onnx-q4: output.q4_activations
     timer: Timer  # seconds of each step, in the order they ran (report.json's timings_s)
 
     def proven_reference(self) -> tuple[nn.Module, Adapter]:
