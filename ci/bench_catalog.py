@@ -5,7 +5,8 @@ export's shift toward each of its four letters on that axis's test items (E/I an
 unpaired), with its 95 % interval, and switch success (all four intervals above 0). This is the evaluation
 stage of `persona-export run recipes/smollm2-mbti.yaml` without writing the exports: it scores the masked model
 with the steering biases, which each export computes exactly (the parity tests prove it for composites too), so
-the 24 checkpoints (about 0.5 GB each) need not be written. Baselines are left out (a type has no system prompt
+the 24 checkpoints (about 0.5 GB each) need not be written. A pole of S/N, T/F or J/P has no E/I figure: the
+evaluation scores crosstalk on `eval.sets`, and E/I is the recipe's main items. Baselines are left out (a type has no system prompt
 of its own); the dense model's scores are shared by all types.
 
     .venv/bin/python ci/bench_catalog.py [--types INTJ ESFP ...] [--json out.json] [KEY.PATH=VALUE ...]
@@ -40,7 +41,8 @@ def axis_shifts(ev: PersonaEvaluation) -> dict[str, tuple[str, float, float, flo
     """Each axis the persona names: (toward, mean, low, high) of the export's shift on that axis's items."""
     out = {}
     main = ev.row("mask-only")
-    if ev.opposite is not None and main is not None and main.shift_ci is not None:
+    from_set = any(s.own and ev.opposite in s.personas for s in ev.sets)  # a pole whose axis is a set: its rows
+    if ev.opposite is not None and not from_set and main is not None and main.shift_ci is not None:
         ci = main.shift_ci
         out["E/I"] = (ev.opposite, ci.mean, ci.ci95[0], ci.ci95[1])  # toward the partner of `opposite`
     for s in ev.sets:
