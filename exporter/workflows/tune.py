@@ -237,8 +237,9 @@ def decode_replies(
     within every bound. Taken best shift first (ties in grid order), the search decodes until the first point
     within the bounds, for the whole pair (the largest weaker shift) and, with `tune.per_persona`, for each
     persona in each group of points that differ only in its own settings; the choice is the one decoding every
-    point would make (`tune.replies: every` does that, for a reply figure at every point). Replies are decoded
-    only at points where every persona is within the perplexity bound (the pair's reply gap needs both)."""
+    point would make (`tune.replies: every` does that, for a reply figure at every point). A point is decoded
+    when a persona whose figures are searched is within the perplexity bound there; the pair's exports are
+    decoded together (the reply gap needs both), and a persona over the bound stays rejected."""
     spec = scorer.recipe.tune
     assert spec is not None
     if scorer.spec.replies is None or not scorer.items.reply_prompts:
@@ -259,6 +260,15 @@ def decode_replies(
             full = {p: ev.model_copy(update={"replies": answered[p]}) for p, ev in evals[k].items()}
             old = scored[k]
             new = grid_point(old.setting, full, old.removes, bounds, spec.require_removal)
+            if set(full) != set(old.personas):  # a persona over the perplexity bound keeps its rejection
+                new = new.model_copy(
+                    update={
+                        "personas": {p: new.personas.get(p) or old.personas[p] for p in old.personas},
+                        "min_shift": None,
+                        "max_perplexity_ratio": old.max_perplexity_ratio,
+                        "feasible": False,
+                    }
+                )
             scored[k] = new
             out[where[k]] = new
             log.info(
@@ -271,8 +281,9 @@ def decode_replies(
 
     whole = [k for k, p in enumerate(scored) if p.min_shift is not None]  # every persona within perplexity
     if spec.replies == "every":
-        for k in whole:
-            with_replies(k)
+        for k, point in enumerate(scored):
+            if any(v.shift is not None for v in point.personas.values()):
+                with_replies(k)
         return out
     for k in sorted(
         (k for k in whole if scored[k].removes or not spec.require_removal), key=lambda k: -(scored[k].min_shift or 0.0)
@@ -281,9 +292,9 @@ def decode_replies(
             break
     if spec.per_persona:
         for members in groups(scored).values():
-            members = [k for k in members if k in whole]
-            for p in scored[members[0]].personas if members else ():
-                for k in sorted(members, key=lambda k: -(scored[k].personas[p].shift or 0.0)):
+            for p in scored[members[0]].personas:
+                within = [k for k in members if scored[k].personas[p].shift is not None]
+                for k in sorted(within, key=lambda k: -(scored[k].personas[p].shift or 0.0)):
                     if bounds.admit(with_replies(k).personas[p]):
                         break
     return out

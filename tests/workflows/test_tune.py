@@ -448,3 +448,49 @@ def test_points_over_the_perplexity_bound_are_never_scored_for_shift_or_replies(
     )  # + the chosen point's test replies
     assert set(cost["seconds"]) == {"statistics", "masks", "perplexity", "shift", "replies", "test"}
     assert "rejected there (never scored for shift or replies)" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("mode", ["every", "best-first"])
+def test_a_persona_within_the_bound_is_decoded_where_its_partner_is_not(
+    tmp_path: Path, tiny_llama_dir: Path, mode: str
+) -> None:
+    """Per persona, a point where only one persona keeps perplexity within the bound can still give that
+    persona its export: its replies are decoded there (with its partner's, for the gap) and bound its
+    repetition; the partner stays rejected and the point itself is never feasible."""
+    from exporter.workflows.tune import tune
+
+    validation = write_pair_data(tmp_path / "val-pairs.jsonl", n=8, seed=7)
+    path = _recipe(tmp_path, tiny_llama_dir, validation, sparsity=[0.25], steer=[0.0, 2.0, 4.0, 8.0])
+    recipe = _with_replies(tmp_path, path, max_repeated=1.0, replies=mode)
+    data = yaml.safe_load(recipe.read_text())
+    # a bound between the two personas' perplexities at some point: the tiny model's own figures decide it
+    tune(load_recipe(recipe), tmp_path / "probe")
+    probe = json.loads((tmp_path / "probe" / "report.json").read_text())
+    pairs = [
+        sorted(v["perplexity_ratio"] for v in p["personas"].values()) for p in probe["grid"] if not p.get("combined")
+    ]
+    low, high = next((a, b) for a, b in pairs if b - a > 1e-6)
+    data["tune"]["max_perplexity_ratio"] = (low + high) / 2
+    recipe.write_text(yaml.safe_dump(data))
+    with contextlib.suppress(RecipeError):  # no point may be within the bounds: the grid's figures are written
+        tune(load_recipe(recipe), tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    partial = [
+        p
+        for p in report["grid"]
+        if not p.get("combined") and sorted(v.get("shift") is None for v in p["personas"].values()) == [False, True]
+    ]
+    assert partial  # the bound splits the pair at one point at least
+    for point in report["grid"]:
+        for v in point["personas"].values():
+            if v.get("shift") is None:  # rejected on perplexity: never decoded
+                assert v.get("repeated_4grams_over_dense") is None and v["perplexity_ratio"] > (low + high) / 2
+    for point in partial:
+        assert not point["feasible"] and point.get("min_shift") is None
+    if mode == "every":  # every persona within the bound is decoded, also where its partner is not
+        assert all(
+            v.get("repeated_4grams_over_dense") is not None
+            for p in partial
+            for v in p["personas"].values()
+            if v.get("shift") is not None
+        )
