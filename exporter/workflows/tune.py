@@ -130,7 +130,8 @@ def selection(spec: TuneSpec, validation: EvalSpec) -> str:
     """How the point is chosen, in words (report.md, report.json)."""
     max_repeated = validation.acceptance.max_repeated_4grams_over_dense
     return (
-        "largest shift (paired, else unpaired, else A/B letter margin) of the weaker persona on the validation items, every persona's "
+        "largest shift (paired, else unpaired, else A/B letter margin) of the weaker persona on the validation items "
+        "(a tie: the larger sum of every persona's shift), every persona's "
         f"perplexity <= {spec.max_perplexity_ratio}x dense"
         + (f" and its replies' repeated 4-grams <= dense + {max_repeated}" if validation.replies is not None else "")
         + (
@@ -286,7 +287,7 @@ def decode_replies(
                 with_replies(k)
         return out
     for k in sorted(
-        (k for k in whole if scored[k].removes or not spec.require_removal), key=lambda k: -(scored[k].min_shift or 0.0)
+        (k for k in whole if scored[k].removes or not spec.require_removal), key=lambda k: rank(scored[k]), reverse=True
     ):
         if with_replies(k).feasible:
             break
@@ -399,6 +400,14 @@ def combined_point(
     return point, (point.setting.applied(base), masks)
 
 
+def rank(point: GridPoint) -> tuple[float, float]:
+    """What the choice maximises: the weaker persona's shift, then (a tie, e.g. a per-persona point that keeps
+    the weaker persona's export and strengthens the other's) the sum of every persona's shift. Only points whose
+    every persona was scored are ranked (feasible, or within the perplexity bound)."""
+    shifts = [v.shift or 0.0 for v in point.personas.values()]
+    return (point.min_shift or 0.0, sum(shifts))
+
+
 def chosen_on_test(
     report: TuneReport, candidates: list[Candidate], test: EvalSpec, items: EvalItems, m: Loaded
 ) -> TuneReport:
@@ -407,7 +416,7 @@ def chosen_on_test(
     feasible = [i for i, p in enumerate(scored) if p.feasible]
     if not feasible:
         return report
-    best = max(feasible, key=lambda i: scored[i].min_shift or 0.0)  # feasible: every persona scored
+    best = max(feasible, key=lambda i: rank(scored[i]))
     chosen, masks = candidates[best]
     log.info("tune: chosen %s; evaluating it on the test items", scored[best].setting.model_dump())
     evaluations = MaskScorer(chosen, test, items, m.model, m.tokenizer, m.adapter).evaluate(masks)

@@ -380,6 +380,39 @@ def test_with_amplify_a_persona_keeps_the_common_sparsity_and_chooses_only_its_s
     assert recipe.method.depth("b") == 1.0 and point.min_shift == 0.22
 
 
+def test_a_tie_of_the_weaker_persona_goes_to_the_point_where_the_other_is_stronger(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The E/I case: the introvert's best export is the same in the plain point and in the per-persona one,
+    which also takes the extravert's stronger export; the weaker shifts tie, and the per-persona point wins."""
+    from exporter.reports.tune import TuneReport
+    from exporter.workflows import tune as tune_module
+
+    scored = [
+        _point(2.0, {"a": 0.32, "b": 0.35}, {"a": 1.12, "b": 1.09}),
+        _point(2.5, {"a": 0.30, "b": 0.41}, {"a": 1.10, "b": 1.13}),  # a weaker here: b takes its export from it
+    ]
+    candidates = [(load_recipe_stub(), {"a": f"mask-a{i}", "b": f"mask-b{i}"}) for i in range(len(scored))]
+    ((combined, candidate),) = per_persona_points(scored, candidates, BOUNDS, True)  # type: ignore[arg-type]
+    assert combined.min_shift == scored[0].min_shift == 0.32  # a tie of the weaker persona
+    report = TuneReport.model_construct(grid=[*scored, combined], chosen=None, test=None)
+    evaluated = []
+
+    class Scorer:
+        def __init__(self, *args: Any) -> None:
+            pass
+
+        def evaluate(self, masks: dict[str, Any]) -> dict[str, Any]:
+            evaluated.append(masks)
+            return {}
+
+    monkeypatch.setattr(tune_module, "MaskScorer", Scorer)
+    model = type("M", (), {"model": None, "tokenizer": None, "adapter": None})()
+    out = tune_module.chosen_on_test(report, [*candidates, candidate], None, None, model)  # type: ignore[arg-type]
+    assert out.chosen == combined.setting and evaluated == [{"a": "mask-a0", "b": "mask-b1"}]
+    assert tune_module.rank(combined) > tune_module.rank(scored[0])
+
+
 def load_recipe_stub() -> Any:
     from exporter.recipe.schema import MethodSpec, MlpPrune, PruneSpec
 
