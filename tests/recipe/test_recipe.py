@@ -82,7 +82,8 @@ def test_catalog_recipes_evaluate_on_test_and_tune_on_validation(name: str) -> N
     # a search, not a hand-picked setting: several strengths, both vector kinds, two depths
     assert recipe.tune.steer_vector == ["mlp", "residual"] and len(recipe.tune.steer) >= 3
     assert len(recipe.tune.steer_layers) >= 2 and recipe.tune.per_persona
-    assert "starting point" in (REPO / "recipes" / name).read_text()
+    text = (REPO / "recipes" / name).read_text()  # says whether its setting is a starting point or tune's choice
+    assert "starting point" in text and ("not a chosen setting" in text or "chosen by `persona-export tune`" in text)
 
 
 def _edit(tmp_path: Path, tiny_dir: Path, mutate) -> Path:  # type: ignore[no-untyped-def]
