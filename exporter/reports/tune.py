@@ -73,8 +73,8 @@ class Bounds:
 class TuneCost(Record):
     """What the grid cost: seconds per stage and how much each stage scored. Early rejection: each persona's
     neutral perplexity first (one pass over the neutral text per mask); only the personas within the bound have
-    their validation answers scored; replies only at points where every persona is within the bound, best shift
-    first until one is within every bound (tune.replies: best-first)."""
+    their validation answers scored; replies only where a persona is within the bound, best shift first until
+    one is within every bound (tune.replies: best-first)."""
 
     seconds: dict[str, float]  # statistics, masks, perplexity, shift, replies, test (the chosen point's evaluation)
     points: int  # grid points with masks
