@@ -5,9 +5,9 @@ export's shift toward each of its four letters on that axis's test items (E/I an
 unpaired), with its 95 % interval, and switch success (all four intervals above 0). This is the evaluation
 stage of `persona-export run recipes/smollm2-mbti.yaml` without writing the exports: it scores the masked model
 with the steering biases, which each export computes exactly (the parity tests prove it for composites too), so
-the 24 checkpoints (about 0.5 GB each) need not be written. A pole of S/N, T/F or J/P has no E/I figure: the
-evaluation scores crosstalk on `eval.sets`, and E/I is the recipe's main items. Baselines are left out (a type has no system prompt
-of its own); the dense model's scores are shared by all types.
+the 24 checkpoints (about 0.5 GB each) need not be written. A pole of S/N, T/F or J/P gets its E/I figure as
+crosstalk on the recipe's main items (the evaluation's `introvert/extravert` set). Baselines are left out (a type
+has no system prompt of its own); the dense model's scores are shared by all types.
 
     .venv/bin/python ci/bench_catalog.py [--types INTJ ESFP ...] [--json out.json] [KEY.PATH=VALUE ...]
 """
@@ -49,7 +49,8 @@ def axis_shifts(ev: PersonaEvaluation) -> dict[str, tuple[str, float, float, flo
         row = next((r for r in s.rows if r.condition == "mask-only"), None)
         if row is not None and row.shift is not None:
             label = s.toward if s.own else f"crosstalk toward {s.toward}"
-            out[s.name] = (label, row.shift.mean, row.shift.ci95[0], row.shift.ci95[1])
+            axis = "E/I" if set(s.personas) == {"introvert", "extravert"} else s.name  # the main items' crosstalk
+            out[axis] = (label, row.shift.mean, row.shift.ci95[0], row.shift.ci95[1])
     return out
 
 

@@ -148,7 +148,7 @@ def genai_variants(persona: Path, tmp: Path) -> dict[str, tuple[Path, dict]]:
     out = {}
     for precision in GENAI:
         report = add_formats(persona, ["onnx-genai"], overwrite=True, genai_precision=precision)
-        figures = report.verification["onnx-genai"].figures
+        figures = report.verification["onnx-genai"].model_dump(mode="json", exclude_none=True)
         shutil.copytree(persona / DECLARED["onnx-genai"].folder, tmp / f"genai-{precision}")
         out[precision] = (tmp / f"genai-{precision}", figures)
     return out
@@ -288,11 +288,11 @@ def bench(dense: Path, persona: Path, genai: dict[str, tuple[Path, dict]], args:
         measured = ""
         if q.get("parity_target") and "max_abs_logit_diff" in q:
             measured = f"{'proven' if q.get('passed') else 'FAILED'}, max|dlogit| {q['max_abs_logit_diff']:.1e}"
-        if "top1_agreement" in q:
+        if q.get("top1_agreement") is not None:
             measured += ", " if measured else ""
             measured += f"top-1 {100 * q['top1_agreement']:.1f} %, ppl x{q['ppl_ratio']:.3f}"
-            measured += f", margin {q['persona_shift']:+.3f}" if "persona_shift" in q else ""
-            measured += " BELOW FLOOR" if q["below_floor"] else ""
+            measured += f", margin {q['persona_shift']:+.3f}" if q.get("persona_shift") is not None else ""
+            measured += " BELOW FLOOR" if q.get("below_floor") else ""
         notes = [f"top-1 {100 * agreement[(who, fmt)]:.1f} % vs its fp32 ONNX"] if (who, fmt) in agreement else []
         runtime = "llama.cpp " if fmt.startswith("llama.cpp") else f"{AGREEMENT_TOKENS} positions: "
         if who == "persona" and (who, fmt) in llama_tokens and reference is not None:

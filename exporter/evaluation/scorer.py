@@ -6,7 +6,6 @@ persona's typed evaluation (exporter/reports/evaluation.py)."""
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -31,8 +30,6 @@ from exporter.model.adapters import Adapter
 from exporter.recipe.eval import EvalSpec, at_depth
 from exporter.recipe.schema import Recipe
 from exporter.reports.evaluation import Leak, PersonaEvaluation, RepliesEvaluation, Splits
-from exporter.reports.markdown import write_run_reports
-from exporter.reports.persona import PersonaReport
 
 DEFINITIONS = {
     "answer_loglik": "mean per-token log-likelihood (nats) of the answer's content tokens, chat template "
@@ -185,20 +182,3 @@ class MaskScorer:
             eval_spec=self.written,
             **figures,
         )
-
-
-def evaluate_into(
-    folder: Path,
-    recipe: Recipe,
-    items: EvalItems,
-    m: Any,
-    masks: dict[str, PersonaMask],
-    reports: dict[str, PersonaReport],
-    stats: dict[str, Statistics] | None = None,
-    timings: dict[str, float] | None = None,
-) -> dict[str, PersonaReport]:
-    """The run's eval stage: evaluate every persona of the loaded model `m`, write reports into `folder`;
-    returns the reports with their evaluation."""
-    assert recipe.eval is not None
-    scorer = MaskScorer(recipe, recipe.eval, items, m.model, m.tokenizer, m.adapter, stats)
-    return write_run_reports(folder, recipe.name, scorer.evaluate(masks, timings=timings), reports)

@@ -300,6 +300,14 @@ def set_raw(raw: Raw, name: str) -> Raw:
     return out
 
 
+def set_rows(view: PersonaView, random_keys: list[str]) -> list[SetRow]:
+    """A view's rows as one item set's: the shift (and A/B accuracy) per condition."""
+    return [
+        SetRow(condition=r.condition, shift=r.shift_ci, accuracy=r.choices.accuracy if r.choices else None)
+        for r in persona_rows(view, random_keys)
+    ]
+
+
 def set_evaluations(
     raw: Raw, persona: str, parts: list[str], spec: EvalSpec, random_keys: list[str], dense_params: int
 ) -> list[SetEvaluation]:
@@ -311,12 +319,25 @@ def set_evaluations(
         own = next((x for x in parts if x in names), None)
         toward = own or names[0]
         view = PersonaView(set_raw(raw, item_set.name), persona, set_spec(item_set, spec), [], dense_params, toward)
-        rows = [
-            SetRow(condition=r.condition, shift=r.shift_ci, accuracy=r.choices.accuracy if r.choices else None)
-            for r in persona_rows(view, random_keys)
-        ]
+        rows = set_rows(view, random_keys)
         out.append(SetEvaluation(name=item_set.name, personas=names, toward=toward, own=own is not None, rows=rows))
     return out
+
+
+def main_crosstalk(
+    raw: Raw, persona: str, spec: EvalSpec, random_keys: list[str], dense_params: int
+) -> list[SetEvaluation]:
+    """The shift of a persona the main items do not name toward their first persona (empty without a pair)."""
+    section = next((s for s in (spec.paired, spec.unpaired, spec.choices) if s is not None), None)
+    names = list(section.responses) if section is not None else []
+    if len(names) != 2:
+        return []
+    view = PersonaView(raw, persona, spec, [], dense_params, names[0])
+    return [
+        SetEvaluation(
+            name="/".join(names), personas=names, toward=names[0], own=False, rows=set_rows(view, random_keys)
+        )
+    ]
 
 
 def switch_success(rows: list[Row], own_main: bool, sets: list[SetEvaluation]) -> bool | None:
@@ -354,6 +375,8 @@ def summarise(
         view = PersonaView(set_raw(raw, own_set.name), persona, sub, [], dense_params, toward)
     rows = persona_rows(view, random_keys)
     sets = set_evaluations(raw, persona, parts, spec, random_keys, dense_params)
+    if not own_main:  # a persona of another axis on the main items: its crosstalk there, as on every other set
+        sets = main_crosstalk(raw, persona, spec, random_keys, dense_params) + sets
     return {
         "opposite": view.q,
         "rows": rows,

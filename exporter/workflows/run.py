@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from exporter.evaluation.scorer import MaskScorer, evaluate_into
+from exporter.evaluation.scorer import MaskScorer
 from exporter.export.hf import DTYPES
 from exporter.io import RUN_FOLDER, staged
 from exporter.masking.collect import column_norms, down_weights, persona_statistics
@@ -23,6 +23,7 @@ from exporter.model.checkpoint import checkpoint_dtype
 from exporter.model.sources import Loaded, open_model, parameter_count
 from exporter.recipe.rules import check_limits
 from exporter.recipe.schema import Recipe
+from exporter.reports.markdown import write_run_reports
 from exporter.reports.provenance import Timer, versions
 from exporter.stages.persona import export_persona
 from exporter.stages.preflight import check_output, validate
@@ -66,9 +67,10 @@ def run(
         timer.add("load", t)
         prompts = build_prompts(m.tokenizer, recipe.verify.prompts)
         check_limits(recipe, m.model.config.to_dict(), max(len(ids[0]) for ids, _ in prompts.singles))
+        scorer = None
         if eval_items is not None:  # an eval item that does not fit eval.max_tokens fails now, not after the exports
             assert recipe.eval is not None
-            MaskScorer(recipe, recipe.eval, eval_items, m.model, m.tokenizer, m.adapter)
+            scorer = MaskScorer(recipe, recipe.eval, eval_items, m.model, m.tokenizer, m.adapter)
         with staged(out, overwrite, RUN_FOLDER) as stage:
             stats, infos = statistics_into(stage, recipe, m, reuse, timer, use_cache)
             t = time.perf_counter()
@@ -84,9 +86,11 @@ def run(
                 name: export_persona(recipe, recipe_sha, name, m, masks[name], infos, refs, prompts, stage, timer)
                 for name in recipe.exported
             }
-            if eval_items is not None:
+            if scorer is not None:
                 t = time.perf_counter()
-                reports = evaluate_into(stage, recipe, eval_items, m, masks, reports, stats, timer.stages)
+                scorer.stats = stats  # spares the Wanda baseline a second pass over the calibration data
+                evaluations = scorer.evaluate(masks, timings=timer.stages)
+                reports = write_run_reports(stage, recipe.name, evaluations, reports)
                 timer.add("eval", t)
             summary = {
                 "recipe": recipe.name,

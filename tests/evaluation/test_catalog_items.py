@@ -246,12 +246,14 @@ def test_item_sets_give_own_axis_rows_crosstalk_and_switch_success(tmp_path: Pat
     assert {r.condition for r in cross.rows} == {"dense", "prompt-only", "mask-only"}
     # the S/N poles: their rows and acceptance come from their own set
     sensing = evals["sensing"]
-    assert sensing.opposite == "intuitive" and sensing.sets[0].own and sensing.sets[0].toward == "sensing"
+    main_cross, sn_own = sensing.sets  # its crosstalk on the main (E/I) items first, then its own set
+    assert sensing.opposite == "intuitive" and sn_own.own and sn_own.toward == "sensing"
+    assert main_cross.name == "introvert/extravert" and not main_cross.own and main_cross.toward == "introvert"
     row = sensing.row("mask-only")
     assert row is not None and row.unpaired is not None and row.neutral is not None
     assert row.unpaired.shift.mean == pytest.approx(did(masks["sensing"], "sensing", "intuitive"), abs=1e-9)
     assert sensing.acceptance is not None and sensing.acceptance.shift == row.unpaired.shift.mean
-    own = sensing.sets[0].rows
+    own = sn_own.rows
     assert next(r for r in own if r.condition == "mask-only").shift == row.unpaired.shift
     # the composite: toward introvert on the main items, toward intuitive on S/N, both its own axes
     mixed = evals["IN"]
@@ -262,6 +264,11 @@ def test_item_sets_give_own_axis_rows_crosstalk_and_switch_success(tmp_path: Pat
     plain = MaskScorer(recipe, recipe.eval, items, model, tok, adapter).evaluate({"introvert": masks["IN"]})
     same = plain["introvert"].row("mask-only")  # the same mask scored as the introvert pole: the same E/I figures
     assert same is not None and mixed_main.shift_ci == same.shift_ci
+    # the sensing mask scored as the introvert pole: its E/I figures are the sensing persona's main crosstalk
+    as_introvert = MaskScorer(recipe, recipe.eval, items, model, tok, adapter).evaluate({"introvert": masks["sensing"]})
+    cross_row = next(r for r in main_cross.rows if r.condition == "mask-only")
+    intro_row = as_introvert["introvert"].row("mask-only")
+    assert intro_row is not None and cross_row.shift == intro_row.shift_ci and cross_row.shift is not None
     assert mixed.switch_success == (mixed_main.shift_ci.ci95[0] > 0 and mixed_sn.shift.ci95[0] > 0)
     # switch success: every own axis's export interval above 0
     for p, ev in evals.items():
