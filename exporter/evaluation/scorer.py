@@ -140,8 +140,8 @@ class MaskScorer:
         timings: dict[str, float] | None = None,
         known: Raw | None = None,
     ) -> dict[str, PersonaEvaluation]:
-        """Every persona's evaluation for `masks`, baselines on the same items; with `shipped`, the replies are
-        also decoded as the exports ship them (the recipe's output.generation). `timings` receives the seconds of
+        """Every persona's evaluation for `masks`, baselines on the same items; with `shipped` at the full depth,
+        the replies are also decoded as the exports ship them (the recipe's output.generation). `timings` receives the seconds of
         each part (baselines, scores, replies); `known`: figures already scored (`perplexity()`)."""
         seconds = timings if timings is not None else {}
         t = time.perf_counter()
@@ -158,8 +158,10 @@ class MaskScorer:
         return {p: self.summary(raw, p, masks[p], answered.get(p)) for p in masks}
 
     def replies(self, masks: dict[str, PersonaMask], *, shipped: bool) -> dict[str, RepliesEvaluation]:
-        """Each persona's replies to the reply prompts (greedy; with `shipped`, also as the exports ship them)."""
-        penalty = self.recipe.output.generation.repetition_penalty if shipped else 1.0
+        """Each persona's replies to the reply prompts: greedy, and with `shipped` at the full depth also as the
+        exports ship them (the verdict reads the greedy replies only, so its depth decodes no second set)."""
+        full = self.spec.depth == "full"
+        penalty = self.recipe.output.generation.repetition_penalty if shipped and full else 1.0
         return self.replier.evaluate(masks, penalty)
 
     def summary(

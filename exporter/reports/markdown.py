@@ -143,12 +143,12 @@ def depth_text(ev: PersonaEvaluation) -> str:
     seeds = len(ev.random_seeds)
     rs = ev.splits.replies
     if ev.depth == "full":
-        return f"full (every baseline the eval section lists, {seeds} random seeds, every reply prompt)"
-    replies = f", replies to {rs.selected} of {rs.full_depth or rs.selected} prompts" if rs else ""
+        return f"full (every baseline the eval section lists, {seeds} random seeds, every reply prompt, greedy and as the exports ship them)"
+    replies = f", greedy replies to {rs.selected} of {rs.full_depth or rs.selected} prompts" if rs else ""
     return (
         f"verdict (dense, prompt-only, the export, {seeds} random mask{'s' if seeds > 1 else ''} of its "
         f"size{replies}); `persona-export eval RUN_DIR --full` adds every ablation, the eval section's random "
-        "seeds and every reply prompt"
+        "seeds, every reply prompt and the replies as the exports ship them"
     )
 
 
