@@ -131,7 +131,10 @@ def verdict_depth_report(persona: str) -> PersonaReport:
 
 def test_reports_say_which_depth_they_hold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     text = evaluation_markdown("introvert", verdict_depth_report("introvert").evaluation)  # type: ignore[arg-type]
-    assert "- Depth: verdict (dense, prompt-only, the export, 1 random mask of its size, greedy replies to 16 of 40 " in text
+    assert (
+        "- Depth: verdict (dense, prompt-only, the export, 1 random mask of its size, greedy replies to 16 of 40 "
+        in text
+    )
     assert "every reply prompt and the replies as the exports ship them" in text
     assert "`persona-export eval RUN_DIR --full` adds every ablation" in text
     assert "random-mask movement 0.100 (its one seed's |shift|; ratio 6.3)" in text
