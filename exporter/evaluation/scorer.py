@@ -141,8 +141,8 @@ class MaskScorer:
         known: Raw | None = None,
     ) -> dict[str, PersonaEvaluation]:
         """Every persona's evaluation for `masks`, baselines on the same items; with `shipped` at the full depth,
-        the replies are also decoded as the exports ship them (the recipe's output.generation). `timings` receives the seconds of
-        each part (baselines, scores, replies); `known`: figures already scored (`perplexity()`)."""
+        the replies are also decoded as the exports ship them (the recipe's output.generation). `timings` receives
+        the seconds of each part (baselines, scores, replies); `known`: figures already scored (`perplexity()`)."""
         seconds = timings if timings is not None else {}
         t = time.perf_counter()
         self.wanda(list(masks))

@@ -143,7 +143,10 @@ def depth_text(ev: PersonaEvaluation) -> str:
     seeds = len(ev.random_seeds)
     rs = ev.splits.replies
     if ev.depth == "full":
-        return f"full (every baseline the eval section lists, {seeds} random seeds, every reply prompt, greedy and as the exports ship them)"
+        return (
+            f"full (every baseline the eval section lists, {seeds} random seeds, every reply prompt, greedy and as "
+            "the exports ship them)"
+        )
     replies = f", greedy replies to {rs.selected} of {rs.full_depth or rs.selected} prompts" if rs else ""
     return (
         f"verdict (dense, prompt-only, the export, {seeds} random mask{'s' if seeds > 1 else ''} of its "
