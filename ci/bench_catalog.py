@@ -57,7 +57,7 @@ def axis_shifts(ev: PersonaEvaluation) -> dict[str, tuple[str, float, float, flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", type=Path, default=RECIPE)
-    parser.add_argument("--types", nargs="*", help="composites to score (default: every composite)")
+    parser.add_argument("--types", nargs="*", default=None, help="composites to score (default: all; none: --types)")
     parser.add_argument("--poles", nargs="*", default=None, help="poles to score alone (default: all)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. eval.sets.0.unpaired.max_items=32")
@@ -65,7 +65,7 @@ def main() -> None:
     recipe = load_recipe(args.recipe, [*args.overrides, "eval.baselines=[]"])
     assert recipe.eval is not None
     composites = [p for p in recipe.personas if p not in recipe.poles]
-    types = args.types or composites
+    types = composites if args.types is None else args.types
     poles = list(recipe.poles) if args.poles is None else args.poles
     t0 = time.perf_counter()
     m = load_model(recipe)
@@ -93,7 +93,8 @@ def main() -> None:
         ok = success[name]
         print(f"| {name} | " + " | ".join(cells) + f" | {'–' if ok is None else 'yes' if ok else 'no'} |")
     n_ok = sum(bool(success[t]) for t in types)
-    print(f"\nswitch success: {n_ok}/{len(types)} types ((x): crosstalk, the shift toward the set's first pole)")
+    if types:
+        print(f"\nswitch success: {n_ok}/{len(types)} types ((x): crosstalk, the shift toward the set's first pole)")
     if args.json:
         args.json.write_text(json.dumps({"figures": figures, "switch_success": success}, indent=1))
 
