@@ -173,8 +173,8 @@ class PersonaView:
 
 def partner(spec: EvalSpec, persona: str) -> str | None:
     """The persona's opposite in the first item section that names it (paired, unpaired, choices)."""
-    for section in (spec.paired, spec.unpaired, spec.choices):
-        if section is not None and persona in section.responses:
+    for section in spec.main_sections:
+        if persona in section.responses:
             return next((n for n in section.responses if n != persona), None)
     return None
 
@@ -328,8 +328,7 @@ def main_crosstalk(
     raw: Raw, persona: str, spec: EvalSpec, random_keys: list[str], dense_params: int
 ) -> list[SetEvaluation]:
     """The shift of a persona the main items do not name toward their first persona (empty without a pair)."""
-    section = next((s for s in (spec.paired, spec.unpaired, spec.choices) if s is not None), None)
-    names = list(section.responses) if section is not None else []
+    names = list(spec.main_sections[0].responses) if spec.main_sections else []
     if len(names) != 2:
         return []
     view = PersonaView(raw, persona, spec, [], dense_params, names[0])

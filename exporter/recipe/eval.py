@@ -188,6 +188,11 @@ class EvalSpec(_Strict):
             return list(BASELINES)
         return value
 
+    @property
+    def main_sections(self) -> list[PairedSpec | UnpairedSpec | ChoicesSpec]:
+        """The main items' sections that are set, in the order the reports read them (paired, unpaired, choices)."""
+        return [s for s in (self.paired, self.unpaired, self.choices) if s is not None]
+
 
 def at_depth(spec: EvalSpec) -> EvalSpec:
     """The settings scored at `spec.depth`: as written at the full depth; at the verdict depth only the verdict's
