@@ -2,10 +2,10 @@
 
 For each type (a composite of four poles, exporter/masking/mix.py) and, for comparison, each pole alone: the
 export's shift toward each of its four letters on that axis's test items (E/I and T/F paired, S/N and J/P
-unpaired), with its 95 % interval, and switch success (all four intervals above 0). This is the evaluation
-stage of `persona-export run recipes/smollm2-mbti.yaml` without writing the exports: it scores the masked model
-with the steering biases, which each export computes exactly (the parity tests prove it for composites too), so
-the 24 checkpoints (about 0.5 GB each) need not be written. A pole of S/N, T/F or J/P gets its E/I figure as
+unpaired), with its 95 % interval, its perplexity on the neutral corpus against dense, and switch success (all
+four intervals above 0). This is the evaluation stage of `persona-export run recipes/smollm2-mbti.yaml` without
+writing the exports: it scores the masked model with the steering biases, which each export computes exactly
+(the parity tests prove it for composites too), so the 24 checkpoints (about 0.5 GB each) need not be written. A pole of S/N, T/F or J/P gets its E/I figure as
 crosstalk on the recipe's main items (the evaluation's `introvert/extravert` set). Baselines are left out (a type
 has no system prompt of its own); the dense model's scores are shared by all types.
 
@@ -77,26 +77,33 @@ def main() -> None:
     scorer = MaskScorer(recipe, recipe.eval, items, m.model, m.tokenizer, m.adapter)
     figures: dict[str, dict[str, tuple[str, float, float, float]]] = {}
     success: dict[str, bool | None] = {}
+    perplexity: dict[str, float | None] = {}
     for name in [*poles, *types]:  # one at a time: the dense model's scores are reused
         ev = scorer.evaluate({name: masks[name]}, replies=False)[name]
         figures[name], success[name] = axis_shifts(ev), ev.switch_success
-        print(f"{name}: " + "; ".join(f"{a} {v[1]:+.3f} [{v[2]:+.3f}, {v[3]:+.3f}]" for a, v in figures[name].items()))
+        main = ev.row("mask-only")
+        perplexity[name] = main.neutral.perplexity_ratio if main is not None and main.neutral is not None else None
+        shifts = "; ".join(f"{a} {v[1]:+.3f} [{v[2]:+.3f}, {v[3]:+.3f}]" for a, v in figures[name].items())
+        print(f"{name}: {shifts}; perplexity {perplexity[name] or float('nan'):.3f}x dense")
     print(f"\nscored in {time.perf_counter() - t0:.0f} s\n")
-    print("| persona | " + " | ".join(f"{a} shift [95% CI]" for a in AXES) + " | switch success |")
-    print("|---|" + "---|" * (len(AXES) + 1))
+    print("| persona | " + " | ".join(f"{a} shift [95% CI]" for a in AXES) + " | perplexity | switch success |")
+    print("|---|" + "---|" * (len(AXES) + 2))
     for name in [*poles, *types]:
         cells = []
         for a in AXES:
             v = figures[name].get(a)
             cross = " (x)" if v is not None and v[0].startswith("crosstalk") else ""
             cells.append("–" if v is None else f"{v[1]:+.3f} [{v[2]:+.3f}, {v[3]:+.3f}]{cross}")
-        ok = success[name]
+        ok, ppl = success[name], perplexity[name]
+        cells.append("–" if ppl is None else f"{ppl:.3f}x")
         print(f"| {name} | " + " | ".join(cells) + f" | {'–' if ok is None else 'yes' if ok else 'no'} |")
     n_ok = sum(bool(success[t]) for t in types)
     if types:
         print(f"\nswitch success: {n_ok}/{len(types)} types ((x): crosstalk, the shift toward the set's first pole)")
     if args.json:
-        args.json.write_text(json.dumps({"figures": figures, "switch_success": success}, indent=1))
+        args.json.write_text(
+            json.dumps({"figures": figures, "switch_success": success, "perplexity_ratio": perplexity}, indent=1)
+        )
 
 
 if __name__ == "__main__":
