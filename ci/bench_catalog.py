@@ -5,9 +5,10 @@ export's shift toward each of its four letters on that axis's test items (E/I an
 unpaired), with its 95 % interval, its perplexity on the neutral corpus against dense, and switch success (all
 four intervals above 0). This is the evaluation stage of `persona-export run recipes/smollm2-mbti.yaml` without
 writing the exports: it scores the masked model with the steering biases, which each export computes exactly
-(the parity tests prove it for composites too), so the 24 checkpoints (about 0.5 GB each) need not be written. A pole of S/N, T/F or J/P gets its E/I figure as
-crosstalk on the recipe's main items (the evaluation's `introvert/extravert` set). Baselines are left out (a type
-has no system prompt of its own); the dense model's scores are shared by all types.
+(the parity tests prove it for composites too), so the 24 checkpoints (about 0.5 GB each) need not be written.
+A pole of S/N, T/F or J/P gets its E/I figure as crosstalk on the recipe's main items (the evaluation's
+`introvert/extravert` set). Baselines are left out (a type has no system prompt of its own); the dense model's
+scores are shared by all types.
 
     .venv/bin/python ci/bench_catalog.py [--types INTJ ESFP ...] [--json out.json] [KEY.PATH=VALUE ...]
 """
