@@ -6,9 +6,9 @@ unpaired), with its 95 % interval, its perplexity on the neutral corpus against 
 four intervals above 0). This is the evaluation stage of `persona-export run recipes/smollm2-mbti.yaml` without
 writing the exports: it scores the masked model with the steering biases, which each export computes exactly
 (the parity tests prove it for composites too), so the 24 checkpoints (about 0.5 GB each) need not be written.
-A pole of S/N, T/F or J/P gets its E/I figure as crosstalk on the recipe's main items (the evaluation's
-`introvert/extravert` set). Baselines are left out (a type has no system prompt of its own); the dense model's
-scores are shared by all types.
+A pole of S/N, T/F or J/P gets its E/I figure as crosstalk on the recipe's main items (the evaluation's set
+named after the main items' personas). Baselines are left out (a type has no system prompt of its own); the
+dense model's scores are shared by all types.
 
     .venv/bin/python ci/bench_catalog.py [--types INTJ ESFP ...] [--json out.json] [KEY.PATH=VALUE ...]
 """
@@ -35,22 +35,23 @@ from exporter.reports.provenance import Timer
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "recipes" / "smollm2-mbti.yaml"
-AXES = ("E/I", "S/N", "T/F", "J/P")
+AXES = ("E/I", "S/N", "T/F", "J/P")  # the first is the recipe's main items' axis (eval.paired)
 
 
-def axis_shifts(ev: PersonaEvaluation) -> dict[str, tuple[str, float, float, float]]:
-    """Each axis the persona names: (toward, mean, low, high) of the export's shift on that axis's items."""
+def axis_shifts(ev: PersonaEvaluation, main_pair: set[str]) -> dict[str, tuple[str, float, float, float]]:
+    """Each axis the persona names: (toward, mean, low, high) of the export's shift on that axis's items;
+    `main_pair`: the personas of the main items, whose axis is AXES[0]."""
     out = {}
     main = ev.row("mask-only")
     from_set = any(s.own and ev.opposite in s.personas for s in ev.sets)  # a pole whose axis is a set: its rows
     if ev.opposite is not None and not from_set and main is not None and main.shift_ci is not None:
         ci = main.shift_ci
-        out["E/I"] = (ev.opposite, ci.mean, ci.ci95[0], ci.ci95[1])  # toward the partner of `opposite`
+        out[AXES[0]] = (ev.opposite, ci.mean, ci.ci95[0], ci.ci95[1])  # toward the partner of `opposite`
     for s in ev.sets:
         row = next((r for r in s.rows if r.condition == "mask-only"), None)
         if row is not None and row.shift is not None:
             label = s.toward if s.own else f"crosstalk toward {s.toward}"
-            axis = "E/I" if set(s.personas) == {"introvert", "extravert"} else s.name  # the main items' crosstalk
+            axis = AXES[0] if set(s.personas) == main_pair else s.name  # the main items' crosstalk set
             out[axis] = (label, row.shift.mean, row.shift.ci95[0], row.shift.ci95[1])
     return out
 
@@ -65,6 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, [*args.overrides, "eval.baselines=[]"])
     assert recipe.eval is not None
+    main_pair = set(recipe.eval.main_sections[0].responses) if recipe.eval.main_sections else set()
     composites = [p for p in recipe.personas if p not in recipe.poles]
     types = composites if args.types is None else args.types
     poles = list(recipe.poles) if args.poles is None else args.poles
@@ -81,7 +83,7 @@ def main() -> None:
     perplexity: dict[str, float | None] = {}
     for name in [*poles, *types]:  # one at a time: the dense model's scores are reused
         ev = scorer.evaluate({name: masks[name]}, replies=False)[name]
-        figures[name], success[name] = axis_shifts(ev), ev.switch_success
+        figures[name], success[name] = axis_shifts(ev, main_pair), ev.switch_success
         main = ev.row("mask-only")
         perplexity[name] = main.neutral.perplexity_ratio if main is not None and main.neutral is not None else None
         shifts = "; ".join(f"{a} {v[1]:+.3f} [{v[2]:+.3f}, {v[3]:+.3f}]" for a, v in figures[name].items())
