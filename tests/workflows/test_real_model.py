@@ -29,7 +29,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "personas.extravert.calibration.max_samples=24",
         "prune.attention={unit: kv-group, sparsity: 0.34}",
         # MLP-output steering at alpha 1.375 in every layer for both: with 24 samples and a third of the KV groups
-        # gone, the extravert's shipped steering (residual after layer 12, or partial depth before) makes this
+        # gone, the shipped steering (residual after layer 12, or partial depth before) makes this
         # damaged model end its turn at once, and the generation tests need text to compare
         "method.steer=1.375",
         "method.steer_vector=mlp",
