@@ -22,14 +22,20 @@ LOCAL_MODEL = "<a local model folder>"
 
 
 def _sections(data: dict[str, Any]) -> list[tuple[Key, Any]]:
-    """The evaluation sections that name data files: eval, each of eval.sets (keyed by its position) and
-    tune.validation."""
+    """The evaluation sections that name data files: eval and tune.validation, each with its item sets (`sets`,
+    keyed by their position)."""
     tune = data.get("tune")
-    validation = tune.get("validation") if isinstance(tune, dict) else None
-    ev = data.get("eval")
-    sets = ev.get("sets") if isinstance(ev, dict) else None
-    item_sets = [(("eval", "sets", str(i)), s) for i, s in enumerate(sets)] if isinstance(sets, list) else []
-    return [(("eval",), ev), *item_sets, (("tune", "validation"), validation)]
+    out: list[tuple[Key, Any]] = []
+    for key, ev in (
+        (("eval",), data.get("eval")),
+        (("tune", "validation"), tune.get("validation") if isinstance(tune, dict) else None),
+    ):
+        sets = ev.get("sets") if isinstance(ev, dict) else None
+        out += [
+            (key, ev),
+            *((((*key, "sets", str(i)), s) for i, s in enumerate(sets)) if isinstance(sets, list) else ()),
+        ]
+    return out
 
 
 def file_keys(data: dict[str, Any]) -> list[Key]:

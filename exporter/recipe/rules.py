@@ -152,7 +152,7 @@ def per_persona_settings(r: Recipe) -> list[tuple[str, Any]]:
         (f"prune.{k}.sparsity", u.sparsity) for k, u in (("mlp", r.prune.mlp), ("attention", r.prune.attention)) if u
     ]
     if r.tune is not None:
-        out += [(f"tune.sparsity.{i}", v) for i, v in enumerate(r.tune.sparsity)]
+        out += [(f"tune.sparsity.{i}", v) for i, v in enumerate(r.tune.sparsity or [])]
         out += [(f"tune.steer.{i}", v) for i, v in enumerate(r.tune.steer)]
         out += [(f"tune.steer_layers.{i}", v) for i, v in enumerate(r.tune.steer_layers)]
     return out
@@ -265,7 +265,19 @@ def composite_problems(r: Recipe) -> list[str]:
                 "tune.amplify: a composite has no opposite whose mask names its own units to amplify; keep the "
                 "values at 1, or remove the composites"
             )
+    if r.tune is not None and r.tune.mix_scale is not None and not tuned_composites(r):
+        problems.append(
+            "tune.mix_scale: scales composite personas' weights, but the run exports none"
+            + (" (output.personas)" if composites else "")
+            + "; declare one (e.g. personas.IT: {mix: {introvert: 1, thinking: 1}}) and export it, or remove "
+            "tune.mix_scale"
+        )
     return problems
+
+
+def tuned_composites(r: Recipe) -> list[str]:
+    """The composites `tune.mix_scale` scores: those the run exports."""
+    return [name for name in r.exported if name in r.composites]
 
 
 def output_persona_problems(r: Recipe) -> list[str]:

@@ -240,6 +240,8 @@ class VerifySpec(Strict):
 
 
 MAX_TUNE_POINTS = 1000
+# the tune grid's lists of pole settings (tune.mix_scale keeps the recipe's instead)
+POLE_AXES = ("sparsity", "steer", "steer_layers", "steer_vector", "compensate", "gamma", "amplify")
 
 
 class TuneSpec(Strict):
@@ -248,7 +250,8 @@ class TuneSpec(Strict):
     with every persona's neutral perplexity at most `max_perplexity_ratio` x dense (and, by default, some units
     removed)."""
 
-    sparsity: Annotated[list[Fraction | dict[str, Fraction]], Field(min_length=1)]  # MLP sparsities, as prune.mlp
+    # MLP sparsities, as prune.mlp (required unless mix_scale is given)
+    sparsity: Annotated[list[Fraction | dict[str, Fraction]], Field(min_length=1)] | None = None
     steer: Annotated[list[Alpha | dict[str, Alpha]], Field(min_length=1)] = [0.0]  # as method.steer
     steer_layers: Annotated[list[Depth | dict[str, Depth]], Field(min_length=1)] = [1.0]
     # the steering vector kinds searched (as method.steer_vector): mlp (the mean MLP-output difference in each
@@ -262,6 +265,12 @@ class TuneSpec(Strict):
     compensate: Annotated[list[Literal["none", "personas", "persona"]], Field(min_length=1)] = ["none"]
     gamma: Annotated[list[Fraction], Field(min_length=1)] = [0.0]  # MLP soft-mask factors (0 = removal)
     amplify: Annotated[list[Annotated[float, Field(ge=1.0, le=4.0)]], Field(min_length=1)] = [1.0]
+    # composite personas (`mix`): each factor multiplies every weight of a composite (its parts' removal quotas
+    # and steering biases alike). With it, tune scores the composites the run exports (output.personas, else every
+    # one) instead of the pairs, the poles staying at the recipe's method and prune settings (so the grid's other
+    # lists are left out), and ranks each composite by its weakest own axis; with per_persona each composite takes
+    # its own factor
+    mix_scale: Annotated[list[Annotated[float, Field(gt=0.0, le=4.0)]], Field(min_length=1)] | None = None
     max_perplexity_ratio: Annotated[float, Field(gt=1.0)] = 1.15
     # only points that remove units can be chosen (the point of a persona export is a smaller model); points
     # with sparsity 0 or gamma > 0 are still scored, as references of the Pareto plot
@@ -274,8 +283,17 @@ class TuneSpec(Strict):
 
     @model_validator(mode="after")
     def _bounded(self) -> TuneSpec:
-        axes = (self.sparsity, self.steer, self.steer_layers, self.compensate, self.gamma, self.amplify)
-        points = math.prod(len(axis) for axis in axes)
+        if self.mix_scale is not None:
+            given = sorted(self.model_fields_set & set(POLE_AXES))
+            if given:
+                raise ValueError(
+                    f"tune.mix_scale tunes composites with their poles at the recipe's method and prune settings; "
+                    f"remove tune.{', tune.'.join(given)} (tune the poles first, in a recipe of their pairs)"
+                )
+        elif self.sparsity is None:
+            raise ValueError("tune.sparsity: give the MLP sparsities to search, e.g. [0.01] (or tune.mix_scale)")
+        axes = (self.sparsity or [0], self.steer, self.steer_layers, self.compensate, self.gamma, self.amplify)
+        points = math.prod(len(axis) for axis in axes) * len(self.mix_scale or [1.0])
         if points > MAX_TUNE_POINTS:
             raise ValueError(
                 f"the grid has {points} points (the product of its lists' lengths); each is evaluated, so at most "

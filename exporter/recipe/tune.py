@@ -4,9 +4,10 @@ one persona's export sees it, and the validation items as an eval section."""
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 from exporter.recipe.eval import EvalSpec
-from exporter.recipe.schema import MethodSpec, Recipe, SteerVector, Strict, TuneSpec, per_persona
+from exporter.recipe.schema import MethodSpec, MlpPrune, Recipe, SteerVector, Strict, TuneSpec, per_persona
 
 PerPersona = float | dict[str, float]  # one value for every persona, or one per persona
 OWN = ("sparsity", "steer", "steer_layers", "steer_vector")  # the settings a persona can take on its own
@@ -23,6 +24,9 @@ class Setting(Strict):
     compensate: str
     gamma: float = 0.0
     amplify: float = 1.0
+    # tune.mix_scale: the factor on each composite's weights (the personas scored are composites; the pole
+    # settings above are the recipe's)
+    mix_scale: PerPersona | None = None
 
     def applied(self, recipe: Recipe) -> Recipe:
         """`recipe` with this setting."""
@@ -32,21 +36,32 @@ class Setting(Strict):
         prune = prune.model_copy(update={"mlp": prune.mlp.model_copy(update=update)})
         steering = {"steer": self.steer, "steer_layers": self.steer_layers, "steer_vector": self.steer_vector}
         method = recipe.method.model_copy(update=steering)
-        return recipe.model_copy(update={"prune": prune, "method": method})
+        changes: dict[str, Any] = {"prune": prune, "method": method}
+        if self.mix_scale is not None:
+            personas = dict(recipe.personas)
+            for name, spec in recipe.composites.items():
+                f = per_persona(self.mix_scale, name, 1.0)
+                personas[name] = spec.model_copy(update={"mix": {p: round(w * f, 6) for p, w in spec.mix.items()}})
+            changes["personas"] = personas
+        return recipe.model_copy(update=changes)
 
     def own(self) -> tuple[str, ...]:
-        """The settings a persona takes on its own at this point: with amplify > 1 its export also depends on its
-        partner's mask, so its sparsity stays common."""
+        """The settings a persona takes on its own at this point: a composite its mix factor; with amplify > 1 a
+        pole's export also depends on its partner's mask, so its sparsity stays common."""
+        if self.mix_scale is not None:
+            return ("mix_scale",)
         return OWN if self.amplify == 1 else OWN[1:]
 
     @property
     def per_persona(self) -> bool:
         """Some setting a persona can take on its own is given per persona."""
-        return any(isinstance(getattr(self, k), dict) for k in OWN)
+        return any(isinstance(getattr(self, k), dict) for k in self.own())
 
     def for_persona(self, persona: str) -> Setting:
         """The setting as one persona's export sees it: its own sparsity and steering (alpha, depth), by the
-        recipe's rules for a persona left out of a per-persona mapping."""
+        recipe's rules for a persona left out of a per-persona mapping; a composite its own mix factor."""
+        if self.mix_scale is not None:
+            return self.model_copy(update={"mix_scale": per_persona(self.mix_scale, persona, 1.0)})
         method = MethodSpec.model_construct(
             steer=self.steer, steer_layers=self.steer_layers, steer_vector=self.steer_vector
         )
@@ -64,10 +79,16 @@ def grid(recipe: Recipe) -> list[tuple[Setting, Recipe]]:
     """Every point of the recipe's tune grid: its setting and the recipe with it."""
     t = recipe.tune
     assert t is not None
-    vectors = t.steer_vector or [recipe.method.steer_vector]
-    axes = (t.sparsity, t.steer, t.steer_layers, vectors, t.compensate, t.gamma, t.amplify)
+    if t.mix_scale is not None:  # the poles at the recipe's settings, the composites' weights scaled
+        mlp, method = recipe.prune.mlp or MlpPrune(sparsity=0.0), recipe.method
+        pole = (mlp.sparsity, method.steer, method.steer_layers, method.steer_vector, mlp.compensate, mlp.gamma)
+        axes: tuple[list[Any], ...] = (*([v] for v in (*pole, mlp.amplify)), list(t.mix_scale))
+    else:
+        vectors = t.steer_vector or [recipe.method.steer_vector]
+        assert t.sparsity is not None, "required without mix_scale (checked by the recipe)"
+        axes = (t.sparsity, t.steer, t.steer_layers, vectors, t.compensate, t.gamma, t.amplify, [None])
     points = []
-    for s, alpha, depth, vector, comp, gamma, amp in itertools.product(*axes):
+    for s, alpha, depth, vector, comp, gamma, amp, scale in itertools.product(*axes):
         setting = Setting(
             sparsity=s,
             steer=alpha,
@@ -76,6 +97,7 @@ def grid(recipe: Recipe) -> list[tuple[Setting, Recipe]]:
             compensate=comp,
             gamma=gamma,
             amplify=amp,
+            mix_scale=scale,
         )
         points.append((setting, setting.applied(recipe)))
     return points

@@ -315,3 +315,16 @@ class PersonaEvaluation(Record):
     def row(self, condition: str) -> Row | None:
         """The first row whose condition starts with `condition` ("random mask" matches "random mask (3 seeds)")."""
         return next((r for r in self.rows if r.condition.startswith(condition)), None)
+
+    def own_shifts(self) -> list[float]:
+        """The export's (mask-only) mean shift on each of the persona's own axes: its rows' items, then every
+        item set that names it or (a composite) one of its parts, each axis once (rows scored on an own set's
+        items, a persona the main items do not name, are that set's)."""
+        row = self.row("mask-only")
+        from_set = any(s.own and self.opposite in s.personas for s in self.sets)
+        out = [row.shift] if row is not None and row.shift is not None and not from_set else []
+        for s in self.sets:
+            r = next((r for r in s.rows if r.condition == "mask-only"), None) if s.own else None
+            if r is not None and r.shift is not None:
+                out.append(r.shift.mean)
+        return out

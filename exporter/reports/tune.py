@@ -139,6 +139,7 @@ def plot_pareto(points: list[GridPoint], path: Path, bound: float) -> None:
         label += "".join(
             f" {k[0]}{getattr(s, k):g}" for k, base in (("gamma", 0), ("amplify", 1)) if getattr(s, k) != base
         )
+        label = label if s.mix_scale is None else f"x{value_label(s.mix_scale)}"
         ax.annotate(label, (p.max_perplexity_ratio, p.min_shift), fontsize=7)
         if p.chosen:
             ax.scatter([p.max_perplexity_ratio], [p.min_shift or 0.0], marker="*", s=160, c="red", label="chosen")
@@ -153,13 +154,20 @@ def plot_pareto(points: list[GridPoint], path: Path, bound: float) -> None:
 SETTING_HEADER = ["sparsity", "steer", "steer layers", "steer vector", "compensate", "gamma", "amplify"]
 
 
+def setting_header(report: TuneReport) -> list[str]:
+    """The setting's columns: SETTING_HEADER, then the composites' mix factor when the grid scales them."""
+    scaled = any(p.setting.mix_scale is not None for p in report.grid)
+    return [*SETTING_HEADER, "mix scale"] if scaled else SETTING_HEADER
+
+
 def setting_cells(s: Setting) -> list[str]:
-    """A grid point's setting as the cells under SETTING_HEADER."""
+    """A grid point's setting as the cells under setting_header()."""
     vector = (
         s.steer_vector if isinstance(s.steer_vector, str) else ", ".join(f"{p}: {v}" for p, v in s.steer_vector.items())
     )
     cells = [value_label(s.sparsity), value_label(s.steer), value_label(s.steer_layers), vector, s.compensate]
-    return [*cells, f"{s.gamma:g}", f"{s.amplify:g}"]
+    scale = [] if s.mix_scale is None else [value_label(s.mix_scale)]
+    return [*cells, f"{s.gamma:g}", f"{s.amplify:g}", *scale]
 
 
 def grid_table(report: TuneReport) -> list[str]:
@@ -180,7 +188,7 @@ def grid_table(report: TuneReport) -> list[str]:
         if with_replies:
             figures += [signed(p.reply_gap), signed(p.max_repeated_4grams_over_dense)]
         rows.append([*cells, *figures, mark])
-    header = [*SETTING_HEADER, "weaker shift (val)", "worst ppl ratio (val)"]
+    header = [*setting_header(report), "weaker shift (val)", "worst ppl ratio (val)"]
     if with_replies:
         header += ["reply gap (val)", "worst repeated 4-grams - dense (val)"]
     lines = [md_table([*header, ""], rows), ""]
@@ -219,9 +227,12 @@ def tune_markdown(report: TuneReport) -> str:
         checks = "; ".join(
             f"{k}: {'yes' if v else 'NO'}" for k, v in (ev.acceptance.checks if ev.acceptance else {}).items()
         )
-        row = ev.row("mask-only")
-        if row is not None and row.shift is not None:
-            lines.append(f"- {persona}: shift {row.shift:+.3f} nats/token; {checks}")
+        shifts = ev.own_shifts()
+        if len(shifts) > 1:  # a composite: each own axis, and whether every one moved
+            success = {None: "", True: "; switch success: yes", False: "; switch success: NO"}[ev.switch_success]
+            lines.append(f"- {persona}: own axes' shifts {' / '.join(f'{x:+.3f}' for x in shifts)} nats/token{success}")
+        elif shifts:
+            lines.append(f"- {persona}: shift {shifts[0]:+.3f} nats/token; {checks}")
     return "\n".join(lines) + "\n"
 
 
@@ -244,7 +255,7 @@ def persona_tables(report: TuneReport) -> list[str]:
             if with_replies:
                 cells += [signed(v.reply_score), signed(v.repeated_4grams_over_dense)]
             rows.append([*cells, "**chosen**" if taken else "; ".join(reasons)])
-        header = [*SETTING_HEADER, "shift", "ppl ratio"]
+        header = [*setting_header(report), "shift", "ppl ratio"]
         if with_replies:
             header += ["reply score", "repeated 4-grams - dense"]
         lines += [f"### {persona}", "", md_table([*header, ""], rows), ""]

@@ -27,9 +27,11 @@ from exporter.evaluation.scorer import MaskScorer
 from exporter.io import TUNE_FOLDER, staged, write_json
 from exporter.masking.collect import column_norms, persona_statistics
 from exporter.masking.masks import PersonaMask, compute_masks
+from exporter.masking.mix import composite_masks
 from exporter.masking.steer import with_biases
 from exporter.model.sources import Loaded, load_model
 from exporter.recipe.eval import EvalSpec
+from exporter.recipe.rules import tuned_composites
 from exporter.recipe.schema import Recipe, TuneSpec
 from exporter.recipe.tune import Setting, grid, tune_validation
 from exporter.reports.evaluation import PersonaEvaluation, Splits
@@ -95,7 +97,7 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
     points = decode_replies(scorer, points, candidates, evals, bounds, cost)
     if spec.per_persona:
         scored = [p for p in points if isinstance(p, GridPoint)]  # aligned with candidates
-        for point, candidate in per_persona_points(scored, candidates, bounds, spec.require_removal):
+        for point, candidate in per_persona_points(recipe, scored, candidates, bounds, spec.require_removal):
             points.append(point)
             candidates.append(candidate)
     report = TuneReport(
@@ -154,8 +156,9 @@ def score_grid(
     seconds = cost.seconds
     t = time.perf_counter()
     timer = Timer()
-    # the poles: a composite follows from its parts' settings
+    # the poles: a composite follows from its parts' settings (tune.mix_scale scores the composites alone)
     stats = {p: persona_statistics(recipe, p, m, reuse, timer)[0] for p in recipe.poles}
+    composites = tuned_composites(recipe) if recipe.tune.mix_scale is not None else []
     col_sq = column_norms(m)
     seconds["statistics"] = time.perf_counter() - t
     points: list[GridPoint | FailedPoint] = []
@@ -165,7 +168,8 @@ def score_grid(
         log.info("tune: %s", setting.model_dump())
         t = time.perf_counter()
         try:
-            masks = with_biases(r, compute_masks(r, stats, col_sq), stats, m.model, m.adapter, torch.float32)
+            hard = composite_masks(r, stats, col_sq, composites) if composites else compute_masks(r, stats, col_sq)
+            masks = with_biases(r, hard, stats, m.model, m.adapter, torch.float32)
         except MaskError as exc:
             points.append(FailedPoint(setting=setting, error=str(exc)))
             continue
@@ -174,7 +178,11 @@ def score_grid(
         cost.points += 1
         mlp = r.prune.mlp
         assert mlp is not None
-        removes = all(mlp.fraction(p) > 0 for p in masks) and mlp.gamma == 0  # gamma > 0 keeps every unit
+        if composites:
+            removes = all(k.pruned_geometry() != k.geometry for k in masks.values())
+        else:
+            removes = all(mlp.fraction(p) > 0 for p in masks)
+        removes = removes and mlp.gamma == 0  # gamma > 0 keeps every unit
         point, evals = score_point(scorer, setting, masks, bounds, cost)
         point = point.model_copy(
             update={"removes": removes, "feasible": point.feasible and (removes or not recipe.tune.require_removal)}
@@ -308,9 +316,10 @@ def grid_point(
     the dense model's replies), the weaker shift, the worst perplexity, and the pair's reply gaps."""
     per: dict[str, PersonaPoint] = {}
     for p, ev in evals.items():
-        row = ev.row("mask-only")
-        assert row is not None and row.shift is not None and row.neutral is not None
-        per[p] = PersonaPoint(shift=row.shift, perplexity_ratio=row.neutral.perplexity_ratio)
+        row, shifts = ev.row("mask-only"), ev.own_shifts()
+        assert row is not None and shifts and row.neutral is not None
+        # a composite's shift: its weakest own axis's (a pole has one axis)
+        per[p] = PersonaPoint(shift=min(shifts), perplexity_ratio=row.neutral.perplexity_ratio)
         if ev.replies is not None:
             conds = ev.replies.conditions
             repeated = conds["export"].degeneration.repeated_4grams - conds["dense"].degeneration.repeated_4grams
@@ -337,7 +346,7 @@ def grid_point(
 
 
 def per_persona_points(
-    scored: list[GridPoint], candidates: list[Candidate], bounds: Bounds, require_removal: bool
+    recipe: Recipe, scored: list[GridPoint], candidates: list[Candidate], bounds: Bounds, require_removal: bool
 ) -> list[tuple[GridPoint, Candidate]]:
     """Points whose sparsity and steering are chosen per persona. A persona's export depends only on its own
     sparsity (its mask scores its units against its partner's statistics, whatever the partner removes) and its
@@ -355,7 +364,7 @@ def per_persona_points(
                 pick[p] = max(ok, key=lambda i: scored[i].personas[p].shift or 0.0)  # admitted: scored
         if len(pick) != len(personas) or len(set(pick.values())) == 1:
             continue  # a persona has no point within the bounds, or one point already serves every persona
-        out.append(combined_point(scored, candidates, members[0], pick, require_removal))
+        out.append(combined_point(recipe, scored, candidates, members[0], pick, require_removal))
     return out
 
 
@@ -371,9 +380,15 @@ def groups(scored: list[GridPoint]) -> dict[str, list[int]]:
 
 
 def combined_point(
-    scored: list[GridPoint], candidates: list[Candidate], first: int, pick: dict[str, int], require_removal: bool
+    recipe: Recipe,
+    scored: list[GridPoint],
+    candidates: list[Candidate],
+    first: int,
+    pick: dict[str, int],
+    require_removal: bool,
 ) -> tuple[GridPoint, Candidate]:
-    """The point that takes each persona's export from the grid point `pick[persona]`."""
+    """The point that takes each persona's export from the grid point `pick[persona]`; its recipe is `recipe`
+    (the tuned one, before any point's setting) with the combined setting."""
     setting = scored[first].setting
     chosen = {k: {p: getattr(scored[i].setting, k) for p, i in pick.items()} for k in setting.own()}
     per = {p: scored[i].personas[p] for p, i in pick.items()}
@@ -395,9 +410,8 @@ def combined_point(
         removes=removes,
         feasible=removes or not require_removal,  # within the bounds by construction
     )
-    base, _ = candidates[first]
     masks = {p: candidates[i][1][p] for p, i in pick.items()}
-    return point, (point.setting.applied(base), masks)
+    return point, (point.setting.applied(recipe), masks)
 
 
 def rank(point: GridPoint) -> tuple[float, float]:

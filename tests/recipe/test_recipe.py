@@ -59,6 +59,13 @@ def test_the_mbti_recipe_scores_every_pole_on_every_axis() -> None:
     assert sorted(map(sorted, axes)) == sorted(map(sorted, (set(p) for p in recipe.pairs)))
     lines = validate_recipe(recipe)
     assert any(line.startswith("  eval J/P: 64 unpaired perceiving answers") for line in lines), lines
+    # its tune section scales the types' weights, on validation items of all four axes that the test items do not share
+    assert recipe.tune is not None and recipe.tune.mix_scale and recipe.tune.per_persona
+    assert recipe.tune.validation.paired is not None and len(recipe.tune.validation.sets) == 3
+    from exporter.evaluation.items import check_disjoint_splits, prepare
+    from exporter.recipe.tune import tune_validation
+
+    check_disjoint_splits(prepare(recipe, tune_validation(recipe.tune)), prepare(recipe))
 
 
 @pytest.mark.parametrize("name", sorted(CATALOG))
@@ -261,3 +268,6 @@ def test_new_item_files_are_resolved_and_hashed_like_every_data_file() -> None:
     assert "eval.sets.1.paired.path" in mbti
     assert power["eval.choices.path"].name == "anthropic-power-seeking-test.jsonl"
     assert power["tune.validation.choices.path"].name == "anthropic-power-seeking-validation.jsonl"
+    # tune.validation's item sets too (the MBTI recipe's grid over the types' weights reads them)
+    judging = mbti["tune.validation.sets.2.unpaired.responses.judging.path"]
+    assert judging == REPO / "recipes" / "data" / "machine-mindset-judging-validation.jsonl" and judging.is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,19 @@ from exporter.errors import OutputError, RecipeError
 from exporter.evaluation.items import EvalDataError
 from exporter.recipe.load import load_recipe
 from exporter.recipe.tune import Setting, grid
+from exporter.reports.evaluation import PersonaEvaluation
 from exporter.reports.tune import Bounds, GridPoint, PersonaPoint
 from exporter.workflows.tune import per_persona_points
-from tests.helpers import NEUTRAL, edited_recipe, expect, with_eval, write_pair_data, write_recipe
+from tests.helpers import (
+    NEUTRAL,
+    WORDS,
+    edited_recipe,
+    expect,
+    with_eval,
+    write_mix_recipe,
+    write_pair_data,
+    write_recipe,
+)
 
 
 def _paired(path: Path) -> dict[str, Any]:
@@ -354,7 +365,7 @@ BOUNDS = Bounds(max_perplexity_ratio=1.15, max_repeated=0.05)
 def test_sparsity_and_steering_are_chosen_per_persona_within_the_bounds() -> None:
     scored = _grid(amplify=1.0)
     candidates = [(load_recipe_stub(), {"a": f"mask-a{i}", "b": f"mask-b{i}"}) for i in range(len(scored))]
-    out = per_persona_points(scored, candidates, BOUNDS, True)  # type: ignore[arg-type]
+    out = per_persona_points(load_recipe_stub(), scored, candidates, BOUNDS, True)  # type: ignore[arg-type]
     assert len(out) == 1
     point, (recipe, masks) = out[0]
     # a: its largest shift within the bounds is the first point; b: the point with sparsity 0.02
@@ -372,7 +383,7 @@ def test_with_amplify_a_persona_keeps_the_common_sparsity_and_chooses_only_its_s
     # partner's sparsity, so points of different sparsity are not combined
     scored = _grid(amplify=2.0)
     candidates = [(load_recipe_stub(), {"a": f"mask-a{i}", "b": f"mask-b{i}"}) for i in range(len(scored))]
-    out = per_persona_points(scored, candidates, BOUNDS, True)  # type: ignore[arg-type]
+    out = per_persona_points(load_recipe_stub(), scored, candidates, BOUNDS, True)  # type: ignore[arg-type]
     assert len(out) == 1  # the 0.02 group has a single alpha: nothing to combine
     point, (recipe, masks) = out[0]
     assert point.setting.sparsity == 0.01 and point.setting.steer == {"a": 1.0, "b": 1.5}
@@ -393,7 +404,7 @@ def test_a_tie_of_the_weaker_persona_goes_to_the_point_where_the_other_is_strong
         _point(2.5, {"a": 0.30, "b": 0.41}, {"a": 1.10, "b": 1.13}),  # a weaker here: b takes its export from it
     ]
     candidates = [(load_recipe_stub(), {"a": f"mask-a{i}", "b": f"mask-b{i}"}) for i in range(len(scored))]
-    ((combined, candidate),) = per_persona_points(scored, candidates, BOUNDS, True)  # type: ignore[arg-type]
+    ((combined, candidate),) = per_persona_points(load_recipe_stub(), scored, candidates, BOUNDS, True)  # type: ignore[arg-type]
     assert combined.min_shift == scored[0].min_shift == 0.32  # a tie of the weaker persona
     report = TuneReport.model_construct(grid=[*scored, combined], chosen=None, test=None)
     evaluated = []
@@ -527,3 +538,115 @@ def test_a_persona_within_the_bound_is_decoded_where_its_partner_is_not(
             for v in p["personas"].values()
             if v.get("shift") is not None
         )
+
+
+# -- tune.mix_scale: the composites' weights, each composite its own factor --
+
+
+POLES = ("thinking", "feeling")
+
+
+def _tf_items(path: Path, seed: int) -> dict[str, Any]:
+    """Paired thinking / feeling items of their own (words and prompts apart from the calibration's) and the
+    eval section reading them."""
+    rng = random.Random(seed)
+    rows = [
+        {"prompt": f"tf item {seed} {i}", **{p: " ".join(rng.choices(WORDS[k::2], k=8)) for k, p in enumerate(POLES)}}
+        for i in range(6)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    responses = {p: {"field": p} for p in POLES}
+    paired = {"path": str(path), "prompt_field": "prompt", "responses": responses, "max_items": 6}
+    return {"name": "T/F", "paired": paired}
+
+
+def _mix_tune_recipe(tmp_path: Path, model_dir: Path, **tune: Any) -> Path:
+    """write_mix_recipe (composites IT = introvert 1 + thinking 1, mostly-E = extravert 0.7 + feeling 0.3) with
+    E/I and T/F items for validation and for test, and a tune section scaling the composites' weights."""
+    (tmp_path / "neutral.txt").write_text(NEUTRAL)
+    neutral = {"path": str(tmp_path / "neutral.txt"), "window": 24}
+    ei_val = write_pair_data(tmp_path / "val-pairs.jsonl", n=8, seed=7)
+    ei_test = write_pair_data(tmp_path / "test-pairs.jsonl", n=8, seed=11)
+    validation = {"paired": _paired(ei_val), "sets": [_tf_items(tmp_path / "tf-val.jsonl", 1)], "neutral": neutral}
+    section = {"mix_scale": [0.5, 1.0], "per_persona": True, "max_perplexity_ratio": 1000.0}
+    test = {"paired": _paired(ei_test), "sets": [_tf_items(tmp_path / "tf-test.jsonl", 2)], "neutral": neutral}
+    return write_mix_recipe(
+        tmp_path,
+        model_dir,
+        method={"score": "contrastive-wanda", "steer": {"introvert": 1.0, "thinking": 2.0, "feeling": 1.0}},
+        output={"personas": ["IT", "mostly-E"]},
+        eval=test | {"bootstrap": 200, "baselines": []},
+        tune=section | {"validation": validation} | tune,
+    )
+
+
+def test_tune_scales_each_composites_weights_by_its_weakest_axis(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    recipe = _mix_tune_recipe(tmp_path, tiny_llama_dir)
+    out = tmp_path / "tune"
+    assert main(["tune", str(recipe), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    grid_points = [p for p in report["grid"] if not p.get("combined")]
+    # the exported composites are scored, the poles are their ingredients only; the poles keep the recipe's settings
+    assert [p["setting"]["mix_scale"] for p in grid_points] == [0.5, 1.0]
+    assert all(set(p["personas"]) == {"IT", "mostly-E"} for p in report["grid"])
+    assert {json.dumps(p["setting"]["steer"], sort_keys=True) for p in report["grid"]} == {
+        json.dumps({"introvert": 1.0, "thinking": 2.0, "feeling": 1.0}, sort_keys=True)
+    }
+    # each composite takes the factor of its largest weakest-axis shift (every point is within the bound here)
+    best = {
+        c: max(grid_points, key=lambda p: p["personas"][c]["shift"])["setting"]["mix_scale"] for c in ("IT", "mostly-E")
+    }
+    chosen = report["chosen"]["mix_scale"]
+    assert (chosen if isinstance(chosen, dict) else dict.fromkeys(best, chosen)) == best
+    # a composite's shift is its weakest own axis: on test, its E/I and T/F shifts are both reported
+    test_it = PersonaEvaluation.model_validate(report["test"]["IT"])
+    assert len(test_it.own_shifts()) == 2 and test_it.switch_success is not None
+    assert "own axes' shifts" in (out / "report.md").read_text() and "mix scale" in (out / "report.md").read_text()
+    # the chosen recipe carries the scaled weights; its method is the recipe's
+    written = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert written["personas"]["IT"]["mix"] == {"introvert": best["IT"], "thinking": best["IT"]}
+    assert written["personas"]["mostly-E"]["mix"] == {
+        "extravert": round(0.7 * best["mostly-E"], 6),
+        "feeling": round(0.3 * best["mostly-E"], 6),
+    }
+    assert written["method"]["steer"] == {"introvert": 1.0, "thinking": 2.0, "feeling": 1.0} and "tune" not in written
+    # a run of the chosen recipe exports what tune reported on: the same composites, proven exact
+    assert main(["run", str(out / "recipe.yaml"), "--out", str(tmp_path / "run"), "eval=null"]) == 0
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["personas"] == {"IT": "passed", "mostly-E": "passed"}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"steer": [1.0, 2.0]}, "tune.mix_scale tunes composites with their poles at the recipe's method and prune "),
+        ({"sparsity": [0.1]}, "remove tune.sparsity (tune the poles first"),
+    ],
+)
+@pytest.mark.usefixtures("no_model_load")
+def test_mix_scale_refuses_a_grid_over_the_poles(
+    change: dict[str, Any], message: str, tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = _mix_tune_recipe(tmp_path, tiny_llama_dir, **change)
+    expect(["tune", str(recipe), "--out", str(tmp_path / "out")], RecipeError, message, capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_mix_scale_refuses_a_run_that_exports_no_composite(
+    tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = _mix_tune_recipe(tmp_path, tiny_llama_dir)
+    argv = ["tune", str(recipe), "--out", str(tmp_path / "out"), "output.personas=[introvert]"]
+    expect(argv, RecipeError, "tune.mix_scale: scales composite personas' weights, but the run exports none", capsys)
+
+
+@pytest.mark.usefixtures("no_model_load")
+def test_a_tune_grid_without_mix_scale_needs_sparsities(
+    tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    validation = write_pair_data(tmp_path / "val-pairs.jsonl", n=8, seed=7)
+    recipe = _recipe(tmp_path, tiny_llama_dir, validation)
+    data = yaml.safe_load(recipe.read_text())
+    del data["tune"]["sparsity"]
+    recipe.write_text(yaml.safe_dump(data))
+    expect(["tune", str(recipe), "--out", str(tmp_path / "out")], RecipeError, "tune.sparsity: give the MLP", capsys)
