@@ -132,14 +132,16 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
 def selection(spec: TuneSpec, validation: EvalSpec) -> str:
     """How the point is chosen, in words (report.md, report.json)."""
     max_repeated = validation.acceptance.max_repeated_4grams_over_dense
+    mixed = spec.mix_scale is not None
+    own = "its weights' factor" if mixed else "sparsity and steering (alpha, layers)"
     return (
         "largest shift (paired, else unpaired, else A/B letter margin) of the weaker persona on the validation items "
-        "(a tie: the larger sum of every persona's shift), every persona's "
+        + ("(a composite's shift: its weakest own axis's) " if mixed else "")
+        + "(a tie: the larger sum of every persona's shift), every persona's "
         f"perplexity <= {spec.max_perplexity_ratio}x dense"
         + (f" and its replies' repeated 4-grams <= dense + {max_repeated}" if validation.replies is not None else "")
         + (
-            "; each persona's sparsity and steering (alpha, layers) chosen on its own (its largest shift within "
-            "the bounds, the other settings equal)"
+            f"; each persona's {own} chosen on its own (its largest shift within the bounds, the other settings equal)"
             if spec.per_persona
             else ""
         )

@@ -601,7 +601,8 @@ def test_tune_scales_each_composites_weights_by_its_weakest_axis(tmp_path: Path,
     # a composite's shift is its weakest own axis: on test, its E/I and T/F shifts are both reported
     test_it = PersonaEvaluation.model_validate(report["test"]["IT"])
     assert len(test_it.own_shifts()) == 2 and test_it.switch_success is not None
-    assert "own axes' shifts" in (out / "report.md").read_text() and "mix scale" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "own axes' shifts" in md and "mix scale" in md and "a composite's shift: its weakest own axis's" in md
     # the chosen recipe carries the scaled weights; its method is the recipe's
     written = yaml.safe_load((out / "recipe.yaml").read_text())
     assert written["personas"]["IT"]["mix"] == {"introvert": best["IT"], "thinking": best["IT"]}
