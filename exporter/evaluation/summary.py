@@ -39,6 +39,7 @@ from exporter.reports.evaluation import (
     StatementMeans,
     UnpairedFigures,
     UnpairedMeans,
+    own_intervals,
 )
 
 
@@ -341,10 +342,7 @@ def main_crosstalk(
 
 def switch_success(rows: list[Row], own_main: bool, sets: list[SetEvaluation]) -> bool | None:
     """Every own axis's mask-only shift has its 95 % interval above 0; None without own items."""
-    intervals = [r.shift_ci for r in rows if r.condition == "mask-only"] if own_main else []
-    for s in sets:
-        if s.own:
-            intervals += [r.shift for r in s.rows if r.condition == "mask-only"]
+    intervals = own_intervals(rows, own_main, sets)
     if not intervals or any(ci is None for ci in intervals):
         return None
     return all(ci is not None and ci.ci95[0] > 0 for ci in intervals)

@@ -30,11 +30,10 @@ def _sections(data: dict[str, Any]) -> list[tuple[Key, Any]]:
         (("eval",), data.get("eval")),
         (("tune", "validation"), tune.get("validation") if isinstance(tune, dict) else None),
     ):
+        out.append((key, ev))
         sets = ev.get("sets") if isinstance(ev, dict) else None
-        out += [
-            (key, ev),
-            *((((*key, "sets", str(i)), s) for i, s in enumerate(sets)) if isinstance(sets, list) else ()),
-        ]
+        if isinstance(sets, list):
+            out += [((*key, "sets", str(i)), s) for i, s in enumerate(sets)]
     return out
 
 

@@ -317,14 +317,17 @@ class PersonaEvaluation(Record):
         return next((r for r in self.rows if r.condition.startswith(condition)), None)
 
     def own_shifts(self) -> list[float]:
-        """The export's (mask-only) mean shift on each of the persona's own axes: its rows' items, then every
-        item set that names it or (a composite) one of its parts, each axis once (rows scored on an own set's
-        items, a persona the main items do not name, are that set's)."""
-        row = self.row("mask-only")
-        from_set = any(s.own and self.opposite in s.personas for s in self.sets)
-        out = [row.shift] if row is not None and row.shift is not None and not from_set else []
-        for s in self.sets:
-            r = next((r for r in s.rows if r.condition == "mask-only"), None) if s.own else None
-            if r is not None and r.shift is not None:
-                out.append(r.shift.mean)
-        return out
+        """The export's (mask-only) mean shift on each of the persona's own axes (`own_intervals`); rows scored
+        on an own set's items (a persona the main items do not name) are that set's, so counted once."""
+        own_main = not any(s.own and self.opposite in s.personas for s in self.sets)
+        return [ci.mean for ci in own_intervals(self.rows, own_main, self.sets) if ci is not None]
+
+
+def own_intervals(rows: list[Row], own_main: bool, sets: list[SetEvaluation]) -> list[CI | None]:
+    """The export's (mask-only) shift on each of a persona's own axes: the main items' when they name it
+    (`own_main`), then every item set that names it or (a composite) one of its parts; None where not scored."""
+    intervals = [r.shift_ci for r in rows if r.condition == "mask-only"] if own_main else []
+    for s in sets:
+        if s.own:
+            intervals += [r.shift for r in s.rows if r.condition == "mask-only"]
+    return intervals
