@@ -10,7 +10,11 @@ A pole of S/N, T/F or J/P gets its E/I figure as crosstalk on the recipe's main 
 named after the main items' personas). Baselines are left out (a type has no system prompt of its own); the
 dense model's scores are shared by all types.
 
-    .venv/bin/python ci/bench_catalog.py [--types INTJ ESFP ...] [--json out.json] [KEY.PATH=VALUE ...]
+With --replies, instead: each type's greedy replies to the eval section's reply prompts beside its mirror's (every
+letter flipped), the repetition bound that `tune` applies (repeated 4-grams over the dense model's replies) and
+the reply gap between the two types' exports against the gap their system prompts give the dense model.
+
+    .venv/bin/python ci/bench_catalog.py [--types INTJ ESFP ...] [--json out.json] [--replies] [KEY.PATH=VALUE ...]
 """
 
 from __future__ import annotations
@@ -25,11 +29,12 @@ import torch
 from exporter.evaluation.items import prepare
 from exporter.evaluation.scorer import MaskScorer
 from exporter.masking.collect import column_norms, down_weights, persona_statistics
-from exporter.masking.masks import compute_masks
+from exporter.masking.masks import PersonaMask, compute_masks
 from exporter.masking.mix import composite_masks
 from exporter.masking.steer import with_biases
 from exporter.model.sources import load_model
 from exporter.recipe.load import load_recipe
+from exporter.recipe.schema import Recipe
 from exporter.reports.evaluation import PersonaEvaluation
 from exporter.reports.provenance import Timer
 
@@ -62,6 +67,8 @@ def main() -> None:
     parser.add_argument("--types", nargs="*", default=None, help="composites to score (default: all; none: --types)")
     parser.add_argument("--poles", nargs="*", default=None, help="poles to score alone (default: all)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--replies", action="store_true", help="each type's replies beside its mirror's instead")
+    parser.add_argument("--penalty", type=float, default=1.0, help="--replies decoded with this repetition penalty")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. eval.sets.0.unpaired.max_items=32")
     args = parser.parse_args()
     recipe = load_recipe(args.recipe, [*args.overrides, "eval.baselines=[]"])
@@ -78,6 +85,10 @@ def main() -> None:
     masks = with_biases(recipe, masks, stats, m.model, m.adapter, torch.float32, down=down_weights(m))
     items = prepare(recipe)
     scorer = MaskScorer(recipe, recipe.eval, items, m.model, m.tokenizer, m.adapter)
+    if args.replies:
+        mirror_replies(recipe, scorer, {t: masks[t] for t in types}, args.json, args.penalty)
+        print(f"\nscored in {time.perf_counter() - t0:.0f} s")
+        return
     figures: dict[str, dict[str, tuple[str, float, float, float]]] = {}
     success: dict[str, bool | None] = {}
     perplexity: dict[str, float | None] = {}
@@ -107,6 +118,46 @@ def main() -> None:
         args.json.write_text(
             json.dumps({"figures": figures, "switch_success": success, "perplexity_ratio": perplexity}, indent=1)
         )
+
+
+def mirror_replies(
+    recipe: Recipe, scorer: MaskScorer, masks: dict[str, PersonaMask], out: Path | None, penalty: float = 1.0
+) -> None:
+    """Each type's replies beside its mirror's (both must be among `masks`), decoded greedily under `penalty`
+    (1: plain greedy), printed per type."""
+    if recipe.eval is None or recipe.eval.replies is None:
+        raise SystemExit(
+            "--replies: give the reply prompts, e.g. 'eval.replies={path: data/everyday-prompts-test.txt}'"
+        )
+    figures: dict[str, dict[str, float]] = {}
+    for name in masks:
+        mirror = recipe.opposite(name)
+        if name in figures or mirror is None or mirror not in masks:
+            continue
+        for p, r in scorer.replier.reply_set({name: masks[name], mirror: masks[mirror]}, penalty).items():
+            conds = r.conditions
+            dense = conds["dense"].degeneration.repeated_4grams
+            figures[p] = {
+                "repeated_4grams": conds["export"].degeneration.repeated_4grams,
+                "repeated_4grams_over_dense": conds["export"].degeneration.repeated_4grams - dense,
+                "reply_gap": r.gap["export"].mean,
+                "reply_gap_low": r.gap["export"].ci95[0],
+                "reply_gap_high": r.gap["export"].ci95[1],
+                "prompt_only_reply_gap": r.gap["prompt_only"].mean,
+            }
+            f = figures[p]
+            print(
+                f"{p} (vs {r.opposite}): repeated 4-grams {f['repeated_4grams']:.3f} (dense {dense:.3f}, "
+                f"{f['repeated_4grams_over_dense']:+.3f}); reply gap {f['reply_gap']:+.3f} "
+                f"[{f['reply_gap_low']:+.3f}, {f['reply_gap_high']:+.3f}], prompt-only {f['prompt_only_reply_gap']:+.3f}"
+            )
+            for ex in r.examples[:2]:
+                print(f"  {ex.prompt!r}\n    {p}: {ex.export!r}\n    {r.opposite}: {ex.opposite_export!r}")
+    skipped = sorted(set(masks) - set(figures))
+    if skipped:
+        print(f"no mirror among the scored types (add it to --types): {', '.join(skipped)}")
+    if out:
+        out.write_text(json.dumps({"repetition_penalty": penalty, "replies": figures}, indent=1))
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ class MaskScorer:
         self.stats = stats or {}
         self.norms: dict[str, list[dict[str, Any]]] = {}  # Wanda activation norms, per persona
         self.dense: Raw = {}  # the dense model and its prompt-only conditions, scored once
-        opposite = {p: q for p in recipe.personas if (q := recipe.partner(p))}
+        opposite = {p: q for p in recipe.personas if (q := recipe.opposite(p))}
         self.replier = Replier(model, tokenizer, adapter, spec, items.reply_prompts, self.systems, opposite)
         self.dense_params = count_parameters(model)
         for system in {None, *self.systems.values()}:  # every answer encoded now: one that does not fit fails here

@@ -272,7 +272,24 @@ def composite_problems(r: Recipe) -> list[str]:
             + "; declare one (e.g. personas.IT: {mix: {introvert: 1, thinking: 1}}) and export it, or remove "
             "tune.mix_scale"
         )
+    if r.tune is not None and r.tune.mix_scale is not None and r.tune.validation.replies is not None:
+        tuned = tuned_composites(r)
+        problems += [mirror_problem(r, name) for name in tuned if r.opposite(name) not in tuned]
     return problems
+
+
+def mirror_problem(r: Recipe, name: str) -> str:
+    """tune's repetition bound reads a composite's replies beside its mirror's (the reply gap needs both)."""
+    mirror = r.opposite(name)
+    head = f"tune.validation.replies: {name}'s replies are told apart from its mirror's (each part's opposite pole)"
+    if mirror is None:
+        parts = ", ".join(f"{r.partner(p)}: {w:g}" for p, w in r.composites[name].mix.items())
+        return (
+            f"{head}, and the recipe declares none: declare one (mix: {{{parts}}}), or remove tune.validation.replies"
+        )
+    return f"{head}, {mirror}, which the run does not export: add {mirror} to output.personas, or remove " + (
+        "tune.validation.replies"
+    )
 
 
 def tuned_composites(r: Recipe) -> list[str]:

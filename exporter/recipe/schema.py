@@ -345,6 +345,22 @@ class Recipe(Strict):
                 return a
         return None
 
+    def opposite(self, persona: str) -> str | None:
+        """Whom the persona's replies are told apart from: a pole's partner; a composite's mirror, the composite
+        of its parts' partners (INTJ's ESFP), whatever each one's weights, the one of equal weights when several
+        have those parts (none when that is still not one)."""
+        mix = self.composites.get(persona)
+        if mix is None:
+            return self.partner(persona)
+        partners = {part: self.partner(part) for part in mix.mix}
+        flipped = {q: mix.mix[part] for part, q in partners.items() if q is not None}
+        if len(flipped) != len(mix.mix):
+            return None
+        same = [q for q, m in self.composites.items() if set(m.mix) == set(flipped)]
+        if len(same) > 1:
+            same = [q for q in same if self.composites[q].mix == flipped]
+        return same[0] if len(same) == 1 else None
+
     def digest(self) -> str:
         """The recipe's hash: exporter/recipe/paths.py `recipe_sha256` says what it covers."""
         from exporter.recipe.paths import recipe_sha256

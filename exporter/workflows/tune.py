@@ -245,13 +245,14 @@ def decode_replies(
     cost: Spend,
 ) -> list[GridPoint | FailedPoint]:
     """The points with their greedy validation replies decoded where they can decide the choice: the replies
-    only bound the repetition, so a point's replies are needed only when no point of larger shift is already
-    within every bound. Taken best shift first (ties in grid order), the search decodes until the first point
-    within the bounds, for the whole pair (the largest weaker shift) and, with `tune.per_persona`, for each
-    persona in each group of points that differ only in its own settings; the choice is the one decoding every
-    point would make (`tune.replies: every` does that, for a reply figure at every point). A point is decoded
-    when a persona whose figures are searched is within the perplexity bound there; the pair's exports are
-    decoded together (the reply gap needs both), and a persona over the bound stays rejected."""
+    only bound the repetition, so a persona's replies at a point are needed only when no point of larger shift
+    is already within every bound. Taken best shift first (ties in grid order), the search decodes until the
+    first point within the bounds: with `tune.per_persona` for each persona in each group of points that
+    differ only in its own settings, decoding that persona and its opposite only (the reply gap needs both; a
+    composite's opposite is its mirror); without it, or where a combined point may remove nothing, for the
+    whole point (the largest weaker shift). The choice is the one decoding every point would make (`tune.replies:
+    every` does that, for a reply figure at every point), short of an exact tie between a combined point and a
+    whole one. A persona is decoded where it is within the perplexity bound; one over it stays rejected."""
     spec = scorer.recipe.tune
     assert spec is not None
     if scorer.spec.replies is None or not scorer.items.reply_prompts:
@@ -259,56 +260,71 @@ def decode_replies(
     out = list(points)
     where = [i for i, p in enumerate(out) if isinstance(p, GridPoint)]  # aligned with candidates and evals
     scored = [p for p in out if isinstance(p, GridPoint)]
-    decoded: set[int] = set()
+    decoded: dict[int, set[str]] = {}
+    opposite = {p: q for p in scorer.recipe.personas if (q := scorer.recipe.opposite(p)) is not None}
 
-    def with_replies(k: int) -> GridPoint:
-        """Point k (an index into `scored`), its replies decoded once."""
+    def with_replies(k: int, who: list[str] | None = None) -> GridPoint:
+        """Point k (an index into `scored`) with the replies of `who` (default: every persona there) and their
+        opposites decoded, each once."""
+        masks = candidates[k][1]
+        want = set(masks) if who is None else set(who)
+        want |= {q for p in want if (q := opposite.get(p)) in masks}
+        todo = sorted(want - decoded.get(k, set()))
+        if not todo:
+            return scored[k]
         if k not in decoded:
-            decoded.add(k)
-            t = time.perf_counter()
-            answered = scorer.replies(candidates[k][1], shipped=False)
-            cost.seconds["replies"] += time.perf_counter() - t
             cost.replies_scored += 1
-            full = {p: ev.model_copy(update={"replies": answered[p]}) for p, ev in evals[k].items()}
-            old = scored[k]
-            new = grid_point(old.setting, full, old.removes, bounds, spec.require_removal)
-            if set(full) != set(old.personas):  # a persona over the perplexity bound keeps its rejection
-                new = new.model_copy(
-                    update={
-                        "personas": {p: new.personas.get(p) or old.personas[p] for p in old.personas},
-                        "min_shift": None,
-                        "max_perplexity_ratio": old.max_perplexity_ratio,
-                        "feasible": False,
-                    }
-                )
-            scored[k] = new
-            out[where[k]] = new
-            log.info(
-                "tune: %s replies decoded: reply gap %+.3f, worst repeated 4-grams over dense %+.3f",
-                old.setting.model_dump(),
-                new.reply_gap or 0.0,
-                new.max_repeated_4grams_over_dense or 0.0,
+        decoded.setdefault(k, set()).update(todo)
+        t = time.perf_counter()
+        answered = scorer.replies({p: masks[p] for p in todo}, shipped=False)
+        cost.seconds["replies"] += time.perf_counter() - t
+        evals[k] = {
+            p: ev.model_copy(update={"replies": answered[p]}) if p in answered else ev for p, ev in evals[k].items()
+        }
+        old = scored[k]
+        new = grid_point(old.setting, evals[k], old.removes, bounds, spec.require_removal)
+        if set(evals[k]) != set(old.personas):  # a persona over the perplexity bound keeps its rejection
+            new = new.model_copy(
+                update={
+                    "personas": {p: new.personas.get(p) or old.personas[p] for p in old.personas},
+                    "min_shift": None,
+                    "max_perplexity_ratio": old.max_perplexity_ratio,
+                    "feasible": False,
+                }
             )
+        scored[k] = new
+        out[where[k]] = new
+        log.info(
+            "tune: %s replies of %s decoded: worst repeated 4-grams over dense %+.3f",
+            old.setting.model_dump(),
+            ", ".join(todo),
+            new.max_repeated_4grams_over_dense or 0.0,
+        )
         return scored[k]
 
-    whole = [k for k, p in enumerate(scored) if p.min_shift is not None]  # every persona within perplexity
     if spec.replies == "every":
         for k, point in enumerate(scored):
             if any(v.shift is not None for v in point.personas.values()):
                 with_replies(k)
         return out
-    for k in sorted(
-        (k for k in whole if scored[k].removes or not spec.require_removal), key=lambda k: rank(scored[k]), reverse=True
-    ):
-        if with_replies(k).feasible:
-            break
     if spec.per_persona:
         for members in groups(scored).values():
             for p in scored[members[0]].personas:
                 within = [k for k in members if scored[k].personas[p].shift is not None]
                 for k in sorted(within, key=lambda k: -(scored[k].personas[p].shift or 0.0)):
-                    if bounds.admit(with_replies(k).personas[p]):
+                    if bounds.admit(with_replies(k, [p]).personas[p]):
                         break
+    # with per_persona, a point combining each persona's best already outranks every whole point, unless it may
+    # not remove units (a reference point picked, removal required): then the whole points decide
+    if not spec.per_persona or (spec.require_removal and not all(p.removes for p in scored)):
+        whole = [k for k, p in enumerate(scored) if p.min_shift is not None]  # every persona within perplexity
+        for k in sorted(
+            (k for k in whole if scored[k].removes or not spec.require_removal),
+            key=lambda k: rank(scored[k]),
+            reverse=True,
+        ):
+            if with_replies(k).feasible:
+                break
     return out
 
 
@@ -330,7 +346,8 @@ def grid_point(
                 update={"reply_score": conds["export"].score.mean, "repeated_4grams_over_dense": repeated}
             )
     replies = [ev.replies for ev in evals.values() if ev.replies is not None]
-    first = replies[0] if replies else None  # a pair's gap is the same from either side, up to its sign
+    # a pair's gap is the same from either side, up to its sign; more personas have no one gap
+    first = replies[0] if replies and len(evals) == 2 else None
     shifts = [v.shift for v in per.values() if v.shift is not None]
     return GridPoint(
         setting=setting,
@@ -400,7 +417,7 @@ def combined_point(
     # the per-prompt gap averaged)
     scores = [v.reply_score for v in per.values()]
     repeated = [v.repeated_4grams_over_dense for v in per.values()]
-    replied = all(s is not None for s in scores)
+    replied = all(s is not None for s in scores) and len(per) == 2  # a pair's gap; more personas have no one gap
     point = GridPoint(
         setting=setting.model_copy(update=chosen),
         combined=True,

@@ -66,6 +66,28 @@ def test_the_mbti_recipe_scores_every_pole_on_every_axis() -> None:
     from exporter.recipe.tune import tune_validation
 
     check_disjoint_splits(prepare(recipe, tune_validation(recipe.tune)), prepare(recipe))
+    # each type's replies are told apart from its mirror's: every letter flipped, whatever either type's weights
+    flip = dict(zip("EISNTFJP", "IENSFTPJ", strict=True))
+    for name in recipe.composites:
+        assert recipe.opposite(name) == "".join(flip[c] for c in name)
+    assert recipe.opposite("introvert") == "extravert" and recipe.opposite("perceiving") == "judging"
+
+
+def test_a_composites_opposite_is_its_mirror_the_one_of_equal_weights_among_several(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    from tests.helpers import write_mix_recipe
+
+    path = write_mix_recipe(tmp_path, tiny_llama_dir)
+    recipe = load_recipe(path)
+    assert recipe.opposite("IT") == "mostly-E" and recipe.opposite("mostly-E") == "IT"  # weights 1/1 against 0.7/0.3
+    data = yaml.safe_load(path.read_text())
+    data["personas"]["EF"] = {"mix": {"extravert": 1, "feeling": 1}}
+    data["personas"]["IT-light"] = {"mix": {"introvert": 0.2, "thinking": 0.9}}
+    path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(path)
+    assert recipe.opposite("IT") == "EF" and recipe.opposite("EF") == "IT"  # equal weights decide among two
+    assert recipe.opposite("mostly-E") is None and recipe.opposite("IT-light") is None  # still not one
 
 
 @pytest.mark.parametrize("name", sorted(CATALOG))

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from exporter.cli import main
+from exporter.cli import dispatch, main
 from exporter.errors import OutputError, RecipeError
 from exporter.evaluation.items import EvalDataError
 from exporter.recipe.load import load_recipe
@@ -651,3 +651,81 @@ def test_a_tune_grid_without_mix_scale_needs_sparsities(
     del data["tune"]["sparsity"]
     recipe.write_text(yaml.safe_dump(data))
     expect(["tune", str(recipe), "--out", str(tmp_path / "out")], RecipeError, "tune.sparsity: give the MLP", capsys)
+
+
+def test_tune_bounds_each_composites_repetition_decoding_it_beside_its_mirror_only(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With validation replies, a composite's repetition bounds its factor as a pole's does; its replies are
+    decoded beside its mirror's (the reply gap needs both) and no other composite's; the chosen point's test
+    replies tell each type from its mirror."""
+    from exporter.evaluation.replies import Replier
+
+    recipe = _mix_tune_recipe(tmp_path, tiny_llama_dir)
+    data = yaml.safe_load(recipe.read_text())
+    data["personas"] |= {"IF": {"mix": {"introvert": 1, "feeling": 1}}, "ET": {"mix": {"extravert": 1, "thinking": 1}}}
+    data["output"]["personas"] = ["IT", "mostly-E", "IF", "ET"]
+    recipe.write_text(yaml.safe_dump(data))
+    recipe = _with_replies(tmp_path, recipe, max_repeated=1.0, replies="best-first")
+    data = yaml.safe_load(recipe.read_text())
+    (tmp_path / "test-prompts.txt").write_text("what do you cook\nwhere do you walk\nwho do you call\n")
+    data["eval"]["replies"] = {"path": str(tmp_path / "test-prompts.txt"), "max_new_tokens": 12}
+    recipe.write_text(yaml.safe_dump(data))
+    decoded: list[set[str]] = []
+    evaluate = Replier.evaluate
+
+    def recorded(self: Replier, masks: dict[str, Any], *args: Any) -> Any:
+        decoded.append(set(masks))
+        return evaluate(self, masks, *args)
+
+    monkeypatch.setattr(Replier, "evaluate", recorded)
+    out = tmp_path / "tune"
+    assert main(["tune", str(recipe), "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    *grid_calls, test_call = decoded
+    assert test_call == {"IT", "mostly-E", "IF", "ET"}  # the chosen point on test: every export at once
+    assert grid_calls and all(call in ({"IT", "mostly-E"}, {"IF", "ET"}) for call in grid_calls)
+    assert 1 <= report["cost"]["replies_scored"] <= 2  # grid points with replies decoded (of 2)
+    chosen = next(p for p in report["grid"] if p.get("chosen"))
+    assert all(v["repeated_4grams_over_dense"] is not None for v in chosen["personas"].values())
+    assert chosen.get("reply_gap") is None  # four composites have no one gap
+    for name, mirror in (("IT", "mostly-E"), ("IF", "ET")):
+        test = PersonaEvaluation.model_validate(report["test"][name])
+        assert test.replies is not None and test.replies.opposite == mirror
+        assert "export" in test.replies.gap and test.replies.conditions["export"].degeneration is not None
+    # a bound no reply meets: no factor is admitted, and the grid's figures say why
+    strict = yaml.safe_load(recipe.read_text())
+    strict["tune"]["validation"]["acceptance"] = {"max_repeated_4grams_over_dense": -2.0}
+    recipe.write_text(yaml.safe_dump(strict))
+    with pytest.raises(RecipeError, match="repeated 4-grams within dense"):
+        dispatch(["tune", str(recipe), "--out", str(tmp_path / "strict")])
+    md = (tmp_path / "strict" / "report.md").read_text()
+    assert "repeats itself more than the bound" in md
+
+
+@pytest.mark.parametrize(
+    ("personas", "message"),
+    [
+        (
+            ["IT"],
+            "IT's replies are told apart from its mirror's (each part's opposite pole), mostly-E, which the run "
+            "does not export: add mostly-E to output.personas",
+        ),
+        (
+            ["IT", "mostly-E", "IF"],
+            "IF's replies are told apart from its mirror's (each part's opposite pole), and "
+            "the recipe declares none: declare one (mix: {",
+        ),
+    ],
+)
+@pytest.mark.usefixtures("no_model_load")
+def test_composite_replies_in_tune_need_each_mirror_exported(
+    personas: list[str], message: str, tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    recipe = _with_replies(tmp_path, _mix_tune_recipe(tmp_path, tiny_llama_dir), max_repeated=1.0)
+    data = yaml.safe_load(recipe.read_text())
+    data["personas"]["IF"] = {"mix": {"introvert": 1, "feeling": 1}}
+    recipe.write_text(yaml.safe_dump(data))
+    argv = ["tune", str(recipe), "--out", str(tmp_path / "out"), f"output.personas=[{','.join(personas)}]"]
+    expect(argv, RecipeError, message, capsys)
+    assert not (tmp_path / "out").exists()
