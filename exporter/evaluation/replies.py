@@ -292,8 +292,10 @@ class Replier:
 
     def reply_set(self, masks: dict[str, PersonaMask], penalty: float) -> dict[str, RepliesEvaluation]:
         """One reply set's figures per persona (see `evaluate`), decoded under `penalty`."""
-        replies = self.generate(reply_conditions(masks, self.systems, self.spec), penalty)
         pairs = {p: q for p in masks if (q := self.opposite.get(p)) is not None and q in masks}
+        if not pairs:  # a reply score needs the opposite's system prompt, a gap its export
+            return {}
+        replies = self.generate(reply_conditions({p: masks[p] for p in pairs}, self.systems, self.spec), penalty)
         scored = sorted({self.systems[p] for pair in pairs.items() for p in pair})
         ll = {}
         if pairs:

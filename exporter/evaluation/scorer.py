@@ -5,6 +5,7 @@ persona's typed evaluation (exporter/reports/evaluation.py)."""
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -30,6 +31,8 @@ from exporter.model.adapters import Adapter
 from exporter.recipe.eval import EvalSpec, at_depth
 from exporter.recipe.schema import Recipe
 from exporter.reports.evaluation import Leak, PersonaEvaluation, RepliesEvaluation, Splits
+
+log = logging.getLogger(__name__)
 
 DEFINITIONS = {
     "answer_loglik": "mean per-token log-likelihood (nats) of the answer's content tokens, chat template "
@@ -155,6 +158,9 @@ class MaskScorer:
             t = time.perf_counter()
             answered = self.replies(masks, shipped=shipped)
             seconds["eval_replies"] = round(time.perf_counter() - t, 3)
+            for p in sorted(set(masks) - set(answered)):
+                q = self.recipe.opposite(p)
+                log.info("eval: no replies for %s: %s", p, f"{q} is not evaluated beside it" if q else "no opposite")
         return {p: self.summary(raw, p, masks[p], answered.get(p)) for p in masks}
 
     def replies(self, masks: dict[str, PersonaMask], *, shipped: bool) -> dict[str, RepliesEvaluation]:

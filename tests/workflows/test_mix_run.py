@@ -4,6 +4,7 @@ composite mixes are calibrated once and reused; evaluation, `eval RUN_DIR` and t
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -24,10 +25,11 @@ STEER = {
 
 
 def test_run_exports_the_requested_personas_composites_proven_exact(
-    tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     exported = ["IT", "mostly-E", "introvert"]
-    section = eval_section(tmp_path, baselines=[])
+    (tmp_path / "everyday.txt").write_text("what do you cook\nwhere do you walk\n")
+    section = eval_section(tmp_path, baselines=[], replies={"path": "everyday.txt", "max_new_tokens": 6})
     recipe = write_mix_recipe(tmp_path, tiny_llama_dir, method=STEER, output={"personas": exported}, eval=section)
     assert main(["validate", str(recipe)]) == 0
     listing = capsys.readouterr().out
@@ -35,7 +37,10 @@ def test_run_exports_the_requested_personas_composites_proven_exact(
     assert "exported: IT, mostly-E, introvert (output.personas)" in listing
 
     out = tmp_path / "run"
-    assert main(["run", str(recipe), "--out", str(out)]) == 0
+    with caplog.at_level(logging.INFO, logger="exporter.evaluation.scorer"):
+        assert main(["run", str(recipe), "--out", str(out)]) == 0
+    # a composite's replies are told apart from its mirror's; a pole without its partner gets none, and says why
+    assert "eval: no replies for introvert: extravert is not evaluated beside it" in caplog.text
     assert sorted(p.parent.name for p in out.glob("*/report.json")) == sorted(exported)
     run = json.loads((out / "run.json").read_text())
     assert list(run["personas"]) == exported and set(run["personas"].values()) == {"passed"}
@@ -71,7 +76,8 @@ def test_run_exports_the_requested_personas_composites_proven_exact(
     assert ev is not None and ev.opposite == "extravert" and all(r.paired is not None for r in ev.rows)
     assert any(r.condition == "mask-only" and r.neutral is not None for r in ev.rows)
     pole = read_report(out / "introvert").evaluation
-    assert pole is not None and any(r.paired is not None for r in pole.rows)
+    assert pole is not None and any(r.paired is not None for r in pole.rows) and pole.replies is None
+    assert ev.replies is not None and ev.replies.opposite == "mostly-E" and "export" in ev.replies.gap
     assert main(["eval", str(out)]) == 0  # `eval RUN_DIR` reads the exported personas' folders only
 
     card = render_card(it, CardContext("org/it", "org/it", ())).text
