@@ -297,11 +297,9 @@ class Replier:
             return {}
         replies = self.generate(reply_conditions({p: masks[p] for p in pairs}, self.systems, self.spec), penalty)
         scored = sorted({self.systems[p] for pair in pairs.items() for p in pair})
-        ll = {}
-        if pairs:
-            total = len(scored) * sum(1 for r in replies.values() for t in r.tokens if t)
-            with progress(total, "eval reply scores", "reply") as bar:
-                ll = reply_logliks(self.model, self.tokenizer, replies, scored, progress=bar.update)
+        total = len(scored) * sum(1 for r in replies.values() for t in r.tokens if t)
+        with progress(total, "eval reply scores", "reply") as bar:
+            ll = reply_logliks(self.model, self.tokenizer, replies, scored, progress=bar.update)
         out = {}
         for p, q in pairs.items():
             scores = {c: ll[c, self.systems[p]] - ll[c, self.systems[q]] for c in replies}

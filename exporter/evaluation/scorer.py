@@ -159,7 +159,7 @@ class MaskScorer:
             answered = self.replies(masks, shipped=shipped)
             seconds["eval_replies"] = round(time.perf_counter() - t, 3)
             for p in sorted(set(masks) - set(answered)):
-                q = self.recipe.opposite(p)
+                q = self.replier.opposite.get(p)
                 log.info("eval: no replies for %s: %s", p, f"{q} is not evaluated beside it" if q else "no opposite")
         return {p: self.summary(raw, p, masks[p], answered.get(p)) for p in masks}
 

@@ -261,7 +261,7 @@ def decode_replies(
     where = [i for i, p in enumerate(out) if isinstance(p, GridPoint)]  # aligned with candidates and evals
     scored = [p for p in out if isinstance(p, GridPoint)]
     decoded: dict[int, set[str]] = {}
-    opposite = {p: q for p in scorer.recipe.personas if (q := scorer.recipe.opposite(p)) is not None}
+    opposite = scorer.replier.opposite  # a pole's partner, a composite's mirror
 
     def with_replies(k: int, who: list[str] | None = None) -> GridPoint:
         """Point k (an index into `scored`) with the replies of `who` (default: every persona there) and their
@@ -417,15 +417,16 @@ def combined_point(
     # the per-prompt gap averaged)
     scores = [v.reply_score for v in per.values()]
     repeated = [v.repeated_4grams_over_dense for v in per.values()]
-    replied = all(s is not None for s in scores) and len(per) == 2  # a pair's gap; more personas have no one gap
+    replied = all(s is not None for s in scores)
+    pair = replied and len(per) == 2  # a pair's gap; more personas have no one gap
     point = GridPoint(
         setting=setting.model_copy(update=chosen),
         combined=True,
         personas=per,
         min_shift=min(v.shift or 0.0 for v in per.values()),  # each admitted, so scored
         max_perplexity_ratio=max(v.perplexity_ratio for v in per.values()),
-        reply_gap=sum(s for s in scores if s is not None) if replied else None,
-        prompt_only_reply_gap=scored[first].prompt_only_reply_gap if replied else None,
+        reply_gap=sum(s for s in scores if s is not None) if pair else None,
+        prompt_only_reply_gap=scored[first].prompt_only_reply_gap if pair else None,
         max_repeated_4grams_over_dense=max(r for r in repeated if r is not None) if replied else None,
         removes=removes,
         feasible=removes or not require_removal,  # within the bounds by construction

@@ -689,6 +689,7 @@ def test_tune_bounds_each_composites_repetition_decoding_it_beside_its_mirror_on
     chosen = next(p for p in report["grid"] if p.get("chosen"))
     assert all(v["repeated_4grams_over_dense"] is not None for v in chosen["personas"].values())
     assert chosen.get("reply_gap") is None  # four composites have no one gap
+    assert chosen["max_repeated_4grams_over_dense"] is not None  # but a worst repetition
     for name, mirror in (("IT", "mostly-E"), ("IF", "ET")):
         test = PersonaEvaluation.model_validate(report["test"][name])
         assert test.replies is not None and test.replies.opposite == mirror
