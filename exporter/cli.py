@@ -237,6 +237,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     report = tune(recipe, Path(args.out), overwrite=args.overwrite, reuse=args.reuse_stats)
     chosen = report.chosen.model_dump() if report.chosen else None
     print(f"chosen on the validation items: {chosen}")
+    if report.left_out:
+        print(f"left out (no setting within the bounds): {', '.join(report.left_out)}")
     print(f"written: {Path(args.out) / 'report.md'} (test figures), report.json, pareto.png, recipe.yaml")
     return 0
 

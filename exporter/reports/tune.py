@@ -23,10 +23,12 @@ class PersonaPoint(Record):
 
 class GridPoint(Record):
     """A grid point scored on the validation items. `combined`: each persona's export taken from the point of
-    its own best sparsity and steering (tune.per_persona)."""
+    its own best sparsity and steering (tune.per_persona); `left_out`: the personas a combined point has no
+    export of, none of their settings being within the bounds (the others are still chosen)."""
 
     setting: Setting
     combined: bool | None = None
+    left_out: list[str] | None = None
     personas: dict[str, PersonaPoint]
     min_shift: float | None  # the weaker persona's; None when a persona was rejected on perplexity alone
     max_perplexity_ratio: float  # the worst persona's
@@ -102,6 +104,12 @@ class TuneReport(Record):
     @property
     def scored(self) -> list[GridPoint]:
         return [p for p in self.grid if isinstance(p, GridPoint)]
+
+    @property
+    def left_out(self) -> list[str]:
+        """The personas the chosen point has no export of (none of their settings within the bounds)."""
+        chosen = next((p for p in self.scored if p.chosen), None)
+        return list(chosen.left_out or []) if chosen is not None else []
 
 
 def value_label(value: float | dict[str, float]) -> str:
@@ -223,6 +231,14 @@ def tune_markdown(report: TuneReport) -> str:
         lines.append("**No point is within the bounds**, so nothing was chosen or evaluated on the test items.")
         return "\n".join(lines) + "\n"
     lines += [f"## The chosen setting on the test items: {report.chosen.model_dump()}", ""]
+    if report.left_out:
+        lines += [
+            f"**Left out: {', '.join(report.left_out)}.** No setting of the grid keeps "
+            + ("it" if len(report.left_out) == 1 else "them")
+            + " within the bounds on the validation items (figures at every point above), so the chosen recipe "
+            "does not export " + ("it" if len(report.left_out) == 1 else "them") + "; the others are chosen as usual.",
+            "",
+        ]
     for persona, ev in report.test.items():
         checks = "; ".join(
             f"{k}: {'yes' if v else 'NO'}" for k, v in (ev.acceptance.checks if ev.acceptance else {}).items()
@@ -249,7 +265,11 @@ def persona_tables(report: TuneReport) -> list[str]:
         for p in points:
             v, s = p.personas[persona], p.setting
             reasons = report.bounds.outside(v.perplexity_ratio, v.repeated_4grams_over_dense)
-            taken = chosen is not None and chosen.setting.for_persona(persona) == s.for_persona(persona)
+            taken = (
+                chosen is not None
+                and persona in chosen.personas
+                and chosen.setting.for_persona(persona) == s.for_persona(persona)
+            )
             shift = f"{v.shift:+.3f}" if v.shift is not None else "– (not scored)"
             cells = [*setting_cells(s), shift, f"{v.perplexity_ratio:.3f}"]
             if with_replies:
@@ -259,4 +279,6 @@ def persona_tables(report: TuneReport) -> list[str]:
         if with_replies:
             header += ["reply score", "repeated 4-grams - dense"]
         lines += [f"### {persona}", "", md_table([*header, ""], rows), ""]
+        if chosen is not None and persona in (chosen.left_out or []):
+            lines += ["**Left out** of the chosen recipe: no point above is within the bounds.", ""]
     return lines

@@ -126,6 +126,13 @@ def tune(recipe: Recipe, out: Path, *, overwrite: bool = False, reuse: Path | No
             + (" while removing units" if spec.require_removal else "")
             + f"; each point's figures are in {out}/report.md; add smaller sparsities or steering strengths"
         )
+    if left := report.left_out:
+        log.warning(
+            "tune: no setting keeps %s within the bounds on the validation items: left out of the chosen recipe "
+            "(their figures at every grid point are in %s/report.md)",
+            ", ".join(left),
+            out,
+        )
     return report
 
 
@@ -141,7 +148,8 @@ def selection(spec: TuneSpec, validation: EvalSpec) -> str:
         f"perplexity <= {spec.max_perplexity_ratio}x dense"
         + (f" and its replies' repeated 4-grams <= dense + {max_repeated}" if validation.replies is not None else "")
         + (
-            f"; each persona's {own} chosen on its own (its largest shift within the bounds, the other settings equal)"
+            f"; each persona's {own} chosen on its own (its largest shift within the bounds, the other settings "
+            "equal), a persona with none within the bounds left out of the exports (only when no point keeps them all)"
             if spec.per_persona
             else ""
         )
@@ -372,8 +380,9 @@ def per_persona_points(
     sparsity (its mask scores its units against its partner's statistics, whatever the partner removes) and its
     own steering, so among grid points that differ only in single-number `sparsity` / `steer` / `steer_layers`,
     each persona takes the point of its largest shift within the bounds; the new point combines those exports
-    (the three as mappings). With amplify > 1 a persona's export also depends on its partner's mask, so its
-    sparsity stays common there."""
+    (the three as mappings). A persona with no point within the bounds is left out of the combined point (its
+    export is not made; `GridPoint.left_out`), which ranks below every point that keeps all personas. With
+    amplify > 1 a persona's export also depends on its partner's mask, so its sparsity stays common there."""
     out = []
     for members in groups(scored).values():
         personas = scored[members[0]].personas
@@ -382,8 +391,8 @@ def per_persona_points(
             ok = [i for i in members if bounds.admit(scored[i].personas[p])]
             if ok:
                 pick[p] = max(ok, key=lambda i: scored[i].personas[p].shift or 0.0)  # admitted: scored
-        if len(pick) != len(personas) or len(set(pick.values())) == 1:
-            continue  # a persona has no point within the bounds, or one point already serves every persona
+        if not pick or (len(pick) == len(personas) and len(set(pick.values())) == 1):
+            continue  # no persona has a point within the bounds, or one point already serves every persona
         out.append(combined_point(recipe, scored, candidates, members[0], pick, require_removal))
     return out
 
@@ -408,8 +417,9 @@ def combined_point(
     require_removal: bool,
 ) -> tuple[GridPoint, Candidate]:
     """The point that takes each persona's export from the grid point `pick[persona]`; its recipe is `recipe`
-    (the tuned one, before any point's setting) with the combined setting."""
+    (the tuned one, before any point's setting) with the combined setting, exporting only the personas picked."""
     setting = scored[first].setting
+    left_out = [p for p in scored[first].personas if p not in pick]
     chosen = {k: {p: getattr(scored[i].setting, k) for p, i in pick.items()} for k in setting.own()}
     per = {p: scored[i].personas[p] for p, i in pick.items()}
     removes = all(scored[i].removes for i in pick.values())
@@ -422,6 +432,7 @@ def combined_point(
     point = GridPoint(
         setting=setting.model_copy(update=chosen),
         combined=True,
+        left_out=left_out or None,
         personas=per,
         min_shift=min(v.shift or 0.0 for v in per.values()),  # each admitted, so scored
         max_perplexity_ratio=max(v.perplexity_ratio for v in per.values()),
@@ -432,15 +443,21 @@ def combined_point(
         feasible=removes or not require_removal,  # within the bounds by construction
     )
     masks = {p: candidates[i][1][p] for p, i in pick.items()}
-    return point, (point.setting.applied(recipe), masks)
+    applied = point.setting.applied(recipe)
+    if left_out:
+        output = applied.output.model_copy(update={"personas": list(per)})
+        applied = applied.model_copy(update={"output": output})
+    return point, (applied, masks)
 
 
-def rank(point: GridPoint) -> tuple[float, float]:
-    """What the choice maximises: the weaker persona's shift, then (a tie, e.g. a per-persona point that keeps
-    the weaker persona's export and strengthens the other's) the sum of every persona's shift. Only points whose
-    every persona was scored are ranked (feasible, or within the perplexity bound)."""
+def rank(point: GridPoint) -> tuple[int, float, float]:
+    """What the choice maximises: the personas kept (a point that leaves some out, for want of any setting
+    within the bounds, only where no point keeps them all), the weaker persona's shift, then (a tie, e.g. a
+    per-persona point that keeps the weaker persona's export and strengthens the other's) the sum of every
+    persona's shift. Only points whose every persona was scored are ranked (feasible, or within the perplexity
+    bound)."""
     shifts = [v.shift or 0.0 for v in point.personas.values()]
-    return (point.min_shift or 0.0, sum(shifts))
+    return (-len(point.left_out or []), point.min_shift or 0.0, sum(shifts))
 
 
 def chosen_on_test(
@@ -468,6 +485,8 @@ def write_tune(out: Path, overwrite: bool, report: TuneReport, candidates: list[
             best = next(i for i, p in enumerate(report.scored) if p.chosen)
             final = candidates[best][0].model_copy(update={"tune": None})
             recipe_yaml = f"# chosen by `persona-export tune` on the validation items: {report.chosen.model_dump()}\n"
+            if report.left_out:
+                recipe_yaml += f"# left out (no setting within the bounds): {', '.join(report.left_out)}\n"
             recipe_yaml += yaml.safe_dump(final.model_dump(mode="json", exclude_none=True), sort_keys=False)
             (stage / "recipe.yaml").write_text(recipe_yaml)
         plot_pareto(report.scored, stage / "pareto.png", report.max_perplexity_ratio)

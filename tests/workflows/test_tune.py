@@ -391,6 +391,66 @@ def test_with_amplify_a_persona_keeps_the_common_sparsity_and_chooses_only_its_s
     assert recipe.method.depth("b") == 1.0 and point.min_shift == 0.22
 
 
+def test_a_persona_with_no_point_within_the_bounds_is_left_out_and_the_others_still_chosen() -> None:
+    """b is over the perplexity bound everywhere: the combined point keeps a's best export alone, exports only a,
+    and ranks below any point that keeps both personas."""
+    from exporter.workflows.tune import rank
+
+    scored = [
+        _point(1.0, {"a": 0.30, "b": 0.15}, {"a": 1.08, "b": 1.20}),
+        _point(1.5, {"a": 0.40, "b": 0.22}, {"a": 1.10, "b": 1.30}),
+    ]
+    candidates = [(load_recipe_stub(), {"a": f"mask-a{i}", "b": f"mask-b{i}"}) for i in range(len(scored))]
+    ((point, (recipe, masks)),) = per_persona_points(load_recipe_stub(), scored, candidates, BOUNDS, True)  # type: ignore[arg-type]
+    assert point.left_out == ["b"] and set(point.personas) == {"a"} and point.feasible
+    assert point.setting.steer == {"a": 1.5} and point.min_shift == 0.40
+    assert masks == {"a": "mask-a1"} and recipe.output.personas == ["a"]
+    assert point.reply_gap is None  # one persona has no pair gap
+    whole = _point(1.0, {"a": 0.02, "b": 0.01}, {"a": 1.0, "b": 1.0})  # weak, but keeps both
+    assert rank(whole) > rank(point)
+    # nobody within the bounds: no point at all
+    over = [
+        _point(1.0, {"a": 0.3, "b": 0.2}, {"a": 1.2, "b": 1.2}),
+        _point(2.0, {"a": 0.3, "b": 0.2}, {"a": 2, "b": 2}),
+    ]
+    assert per_persona_points(load_recipe_stub(), over, candidates, BOUNDS, True) == []  # type: ignore[arg-type]
+
+
+def test_tune_ships_the_personas_within_the_bounds_and_names_the_one_left_out(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """End to end: the extravert is over the perplexity bound at every point (its ratio raised), so tune chooses
+    the introvert's setting alone; report, recipe.yaml, report.md and the terminal say who was left out."""
+    from exporter.evaluation.scorer import MaskScorer
+
+    validation = write_pair_data(tmp_path / "val-pairs.jsonl", n=8, seed=7)
+    path = _recipe(tmp_path, tiny_llama_dir, validation, sparsity=[0.25], steer=[0.0, 1.0], per_persona=True)
+    ratios = MaskScorer.perplexity_ratios
+
+    def raised(self: MaskScorer, known: dict[str, Any]) -> dict[str, float]:
+        out = ratios(self, known)
+        return {p: 2000.0 if p == "extravert" else r for p, r in out.items()}
+
+    monkeypatch.setattr(MaskScorer, "perplexity_ratios", raised)
+    out = tmp_path / "tune"
+    assert main(["tune", str(path), "--out", str(out)]) == 0
+    assert "left out (no setting within the bounds): extravert" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    chosen = next(p for p in report["grid"] if p.get("chosen"))
+    assert chosen["combined"] and chosen["left_out"] == ["extravert"] and set(chosen["personas"]) == {"introvert"}
+    assert chosen["min_shift"] == max(
+        p["personas"]["introvert"]["shift"] for p in report["grid"] if not p.get("combined")
+    )
+    assert not any(p["feasible"] for p in report["grid"] if not p.get("combined"))  # no whole point is
+    assert set(report["test"]) == {"introvert"}
+    text = (out / "recipe.yaml").read_text()
+    assert "# left out (no setting within the bounds): extravert" in text
+    assert yaml.safe_load(text)["output"]["personas"] == ["introvert"]
+    md = (out / "report.md").read_text()
+    assert "**Left out: extravert.**" in md
+    assert "**Left out** of the chosen recipe" in md.split("### extravert\n")[1]
+
+
 def test_a_tie_of_the_weaker_persona_goes_to_the_point_where_the_other_is_stronger(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -425,15 +485,18 @@ def test_a_tie_of_the_weaker_persona_goes_to_the_point_where_the_other_is_strong
 
 
 def load_recipe_stub() -> Any:
-    from exporter.recipe.schema import MethodSpec, MlpPrune, PruneSpec
+    from exporter.recipe.schema import MethodSpec, MlpPrune, OutputSpec, PruneSpec
 
     class Stub:
         method = MethodSpec(score="contrastive-wanda", steer=1.0)
         prune = PruneSpec(mlp=MlpPrune(sparsity=0.01))
+        output = OutputSpec()
 
         def model_copy(self, update: dict[str, Any]) -> Any:
             new = Stub()
-            new.method, new.prune = update["method"], update["prune"]
+            new.method = update.get("method", self.method)
+            new.prune = update.get("prune", self.prune)
+            new.output = update.get("output", self.output)
             return new
 
     return Stub()
