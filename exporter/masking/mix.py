@@ -87,7 +87,7 @@ def composite_mask(
     prune: PruneSpec,
 ) -> PersonaMask:
     """The composite's hard mask (soft masks and biases are added by exporter/masking/steer.py)."""
-    parts = ordered_parts(spec.mix)
+    parts = ordered_parts(spec.weights)
     g = stats[parts[0][0]].geometry
     by_kind: dict[str, list[tuple[Order, int]]] = {}
     for part, weight in parts:

@@ -115,7 +115,7 @@ def pole_steering(recipe: Recipe, stats: dict[str, Statistics], down: Layers) ->
 def composite_steering(recipe: Recipe, name: str, poles: dict[str, torch.Tensor]) -> torch.Tensor | None:
     """The weighted sum of the parts' steering biases (`pole_steering`); None when no part steers."""
     total = None
-    for part, weight in ordered_parts(recipe.composites[name].mix):
+    for part, weight in ordered_parts(recipe.composites[name].weights):
         if part in poles:
             total = weight * poles[part] if total is None else total + weight * poles[part]
     return total
@@ -139,7 +139,7 @@ def persona_compensation_mean(recipe: Recipe, mode: str, name: str, stats: dict[
     if name not in recipe.composites:
         partner = stats[p] if (p := recipe.partner(name)) else None
         return compensation_mean(mode, stats[name], partner)
-    parts = ordered_parts(recipe.composites[name].mix)
+    parts = ordered_parts(recipe.composites[name].weights)
     total = sum(w for _, w in parts)
     means = [w / total * persona_compensation_mean(recipe, mode, p, stats) for p, w in parts]
     return torch.stack(means).sum(0)

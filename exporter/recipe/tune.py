@@ -24,8 +24,8 @@ class Setting(Strict):
     compensate: str
     gamma: float = 0.0
     amplify: float = 1.0
-    # tune.mix_scale: the factor on each composite's weights (the personas scored are composites; the pole
-    # settings above are the recipe's)
+    # tune.mix_scale: each composite's `scale`, the factor on its weights as written (the personas scored are
+    # composites; the pole settings above are the recipe's)
     mix_scale: PerPersona | None = None
 
     def applied(self, recipe: Recipe) -> Recipe:
@@ -40,8 +40,8 @@ class Setting(Strict):
         if self.mix_scale is not None:
             personas = dict(recipe.personas)
             for name, spec in recipe.composites.items():
-                f = per_persona(self.mix_scale, name, 1.0)
-                personas[name] = spec.model_copy(update={"mix": {p: round(w * f, 6) for p, w in spec.mix.items()}})
+                scale = per_persona(self.mix_scale, name, spec.scale)  # one not in a mapping keeps its own
+                personas[name] = spec.model_copy(update={"scale": scale})
             changes["personas"] = personas
         return recipe.model_copy(update=changes)
 

@@ -148,7 +148,7 @@ def persona_report(
     weights_bytes = sum(size for f, size in written.files.items() if f.endswith(".safetensors"))
     dense_params, pruned_params = written.dense_params, written.pruned_params
     gguf = m.resolved.gguf_file
-    mix = recipe.composites[name].mix if name in recipe.composites else None
+    mix = recipe.composites[name].weights if name in recipe.composites else None
     parts = {
         p: MixPart(weight=w, partner=str(recipe.partner(p)), calibration=calibration_info(recipe, p, infos[p]))
         for p, w in (mix or {}).items()

@@ -38,7 +38,7 @@ def validate_recipe(recipe: Recipe) -> list[str]:
         for name, persona in recipe.poles.items()
     ]
     for name, mix in recipe.composites.items():
-        parts = ", ".join(f"{p} {w:g}" for p, w in mix.mix.items())
+        parts = ", ".join(f"{p} {w:g}" for p, w in mix.weights.items())
         lines.append(f"  {name}: a composite of {parts} (no calibration of its own)")
     if recipe.output.personas is not None:
         lines.append(f"  exported: {', '.join(recipe.exported)} (output.personas)")

@@ -121,6 +121,26 @@ def test_half_a_weight_halves_the_parts_removal_and_steering(four: tuple) -> Non
     assert intro.abs().max() > 1e-3 and think.abs().max() > 1e-3  # neither part's bias is negligible
 
 
+def test_scale_multiplies_every_weight_as_written_weights_would(four: tuple) -> None:
+    """`scale: 0.5` on weights (1, 0.6) makes the mask, biases and reported weights of weights (0.5, 0.3)."""
+    model, adapter, stats, col = four
+    method = {"score": "contrastive-wanda", "steer": 1.5}
+    scaled = recipe({"IT": {"introvert": 1, "thinking": 0.6}}, method=method)
+    scaled = scaled.model_copy(
+        update={"personas": {**scaled.personas, "IT": scaled.composites["IT"].model_copy(update={"scale": 0.5})}}
+    )
+    written = recipe({"IT": {"introvert": 0.5, "thinking": 0.3}}, method=method)
+    assert scaled.composites["IT"].weights == written.composites["IT"].weights == {"introvert": 0.5, "thinking": 0.3}
+    out = {}
+    for name, r in (("scaled", scaled), ("written", written)):
+        masks = compute_masks(r, stats, col) | composite_masks(r, stats, col, ["IT"])
+        out[name] = with_biases(r, masks, stats, model, adapter, torch.float64)["IT"]
+    assert removed_mlp(out["scaled"]) == removed_mlp(out["written"])
+    assert [len(x) for x in removed_mlp(out["scaled"])] == [5 + 3, 5 + 3]  # round(0.5 x 9), round(0.3 x 9)
+    assert out["scaled"].steering is not None and out["written"].steering is not None
+    assert torch.equal(out["scaled"].steering, out["written"].steering)
+
+
 def test_a_unit_two_parts_claim_counts_once_and_the_next_fills_in(four: tuple) -> None:
     """Two pairs with the very same statistics rank the same units: the composite removes the first 2k."""
     _, _, stats, col = four

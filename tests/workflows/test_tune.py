@@ -666,13 +666,12 @@ def test_tune_scales_each_composites_weights_by_its_weakest_axis(tmp_path: Path,
     assert len(test_it.own_shifts()) == 2 and test_it.switch_success is not None
     md = (out / "report.md").read_text()
     assert "own axes' shifts" in md and "mix scale" in md and "a composite's shift: its weakest own axis's" in md
-    # the chosen recipe carries the scaled weights; its method is the recipe's
+    # the chosen recipe carries each composite's factor as its scale, the weights as written (so a tune section
+    # put back tunes it from them again); its method is the recipe's
     written = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert written["personas"]["IT"]["mix"] == {"introvert": best["IT"], "thinking": best["IT"]}
-    assert written["personas"]["mostly-E"]["mix"] == {
-        "extravert": round(0.7 * best["mostly-E"], 6),
-        "feeling": round(0.3 * best["mostly-E"], 6),
-    }
+    assert written["personas"]["IT"]["mix"] == {"introvert": 1.0, "thinking": 1.0}
+    assert written["personas"]["mostly-E"]["mix"] == {"extravert": 0.7, "feeling": 0.3}
+    assert {c: written["personas"][c]["scale"] for c in best} == best
     assert written["method"]["steer"] == {"introvert": 1.0, "thinking": 2.0, "feeling": 1.0} and "tune" not in written
     # a run of the chosen recipe exports what tune reported on: the same composites, proven exact
     assert main(["run", str(out / "recipe.yaml"), "--out", str(tmp_path / "run"), "eval=null"]) == 0
@@ -693,6 +692,25 @@ def test_mix_scale_refuses_a_grid_over_the_poles(
     recipe = _mix_tune_recipe(tmp_path, tiny_llama_dir, **change)
     expect(["tune", str(recipe), "--out", str(tmp_path / "out")], RecipeError, message, capsys)
     assert not (tmp_path / "out").exists()
+
+
+def test_mix_scale_sets_each_composites_scale_so_a_tuned_recipe_tunes_again_from_its_weights(
+    tmp_path: Path, tiny_llama_dir: Path
+) -> None:
+    """The factor replaces `scale` (it does not multiply what an earlier tune chose); a composite a per-persona
+    factor does not name keeps its own."""
+    path = _mix_tune_recipe(tmp_path, tiny_llama_dir)
+    data = yaml.safe_load(path.read_text())
+    data["personas"]["IT"]["scale"] = 0.4  # as a tuned recipe ships it
+    path.write_text(yaml.safe_dump(data))
+    recipe = load_recipe(path)
+    assert recipe.composites["IT"].weights == {"introvert": 0.4, "thinking": 0.4}
+    base = Setting(sparsity=0.01, steer=1.0, compensate="none")
+    again = base.model_copy(update={"mix_scale": 0.5}).applied(recipe).composites
+    assert again["IT"].weights == {"introvert": 0.5, "thinking": 0.5}  # 0.5 of the weights, not of 0.4 of them
+    assert again["mostly-E"].weights == {"extravert": 0.35, "feeling": 0.15}
+    only_e = base.model_copy(update={"mix_scale": {"mostly-E": 2.0}}).applied(recipe).composites
+    assert only_e["IT"].scale == 0.4 and only_e["mostly-E"].weights == {"extravert": 1.4, "feeling": 0.6}
 
 
 @pytest.mark.usefixtures("no_model_load")
