@@ -135,11 +135,10 @@ def mirror_replies(
         if name in figures or mirror is None or mirror not in masks:
             continue
         for p, r in scorer.replier.reply_set({name: masks[name], mirror: masks[mirror]}, penalty).items():
-            conds = r.conditions
-            dense = conds["dense"].degeneration.repeated_4grams
+            dense = r.conditions["dense"].degeneration.repeated_4grams
             figures[p] = {
-                "repeated_4grams": conds["export"].degeneration.repeated_4grams,
-                "repeated_4grams_over_dense": conds["export"].degeneration.repeated_4grams - dense,
+                "repeated_4grams": r.conditions["export"].degeneration.repeated_4grams,
+                "repeated_4grams_over_dense": r.repeated_over_dense,
                 "reply_gap": r.gap["export"].mean,
                 "reply_gap_low": r.gap["export"].ci95[0],
                 "reply_gap_high": r.gap["export"].ci95[1],

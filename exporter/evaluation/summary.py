@@ -239,13 +239,12 @@ def _random_movement(rows: list[Row]) -> float | None:
 
 def reply_checks(replies: RepliesEvaluation, spec: EvalSpec) -> dict[str, bool]:
     """The bar on one persona's reply evaluation (exporter/evaluation/replies.py)."""
-    gap, conds = replies.gap, replies.conditions
+    gap = replies.gap
     checks = {"reply gap > 0, interval excludes 0": gap["export"].ci95[0] > 0}
     if "prompt_only" in gap:
         checks["reply gap >= prompt-only gap"] = gap["export"].mean >= gap["prompt_only"].mean
     limit = spec.acceptance.max_repeated_4grams_over_dense
-    dense = conds["dense"].degeneration.repeated_4grams
-    checks[f"repeated 4-grams <= dense + {limit}"] = conds["export"].degeneration.repeated_4grams <= dense + limit
+    checks[f"repeated 4-grams <= dense + {limit}"] = replies.repeated_over_dense <= limit
     return checks
 
 

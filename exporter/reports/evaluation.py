@@ -272,6 +272,12 @@ class RepliesEvaluation(Record):
     examples: list[ReplyExample]
     shipped: RepliesEvaluation | None = None
 
+    @property
+    def repeated_over_dense(self) -> float:
+        """The export's repeated 4-grams over the dense model's (the repetition bound reads this)."""
+        c = self.conditions
+        return c["export"].degeneration.repeated_4grams - c["dense"].degeneration.repeated_4grams
+
 
 class SetRow(Record):
     """One condition on an item set: the shift toward `toward` (and the A/B letter accuracy for choices)."""

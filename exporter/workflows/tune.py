@@ -348,10 +348,11 @@ def grid_point(
         # a composite's shift: its weakest own axis's (a pole has one axis)
         per[p] = PersonaPoint(shift=min(shifts), perplexity_ratio=row.neutral.perplexity_ratio)
         if ev.replies is not None:
-            conds = ev.replies.conditions
-            repeated = conds["export"].degeneration.repeated_4grams - conds["dense"].degeneration.repeated_4grams
             per[p] = per[p].model_copy(
-                update={"reply_score": conds["export"].score.mean, "repeated_4grams_over_dense": repeated}
+                update={
+                    "reply_score": ev.replies.conditions["export"].score.mean,
+                    "repeated_4grams_over_dense": ev.replies.repeated_over_dense,
+                }
             )
     replies = [ev.replies for ev in evals.values() if ev.replies is not None]
     # a pair's gap is the same from either side, up to its sign; more personas have no one gap
