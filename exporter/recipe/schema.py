@@ -276,9 +276,11 @@ class TuneSpec(Strict):
     # with sparsity 0 or gamma > 0 are still scored, as references of the Pareto plot
     require_removal: bool = True
     # where the validation replies (which bound the repetition) are decoded: best-first, from the largest shift
-    # down until a point is within every bound (the same choice, at a fraction of the cost), or at every point
-    # within the perplexity bound (a reply figure for every point of report.md)
-    replies: Literal["best-first", "every"] = "best-first"
+    # down until a point is within every bound (the same choice, at a fraction of the cost), at every point
+    # within the perplexity bound (a reply figure for every point of report.md), or before-shift: at every point
+    # within the perplexity bound, before its answers, which are then scored only for the personas within the
+    # repetition bound too (the same choice; cheaper where most points repeat beyond the bound, as composites do)
+    replies: Literal["best-first", "every", "before-shift"] = "best-first"
     validation: EvalSpec
 
     @model_validator(mode="after")

@@ -35,7 +35,7 @@ from exporter.recipe.eval import EvalSpec
 from exporter.recipe.rules import tuned_composites
 from exporter.recipe.schema import Recipe, TuneSpec
 from exporter.recipe.tune import Setting, grid, tune_validation
-from exporter.reports.evaluation import PersonaEvaluation, Splits
+from exporter.reports.evaluation import PersonaEvaluation, RepliesEvaluation, Splits
 from exporter.reports.provenance import Timer
 from exporter.reports.tune import (
     Bounds,
@@ -214,8 +214,9 @@ def score_grid(
 def score_point(
     scorer: MaskScorer, setting: Setting, masks: dict[str, PersonaMask], bounds: Bounds, cost: Spend
 ) -> tuple[GridPoint, dict[str, PersonaEvaluation]]:
-    """One point, early rejection first: perplexity of every persona's mask, then the answers of those within
-    the bound. Returns the point's figures and the evaluations they came from."""
+    """One point, early rejection first: perplexity of every persona's mask, then (`tune.replies:
+    before-shift`) the replies of those within the bound, then the answers of those within every bound.
+    Returns the point's figures and the evaluations they came from."""
     t = time.perf_counter()
     known = scorer.perplexity(masks)
     ratios = scorer.perplexity_ratios(known)
@@ -223,14 +224,30 @@ def score_point(
     within = [p for p in masks if ratios[p] <= bounds.max_perplexity_ratio]
     cost.perplexity_scored += len(masks)
     cost.rejected_on_perplexity += len(masks) - len(within)
+    answered = replies_before_shift(scorer, masks, within, cost)
+    repeated = {p: r.repeated_over_dense for p, r in answered.items()}
+    if answered:  # no reply figure (its opposite not exported) is outside the bound, as in the other modes
+        within = [
+            p
+            for p in within
+            if p in repeated
+            and bounds.admit(
+                PersonaPoint(shift=None, perplexity_ratio=ratios[p], repeated_4grams_over_dense=repeated[p])
+            )
+        ]
     cost.shift_scored += len(within)
     timings: dict[str, float] = {}
     evals = (
         scorer.evaluate({p: masks[p] for p in within}, replies=False, timings=timings, known=known) if within else {}
     )
+    evals = {p: ev.model_copy(update={"replies": answered[p]}) if p in answered else ev for p, ev in evals.items()}
     cost.seconds["shift"] += timings.get("eval_scores", 0.0)
     point = grid_point(setting, evals, True, bounds, False)
-    rejected = {p: PersonaPoint(shift=None, perplexity_ratio=ratios[p]) for p in masks if p not in within}
+    rejected = {
+        p: PersonaPoint(shift=None, perplexity_ratio=ratios[p], repeated_4grams_over_dense=repeated.get(p))
+        for p in masks
+        if p not in within
+    }
     if not rejected:
         return point, evals
     point = point.model_copy(
@@ -238,10 +255,29 @@ def score_point(
             "personas": {p: rejected.get(p) or point.personas[p] for p in masks},
             "min_shift": None,
             "max_perplexity_ratio": max(ratios.values()),
+            "max_repeated_4grams_over_dense": max(repeated.values(), default=point.max_repeated_4grams_over_dense),
             "feasible": False,
         }
     )
     return point, evals
+
+
+def replies_before_shift(
+    scorer: MaskScorer, masks: dict[str, PersonaMask], within: list[str], cost: Spend
+) -> dict[str, RepliesEvaluation]:
+    """With `tune.replies: before-shift`, the greedy validation replies of the personas within the perplexity
+    bound, each beside its opposite (decoded for the gap even where that one is over the bound); else none."""
+    spec = scorer.recipe.tune
+    assert spec is not None
+    if spec.replies != "before-shift" or not within or scorer.spec.replies is None or not scorer.items.reply_prompts:
+        return {}
+    opposite = scorer.replier.opposite
+    want = set(within) | {q for p in within if (q := opposite.get(p)) in masks}
+    t = time.perf_counter()
+    answered = scorer.replies({p: m for p, m in masks.items() if p in want}, shipped=False)
+    cost.seconds["replies"] += time.perf_counter() - t
+    cost.replies_scored += 1
+    return {p: r for p, r in answered.items() if p in within}
 
 
 def decode_replies(
@@ -263,8 +299,8 @@ def decode_replies(
     whole one. A persona is decoded where it is within the perplexity bound; one over it stays rejected."""
     spec = scorer.recipe.tune
     assert spec is not None
-    if scorer.spec.replies is None or not scorer.items.reply_prompts:
-        return points
+    if scorer.spec.replies is None or not scorer.items.reply_prompts or spec.replies == "before-shift":
+        return points  # nothing to decode, or decoded already (score_point)
     out = list(points)
     where = [i for i, p in enumerate(out) if isinstance(p, GridPoint)]  # aligned with candidates and evals
     scored = [p for p in out if isinstance(p, GridPoint)]

@@ -170,6 +170,73 @@ def test_best_first_replies_choose_what_decoding_every_point_chooses(tmp_path: P
     )
 
 
+def test_replies_before_shift_choose_what_decoding_every_point_chooses_scoring_fewer_answers(
+    tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tune.replies: before-shift` decodes every point's replies first and scores the answers only of the
+    personas within the repetition bound: the same choice and test figures as decoding every point, and the
+    shift scored exactly for the personas that `every` finds within both bounds."""
+    from exporter.evaluation.replies import Replier
+    from exporter.reports.evaluation import Degeneration
+    from exporter.workflows.tune import tune
+
+    decode = Replier.evaluate
+
+    def repeating(self: Replier, masks: dict[str, Any], shipped: float = 1.0) -> dict[str, Any]:
+        """The tiny model's greedy replies loop whatever the mask, so each export's repetition over the dense
+        model's is set from its removal: 0.4 x the share of MLP neurons it removes."""
+        out = {}
+        for p, r in decode(self, masks, shipped).items():
+            removed = masks[p].removed("mlp")
+            share = sum(map(len, removed)) / (len(removed) * masks[p].geometry.units("mlp"))
+            conds = dict(r.conditions)
+            for key, value in (("dense", 0.0), ("export", round(0.4 * share, 6))):
+                degeneration = Degeneration.model_validate(
+                    conds[key].degeneration.model_dump() | {"repeated_4grams": value}
+                )
+                conds[key] = conds[key].model_copy(update={"degeneration": degeneration})
+            out[p] = r.model_copy(update={"conditions": conds})
+        return out
+
+    monkeypatch.setattr(Replier, "evaluate", repeating)
+    validation = write_pair_data(tmp_path / "val-pairs.jsonl", n=8, seed=7)
+    base = _recipe(tmp_path, tiny_llama_dir, validation, sparsity=[0.1, 0.5], steer=[0.0, 2.0])
+    every = _with_replies(tmp_path, base, max_repeated=1.0, replies="every")
+    tune(load_recipe(every), tmp_path / "every")
+    figures = json.loads((tmp_path / "every" / "report.json").read_text())
+    repeated = sorted(
+        v["repeated_4grams_over_dense"]
+        for p in figures["grid"]
+        if not p.get("combined")
+        for v in p["personas"].values()
+    )
+    assert repeated[0] < repeated[-1], repeated  # the tiny model's exports repeat differently: a bound can split them
+    for bound in (1.0, (repeated[0] + repeated[-1]) / 2):
+        reports = {}
+        for mode in ("every", "before-shift"):
+            recipe = _with_replies(tmp_path, base, max_repeated=bound, replies=mode)
+            out = tmp_path / f"{mode}-{bound}"
+            with contextlib.suppress(RecipeError):  # no point within the bounds: compared all the same
+                tune(load_recipe(recipe), out)
+            reports[mode] = json.loads((out / "report.json").read_text())
+        full, first = reports["every"], reports["before-shift"]
+        assert first["chosen"] == full["chosen"] and first["test"] == full["test"]
+        within = sum(
+            v["repeated_4grams_over_dense"] <= bound
+            for p in full["grid"]
+            if not p.get("combined")
+            for v in p["personas"].values()
+        )
+        assert first["cost"]["shift_scored"] == within
+        assert first["cost"]["replies_scored"] == sum(not p.get("combined") for p in first["grid"])
+        for p in first["grid"]:  # every persona has its reply figure, and a shift only within the bound
+            for v in p["personas"].values():
+                assert v["repeated_4grams_over_dense"] is not None
+                assert (v["shift"] is not None) == (v["repeated_4grams_over_dense"] <= bound)
+        if bound < 1.0:
+            assert within < full["cost"]["shift_scored"]  # the split bound saves answers
+
+
 @pytest.mark.parametrize("section", ["eval", "validation"])
 def test_items_that_do_not_fit_fail_before_the_grid(
     tmp_path: Path, tiny_llama_dir: Path, monkeypatch: pytest.MonkeyPatch, section: str
