@@ -7,9 +7,10 @@ point has the largest paired shift of its weaker persona among the points whose 
 `max_perplexity_ratio` x dense perplexity (and the replies' repetition bound). Only that point is evaluated on
 the recipe's `eval` section, with every baseline, and the two sets of items must not share a prompt or an
 answer: tune never reports on what it chose on. With `tune.mix_scale` the grid scales the composites' weights
-instead, the composites are the personas scored, and a composite's shift is its weakest own axis's. Writes
-report.json, report.md, pareto.png and the chosen recipe.yaml; when no point is within the bounds, the grid's
-figures (report.json, report.md, pareto.png) and an error.
+instead, the composites are the personas scored, and a composite's shift is its weakest own axis's. With
+`tune.per_persona` a persona with no setting within the bounds is left out of the chosen recipe, the others
+still chosen. Writes report.json, report.md, pareto.png and the chosen recipe.yaml; when no point is within the
+bounds, the grid's figures (report.json, report.md, pareto.png) and an error.
 """
 
 from __future__ import annotations
