@@ -22,7 +22,7 @@ class MixSpec(BaseModel):
     mix: dict[str, float]  # pole -> weight (> 0)
     # every weight times this (`weights`): the composite's strength, which `tune.mix_scale` chooses (it sets this
     # key, so a tuned recipe tunes again from the weights as written)
-    scale: float = Field(1.0, gt=0.0)
+    scale: float = Field(1.0, gt=0.0, allow_inf_nan=False)
     description: str | None = None  # default: the parts' descriptions (`mix_description`)
 
     @property
@@ -43,6 +43,6 @@ def mix_description(spec: MixSpec, descriptions: dict[str, str]) -> str:
     """The composite's description: its own, else its parts' descriptions (with their weights when unequal)."""
     if spec.description is not None:
         return spec.description
-    parts = ordered_parts(spec.weights)
+    parts = ordered_parts(spec.mix)  # the weights as written: the scale does not change what the mix is
     equal = len({w for _, w in parts}) == 1
     return " ".join(descriptions[p] if equal else f"{descriptions[p]} (weight {w:g})" for p, w in parts)

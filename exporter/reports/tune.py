@@ -200,8 +200,8 @@ def grid_table(report: TuneReport) -> list[str]:
     if with_replies:
         header += ["reply gap (val)", "worst repeated 4-grams - dense (val)"]
     lines = [md_table([*header, ""], rows), ""]
-    if with_replies:
-        first = next(p for p in report.scored if p.prompt_only_reply_gap is not None)
+    first = next((p for p in report.scored if p.prompt_only_reply_gap is not None), None)
+    if with_replies and first is not None:
         lines += [f"Prompt-only reply gap on the same prompts (dense model): {first.prompt_only_reply_gap:+.3f}.", ""]
     return lines
 

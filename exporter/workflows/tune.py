@@ -257,6 +257,8 @@ def score_point(
             "min_shift": None,
             "max_perplexity_ratio": max(ratios.values()),
             "max_repeated_4grams_over_dense": max(repeated.values(), default=point.max_repeated_4grams_over_dense),
+            "reply_gap": None,  # the point's personas are not one scored pair
+            "prompt_only_reply_gap": None,
             "feasible": False,
         }
     )
@@ -334,6 +336,8 @@ def decode_replies(
                     "personas": {p: new.personas.get(p) or old.personas[p] for p in old.personas},
                     "min_shift": None,
                     "max_perplexity_ratio": old.max_perplexity_ratio,
+                    "reply_gap": None,  # the point's personas are not one scored pair
+                    "prompt_only_reply_gap": None,
                     "feasible": False,
                 }
             )
@@ -393,7 +397,7 @@ def grid_point(
             )
     replies = [ev.replies for ev in evals.values() if ev.replies is not None]
     # a pair's gap is the same from either side, up to its sign; more personas have no one gap
-    first = replies[0] if replies and len(evals) == 2 else None
+    first = replies[0] if replies and len(evals) == 2 and replies[0].opposite in evals else None
     shifts = [v.shift for v in per.values() if v.shift is not None]
     return GridPoint(
         setting=setting,
@@ -431,6 +435,8 @@ def per_persona_points(
                 pick[p] = max(ok, key=lambda i: scored[i].personas[p].shift or 0.0)  # admitted: scored
         if not pick or (len(pick) == len(personas) and len(set(pick.values())) == 1):
             continue  # no persona has a point within the bounds, or one point already serves every persona
+        if len(pick) < len(personas) and not exported_without(recipe, [p for p in personas if p not in pick]):
+            continue  # what is left out is all the run exports
         out.append(combined_point(recipe, scored, candidates, members[0], pick, require_removal))
     return out
 
@@ -466,7 +472,10 @@ def combined_point(
     scores = [v.reply_score for v in per.values()]
     repeated = [v.repeated_4grams_over_dense for v in per.values()]
     replied = all(s is not None for s in scores)
-    pair = replied and len(per) == 2  # a pair's gap; more personas have no one gap
+    pair = replied and len(per) == 2 and not left_out  # a pair's gap; more personas have no one gap
+    # the dense model's prompt-only gap is the same at every point of the pair (a point with one persona
+    # rejected has none)
+    prompt_only = next((q.prompt_only_reply_gap for q in scored if q.prompt_only_reply_gap is not None), None)
     point = GridPoint(
         setting=setting.model_copy(update=chosen),
         combined=True,
@@ -475,7 +484,7 @@ def combined_point(
         min_shift=min(v.shift or 0.0 for v in per.values()),  # each admitted, so scored
         max_perplexity_ratio=max(v.perplexity_ratio for v in per.values()),
         reply_gap=sum(s for s in scores if s is not None) if pair else None,
-        prompt_only_reply_gap=scored[first].prompt_only_reply_gap if pair else None,
+        prompt_only_reply_gap=prompt_only if pair else None,
         max_repeated_4grams_over_dense=max(r for r in repeated if r is not None) if replied else None,
         removes=removes,
         feasible=removes or not require_removal,  # within the bounds by construction
@@ -483,9 +492,15 @@ def combined_point(
     masks = {p: candidates[i][1][p] for p, i in pick.items()}
     applied = point.setting.applied(recipe)
     if left_out:
-        output = applied.output.model_copy(update={"personas": list(per)})
+        output = applied.output.model_copy(update={"personas": exported_without(recipe, left_out)})
         applied = applied.model_copy(update={"output": output})
     return point, (applied, masks)
+
+
+def exported_without(recipe: Recipe, left_out: list[str]) -> list[str]:
+    """The personas the recipe exports, less those left out and the composites that mix a left-out pole."""
+    dropped = set(left_out) | {c for c, spec in recipe.composites.items() if set(spec.mix) & set(left_out)}
+    return [p for p in recipe.exported if p not in dropped]
 
 
 def rank(point: GridPoint) -> tuple[int, float, float]:

@@ -461,6 +461,8 @@ def test_with_amplify_a_persona_keeps_the_common_sparsity_and_chooses_only_its_s
 def test_a_persona_with_no_point_within_the_bounds_is_left_out_and_the_others_still_chosen() -> None:
     """b is over the perplexity bound everywhere: the combined point keeps a's best export alone, exports only a,
     and ranks below any point that keeps both personas."""
+    from exporter.recipe.composites import MixSpec
+    from exporter.reports.tune import TuneReport, tune_markdown
     from exporter.workflows.tune import rank
 
     scored = [
@@ -468,13 +470,31 @@ def test_a_persona_with_no_point_within_the_bounds_is_left_out_and_the_others_st
         _point(1.5, {"a": 0.40, "b": 0.22}, {"a": 1.10, "b": 1.30}),
     ]
     candidates = [(load_recipe_stub(), {"a": f"mask-a{i}", "b": f"mask-b{i}"}) for i in range(len(scored))]
-    ((point, (recipe, masks)),) = per_persona_points(load_recipe_stub(), scored, candidates, BOUNDS, True)  # type: ignore[arg-type]
+    stub = load_recipe_stub()
+    # the run also exports a composite mixing b and another pole c: what is left out is b and what needs it
+    stub.exported, stub.composites = ["a", "b", "c", "bc"], {"bc": MixSpec(mix={"b": 1, "c": 1})}
+    ((point, (recipe, masks)),) = per_persona_points(stub, scored, candidates, BOUNDS, True)  # type: ignore[arg-type]
     assert point.left_out == ["b"] and set(point.personas) == {"a"} and point.feasible
     assert point.setting.steer == {"a": 1.5} and point.min_shift == 0.40
-    assert masks == {"a": "mask-a1"} and recipe.output.personas == ["a"]
-    assert point.reply_gap is None  # one persona has no pair gap
+    assert masks == {"a": "mask-a1"} and recipe.output.personas == ["a", "c"]
+    assert point.reply_gap is None and point.prompt_only_reply_gap is None  # one persona has no pair gap
     whole = _point(1.0, {"a": 0.02, "b": 0.01}, {"a": 1.0, "b": 1.0})  # weak, but keeps both
     assert rank(whole) > rank(point)
+    # report.md of such a grid: no point has both personas' replies, so no prompt-only gap to print
+    report = TuneReport.model_construct(
+        recipe="r",
+        selection="s",
+        max_perplexity_ratio=1.15,
+        max_repeated_4grams_over_dense=0.05,
+        grid=[*(q.model_copy(update={"prompt_only_reply_gap": None}) for q in scored), point],
+        chosen=None,
+        test=None,
+        cost=None,
+    )
+    assert "| " in tune_markdown(report) and "Prompt-only reply gap" not in tune_markdown(report)
+    # leaving b out leaves nothing the run exports: no point
+    stub.exported = ["b"]
+    assert per_persona_points(stub, scored, candidates, BOUNDS, True) == []  # type: ignore[arg-type]
     # nobody within the bounds: no point at all
     over = [
         _point(1.0, {"a": 0.3, "b": 0.2}, {"a": 1.2, "b": 1.2}),
@@ -513,6 +533,7 @@ def test_tune_ships_the_personas_within_the_bounds_and_names_the_one_left_out(
     text = (out / "recipe.yaml").read_text()
     assert "# left out (no setting within the bounds): extravert" in text
     assert yaml.safe_load(text)["output"]["personas"] == ["introvert"]
+    assert load_recipe(out / "recipe.yaml").exported == ["introvert"]  # the written recipe loads as it says
     md = (out / "report.md").read_text()
     assert "**Left out: extravert.**" in md
     assert "**Left out** of the chosen recipe" in md.split("### extravert\n")[1]
@@ -559,11 +580,16 @@ def load_recipe_stub() -> Any:
         prune = PruneSpec(mlp=MlpPrune(sparsity=0.01))
         output = OutputSpec()
 
+        def __init__(self) -> None:
+            self.exported: list[str] = ["a", "b"]
+            self.composites: dict[str, Any] = {}
+
         def model_copy(self, update: dict[str, Any]) -> Any:
             new = Stub()
             new.method = update.get("method", self.method)
             new.prune = update.get("prune", self.prune)
             new.output = update.get("output", self.output)
+            new.exported, new.composites = self.exported, self.composites
             return new
 
     return Stub()
@@ -778,6 +804,12 @@ def test_mix_scale_sets_each_composites_scale_so_a_tuned_recipe_tunes_again_from
     assert again["mostly-E"].weights == {"extravert": 0.35, "feeling": 0.15}
     only_e = base.model_copy(update={"mix_scale": {"mostly-E": 2.0}}).applied(recipe).composites
     assert only_e["IT"].scale == 0.4 and only_e["mostly-E"].weights == {"extravert": 1.4, "feeling": 0.6}
+    # a scale must be a finite positive number: refused with its key path
+    for bad in (0, -1, float("inf")):
+        data["personas"]["IT"]["scale"] = bad
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(RecipeError, match=r"personas\.IT.*scale"):
+            load_recipe(path)
 
 
 @pytest.mark.usefixtures("no_model_load")
