@@ -202,7 +202,7 @@ def score_grid(
         log.info(
             "tune: %s weaker shift %s, worst perplexity %.3fx%s",
             setting.model_dump(),
-            f"{point.min_shift:+.3f}" if point.min_shift is not None else "not scored (over the perplexity bound)",
+            f"{point.min_shift:+.3f}" if point.min_shift is not None else "not scored (a persona outside a bound)",
             point.max_perplexity_ratio,
             "" if removes else " (reference: removes nothing)",
         )
