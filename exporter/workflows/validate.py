@@ -38,8 +38,9 @@ def validate_recipe(recipe: Recipe) -> list[str]:
         for name, persona in recipe.poles.items()
     ]
     for name, mix in recipe.composites.items():
-        parts = ", ".join(f"{p} {w:g}" for p, w in mix.weights.items())
-        lines.append(f"  {name}: a composite of {parts} (no calibration of its own)")
+        parts = ", ".join(f"{p} {w:g}" for p, w in mix.mix.items())
+        scaled = f", all x scale {mix.scale:g}" if mix.scale != 1 else ""
+        lines.append(f"  {name}: a composite of {parts}{scaled} (no calibration of its own)")
     if recipe.output.personas is not None:
         lines.append(f"  exported: {', '.join(recipe.exported)} (output.personas)")
     if recipe.eval is not None and checked.items is not None:

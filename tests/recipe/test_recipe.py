@@ -59,6 +59,8 @@ def test_the_mbti_recipe_scores_every_pole_on_every_axis() -> None:
     assert sorted(map(sorted, axes)) == sorted(map(sorted, (set(p) for p in recipe.pairs)))
     lines = validate_recipe(recipe)
     assert any(line.startswith("  eval J/P: 64 unpaired perceiving answers") for line in lines), lines
+    # a type's weights as written and its scale
+    assert "  ISTJ: a composite of introvert 1, sensing 1, thinking 1, judging 1, all x scale 0.2 " in "\n".join(lines)
     # its tune section scales the types' weights, on validation items of all four axes that the test items do not share
     assert recipe.tune is not None and recipe.tune.mix_scale and recipe.tune.per_persona
     assert recipe.tune.validation.paired is not None and len(recipe.tune.validation.sets) == 3
