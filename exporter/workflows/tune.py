@@ -251,18 +251,26 @@ def score_point(
     }
     if not rejected:
         return point, evals
-    point = point.model_copy(
+    point = with_rejected(point, {p: rejected.get(p) or point.personas[p] for p in masks}, max(ratios.values()))
+    if repeated:
+        worst = max(repeated.values())
+        point = point.model_copy(update={"max_repeated_4grams_over_dense": worst})
+    return point, evals
+
+
+def with_rejected(point: GridPoint, personas: dict[str, PersonaPoint], max_perplexity_ratio: float) -> GridPoint:
+    """`point` (its scored personas' figures) with every persona's figures, some rejected before their answers
+    were scored: no weaker shift, not feasible, and no pair gap (its personas are not one scored pair)."""
+    return point.model_copy(
         update={
-            "personas": {p: rejected.get(p) or point.personas[p] for p in masks},
+            "personas": personas,
             "min_shift": None,
-            "max_perplexity_ratio": max(ratios.values()),
-            "max_repeated_4grams_over_dense": max(repeated.values(), default=point.max_repeated_4grams_over_dense),
-            "reply_gap": None,  # the point's personas are not one scored pair
+            "max_perplexity_ratio": max_perplexity_ratio,
+            "reply_gap": None,
             "prompt_only_reply_gap": None,
             "feasible": False,
         }
     )
-    return point, evals
 
 
 def replies_before_shift(
@@ -331,16 +339,8 @@ def decode_replies(
         old = scored[k]
         new = grid_point(old.setting, evals[k], old.removes, bounds, spec.require_removal)
         if set(evals[k]) != set(old.personas):  # a persona over the perplexity bound keeps its rejection
-            new = new.model_copy(
-                update={
-                    "personas": {p: new.personas.get(p) or old.personas[p] for p in old.personas},
-                    "min_shift": None,
-                    "max_perplexity_ratio": old.max_perplexity_ratio,
-                    "reply_gap": None,  # the point's personas are not one scored pair
-                    "prompt_only_reply_gap": None,
-                    "feasible": False,
-                }
-            )
+            personas = {p: new.personas.get(p) or old.personas[p] for p in old.personas}
+            new = with_rejected(new, personas, old.max_perplexity_ratio)
         scored[k] = new
         out[where[k]] = new
         log.info(
